@@ -1,0 +1,1 @@
+"""The TXCL grammar, shipped as package data (see txcl/parser.py)."""
