@@ -1,0 +1,251 @@
+"""Message bytes -> the `_txc.lmtp.msg` object, and the full LMTP envelope around it.
+
+Parsing is best effort, in the spirit of the `email` package's defects: a malformed message
+is data for rules, never an exception. `raw` (the exact bytes, base64) is always present;
+every other field is built on its own, so one broken part costs only that field. What went
+wrong comes back as a list of short strings for the log.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC
+from email import policy
+from email.header import decode_header, make_header
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmtp.routing import Route
+
+B64_PREFIX = "b64:"
+_PARSER = BytesParser(policy=policy.default)
+
+
+def b64(data: bytes) -> str:
+    """The envelope's encoding for bytes: "b64:" + standard base64."""
+    return B64_PREFIX + base64.b64encode(data).decode("ascii")
+
+
+def parse_message(data: bytes) -> tuple[dict[str, Any], list[str]]:
+    """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects."""
+    defects: list[str] = []
+    msg: dict[str, Any] = {
+        "id": "",
+        "date": "",
+        "from": [],
+        "to": [],
+        "cc": [],
+        "subject": "",
+        "text": "",
+        "html": "",
+        "headers": {},
+        "attachments": [],
+        "raw": b64(data),
+    }
+    try:
+        parsed = _PARSER.parsebytes(data)
+    except Exception as exc:  # the parser is documented not to raise; stay safe if it does
+        defects.append(f"message: unparseable ({type(exc).__name__})")
+        return msg, defects
+
+    def field(name: str, build: Callable[[], Any]) -> None:
+        try:
+            msg[name] = build()
+        except Exception as exc:
+            defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
+
+    field("headers", lambda: _headers(parsed))
+    headers: dict[str, list[str]] = msg["headers"]
+    field("id", lambda: _first(headers, "message-id").strip())
+    field("date", lambda: _iso_date(_first(headers, "date")))
+    field("subject", lambda: _first(headers, "subject"))
+    for name in ("from", "to", "cc"):
+        field(name, lambda name=name: _addresses(parsed, headers, name))
+    text_part = html_part = None
+    try:
+        text_part = parsed.get_body(preferencelist=("plain",))
+        html_part = parsed.get_body(preferencelist=("html",))
+    except Exception as exc:
+        defects.append(f"body: {type(exc).__name__}: {exc}"[:200])
+    field("text", lambda: _text_content(text_part))
+    field("html", lambda: _text_content(html_part))
+    bodies = {id(p) for p in (text_part, html_part) if p is not None}
+    field("attachments", lambda: _attachments(parsed, bodies))
+    defects.extend(_defects(parsed))
+    return msg, defects
+
+
+def _first(headers: Mapping[str, list[str]], name: str) -> str:
+    values = headers.get(name)
+    return values[0] if values else ""
+
+
+def _unfold(value: str) -> str:
+    if "\n" not in value and "\r" not in value:
+        return value
+    return value.replace("\r\n", "").replace("\n", "").replace("\r", "")
+
+
+def _headers(parsed: Message) -> dict[str, list[str]]:
+    by_name: dict[str, list[str]] = {}
+    for name, value in parsed.raw_items():
+        key = name.strip().lower()
+        by_name.setdefault(key, []).append(_decoded_header(name, value))
+    return dict(sorted(by_name.items()))
+
+
+def _decoded_header(name: str, raw_value: str) -> str:
+    try:
+        return _unfold(str(policy.default.header_fetch_parse(name, raw_value)))
+    except Exception:  # the policy's header classes choke on some garbage; decode plainly
+        try:
+            return _unfold(str(make_header(decode_header(raw_value))))
+        except Exception:
+            return _unfold(raw_value)
+
+
+def _iso_date(value: str) -> str:
+    if not value:
+        return ""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return ""
+    if when.tzinfo is None:  # "-0000" or no zone: RFC 5322 says the zone is unknown; take UTC
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError):
+        return ""
+
+
+def _addresses(
+    parsed: Message, headers: Mapping[str, list[str]], name: str
+) -> list[dict[str, str]]:
+    try:
+        pairs = [
+            (a.display_name, a.addr_spec)
+            for header in parsed.get_all(name) or ()
+            for a in header.addresses
+        ]
+    except Exception:  # structured parse failed: fall back to the lenient classic parser
+        pairs = email.utils.getaddresses(headers.get(name, []))
+    out = []
+    for display, addr in pairs:
+        addr = "" if addr == "<>" else addr
+        if addr or display:
+            out.append({"name": _unfold(display), "addr": addr})
+    return out
+
+
+def _text_content(part: Message | None) -> str:
+    if part is None:
+        return ""
+    try:
+        content = part.get_content() if isinstance(part, EmailMessage) else None
+        if isinstance(content, str):
+            return _lf(content)
+    except (LookupError, UnicodeError, ValueError, AssertionError):
+        pass  # unknown or lying charset: decode the bytes ourselves below
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return _lf(payload.decode(charset, errors="replace"))
+    except LookupError:
+        return _lf(payload.decode("utf-8", errors="replace"))
+
+
+def _lf(text: str) -> str:
+    """Bodies use "\n" line ends, as rule authors write them in regexes; `raw` keeps CRLF."""
+    return text.replace("\r\n", "\n")
+
+
+def _leaves(part: Message) -> Iterator[Message]:
+    """Leaf parts in order; an attached message/rfc822 counts as one leaf, not its insides."""
+    if part.is_multipart() and part.get_content_maintype() == "multipart":
+        for sub in part.get_payload():
+            if isinstance(sub, Message):
+                yield from _leaves(sub)
+    else:
+        yield part
+
+
+def _attachments(parsed: Message, bodies: set[int]) -> list[dict[str, Any]]:
+    if not parsed.is_multipart():
+        return []
+    out = []
+    for part in _leaves(parsed):
+        if id(part) in bodies or part is parsed:
+            continue
+        content = _part_bytes(part)
+        out.append(
+            {
+                "name": _unfold(part.get_filename() or ""),
+                "type": part.get_content_type(),
+                "size": len(content),
+                "sha256": hashlib.sha256(content).hexdigest(),
+                "content": b64(content),
+            }
+        )
+    return out
+
+
+def _part_bytes(part: Message) -> bytes:
+    if part.get_content_maintype() == "message":
+        inner = part.get_payload()
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            return inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n"))
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def _defects(parsed: Message) -> list[str]:
+    found = []
+    for index, part in enumerate(parsed.walk()):
+        where = "message" if index == 0 else f"part {index} ({part.get_content_type()})"
+        found.extend(f"{where}: {type(d).__name__}" for d in part.defects)
+    return found
+
+
+def build_envelope(
+    *,
+    rid: str,
+    route: Route,
+    listener: str,
+    client_ip: str,
+    helo: str,
+    mail_from: str,
+    size: int,
+    rcpt: Sequence[str],
+    transaction_rcpt: Sequence[str],
+    msg: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One group's envelope in the seed's shape. `msg` is shared, not copied, between groups:
+    the runner never mutates its input and rules may not write under `_txc.lmtp`."""
+    return {
+        "_txc": {
+            "src": "lmtp",
+            "rid": rid,
+            "route": {
+                "tenant": route.tenant,
+                "stack": route.stack,
+                "ingress": route.ingress,
+                "to": route.to,
+            },
+            "lmtp": {
+                "listener": listener,
+                "client": {"ip": client_ip, "helo": helo},
+                "mail": {"from": mail_from, "size": size},
+                "rcpt": list(rcpt),
+                "transaction_rcpt": list(transaction_rcpt),
+                "msg": msg,
+            },
+        }
+    }

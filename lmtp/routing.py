@@ -1,0 +1,257 @@
+"""RCPT TO -> (tenant, stack): the seed's six-step resolution order, first match wins.
+
+1. `ingress.lmtp.recipients[<address>]`        operator exact override
+2. `ingress.lmtp.recipients["@" + domain]`     operator domain wildcard
+3. Strategy A: `tenant.stack[+modifier]@host`   for host in --lmtp-default-hosts
+4. Strategy B: `verified_domains:` (YAML), then the `tenant_hostnames` table
+5. `ingress.lmtp.listeners[<listener>]`         the catch-all (`default` unless named)
+6. nothing: None, and the caller answers 550 5.1.1
+
+Addresses are compared case-insensitively as a whole, the way Postfix folds lookup-table
+keys; the envelope keeps the address exactly as the client sent it.
+
+The `tenant_hostnames` rows are held in memory and re-read from SQLite at most once per
+`hostname_ttl_s` (default 5 s), on the first RCPT after the interval has passed. That keeps
+SQLite off the per-RCPT path while `txco hostnames add/verify/remove` takes effect within
+seconds on a running server, without a reload signal.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lmtp.hostnames import HostnameRow, normalize_hostname
+
+SLUG = re.compile(r"[a-z][a-z0-9-]*\Z")
+DEFAULT_LISTENER = "default"
+DEFAULT_HOSTNAME_TTL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one recipient goes. `to` names the entry stage; `listener` is set by step 5."""
+
+    tenant: str
+    stack: str
+    ingress: str
+    to: str
+    listener: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """What `txco route` prints: each step tried, what it found, and the route (or None)."""
+
+    address: str
+    route: Route | None
+    trail: tuple[tuple[str, str], ...]
+
+    def lines(self) -> list[str]:
+        out = [f"{step}: {outcome}" for step, outcome in self.trail]
+        if self.route is None:
+            out.append("=> unrouted: 550 5.1.1 no rule accepted this recipient")
+        else:
+            r = self.route
+            out.append(f"=> {r.tenant} {r.stack} (to {r.to}, ingress {r.ingress})")
+        return out
+
+
+class HostnameSource(Protocol):
+    def snapshot(self) -> Mapping[str, HostnameRow]: ...
+
+
+Note = Callable[[str, str], None]
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, lower-cased domain) of a RCPT TO address; domain "" when there is none.
+
+    Accepts the address with or without `<>`, drops an RFC 5321 source route, and unquotes
+    a quoted local part (`"acme.support"@h` is `acme.support@h`).
+    """
+    addr = address.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1].strip()
+    if addr.startswith("@") and ":" in addr:
+        addr = addr.split(":", 1)[1]
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        local, domain = addr, ""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local, normalize_hostname(domain)
+
+
+def _target(value: Any) -> tuple[str, str | None]:
+    """(tenant, stack or None) from a config entry: a mapping or an object with attributes."""
+    if isinstance(value, Mapping):
+        tenant, stack = value.get("tenant"), value.get("stack")
+    else:
+        tenant, stack = getattr(value, "tenant", None), getattr(value, "stack", None)
+    return str(tenant or ""), (str(stack) if stack else None)
+
+
+def _stack_name(tenant: str, stack: str | None) -> str:
+    if not stack:
+        return f"{tenant}/_mail"
+    return stack if "/" in stack else f"{tenant}/{stack}"
+
+
+def _route(tenant: str, stack: str | None, ingress: str, listener: str = "") -> Route:
+    name = _stack_name(tenant, stack)
+    return Route(tenant, name, ingress, f"{name}/0", listener)
+
+
+def _lower_keys(table: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {str(k).strip().lower(): v for k, v in (table or {}).items()}
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+class Router:
+    """Resolves one RCPT at a time. Build once per config load; cheap to call per RCPT.
+
+    `config` is the `ingress.lmtp` section (`IngressConfig` or a plain mapping with
+    `recipients`, `verified_domains`, `listeners`); `settings` gives `lmtp_default_hosts`
+    and `require_hostname_verification`; `hostnames` is a `HostnameStore` or None.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        settings: Any,
+        hostnames: HostnameSource | None = None,
+        *,
+        hostname_ttl_s: float = DEFAULT_HOSTNAME_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._recipients = _lower_keys(_get(config, "recipients"))
+        self._verified_domains = {
+            normalize_hostname(k): v for k, v in (_get(config, "verified_domains") or {}).items()
+        }
+        self._listeners = dict(_get(config, "listeners") or {})
+        self._default_hosts = frozenset(
+            normalize_hostname(h) for h in (_get(settings, "lmtp_default_hosts") or ()) if h
+        )
+        self._strict = bool(_get(settings, "require_hostname_verification", False))
+        self._hostnames = hostnames
+        self._ttl = hostname_ttl_s
+        self._clock = clock
+        self._rows: Mapping[str, HostnameRow] = {}
+        self._rows_loaded_at: float | None = None
+
+    def route(self, address: str, listener: str = DEFAULT_LISTENER) -> Route | None:
+        """The route for one RCPT TO address, or None (the caller answers 550 5.1.1)."""
+        return self._walk(address, listener, None)
+
+    def explain(self, address: str, listener: str = DEFAULT_LISTENER) -> Explanation:
+        """The same walk as `route`, recording what each step found."""
+        trail: list[tuple[str, str]] = []
+        found = self._walk(address, listener, lambda step, outcome: trail.append((step, outcome)))
+        return Explanation(address, found, tuple(trail))
+
+    def refresh_hostnames(self) -> None:
+        """Re-read `tenant_hostnames` now (the CLI and tests; the server relies on the TTL)."""
+        self._rows = self._hostnames.snapshot() if self._hostnames is not None else {}
+        self._rows_loaded_at = self._clock()
+
+    def _hostname_rows(self) -> Mapping[str, HostnameRow]:
+        if self._hostnames is None:
+            return self._rows
+        loaded = self._rows_loaded_at
+        if loaded is None or self._clock() - loaded >= self._ttl:
+            self.refresh_hostnames()
+        return self._rows
+
+    def _walk(self, address: str, listener: str, note: Note | None) -> Route | None:
+        local, domain = split_address(address)
+        if not local and not domain:
+            if note:
+                note("address", "empty: nothing to route")
+            return None
+        key = f"{local}@{domain}".lower() if domain else local.lower()
+        for step in (self._recipient, self._recipient_domain, self._strategy_a, self._strategy_b):
+            found = step(local, domain, key, note)
+            if found is not None:
+                return found
+        return self._listener(listener, note)
+
+    def _recipient(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
+        entry = self._recipients.get(key)
+        if note:
+            note("1 recipients[address]", f"{key!r} matched" if entry else f"no entry {key!r}")
+        if entry is None:
+            return None
+        tenant, stack = _target(entry)
+        return _route(tenant, stack, f"recipient:{key}")
+
+    def _recipient_domain(
+        self, local: str, domain: str, key: str, note: Note | None
+    ) -> Route | None:
+        entry = self._recipients.get(f"@{domain}") if domain else None
+        if note:
+            note("2 recipients[@domain]", f"'@{domain}' matched" if entry else f"no entry '@{domain}'")
+        if entry is None:
+            return None
+        tenant, stack = _target(entry)
+        return _route(tenant, stack, f"recipient:@{domain}")
+
+    def _strategy_a(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
+        if domain not in self._default_hosts:
+            if note:
+                note("3 default hosts", f"{domain!r} is not in --lmtp-default-hosts")
+            return None
+        base = local.lower().split("+", 1)[0]
+        tenant, dot, stack = base.partition(".")
+        if not (dot and SLUG.match(tenant) and SLUG.match(stack)):
+            if note:
+                note("3 default hosts", f"local part {local!r} is not tenant.stack[+modifier]")
+            return None
+        if note:
+            note("3 default hosts", f"{local!r} parses as {tenant}/{stack}")
+        return _route(tenant, f"{tenant}/{stack}", f"default-host:{domain}")
+
+    def _strategy_b(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
+        if not domain:
+            if note:
+                note("4 verified domains", "address has no domain")
+            return None
+        entry = self._verified_domains.get(domain)
+        if entry is not None:
+            tenant, stack = _target(entry)
+            if note:
+                note("4 verified domains", f"{domain!r} in verified_domains (tenant {tenant})")
+            return _route(tenant, stack, f"domain:{domain}")
+        row = self._hostname_rows().get(domain)
+        if row is None:
+            if note:
+                note("4 verified domains", f"{domain!r} in neither verified_domains nor tenant_hostnames")
+            return None
+        if self._strict and not row.verified:
+            if note:
+                note("4 verified domains", f"{domain!r} is unverified and verification is required")
+            return None
+        if note:
+            state = "verified" if row.verified else "unverified (accepted: not strict)"
+            note("4 verified domains", f"{domain!r} in tenant_hostnames, {state}, tenant {row.tenant}")
+        return _route(row.tenant, row.stack, f"hostname:{domain}")
+
+    def _listener(self, listener: str, note: Note | None) -> Route | None:
+        name = listener if listener in self._listeners else DEFAULT_LISTENER
+        entry = self._listeners.get(name)
+        if note:
+            note("5 listeners", f"listeners.{name} matched" if entry else f"no listeners.{listener}")
+        if entry is None:
+            return None
+        tenant, stack = _target(entry)
+        return _route(tenant, stack, f"listener:{name}", name)

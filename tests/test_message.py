@@ -1,0 +1,265 @@
+"""lmtp.message: bytes -> `_txc.lmtp.msg`, best effort, raw always exact."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmtp.message import b64, build_envelope, parse_message
+from lmtp.routing import Route
+
+
+def raw_of(msg: dict) -> bytes:
+    assert msg["raw"].startswith("b64:")
+    return base64.b64decode(msg["raw"][4:])
+
+
+def crlf(text: str) -> bytes:
+    return text.replace("\n", "\r\n").encode()
+
+
+SIMPLE = crlf(
+    "Received: from mx2.example by mx1.example; Mon, 25 May 2026 14:00:02 +0000\n"
+    "Received: from client.example\n"
+    "  by mx2.example; Mon, 25 May 2026 14:00:01 +0000\n"
+    "Authentication-Results: mx1.example; spf=pass smtp.mailfrom=example.com\n"
+    "From: Alice <alice@example.com>\n"
+    "To: support@your.tenant\n"
+    "Cc: Bob <bob@example.com>, carol@example.com\n"
+    "Subject: wifi keeps dropping\n"
+    "Date: Mon, 25 May 2026 16:00:00 +0200\n"
+    "Message-ID: <m1@mail.example.com>\n"
+    "\n"
+    "Hi support,\n"
+    "\n"
+    "My wifi...\n"
+)
+
+
+def test_simple_message_fills_every_field():
+    msg, defects = parse_message(SIMPLE)
+    assert defects == []
+    assert msg["id"] == "<m1@mail.example.com>"
+    assert msg["date"] == "2026-05-25T14:00:00Z"
+    assert msg["from"] == [{"name": "Alice", "addr": "alice@example.com"}]
+    assert msg["to"] == [{"name": "", "addr": "support@your.tenant"}]
+    assert msg["cc"] == [
+        {"name": "Bob", "addr": "bob@example.com"},
+        {"name": "", "addr": "carol@example.com"},
+    ]
+    assert msg["subject"] == "wifi keeps dropping"
+    assert msg["text"] == "Hi support,\n\nMy wifi...\n"
+    assert msg["html"] == ""
+    assert msg["attachments"] == []
+    assert raw_of(msg) == SIMPLE
+
+
+def test_header_keys_are_lowercased_sorted_and_multi_values_keep_order_unfolded():
+    headers = parse_message(SIMPLE)[0]["headers"]
+    assert list(headers) == sorted(headers)
+    assert all(key == key.lower() for key in headers)
+    assert headers["received"] == [
+        "from mx2.example by mx1.example; Mon, 25 May 2026 14:00:02 +0000",
+        "from client.example  by mx2.example; Mon, 25 May 2026 14:00:01 +0000",
+    ]
+    assert headers["authentication-results"] == [
+        "mx1.example; spf=pass smtp.mailfrom=example.com"
+    ]
+
+
+def test_rfc2047_subject_and_display_names_are_decoded():
+    raw = crlf(
+        "From: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <j@example.de>\n"
+        "Subject: =?utf-8?b?w6lsw6h2ZSBleGFtZW4=?=\n"
+        "X-Note: =?iso-8859-1?q?caf=E9?=\n"
+        "\n"
+        "x\n"
+    )
+    msg, _ = parse_message(raw)
+    assert msg["subject"] == "élève examen"
+    assert msg["from"] == [{"name": "Jürgen Müller", "addr": "j@example.de"}]
+    assert msg["headers"]["subject"] == ["élève examen"]
+    assert msg["headers"]["x-note"] == ["café"]
+
+
+def multipart_with_attachment() -> tuple[bytes, bytes]:
+    pdf = b"%PDF-1.4 fake\x00\x01\x02" * 10
+    em = EmailMessage()
+    em["From"] = "alice@example.com"
+    em["To"] = "support@your.tenant"
+    em["Subject"] = "invoice"
+    em["Message-ID"] = make_msgid(domain="example.com")
+    em.set_content("plain body\n")
+    em.add_alternative("<p>html body</p>\n", subtype="html")
+    em.add_attachment(pdf, maintype="application", subtype="pdf", filename="invoice.pdf")
+    return em.as_bytes(), pdf
+
+
+def test_multipart_alternative_with_attachment():
+    raw, pdf = multipart_with_attachment()
+    msg, defects = parse_message(raw)
+    assert defects == []
+    assert msg["text"] == "plain body\n"
+    assert msg["html"] == "<p>html body</p>\n"
+    assert msg["attachments"] == [
+        {
+            "name": "invoice.pdf",
+            "type": "application/pdf",
+            "size": len(pdf),
+            "sha256": hashlib.sha256(pdf).hexdigest(),
+            "content": b64(pdf),
+        }
+    ]
+    assert raw_of(msg) == raw
+
+
+def test_attached_message_is_one_attachment_not_its_insides():
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner body\n")
+    outer = EmailMessage()
+    outer["Subject"] = "fwd"
+    outer.set_content("see attached\n")
+    outer.add_attachment(inner)
+    msg, _ = parse_message(outer.as_bytes())
+    assert msg["text"] == "see attached\n"
+    assert [a["type"] for a in msg["attachments"]] == ["message/rfc822"]
+    assert b"inner body" in base64.b64decode(msg["attachments"][0]["content"][4:])
+
+
+def test_missing_headers_give_empty_fields():
+    msg, _ = parse_message(b"\r\njust a body\r\n")
+    assert (msg["id"], msg["date"], msg["subject"]) == ("", "", "")
+    assert (msg["from"], msg["to"], msg["cc"]) == ([], [], [])
+    assert msg["headers"] == {}
+    assert msg["text"] == "just a body\n"
+
+
+@pytest.mark.parametrize(
+    ("date", "iso"),
+    [
+        pytest.param("Mon, 25 May 2026 16:00:00 +0200", "2026-05-25T14:00:00Z", id="offset"),
+        pytest.param("25 May 2026 14:00:00 -0000", "2026-05-25T14:00:00Z", id="unknown zone=UTC"),
+        pytest.param("Mon, 25 May 2026 09:00:00 EST", "2026-05-25T14:00:00Z", id="named zone"),
+        pytest.param("yesterday at noon", "", id="unparseable"),
+        pytest.param("Mon, 99 Foo 2026 99:99:99 +9999", "", id="out of range"),
+    ],
+)
+def test_date_is_iso_utc_or_empty(date, iso):
+    msg, _ = parse_message(crlf(f"Date: {date}\n\nx\n"))
+    assert msg["date"] == iso
+
+
+def test_broken_mime_keeps_raw_and_reports_defects():
+    raw = crlf(
+        "Subject: broken\n"
+        "Content-Type: multipart/mixed; boundary=\"never-closed\"\n"
+        "\n"
+        "--never-closed\n"
+        "Content-Type: text/plain; charset=no-such-charset\n"
+        "Content-Transfer-Encoding: base64\n"
+        "\n"
+        "aGVsbG8gd29ybGQ=!!!\n"
+    )
+    msg, defects = parse_message(raw)
+    assert raw_of(msg) == raw
+    assert msg["subject"] == "broken"
+    assert msg["text"].startswith("hello world")
+    assert defects and all(isinstance(d, str) for d in defects)
+
+
+def test_unknown_charset_in_a_single_part_body_still_decodes():
+    raw = crlf("Content-Type: text/plain; charset=x-unknown\n\nplain ascii\n")
+    assert parse_message(raw)[0]["text"] == "plain ascii\n"
+
+
+def test_eight_bit_garbage_in_headers_is_replaced_not_raised():
+    msg, _ = parse_message(b"Subject: \xff\xfe caf\xe9\r\nFrom: \xff@@\r\n\r\nbody\r\n")
+    assert "caf" in msg["subject"]
+    assert msg["text"] == "body\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_any_bytes_parse_without_exception_and_raw_round_trips(data):
+    msg, defects = parse_message(data)
+    assert raw_of(msg) == data
+    assert isinstance(defects, list)
+    assert set(msg) == {
+        "id", "date", "from", "to", "cc", "subject", "text", "html", "headers",
+        "attachments", "raw",
+    }
+
+
+MIMEISH = st.lists(
+    st.sampled_from(
+        [
+            b"Subject: =?utf-8?b?w6k=?=\r\n",
+            b"Content-Type: multipart/mixed; boundary=b\r\n",
+            b"Content-Type: text/html; charset=utf-16\r\n",
+            b"Content-Transfer-Encoding: base64\r\n",
+            b"Content-Disposition: attachment; filename*=utf-8''%E9.txt\r\n",
+            b"From: \"a\" <b@c>, ;;; <@>\r\n",
+            b"Date: Tue, 31 Feb 2026 25:61:61 +2500\r\n",
+            b"\r\n",
+            b"--b\r\n",
+            b"--b--\r\n",
+            b"=?x?q?=FF?=\r\n",
+            b"AAAA====\r\n",
+        ]
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MIMEISH)
+def test_mime_shaped_garbage_never_raises(data):
+    msg, _ = parse_message(data)
+    assert raw_of(msg) == data
+
+
+def test_build_envelope_has_the_seed_shape_and_shares_msg():
+    msg, _ = parse_message(SIMPLE)
+    route = Route("acme", "acme/_mail", "domain:acme.example", "acme/_mail/0", "")
+    env = build_envelope(
+        rid="01HXX",
+        route=route,
+        listener="default",
+        client_ip="10.0.0.7",
+        helo="mail.postfix.example",
+        mail_from="alice@example.com",
+        size=len(SIMPLE),
+        rcpt=["alice@acme.example", "carol@acme.example"],
+        transaction_rcpt=["alice@acme.example", "bob@beta.example", "carol@acme.example"],
+        msg=msg,
+    )
+    assert env == {
+        "_txc": {
+            "src": "lmtp",
+            "rid": "01HXX",
+            "route": {
+                "tenant": "acme",
+                "stack": "acme/_mail",
+                "ingress": "domain:acme.example",
+                "to": "acme/_mail/0",
+            },
+            "lmtp": {
+                "listener": "default",
+                "client": {"ip": "10.0.0.7", "helo": "mail.postfix.example"},
+                "mail": {"from": "alice@example.com", "size": len(SIMPLE)},
+                "rcpt": ["alice@acme.example", "carol@acme.example"],
+                "transaction_rcpt": [
+                    "alice@acme.example", "bob@beta.example", "carol@acme.example"
+                ],
+                "msg": msg,
+            },
+        }
+    }
+    assert env["_txc"]["lmtp"]["msg"] is msg
