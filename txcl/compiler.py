@@ -1,0 +1,532 @@
+"""ast.File -> CompiledRule closures: a predicate per WHEN, a step per SET and EXEC.
+
+Everything that can be decided without an envelope is decided here, once, at load time:
+paths, JSONPaths and regexes are compiled, functions and their arity checked, reserved
+WITH keys validated. `compile_file` reports every problem of a file at once.
+
+An expression compiles to `Eval = (envelope, match) -> value`. `match` holds the named
+groups of the rule's WHEN matches: regexes with named groups write into it while the WHENs
+are evaluated, and `match.<name>` reads it in the body.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final
+
+from txcl import ast
+from txcl.errors import Pos, Problem, TxclCompileError
+from txcl.functions import FUNCTIONS
+from txcl.paths import Setter, compile_getter, compile_jsonpath, compile_setter, path_text
+from txcl.regex import CompiledRegex, compile_regex
+from txcl.values import COMPARISONS, MISSING, add, to_json
+
+Eval = Callable[[Any, Any], Any]  # (envelope, match) -> value
+Captures = Mapping[str, str]
+
+NO_CAPTURES: Final[Captures] = MappingProxyType({})
+MATCH_ROOT: Final = "match"
+OP_SCHEME: Final = "op://"
+MAX_TIMEOUT_S: Final = 3600.0
+
+_OP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_TIMEOUT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*")
+_HINT_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledWhen:
+    text: str  # the expression in canonical form, for traces and `txcl test`
+    pos: Pos
+    evaluate: Eval = field(repr=False, compare=False)
+
+    def predicate(self, envelope: Any) -> tuple[bool, dict[str, str]]:
+        """Whether this WHEN alone holds on envelope, and the named groups it captured."""
+        captures: dict[str, str] = {}
+        return self.evaluate(envelope, captures) is True, captures
+
+
+@dataclass(frozen=True, slots=True)
+class SetStep:
+    pos: Pos
+    target: tuple[ast.Segment, ...]
+    target_text: str
+    value: Eval = field(repr=False, compare=False)
+    write: Setter = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecStep:
+    pos: Pos
+    uri: str
+    op: str
+
+
+Step = SetStep | ExecStep
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    file: str
+    pos: Pos
+    whens: tuple[CompiledWhen, ...]
+    steps: tuple[Step, ...]  # SET and EXEC lines in source order
+    args: tuple[tuple[str, Eval], ...]  # WITH keys that are not reserved: op arguments
+    omit: frozenset[str]  # full dotted paths, for the trace writer
+    redact: frozenset[str]
+    timeout_s: float | None  # WITH timeout, in seconds
+    ops: tuple[str, ...]  # op names this rule EXECs, in order of first use
+    reads: frozenset[tuple[ast.Segment, ...]]  # plain paths read (WHEN, SET values, WITH)
+    jsonpaths: frozenset[str]  # JSONPaths read
+    writes: frozenset[tuple[ast.Segment, ...]]  # SET targets
+    captures: tuple[str, ...]  # named groups the WHENs can capture (match.<name>)
+    test: Callable[[Any], Captures | None] = field(repr=False, compare=False)
+
+    def evaluate_args(self, envelope: Any, match: Captures) -> dict[str, Any]:
+        """The op arguments on the live envelope; an argument whose value is missing is left out."""
+        out: dict[str, Any] = {}
+        for key, value in self.args:
+            result = value(envelope, match)
+            if result is not MISSING:
+                out[key] = to_json(result)
+        return out
+
+
+# --- canonical text of an expression ------------------------------------------------------
+
+_PRECEDENCE: Final = {
+    ast.Or: 1,
+    ast.And: 2,
+    ast.Not: 3,
+    ast.Compare: 4,
+    ast.Match: 4,
+    ast.Add: 5,
+}
+
+
+def _literal_text(value: object) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def segments_text(segments: tuple[ast.Segment, ...]) -> str:
+    """A path as a rule author writes it: `@lmtp.rcpt.0` for `_txc.lmtp.rcpt.0`."""
+    if len(segments) > 1 and segments[0] == "_txc":
+        return "@" + path_text(segments[1:])
+    return path_text(segments)
+
+
+def expr_text(expr: ast.Expr) -> str:
+    """The expression in canonical TXCL form (upper-case keywords, minimal parentheses)."""
+
+    def sub(child: ast.Expr, parent_level: int, right: bool = False) -> str:
+        text = expr_text(child)
+        level = _PRECEDENCE.get(type(child), 9)
+        if level < parent_level or (right and level == parent_level and level >= 4):
+            return f"({text})"
+        return text
+
+    match expr:
+        case ast.Path(segments=segments):
+            return segments_text(segments)
+        case ast.JsonPath(text=text):
+            return text
+        case ast.Literal(value=value):
+            return _literal_text(value)
+        case ast.ListLit(items=items):
+            return "[" + ", ".join(expr_text(i) for i in items) + "]"
+        case ast.Regex(pattern=pattern, flags=flags):
+            return "/" + pattern.replace("/", "\\/") + "/" + flags
+        case ast.Call(name=name, args=args):
+            return f"{name}(" + ", ".join(expr_text(a) for a in args) + ")"
+        case ast.Compare(op=op, left=left, right=right):
+            return f"{sub(left, 5)} {op} {sub(right, 5)}"
+        case ast.Match(left=left, regex=regex, negated=negated):
+            return f"{sub(left, 5)} {'!=~' if negated else '=~'} {expr_text(regex)}"
+        case ast.Add(left=left, right=right):
+            return f"{sub(left, 5)} + {sub(right, 5, right=True)}"
+        case ast.Not(operand=operand):
+            return f"NOT {sub(operand, 3)}"
+        case ast.And(left=left, right=right):
+            return f"{sub(left, 2)} AND {sub(right, 2, right=True)}"
+        case ast.Or(left=left, right=right):
+            return f"{sub(left, 1)} OR {sub(right, 1, right=True)}"
+    return repr(expr)
+
+
+# --- reserved WITH values -------------------------------------------------------------------
+
+
+def parse_timeout(value: object) -> float | None:
+    """Seconds from `5`, `2.5`, `"5s"`, `"500ms"`, `"5"`; None if it is not a valid timeout."""
+    seconds: float
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        found = _TIMEOUT.fullmatch(value)
+        if not found:
+            return None
+        seconds = float(found.group(1)) / (1000.0 if found.group(2) == "ms" else 1.0)
+    else:
+        return None
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        return None
+    return seconds
+
+
+def parse_path_list(text: str) -> tuple[str, ...] | None:
+    """`"_txc.a.b, @c.d"` -> ("_txc.a.b", "_txc.c.d"); None if an item is not a plain path."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.startswith("@"):
+            item = "_txc." + item[1:]
+        if not item or not all(_HINT_SEGMENT.fullmatch(seg) for seg in item.split(".")):
+            return None
+        out.append(item)
+    return tuple(out) if out else None
+
+
+# --- the compiler ----------------------------------------------------------------------------
+
+
+def _constant(value: Any) -> Eval:
+    if isinstance(value, list):
+        return lambda envelope, match: list(value)
+    return lambda envelope, match: value
+
+
+class _RuleCompiler:
+    """Compiles the expressions of one rule, collecting problems instead of stopping."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        self.reads: set[tuple[ast.Segment, ...]] = set()
+        self.jsonpaths: set[str] = set()
+        self.captures: set[str] = set()
+
+    def problem(self, message: str, pos: Pos) -> Eval:
+        self.problems.append(Problem("txcl_compile_error", message, pos))
+        return _constant(MISSING)
+
+    def expr(self, node: ast.Expr) -> Eval:
+        method = getattr(self, "_" + type(node).__name__.lower(), None)
+        if method is None:
+            return self.problem(f"not an expression: {type(node).__name__}", _pos_of(node))
+        result: Eval = method(node)
+        return result
+
+    def _path(self, node: ast.Path) -> Eval:
+        segments = node.segments
+        if not segments:
+            return self.problem("empty path", node.pos)
+        if segments[0] == MATCH_ROOT:
+            return _capture_reader(segments)
+        self.reads.add(segments)
+        get = compile_getter(node)
+        return lambda envelope, match: get(envelope)
+
+    def _jsonpath(self, node: ast.JsonPath) -> Eval:
+        try:
+            get_all = compile_jsonpath(node)
+        except TxclCompileError as err:
+            self.problems.extend(err.problems)
+            return _constant(MISSING)
+        self.jsonpaths.add(node.text)
+        return lambda envelope, match: get_all(envelope)
+
+    def _literal(self, node: ast.Literal) -> Eval:
+        return _constant(node.value)
+
+    def _listlit(self, node: ast.ListLit) -> Eval:
+        if all(isinstance(item, ast.Literal) for item in node.items):
+            return _constant([item.value for item in node.items])  # type: ignore[union-attr]
+        items = tuple(self.expr(item) for item in node.items)
+
+        def build(envelope: Any, match: Any) -> list[Any]:
+            values = (item(envelope, match) for item in items)
+            return [to_json(v) for v in values if v is not MISSING]
+
+        return build
+
+    def _regex(self, node: ast.Regex) -> Eval:
+        return self.problem(
+            f"a regex ({expr_text(node)}) can only stand on the right of =~ or !=~", node.pos
+        )
+
+    def _call(self, node: ast.Call) -> Eval:
+        function = FUNCTIONS.get(node.name.lower())
+        if function is None:
+            known = ", ".join(sorted(FUNCTIONS))
+            return self.problem(f"unknown function {node.name}(); known: {known}", node.pos)
+        if len(node.args) != 1:
+            return self.problem(
+                f"{function.name}() takes exactly one argument, {len(node.args)} given", node.pos
+            )
+        (arg,) = node.args
+        if function.path_argument and not isinstance(arg, ast.Path | ast.JsonPath):
+            return self.problem(
+                f"{function.name}() takes a path (such as @lmtp.rcpt or $..type), "
+                f"not {expr_text(arg)}",
+                _pos_of(arg),
+            )
+        value = self.expr(arg)
+        apply = function.apply
+        return lambda envelope, match: apply(value(envelope, match))
+
+    def _compare(self, node: ast.Compare) -> Eval:
+        compare = COMPARISONS.get(node.op.upper())
+        if compare is None:
+            return self.problem(f"unknown comparison {node.op}", node.pos)
+        left = self.expr(node.left)
+        if isinstance(node.right, ast.Literal):
+            constant = node.right.value
+            return lambda envelope, match: compare(left(envelope, match), constant)
+        right = self.expr(node.right)
+        return lambda envelope, match: compare(left(envelope, match), right(envelope, match))
+
+    def _match(self, node: ast.Match) -> Eval:
+        left = self.expr(node.left)
+        try:
+            regex = compile_regex(node.regex)
+        except TxclCompileError as err:
+            self.problems.extend(err.problems)
+            return _constant(False)
+        if node.negated:
+            found = _searcher(left, regex)
+            return lambda envelope, match: not found(envelope, match)
+        if regex.group_names:
+            self.captures.update(regex.group_names)
+            return _capturer(left, regex)
+        return _searcher(left, regex)
+
+    def _and(self, node: ast.And) -> Eval:
+        left, right = self.expr(node.left), self.expr(node.right)
+        return lambda envelope, match: (
+            left(envelope, match) is True and right(envelope, match) is True
+        )
+
+    def _or(self, node: ast.Or) -> Eval:
+        left, right = self.expr(node.left), self.expr(node.right)
+        return lambda envelope, match: (
+            left(envelope, match) is True or right(envelope, match) is True
+        )
+
+    def _not(self, node: ast.Not) -> Eval:
+        operand = self.expr(node.operand)
+        return lambda envelope, match: operand(envelope, match) is not True
+
+    def _add(self, node: ast.Add) -> Eval:
+        left, right = self.expr(node.left), self.expr(node.right)
+        return lambda envelope, match: add(left(envelope, match), right(envelope, match))
+
+
+def _pos_of(node: object) -> Pos:
+    pos = getattr(node, "pos", None)
+    return pos if isinstance(pos, Pos) else Pos("", 0, 0)
+
+
+def _capture_reader(segments: tuple[ast.Segment, ...]) -> Eval:
+    if len(segments) == 1:
+        return lambda envelope, match: dict(match)
+    if len(segments) > 2:
+        return lambda envelope, match: MISSING  # a capture is a string: nothing lies below it
+    name = segments[1]
+    return lambda envelope, match: match.get(name, MISSING)
+
+
+def _searcher(left: Eval, regex: CompiledRegex) -> Eval:
+    search = regex.search
+
+    def found(envelope: Any, match: Any) -> bool:
+        value = left(envelope, match)
+        if value.__class__ is str:
+            return search(value)
+        if isinstance(value, list | tuple):
+            return any(isinstance(item, str) and search(item) for item in value)
+        return False
+
+    return found
+
+
+def _capturer(left: Eval, regex: CompiledRegex) -> Eval:
+    groups = regex.groups
+
+    def found(envelope: Any, match: Any) -> bool:
+        value = left(envelope, match)
+        items = value if isinstance(value, list | tuple) else (value,)
+        for item in items:
+            if item.__class__ is str:
+                captured = groups(item)
+                if captured is not None:
+                    match.update(captured)
+                    return True
+        return False
+
+    return found
+
+
+def _rule_test(whens: tuple[CompiledWhen, ...], captures: bool) -> Callable[[Any], Captures | None]:
+    evals = tuple(w.evaluate for w in whens)
+    if not evals:
+        return lambda envelope: NO_CAPTURES
+    if captures:
+
+        def test_capturing(envelope: Any) -> Captures | None:
+            found: dict[str, str] = {}
+            for evaluate in evals:
+                if evaluate(envelope, found) is not True:
+                    return None
+            return found
+
+        return test_capturing
+    if len(evals) == 1:
+        only = evals[0]
+        return lambda envelope: NO_CAPTURES if only(envelope, NO_CAPTURES) is True else None
+
+    def test(envelope: Any) -> Captures | None:
+        for evaluate in evals:
+            if evaluate(envelope, NO_CAPTURES) is not True:
+                return None
+        return NO_CAPTURES
+
+    return test
+
+
+def _exec_op(node: ast.Exec, problems: list[Problem]) -> str | None:
+    if not node.uri.startswith(OP_SCHEME):
+        problems.append(
+            Problem(
+                "txcl_compile_error",
+                f'EXEC "{node.uri}": only op:// URIs are supported (e.g. "op://ARCHIVE")',
+                node.pos,
+            )
+        )
+        return None
+    name = node.uri[len(OP_SCHEME) :]
+    if not _OP_NAME.fullmatch(name):
+        problems.append(
+            Problem(
+                "txcl_compile_error",
+                f'EXEC "{node.uri}": an op name is letters, digits, "_", "." and "-"',
+                node.pos,
+            )
+        )
+        return None
+    return name
+
+
+def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> CompiledRule:
+    """Compile one rule, appending its problems to `problems`."""
+    rc = _RuleCompiler(problems)
+    whens = tuple(CompiledWhen(expr_text(w.expr), w.pos, rc.expr(w.expr)) for w in rule.whens)
+    steps: list[Step] = []
+    args: list[tuple[str, Eval]] = []
+    seen_keys: dict[str, Pos] = {}
+    omit: tuple[str, ...] = ()
+    redact: tuple[str, ...] = ()
+    timeout_s: float | None = None
+    ops: list[str] = []
+    writes: set[tuple[ast.Segment, ...]] = set()
+
+    for stmt in rule.body:
+        if isinstance(stmt, ast.Set):
+            target = stmt.target
+            if not isinstance(target, ast.Path):
+                rc.problem(
+                    "SET needs a plain path (a JSONPath may name several places)", stmt.pos
+                )
+                continue
+            if not target.segments or target.segments[0] == MATCH_ROOT:
+                rc.problem(
+                    f"SET {segments_text(target.segments)}: match.* holds the WHENs' regex "
+                    "groups and is read-only",
+                    target.pos,
+                )
+                continue
+            value = rc.expr(stmt.value)
+            try:
+                write = compile_setter(target)
+            except TxclCompileError as err:
+                problems.extend(err.problems)
+                continue
+            writes.add(target.segments)
+            steps.append(SetStep(stmt.pos, target.segments, path_text(target.segments), value, write))
+        elif isinstance(stmt, ast.Exec):
+            name = _exec_op(stmt, problems)
+            if name is not None:
+                steps.append(ExecStep(stmt.pos, stmt.uri, name))
+                if name not in ops:
+                    ops.append(name)
+        elif isinstance(stmt, ast.With):
+            key = stmt.key
+            if key in seen_keys:
+                rc.problem(f"WITH {key} is given twice in this rule (first at {seen_keys[key]})", stmt.pos)
+                continue
+            seen_keys[key] = stmt.pos
+            if key == "timeout":
+                literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
+                timeout_s = parse_timeout(literal)
+                if timeout_s is None:
+                    rc.problem(
+                        f'WITH timeout = {expr_text(stmt.value)}: give a duration such as "5s", '
+                        f'"500ms" or a number of seconds, above 0 and at most {MAX_TIMEOUT_S:g}s',
+                        stmt.pos,
+                    )
+            elif key in ("omit", "redact"):
+                literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
+                paths = parse_path_list(literal) if isinstance(literal, str) else None
+                if paths is None:
+                    rc.problem(
+                        f"WITH {key} = {expr_text(stmt.value)}: give a string with a comma "
+                        'list of full paths, such as "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"',
+                        stmt.pos,
+                    )
+                elif key == "omit":
+                    omit = paths
+                else:
+                    redact = paths
+            else:
+                args.append((key, rc.expr(stmt.value)))
+        else:
+            rc.problem(f"not a body statement: {type(stmt).__name__}", _pos_of(stmt))
+
+    captures = tuple(sorted(rc.captures))
+    return CompiledRule(
+        file=file,
+        pos=rule.pos,
+        whens=whens,
+        steps=tuple(steps),
+        args=tuple(args),
+        omit=frozenset(omit),
+        redact=frozenset(redact),
+        timeout_s=timeout_s,
+        ops=tuple(ops),
+        reads=frozenset(rc.reads),
+        jsonpaths=frozenset(rc.jsonpaths),
+        writes=frozenset(writes),
+        captures=captures,
+        test=_rule_test(whens, bool(captures)),
+    )
+
+
+def compile_file(file: ast.File) -> tuple[CompiledRule, ...]:
+    """Compile every rule of a file; raise TxclCompileError listing all problems found."""
+    problems: list[Problem] = []
+    rules = tuple(compile_rule(rule, file.name, problems) for rule in file.rules)
+    if problems:
+        raise TxclCompileError(sorted(problems, key=lambda p: (p.pos or Pos("", 0, 0))))
+    return rules

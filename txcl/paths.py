@@ -1,0 +1,222 @@
+"""Paths into an envelope, compiled once into closures.
+
+- `compile_getter(ast.Path)`: reads one value, or MISSING. An int segment indexes a list,
+  a str segment looks a key up in an object; any other step yields MISSING.
+- `compile_jsonpath(ast.JsonPath)`: a `$`-rooted JSONPath (jsonpath-ng, extended syntax),
+  parsed at load time; evaluation yields a tuple (a Multi) of every value found.
+- `compile_setter(ast.Path)`: writes one value *without mutating* the document it is given:
+  it copies only the containers along the written path (shallow path copying) and returns
+  the new root. Missing objects and list slots are created on the way; a list is padded
+  with null up to the written index.
+- `merge_patch(target, patch)`: RFC 7386 JSON merge patch, with the same path copying.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+from jsonpath_ng.ext.filter import Expression as _FilterExpression
+from jsonpath_ng.ext.parser import ExtendedJsonPathParser
+from jsonpath_ng.jsonpath import JSONPath
+
+from txcl import ast
+from txcl.errors import Problem, TxclCompileError
+from txcl.values import MISSING, Multi
+
+Getter = Callable[[Any], Any]
+MultiGetter = Callable[[Any], Multi]
+Setter = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+# A SET may pad a list up to this index; beyond it the rule is refused at load time, so a
+# typo such as `recipients.1000000` cannot make one delivery allocate a huge list.
+MAX_LIST_INDEX: Final = 9_999
+
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class PathWriteError(Exception):
+    """A SET or a merge patch cannot write where it was told to (e.g. a key into a string)."""
+
+
+def path_text(segments: tuple[ast.Segment, ...]) -> str:
+    """The full dotted form of a path, quoting segments that are not plain: `a."x.y".0`."""
+    parts = []
+    for seg in segments:
+        if isinstance(seg, int) or _PLAIN_SEGMENT.fullmatch(seg) and not seg.isdigit():
+            parts.append(str(seg))
+        else:
+            parts.append('"' + seg.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return ".".join(parts)
+
+
+def compile_getter(path: ast.Path) -> Getter:
+    """A closure reading `path` from a document: the value, or MISSING."""
+    segments = path.segments
+    if len(segments) == 1 and isinstance(segments[0], str):
+        key = segments[0]
+
+        def get_one(doc: Any) -> Any:
+            return doc.get(key, MISSING) if isinstance(doc, dict) else MISSING
+
+        return get_one
+
+    def get(doc: Any) -> Any:
+        for seg in segments:
+            if seg.__class__ is str:
+                if not isinstance(doc, dict):
+                    return MISSING
+                doc = doc.get(seg, MISSING)
+                if doc is MISSING:
+                    return MISSING
+            elif isinstance(doc, list) and seg < len(doc):
+                doc = doc[seg]
+            else:
+                return MISSING
+        return doc
+
+    return get
+
+
+@functools.cache
+def _jsonpath_parser() -> ExtendedJsonPathParser:
+    # Building the PLY tables costs milliseconds: build them once and reuse the parser.
+    return ExtendedJsonPathParser()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_jsonpath(text: str) -> JSONPath:
+    return _jsonpath_parser().parse(text)
+
+
+def _uses_python_regex(node: object, depth: int = 0) -> bool:
+    """Whether a parsed JSONPath holds a `=~` filter (jsonpath-ng runs those with `re`)."""
+    if depth > 64:
+        return False
+    if isinstance(node, _FilterExpression) and node.op == "=~":
+        return True
+    children = getattr(node, "__dict__", {}).values()
+    for child in children:
+        items = child if isinstance(child, list | tuple) else (child,)
+        for item in items:
+            if isinstance(item, JSONPath | _FilterExpression) and _uses_python_regex(
+                item, depth + 1
+            ):
+                return True
+    return False
+
+
+def compile_jsonpath(path: ast.JsonPath) -> MultiGetter:
+    """A closure yielding every value `path` finds, as a tuple; raises TxclCompileError."""
+    try:
+        parsed = _parse_jsonpath(path.text)
+    except Exception as err:  # jsonpath-ng raises JSONPathError and, from its lexer, bare ones
+        raise TxclCompileError(
+            Problem("txcl_compile_error", f"invalid JSONPath {path.text!r}: {err}", path.pos)
+        ) from None
+    if _uses_python_regex(parsed):
+        raise TxclCompileError(
+            Problem(
+                "txcl_compile_error",
+                f"JSONPath {path.text!r} uses a =~ filter, which would run Python's "
+                "backtracking regex engine; select the values with the JSONPath and "
+                "match them with TXCL's =~ instead",
+                path.pos,
+            )
+        )
+    find = parsed.find
+
+    def get_all(doc: Any) -> Multi:
+        try:
+            return tuple(match.value for match in find(doc))
+        except Exception:  # a filter comparing unrelated types inside jsonpath-ng
+            return ()
+
+    return get_all
+
+
+def _kind_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "not JSON"
+
+
+def compile_setter(path: ast.Path) -> Setter:
+    """A closure `(root, value) -> new root` writing `value` at `path` by path copying.
+
+    Raises TxclCompileError at load time for an index above MAX_LIST_INDEX; the closure
+    raises PathWriteError when a container on the way has the wrong kind (a key into a
+    list or a string), never silently replacing it.
+    """
+    segments = path.segments
+    for seg in segments:
+        if isinstance(seg, int) and seg > MAX_LIST_INDEX:
+            raise TxclCompileError(
+                Problem(
+                    "txcl_compile_error",
+                    f"list index {seg} in SET {path_text(segments)} is above {MAX_LIST_INDEX}",
+                    path.pos,
+                )
+            )
+    last = len(segments) - 1
+
+    def write(node: Any, i: int, value: Any) -> Any:
+        seg = segments[i]
+        if seg.__class__ is str:
+            if node is MISSING or node is None:
+                new: Any = {}
+            elif isinstance(node, dict):
+                new = node.copy()
+            else:
+                raise PathWriteError(
+                    f"cannot write {path_text(segments)}: "
+                    f"{path_text(segments[:i]) or 'the envelope'} is {_kind_name(node)}, "
+                    "not an object"
+                )
+            new[seg] = value if i == last else write(new.get(seg, MISSING), i + 1, value)
+            return new
+        if node is MISSING or node is None:
+            new = []
+        elif isinstance(node, list):
+            new = node.copy()
+        else:
+            raise PathWriteError(
+                f"cannot write {path_text(segments)}: {path_text(segments[:i])} is "
+                f"{_kind_name(node)}, not a list"
+            )
+        if len(new) <= seg:
+            new.extend([None] * (seg + 1 - len(new)))
+        new[seg] = value if i == last else write(new[seg], i + 1, value)
+        return new
+
+    def set_value(root: dict[str, Any], value: Any) -> dict[str, Any]:
+        result: dict[str, Any] = write(root, 0, value)
+        return result
+
+    return set_value
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null removes a key, anything else replaces.
+
+    Neither argument is mutated; only objects on the patched paths are copied.
+    """
+    if not isinstance(patch, dict):
+        return patch
+    result = target.copy() if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key, MISSING), value)
+    return result
