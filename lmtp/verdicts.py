@@ -1,0 +1,207 @@
+"""`_txc.lmtp.res` -> one sanitised reply per recipient of a group, in the group's order.
+
+The seed's resolution table, default-deny throughout:
+
+| pipeline wrote                              | recipient i gets                         |
+|---------------------------------------------|------------------------------------------|
+| `res.recipients[i].{code,msg}`              | that slot                                |
+| `res.recipients` shorter than the group     | missing slots -> 550 (never inherited)   |
+| `res.recipients` longer than the group      | extras logged and ignored                |
+| a slot that is null or has no code          | 550                                      |
+| no array, `res.code` set                    | the broadcast code, for every recipient  |
+| nothing                                     | 550 5.1.1 no rule accepted this recipient|
+| the run failed, or any code is invalid      | 451 4.3.0 for every recipient            |
+
+A valid code is an integer (not a boolean) in 200-299 or 400-599. An invalid verdict is a
+run error: a failed run never yields an accept, so Postfix keeps the mail and retries.
+
+Enhanced status codes come from the basic code (`ENHANCED`), unless the rule's message
+starts with one of the same class (`"5.7.1 SPF failed"` with 550 keeps 5.7.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("lmtp.verdicts")
+
+MAX_TEXT_LEN = 200
+
+ENHANCED: Mapping[int, str] = {
+    250: "2.0.0",  # OK
+    251: "2.1.5",  # user not local; will forward
+    252: "2.1.5",  # cannot verify, will attempt delivery
+    421: "4.3.2",  # service not available
+    450: "4.2.0",  # mailbox unavailable
+    451: "4.3.0",  # local error in processing (the tempfail of a failed run)
+    452: "4.2.2",  # mailbox full (the seed's over-quota idiom)
+    550: "5.1.1",  # the default-deny code: no such mailbox here
+    551: "5.1.6",  # user not local: mailbox has moved
+    552: "5.2.2",  # exceeded storage allocation
+    553: "5.1.3",  # mailbox name not allowed
+    554: "5.6.0",  # transaction failed
+}
+CLASS_ENHANCED: Mapping[int, str] = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
+DEFAULT_TEXT: Mapping[int, str] = {2: "OK", 4: "temporary failure", 5: "rejected"}
+
+_ENHANCED_PREFIX = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One LMTP reply: `Reply(250, "2.0.0", "queued").line == "250 2.0.0 queued"`."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+DEFAULT_DENY = Reply(550, "5.1.1", "no rule accepted this recipient")
+RUN_FAILED = Reply(451, "4.3.0", "temporary failure processing the message, try again later")
+
+
+class InvalidVerdict(ValueError):
+    """What a rule wrote under `_txc.lmtp.res` cannot be a verdict."""
+
+
+def valid_code(code: object) -> bool:
+    return (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and (200 <= code <= 299 or 400 <= code <= 599)
+    )
+
+
+def sanitize_text(text: object, code: int) -> str:
+    """A message safe for one reply line: printable ASCII, bounded, never empty."""
+    if text is None:
+        text = ""
+    elif not isinstance(text, str):
+        text = str(text)
+    # Controls and every Unicode space or line break become one space: one line, always.
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if not text.isascii():
+        # Keep what has an ASCII base letter (é -> e); anything else becomes "?".
+        decomposed = unicodedata.normalize("NFKD", text)
+        text = "".join(
+            c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c)
+        )
+    if len(text) > MAX_TEXT_LEN:
+        text = text[: MAX_TEXT_LEN - 3].rstrip() + "..."
+    return text or DEFAULT_TEXT[code // 100]
+
+
+def make_reply(code: int, msg: object = None) -> Reply:
+    """The reply for a valid basic code and a rule's message (sanitised, enhanced code added)."""
+    text = sanitize_text(msg, code)
+    match = _ENHANCED_PREFIX.match(text)
+    if match and int(match.group(1)) == code // 100:
+        enhanced = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
+        text = text[match.end():] or DEFAULT_TEXT[code // 100]
+    else:
+        enhanced = ENHANCED.get(code, CLASS_ENHANCED[code // 100])
+    return Reply(code, enhanced, text)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _slot_reply(slot: object, index: int) -> Reply:
+    if slot is None:
+        return DEFAULT_DENY
+    if not isinstance(slot, Mapping):
+        raise InvalidVerdict(f"res.recipients.{index} is not an object")
+    code = slot.get("code")
+    if code is None:
+        return DEFAULT_DENY
+    if not valid_code(code):
+        raise InvalidVerdict(f"res.recipients.{index}.code {_short(code)} is not a reply code")
+    return make_reply(code, slot.get("msg"))
+
+
+def _resolve(res: Mapping[str, Any], n_rcpt: int) -> list[Reply]:
+    """Replies from a written `res`; raises InvalidVerdict for anything that is not one."""
+    broadcast = res.get("code")
+    if broadcast is not None and not valid_code(broadcast):
+        raise InvalidVerdict(f"res.code {_short(broadcast)} is not a reply code")
+    slots = res.get("recipients")
+    if slots is not None:
+        if not isinstance(slots, Sequence) or isinstance(slots, str | bytes):
+            raise InvalidVerdict("res.recipients is not a list")
+        # Every slot is checked, extras included: an invalid code anywhere fails the run.
+        replies = [_slot_reply(slot, i) for i, slot in enumerate(slots)]
+        if len(replies) > n_rcpt:
+            log.warning(
+                "lmtp verdict: res.recipients has %d slots for %d recipients; extras ignored",
+                len(replies), n_rcpt,
+            )
+        return replies[:n_rcpt] + [DEFAULT_DENY] * (n_rcpt - len(replies))
+    if broadcast is not None:
+        return [make_reply(broadcast, res.get("msg"))] * n_rcpt
+    return [DEFAULT_DENY] * n_rcpt
+
+
+def _dig(envelope: object, *keys: str) -> object:
+    node = envelope
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def lmtp_res(envelope: Mapping[str, Any] | None) -> object:
+    """`_txc.lmtp.res` of an envelope, or None when it is not there."""
+    return _dig(envelope, "_txc", "lmtp", "res")
+
+
+def replies_for(envelope: Mapping[str, Any] | None, n_rcpt: int, error: Any = None) -> list[Reply]:
+    """One reply per recipient of the group, from the run's final envelope and error."""
+    if error is not None:
+        return [RUN_FAILED] * n_rcpt
+    res = lmtp_res(envelope)
+    if res is None:
+        return [DEFAULT_DENY] * n_rcpt
+    if not isinstance(res, Mapping):
+        log.warning("lmtp verdict: _txc.lmtp.res is not an object; answering 451")
+        return [RUN_FAILED] * n_rcpt
+    try:
+        return _resolve(res, n_rcpt)
+    except InvalidVerdict as bad:
+        log.warning("lmtp verdict: invalid verdict (%s); answering 451", bad)
+        return [RUN_FAILED] * n_rcpt
+
+
+@dataclass(frozen=True, slots=True)
+class LmtpSource:
+    """The `txcl.sources` hook: `txcl test` shows the verdict table the head would send."""
+
+    name: str = "lmtp"
+
+    def replies(self, envelope: Mapping[str, Any], error: Any = None) -> list[tuple[str, str]]:
+        """(recipient, reply line) per `_txc.lmtp.rcpt`; one row "*" when there are none."""
+        rcpts = _rcpts(envelope)
+        if not rcpts:
+            return [("*", replies_for(envelope, 1, error)[0].line)]
+        replies = replies_for(envelope, len(rcpts), error)
+        return [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
+
+
+def _rcpts(envelope: Mapping[str, Any]) -> list[str]:
+    rcpts = _dig(envelope, "_txc", "lmtp", "rcpt")
+    return [str(r) for r in rcpts] if isinstance(rcpts, list) else []
+
+
+SOURCE = LmtpSource()
