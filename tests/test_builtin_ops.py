@@ -1,0 +1,510 @@
+"""The built-in ops against real things: a Maildir read back with mailbox.Maildir, an event
+log written by many threads, a real HTTP server and a real SMTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import mailbox
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from txcl.builtin_ops import BUILTIN_OPS
+from txcl.builtin_ops.archive import archive
+from txcl.builtin_ops.emit import emit
+from txcl.builtin_ops.forward import forward
+from txcl.builtin_ops.webhook import webhook
+
+try:
+    from txcl.ops import OpContext
+except ImportError:  # txcl/ops.py is being written alongside; same fields, same confinement
+
+    @dataclass(frozen=True)
+    class OpContext:  # type: ignore[no-redef]
+        tenant: str
+        stack: str
+        rid: str
+        state_dir: Path
+        deadline_s: float | None = None
+
+        def storage(self, *parts: str) -> Path:
+            base = (self.state_dir / "tenants" / self.tenant / self.stack.split("/")[1]).resolve()
+            path = base.joinpath(*parts).resolve()
+            if path != base and base not in path.parents:
+                raise ValueError(f"storage part {parts!r} leaves the stack's storage")
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+
+
+RAW = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: support@acme.example\r\n"
+    b"Subject: wifi keeps dropping\r\n"
+    b"Message-ID: <1@mail.example.com>\r\n"
+    b"\r\n"
+    b"Hi support,\r\n"
+    b".a line starting with a dot\r\n"
+    b"My wifi\xe2\x80\xa6\r\n"
+)
+
+
+def make_envelope(raw: bytes = RAW, src: str = "lmtp", mail_from: str = "alice@example.com"):
+    return {
+        "_txc": {
+            "src": src,
+            "rid": "01HXTEST",
+            "route": {"tenant": "acme", "stack": "acme/_mail", "to": "acme/_mail/0"},
+            src: {
+                "mail": {"from": mail_from, "size": len(raw)},
+                "rcpt": ["support@acme.example"],
+                "msg": {
+                    "subject": "wifi keeps dropping",
+                    "attachments": [
+                        {"name": "a.txt", "type": "text/plain", "size": 3, "content": "b64:YWJj"}
+                    ],
+                    "raw": "b64:" + base64.b64encode(raw).decode(),
+                },
+            },
+        },
+        "ticket": {"id": 7},
+    }
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> OpContext:
+    return OpContext(
+        tenant="acme", stack="acme/_mail", rid="01HXTEST", state_dir=tmp_path, deadline_s=5.0
+    )
+
+
+def stack_dir(ctx: OpContext) -> Path:
+    return Path(ctx.state_dir) / "tenants" / "acme" / "_mail"
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def test_registry_holds_the_four_ops_under_their_names():
+    expected = {"ARCHIVE": archive, "EMIT": emit, "WEBHOOK": webhook, "FORWARD": forward}
+    assert expected == BUILTIN_OPS
+
+
+# ARCHIVE ---------------------------------------------------------------------------------
+
+
+def test_archive_stores_the_exact_bytes_readable_by_a_mail_client(ctx):
+    patch = archive(make_envelope(), {}, ctx)
+
+    maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    keys = maildir.keys()
+    assert keys == [patch["archive"]["key"]]
+    assert maildir.get_bytes(keys[0]) == RAW
+    assert maildir[keys[0]]["Subject"] == "wifi keeps dropping"
+    assert patch == {
+        "archive": {
+            "maildir": str(stack_dir(ctx) / "Maildir"),
+            "folder": "",
+            "path": str(stack_dir(ctx) / "Maildir" / "new" / keys[0]),
+            "key": keys[0],
+            "size": len(RAW),
+        }
+    }
+    assert not any((stack_dir(ctx) / "Maildir" / "tmp").iterdir())
+
+
+def test_archive_into_a_folder_makes_a_maildirplusplus_subfolder(ctx):
+    patch = archive(make_envelope(), {"folder": "Support.Urgent"}, ctx)
+
+    root = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    assert root.list_folders() == ["Support.Urgent"]
+    folder = root.get_folder("Support.Urgent")
+    assert [folder.get_bytes(k) for k in folder.iterkeys()] == [RAW]
+    assert len(root) == 0
+    assert (stack_dir(ctx) / "Maildir" / ".Support.Urgent" / "maildirfolder").exists()
+    assert patch["archive"]["folder"] == "Support.Urgent"
+    assert Path(patch["archive"]["path"]).parent == stack_dir(ctx) / "Maildir/.Support.Urgent/new"
+
+
+def test_archive_gives_every_message_its_own_file(ctx):
+    keys = {archive(make_envelope(), {}, ctx)["archive"]["key"] for _ in range(20)}
+    assert len(keys) == 20
+    assert len(mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)) == 20
+
+
+def test_archive_reads_the_message_of_any_source(ctx):
+    patch = archive(make_envelope(b"Subject: hi\r\n\r\nbody\r\n", src="web"), {}, ctx)
+    assert Path(patch["archive"]["path"]).read_bytes() == b"Subject: hi\r\n\r\nbody\r\n"
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "../../x",
+        "..",
+        ".Support",
+        "Support.",
+        "a..b",
+        "a/b",
+        "/etc",
+        "/tmp/x",
+        "Sup port",
+        "x\n",
+        "\x00",
+        "a" * 201,
+        7,
+        ["Support"],
+    ],
+)
+def test_archive_refuses_a_folder_that_could_leave_the_maildir(ctx, folder):
+    with pytest.raises(ValueError, match="ARCHIVE: folder .* is refused"):
+        archive(make_envelope(), {"folder": folder}, ctx)
+    assert files_under(Path(ctx.state_dir)) == set()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(folder=st.text(alphabet=st.sampled_from("aZ09._-/\\~ \x00"), max_size=12))
+def test_archive_never_writes_outside_the_stack_maildir(ctx, folder):
+    root = stack_dir(ctx) / "Maildir"
+    before = files_under(Path(ctx.state_dir))
+    try:
+        archive(make_envelope(), {"folder": folder}, ctx)
+    except ValueError:
+        assert files_under(Path(ctx.state_dir)) == before
+    else:
+        new = files_under(Path(ctx.state_dir)) - before
+        assert new and all(root in p.parents for p in new)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "message"),
+    [
+        ({}, "names no source section"),
+        ({"_txc": {"src": "lmtp", "lmtp": {"msg": {}}}}, r"no raw message at _txc\.lmtp\.msg\.raw"),
+        ({"_txc": {"src": "lmtp", "lmtp": {"msg": {"raw": "abc"}}}}, "no raw message"),
+        ({"_txc": {"src": "lmtp", "lmtp": {"msg": {"raw": "b64:@@@"}}}}, "not valid base64"),
+    ],
+)
+def test_archive_without_a_raw_message_is_an_op_error(ctx, envelope, message):
+    with pytest.raises(ValueError, match=message):
+        archive(envelope, {}, ctx)
+
+
+# EMIT ------------------------------------------------------------------------------------
+
+
+def read_events(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_bytes().splitlines()]
+
+
+def test_emit_appends_the_envelope_without_raw_or_attachment_content(ctx):
+    envelope = make_envelope()
+    first = emit(envelope, {}, ctx)
+    second = emit(envelope, {}, ctx)
+
+    log = stack_dir(ctx) / "events.jsonl"
+    data = log.read_bytes()
+    assert first == {"emit": {"log": str(log), "offset": 0}}
+    assert second["emit"]["offset"] == data.index(b"\n") + 1
+    (event, _) = read_events(log)
+    msg = event["_txc"]["lmtp"]["msg"]
+    assert "raw" not in msg
+    assert msg["attachments"] == [{"name": "a.txt", "type": "text/plain", "size": 3}]
+    assert event["ticket"] == {"id": 7}
+    assert envelope == make_envelope()
+
+
+def test_emit_includes_raw_and_attachments_when_asked(ctx):
+    emit(make_envelope(), {"include_raw": True, "include_attachments": True}, ctx)
+    (event,) = read_events(stack_dir(ctx) / "events.jsonl")
+    assert event == make_envelope()
+
+
+def test_emit_refuses_a_flag_that_is_not_a_boolean(ctx):
+    with pytest.raises(ValueError, match="EMIT: include_raw must be true or false, not 'yes'"):
+        emit(make_envelope(), {"include_raw": "yes"}, ctx)
+
+
+def test_emit_lines_from_many_threads_never_interleave(ctx):
+    threads, per_thread = 8, 40
+    offsets: list[int] = []
+
+    def writer(n: int) -> None:
+        for i in range(per_thread):
+            envelope = {**make_envelope(), "seq": {"thread": n, "i": i, "pad": "x" * (n * 500)}}
+            offsets.append(emit(envelope, {}, ctx)["emit"]["offset"])
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+    data = (stack_dir(ctx) / "events.jsonl").read_bytes()
+    starts = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")][:-1]
+    assert sorted(offsets) == starts
+    seen = {
+        (e["seq"]["thread"], e["seq"]["i"]) for e in read_events(stack_dir(ctx) / "events.jsonl")
+    }
+    assert seen == {(n, i) for n in range(threads) for i in range(per_thread)}
+
+
+# WEBHOOK ---------------------------------------------------------------------------------
+
+
+class HookHandler(http.server.BaseHTTPRequestHandler):
+    received: list[tuple[str, dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        HookHandler.received.append((self.path, dict(self.headers), body))
+        if self.path.startswith("/slow"):
+            time.sleep(2)
+        status = 500 if self.path.startswith("/fail") else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def hook_url() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HookHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_posts_the_envelope_as_json(ctx, hook_url):
+    HookHandler.received.clear()
+    patch = webhook(make_envelope(), {"url": hook_url + "/hook?token=s3cret"}, ctx)
+
+    assert patch == {"webhook": {"status": 200}}
+    ((path, headers, body),) = HookHandler.received
+    assert path == "/hook?token=s3cret"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Txcl-Rid"] == "01HXTEST"
+    assert headers["X-Txcl-Stack"] == "acme/_mail"
+    event = json.loads(body)
+    assert "raw" not in event["_txc"]["lmtp"]["msg"]
+    assert event["ticket"] == {"id": 7}
+
+
+def test_webhook_with_include_raw_sends_the_raw_message(ctx, hook_url):
+    HookHandler.received.clear()
+    webhook(make_envelope(), {"url": hook_url + "/", "include_raw": True}, ctx)
+    ((_, _, body),) = HookHandler.received
+    assert (
+        json.loads(body)["_txc"]["lmtp"]["msg"]["raw"]
+        == make_envelope()["_txc"]["lmtp"]["msg"]["raw"]
+    )
+
+
+def test_webhook_answer_that_is_not_2xx_is_an_op_error(ctx, hook_url):
+    with pytest.raises(ConnectionError) as err:
+        webhook(make_envelope(), {"url": hook_url + "/fail?token=s3cret"}, ctx)
+    assert str(err.value) == f"WEBHOOK: POST {hook_url}/fail answered 500 Internal Server Error"
+
+
+def test_webhook_slow_answer_times_out_at_the_deadline(ctx, hook_url):
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"WEBHOOK: POST .*/slow timed out after 0.3s"):
+        webhook(make_envelope(), {"url": hook_url + "/slow", "timeout": "300ms"}, ctx)
+    assert time.monotonic() - started < 1.5
+
+
+def test_webhook_uses_the_context_deadline_without_a_timeout_argument(tmp_path, hook_url):
+    short = OpContext(
+        tenant="acme", stack="acme/_mail", rid="r", state_dir=tmp_path, deadline_s=0.2
+    )
+    with pytest.raises(TimeoutError, match="timed out after 0.2s"):
+        webhook(make_envelope(), {"url": hook_url + "/slow"}, short)
+
+
+def test_webhook_connection_refused_is_an_op_error(ctx):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=rf"WEBHOOK: POST http://127.0.0.1:{port}/ failed"):
+        webhook(make_envelope(), {"url": f"http://127.0.0.1:{port}/"}, ctx)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({}, 'WITH url = "https://..." is required'),
+        ({"url": "ftp://example.com/x"}, "url 'ftp://example.com/x' must use http or https"),
+        ({"url": "file:///etc/passwd"}, "url 'file:///etc/passwd' must use http or https"),
+        ({"url": "http:///x"}, "url 'http:///x' names no host"),
+        (
+            {"url": "http://user:pw@example.com/"},
+            "credentials in the url are refused; put a token in its path",
+        ),
+        (
+            {"url": "http://example.com:99999/"},
+            "url 'http://example.com:99999/' is not a valid URL: Port out of range 0-65535",
+        ),
+        (
+            {"url": "http://example.com/a b"},
+            "url 'http://example.com/a b' contains spaces or control characters",
+        ),
+        (
+            {"url": "http://example.com/", "timeout": "soon"},
+            'timeout must be a duration such as "5s" or "500ms", not \'soon\'',
+        ),
+        ({"url": "http://example.com/", "timeout": 0}, "timeout must be more than zero, not 0"),
+    ],
+)
+def test_webhook_refuses_bad_arguments_before_any_request(ctx, args, message):
+    with pytest.raises(ValueError) as err:
+        webhook(make_envelope(), args, ctx)
+    assert str(err.value) == f"WEBHOOK: {message}"
+
+
+# FORWARD ---------------------------------------------------------------------------------
+
+
+class Relay:
+    """An aiosmtpd handler that keeps what arrives and refuses local parts with 'nobody'."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("nobody"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.received.append(
+            (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        return "250 2.0.0 queued as 4XYZ"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[tuple[Relay, str]]:
+    handler = Relay()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield handler, f"127.0.0.1:{port}"
+    controller.stop()
+
+
+def test_forward_resends_the_exact_raw_message(ctx, relay):
+    handler, address = relay
+    handler.received.clear()
+    patch = forward(make_envelope(), {"to": "ops@b.example, lead@b.example", "relay": address}, ctx)
+
+    assert handler.received == [("alice@example.com", ["ops@b.example", "lead@b.example"], RAW)]
+    assert patch == {
+        "forward": {
+            "relay": address,
+            "from": "alice@example.com",
+            "to": ["ops@b.example", "lead@b.example"],
+            "reply": "250 2.0.0 queued as 4XYZ",
+        }
+    }
+
+
+def test_forward_takes_a_list_and_an_explicit_sender(ctx, relay):
+    handler, address = relay
+    handler.received.clear()
+    forward(make_envelope(), {"to": ["ops@b.example"], "from": "", "relay": address}, ctx)
+    assert handler.received == [("<>", ["ops@b.example"], RAW)]
+
+
+def test_forward_sends_crlf_line_ends(ctx, relay):
+    handler, address = relay
+    handler.received.clear()
+    forward(make_envelope(b"Subject: x\n\nbody\n"), {"to": "ops@b.example", "relay": address}, ctx)
+    assert handler.received[0][2] == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_forward_sends_nothing_when_one_recipient_is_refused(ctx, relay):
+    handler, address = relay
+    handler.received.clear()
+    with pytest.raises(ConnectionError) as err:
+        forward(make_envelope(), {"to": "ops@b.example,nobody@b.example", "relay": address}, ctx)
+    assert str(err.value) == (
+        f"FORWARD: relay {address} refused nobody@b.example (550 5.1.1 no such user); "
+        "nothing was sent"
+    )
+    assert handler.received == []
+
+
+def test_forward_to_a_closed_port_is_an_op_error(ctx):
+    port = free_port()
+    with pytest.raises(ConnectionError, match=rf"FORWARD: relay 127.0.0.1:{port} failed"):
+        forward(make_envelope(), {"to": "ops@b.example", "relay": f"127.0.0.1:{port}"}, ctx)
+
+
+def test_forward_to_a_silent_relay_times_out(ctx):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        relay = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"FORWARD: relay {relay} timed out after 0.3s"):
+            forward(make_envelope(), {"to": "ops@b.example", "relay": relay, "timeout": 0.3}, ctx)
+        assert time.monotonic() - started < 1.5
+
+
+NOT_PLAIN = "is not a plain mail address like a@b.example"
+RELAY_FORM = 'must be "host:port" (or "[v6-address]:port")'
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({}, 'WITH to = "a@b.example" (or a list) is required'),
+        ({"to": ""}, "to names no recipient"),
+        ({"to": "not-an-address"}, f"recipient 'not-an-address' {NOT_PLAIN}"),
+        (
+            {"to": "a@b.example>\r\nRCPT TO:<x@y.example"},
+            f"recipient 'a@b.example>\\r\\nRCPT TO:<x@y.example' {NOT_PLAIN}",
+        ),
+        ({"to": ["a@b.example", 3]}, f"recipient 3 {NOT_PLAIN}"),
+        ({"to": ["a@b.example"] * 101}, "to names 101 recipients; at most 100"),
+        ({"to": "a@b.example", "from": "x y@z"}, f"sender 'x y@z' {NOT_PLAIN}"),
+        ({"to": "a@b.example", "relay": "host:0"}, f"relay 'host:0' {RELAY_FORM}"),
+        ({"to": "a@b.example", "relay": "host:port"}, f"relay 'host:port' {RELAY_FORM}"),
+        ({"to": "a@b.example", "relay": "a b:25"}, f"relay 'a b:25' {RELAY_FORM}"),
+        ({"to": "a@b.example", "relay": 25}, f"relay 25 {RELAY_FORM}"),
+    ],
+)
+def test_forward_refuses_bad_arguments_before_connecting(ctx, args, message):
+    with pytest.raises(ValueError) as err:
+        forward(make_envelope(), args, ctx)
+    assert str(err.value) == f"FORWARD: {message}"
+
+
+def test_forward_without_any_sender_is_an_op_error(ctx):
+    envelope = make_envelope()
+    del envelope["_txc"]["lmtp"]["mail"]
+    with pytest.raises(ValueError, match="FORWARD: no WITH from and no envelope sender"):
+        forward(envelope, {"to": "a@b.example"}, ctx)
