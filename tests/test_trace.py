@@ -1,0 +1,420 @@
+"""The trace writer: what lands in requests/<rid>/, scrubbing, modes, retention, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from txcl.errors import Pos, Problem
+from txcl.trace import (
+    REDACTED,
+    Scrubber,
+    ScrubHints,
+    TraceRecord,
+    TraceWriter,
+    build_artifacts,
+    parse_hint_path,
+    read_summaries,
+    read_trace,
+    trace_names,
+)
+from txcl.values import MISSING
+
+SECRET_AUTH = "Bearer sk-live-0123456789"
+RAW = "b64:UmVjZWl2ZWQ6IGZyb20gbWFpbC5leGFtcGxlLmNvbQ=="
+
+
+@dataclass(frozen=True)
+class FakeStep:
+    kind: str
+    pos: Pos
+    path: str = ""
+    before: Any = MISSING
+    after: Any = MISSING
+    op: str = ""
+    args: Any = None
+    patch: Any = None
+
+
+@dataclass(frozen=True)
+class FakeFired:
+    pos: Pos
+    stage: int
+    match: Any = None
+
+
+@dataclass(frozen=True)
+class FakeResult:
+    envelope: dict[str, Any]
+    fired: tuple[FakeFired, ...] = ()
+    steps: tuple[FakeStep, ...] = ()
+    error: Problem | None = None
+    elapsed_s: float = 0.001
+
+
+@dataclass(frozen=True)
+class FakeStack:
+    name: str
+    hints: Any
+
+
+def envelope() -> dict[str, Any]:
+    return {
+        "_txc": {
+            "src": "lmtp",
+            "rid": "01TEST",
+            "route": {"tenant": "acme", "stack": "acme/_mail", "to": "acme/_mail/0"},
+            "lmtp": {
+                "rcpt": ["support@acme.example"],
+                "msg": {
+                    "subject": "wifi keeps dropping",
+                    "raw": RAW,
+                    "attachments": [{"name": "a.pdf", "content": "b64:AAAA"}],
+                    "headers": {"authorization": [SECRET_AUTH], "subject": ["wifi"]},
+                },
+            },
+        }
+    }
+
+
+def result_for(env: dict[str, Any], error: Problem | None = None) -> FakeResult:
+    final = json.loads(json.dumps(env))
+    final["_txc"]["lmtp"]["res"] = {"code": 250, "msg": "queued"}
+    pos = Pos("OPS/acme/_mail/0/10.txcl", 3, 1)
+    return FakeResult(
+        envelope=final,
+        fired=(FakeFired(pos=pos, stage=0, match={"tok": SECRET_AUTH[7:]}),),
+        steps=(
+            FakeStep("set", pos, "_txc.lmtp.res.code", before=MISSING, after=250),
+            FakeStep(
+                "exec",
+                pos,
+                op="ARCHIVE",
+                args={"auth": SECRET_AUTH, "note": "x"},
+                patch={"_txc": {"lmtp": {"msg": {"raw": RAW}}}, "ticket": {"id": 7}},
+            ),
+            FakeStep("set", pos, "_txc.lmtp.msg", before=env["_txc"]["lmtp"]["msg"]),
+        ),
+        error=error,
+    )
+
+
+HINTS = ScrubHints(
+    omit=("_txc.lmtp.msg.raw", "_txc.lmtp.msg.attachments"),
+    redact=("_txc.lmtp.msg.headers.authorization",),
+)
+
+
+def write_one(tmp_path: Path, hints: Any = HINTS, **kw: Any) -> dict[str, Any]:
+    env = envelope()
+    writer = TraceWriter(tmp_path, **kw)
+    try:
+        writer(
+            "01TEST",
+            env,
+            result_for(env),
+            [("support@acme.example", "250 2.0.0 queued")],
+            FakeStack("acme/_mail", hints),
+        )
+        assert writer.flush()
+    finally:
+        writer.close()
+    return read_trace(tmp_path, "01TEST")
+
+
+def all_text(trace: dict[str, Any]) -> str:
+    return json.dumps(trace)
+
+
+def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
+    trace = write_one(tmp_path)
+    folder = tmp_path / "requests" / "01TEST"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "envelope.json",
+        "response.json",
+        "result.json",
+        "steps.json",
+        "summary.json",
+    ]
+    assert trace["summary.json"]["rid"] == "01TEST"
+    assert trace["summary.json"]["src"] == "lmtp"
+    assert trace["summary.json"]["stack"] == "acme/_mail"
+    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
+    assert trace["summary.json"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
+    assert trace["response.json"]["replies"] == [
+        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
+    ]
+    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
+    assert trace["steps.json"]["fired"][0]["pos"] == "OPS/acme/_mail/0/10.txcl:3:1"
+    first_step = trace["steps.json"]["steps"][0]
+    assert first_step == {
+        "kind": "set",
+        "pos": "OPS/acme/_mail/0/10.txcl:3:1",
+        "path": "_txc.lmtp.res.code",
+        "after": 250,
+        "op": "",
+        "args": None,
+        "patch": None,
+    }
+    # indented, so a person can read it
+    assert "\n  " in (folder / "envelope.json").read_text()
+
+
+def test_omit_and_redact_apply_to_every_artifact(tmp_path: Path) -> None:
+    trace = write_one(tmp_path)
+    text = all_text(trace)
+    assert RAW not in text
+    assert "a.pdf" not in text
+    assert SECRET_AUTH not in text
+    assert SECRET_AUTH[7:] not in text  # the regex group copied out of the header
+    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    assert "raw" not in msg and "attachments" not in msg
+    assert msg["headers"]["authorization"] == REDACTED
+    assert msg["subject"] == "wifi keeps dropping"  # unscrubbed paths stay
+    exec_step = trace["steps.json"]["steps"][1]
+    assert exec_step["args"] == {"auth": REDACTED, "note": "x"}
+    assert exec_step["patch"] == {"_txc": {"lmtp": {"msg": {}}}, "ticket": {"id": 7}}
+    whole_msg_step = trace["steps.json"]["steps"][2]
+    assert "raw" not in whole_msg_step["before"]
+    assert whole_msg_step["before"]["headers"]["authorization"] == REDACTED
+
+
+def test_the_run_objects_are_not_mutated_by_scrubbing(tmp_path: Path) -> None:
+    env = envelope()
+    before = json.dumps(env, sort_keys=True)
+    result = result_for(env)
+    final_before = json.dumps(result.envelope, sort_keys=True)
+    writer = TraceWriter(tmp_path)
+    writer("01TEST", env, result, [("a@b", "250 ok")], FakeStack("acme/_mail", HINTS))
+    writer.flush()
+    writer.close()
+    assert json.dumps(env, sort_keys=True) == before
+    assert json.dumps(result.envelope, sort_keys=True) == final_before
+    assert result.steps[1].args["auth"] == SECRET_AUTH
+
+
+def test_hints_may_come_as_a_mapping_or_comma_lists(tmp_path: Path) -> None:
+    trace = write_one(
+        tmp_path,
+        hints={
+            "omit": "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments",
+            "redact": ["_txc.lmtp.msg.headers.authorization"],
+        },
+    )
+    assert RAW not in all_text(trace) and SECRET_AUTH not in all_text(trace)
+
+
+def test_no_hints_keeps_everything(tmp_path: Path) -> None:
+    trace = write_one(tmp_path, hints=None)
+    assert trace["envelope.json"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
+
+
+def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
+    env = envelope()
+    result = FakeResult(
+        envelope=env,
+        steps=(FakeStep("set", Pos("f", 1, 1), "ticket.title", after="auth was " + SECRET_AUTH),),
+    )
+    record = TraceRecord("r", 0.0, env, result, (), "acme/_mail", HINTS)
+    steps = build_artifacts(record)["steps.json"]["steps"]
+    assert steps[0]["after"] == "auth was " + REDACTED
+
+
+def test_errors_mode_keeps_failed_runs_and_tempfails_only(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, mode="errors")
+    env = envelope()
+    stack = FakeStack("acme/_mail", HINTS)
+    assert not writer("ok", env, result_for(env), [("a@b", "250 2.0.0 ok")], stack)
+    assert not writer("deny", env, result_for(env), [("a@b", "550 5.1.1 no")], stack)
+    boom = Problem("txcl_run_error", "op ARCHIVE timed out", Pos("f", 2, 1))
+    assert writer("failed", env, result_for(env, boom), [("a@b", "451 4.3.0 x")], stack)
+    assert writer("late", env, None, [("a@b", "451 4.4.7 timeout")], stack, error="deadline")
+    writer.flush()
+    writer.close()
+    assert sorted(trace_names(tmp_path)) == ["failed", "late"]
+    failed = read_trace(tmp_path, "failed")
+    assert failed["result.json"]["error"]["message"] == "op ARCHIVE timed out"
+    assert failed["result.json"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
+    assert failed["summary.json"]["error"] == "op ARCHIVE timed out"
+    assert read_trace(tmp_path, "late")["summary.json"]["error"] == "deadline"
+    assert writer.stats().skipped == 2
+
+
+def test_off_mode_writes_nothing_and_starts_no_thread(tmp_path: Path) -> None:
+    before = threading.active_count()
+    writer = TraceWriter(tmp_path, mode="off")
+    env = envelope()
+    assert not writer("r", env, result_for(env), [], None)
+    assert threading.active_count() == before
+    assert not (tmp_path / "requests").exists()
+
+
+def test_unknown_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="all, errors, off"):
+        TraceWriter(tmp_path, mode="some")  # type: ignore[arg-type]
+
+
+def test_a_file_where_the_requests_folder_should_be_loses_the_trace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "requests").write_text("not a folder")
+    writer = TraceWriter(tmp_path, log_interval_s=3600)
+    env = envelope()
+    for rid in ("r1", "r2", "r3"):
+        assert writer(rid, env, result_for(env), [], None) is True
+    assert writer.flush()
+    writer.close()
+    assert writer.stats().failed == 3 and writer.stats().written == 0
+    losses = [r for r in caplog.records if r.name == "txcl.trace"]
+    assert len(losses) == 1  # logged once per interval, not once per trace
+    assert "cannot write r1" in losses[0].getMessage()
+
+
+def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, queue_size=2)
+    gate = threading.Event()
+    real_write = writer.write
+
+    def slow_write(record: TraceRecord) -> Path:
+        gate.wait(5)
+        return real_write(record)
+
+    writer.write = slow_write  # type: ignore[method-assign]
+    env = envelope()
+    started = time.monotonic()
+    accepted = [writer(f"r{i}", env, result_for(env), [], None) for i in range(20)]
+    assert time.monotonic() - started < 0.5
+    gate.set()
+    writer.flush()
+    writer.close()
+    assert accepted.count(False) == writer.stats().dropped >= 17
+    assert writer.stats().written == accepted.count(True)
+
+
+def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, keep_count=3)
+    env = envelope()
+    for i in range(6):
+        writer(f"r{i}", env, result_for(env), [], None)
+    writer.flush()
+    writer.close()
+    assert trace_names(tmp_path) == ["r3", "r4", "r5"]
+    assert writer.stats().pruned == 3
+
+
+def test_retention_by_count_counts_traces_already_on_disk(tmp_path: Path) -> None:
+    for i in range(3):
+        writer = TraceWriter(tmp_path, keep_count=4)
+        env = envelope()
+        writer(f"run{i}a", env, result_for(env), [], None)
+        writer(f"run{i}b", env, result_for(env), [], None)
+        writer.flush()
+        writer.close()
+    assert sorted(trace_names(tmp_path)) == ["run1a", "run1b", "run2a", "run2b"]
+
+
+def test_retention_by_age_prunes_old_folders(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, keep_age_s=3600)
+    env = envelope()
+    for rid in ("old", "new"):
+        writer(rid, env, result_for(env), [], None)
+    writer.flush()
+    two_hours_ago = time.time() - 7200
+    os.utime(tmp_path / "requests" / "old", (two_hours_ago, two_hours_ago))
+    assert writer.prune() == 1
+    writer.close()
+    assert trace_names(tmp_path) == ["new"]
+
+
+def test_one_rid_with_several_runs_keeps_them_all(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    writer("same", env, result_for(env), [], FakeStack("acme/_mail", None))
+    writer("same", env, result_for(env), [], FakeStack("beta/_mail", None))
+    writer.flush()
+    writer.close()
+    assert sorted(trace_names(tmp_path)) == ["same", "same.1"]
+    assert {s["stack"] for s in read_summaries(tmp_path)} == {"acme/_mail", "beta/_mail"}
+
+
+def test_a_rid_cannot_leave_the_requests_folder(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    writer("../../etc/x", env, result_for(env), [], None)
+    writer.flush()
+    writer.close()
+    assert trace_names(tmp_path) == ["_.._etc_x"]
+    assert not (tmp_path.parent / "etc").exists()
+
+
+def test_latest_and_list(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    for rid in ("a1", "a2", "a3"):
+        writer(rid, env, result_for(env), [("x@y", "250 ok")], None)
+        writer.flush()
+        time.sleep(0.01)
+    writer.close()
+    assert read_trace(tmp_path)["name"] == "a3"
+    assert [s["rid"] for s in read_summaries(tmp_path, limit=2)] == ["a2", "a3"]
+    with pytest.raises(FileNotFoundError):
+        read_trace(tmp_path, "nope")
+    with pytest.raises(FileNotFoundError):
+        read_trace(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("text", "segments"),
+    [
+        ("_txc.lmtp.msg.raw", ("_txc", "lmtp", "msg", "raw")),
+        ("@lmtp.rcpt.0", ("_txc", "lmtp", "rcpt", 0)),
+        ('_txc.lmtp.msg.headers."x.odd"', ("_txc", "lmtp", "msg", "headers", "x.odd")),
+        (
+            "_txc.lmtp.msg.attachments.*.content",
+            ("_txc", "lmtp", "msg", "attachments", "*", "content"),
+        ),
+    ],
+)
+def test_hint_paths(text: str, segments: tuple[object, ...]) -> None:
+    assert parse_hint_path(text) == segments
+
+
+def test_wildcards_and_list_indexes() -> None:
+    scrubber = Scrubber(ScrubHints(omit=("a.*.content",), redact=("b.1",)))
+    doc = {"a": [{"content": 1, "name": "x"}, {"content": 2}], "b": ["p", "q", "r"]}
+    assert scrubber.document(doc) == {"a": [{"name": "x"}, {}], "b": ["p", REDACTED, "r"]}
+    assert doc["a"][0]["content"] == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["a", "b", "c", "raw"]), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=st.dictionaries(st.sampled_from(["a", "b", "raw"]), json_values, max_size=3))
+def test_omitted_keys_never_survive_and_the_input_is_unchanged(doc: dict[str, Any]) -> None:
+    scrubber = Scrubber(ScrubHints(omit=("raw", "a.raw", "b.*.raw")))
+    snapshot = json.dumps(doc, sort_keys=True)
+    out = scrubber.document(doc)
+    assert "raw" not in out
+    if isinstance(out.get("a"), dict):
+        assert "raw" not in out["a"]
+    for item in out.get("b", []) if isinstance(out.get("b"), list) else []:
+        if isinstance(item, dict):
+            assert "raw" not in item
+    assert json.dumps(doc, sort_keys=True) == snapshot
