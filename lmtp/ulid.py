@@ -10,14 +10,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _RANDOM_BITS = 80
 _RANDOM_LIMIT = 1 << _RANDOM_BITS
-
-_lock = threading.Lock()
-_last_ms = -1
-_last_random = 0
 
 
 def _encode(value: int, length: int) -> str:
@@ -28,18 +25,28 @@ def _encode(value: int, length: int) -> str:
     return "".join(reversed(chars))
 
 
-def new_ulid(now_ms: int | None = None) -> str:
-    """A new 26-character ULID; `now_ms` (milliseconds since the epoch) is for tests."""
-    global _last_ms, _last_random
-    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    with _lock:
-        if ms <= _last_ms and _last_random + 1 < _RANDOM_LIMIT:
-            ms = _last_ms
-            rnd = _last_random + 1
-        else:
-            rnd = int.from_bytes(os.urandom(10), "big")
-        _last_ms, _last_random = ms, rnd
-    return _encode(ms, 10) + _encode(rnd, 16)
+class UlidGenerator:
+    """Monotonic within one generator: never goes back, even when the clock does."""
+
+    def __init__(self, clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        self._clock_ms = clock_ms
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_random = 0
+
+    def __call__(self) -> str:
+        ms = self._clock_ms()
+        with self._lock:
+            if ms <= self._last_ms and self._last_random + 1 < _RANDOM_LIMIT:
+                ms, rnd = self._last_ms, self._last_random + 1
+            else:
+                rnd = int.from_bytes(os.urandom(10), "big")
+            self._last_ms, self._last_random = ms, rnd
+        return _encode(ms, 10) + _encode(rnd, 16)
+
+
+new_ulid = UlidGenerator()
+"""A new 26-character ULID from the process-wide generator."""
 
 
 def ulid_time_ms(ulid: str) -> int:

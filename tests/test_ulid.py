@@ -3,30 +3,46 @@
 from __future__ import annotations
 
 import re
+import time
 
-from lmtp.ulid import new_ulid, ulid_time_ms
+from lmtp.ulid import UlidGenerator, new_ulid, ulid_time_ms
 
 ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
 
 
+def fixed_clock(*times_ms: int) -> UlidGenerator:
+    ticks = iter(times_ms)
+    return UlidGenerator(clock_ms=lambda: next(ticks))
+
+
 def test_shape_and_time_round_trip():
-    rid = new_ulid(now_ms=1_779_717_600_000)
+    rid = fixed_clock(1_779_717_600_000)()
     assert ULID.match(rid)
     assert ulid_time_ms(rid) == 1_779_717_600_000
 
 
+def test_process_wide_generator_uses_the_wall_clock():
+    before = time.time_ns() // 1_000_000
+    rid = new_ulid()
+    assert ULID.match(rid)
+    assert before <= ulid_time_ms(rid) <= time.time_ns() // 1_000_000 + 1
+
+
 def test_ids_in_one_millisecond_still_increase():
-    ids = [new_ulid(now_ms=1_800_000_000_000) for _ in range(1000)]
+    make = UlidGenerator(clock_ms=lambda: 1_800_000_000_000)
+    ids = [make() for _ in range(1000)]
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
 
 
 def test_ids_sort_by_time():
-    early, late = new_ulid(now_ms=1_900_000_000_000), new_ulid(now_ms=1_900_000_000_001)
+    make = fixed_clock(1_900_000_000_000, 1_900_000_000_001)
+    early, late = make(), make()
     assert early < late
+    assert ulid_time_ms(late) - ulid_time_ms(early) == 1
 
 
 def test_a_clock_that_steps_back_does_not_break_the_order():
-    first = new_ulid(now_ms=2_000_000_000_000)
-    second = new_ulid(now_ms=1_999_999_999_000)
+    make = fixed_clock(2_000_000_000_000, 1_999_999_999_000)
+    first, second = make(), make()
     assert first < second
