@@ -1,0 +1,309 @@
+"""`txco serve` flags and the `ingress.lmtp` YAML, each turned into one frozen object.
+
+`Settings` holds every flag of the seed's quick-reference table with its default; the
+parsers here (durations, listen addresses, comma lists) are the only place their syntax
+lives. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml`, validated up front so
+a typo stops the chassis at start with a message naming the key, never at the first RCPT.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+DEFAULT_PERSONALITIES = ("cron", "tcp", "web", "admin")
+DEFAULT_LISTEN_ADDRS = ":2424"
+DEFAULT_CONFIG_FILE = Path("txco.yaml")
+# Every listen address belongs to the listener of this name: the key `ingress.lmtp.listeners`
+# uses for its catch-all, and the value of `_txc.lmtp.listener`.
+LISTENER_NAME = "default"
+
+TENANT_SLUG = re.compile(r"[a-z][a-z0-9-]*\Z")
+STACK_SLUG = re.compile(r"[a-z_][a-z0-9_-]*\Z")
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(Exception):
+    """A flag or config value that cannot be used. The message names the flag or key."""
+
+
+# --- flag values -------------------------------------------------------------------------
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """`30s`, `500ms`, `2m`, `1h` or a bare number of seconds -> seconds (> 0)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 500ms, 2m)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{name}: {text!r} must be longer than zero")
+    return seconds
+
+
+def parse_positive_int(text: str, name: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"{name}: {text!r} must be at least 1")
+    return value
+
+
+def parse_comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One entry of `--lmtp-listen-addrs`: a TCP host/port or a Unix socket path.
+
+    host None means every interface (IPv4 and IPv6), as `:2424` asks.
+    """
+
+    kind: str  # "tcp" | "unix"
+    host: str | None = None
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.host is None:
+            return f":{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen_addrs(text: str) -> tuple[ListenAddress, ...]:
+    """`unix:/path`, `:port`, `host:port`, `[::1]:port`, comma separated; empty -> ()."""
+    return tuple(_parse_listen_addr(item) for item in parse_comma_list(text))
+
+
+def _parse_listen_addr(item: str) -> ListenAddress:
+    flag = "--lmtp-listen-addrs"
+    if item.startswith("unix:"):
+        path = item[len("unix:"):]
+        if not path:
+            raise ConfigError(f"{flag}: {item!r} names no socket path")
+        return ListenAddress("unix", path=path)
+    if item.startswith("["):
+        host, sep, port_text = item[1:].partition("]:")
+        if not sep or not host:
+            raise ConfigError(f"{flag}: {item!r} is not [ipv6-address]:port")
+    else:
+        host, sep, port_text = item.rpartition(":")
+        if not sep:
+            raise ConfigError(
+                f"{flag}: {item!r} has no port (use :port, host:port, [::1]:port or unix:/path)"
+            )
+        if ":" in host:
+            raise ConfigError(f"{flag}: {item!r}: write IPv6 addresses as [address]:port")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{flag}: {item!r}: port must be a number from 0 to 65535")
+    return ListenAddress("tcp", host=host or None, port=int(port_text))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every `txco serve` flag, parsed. Defaults are the seed's quick-reference table."""
+
+    personalities: tuple[str, ...] = DEFAULT_PERSONALITIES
+    lmtp_listen_addrs: tuple[ListenAddress, ...] = parse_listen_addrs(DEFAULT_LISTEN_ADDRS)
+    lmtp_max_msg_bytes: int = 26214400
+    lmtp_max_recipients: int = 50
+    lmtp_read_timeout: float = 30.0
+    lmtp_data_timeout: float = 60.0
+    lmtp_resp_timeout: float = 30.0
+    lmtp_hostname: str = field(default_factory=socket.gethostname)
+    lmtp_default_hosts: tuple[str, ...] = ()
+    require_hostname_verification: bool = False
+    ops_dir: Path = Path("OPS")
+    config_file: Path | None = None
+    state_dir: Path = Path("var")
+
+    @property
+    def lmtp_enabled(self) -> bool:
+        return "lmtp" in self.personalities and bool(self.lmtp_listen_addrs)
+
+
+# --- the YAML file -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a recipient goes: a tenant and one of its stacks (`acme/_mail`)."""
+
+    tenant: str
+    stack: str
+
+
+@dataclass(frozen=True)
+class IngressConfig:
+    """`ingress.lmtp` of `txco.yaml`, validated; plus the raw `ops:` mapping and its folder.
+
+    recipients:       exact `local@domain` keys and `@domain` wildcards (lower-cased)
+    verified_domains: the static stand-in for `tenant_hostnames` (Strategy B)
+    listeners:        catch-all per listener name
+    ops:              the top-level `ops:` mapping, for `OpRegistry.from_config`
+    base_dir:         the folder of the config file; relative op paths start here
+    """
+
+    recipients: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
+    verified_domains: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
+    listeners: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
+    ops: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    base_dir: Path = Path(".")
+
+
+_TOP_LEVEL_KEYS = ("ingress", "ops")
+_INGRESS_KEYS = ("lmtp",)
+_LMTP_KEYS = ("recipients", "verified_domains", "listeners")
+
+
+def load_ingress_config(path: Path | None) -> IngressConfig:
+    """Read and validate a `txco.yaml`; None gives the empty configuration."""
+    if path is None:
+        return IngressConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    return parse_ingress_config(text, name=str(path), base_dir=Path(path).parent)
+
+
+def parse_ingress_config(text: str, name: str = "txco.yaml", base_dir: Path = Path(".")) -> IngressConfig:
+    try:
+        doc = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if doc is None:
+        doc = {}
+    _expect_mapping(doc, name, "the top level")
+    _reject_unknown(doc, _TOP_LEVEL_KEYS, name, "")
+    ops = doc.get("ops") or {}
+    _expect_mapping(ops, name, "ops")
+    ingress = doc.get("ingress") or {}
+    _expect_mapping(ingress, name, "ingress")
+    _reject_unknown(ingress, _INGRESS_KEYS, name, "ingress.")
+    lmtp = ingress.get("lmtp") or {}
+    _expect_mapping(lmtp, name, "ingress.lmtp")
+    _reject_unknown(lmtp, _LMTP_KEYS, name, "ingress.lmtp.")
+    return IngressConfig(
+        recipients=_targets(lmtp, "recipients", name, _check_recipient_key, stack_required=True),
+        verified_domains=_targets(lmtp, "verified_domains", name, _check_domain_key,
+                                  stack_required=False),
+        listeners=_targets(lmtp, "listeners", name, _check_listener_key, stack_required=True),
+        ops=MappingProxyType(dict(ops)),
+        base_dir=base_dir,
+    )
+
+
+def _yaml_loader() -> type:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _expect_mapping(value: object, name: str, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: {where} must be a mapping, not {_kind(value)}")
+
+
+def _kind(value: object) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _reject_unknown(mapping: dict, known: tuple[str, ...], name: str, prefix: str) -> None:
+    for key in mapping:
+        if key not in known:
+            allowed = ", ".join(f"{prefix}{k}" for k in known)
+            raise ConfigError(f"{name}: unknown key {prefix}{key} (known: {allowed})")
+
+
+def _targets(lmtp: dict, section: str, name: str, check_key, *, stack_required: bool
+             ) -> Mapping[str, Target]:
+    entries = lmtp.get(section) or {}
+    _expect_mapping(entries, name, f"ingress.lmtp.{section}")
+    out: dict[str, Target] = {}
+    for raw_key, entry in entries.items():
+        where = f"ingress.lmtp.{section}[{str(raw_key)!r}]"
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{name}: {where}: key must be a string")
+        key = check_key(raw_key, name, where)
+        if key in out:
+            raise ConfigError(f"{name}: {where}: listed twice (keys are case-insensitive)")
+        out[key] = _target(entry, name, where, stack_required=stack_required)
+    return MappingProxyType(out)
+
+
+def _target(entry: object, name: str, where: str, *, stack_required: bool) -> Target:
+    _expect_mapping(entry, name, where)
+    assert isinstance(entry, dict)
+    _reject_unknown(entry, ("tenant", "stack"), name, f"{where}.")
+    tenant = entry.get("tenant")
+    if not isinstance(tenant, str) or not TENANT_SLUG.match(tenant):
+        raise ConfigError(
+            f"{name}: {where}.tenant: {tenant!r} is not a tenant name ([a-z][a-z0-9-]*)"
+        )
+    stack = entry.get("stack")
+    if stack is None:
+        if stack_required:
+            raise ConfigError(f"{name}: {where}.stack: missing (write it as {tenant}/<stack>)")
+        stack = f"{tenant}/_mail"
+    if not isinstance(stack, str):
+        raise ConfigError(f"{name}: {where}.stack: must be a string like {tenant}/_mail")
+    owner, sep, stack_name = stack.partition("/")
+    if not sep or not STACK_SLUG.match(stack_name):
+        raise ConfigError(
+            f"{name}: {where}.stack: {stack!r} is not <tenant>/<stack> "
+            f"(stack names match [a-z_][a-z0-9_-]*)"
+        )
+    if owner != tenant:
+        raise ConfigError(
+            f"{name}: {where}.stack: {stack!r} belongs to tenant {owner!r}, "
+            f"but the entry's tenant is {tenant!r}"
+        )
+    return Target(tenant, stack)
+
+
+def _check_recipient_key(key: str, name: str, where: str) -> str:
+    local, at, domain = key.strip().rpartition("@")
+    if not at or not _HOSTNAME.match(domain.lower()) or " " in local:
+        raise ConfigError(
+            f"{name}: {where}: not an address (user@domain) or a domain wildcard (@domain)"
+        )
+    return f"{local}@{domain.lower()}"
+
+
+def _check_domain_key(key: str, name: str, where: str) -> str:
+    domain = key.strip().rstrip(".").lower()
+    if not _HOSTNAME.match(domain):
+        raise ConfigError(f"{name}: {where}: not a domain name")
+    return domain
+
+
+def _check_listener_key(key: str, name: str, where: str) -> str:
+    if not STACK_SLUG.match(key):
+        raise ConfigError(f"{name}: {where}: listener names match [a-z_][a-z0-9_-]*")
+    return key
+
+
+def default_config_file(explicit: str | None) -> Path | None:
+    """`--config FILE` as given; else ./txco.yaml when it exists; else no file."""
+    if explicit:
+        return Path(explicit)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None

@@ -1,0 +1,646 @@
+"""The LMTP protocol (RFC 2033) on aiosmtpd: listeners, limits, timeouts, one reply per RCPT.
+
+aiosmtpd's `LMTP` only swaps the greeting: its `smtp_DATA` sends one reply, reads the
+message line by line and has no per-phase timeouts, and its replies carry no enhanced
+status codes. `LMTPProtocol` keeps aiosmtpd's connection plumbing (session, envelope,
+transport, timer) and replaces the command loop and the commands:
+
+- RCPT is routed at once through the handler: unrouted recipients get 550 5.1.1 before
+  any message byte is read.
+- DATA is read in large chunks by `DataDecoder` (terminator found across chunk borders,
+  dot-stuffing undone with bytes operations, size limit enforced while streaming, the
+  rest of an oversized message drained without keeping it).
+- DATA is answered with exactly one reply per accepted RCPT, in RCPT order, whatever
+  happens: the deliverer's lines, 552 for an oversized message, 451 when the deliverer
+  fails or misses --lmtp-resp-timeout.
+- Replies to pipelined commands are written together when no further command is waiting.
+
+`LMTPHead` binds every --lmtp-listen-addrs entry and shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import Envelope, Session
+
+from lmtp.config import LISTENER_NAME, ListenAddress, Settings
+
+log = logging.getLogger("txco.lmtp")
+
+READ_SIZE = 1 << 20
+# RFC 5321 4.5.3.1.4: 512 octets per command line; SIZE= and BODY= may lengthen MAIL.
+MAX_COMMAND_LINE = 512
+MAX_MAIL_LINE = 512 + 26 + 15
+
+_TERMINATOR = b"\r\n.\r\n"
+_STUFFED_DOT = b"\r\n."
+# Suffixes of a chunk that may begin a terminator finished by the next chunk, longest first.
+_TERMINATOR_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+_SIMPLE_PATH = re.compile(r"<([^<>()\[\]\\,;:@\"\s]+@[A-Za-z0-9.-]+)>(?:\s+(.*))?\Z")
+_REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
+
+R_TOO_LARGE = "552 5.3.4 message too large"
+R_NO_RULE = "550 5.1.1 no rule accepted this recipient"
+R_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
+
+
+class DataDecoder:
+    """Turns the DATA byte stream, fed in chunks of any size, into the message.
+
+    The message ends at the first CRLF "." CRLF only (RFC 5321 4.1.1.4). A bare LF or CR
+    around a dot (`\\n.\\n`, `\\r.\\n`, `\\n.\\r\\n`) is message data: ending there would let a
+    sender smuggle a second message past an MTA that reads the stream differently.
+    A dot at the start of a line (after CRLF) is removed (RFC 5321 4.5.2).
+
+    Over `max_bytes` the message is dropped at once and the rest is only counted, so memory
+    stays bounded by the limit whatever the client sends.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.too_large = False
+        self.done = False
+        self._body = bytearray()
+        # The stream starts as if after a CRLF, so a leading "." is a line start too.
+        self._held = b"\r\n"
+        self._skip = 2
+
+    def feed(self, chunk: bytes) -> int:
+        """Take the next bytes. -1: the message goes on; else how many bytes of `chunk`
+        belonged to the message (what follows is the client's next command)."""
+        held = self._held
+        piece = held + chunk if held else chunk
+        end = piece.find(_TERMINATOR)
+        if end >= 0:
+            self._emit(piece, end + 2)
+            self._held = b""
+            self.done = True
+            return end + len(_TERMINATOR) - len(held)
+        keep = 0
+        for prefix in _TERMINATOR_PREFIXES:
+            if piece.endswith(prefix):
+                keep = len(prefix)
+                break
+        stop = len(piece) - keep
+        self._emit(piece, stop)
+        self._held = piece[stop:]
+        return -1
+
+    def _emit(self, piece: bytes, stop: int) -> None:
+        if stop <= self._skip:
+            return
+        skip, self._skip = self._skip, 0
+        if self.too_large:
+            self.size += stop - skip
+            return
+        if piece.find(_STUFFED_DOT, 0, stop) < 0:
+            part: bytes | memoryview = memoryview(piece)[skip:stop]
+        else:
+            part = memoryview(piece[:stop].replace(_STUFFED_DOT, b"\r\n"))[skip:]
+        self.size += len(part)
+        if self.size > self.max_bytes:
+            self.too_large = True
+            self._body = bytearray()
+        else:
+            self._body += part
+
+    def message(self) -> bytes:
+        """The unstuffed message (once `done` and not `too_large`); the buffer is released."""
+        data = bytes(self._body)
+        self._body = bytearray()
+        return data
+
+
+def decode_data(stream: bytes, max_bytes: int = 1 << 62) -> tuple[bytes, bytes] | None:
+    """(message, rest of stream) for a whole DATA stream; None when it does not end."""
+    decoder = DataDecoder(max_bytes)
+    used = decoder.feed(stream)
+    if used < 0:
+        return None
+    return decoder.message(), stream[used:]
+
+
+class Router(Protocol):
+    def route(self, address: str, listener: str = LISTENER_NAME) -> Any: ...
+
+
+class Deliverer(Protocol):
+    def deliver(self, tx: Any) -> Awaitable[list[str]]: ...
+
+
+class LMTPEnvelope(Envelope):
+    """aiosmtpd's envelope plus the route of every accepted RCPT (same order as rcpt_tos)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: list[Any] = []
+        self.declared_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryHandler:
+    """The two hooks with work behind them: RCPT -> router, DATA -> deliverer.
+
+    `make_transaction(**fields)` builds the deliverer's input (`lmtp.delivery.Transaction`).
+    """
+
+    router: Router
+    deliverer: Deliverer
+    make_transaction: Callable[..., Any]
+    listener: str = LISTENER_NAME
+
+    async def handle_RCPT(self, server: LMTPProtocol, session: Session,
+                          envelope: LMTPEnvelope, address: str, rcpt_options: list[str]) -> str:
+        route = self.router.route(address, self.listener)
+        if route is None:
+            return R_NO_RULE
+        envelope.rcpt_tos.append(address)
+        envelope.routes.append(route)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: LMTPProtocol, session: Session,
+                          envelope: LMTPEnvelope) -> list[str]:
+        tx = self.make_transaction(
+            listener=self.listener,
+            client_ip=client_ip(session.peer),
+            helo=session.host_name or "",
+            mail_from=envelope.mail_from or "",
+            rcpts=tuple(envelope.rcpt_tos),
+            routes=tuple(envelope.routes),
+            data=envelope.content,
+            received_at=time.time(),
+        )
+        return await self.deliverer.deliver(tx)
+
+
+def client_ip(peer: Any) -> str:
+    """The client's IP address; "unix" for a Unix-socket client (it has no address)."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unix"
+
+
+class _TooLong:
+    pass
+
+
+_TOO_LONG = _TooLong()
+
+
+class LMTPProtocol(LMTP):
+    """One LMTP connection. See the module docstring for what differs from aiosmtpd."""
+
+    # aiosmtpd sizes the StreamReader's buffer by this; it only sets flow control here,
+    # since lines are found by `_read_line`. Larger than one socket read keeps DATA flowing.
+    line_length_limit = 1 << 18
+
+    def __init__(self, head: LMTPHead) -> None:
+        settings = head.settings
+        super().__init__(
+            head.handler,
+            data_size_limit=settings.lmtp_max_msg_bytes,
+            hostname=settings.lmtp_hostname,
+            ident="LMTP txco ready",
+            timeout=settings.lmtp_read_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self.head = head
+        self.settings = settings
+        self.envelope: LMTPEnvelope
+        self._inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._waiting_for_command = False
+        self._closing = False
+        self._quit = False
+        self._timeout_reply = self._read_timeout_reply()
+
+    # --- connection plumbing ---------------------------------------------------------
+
+    def _create_envelope(self) -> LMTPEnvelope:
+        return LMTPEnvelope()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.head.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.head.sessions.discard(self)
+        super().connection_lost(error)
+        if not self.head.sessions:
+            self.head.all_closed.set()
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session here, dropping replies still owed for commands the
+        # client sent before closing its side. Let the loop finish them and see the EOF.
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._timeout_reply.encode() + b"\r\n")
+            self.transport.close()
+
+    def _read_timeout_reply(self) -> str:
+        return (f"421 4.4.2 {self.hostname} no command within "
+                f"{_seconds(self.settings.lmtp_read_timeout)}, closing")
+
+    def close_for_shutdown(self) -> None:
+        """Say 421 and close now if waiting for a command; else after the current one."""
+        self._closing = True
+        if self._waiting_for_command and self.transport is not None:
+            self.transport.write(f"421 4.3.2 {self.hostname} shutting down\r\n".encode())
+            self.transport.close()
+
+    def _reply(self, line: str) -> None:
+        self._out.append(line.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    async def _flush(self) -> None:
+        if self._out:
+            self._writer.write(b"".join(self._out))
+            self._out.clear()
+            await self._writer.drain()
+
+    async def _read_more(self) -> bytes:
+        await self._flush()
+        return await self._reader.read(READ_SIZE)
+
+    async def _read_line(self) -> bytes | _TooLong | None:
+        """The next command line without its line ending; _TOO_LONG; None at end of input."""
+        buf = self._inbuf
+        too_long = False
+        while True:
+            end = buf.find(b"\n")
+            if end >= 0:
+                line = bytes(buf[:end])
+                del buf[:end + 1]
+                if too_long or end > MAX_MAIL_LINE:
+                    return _TOO_LONG
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(buf) > MAX_MAIL_LINE:
+                too_long = True
+                buf.clear()
+            self._reset_timeout()
+            self._waiting_for_command = True
+            try:
+                chunk = await self._read_more()
+            finally:
+                self._waiting_for_command = False
+            if not chunk:
+                return None
+            buf += chunk
+
+    # --- the command loop ------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        self._reply(f"220 {self.hostname} {self.__ident__}")
+        try:
+            while self.transport is not None and not (self._closing or self._quit):
+                line = await self._read_line()
+                if line is None:
+                    break
+                await self._dispatch(line)
+            if self._closing and not self._quit:
+                self._reply(f"421 4.3.2 {self.hostname} shutting down")
+            await self._flush()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _dispatch(self, line: bytes | _TooLong) -> None:
+        if isinstance(line, _TooLong):
+            self._reply("500 5.5.2 line too long (a command line is at most 512 octets)")
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+            arg = arg_bytes.decode("ascii").strip()
+        except UnicodeDecodeError:
+            if verb_bytes.upper() in (b"MAIL", b"RCPT"):
+                self._reply("553 5.6.7 non-ASCII address: this server does not offer SMTPUTF8")
+            else:
+                self._reply("500 5.5.2 syntax error: non-ASCII command")
+            return
+        if len(line) > MAX_COMMAND_LINE and verb != "MAIL":
+            self._reply("500 5.5.2 line too long (a command line is at most 512 octets)")
+            return
+        command = _COMMANDS.get(verb)
+        if command is None:
+            if not verb:
+                self._reply("500 5.5.2 syntax error: empty command")
+            else:
+                self._reply(f"500 5.5.2 command not recognized: {verb[:32]}")
+            return
+        try:
+            await command(self, arg)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("lmtp: %s failed", verb)
+            self._reply("451 4.3.0 internal error, try again later")
+
+    # --- commands ----------------------------------------------------------------------
+
+    async def lhlo(self, arg: str) -> None:
+        if not arg:
+            self._reply("501 5.5.4 syntax: LHLO hostname")
+            return
+        self._set_rset_state()
+        self.session.host_name = arg
+        self.session.extended_smtp = True
+        for line in (f"250-{self.hostname}", "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
+                     "250-8BITMIME", f"250 SIZE {self.settings.lmtp_max_msg_bytes}"):
+            self._reply(line)
+
+    async def helo(self, arg: str) -> None:
+        self._reply("500 5.5.1 this is an LMTP server (RFC 2033): say LHLO instead")
+
+    async def mail(self, arg: str) -> None:
+        if not self.session.host_name:
+            self._reply("503 5.5.1 send LHLO first")
+            return
+        if self.envelope.mail_from is not None:
+            self._reply("503 5.5.1 sender already given (RSET to start over)")
+            return
+        rest = _after_keyword("FROM:", arg)
+        parsed = None if rest is None else self._path(rest, null_ok=True)
+        if parsed is None:
+            self._reply("501 5.5.4 syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+            return
+        address, params = parsed
+        size: int | None = None
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.upper()
+            if key == "SIZE" and value.isdigit():
+                size = int(value)
+            elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                continue
+            else:
+                self._reply(f"555 5.5.4 MAIL FROM parameter not supported: {param[:40]}")
+                return
+        if size is not None and size > self.settings.lmtp_max_msg_bytes:
+            self._reply(f"{R_TOO_LARGE} (limit {self.settings.lmtp_max_msg_bytes} bytes)")
+            return
+        self.envelope.mail_from = address
+        self.envelope.declared_size = size
+        self._reply("250 2.1.0 OK")
+
+    async def rcpt(self, arg: str) -> None:
+        if self.envelope.mail_from is None:
+            self._reply("503 5.5.1 need MAIL before RCPT")
+            return
+        rest = _after_keyword("TO:", arg)
+        parsed = None if rest is None else self._path(rest, null_ok=False)
+        if parsed is None:
+            self._reply("501 5.5.4 syntax: RCPT TO:<address>")
+            return
+        address, params = parsed
+        if params:
+            self._reply(f"555 5.5.4 RCPT TO parameter not supported: {params[0][:40]}")
+            return
+        if len(self.envelope.rcpt_tos) >= self.settings.lmtp_max_recipients:
+            self._reply(R_TOO_MANY_RCPTS)
+            return
+        try:
+            status = await self._call_handler_hook("RCPT", address, [])
+        except Exception:
+            log.exception("lmtp: routing %r failed", address)
+            status = "451 4.3.0 routing failed, try again later"
+        self._reply(status)
+
+    async def data(self, arg: str) -> None:
+        if self.envelope.mail_from is None:
+            self._reply("503 5.5.1 need MAIL before DATA")
+            return
+        if not self.envelope.rcpt_tos:
+            self._reply("503 5.5.1 no valid recipients")
+            return
+        if arg:
+            self._reply("501 5.5.4 syntax: DATA")
+            return
+        self._reply("354 2.0.0 send the message, end with <CRLF>.<CRLF>")
+        self._timeout_reply = (f"421 4.4.2 {self.hostname} message not received within "
+                               f"{_seconds(self.settings.lmtp_data_timeout)}, closing")
+        self._reset_timeout(self.settings.lmtp_data_timeout)
+        started = time.monotonic()
+        decoder = await self._read_message()
+        if decoder is None:
+            return
+        self._timeout_handle.cancel()
+        self._timeout_reply = self._read_timeout_reply()
+        envelope = self.envelope
+        count = len(envelope.rcpt_tos)
+        if decoder.too_large:
+            replies = [R_TOO_LARGE] * count
+        else:
+            envelope.content = envelope.original_content = decoder.message()
+            replies = await self._deliver(count)
+        self._set_post_data_state()
+        for line in replies:
+            self._reply(line)
+        log.info("lmtp delivery client=%s from=<%s> rcpts=%d size=%d replies=%s %.0fms",
+                 client_ip(self.session.peer), envelope.mail_from, count, decoder.size,
+                 ",".join(line[:3] for line in replies), (time.monotonic() - started) * 1000)
+
+    async def _read_message(self) -> DataDecoder | None:
+        decoder = DataDecoder(self.settings.lmtp_max_msg_bytes)
+        if self._inbuf:
+            chunk = bytes(self._inbuf)
+            self._inbuf.clear()
+            used = decoder.feed(chunk)
+            if used >= 0:
+                self._inbuf += memoryview(chunk)[used:]
+                return decoder
+        while True:
+            chunk = await self._read_more()
+            if not chunk:
+                return None
+            used = decoder.feed(chunk)
+            if used >= 0:
+                self._inbuf += memoryview(chunk)[used:]
+                return decoder
+
+    async def _deliver(self, count: int) -> list[str]:
+        timeout = self.settings.lmtp_resp_timeout
+        try:
+            lines = await asyncio.wait_for(self._call_handler_hook("DATA"), timeout)
+        except TimeoutError:
+            log.warning("lmtp: no verdict within %s for %d recipient(s)", _seconds(timeout), count)
+            return [f"451 4.3.0 no verdict within {_seconds(timeout)}, try again later"] * count
+        except Exception:
+            log.exception("lmtp: delivery failed")
+            return ["451 4.3.0 delivery failed, try again later"] * count
+        if (not isinstance(lines, Sequence) or len(lines) != count
+                or not all(isinstance(x, str) and _REPLY_LINE.match(x) for x in lines)):
+            log.error("lmtp: deliverer returned %r for %d recipient(s)", lines, count)
+            return ["451 4.3.0 delivery failed, try again later"] * count
+        return list(lines)
+
+    async def rset(self, arg: str) -> None:
+        self._set_rset_state()
+        self._reply("250 2.0.0 OK")
+
+    async def noop(self, arg: str) -> None:
+        self._reply("250 2.0.0 OK")
+
+    async def vrfy(self, arg: str) -> None:
+        if not arg:
+            self._reply("501 5.5.4 syntax: VRFY <address>")
+            return
+        self._reply("252 2.5.0 cannot VRFY, but will take the message and try delivery")
+
+    async def help(self, arg: str) -> None:
+        self._reply("214 2.0.0 commands: LHLO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+
+    async def quit(self, arg: str) -> None:
+        self._reply(f"221 2.0.0 {self.hostname} closing")
+        self._quit = True
+
+    def _path(self, text: str, *, null_ok: bool) -> tuple[str, list[str]] | None:
+        """(address, parameters) of `<address> [params]`; None when malformed."""
+        text = text.strip()
+        if text.startswith("<>"):
+            if not null_ok:
+                return None
+            return "", text[2:].split()
+        simple = _SIMPLE_PATH.match(text)
+        if simple:
+            return simple.group(1), (simple.group(2) or "").split()
+        address, rest = self._getaddr(text)
+        if not address:
+            return None
+        return address, (rest or "").split()
+
+
+def _after_keyword(keyword: str, arg: str) -> str | None:
+    if arg[:len(keyword)].upper() != keyword:
+        return None
+    return arg[len(keyword):]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+_COMMANDS: dict[str, Callable[[LMTPProtocol, str], Awaitable[None]]] = {
+    "LHLO": LMTPProtocol.lhlo,
+    "HELO": LMTPProtocol.helo,
+    "EHLO": LMTPProtocol.helo,
+    "MAIL": LMTPProtocol.mail,
+    "RCPT": LMTPProtocol.rcpt,
+    "DATA": LMTPProtocol.data,
+    "RSET": LMTPProtocol.rset,
+    "NOOP": LMTPProtocol.noop,
+    "VRFY": LMTPProtocol.vrfy,
+    "HELP": LMTPProtocol.help,
+    "QUIT": LMTPProtocol.quit,
+}
+
+
+class ListenError(Exception):
+    """A listen address that cannot be used. The message names it."""
+
+
+class LMTPHead:
+    """Every LMTP listener of one `txco serve`, and its graceful shutdown."""
+
+    def __init__(self, settings: Settings, handler: Any) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.sessions: set[LMTPProtocol] = set()
+        self.all_closed = asyncio.Event()
+        self.bound: list[str] = []
+        self._servers: list[asyncio.AbstractServer] = []
+        self._socket_files: list[Path] = []
+
+    async def start(self) -> None:
+        """Bind every address; on any failure close what was bound and raise ListenError."""
+        try:
+            for address in self.settings.lmtp_listen_addrs:
+                await self._listen(address)
+        except BaseException:
+            await self.close(grace=0)
+            raise
+
+    async def _listen(self, address: ListenAddress) -> None:
+        loop = asyncio.get_running_loop()
+        factory = lambda: LMTPProtocol(self)  # noqa: E731
+        if address.kind == "unix":
+            path = Path(address.path)
+            _clear_stale_socket(path)
+            try:
+                server = await loop.create_unix_server(factory, str(path))
+            except OSError as err:
+                raise ListenError(f"cannot listen on {address}: {err.strerror or err}") from None
+            self._socket_files.append(path)
+            self._servers.append(server)
+            self.bound.append(str(address))
+            return
+        try:
+            server = await loop.create_server(factory, address.host, address.port,
+                                              reuse_address=True)
+        except OSError as err:
+            raise ListenError(f"cannot listen on {address}: {err.strerror or err}") from None
+        self._servers.append(server)
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting, let sessions finish their current transaction for up to `grace`
+        seconds (idle ones get 421 at once), then cut the rest and remove socket files."""
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.close_for_shutdown()
+        if self.sessions:
+            self.all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), grace)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        for path in self._socket_files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._servers.clear()
+        self._socket_files.clear()
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a crashed server; refuse to take over a live one."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(f"cannot listen on unix:{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    except OSError as err:
+        raise ListenError(f"cannot listen on unix:{path}: {err.strerror or err}") from None
+    finally:
+        probe.close()
+    raise ListenError(f"cannot listen on unix:{path}: another server is listening there")
