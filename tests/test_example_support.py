@@ -1,0 +1,296 @@
+"""The worked example examples/inbound-support-mailbox/: its ops, its stack tests, and the
+whole thing behind a real `txco serve`, fed the sample mail over LMTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmtp.config import load_ingress_config
+from lmtp.message import parse_message
+from txcl.ops import OpContext, OpRegistry
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
+SAMPLES = EXAMPLE / "samples"
+
+
+def _registry() -> OpRegistry:
+    """The example's ops exactly as `txco serve` loads them: through txco.yaml's `ops:`."""
+    config = load_ingress_config(EXAMPLE / "txco.yaml")
+    return OpRegistry.from_config(config.ops, config.base_dir, defaults=False)
+
+
+REGISTRY = _registry()
+CLASSIFY = REGISTRY.get("CLASSIFY")
+TICKET = REGISTRY.get("TICKET")
+assert CLASSIFY is not None and TICKET is not None
+
+
+def _sample_bytes(name: str) -> bytes:
+    """A sample as it arrives over LMTP: CRLF line ends."""
+    return (SAMPLES / name).read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _envelope(msg: Mapping[str, Any], *, mail_from: str = "", **top: Any) -> dict[str, Any]:
+    return {
+        "_txc": {
+            "src": "lmtp",
+            "rid": "01TESTRID",
+            "route": {"tenant": "acme", "stack": "acme/support", "ingress": "domain:acme.example",
+                      "to": "acme/support/0"},
+            "lmtp": {"mail": {"from": mail_from, "size": 0}, "rcpt": ["support@acme.example"],
+                     "msg": dict(msg)},
+        },
+        **top,
+    }
+
+
+def _sample_envelope(name: str) -> dict[str, Any]:
+    msg, defects = parse_message(_sample_bytes(name))
+    assert defects == [], defects
+    return _envelope(msg)
+
+
+def _msg(subject: str = "", text: str = "", *, message_id: str = "", raw: str = "b64:",
+         sender: str = "someone@example.org", **extra: Any) -> dict[str, Any]:
+    return {"id": message_id, "subject": subject, "text": text, "html": "",
+            "from": [{"name": "", "addr": sender}], "headers": {}, "attachments": [],
+            "raw": raw, **extra}
+
+
+# --- CLASSIFY ----------------------------------------------------------------------------
+
+SAMPLE_LABELS = [
+    pytest.param("billing.eml", "billing", id="billing: words and the invoice PDF"),
+    pytest.param("howto-screenshot.eml", "how-to", id="how-to with a screenshot"),
+    pytest.param("outage.eml", "outage", id="outage: down, 502"),
+    pytest.param("outage-utf8-subject.eml", "outage", id="RFC 2047 subject: Störung"),
+    pytest.param("reply-to-ticket.eml", "billing", id="reply about the charge"),
+    pytest.param("spam.eml", "spam", id="spam: words, sender, SPF softfail"),
+    pytest.param("unknown-recipient.eml", "how-to", id="sales question"),
+]
+
+
+@pytest.mark.parametrize(("sample", "label"), SAMPLE_LABELS)
+def test_classify_labels_each_sample(sample: str, label: str) -> None:
+    result = CLASSIFY(_sample_envelope(sample), {}, None)["classify"]
+    assert result["label"] == label
+    assert 0.5 <= result["score"] <= 1.0
+    assert any(f"({label} +" in reason for reason in result["reasons"])
+
+
+def test_classify_gives_the_same_answer_every_time() -> None:
+    envelope = _sample_envelope("billing.eml")
+    assert CLASSIFY(envelope, {}, None) == CLASSIFY(envelope, {}, None)
+
+
+def test_classify_explains_its_score() -> None:
+    envelope = _envelope(_msg("Refund please", "I was charged twice."))
+    result = CLASSIFY(envelope, {}, None)["classify"]
+    assert result == {
+        "label": "billing",
+        "score": 1.0,
+        "scores": {"billing": 3.5, "outage": 0.0, "how-to": 0.0, "spam": 0.0},
+        "reasons": [
+            "subject: 'Refund' (billing +2)",
+            "body: 'charged' (billing +1)",
+            "body: 'twice' (billing +0.5)",
+        ],
+    }
+
+
+def test_classify_score_is_the_winners_share_of_the_evidence() -> None:
+    envelope = _envelope(_msg("", "The invoice page is down."))
+    result = CLASSIFY(envelope, {}, None)["classify"]
+    assert result["scores"]["billing"] == 1.0 and result["scores"]["outage"] == 1.5
+    assert (result["label"], result["score"]) == ("outage", 0.6)
+
+
+def test_classify_without_any_signal_says_other() -> None:
+    result = CLASSIFY(_envelope(_msg("hello", "just saying hi")), {}, None)["classify"]
+    assert (result["label"], result["score"]) == ("other", 0.0)
+
+
+def test_classify_counts_a_failed_spf_stamp_as_spam() -> None:
+    msg = _msg("hello", "just saying hi",
+               headers={"authentication-results": ["mx; spf=fail smtp.mailfrom=x.example"]})
+    result = CLASSIFY(_envelope(msg), {}, None)["classify"]
+    assert result["label"] == "spam"
+    assert result["reasons"] == ["auth: 'spf=fail' (spam +2)"]
+
+
+def test_classify_reads_the_envelope_sender_too() -> None:
+    result = CLASSIFY(_envelope(_msg("hello", "hi", sender=""), mail_from="deals@shop.example"),
+                      {}, None)["classify"]
+    assert result["label"] == "spam"
+
+
+def test_classify_falls_back_to_the_html_body() -> None:
+    msg = _msg("", "", html="<p>Our <b>invoice</b> is wrong</p>")
+    assert CLASSIFY(_envelope(msg), {}, None)["classify"]["label"] == "billing"
+
+
+def test_classify_does_not_mutate_the_envelope() -> None:
+    envelope = _sample_envelope("spam.eml")
+    before = json.dumps(envelope, sort_keys=True)
+    CLASSIFY(envelope, {}, None)
+    assert json.dumps(envelope, sort_keys=True) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(subject=st.text(max_size=80), text=st.text(max_size=300), sender=st.text(max_size=40))
+def test_classify_always_returns_a_label_and_a_bounded_score(
+    subject: str, text: str, sender: str
+) -> None:
+    result = CLASSIFY(_envelope(_msg(subject, text, sender=sender)), {}, None)["classify"]
+    assert result["label"] in {"billing", "outage", "how-to", "spam", "other"}
+    assert 0.0 <= result["score"] <= 1.0
+    assert json.loads(json.dumps(result)) == result  # a JSON merge patch, nothing else
+
+
+# --- TICKET ------------------------------------------------------------------------------
+
+
+def _ctx(state_dir: Path, *, deadline_s: float = 5.0, rid: str = "01TESTRID") -> OpContext:
+    return OpContext(tenant="acme", stack="acme/support", rid=rid, state_dir=state_dir,
+                     deadline_s=deadline_s)
+
+
+def _db(state_dir: Path) -> Path:
+    return state_dir / "tenants" / "acme" / "support" / "tickets" / "tickets.sqlite3"
+
+
+def _rows(state_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(_db(state_dir)) as db:
+        return db.execute(sql).fetchall()
+
+
+def _file(state_dir: Path, message_id: str, subject: str = "Help", **args: Any) -> dict:
+    envelope = _envelope(_msg(subject, "body", message_id=message_id),
+                         classify={"label": "billing", "score": 1.0})
+    return TICKET(envelope, args, _ctx(state_dir))["ticket"]
+
+
+def test_ticket_opens_a_ticket_in_the_tenants_own_storage(tmp_path: Path) -> None:
+    assert _file(tmp_path, "<a@x>", "Charged twice") == {
+        "id": 1, "new": True, "thread": None, "ref": "#1", "repeat": False,
+    }
+    assert _rows(tmp_path, "SELECT id, subject, requester, label, status FROM tickets") == [
+        (1, "Charged twice", "someone@example.org", "billing", "open")
+    ]
+
+
+def test_ticket_numbers_new_mail_in_order(tmp_path: Path) -> None:
+    assert [_file(tmp_path, f"<{n}@x>")["id"] for n in range(3)] == [1, 2, 3]
+
+
+def test_a_retried_delivery_never_makes_a_second_ticket(tmp_path: Path) -> None:
+    first = _file(tmp_path, "<same@x>")
+    again = _file(tmp_path, "<same@x>")
+    assert again == {**first, "repeat": True}
+    assert _rows(tmp_path, "SELECT count(*) FROM tickets") == [(1,)]
+    assert _rows(tmp_path, "SELECT count(*) FROM messages") == [(1,)]
+
+
+def test_the_store_itself_refuses_a_second_row_for_one_message_id(tmp_path: Path) -> None:
+    _file(tmp_path, "<same@x>")
+    with pytest.raises(sqlite3.IntegrityError), sqlite3.connect(_db(tmp_path)) as db:
+        db.execute("INSERT INTO messages (message_id, ticket_id, opened, rid, sender, subject,"
+                   " received_at) VALUES ('<same@x>', 1, 1, 'r', 's', 's', 't')")
+
+
+def test_a_reply_is_threaded_onto_its_ticket(tmp_path: Path) -> None:
+    _file(tmp_path, "<first@x>")
+    _file(tmp_path, "<other@x>")
+    reply = _file(tmp_path, "<reply@x>", "Re: [#1] Help", thread="1")
+    assert reply == {"id": 1, "new": False, "thread": 1, "ref": "#1", "repeat": False}
+    assert _rows(tmp_path, "SELECT count(*) FROM tickets") == [(2,)]
+    assert _rows(tmp_path, "SELECT message_id, opened FROM messages WHERE ticket_id = 1"
+                           " ORDER BY rowid") == [("<first@x>", 1), ("<reply@x>", 0)]
+
+
+def test_a_retried_reply_stays_threaded(tmp_path: Path) -> None:
+    _file(tmp_path, "<first@x>")
+    _file(tmp_path, "<reply@x>", thread=1)
+    assert _file(tmp_path, "<reply@x>", thread=1) == {
+        "id": 1, "new": False, "thread": 1, "ref": "#1", "repeat": True,
+    }
+
+
+def test_a_reply_to_a_ticket_that_does_not_exist_opens_a_new_one(tmp_path: Path) -> None:
+    assert _file(tmp_path, "<reply@x>", "Re: [#77] hi", thread="77") == {
+        "id": 1, "new": True, "thread": None, "ref": "#1", "repeat": False,
+    }
+
+
+@pytest.mark.parametrize("thread", ["", "abc", "0", "-3", None, True], ids=repr)
+def test_a_thread_argument_that_is_not_a_ticket_number_opens_a_new_ticket(
+    tmp_path: Path, thread: object
+) -> None:
+    _file(tmp_path, "<first@x>")
+    assert _file(tmp_path, "<second@x>", thread=thread)["id"] == 2
+
+
+def test_mail_without_message_id_is_keyed_on_its_bytes(tmp_path: Path) -> None:
+    def deliver(raw: str) -> dict:
+        return TICKET(_envelope(_msg("Help", raw=raw)), {}, _ctx(tmp_path))["ticket"]
+
+    assert deliver("b64:SGVsbG8=")["id"] == 1
+    assert deliver("b64:SGVsbG8=") == {"id": 1, "new": True, "thread": None, "ref": "#1",
+                                       "repeat": True}
+    assert deliver("b64:SGVsbG8h")["id"] == 2
+    assert _rows(tmp_path, "SELECT message_id FROM messages ORDER BY rowid")[0][0].startswith(
+        "sha256:")
+
+
+def test_ticket_raises_when_the_store_cannot_be_opened(tmp_path: Path) -> None:
+    _db(tmp_path).mkdir(parents=True)  # a directory where the database file should be
+    with pytest.raises(RuntimeError, match=r"ticket store .*tickets\.sqlite3 unavailable"):
+        _file(tmp_path, "<a@x>")
+
+
+def test_ticket_raises_when_the_store_stays_locked(tmp_path: Path) -> None:
+    _file(tmp_path, "<first@x>")
+    holder = sqlite3.connect(_db(tmp_path), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="database is locked"):
+            envelope = _envelope(_msg("Help", message_id="<second@x>"))
+            TICKET(envelope, {}, _ctx(tmp_path, deadline_s=0.4))
+        assert time.monotonic() - started < 2.0  # waits half the deadline, not forever
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _file(tmp_path, "<second@x>")["id"] == 2  # the retry after the lock is gone works
+
+
+def test_ticket_needs_a_state_dir(tmp_path: Path) -> None:
+    ctx = OpContext(tenant="acme", stack="acme/support", rid="r", state_dir=None, deadline_s=5)
+    with pytest.raises(ValueError, match="no state dir"):
+        TICKET(_envelope(_msg("Help", message_id="<a@x>")), {}, ctx)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["<a@x>", "<b@x>", "<c@x>", "<d@x>"]), min_size=1, max_size=12))
+def test_any_sequence_of_retries_files_each_message_once(ids: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        state = Path(folder)
+        answers = [_file(state, message_id) for message_id in ids]
+        first_answer: dict[str, dict] = {}
+        for message_id, answer in zip(ids, answers, strict=True):
+            expected = first_answer.setdefault(message_id, answer)
+            assert answer["id"] == expected["id"]
+            assert answer["repeat"] == (answer is not expected)
+        distinct = len(first_answer)
+        assert _rows(state, "SELECT count(*) FROM tickets") == [(distinct,)]
+        assert _rows(state, "SELECT count(*) FROM messages") == [(distinct,)]
