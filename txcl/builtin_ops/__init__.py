@@ -7,7 +7,8 @@ where `src` is `_txc.src`.
 """
 
 from txcl.builtin_ops import archive, emit, forward, webhook
+from txcl.ops import Op
 
-BUILTIN_OPS = {**archive.OPS, **emit.OPS, **webhook.OPS, **forward.OPS}
+BUILTIN_OPS: dict[str, Op] = {**archive.OPS, **emit.OPS, **webhook.OPS, **forward.OPS}
 
 __all__ = ["BUILTIN_OPS"]

@@ -20,7 +20,9 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from txcl.ops import Op, OpContext, OpFailure, StorageError
 
 MAILDIR = "Maildir"
 SUBDIRS = ("tmp", "new", "cur")
@@ -30,37 +32,27 @@ FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 FOLDER_MAX_LEN = 200
 
 
-class StorageContext(Protocol):
-    """The part of txcl.ops.OpContext the built-in ops rely on."""
-
-    tenant: str
-    stack: str
-    rid: str
-
-    def storage(self, *parts: str) -> Path: ...
-
-
-def source_section(envelope: Mapping[str, Any]) -> Mapping[str, Any]:
+def source_section(envelope: Mapping[str, Any], op: str) -> Mapping[str, Any]:
     """`_txc.<src>`, the part of the envelope the source stamped; raises when absent."""
     txc = envelope.get("_txc")
     src = txc.get("src") if isinstance(txc, Mapping) else None
     section = txc.get(src) if isinstance(src, str) and src else None
     if not isinstance(section, Mapping):
-        raise ValueError("the envelope names no source section (_txc.src and _txc.<src>)")
+        raise OpFailure(f"{op}: the envelope names no source section (_txc.src and _txc.<src>)")
     return section
 
 
-def raw_message(envelope: Mapping[str, Any]) -> bytes:
+def raw_message(envelope: Mapping[str, Any], op: str) -> bytes:
     """The message exactly as it arrived: `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
-    msg = source_section(envelope).get("msg")
+    msg = source_section(envelope, op).get("msg")
     raw = msg.get("raw") if isinstance(msg, Mapping) else None
     src = envelope["_txc"]["src"]
     if not isinstance(raw, str) or not raw.startswith("b64:"):
-        raise ValueError(f'the envelope has no raw message at _txc.{src}.msg.raw ("b64:...")')
+        raise OpFailure(f'{op}: the envelope has no raw message at _txc.{src}.msg.raw ("b64:...")')
     try:
         return base64.b64decode(raw[4:], validate=True)
     except binascii.Error as exc:
-        raise ValueError(f"_txc.{src}.msg.raw is not valid base64: {exc}") from None
+        raise OpFailure(f"{op}: _txc.{src}.msg.raw is not valid base64: {exc}") from None
 
 
 def folder_argument(args: Mapping[str, Any]) -> str:
@@ -73,7 +65,7 @@ def folder_argument(args: Mapping[str, Any]) -> str:
         or len(folder) > FOLDER_MAX_LEN
         or not FOLDER_NAME.fullmatch(folder)
     ):
-        raise ValueError(
+        raise StorageError(
             f"ARCHIVE: folder {folder!r} is refused: a folder name is letters, digits, "
             "'_', '-' and single dots between them (Maildir++ levels), at most "
             f"{FOLDER_MAX_LEN} characters"
@@ -131,10 +123,10 @@ def deliver(maildir: Path, data: bytes) -> Path:
     return new_path
 
 
-def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: StorageContext) -> dict:
+def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir."""
     folder = folder_argument(args)
-    data = raw_message(envelope)
+    data = raw_message(envelope, "ARCHIVE")
     root = ctx.storage(MAILDIR)
     ensure_maildir(root, subfolder=False)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
@@ -152,4 +144,4 @@ def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: StorageCo
     }
 
 
-OPS = {"ARCHIVE": archive}
+OPS: dict[str, Op] = {"ARCHIVE": archive}

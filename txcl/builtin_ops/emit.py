@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.archive import StorageContext
+from txcl.ops import Op, OpContext, OpFailure
 
 EVENT_LOG = "events.jsonl"
 
@@ -26,7 +26,7 @@ def flag_argument(args: Mapping[str, Any], op: str, name: str) -> bool:
     """A boolean WITH argument, false when absent; anything but true/false is refused."""
     value = args.get(name, False)
     if not isinstance(value, bool):
-        raise ValueError(f"{op}: {name} must be true or false, not {value!r}")
+        raise OpFailure(f"{op}: {name} must be true or false, not {value!r}")
     return value
 
 
@@ -66,7 +66,7 @@ def event_json(envelope: Mapping[str, Any], args: Mapping[str, Any], op: str) ->
     try:
         text = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{op}: the envelope cannot be written as JSON: {exc}") from None
+        raise OpFailure(f"{op}: the envelope cannot be written as JSON: {exc}") from None
     return text.encode("utf-8")
 
 
@@ -85,7 +85,7 @@ def append_line(path: Path, line: bytes) -> int:
     return end - len(line)
 
 
-def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: StorageContext) -> dict:
+def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://EMIT [WITH include_raw = true] [WITH include_attachments = true]."""
     line = event_json(envelope, args, "EMIT") + b"\n"
     log = ctx.storage() / EVENT_LOG
@@ -93,4 +93,4 @@ def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: StorageConte
     return {"emit": {"log": str(log), "offset": offset}}
 
 
-OPS = {"EMIT": emit}
+OPS: dict[str, Op] = {"EMIT": emit}

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from txcl.builtin_ops.archive import raw_message, source_section
-from txcl.builtin_ops.webhook import NetworkContext, budget_seconds, socket_deadline
+from txcl.builtin_ops.webhook import socket_deadline
+from txcl.ops import Op, OpContext, OpFailure
 
 DEFAULT_RELAY = "127.0.0.1:25"
 MAX_RECIPIENTS = 100
@@ -27,7 +28,7 @@ BARE_LF = re.compile(rb"(?<!\r)\n")
 
 def _checked_address(value: object, what: str) -> str:
     if not isinstance(value, str) or not ADDRESS.fullmatch(value):
-        raise ValueError(f"FORWARD: {what} {value!r} is not a plain mail address like a@b.example")
+        raise OpFailure(f"FORWARD: {what} {value!r} is not a plain mail address like a@b.example")
     return value
 
 
@@ -39,11 +40,11 @@ def recipients_argument(args: Mapping[str, Any]) -> list[str]:
     elif isinstance(to, list | tuple):
         items = list(to)
     else:
-        raise ValueError('FORWARD: WITH to = "a@b.example" (or a list) is required')
+        raise OpFailure('FORWARD: WITH to = "a@b.example" (or a list) is required')
     if not items:
-        raise ValueError("FORWARD: to names no recipient")
+        raise OpFailure("FORWARD: to names no recipient")
     if len(items) > MAX_RECIPIENTS:
-        raise ValueError(f"FORWARD: to names {len(items)} recipients; at most {MAX_RECIPIENTS}")
+        raise OpFailure(f"FORWARD: to names {len(items)} recipients; at most {MAX_RECIPIENTS}")
     return [_checked_address(item, "recipient") for item in items]
 
 
@@ -52,10 +53,10 @@ def sender_argument(args: Mapping[str, Any], envelope: Mapping[str, Any]) -> str
     if "from" in args:
         sender = args["from"]
     else:
-        mail = source_section(envelope).get("mail")
+        mail = source_section(envelope, "FORWARD").get("mail")
         sender = mail.get("from") if isinstance(mail, Mapping) else None
         if sender is None:
-            raise ValueError("FORWARD: no WITH from and no envelope sender at _txc.<src>.mail.from")
+            raise OpFailure("FORWARD: no WITH from and no envelope sender at _txc.<src>.mail.from")
     return "" if sender == "" else _checked_address(sender, "sender")
 
 
@@ -65,7 +66,7 @@ def relay_argument(args: Mapping[str, Any]) -> tuple[str, int]:
     m = RELAY.fullmatch(relay) if isinstance(relay, str) else None
     port = int(m.group("port") or 25) if m else 0
     if not m or not 0 < port < 65536:
-        raise ValueError(f'FORWARD: relay {relay!r} must be "host:port" (or "[v6-address]:port")')
+        raise OpFailure(f'FORWARD: relay {relay!r} must be "host:port" (or "[v6-address]:port")')
     return m.group("v6") or m.group("host"), port
 
 
@@ -80,7 +81,7 @@ def _mail_options(client: smtplib.SMTP, data: bytes, addresses: list[str]) -> li
         options.append("BODY=8BITMIME")
     if not all(a.isascii() for a in addresses):
         if not client.has_extn("smtputf8"):
-            raise ConnectionError("FORWARD: the relay does not offer SMTPUTF8 for these addresses")
+            raise OpFailure("FORWARD: the relay does not offer SMTPUTF8 for these addresses")
         options.append("SMTPUTF8")
     return options
 
@@ -123,31 +124,29 @@ def send(host: str, port: int, sender: str, to: list[str], data: bytes, seconds:
             refused = ", ".join(
                 f"{rcpt} ({code} {_text(text)})" for rcpt, (code, text) in exc.recipients.items()
             )
-            raise ConnectionError(
-                f"FORWARD: relay {relay} refused {refused}; nothing was sent"
-            ) from None
+            raise OpFailure(f"FORWARD: relay {relay} refused {refused}; nothing was sent") from None
         except smtplib.SMTPResponseException as exc:
-            raise ConnectionError(
+            raise OpFailure(
                 f"FORWARD: relay {relay} answered {exc.smtp_code} {_text(exc.smtp_error)}"
             ) from None
         except (OSError, smtplib.SMTPException) as exc:
             if expired.is_set() or isinstance(exc, TimeoutError):
-                raise TimeoutError(f"FORWARD: relay {relay} timed out after {seconds:g}s") from None
-            raise ConnectionError(f"FORWARD: relay {relay} failed: {exc}") from None
+                raise OpFailure(f"FORWARD: relay {relay} timed out after {seconds:g}s") from None
+            raise OpFailure(f"FORWARD: relay {relay} failed: {exc}") from None
         finally:
             client.close()
     return reply
 
 
-def forward(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: NetworkContext) -> dict:
+def forward(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://FORWARD WITH to = "a@b" [WITH from = "x@y"] [WITH relay = "host:port"]."""
     to = recipients_argument(args)
     sender = sender_argument(args, envelope)
     host, port = relay_argument(args)
-    data = wire_bytes(raw_message(envelope))
-    seconds = budget_seconds(args, ctx, "FORWARD")
+    data = wire_bytes(raw_message(envelope, "FORWARD"))
+    seconds = ctx.deadline_s
     reply = send(host, port, sender, to, data, seconds)
     return {"forward": {"relay": f"{host}:{port}", "from": sender, "to": to, "reply": reply}}
 
 
-OPS = {"FORWARD": forward}
+OPS: dict[str, Op] = {"FORWARD": forward}
