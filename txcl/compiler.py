@@ -21,7 +21,7 @@ from typing import Any, Final
 from txcl import ast
 from txcl.errors import Pos, Problem, TxclCompileError
 from txcl.functions import FUNCTIONS
-from txcl.paths import Setter, compile_getter, compile_jsonpath, compile_setter, path_text
+from txcl.paths import Getter, Setter, compile_getter, compile_jsonpath, compile_setter, path_text
 from txcl.regex import CompiledRegex, compile_regex
 from txcl.values import COMPARISONS, MISSING, add, to_json
 
@@ -34,7 +34,8 @@ OP_SCHEME: Final = "op://"
 MAX_TIMEOUT_S: Final = 3600.0
 
 _OP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_TIMEOUT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*")
+_TIMEOUT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")
+_TIMEOUT_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _HINT_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -57,6 +58,7 @@ class SetStep:
     target_text: str
     value: Eval = field(repr=False, compare=False)
     write: Setter = field(repr=False, compare=False)
+    read: Getter = field(repr=False, compare=False)  # the target's current value
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +171,7 @@ def expr_text(expr: ast.Expr) -> str:
 
 
 def parse_timeout(value: object) -> float | None:
-    """Seconds from `5`, `2.5`, `"5s"`, `"500ms"`, `"5"`; None if it is not a valid timeout."""
+    """Seconds from `5`, `2.5`, `"5s"`, `"500ms"`, `"1m"`, `"5"`; None if it is not a valid timeout."""
     seconds: float
     if isinstance(value, bool):
         return None
@@ -179,7 +181,7 @@ def parse_timeout(value: object) -> float | None:
         found = _TIMEOUT.fullmatch(value)
         if not found:
             return None
-        seconds = float(found.group(1)) / (1000.0 if found.group(2) == "ms" else 1.0)
+        seconds = float(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
     else:
         return None
     if not 0 < seconds <= MAX_TIMEOUT_S:
@@ -446,9 +448,7 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
         if isinstance(stmt, ast.Set):
             target = stmt.target
             if not isinstance(target, ast.Path):
-                rc.problem(
-                    "SET needs a plain path (a JSONPath may name several places)", stmt.pos
-                )
+                rc.problem("SET needs a plain path (a JSONPath may name several places)", stmt.pos)
                 continue
             if not target.segments or target.segments[0] == MATCH_ROOT:
                 rc.problem(
@@ -464,7 +464,16 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
                 problems.extend(err.problems)
                 continue
             writes.add(target.segments)
-            steps.append(SetStep(stmt.pos, target.segments, path_text(target.segments), value, write))
+            steps.append(
+                SetStep(
+                    stmt.pos,
+                    target.segments,
+                    path_text(target.segments),
+                    value,
+                    write,
+                    compile_getter(target),
+                )
+            )
         elif isinstance(stmt, ast.Exec):
             name = _exec_op(stmt, problems)
             if name is not None:
@@ -474,7 +483,9 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
         elif isinstance(stmt, ast.With):
             key = stmt.key
             if key in seen_keys:
-                rc.problem(f"WITH {key} is given twice in this rule (first at {seen_keys[key]})", stmt.pos)
+                rc.problem(
+                    f"WITH {key} is given twice in this rule (first at {seen_keys[key]})", stmt.pos
+                )
                 continue
             seen_keys[key] = stmt.pos
             if key == "timeout":
@@ -528,5 +539,5 @@ def compile_file(file: ast.File) -> tuple[CompiledRule, ...]:
     problems: list[Problem] = []
     rules = tuple(compile_rule(rule, file.name, problems) for rule in file.rules)
     if problems:
-        raise TxclCompileError(sorted(problems, key=lambda p: (p.pos or Pos("", 0, 0))))
+        raise TxclCompileError(sorted(problems, key=lambda p: p.pos or Pos("", 0, 0)))
     return rules

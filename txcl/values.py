@@ -156,3 +156,37 @@ def to_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+_MAX_JSON_DEPTH: Final = 200
+
+
+def json_problem(value: Any, depth: int = 0) -> str | None:
+    """None if value is JSON data (what an op may return), else what is wrong with it."""
+    if value is None or value is True or value is False or isinstance(value, str):
+        return None
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return (
+            None
+            if value == value and value not in (float("inf"), float("-inf"))
+            else (f"{value!r} is not a JSON number")
+        )
+    if depth > _MAX_JSON_DEPTH:
+        return f"nested deeper than {_MAX_JSON_DEPTH} levels"
+    if isinstance(value, list):
+        for item in value:
+            problem = json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"object key {key!r} is not a string"
+            problem = json_problem(item, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"a {type(value).__name__} is not JSON"

@@ -1,0 +1,342 @@
+"""Ops: named operations a rule calls with `EXEC "op://NAME"`, and the registry of them.
+
+An op is `op(envelope, args, ctx) -> dict | Awaitable[dict]`: it reads the envelope (and
+must not mutate it), gets the rule's WITH arguments and an OpContext, and returns a JSON
+merge patch (RFC 7386) for the runner to apply. Sync ops run in a worker thread so they do
+not block the event loop; the runner gives every call a deadline.
+
+The registry is filled, later sources overriding earlier ones, from:
+1. built-ins: every module of the `txcl.builtin_ops` package exposing `OPS: dict[str, Op]`;
+2. the Python entry-point group `txcl.ops` (an entry point loads an op, named after the
+   entry point, or a mapping of names to ops);
+3. the configuration's `ops:` section: `{python: "module:function", path: "dir"}` or
+   `{command: ["prog", "arg"...]}` (paths relative to the configuration file's folder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import json
+import os
+import pkgutil
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from txcl.errors import Problem, TxclLoadError
+
+Op = Callable[
+    [Mapping[str, Any], Mapping[str, Any], "OpContext"],
+    "dict[str, Any] | Awaitable[dict[str, Any]]",
+]
+
+ENTRY_POINT_GROUP: Final = "txcl.ops"
+_STDERR_TAIL: Final = 400
+
+
+class OpFailure(Exception):
+    """An op could not do its work (a command exited non-zero, printed no JSON object, ...)."""
+
+
+class StorageError(ValueError):
+    """An op asked for storage outside its tenant's own folder, or without a state dir."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpContext:
+    """What an op knows about the call besides the envelope and its arguments."""
+
+    tenant: str
+    stack: str  # "acme/_mail"
+    rid: str
+    state_dir: Path | None
+    deadline_s: float
+    op: str = ""
+
+    def storage(self, *parts: str) -> Path:
+        """A folder under `<state_dir>/tenants/<tenant>/<stack-name>/`, created if needed.
+
+        Refuses (StorageError) any part that is empty, `.`, `..`, absolute or holds a path
+        separator, so an argument like `folder = "../../x"` can never leave the tenant's
+        storage; the resolved folder is checked again, against symlinks.
+        """
+        if self.state_dir is None:
+            raise StorageError("this run has no state dir, so ops have no storage")
+        stack_name = self.stack.rpartition("/")[2]
+        for part in (self.tenant, stack_name, *parts):
+            _check_storage_part(part)
+        base = Path(self.state_dir) / "tenants" / self.tenant / stack_name
+        folder = base.joinpath(*parts)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.resolve().is_relative_to(base.resolve()):
+            raise StorageError(f"storage {'/'.join(parts)!r} leaves the tenant's folder")
+        return folder
+
+
+def _check_storage_part(part: object) -> None:
+    if not isinstance(part, str) or not part or part in (".", ".."):
+        raise StorageError(f"storage path part {part!r} is not a plain name")
+    if "/" in part or "\\" in part or "\0" in part or os.path.isabs(part):
+        raise StorageError(f"storage path part {part!r} may not hold a path separator")
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredOp:
+    name: str
+    fn: Op = field(repr=False)
+    source: str  # where it came from, for `txcl lint` and error messages
+    is_async: bool
+
+
+class OpRegistry:
+    """Name -> op. Immutable once built; `from_config` and `default` build one."""
+
+    def __init__(self, ops: Mapping[str, Op] | None = None, *, source: str = "given") -> None:
+        self._ops: dict[str, RegisteredOp] = {}
+        for name, fn in (ops or {}).items():
+            self._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
+
+    @classmethod
+    def default(cls) -> OpRegistry:
+        """Built-ins and entry points; raises TxclLoadError if one of them cannot be loaded."""
+        registry = cls()
+        problems: list[Problem] = []
+        registry._add_defaults(problems)
+        if problems:
+            raise TxclLoadError(problems)
+        return registry
+
+    @classmethod
+    def from_config(
+        cls, ops_section: Mapping[str, Any] | None, base_dir: Path, *, defaults: bool = True
+    ) -> OpRegistry:
+        """Built-ins, entry points (when `defaults`), then the configured ops over them.
+
+        Raises TxclLoadError listing every op that cannot be loaded.
+        """
+        registry = cls()
+        problems: list[Problem] = []
+        if defaults:
+            registry._add_defaults(problems)
+        if ops_section is not None and not isinstance(ops_section, Mapping):
+            problems.append(_problem("ops: must be a mapping of op names to their definitions"))
+            ops_section = {}
+        for name, spec in (ops_section or {}).items():
+            fn = _configured_op(str(name), spec, Path(base_dir), problems)
+            if fn is not None:
+                registry._ops[str(name)] = RegisteredOp(str(name), fn, "config", _is_async(fn))
+        if problems:
+            raise TxclLoadError(problems)
+        return registry
+
+    def with_ops(self, ops: Mapping[str, Op], *, source: str = "given") -> OpRegistry:
+        """A new registry: this one plus (overridden by) `ops`."""
+        registry = OpRegistry()
+        registry._ops = dict(self._ops)
+        for name, fn in ops.items():
+            registry._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
+        return registry
+
+    def get(self, name: str) -> Op | None:
+        entry = self._ops.get(name)
+        return entry.fn if entry else None
+
+    def entry(self, name: str) -> RegisteredOp | None:
+        return self._ops.get(name)
+
+    def names(self) -> frozenset[str]:
+        return frozenset(self._ops)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ops
+
+    async def call(
+        self, name: str, envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
+    ) -> Any:
+        """Call an op without blocking the loop (sync ones in a thread). KeyError if unknown."""
+        entry = self._ops[name]
+        if entry.is_async:
+            return await entry.fn(envelope, args, ctx)  # type: ignore[misc]
+        result = await asyncio.to_thread(entry.fn, envelope, args, ctx)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _add_defaults(self, problems: list[Problem]) -> None:
+        builtins, builtin_problems = _builtin_ops()
+        problems.extend(builtin_problems)
+        self._ops.update(builtins)
+        for entry_point in _entry_points():
+            try:
+                loaded = entry_point.load()
+            except Exception as err:
+                problems.append(
+                    _problem(f"entry point {entry_point.name!r} ({entry_point.value}): {err}")
+                )
+                continue
+            source = f"entry point {entry_point.value}"
+            ops = loaded if isinstance(loaded, Mapping) else {entry_point.name: loaded}
+            for name, fn in ops.items():
+                if not callable(fn):
+                    problems.append(
+                        _problem(f"entry point {entry_point.value}: {name} is not callable")
+                    )
+                    continue
+                self._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
+
+
+def _problem(message: str) -> Problem:
+    return Problem("txcl_load_error", message)
+
+
+def _entry_points() -> tuple[importlib.metadata.EntryPoint, ...]:
+    return tuple(
+        sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    )
+
+
+@functools.cache
+def _builtin_ops() -> tuple[dict[str, RegisteredOp], tuple[Problem, ...]]:
+    """Every `OPS` of the modules in txcl.builtin_ops, imported once, on first use."""
+    found: dict[str, RegisteredOp] = {}
+    problems: list[Problem] = []
+    package = importlib.import_module("txcl.builtin_ops")
+    modules = [package] + [
+        f"txcl.builtin_ops.{info.name}"
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
+    ]
+    for module_or_name in modules:
+        try:
+            module = (
+                importlib.import_module(module_or_name)
+                if isinstance(module_or_name, str)
+                else module_or_name
+            )
+        except Exception as err:
+            problems.append(_problem(f"built-in ops module {module_or_name}: {err}"))
+            continue
+        for name, fn in getattr(module, "OPS", {}).items():
+            found[name] = RegisteredOp(name, fn, f"builtin {module.__name__}", _is_async(fn))
+    return found, tuple(problems)
+
+
+def _configured_op(name: str, spec: object, base_dir: Path, problems: list[Problem]) -> Op | None:
+    where = f"ops.{name}"
+    if not isinstance(spec, Mapping) or ("python" in spec) == ("command" in spec):
+        problems.append(
+            _problem(f'{where}: give either python: "module:function" or command: [...]')
+        )
+        return None
+    unknown = set(spec) - {"python", "path", "command"}
+    if unknown:
+        problems.append(_problem(f"{where}: unknown keys {', '.join(sorted(map(str, unknown)))}"))
+        return None
+    if "python" in spec:
+        return _python_op(where, spec, base_dir, problems)
+    argv = spec["command"]
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
+        problems.append(_problem(f"{where}.command: a non-empty list of strings"))
+        return None
+    program = argv[0]
+    if os.sep in program and not os.path.isabs(program):
+        program = str((base_dir / program).resolve())
+    return command_op([program, *argv[1:]], cwd=base_dir)
+
+
+def _python_op(
+    where: str, spec: Mapping[str, Any], base_dir: Path, problems: list[Problem]
+) -> Op | None:
+    target = spec["python"]
+    module_name, _, attribute = target.partition(":") if isinstance(target, str) else ("", "", "")
+    if not module_name or not attribute:
+        problems.append(_problem(f'{where}.python: "module:function", not {target!r}'))
+        return None
+    if "path" in spec:
+        if not isinstance(spec["path"], str):
+            problems.append(_problem(f"{where}.path: a folder relative to the configuration file"))
+            return None
+        folder = str((base_dir / spec["path"]).resolve())
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except Exception as err:
+        problems.append(
+            _problem(f"{where}.python: cannot load {target}: {type(err).__name__}: {err}")
+        )
+        return None
+    if not callable(obj):
+        problems.append(_problem(f"{where}.python: {target} is not callable"))
+        return None
+    fn: Op = obj
+    return fn
+
+
+def command_op(argv: list[str], *, cwd: Path | None = None) -> Op:
+    """An op that runs `argv`: envelope JSON on stdin, a JSON merge patch expected on stdout.
+
+    The arguments and context reach it as environment variables: TXCL_OP, TXCL_ARGS (JSON),
+    TXCL_TENANT, TXCL_STACK, TXCL_RID, TXCL_DEADLINE_S. It runs in its own process group,
+    which is killed when the call's deadline passes.
+    """
+    command = tuple(argv)
+
+    async def run_command(
+        envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
+    ) -> dict[str, Any]:
+        env = dict(os.environ)
+        env.update(
+            TXCL_OP=ctx.op,
+            TXCL_ARGS=json.dumps(args),
+            TXCL_TENANT=ctx.tenant,
+            TXCL_STACK=ctx.stack,
+            TXCL_RID=ctx.rid,
+            TXCL_DEADLINE_S=str(ctx.deadline_s),
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as err:
+            raise OpFailure(f"cannot start {command[0]}: {err.strerror or err}") from None
+        try:
+            out, err_out = await proc.communicate(json.dumps(envelope).encode())
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            tail = err_out.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+            raise OpFailure(f"{command[0]} exited with status {proc.returncode}: {tail}")
+        try:
+            patch = json.loads(out)
+        except ValueError as err:
+            raise OpFailure(f"{command[0]} printed no JSON: {err}") from None
+        if not isinstance(patch, dict):
+            raise OpFailure(f"{command[0]} printed JSON that is not an object")
+        return patch
+
+    return run_command

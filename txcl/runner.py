@@ -1,0 +1,498 @@
+"""One stack over one envelope: stage snapshots, SET and EXEC in order, a StackResult.
+
+Per stage, every rule's WHENs are evaluated against the envelope as it stood when the stage
+began; then the bodies of the rules that fired run in order. Writes never mutate what they
+were given (paths.compile_setter and merge_patch copy only the containers on the written
+path), so the stage-start envelope *is* the snapshot: nothing is copied to keep it, and the
+caller's envelope is never changed.
+
+A run never raises for what rules and ops do: a failing op, a timeout, a write to a
+read-only path or an invalid verdict stops the run and comes back as `StackResult.error`
+(txcl_run_error), with the envelope as it was at that point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from txcl import ast
+from txcl.compiler import Captures, CompiledRule, ExecStep, SetStep
+from txcl.errors import Pos, Problem, TxclError
+from txcl.ops import OpContext, OpRegistry
+from txcl.paths import PathWriteError, merge_patch
+from txcl.values import MISSING, json_problem, to_json
+
+RUN_ERROR: Final = "txcl_run_error"
+READ_ONLY_TXC_KEYS: Final = frozenset({"src", "rid", "route"})
+RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunPolicy:
+    """How to run: immutable; change a copy with dataclasses.replace()."""
+
+    run_ops: bool = True  # `txcl test` turns ops off: no side effects
+    op_timeout_s: float = 5.0  # an op's deadline when its rule gives no WITH timeout
+    registry: OpRegistry | None = None  # None: built-ins and entry points
+    op_stubs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    state_dir: Path | None = None  # ops' storage lives under it
+
+
+DEFAULT_POLICY: Final = RunPolicy()
+TEST_POLICY: Final = RunPolicy(run_ops=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    number: int
+    rules: tuple[CompiledRule, ...]  # files in byte-wise name order, rules in source order
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WhenOutcome:
+    text: str
+    pos: Pos
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """A rule whose WHENs all held, and the regex groups they captured."""
+
+    stage: int
+    pos: Pos
+    file: str
+    whens: tuple[WhenOutcome, ...]
+    captures: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One SET or EXEC as it ran.
+
+    set:  path (segments), before (MISSING if absent), after (the value written; MISSING
+          when the expression was missing and nothing was written)
+    exec: op, args, patch (the merge patch applied), executed (False for a stub or an op
+          not run), note ("stub", "not executed", ...)
+    """
+
+    kind: str  # "set" | "exec"
+    stage: int
+    pos: Pos
+    path: tuple[ast.Segment, ...] | None = None
+    op: str = ""
+    args: Mapping[str, Any] = field(default_factory=dict)
+    before: Any = MISSING
+    after: Any = MISSING
+    patch: Any = None
+    executed: bool = False
+    note: str = ""
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StackResult:
+    envelope: Any  # the envelope after the run (or where it failed)
+    fired: tuple[Fired, ...]
+    steps: tuple[Step, ...]
+    error: Problem | None = None  # a failed run never yields an accept
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Hints:
+    """The union of every rule's `WITH omit` and `WITH redact` paths in a stack."""
+
+    omit: frozenset[str] = frozenset()
+    redact: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.omit or self.redact)
+
+
+# --- envelope rules ------------------------------------------------------------------------
+
+
+def read_only_reason(segments: tuple[ast.Segment, ...], src: str | None) -> str | None:
+    """Why writing at `segments` is refused, or None if it is allowed.
+
+    Read-only: `_txc` itself, `_txc.src`, `_txc.rid`, `_txc.route.*`, and `_txc.<src>.*`
+    except `_txc.<src>.res.*`. `src` is the envelope's `_txc.src`.
+    """
+    if not segments or segments[0] != "_txc":
+        return None
+    if len(segments) == 1:
+        return "_txc belongs to the engine and the source; write below it"
+    key = segments[1]
+    if key in READ_ONLY_TXC_KEYS:
+        return f"_txc.{key} is read-only"
+    if src is not None and key == src and (len(segments) == 2 or segments[2] != RESULT_KEY):
+        return f"_txc.{src} is stamped by the source and read-only, except _txc.{src}.{RESULT_KEY}"
+    return None
+
+
+def patch_read_only_reason(patch: Mapping[str, Any], src: str | None) -> str | None:
+    """Why a merge patch would change a read-only path, or None."""
+    txc = patch.get("_txc", MISSING)
+    if txc is MISSING:
+        return None
+    if not isinstance(txc, dict):
+        return "it would replace _txc, which belongs to the engine and the source"
+    for key, value in txc.items():
+        reason = read_only_reason(("_txc", key), src)
+        if reason is None:
+            continue
+        if key != src or not isinstance(value, dict):
+            return reason
+        for sub in value:
+            sub_reason = read_only_reason(("_txc", key, sub), src)
+            if sub_reason:
+                return sub_reason
+    return None
+
+
+def _valid_code(code: object) -> bool:
+    return (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and (200 <= code <= 299 or 400 <= code <= 599)
+    )
+
+
+def verdict_problem(envelope: Any, src: str | None) -> str | None:
+    """What is wrong with `_txc.<src>.res` (codes must be ints in 2xx, 4xx or 5xx), or None."""
+    if src is None:
+        return None
+    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
+    section = txc.get(src) if isinstance(txc, dict) else None
+    res = section.get(RESULT_KEY, MISSING) if isinstance(section, dict) else MISSING
+    if res is MISSING or res is None:
+        return None
+    where = f"_txc.{src}.{RESULT_KEY}"
+    if not isinstance(res, dict):
+        return f"{where} must be an object with code/msg or recipients, not {to_json(res)!r}"
+    if "code" in res and not _valid_code(res["code"]):
+        return f"invalid verdict {where}.code = {res['code']!r}: an integer in 200-299 or 400-599"
+    recipients = res.get("recipients", MISSING)
+    if recipients is MISSING or recipients is None:
+        return None
+    if not isinstance(recipients, list):
+        return f"{where}.recipients must be a list"
+    for i, slot in enumerate(recipients):
+        if isinstance(slot, dict) and "code" in slot and not _valid_code(slot["code"]):
+            return (
+                f"invalid verdict {where}.recipients.{i}.code = {slot['code']!r}: "
+                "an integer in 200-299 or 400-599"
+            )
+    return None
+
+
+def _source_of(envelope: dict[str, Any]) -> str | None:
+    txc = envelope.get("_txc")
+    src = txc.get("src") if isinstance(txc, dict) else None
+    return src if isinstance(src, str) and src else None
+
+
+def _rid_of(envelope: dict[str, Any]) -> str:
+    txc = envelope.get("_txc")
+    rid = txc.get("rid") if isinstance(txc, dict) else None
+    return rid if isinstance(rid, str) else ""
+
+
+def _route_to(envelope: dict[str, Any]) -> Any:
+    txc = envelope.get("_txc")
+    route = txc.get("route") if isinstance(txc, dict) else None
+    return route.get("to", MISSING) if isinstance(route, dict) else MISSING
+
+
+@functools.cache
+def _default_registry() -> OpRegistry:
+    return OpRegistry.default()
+
+
+class _Failure(Exception):
+    def __init__(self, message: str, pos: Pos | None) -> None:
+        super().__init__(message)
+        self.problem = Problem(RUN_ERROR, message, pos)
+
+
+# --- the stack ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A compiled stack `tenant/stack`: its stages in ascending order."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    tenant: str = field(init=False)
+    hints: Hints = field(init=False)
+    ops_used: frozenset[str] = field(init=False)
+    _plan: tuple[tuple[int, tuple[tuple[CompiledRule, tuple[WhenOutcome, ...]], ...]], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        stages = tuple(sorted(self.stages, key=lambda s: s.number))
+        rules = [rule for stage in stages for rule in stage.rules]
+        object.__setattr__(self, "stages", stages)
+        object.__setattr__(self, "tenant", self.name.partition("/")[0])
+        object.__setattr__(
+            self,
+            "hints",
+            Hints(
+                frozenset(p for r in rules for p in r.omit),
+                frozenset(p for r in rules for p in r.redact),
+            ),
+        )
+        object.__setattr__(self, "ops_used", frozenset(op for r in rules for op in r.ops))
+        plan = tuple(
+            (
+                stage.number,
+                tuple(
+                    (rule, tuple(WhenOutcome(w.text, w.pos, True) for w in rule.whens))
+                    for rule in stage.rules
+                ),
+            )
+            for stage in stages
+        )
+        object.__setattr__(self, "_plan", plan)
+
+    @property
+    def rules(self) -> tuple[CompiledRule, ...]:
+        return tuple(rule for stage in self.stages for rule in stage.rules)
+
+    def run(self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY) -> StackResult:
+        """Run the stack synchronously. Without op calls no event loop is involved."""
+        if not (policy.run_ops and self.ops_used):
+            coro = self._run(envelope, policy)
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                result: StackResult = done.value
+                return result
+            coro.close()  # unreachable by construction: only op calls await
+        return _run_coroutine(self.run_async(envelope, policy))
+
+    async def run_async(self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY) -> StackResult:
+        """Run the stack; only op calls await (sync ops in a worker thread)."""
+        return await self._run(envelope, policy)
+
+    async def _run(self, envelope: Any, policy: RunPolicy) -> StackResult:
+        started = time.perf_counter()
+        fired: list[Fired] = []
+        steps: list[Step] = []
+        if not isinstance(envelope, dict):
+            problem = Problem(
+                RUN_ERROR, f"the envelope must be a JSON object, not {type(envelope).__name__}"
+            )
+            return StackResult(envelope, (), (), problem, time.perf_counter() - started)
+        env: dict[str, Any] = envelope
+        pos: Pos | None = None
+        try:
+            src = _source_of(env)
+            entry = self._entry_stage(env)
+            for number, rules in self._plan:
+                if number < entry:
+                    continue
+                snapshot = env
+                hits = []
+                for rule, outcomes in rules:
+                    captures = rule.test(snapshot)
+                    if captures is not None:
+                        hits.append((rule, captures))
+                        fired.append(Fired(number, rule.pos, rule.file, outcomes, captures))
+                for rule, captures in hits:
+                    for step in rule.steps:
+                        pos = step.pos
+                        if step.__class__ is SetStep:
+                            env = self._set(env, step, captures, src, number, steps)  # type: ignore[arg-type]
+                        else:
+                            env = await self._exec(
+                                env,
+                                step,
+                                rule,
+                                captures,
+                                src,
+                                number,
+                                policy,
+                                steps,  # type: ignore[arg-type]
+                            )
+        except _Failure as failure:
+            return StackResult(
+                env, tuple(fired), tuple(steps), failure.problem, time.perf_counter() - started
+            )
+        except TxclError as err:
+            return StackResult(
+                env, tuple(fired), tuple(steps), err.problem, time.perf_counter() - started
+            )
+        except Exception as err:  # a bug must still end as a failed run, never an accept
+            problem = Problem(RUN_ERROR, f"internal error: {type(err).__name__}: {err}", pos)
+            return StackResult(
+                env, tuple(fired), tuple(steps), problem, time.perf_counter() - started
+            )
+        return StackResult(env, tuple(fired), tuple(steps), None, time.perf_counter() - started)
+
+    def _entry_stage(self, env: dict[str, Any]) -> int:
+        to = _route_to(env)
+        if to is MISSING:
+            return self.stages[0].number if self.stages else 0
+        stack, _, stage = to.rpartition("/") if isinstance(to, str) else ("", "", "")
+        if stack != self.name or not stage.isdigit():
+            raise _Failure(
+                f"_txc.route.to = {to!r} does not name a stage of {self.name} "
+                f'(expected "{self.name}/<stage>")',
+                None,
+            )
+        return int(stage)
+
+    @staticmethod
+    def _set(
+        env: dict[str, Any],
+        step: SetStep,
+        captures: Captures,
+        src: str | None,
+        stage: int,
+        steps: list[Step],
+    ) -> dict[str, Any]:
+        target = step.target
+        if target[0] == "_txc":
+            reason = read_only_reason(target, src)
+            if reason:
+                raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
+        value = step.value(env, captures)
+        before = step.read(env)
+        if value is MISSING:
+            steps.append(
+                Step(
+                    "set",
+                    stage,
+                    step.pos,
+                    target,
+                    before=before,
+                    note="value is missing: nothing written",
+                )
+            )
+            return env
+        value = to_json(value)
+        try:
+            env = step.write(env, value)
+        except PathWriteError as err:
+            raise _Failure(str(err), step.pos) from None
+        steps.append(Step("set", stage, step.pos, target, before=before, after=value))
+        if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
+            problem = verdict_problem(env, src)
+            if problem:
+                raise _Failure(problem, step.pos)
+        return env
+
+    async def _exec(
+        self,
+        env: dict[str, Any],
+        step: ExecStep,
+        rule: CompiledRule,
+        captures: Captures,
+        src: str | None,
+        stage: int,
+        policy: RunPolicy,
+        steps: list[Step],
+    ) -> dict[str, Any]:
+        name = step.op
+        args = rule.evaluate_args(env, captures)
+        started = time.perf_counter()
+        executed = False
+        if not policy.run_ops:
+            stub = policy.op_stubs.get(name, MISSING)
+            patch: Any = {} if stub is MISSING else stub
+            note = "not executed" if stub is MISSING else "stub"
+        else:
+            patch = await self._call_op(env, step, rule, args, policy)
+            executed, note = True, ""
+        elapsed = time.perf_counter() - started
+        if not isinstance(patch, dict):
+            raise _Failure(
+                f"op {name} returned {type(patch).__name__}, not a JSON object (a merge patch)",
+                step.pos,
+            )
+        problem = json_problem(patch)
+        if problem:
+            raise _Failure(f"op {name} returned data that is not JSON: {problem}", step.pos)
+        reason = patch_read_only_reason(patch, src)
+        if reason:
+            raise _Failure(f"op {name}: {reason}", step.pos)
+        steps.append(
+            Step(
+                "exec",
+                stage,
+                step.pos,
+                None,
+                name,
+                args,
+                patch=patch,
+                executed=executed,
+                note=note,
+                elapsed_s=elapsed,
+            )
+        )
+        if patch:
+            env = merge_patch(env, patch)
+            txc = patch.get("_txc")
+            if src is not None and isinstance(txc, dict) and src in txc:
+                verdict = verdict_problem(env, src)
+                if verdict:
+                    raise _Failure(f"op {name}: {verdict}", step.pos)
+        return env
+
+    async def _call_op(
+        self,
+        env: dict[str, Any],
+        step: ExecStep,
+        rule: CompiledRule,
+        args: dict[str, Any],
+        policy: RunPolicy,
+    ) -> Any:
+        name = step.op
+        registry = policy.registry if policy.registry is not None else _default_registry()
+        if name not in registry:
+            raise _Failure(f"unknown op {name!r} (EXEC {step.uri})", step.pos)
+        deadline = rule.timeout_s if rule.timeout_s is not None else policy.op_timeout_s
+        ctx = OpContext(
+            tenant=self.tenant,
+            stack=self.name,
+            rid=_rid_of(env),
+            state_dir=policy.state_dir,
+            deadline_s=deadline,
+            op=name,
+        )
+        try:
+            return await asyncio.wait_for(registry.call(name, env, args, ctx), deadline)
+        except TimeoutError:
+            raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
+        except Exception as err:
+            raise _Failure(f"op {name} failed: {type(err).__name__}: {err}", step.pos) from None
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, StackResult]) -> StackResult:
+    """Run to completion from sync code, also when this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
