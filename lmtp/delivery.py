@@ -1,0 +1,199 @@
+"""One DATA -> one envelope per (tenant, stack) group -> stack runs -> one reply per RCPT.
+
+The message is parsed once, off the event loop, and its `msg` object is shared by every
+group's envelope (the runner never mutates its input). Groups run concurrently; each
+resolves its own verdicts, and the replies are stitched back into RCPT TO order.
+
+`deliver` never raises: whatever goes wrong in a group becomes 451 4.3.0 for that group's
+recipients, and is logged. The response deadline is the caller's (`lmtp.server` wraps
+`deliver` in `--lmtp-resp-timeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmtp.message import build_envelope, parse_message
+from lmtp.routing import Route
+from lmtp.ulid import new_ulid
+from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
+
+log = logging.getLogger("lmtp.delivery")
+
+MAX_LOGGED_DEFECTS = 5
+
+TraceSink = Callable[..., Any]
+"""`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
+stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack is
+the `Stack` that ran or the routed stack's name. Must be cheap; its failure is ignored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """What the server hands over after DATA. `routes[i]` is the route of `rcpts[i]`."""
+
+    listener: str
+    client_ip: str
+    helo: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    routes: tuple[Route | None, ...]
+    data: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The recipients of one transaction that share a (tenant, stack), in RCPT order."""
+
+    route: Route  # the first recipient's route: its ingress goes into the envelope
+    indices: tuple[int, ...]
+
+
+def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[int]]:
+    """Groups in order of first appearance, and the indices of unrouted recipients."""
+    by_key: dict[tuple[str, str], tuple[Route, list[int]]] = {}
+    unrouted: list[int] = []
+    for index, route in enumerate(routes):
+        if route is None:
+            unrouted.append(index)
+            continue
+        by_key.setdefault((route.tenant, route.stack), (route, []))[1].append(index)
+    return [Group(route, tuple(indices)) for route, indices in by_key.values()], unrouted
+
+
+def default_policy(settings: Any, registry: Any) -> Any:
+    from txcl.runner import RunPolicy  # the engine is imported when a server is built
+
+    return RunPolicy(registry=registry, state_dir=getattr(settings, "state_dir", None))
+
+
+class Deliverer:
+    """Runs each DATA through the routed stacks of `tree` (a `txcl.loader.Tree`).
+
+    `tree` may be replaced on a reload; each delivery reads it once.
+    """
+
+    def __init__(
+        self,
+        tree: Any,
+        settings: Any,
+        registry: Any = None,
+        trace_sink: TraceSink | None = None,
+        *,
+        policy: Any = None,
+    ) -> None:
+        self.tree = tree
+        self.settings = settings
+        self.trace_sink = trace_sink
+        self.policy = policy if policy is not None else default_policy(settings, registry)
+
+    async def deliver(self, tx: Transaction) -> list[str]:
+        """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
+        try:
+            return await self._deliver(tx)
+        except Exception:
+            log.exception("lmtp delivery failed before any stack ran; answering 451")
+            return [RUN_FAILED.line] * len(tx.rcpts)
+
+    async def _deliver(self, tx: Transaction) -> list[str]:
+        replies: list[Reply] = [RUN_FAILED] * len(tx.rcpts)
+        groups, unrouted = group_recipients(_aligned_routes(tx))
+        for index in unrouted:
+            replies[index] = DEFAULT_DENY
+        if groups:
+            msg, defects = await asyncio.to_thread(parse_message, tx.data)
+            if defects:
+                log.info(
+                    "lmtp message defects (%d): %s", len(defects),
+                    "; ".join(defects[:MAX_LOGGED_DEFECTS]),
+                )
+            stacks = getattr(self.tree, "stacks", None) or {}
+            results = await asyncio.gather(
+                *(self._run_group(tx, group, msg, stacks) for group in groups)
+            )
+            for group, group_replies in zip(groups, results, strict=True):
+                for index, reply in zip(group.indices, group_replies, strict=True):
+                    replies[index] = reply
+        return [reply.line for reply in replies]
+
+    async def _run_group(
+        self, tx: Transaction, group: Group, msg: Mapping[str, Any], stacks: Mapping[str, Any]
+    ) -> list[Reply]:
+        started = time.monotonic()
+        route = group.route
+        rid = new_ulid()
+        rcpts = [tx.rcpts[i] for i in group.indices]
+        envelope: dict[str, Any] = {}
+        stack = stacks.get(route.stack)
+        result: Any = None
+        failure = ""
+        try:
+            envelope = build_envelope(
+                rid=rid,
+                route=route,
+                listener=tx.listener,
+                client_ip=tx.client_ip,
+                helo=tx.helo,
+                mail_from=tx.mail_from,
+                size=len(tx.data),
+                rcpt=rcpts,
+                transaction_rcpt=tx.rcpts,
+                msg=msg,
+            )
+            if stack is None:
+                # A routed stack the tree does not have: no rule can accept (default-deny).
+                replies = [DEFAULT_DENY] * len(rcpts)
+            else:
+                result = await stack.run_async(envelope, self.policy)
+                replies = replies_for(result.envelope, len(rcpts), result.error)
+        except Exception as exc:
+            log.exception("lmtp rid=%s stack=%s: run raised; answering 451", rid, route.stack)
+            replies = [RUN_FAILED] * len(rcpts)
+            failure = f"{type(exc).__name__} during the run"
+        log.info(
+            "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms",
+            rid, route.stack, route.ingress, len(rcpts),
+            ",".join(str(r.code) for r in replies),
+            _outcome_note(stack, result, failure),
+            (time.monotonic() - started) * 1000,
+        )
+        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure)
+        return replies
+
+    def _trace(
+        self, rid: str, envelope: Mapping[str, Any], result: Any, rcpts: Sequence[str],
+        replies: Sequence[Reply], stack: Any, failure: str,
+    ) -> None:
+        if self.trace_sink is None:
+            return
+        pairs = [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
+        try:
+            if failure:
+                self.trace_sink(rid, envelope, result, pairs, stack, error=failure)
+            else:
+                self.trace_sink(rid, envelope, result, pairs, stack)
+        except Exception:
+            log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
+
+
+def _outcome_note(stack: Any, result: Any, failure: str) -> str:
+    if failure:
+        return f" error={failure}"
+    if stack is None:
+        return " (stack not in tree: default-deny)"
+    error = getattr(result, "error", None)
+    if error is not None:
+        return f" error={getattr(error, 'code', '')}: {getattr(error, 'message', error)}"
+    return ""
+
+
+def _aligned_routes(tx: Transaction) -> tuple[Route | None, ...]:
+    """The routes, one per RCPT; a missing route counts as unrouted, never as accepted."""
+    routes = tuple(tx.routes[: len(tx.rcpts)])
+    return routes + (None,) * (len(tx.rcpts) - len(routes))

@@ -1,0 +1,252 @@
+"""lmtp.delivery: grouping, one envelope per group, concurrent runs, replies in RCPT order."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from lmtp.delivery import Deliverer, Transaction, group_recipients
+from lmtp.routing import Route
+from txcl.errors import Problem
+
+DENY = "550 5.1.1 no rule accepted this recipient"
+TEMPFAIL = "451 4.3.0 temporary failure processing the message, try again later"
+
+MESSAGE = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: alice@acme.example, bob@beta.example\r\n"
+    b"Subject: wifi keeps dropping\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"\r\n"
+    b"Hi support\r\n"
+)
+
+
+def route(tenant: str, stack: str, ingress: str) -> Route:
+    return Route(tenant, f"{tenant}/{stack}", ingress, f"{tenant}/{stack}/0")
+
+
+ACME = route("acme", "_mail", "domain:acme.example")
+BETA = route("beta", "_mail", "domain:beta.example")
+
+
+def transaction(*pairs: tuple[str, Route | None], data: bytes = MESSAGE) -> Transaction:
+    return Transaction(
+        listener="default",
+        client_ip="10.0.0.7",
+        helo="mail.postfix.example",
+        mail_from="alice@example.com",
+        rcpts=tuple(a for a, _ in pairs),
+        routes=tuple(r for _, r in pairs),
+        data=data,
+        received_at=0.0,
+    )
+
+
+@dataclass
+class Result:
+    envelope: dict
+    error: Problem | None = None
+
+
+@dataclass
+class FakeStack:
+    """Stands in for txcl's Stack: writes `res` computed from the envelope, like a rule."""
+
+    name: str
+    decide: Callable[[dict], dict]
+    seen: list[dict] = field(default_factory=list)
+
+    async def run_async(self, envelope: dict, policy: Any) -> Result:
+        self.seen.append(envelope)
+        await asyncio.sleep(0)
+        out = dict(envelope)
+        out["_txc"] = {**envelope["_txc"]}
+        out["_txc"]["lmtp"] = {**envelope["_txc"]["lmtp"], "res": self.decide(envelope)}
+        return Result(out)
+
+
+@dataclass
+class Tree:
+    stacks: dict[str, Any]
+
+
+def accept_support(envelope: dict) -> dict:
+    rcpts = envelope["_txc"]["lmtp"]["rcpt"]
+    return {"recipients": [{"code": 250, "msg": "queued"} if "support" in r else None for r in rcpts]}
+
+
+def deliver(deliverer: Deliverer, tx: Transaction) -> list[str]:
+    return asyncio.run(deliverer.deliver(tx))
+
+
+def test_fan_out_across_two_tenants_stitches_replies_in_rcpt_order():
+    acme = FakeStack("acme/_mail", accept_support)
+    beta = FakeStack("beta/_mail", lambda env: {"code": 452, "msg": "over quota"})
+    deliverer = Deliverer(Tree({"acme/_mail": acme, "beta/_mail": beta}), None, policy=object())
+    tx = transaction(
+        ("support@acme.example", ACME),
+        ("bob@beta.example", BETA),
+        ("carol@acme.example", ACME),
+        ("dave@beta.example", BETA),
+    )
+    assert deliver(deliverer, tx) == [
+        "250 2.0.0 queued",
+        "452 4.2.2 over quota",
+        DENY,
+        "452 4.2.2 over quota",
+    ]
+    (acme_env,) = acme.seen
+    (beta_env,) = beta.seen
+    assert acme_env["_txc"]["lmtp"]["rcpt"] == ["support@acme.example", "carol@acme.example"]
+    assert beta_env["_txc"]["lmtp"]["rcpt"] == ["bob@beta.example", "dave@beta.example"]
+    everyone = ["support@acme.example", "bob@beta.example", "carol@acme.example", "dave@beta.example"]
+    assert acme_env["_txc"]["lmtp"]["transaction_rcpt"] == everyone
+    assert beta_env["_txc"]["lmtp"]["transaction_rcpt"] == everyone
+    assert acme_env["_txc"]["route"] == {
+        "tenant": "acme", "stack": "acme/_mail", "ingress": "domain:acme.example",
+        "to": "acme/_mail/0",
+    }
+    assert acme_env["_txc"]["rid"] != beta_env["_txc"]["rid"]
+    assert acme_env["_txc"]["lmtp"]["msg"] is beta_env["_txc"]["lmtp"]["msg"]  # parsed once
+    assert acme_env["_txc"]["lmtp"]["mail"] == {"from": "alice@example.com", "size": len(MESSAGE)}
+    assert acme_env["_txc"]["lmtp"]["client"] == {"ip": "10.0.0.7", "helo": "mail.postfix.example"}
+    assert acme_env["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+
+
+def test_groups_run_concurrently():
+    both_started = asyncio.Event()
+    running = []
+
+    class Waiting(FakeStack):
+        async def run_async(self, envelope, policy):
+            running.append(self.name)
+            if len(running) == 2:
+                both_started.set()
+            await asyncio.wait_for(both_started.wait(), timeout=2)
+            return await super().run_async(envelope, policy)
+
+    accept = lambda env: {"code": 250}  # noqa: E731
+    tree = Tree({"acme/_mail": Waiting("acme/_mail", accept), "beta/_mail": Waiting("beta/_mail", accept)})
+    tx = transaction(("a@acme.example", ACME), ("b@beta.example", BETA))
+    assert deliver(Deliverer(tree, None, policy=object()), tx) == ["250 2.0.0 OK"] * 2
+
+
+def test_stack_missing_from_tree_is_default_deny_without_error():
+    calls = []
+    deliverer = Deliverer(Tree({}), None, policy=object(), trace_sink=lambda *a, **k: calls.append((a, k)))
+    tx = transaction(("x@acme.example", ACME), ("y@acme.example", ACME))
+    assert deliver(deliverer, tx) == [DENY, DENY]
+    ((rid, envelope, result, replies, stack), kwargs), = calls
+    assert result is None and kwargs == {}
+    assert stack == "acme/_mail"
+    assert replies == [("x@acme.example", DENY), ("y@acme.example", DENY)]
+    assert envelope["_txc"]["rid"] == rid
+
+
+def test_unrouted_and_missing_routes_are_denied_not_accepted():
+    acme = FakeStack("acme/_mail", lambda env: {"code": 250})
+    deliverer = Deliverer(Tree({"acme/_mail": acme}), None, policy=object())
+    tx = transaction(("a@acme.example", ACME), ("nobody@x.example", None))
+    assert deliver(deliverer, tx) == ["250 2.0.0 OK", DENY]
+    short = dataclasses.replace(tx, routes=(ACME,))
+    assert deliver(deliverer, short) == ["250 2.0.0 OK", DENY]
+
+
+def test_run_error_tempfails_only_its_group():
+    class Failing(FakeStack):
+        async def run_async(self, envelope, policy):
+            result = await super().run_async(envelope, policy)
+            return Result(result.envelope, Problem("txcl_run_error", "op ARCHIVE timed out"))
+
+    tree = Tree({
+        "acme/_mail": Failing("acme/_mail", lambda env: {"code": 250}),
+        "beta/_mail": FakeStack("beta/_mail", lambda env: {"code": 250}),
+    })
+    tx = transaction(("a@acme.example", ACME), ("b@beta.example", BETA))
+    assert deliver(Deliverer(tree, None, policy=object()), tx) == [TEMPFAIL, "250 2.0.0 OK"]
+
+
+def test_a_raising_stack_is_451_for_its_group_and_traced_with_the_error():
+    class Raising(FakeStack):
+        async def run_async(self, envelope, policy):
+            raise RuntimeError("engine bug")
+
+    calls = []
+    tree = Tree({
+        "acme/_mail": Raising("acme/_mail", dict),
+        "beta/_mail": FakeStack("beta/_mail", lambda env: {"code": 250}),
+    })
+    deliverer = Deliverer(tree, None, policy=object(), trace_sink=lambda *a, **k: calls.append(k))
+    tx = transaction(("a@acme.example", ACME), ("b@beta.example", BETA))
+    assert deliver(deliverer, tx) == [TEMPFAIL, "250 2.0.0 OK"]
+    assert {"error": "RuntimeError during the run"} in calls
+
+
+def test_a_failing_trace_sink_never_changes_the_replies():
+    def broken_sink(*args, **kwargs):
+        raise OSError("disk full")
+
+    tree = Tree({"acme/_mail": FakeStack("acme/_mail", lambda env: {"code": 250, "msg": "ok"})})
+    deliverer = Deliverer(tree, None, policy=object(), trace_sink=broken_sink)
+    assert deliver(deliverer, transaction(("a@acme.example", ACME))) == ["250 2.0.0 ok"]
+
+
+def test_trace_sink_gets_input_envelope_result_replies_and_stack():
+    calls = []
+    stack = FakeStack("acme/_mail", lambda env: {"code": 250})
+    deliverer = Deliverer(Tree({"acme/_mail": stack}), None, policy=object(),
+                          trace_sink=lambda *a: calls.append(a))
+    deliver(deliverer, transaction(("a@acme.example", ACME)))
+    ((rid, envelope_in, result, replies, traced_stack),) = calls
+    assert envelope_in is stack.seen[0]
+    assert "res" not in envelope_in["_txc"]["lmtp"]
+    assert result.envelope["_txc"]["lmtp"]["res"] == {"code": 250}
+    assert replies == [("a@acme.example", "250 2.0.0 OK")]
+    assert traced_stack is stack
+    assert rid == envelope_in["_txc"]["rid"]
+
+
+def test_the_input_envelope_is_not_mutated_by_resolution():
+    stack = FakeStack("acme/_mail", accept_support)
+    deliverer = Deliverer(Tree({"acme/_mail": stack}), None, policy=object())
+    deliver(deliverer, transaction(("support@acme.example", ACME)))
+    before = copy.deepcopy(stack.seen[0])
+    deliver(deliverer, transaction(("support@acme.example", ACME)))
+    assert stack.seen[0] == before
+
+
+def test_unparseable_message_still_delivers_with_raw():
+    stack = FakeStack("acme/_mail", lambda env: {"code": 250})
+    deliverer = Deliverer(Tree({"acme/_mail": stack}), None, policy=object())
+    data = b"\xff\xfe\x00garbage\r\n\r\n--x--\r\n"
+    assert deliver(deliverer, transaction(("a@acme.example", ACME), data=data)) == ["250 2.0.0 OK"]
+    assert stack.seen[0]["_txc"]["lmtp"]["msg"]["raw"].startswith("b64:")
+
+
+def test_no_recipients_no_runs():
+    assert deliver(Deliverer(Tree({}), None, policy=object()), transaction()) == []
+
+
+@pytest.mark.parametrize(
+    ("routes", "groups", "unrouted"),
+    [
+        pytest.param([ACME, BETA, ACME], [(ACME, (0, 2)), (BETA, (1,))], [], id="first appearance"),
+        pytest.param([BETA, ACME], [(BETA, (0,)), (ACME, (1,))], [], id="order kept"),
+        pytest.param([None, ACME, None], [(ACME, (1,))], [0, 2], id="unrouted apart"),
+        pytest.param(
+            [ACME, Route("acme", "acme/_mail", "recipient:vip@acme.example", "acme/_mail/0")],
+            [(ACME, (0, 1))], [], id="same stack via another ingress is one group",
+        ),
+    ],
+)
+def test_group_recipients(routes, groups, unrouted):
+    found, left = group_recipients(routes)
+    assert [(g.route, g.indices) for g in found] == groups
+    assert left == unrouted
