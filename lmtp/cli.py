@@ -1,0 +1,302 @@
+"""`txco`: the chassis command. `serve` runs the LMTP head; `route` and `hostnames` inspect
+and edit what routing sees. Arguments and rendering only; the work lives in the modules.
+
+Exit codes: 0 ok, 1 failure (a listener that cannot bind, an unrouted address, a missing
+row), 2 usage or configuration error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmtp.config import (
+    DEFAULT_LISTEN_ADDRS,
+    DEFAULT_PERSONALITIES,
+    ConfigError,
+    IngressConfig,
+    Settings,
+    default_config_file,
+    load_ingress_config,
+    parse_comma_list,
+    parse_duration,
+    parse_listen_addrs,
+    parse_positive_int,
+)
+from lmtp.server import DeliveryHandler, ListenError, LMTPHead
+
+OK, FAILURE, USAGE = 0, 1, 2
+# Personalities this build can run. The seed's default list names the chassis's others.
+AVAILABLE_PERSONALITIES = ("lmtp",)
+
+log = logging.getLogger("txco")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: reported as one line, exit 2."""
+
+
+# --- shared flags ------------------------------------------------------------------------
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def _add_place_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="the YAML config (default: ./txco.yaml when present)")
+    parser.add_argument("--state-dir", metavar="DIR", default="var",
+                        help="tenant_hostnames database, traces, op storage (default: ./var)")
+
+
+def _add_routing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lmtp-default-hosts", metavar="HOSTS", default="",
+                        help="comma list: rcpts tenant.stack[+mod]@HOST route to tenant/stack")
+    parser.add_argument("--require-hostname-verification", nargs="?", const=True,
+                        default=False, type=_parse_bool, metavar="BOOL",
+                        help="Strategy B uses only verified tenant_hostnames rows")
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--personalities", default=",".join(DEFAULT_PERSONALITIES),
+                        help="comma list; add lmtp to enable the LMTP head "
+                        f"(default: {','.join(DEFAULT_PERSONALITIES)})")
+    parser.add_argument("--lmtp-listen-addrs", default=DEFAULT_LISTEN_ADDRS, metavar="ADDRS",
+                        help="comma list of unix:/path, :port, host:port, [::1]:port; "
+                        "empty disables the head (default: :2424)")
+    parser.add_argument("--lmtp-max-msg-bytes", default="26214400", metavar="N")
+    parser.add_argument("--lmtp-max-recipients", default="50", metavar="N")
+    parser.add_argument("--lmtp-read-timeout", default="30s", metavar="DURATION",
+                        help="per-command idle (default: 30s)")
+    parser.add_argument("--lmtp-data-timeout", default="60s", metavar="DURATION",
+                        help="the whole DATA phase, 354 to the final dot (default: 60s)")
+    parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
+                        help="delivery to verdict (default: 30s)")
+    parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
+                        help="greeting hostname (default: this host's name)")
+    _add_routing_flags(parser)
+    parser.add_argument("--ops", metavar="DIR", default="OPS",
+                        help="the OPS tree (default: ./OPS)")
+    _add_place_flags(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """A Settings from parsed flags; ConfigError names the flag at fault."""
+    fields: dict[str, Any] = {
+        "lmtp_default_hosts": parse_comma_list(args.lmtp_default_hosts),
+        "require_hostname_verification": args.require_hostname_verification,
+        "config_file": default_config_file(args.config),
+        "state_dir": Path(args.state_dir),
+    }
+    if hasattr(args, "personalities"):
+        fields.update(
+            personalities=parse_comma_list(args.personalities),
+            lmtp_listen_addrs=parse_listen_addrs(args.lmtp_listen_addrs),
+            lmtp_max_msg_bytes=parse_positive_int(args.lmtp_max_msg_bytes,
+                                                  "--lmtp-max-msg-bytes"),
+            lmtp_max_recipients=parse_positive_int(args.lmtp_max_recipients,
+                                                   "--lmtp-max-recipients"),
+            lmtp_read_timeout=parse_duration(args.lmtp_read_timeout, "--lmtp-read-timeout"),
+            lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
+            lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
+            ops_dir=Path(args.ops),
+        )
+        if args.lmtp_hostname:
+            fields["lmtp_hostname"] = args.lmtp_hostname
+    return Settings(**fields)
+
+
+def _router(settings: Settings, ingress: IngressConfig) -> Any:
+    from lmtp.hostnames import HostnameStore
+    from lmtp.routing import Router
+
+    return Router(ingress, settings, HostnameStore(settings.state_dir))
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    unavailable = [p for p in settings.personalities if p not in AVAILABLE_PERSONALITIES]
+    if unavailable:
+        print(f"txco: warning: personalities not in this build, skipped: "
+              f"{', '.join(unavailable)}", file=sys.stderr)
+    if "lmtp" not in settings.personalities:
+        raise UsageError("nothing to run: add lmtp to --personalities "
+                         "(e.g. --personalities=lmtp)")
+    if not settings.lmtp_listen_addrs:
+        raise UsageError("nothing to run: the lmtp head is disabled "
+                         "(--lmtp-listen-addrs is empty) and no other personality runs")
+    ingress = load_ingress_config(settings.config_file)
+    handler = _delivery_handler(settings, ingress)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s txco %(levelname)s %(message)s")
+    # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    return asyncio.run(_serve(settings, handler))
+
+
+def _delivery_handler(settings: Settings, ingress: IngressConfig) -> Any:
+    """Everything a delivery needs, loaded and compiled once before the first connection."""
+    from lmtp.delivery import Deliverer, Transaction
+    from txcl.errors import TxclError
+    from txcl.loader import load_tree
+    from txcl.ops import OpRegistry
+
+    if not settings.ops_dir.is_dir():
+        raise UsageError(f"--ops {settings.ops_dir}: no such directory")
+    try:
+        registry = OpRegistry.from_config(ingress.ops, ingress.base_dir)
+        tree = load_tree(settings.ops_dir, registry)
+    except TxclError as err:
+        raise UsageError(f"cannot load {settings.ops_dir}:\n{err}") from None
+    deliverer = Deliverer(tree, settings, registry)
+    return DeliveryHandler(_router(settings, ingress), deliverer, Transaction)
+
+
+async def _serve(settings: Settings, handler: Any) -> int:
+    head = LMTPHead(settings, handler)
+    try:
+        await head.start()
+    except ListenError as err:
+        print(f"txco: error: {err}", file=sys.stderr)
+        return FAILURE
+    log.info("lmtp listening on %s", ", ".join(head.bound))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("lmtp shutting down: finishing deliveries in flight (at most %gs)",
+             settings.lmtp_resp_timeout)
+    await head.close(grace=settings.lmtp_resp_timeout)
+    log.info("lmtp stopped")
+    return OK
+
+
+# --- route -------------------------------------------------------------------------------
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    explanation = _router(settings, load_ingress_config(settings.config_file)).explain(
+        args.address)
+    for line in explanation.lines():
+        print(line)
+    return OK if explanation.route is not None else FAILURE
+
+
+# --- hostnames ---------------------------------------------------------------------------
+
+
+def cmd_hostnames(args: argparse.Namespace) -> int:
+    from lmtp.hostnames import HostnameStore
+
+    store = HostnameStore(Path(args.state_dir))
+    action = args.action
+    if action == "add":
+        _check_tenant_and_stack(args.tenant, args.stack)
+        row = store.add(args.hostname, args.tenant, args.stack, verified=args.verified)
+        state = "verified" if row.verified else "unverified"
+        print(f"{row.hostname} -> {row.target_stack} ({state})")
+        return OK
+    if action == "list":
+        for row in store.list():
+            state = "verified" if row.verified else "unverified"
+            print(f"{row.hostname}\t{row.tenant}\t{row.target_stack}\t{state}")
+        return OK
+    done = store.verify(args.hostname) if action == "verify" else store.remove(args.hostname)
+    if not done:
+        print(f"txco: no hostname {args.hostname!r} in {store.path}", file=sys.stderr)
+        return FAILURE
+    print(f"{args.hostname}: {'verified' if action == 'verify' else 'removed'}")
+    return OK
+
+
+def _check_tenant_and_stack(tenant: str, stack: str | None) -> None:
+    from lmtp.config import STACK_SLUG, TENANT_SLUG
+
+    if not TENANT_SLUG.match(tenant):
+        raise UsageError(f"tenant {tenant!r} is not a tenant name ([a-z][a-z0-9-]*)")
+    if stack is not None:
+        owner, sep, name = stack.partition("/")
+        if not sep or owner != tenant or not STACK_SLUG.match(name):
+            raise UsageError(f"--stack {stack!r} must be {tenant}/<stack> "
+                             "(stack names match [a-z_][a-z0-9_-]*)")
+
+
+def _configure_hostnames(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="DIR", default="var",
+                        help="where the tenant_hostnames database lives (default: ./var)")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add (or replace) a tenant's hostname")
+    add.add_argument("hostname")
+    add.add_argument("tenant")
+    add.add_argument("--stack", help="default: <tenant>/_mail")
+    add.add_argument("--verified", action="store_true", help="mark it verified at once")
+    actions.add_parser("list", help="every hostname, tenant, stack and state")
+    for name, help_text in (("verify", "mark a hostname verified"),
+                            ("remove", "delete a hostname")):
+        actions.add_parser(name, help=help_text).add_argument("hostname")
+
+
+def _configure_route(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", help="a RCPT TO address")
+    _add_routing_flags(parser)
+    _add_place_flags(parser)
+
+
+# --- the command table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand("run the chassis (the lmtp personality)", _add_serve_flags, cmd_serve),
+    "route": Subcommand("show which routing step takes an address, and where",
+                        _configure_route, cmd_route),
+    "hostnames": Subcommand("add, list, verify or remove tenant hostnames",
+                            _configure_hostnames, cmd_hostnames),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txco", description="The txcl chassis.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, sub in SUBCOMMANDS.items():
+        sub.configure(commands.add_parser(name, help=sub.help, description=sub.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ConfigError, UsageError) as err:
+        print(f"txco: error: {err}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
