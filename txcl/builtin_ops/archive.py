@@ -86,7 +86,8 @@ def unique_name() -> str:
     return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}.{_host_part()}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory (a file created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -94,12 +95,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def ensure_maildir(path: Path, *, subfolder: bool) -> None:
-    """Create tmp/ new/ cur/ (and the Maildir++ `maildirfolder` marker) when missing."""
+def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
+    """Create tmp/ new/ cur/ (and the Maildir++ `maildirfolder` marker) when missing.
+
+    A folder made here is fsynced, with every folder above it up to `durable_up_to`, so the
+    first message stored in it does not vanish with a directory entry after a power cut.
+    """
+    if all((path / sub).is_dir() for sub in SUBDIRS):
+        return
     for sub in SUBDIRS:
         (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
     if subfolder:
         (path / "maildirfolder").touch(mode=0o600, exist_ok=True)
+    for folder in (path, *path.parents):
+        fsync_dir(folder)
+        if folder == durable_up_to or folder == folder.parent:
+            break
 
 
 def deliver(maildir: Path, data: bytes) -> Path:
@@ -109,17 +120,18 @@ def deliver(maildir: Path, data: bytes) -> Path:
     new_path = maildir / "new" / name
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp_path, new_path)
     except BaseException:
-        os.close(fd)
         tmp_path.unlink(missing_ok=True)
         raise
-    os.close(fd)
-    os.rename(tmp_path, new_path)
-    _fsync_dir(maildir / "new")
+    fsync_dir(maildir / "new")
     return new_path
 
 
@@ -128,10 +140,11 @@ def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
     folder = folder_argument(args)
     data = raw_message(envelope, "ARCHIVE")
     root = ctx.storage(MAILDIR)
-    ensure_maildir(root, subfolder=False)
+    state_dir = Path(ctx.state_dir or root)
+    ensure_maildir(root, subfolder=False, durable_up_to=state_dir)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
     if folder:
-        ensure_maildir(target, subfolder=True)
+        ensure_maildir(target, subfolder=True, durable_up_to=root)
     path = deliver(target, data)
     return {
         "archive": {

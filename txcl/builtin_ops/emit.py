@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from txcl.builtin_ops.archive import fsync_dir
 from txcl.ops import Op, OpContext, OpFailure
 
 EVENT_LOG = "events.jsonl"
@@ -72,6 +73,7 @@ def event_json(envelope: Mapping[str, Any], args: Mapping[str, Any], op: str) ->
 
 def append_line(path: Path, line: bytes) -> int:
     """Append `line` durably and return the byte offset at which it starts."""
+    new_file = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -82,6 +84,8 @@ def append_line(path: Path, line: bytes) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)  # also releases the flock
+    if new_file:  # the log's directory entry must be as durable as its first line
+        fsync_dir(path.parent)
     return end - len(line)
 
 
