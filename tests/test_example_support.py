@@ -182,7 +182,7 @@ def _file(state_dir: Path, message_id: str, subject: str = "Help", **args: Any) 
 
 def test_ticket_opens_a_ticket_in_the_tenants_own_storage(tmp_path: Path) -> None:
     assert _file(tmp_path, "<a@x>", "Charged twice") == {
-        "id": 1, "new": True, "thread": None, "ref": "#1", "repeat": False,
+        "id": 1, "new": True, "ref": "#1", "repeat": False,
     }
     assert _rows(tmp_path, "SELECT id, subject, requester, label, status FROM tickets") == [
         (1, "Charged twice", "someone@example.org", "billing", "open")
@@ -228,7 +228,7 @@ def test_a_retried_reply_stays_threaded(tmp_path: Path) -> None:
 
 def test_a_reply_to_a_ticket_that_does_not_exist_opens_a_new_one(tmp_path: Path) -> None:
     assert _file(tmp_path, "<reply@x>", "Re: [#77] hi", thread="77") == {
-        "id": 1, "new": True, "thread": None, "ref": "#1", "repeat": False,
+        "id": 1, "new": True, "ref": "#1", "repeat": False,
     }
 
 
@@ -245,7 +245,7 @@ def test_mail_without_message_id_is_keyed_on_its_bytes(tmp_path: Path) -> None:
         return TICKET(_envelope(_msg("Help", raw=raw)), {}, _ctx(tmp_path))["ticket"]
 
     assert deliver("b64:SGVsbG8=")["id"] == 1
-    assert deliver("b64:SGVsbG8=") == {"id": 1, "new": True, "thread": None, "ref": "#1",
+    assert deliver("b64:SGVsbG8=") == {"id": 1, "new": True, "ref": "#1",
                                        "repeat": True}
     assert deliver("b64:SGVsbG8h")["id"] == 2
     assert _rows(tmp_path, "SELECT message_id FROM messages ORDER BY rowid")[0][0].startswith(

@@ -181,11 +181,12 @@ def ticket(
 ) -> dict[str, Any]:
     """File the mail as a ticket, or thread it onto the ticket named by `WITH thread = N`.
 
-    Result: {"ticket": {"id": N, "new": bool, "thread": N or null, "ref": "#N",
-    "repeat": bool}}. `new` is true when this message opened the ticket; `thread` is the
-    ticket a reply was threaded onto (null for a new ticket, or when #N does not exist, in
-    which case the reply opens a ticket of its own); `repeat` is true when this Message-ID
-    was filed before (a retried delivery): the answer is then the first one, not a new row.
+    Result: {"ticket": {"id": N, "new": bool, "thread": N, "ref": "#N", "repeat": bool}}.
+    `new` is true when this message opened the ticket; `thread` is there only when a reply
+    was threaded onto ticket N (a reply to a #N that does not exist opens a ticket of its
+    own; and a merge patch cannot say null, which means "delete"); `repeat` is true when
+    this Message-ID was filed before (a retried delivery): the answer is then the first
+    one, and no row is added.
     Raises TicketStoreUnavailable when the store cannot be opened or written in time.
     """
     msg = _msg(envelope)
@@ -242,8 +243,11 @@ def _file(
 
 
 def _answer(ticket_id: int, *, new: bool, threaded: bool, repeat: bool) -> dict[str, Any]:
-    return {"id": ticket_id, "new": new, "thread": ticket_id if threaded else None,
-            "ref": f"#{ticket_id}", "repeat": repeat}
+    answer: dict[str, Any] = {"id": ticket_id, "new": new, "ref": f"#{ticket_id}",
+                              "repeat": repeat}
+    if threaded:
+        answer["thread"] = ticket_id
+    return answer
 
 
 def _thread_number(value: object) -> int | None:
