@@ -186,25 +186,33 @@ class Router:
                 return found
         return self._listener(listener, note)
 
-    def _recipient(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
-        entry = self._recipients.get(key)
+    @staticmethod
+    def _from_table(
+        step: str, table: Mapping[str, Any], key: str, ingress: str, note: Note | None,
+        listener: str = "",
+    ) -> Route | None:
+        entry = table.get(key)
         if note:
-            note("1 recipients[address]", f"{key!r} matched" if entry else f"no entry {key!r}")
+            note(step, f"{key!r} matched" if entry is not None else f"no entry {key!r}")
         if entry is None:
             return None
         tenant, stack = _target(entry)
-        return _route(tenant, stack, f"recipient:{key}")
+        return _route(tenant, stack, ingress, listener)
+
+    def _recipient(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
+        return self._from_table(
+            "1 recipients[address]", self._recipients, key, f"recipient:{key}", note
+        )
 
     def _recipient_domain(
         self, local: str, domain: str, key: str, note: Note | None
     ) -> Route | None:
-        entry = self._recipients.get(f"@{domain}") if domain else None
-        if note:
-            note("2 recipients[@domain]", f"'@{domain}' matched" if entry else f"no entry '@{domain}'")
-        if entry is None:
+        if not domain:
             return None
-        tenant, stack = _target(entry)
-        return _route(tenant, stack, f"recipient:@{domain}")
+        wildcard = f"@{domain}"
+        return self._from_table(
+            "2 recipients[@domain]", self._recipients, wildcard, f"recipient:{wildcard}", note
+        )
 
     def _strategy_a(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
         if domain not in self._default_hosts:
@@ -248,10 +256,6 @@ class Router:
 
     def _listener(self, listener: str, note: Note | None) -> Route | None:
         name = listener if listener in self._listeners else DEFAULT_LISTENER
-        entry = self._listeners.get(name)
-        if note:
-            note("5 listeners", f"listeners.{name} matched" if entry else f"no listeners.{listener}")
-        if entry is None:
-            return None
-        tenant, stack = _target(entry)
-        return _route(tenant, stack, f"listener:{name}", name)
+        return self._from_table(
+            "5 listeners", self._listeners, name, f"listener:{name}", note, name
+        )
