@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -230,6 +231,21 @@ def test_emit_refuses_a_flag_that_is_not_a_boolean(ctx):
         emit(make_envelope(), {"include_raw": "yes"}, ctx)
 
 
+def test_emit_from_many_coroutines_through_the_registry_gives_distinct_whole_lines(ctx):
+    registry = OpRegistry.default()
+
+    async def burst() -> list[dict[str, Any]]:
+        calls = [registry.call("EMIT", {**make_envelope(), "seq": i}, {}, ctx) for i in range(50)]
+        return await asyncio.gather(*calls)
+
+    patches = asyncio.run(burst())
+    data = (stack_dir(ctx) / "events.jsonl").read_bytes()
+    by_offset = {p["emit"]["offset"]: p for p in patches}
+    assert len(by_offset) == 50
+    seqs = {json.loads(data[offset : data.index(b"\n", offset)])["seq"] for offset in by_offset}
+    assert seqs == set(range(50))
+
+
 def test_emit_lines_from_many_threads_never_interleave(ctx):
     threads, per_thread = 8, 40
     offsets: list[int] = []
@@ -323,6 +339,29 @@ def test_webhook_slow_answer_times_out_at_the_op_deadline(ctx, hook_url):
             make_envelope(), {"url": hook_url + "/slow"}, dataclasses.replace(ctx, deadline_s=0.3)
         )
     assert time.monotonic() - started < 1.5
+
+
+def test_webhook_peer_trickling_bytes_is_cut_off_at_the_deadline(ctx):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def trickle() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                with contextlib.suppress(OSError):
+                    for _ in range(30):
+                        conn.sendall(b"a")
+                        time.sleep(0.1)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+        started = time.monotonic()
+        with pytest.raises(OpFailure, match="timed out after 0.5s"):
+            webhook(make_envelope(), {"url": url}, dataclasses.replace(ctx, deadline_s=0.5))
+        assert time.monotonic() - started < 1.2
 
 
 def test_webhook_connection_refused_is_an_op_error(ctx):

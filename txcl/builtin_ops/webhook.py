@@ -98,6 +98,8 @@ def post(
         try:
             conn.request("POST", target.request_path, body=body, headers=dict(headers))
             response = conn.getresponse()
+            if expired.is_set():  # the headers were cut short by the watchdog
+                raise TimeoutError
             return response.status, response.reason
         except (OSError, http.client.HTTPException) as exc:
             if expired.is_set() or isinstance(exc, TimeoutError):
