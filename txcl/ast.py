@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from txcl.errors import Pos
 
-Segment = Union[str, int]  # an int segment indexes a list; a str one (quoted or not) is a key
+Segment = str | int  # an int segment indexes a list; a str one (quoted or not) is a key
 
 
 # --- paths -------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class Add:
     pos: Pos
 
 
-Expr = Union[Path, JsonPath, Literal, ListLit, Regex, Call, Compare, Match, And, Or, Not, Add]
+Expr = Path | JsonPath | Literal | ListLit | Regex | Call | Compare | Match | And | Or | Not | Add
 
 
 # --- statements and files ----------------------------------------------------------------
@@ -156,8 +156,8 @@ class With:
     pos: Pos
 
 
-Stmt = Union[When, Set, Exec, With]
-BodyStmt = Union[Set, Exec, With]
+Stmt = When | Set | Exec | With
+BodyStmt = Set | Exec | With
 
 
 @dataclass(frozen=True, slots=True)
