@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txcl.errors import Pos, Problem
+from txcl.runner import Fired, Hints, StackResult, Step, WhenOutcome
 from txcl.trace import (
     REDACTED,
     Scrubber,
@@ -27,38 +28,9 @@ from txcl.trace import (
     read_trace,
     trace_names,
 )
-from txcl.values import MISSING
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
 RAW = "b64:UmVjZWl2ZWQ6IGZyb20gbWFpbC5leGFtcGxlLmNvbQ=="
-
-
-@dataclass(frozen=True)
-class FakeStep:
-    kind: str
-    pos: Pos
-    path: str = ""
-    before: Any = MISSING
-    after: Any = MISSING
-    op: str = ""
-    args: Any = None
-    patch: Any = None
-
-
-@dataclass(frozen=True)
-class FakeFired:
-    pos: Pos
-    stage: int
-    match: Any = None
-
-
-@dataclass(frozen=True)
-class FakeResult:
-    envelope: dict[str, Any]
-    fired: tuple[FakeFired, ...] = ()
-    steps: tuple[FakeStep, ...] = ()
-    error: Problem | None = None
-    elapsed_s: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -86,25 +58,30 @@ def envelope() -> dict[str, Any]:
     }
 
 
-def result_for(env: dict[str, Any], error: Problem | None = None) -> FakeResult:
+def result_for(env: dict[str, Any], error: Problem | None = None) -> StackResult:
     final = json.loads(json.dumps(env))
     final["_txc"]["lmtp"]["res"] = {"code": 250, "msg": "queued"}
     pos = Pos("OPS/acme/_mail/0/10.txcl", 3, 1)
-    return FakeResult(
+    when = WhenOutcome("@lmtp.msg.headers.authorization.0 =~ /Bearer (?P<tok>.*)/", pos, True)
+    return StackResult(
         envelope=final,
-        fired=(FakeFired(pos=pos, stage=0, match={"tok": SECRET_AUTH[7:]}),),
+        fired=(Fired(0, pos, pos.file, (when,), {"tok": SECRET_AUTH[7:]}),),
         steps=(
-            FakeStep("set", pos, "_txc.lmtp.res.code", before=MISSING, after=250),
-            FakeStep(
+            Step("set", 0, pos, ("_txc", "lmtp", "res", "code"), after=250),
+            Step(
                 "exec",
+                0,
                 pos,
                 op="ARCHIVE",
                 args={"auth": SECRET_AUTH, "note": "x"},
                 patch={"_txc": {"lmtp": {"msg": {"raw": RAW}}}, "ticket": {"id": 7}},
+                executed=True,
+                elapsed_s=0.002,
             ),
-            FakeStep("set", pos, "_txc.lmtp.msg", before=env["_txc"]["lmtp"]["msg"]),
+            Step("set", 0, pos, ("_txc", "lmtp", "msg"), before=env["_txc"]["lmtp"]["msg"]),
         ),
         error=error,
+        elapsed_s=0.001,
     )
 
 
@@ -158,12 +135,10 @@ def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
     first_step = trace["steps.json"]["steps"][0]
     assert first_step == {
         "kind": "set",
+        "stage": 0,
         "pos": "OPS/acme/_mail/0/10.txcl:3:1",
         "path": "_txc.lmtp.res.code",
         "after": 250,
-        "op": "",
-        "args": None,
-        "patch": None,
     }
     # indented, so a person can read it
     assert "\n  " in (folder / "envelope.json").read_text()
@@ -213,6 +188,12 @@ def test_hints_may_come_as_a_mapping_or_comma_lists(tmp_path: Path) -> None:
     assert RAW not in all_text(trace) and SECRET_AUTH not in all_text(trace)
 
 
+def test_hints_as_the_runner_gives_them(tmp_path: Path) -> None:
+    hints = Hints(frozenset(HINTS.omit), frozenset(HINTS.redact))
+    trace = write_one(tmp_path, hints=hints)
+    assert RAW not in all_text(trace) and SECRET_AUTH not in all_text(trace)
+
+
 def test_no_hints_keeps_everything(tmp_path: Path) -> None:
     trace = write_one(tmp_path, hints=None)
     assert trace["envelope.json"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
@@ -220,9 +201,12 @@ def test_no_hints_keeps_everything(tmp_path: Path) -> None:
 
 def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
     env = envelope()
-    result = FakeResult(
+    result = StackResult(
         envelope=env,
-        steps=(FakeStep("set", Pos("f", 1, 1), "ticket.title", after="auth was " + SECRET_AUTH),),
+        fired=(),
+        steps=(
+            Step("set", 0, Pos("f", 1, 1), ("ticket", "title"), after="auth was " + SECRET_AUTH),
+        ),
     )
     record = TraceRecord("r", 0.0, env, result, (), "acme/_mail", HINTS)
     steps = build_artifacts(record)["steps.json"]["steps"]
@@ -418,3 +402,82 @@ def test_omitted_keys_never_survive_and_the_input_is_unchanged(doc: dict[str, An
         if isinstance(item, dict):
             assert "raw" not in item
     assert json.dumps(doc, sort_keys=True) == snapshot
+
+
+# --- with the real engine and deliverer ----------------------------------------------------
+
+NEVER_FIRES_BUT_SCRUBS = """\
+WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/
+WITH omit = "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"
+WITH redact = "_txc.lmtp.msg.headers.authorization, _txc.lmtp.msg.subject"
+SET @lmtp.res.code = 550
+"""
+
+ACCEPT = """\
+WHEN @lmtp.rcpt.0 =~ /^support@/
+SET @lmtp.res.code = 250
+SET @lmtp.res.msg = "queued"
+SET ticket.title = "re: " + @lmtp.msg.subject
+"""
+
+MAIL = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: support@acme.example\r\n"
+    b"Subject: password is hunter2-hunter2\r\n"
+    b"Authorization: " + SECRET_AUTH.encode() + b"\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"\r\n"
+    b"Hi support\r\n"
+)
+
+
+def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) -> None:
+    import asyncio
+
+    from lmtp.config import Settings
+    from lmtp.delivery import Deliverer, Transaction
+    from lmtp.routing import Route
+    from txcl.loader import load_tree
+
+    ops = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    ops.mkdir(parents=True)
+    (ops / "10-accept.txcl").write_text(ACCEPT)
+    (ops / "20-never.txcl").write_text(NEVER_FIRES_BUT_SCRUBS)
+    tree = load_tree(tmp_path / "OPS")
+    assert tree.ok, tree.problems
+    writer = TraceWriter(tmp_path / "var")
+    deliverer = Deliverer(tree, Settings(state_dir=tmp_path / "var"), trace_sink=writer)
+    route = Route("acme", "acme/_mail", "domain:acme.example", "acme/_mail/0")
+    tx = Transaction(
+        "default",
+        "10.0.0.7",
+        "mx",
+        "alice@example.com",
+        ("support@acme.example",),
+        (route,),
+        MAIL,
+        0.0,
+    )
+    replies = asyncio.run(deliverer.deliver(tx))
+    assert replies == ["250 2.0.0 queued"]
+    assert writer.flush()
+    writer.close()
+
+    trace = read_trace(tmp_path / "var")
+    text = all_text(trace)
+    assert "hunter2" not in text
+    assert SECRET_AUTH not in text
+    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    assert "raw" not in msg
+    assert msg["subject"] == REDACTED
+    assert msg["headers"]["authorization"] == REDACTED
+    assert msg["headers"]["subject"] == [REDACTED]  # a copy of the redacted subject
+    fired = trace["steps.json"]["fired"]
+    assert [f["pos"].rsplit("/", 1)[-1] for f in fired] == ["10-accept.txcl:1:1"]
+    title = [s for s in trace["steps.json"]["steps"] if s.get("path") == "ticket.title"]
+    assert title[0]["after"] == "re: " + REDACTED
+    assert trace["response.json"]["replies"] == [
+        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
+    ]
+    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
+    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}

@@ -348,6 +348,11 @@ def dotted(segs: PathSegs) -> str:
 _STEP_PATH_FIELDS: Final = ("path", "target")
 _STEP_VALUE_FIELDS: Final = ("before", "after", "value", "old", "new")
 _STEP_ROOTED_FIELDS: Final = ("patch", "merge_patch")
+# Fields a kind of step never uses: left out so each step reads as what it did.
+_UNUSED_BY_KIND: Final = {
+    "set": frozenset({"op", "args", "patch", "executed", "elapsed_s"}),
+    "exec": frozenset({"path", "target", "before", "after"}),
+}
 
 
 def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
@@ -364,8 +369,11 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
         if segs is not None:
             doc[name] = dotted(segs)
             break
+    unused = _UNUSED_BY_KIND.get(str(doc.get("kind")), ())
     out: dict[str, Any] = {}
     for key, value in doc.items():
+        if key in unused or (key == "note" and not value):
+            continue
         if segs is not None and key in _STEP_VALUE_FIELDS:
             value = scrubber.at(segs, value)
         elif key in _STEP_ROOTED_FIELDS:
