@@ -27,7 +27,9 @@ from txcl.builtin_ops.archive import archive
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.forward import forward
 from txcl.builtin_ops.webhook import webhook
+from txcl.loader import load_tree
 from txcl.ops import OpContext, OpFailure, OpRegistry, StorageError
+from txcl.runner import RunPolicy
 
 RAW = (
     b"From: Alice <alice@example.com>\r\n"
@@ -534,3 +536,38 @@ def test_forward_without_any_sender_is_an_op_error(ctx):
     del envelope["_txc"]["lmtp"]["mail"]
     with pytest.raises(OpFailure, match="FORWARD: no WITH from and no envelope sender"):
         forward(envelope, {"to": "a@b.example"}, ctx)
+
+
+# Through the runner ----------------------------------------------------------------------
+
+
+def run_rule(tmp_path: Path, rule: str) -> Any:
+    stage = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    stage.mkdir(parents=True)
+    (stage / "accept.txcl").write_text(rule)
+    tree = load_tree(tmp_path / "OPS")
+    assert tree.ok, tree.problems
+    policy = RunPolicy(state_dir=tmp_path / "var")
+    return tree.stacks["acme/_mail"].run(make_envelope(), policy)
+
+
+def test_a_rule_that_accepts_and_archives_has_the_mail_stored_when_the_run_ends(tmp_path):
+    result = run_rule(
+        tmp_path,
+        'SET @lmtp.res.code = 250\nWITH folder = "Support"\nEXEC "op://ARCHIVE"\n',
+    )
+    assert result.error is None
+    assert result.envelope["_txc"]["lmtp"]["res"]["code"] == 250
+    stored = Path(result.envelope["archive"]["path"])
+    assert stored.read_bytes() == RAW
+    assert stored.is_relative_to(tmp_path / "var" / "tenants" / "acme" / "_mail" / "Maildir")
+
+
+def test_a_refused_folder_fails_the_run_and_writes_nothing(tmp_path):
+    result = run_rule(
+        tmp_path,
+        'SET @lmtp.res.code = 250\nWITH folder = "../../x"\nEXEC "op://ARCHIVE"\n',
+    )
+    assert result.error is not None
+    assert "ARCHIVE: folder '../../x' is refused" in result.error.message
+    assert not (tmp_path / "var").exists() or files_under(tmp_path / "var") == set()
