@@ -113,9 +113,11 @@ class Deliverer:
                     "lmtp message defects (%d): %s", len(defects),
                     "; ".join(defects[:MAX_LOGGED_DEFECTS]),
                 )
-            stacks = getattr(self.tree, "stacks", None) or {}
+            tree = self.tree
+            stacks = getattr(tree, "stacks", None) or {}
+            rejected = frozenset(getattr(tree, "rejected", None) or ())
             results = await asyncio.gather(
-                *(self._run_group(tx, group, msg, stacks) for group in groups)
+                *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
             )
             for group, group_replies in zip(groups, results, strict=True):
                 for index, reply in zip(group.indices, group_replies, strict=True):
@@ -123,7 +125,12 @@ class Deliverer:
         return [reply.line for reply in replies]
 
     async def _run_group(
-        self, tx: Transaction, group: Group, msg: Mapping[str, Any], stacks: Mapping[str, Any]
+        self,
+        tx: Transaction,
+        group: Group,
+        msg: Mapping[str, Any],
+        stacks: Mapping[str, Any],
+        rejected: frozenset[str],
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -146,7 +153,12 @@ class Deliverer:
                 transaction_rcpt=tx.rcpts,
                 msg=msg,
             )
-            if stack is None:
+            if stack is None and route.stack in rejected:
+                # The tenant wrote this stack but it failed to load: keep the mail queued
+                # (Postfix retries) rather than bounce it over a typo being fixed.
+                replies = [RUN_FAILED] * len(rcpts)
+                failure = "stack not served: it failed to load"
+            elif stack is None:
                 # A routed stack the tree does not have: no rule can accept (default-deny).
                 replies = [DEFAULT_DENY] * len(rcpts)
             else:

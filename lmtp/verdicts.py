@@ -198,6 +198,29 @@ class LmtpSource:
         replies = replies_for(envelope, len(rcpts), error)
         return [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
 
+    def envelope_from_message(
+        self, raw: bytes, *, rcpts: Sequence[str], mail_from: str, stack: str, stage: int
+    ) -> dict[str, Any]:
+        """The envelope the head would build for `raw` delivered to `rcpts` of `stack`."""
+        from lmtp.message import build_envelope, parse_message
+        from lmtp.routing import Route
+        from lmtp.ulid import new_ulid
+
+        msg, _defects = parse_message(raw)
+        tenant = stack.partition("/")[0]
+        return build_envelope(
+            rid=new_ulid(),
+            route=Route(tenant, stack, "test", f"{stack}/{stage}"),
+            listener="default",
+            client_ip="127.0.0.1",
+            helo="localhost",
+            mail_from=mail_from,
+            size=len(raw),
+            rcpt=rcpts,
+            transaction_rcpt=rcpts,
+            msg=msg,
+        )
+
 
 def _rcpts(envelope: Mapping[str, Any]) -> list[str]:
     rcpts = _dig(envelope, "_txc", "lmtp", "rcpt")

@@ -250,3 +250,85 @@ def test_group_recipients(routes, groups, unrouted):
     found, left = group_recipients(routes)
     assert [(g.route, g.indices) for g in found] == groups
     assert left == unrouted
+
+
+# --- with the real engine: load_tree on an OPS tree of real .txcl rules -------------------
+
+RULES = {
+    "acme/_mail/0/10-support.txcl": (
+        "WHEN @lmtp.rcpt.0 =~ /^support@/\n"
+        "SET @lmtp.res.recipients.0.code = 250\n"
+        'SET @lmtp.res.recipients.0.msg = "queued"\n'
+    ),
+    "beta/_mail/0/10-classify.txcl": (
+        "WHEN @lmtp.msg.subject =~ /wifi/i\n"
+        'SET ticket.queue = "network"\n'
+    ),
+    "beta/_mail/1/10-decide.txcl": (
+        'WHEN ticket.queue == "network"\n'
+        "SET @lmtp.res.code = 250\n"
+        'SET @lmtp.res.msg = "noted\\r\\n250 injected"\n'
+    ),
+    "gamma/_mail/0/bad-code.txcl": "SET @lmtp.res.code = 999\n",
+    "delta/_mail/0/broken.txcl": "WHEN @lmtp.msg.subject =~ /unterminated\n",
+    "epsilon/_mail/0/silent.txcl": 'SET ticket.note = "saw it"\n',
+}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    from txcl.loader import load_tree
+
+    for rel, text in RULES.items():
+        path = tmp_path / "OPS" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return load_tree(tmp_path / "OPS")
+
+
+def real_deliverer(tree, tmp_path, trace_sink=None) -> Deliverer:
+    from lmtp.config import Settings
+
+    settings = Settings(lmtp_hostname="test", state_dir=tmp_path / "var", ops_dir=tmp_path / "OPS")
+    return Deliverer(tree, settings, trace_sink=trace_sink)
+
+
+def mail_route(tenant: str) -> Route:
+    return route(tenant, "_mail", f"domain:{tenant}.example")
+
+
+def test_real_rules_fan_out_and_stitch_in_rcpt_order(tree, tmp_path):
+    assert tree.rejected == {"delta/_mail"}
+    tx = transaction(
+        ("support@acme.example", mail_route("acme")),
+        ("bob@beta.example", mail_route("beta")),
+        ("carol@acme.example", mail_route("acme")),
+        ("g@gamma.example", mail_route("gamma")),
+        ("d@delta.example", mail_route("delta")),
+        ("e@epsilon.example", mail_route("epsilon")),
+        ("z@zeta.example", mail_route("zeta")),
+    )
+    assert deliver(real_deliverer(tree, tmp_path), tx) == [
+        "250 2.0.0 queued",       # acme: its slot 0
+        "250 2.0.0 noted 250 injected",  # beta: stage 1 broadcast, CRLF flattened
+        DENY,                     # acme: slot 1 never written
+        TEMPFAIL,                 # gamma: 999 is an invalid verdict, the run fails
+        TEMPFAIL,                 # delta: the stack failed to load
+        DENY,                     # epsilon: rules ran, none wrote a verdict
+        DENY,                     # zeta: no such stack
+    ]
+
+
+def test_real_rules_write_traces_through_the_trace_writer(tree, tmp_path):
+    from txcl.trace import TraceWriter, read_trace
+
+    writer = TraceWriter(tmp_path / "var")
+    try:
+        tx = transaction(("support@acme.example", mail_route("acme")))
+        assert deliver(real_deliverer(tree, tmp_path, writer), tx) == ["250 2.0.0 queued"]
+        assert writer.flush()
+    finally:
+        writer.close()
+    trace = read_trace(tmp_path / "var")
+    assert "250 2.0.0 queued" in str(trace)
+    assert "support@acme.example" in str(trace)

@@ -240,3 +240,19 @@ def test_source_is_registered_as_an_entry_point():
 
     (ep,) = [e for e in entry_points(group="txcl.sources") if e.name == "lmtp"]
     assert ep.load() is SOURCE
+
+
+def test_source_builds_the_envelope_the_head_would_for_a_message():
+    raw = b"Subject: wifi keeps dropping\r\nFrom: a@example.com\r\n\r\nhi\r\n"
+    env = SOURCE.envelope_from_message(
+        raw, rcpts=["support@acme.example"], mail_from="a@example.com", stack="acme/_mail", stage=0
+    )
+    txc = env["_txc"]
+    assert txc["src"] == "lmtp"
+    assert txc["route"] == {
+        "tenant": "acme", "stack": "acme/_mail", "ingress": "test", "to": "acme/_mail/0"
+    }
+    assert txc["lmtp"]["rcpt"] == txc["lmtp"]["transaction_rcpt"] == ["support@acme.example"]
+    assert txc["lmtp"]["mail"] == {"from": "a@example.com", "size": len(raw)}
+    assert txc["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    assert txc["lmtp"]["msg"]["text"] == "hi\n"
