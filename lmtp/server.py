@@ -102,6 +102,7 @@ class DataDecoder:
 
     def _emit(self, piece: bytes, stop: int) -> None:
         if stop <= self._skip:
+            self._skip -= stop
             return
         skip, self._skip = self._skip, 0
         if self.too_large:
@@ -520,7 +521,10 @@ class LMTPProtocol(LMTP):
         simple = _SIMPLE_PATH.match(text)
         if simple:
             return simple.group(1), (simple.group(2) or "").split()
-        address, rest = self._getaddr(text)
+        try:
+            address, rest = self._getaddr(text)
+        except (IndexError, ValueError):  # the email parser trips over some inputs, e.g. "a@"
+            return None
         if not address:
             return None
         return address, (rest or "").split()
