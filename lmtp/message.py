@@ -178,12 +178,12 @@ def _leaves(part: Message) -> Iterator[Message]:
 
 
 def _attachments(parsed: Message, bodies: set[int]) -> list[dict[str, Any]]:
-    if not parsed.is_multipart():
-        return []
     out = []
     for part in _leaves(parsed):
-        if id(part) in bodies or part is parsed:
+        if id(part) in bodies:
             continue
+        if part is parsed and part.get_content_maintype() == "text" and not part.is_attachment():
+            continue  # a single-part text message is a body, even one get_body passed over
         content = _part_bytes(part)
         out.append(
             {

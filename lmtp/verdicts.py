@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from txcl.errors import Problem
+
 log = logging.getLogger("lmtp.verdicts")
 
 MAX_TEXT_LEN = 200
@@ -167,7 +169,9 @@ def lmtp_res(envelope: Mapping[str, Any] | None) -> object:
     return _dig(envelope, "_txc", "lmtp", "res")
 
 
-def replies_for(envelope: Mapping[str, Any] | None, n_rcpt: int, error: Any = None) -> list[Reply]:
+def replies_for(
+    envelope: Mapping[str, Any] | None, n_rcpt: int, error: Problem | None = None
+) -> list[Reply]:
     """One reply per recipient of the group, from the run's final envelope and error."""
     if error is not None:
         return [RUN_FAILED] * n_rcpt
@@ -190,7 +194,9 @@ class LmtpSource:
 
     name: str = "lmtp"
 
-    def replies(self, envelope: Mapping[str, Any], error: Any = None) -> list[tuple[str, str]]:
+    def replies(
+        self, envelope: Mapping[str, Any], error: Problem | None = None
+    ) -> list[tuple[str, str]]:
         """(recipient, reply line) per `_txc.lmtp.rcpt`; one row "*" when there are none."""
         rcpts = _rcpts(envelope)
         if not rcpts:

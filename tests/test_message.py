@@ -133,6 +133,26 @@ def test_attached_message_is_one_attachment_not_its_insides():
     assert b"inner body" in base64.b64decode(msg["attachments"][0]["content"][4:])
 
 
+def test_single_part_non_text_message_is_an_attachment():
+    raw = crlf(
+        "Content-Type: application/pdf\n"
+        "Content-Disposition: attachment; filename=scan.pdf\n"
+        "Content-Transfer-Encoding: base64\n"
+        "\n"
+        "JVBERi0=\n"
+    )
+    msg, _ = parse_message(raw)
+    assert msg["text"] == ""
+    assert [(a["name"], a["type"], a["size"]) for a in msg["attachments"]] == [
+        ("scan.pdf", "application/pdf", 5)
+    ]
+
+
+def test_single_part_text_message_has_no_attachments():
+    msg, _ = parse_message(crlf("Content-Type: text/calendar\n\nBEGIN:VCALENDAR\n"))
+    assert msg["attachments"] == []
+
+
 def test_missing_headers_give_empty_fields():
     msg, _ = parse_message(b"\r\njust a body\r\n")
     assert (msg["id"], msg["date"], msg["subject"]) == ("", "", "")
