@@ -1,0 +1,275 @@
+"""lmtp.reload: snapshots compiled aside, swapped atomically, bad edits refused, triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from lmtp.config import Settings
+from lmtp.reload import (
+    ReloadFailed,
+    ReloadingHandler,
+    RuntimeHolder,
+    build_runtime,
+    fingerprint,
+    format_status,
+    read_status,
+)
+from lmtp.routing import Route
+
+ACCEPT = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v1"\n'
+ACCEPT_V2 = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v2"\n'
+BROKEN = "SET @lmtp.res.code = 250\nWHEN @lmtp.msg.subject =~ /(unclosed/\nSET x = 1\n"
+CONFIG = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
+
+
+def layout(tmp_path: Path, config: str = CONFIG) -> Settings:
+    rules = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    rules.mkdir(parents=True)
+    (rules / "10-accept.txcl").write_text(ACCEPT)
+    (tmp_path / "txco.yaml").write_text(config)
+    return Settings(
+        ops_dir=tmp_path / "OPS",
+        config_file=tmp_path / "txco.yaml",
+        state_dir=tmp_path / "var",
+        lmtp_hostname="test",
+    )
+
+
+def rule_file(tmp_path: Path, name: str = "10-accept.txcl") -> Path:
+    return tmp_path / "OPS" / "acme" / "_mail" / "0" / name
+
+
+def edit(path: Path, text: str) -> None:
+    """Write and move the mtime forward, so a same-size edit within one clock tick counts."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    st = path.stat()
+    if st.st_mtime_ns <= before:
+        os.utime(path, ns=(st.st_atime_ns, before + 1_000_000))
+
+
+def verdict_msg(holder: RuntimeHolder) -> str:
+    stack = holder.current.tree.stacks["acme/_mail"]
+    envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}, "lmtp": {"rcpt": ["a"]}}}
+    return stack.run(envelope).envelope["_txc"]["lmtp"]["res"]["msg"]
+
+
+def test_start_builds_version_1_and_writes_status(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    assert holder.current.version == 1
+    assert verdict_msg(holder) == "v1"
+    assert holder.current.router.route("x@acme.example") is not None
+    status = read_status(tmp_path / "var")
+    assert status["version"] == 1 and status["stacks"] == 1
+    assert status["last_reload"]["ok"] is True
+    assert status["last_reload"]["trigger"] == "start"
+
+
+def test_a_good_edit_swaps_in_the_next_version(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    first = holder.current
+    edit(rule_file(tmp_path), ACCEPT_V2)
+    outcome = holder.reload_blocking("test")
+    assert outcome.ok and outcome.version == 2
+    assert holder.current is not first and holder.current.version == 2
+    assert verdict_msg(holder) == "v2"
+    assert read_status(tmp_path / "var")["version"] == 2
+
+
+def test_a_broken_edit_keeps_the_last_good_version_and_reports_every_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    good = holder.current
+    edit(rule_file(tmp_path), BROKEN)
+    edit(tmp_path / "txco.yaml", "ingress:\n  lmtp:\n    listeners: [oops\n")
+    outcome = holder.reload_blocking("test")
+    assert not outcome.ok
+    assert holder.current is good and verdict_msg(holder) == "v1"
+    texts = [str(p) for p in outcome.problems]
+    rule = str(rule_file(tmp_path))
+    assert any(t.startswith(f"{rule}:2:") for t in texts), texts
+    assert any(t.startswith(f"{tmp_path / 'txco.yaml'}:4:") for t in texts), texts
+    status = read_status(tmp_path / "var")
+    assert status["version"] == 1
+    assert status["last_reload"]["ok"] is False
+    locations = [p.get("location", {}).get("file") for p in status["last_reload"]["problems"]]
+    assert rule in locations
+    shown = format_status(status)
+    assert "FAILED, still serving the version above" in shown
+    assert f"{rule}:2:" in shown
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "lmtp.reload")
+    assert "still serving version 1" in logged and f"{rule}:2:" in logged
+
+
+def test_fixing_the_edit_serves_again(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    edit(rule_file(tmp_path), BROKEN)
+    assert not holder.reload_blocking("test").ok
+    edit(rule_file(tmp_path), ACCEPT_V2)
+    outcome = holder.reload_blocking("test")
+    assert outcome.ok and outcome.version == 2 and verdict_msg(holder) == "v2"
+    assert read_status(tmp_path / "var")["last_reload"]["problems"] == []
+
+
+def test_a_reload_refuses_an_unknown_op_but_start_serves_the_other_stacks(tmp_path: Path) -> None:
+    settings = layout(tmp_path)
+    other = tmp_path / "OPS" / "beta" / "_mail" / "0"
+    other.mkdir(parents=True)
+    (other / "10.txcl").write_text('EXEC "op://NO_SUCH_OP"\n')
+    holder = RuntimeHolder.start(settings)
+    assert set(holder.current.tree.stacks) == {"acme/_mail"}
+    assert holder.last.ok is False  # start reports the stack it could not serve
+    with pytest.raises(ReloadFailed) as failed:
+        build_runtime(settings, 2)
+    assert any("NO_SUCH_OP" in str(p) for p in failed.value.problems)
+
+
+def test_a_transaction_keeps_the_runtime_it_started_with(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
+    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
+    reply = asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@acme.example", []))
+    assert reply.startswith("250")
+    edit(rule_file(tmp_path), ACCEPT_V2)
+    assert holder.reload_blocking("test").ok
+    assert handler.runtime_of(in_flight).version == 1
+    fresh = SimpleNamespace(rcpt_tos=[], routes=[])
+    assert handler.runtime_of(fresh).version == 2
+    assert isinstance(in_flight.routes[0], Route)
+
+
+def test_the_fingerprint_sees_edits_additions_and_removals(tmp_path: Path) -> None:
+    settings = layout(tmp_path)
+    paths = (settings.ops_dir, settings.config_file)
+    base = fingerprint(paths)
+    assert fingerprint(paths) == base
+    edit(rule_file(tmp_path), ACCEPT_V2)
+    edited = fingerprint(paths)
+    assert edited != base
+    rule_file(tmp_path, "20-more.txcl").write_text(ACCEPT)
+    added = fingerprint(paths)
+    assert added != edited
+    rule_file(tmp_path, "20-more.txcl").unlink()
+    assert fingerprint(paths) == edited
+    missing = fingerprint((tmp_path / "nothing-here",))
+    assert missing == ((str(tmp_path / "nothing-here"), -1, -1),)
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.01)
+
+
+def test_the_watcher_reloads_once_for_a_multi_file_save(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    versions: list[int] = []
+
+    async def scenario() -> None:
+        watcher = asyncio.create_task(holder.watch(interval_s=0.05, debounce_s=0.25))
+        await asyncio.sleep(0.1)
+        for i, name in enumerate(("10-accept.txcl", "20-b.txcl", "30-c.txcl")):
+            edit(rule_file(tmp_path, name), ACCEPT_V2 if i == 0 else ACCEPT)
+            await asyncio.sleep(0.05)
+        await _until(lambda: holder.current.version > 1)
+        await asyncio.sleep(0.6)  # any second reload would have happened by now
+        versions.append(holder.current.version)
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert versions == [2]
+    assert len(holder.current.tree.stacks["acme/_mail"].rules) == 3
+    assert holder.last.trigger == "watch"
+
+
+def test_the_watcher_does_not_retry_a_broken_tree_until_it_changes(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    attempts: list[str] = []
+
+    async def scenario() -> None:
+        watcher = asyncio.create_task(holder.watch(interval_s=0.03, debounce_s=0.05))
+        edit(rule_file(tmp_path), BROKEN)
+        await _until(lambda: holder.last.trigger == "watch")
+        attempts.append(holder.last.at)
+        await asyncio.sleep(0.3)
+        attempts.append(holder.last.at)
+        edit(rule_file(tmp_path), ACCEPT_V2)
+        await _until(lambda: holder.current.version == 2)
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert attempts[0] == attempts[1]
+
+
+def test_sighup_reloads(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+
+    async def scenario() -> None:
+        holder.install_sighup()
+        try:
+            edit(rule_file(tmp_path), ACCEPT_V2)
+            os.kill(os.getpid(), signal.SIGHUP)
+            await _until(lambda: holder.current.version == 2)
+        finally:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    asyncio.run(scenario())
+    assert holder.last.trigger == "sighup" and verdict_msg(holder) == "v2"
+
+
+def test_requests_during_a_reload_fold_into_one_more(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+
+    async def scenario() -> None:
+        for _ in range(10):
+            holder.request_reload("sighup")
+        await _until(lambda: holder._drainer is not None and holder._drainer.done())
+
+    asyncio.run(scenario())
+    assert holder.current.version == 2
+
+
+def test_the_loop_keeps_serving_while_a_reload_compiles(tmp_path: Path) -> None:
+    settings = layout(tmp_path)
+    for i in range(200):
+        (rule_file(tmp_path, f"{i:03d}-r.txcl")).write_text(
+            f"WHEN @lmtp.msg.subject =~ /ticket {i} (?P<n>[0-9]+)/\nSET ticket.t{i} = match.n\n"
+        )
+    holder = RuntimeHolder.start(settings)
+    gaps: list[float] = []
+
+    async def scenario() -> None:
+        reload = asyncio.create_task(holder.reload("test"))
+        last = time.perf_counter()
+        while not reload.done():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        assert (await reload).ok
+
+    asyncio.run(scenario())
+    assert holder.current.version == 2
+    assert len(gaps) > 5  # the loop ran during the reload, not only after it
+    assert max(gaps) < 0.25, max(gaps)
+
+
+def test_status_json_is_replaced_atomically_and_readable(tmp_path: Path) -> None:
+    holder = RuntimeHolder.start(layout(tmp_path))
+    holder.reload_blocking("test")
+    path = tmp_path / "var" / "status.json"
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 and doc["pid"] == os.getpid()
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
