@@ -4,14 +4,20 @@ whole thing behind a real `txco serve`, fed the sample mail over LMTP."""
 from __future__ import annotations
 
 import json
+import mailbox
+import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from conftest import txco_argv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -294,3 +300,217 @@ def test_any_sequence_of_retries_files_each_message_once(ids: list[str]) -> None
         distinct = len(first_answer)
         assert _rows(state, "SELECT count(*) FROM tickets") == [(distinct,)]
         assert _rows(state, "SELECT count(*) FROM messages") == [(distinct,)]
+
+
+# --- the stack's test cases ----------------------------------------------------------------
+
+CASE_FILES = sorted((EXAMPLE / "OPS" / "acme" / "support" / "tests").glob("*.yaml"))
+
+
+def _cases(path: Path) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text())
+    return doc.get("cases", [doc])
+
+
+@pytest.mark.parametrize("case_file", CASE_FILES, ids=lambda p: p.name)
+def test_stubbed_classify_results_are_what_classify_says(case_file: Path) -> None:
+    """The cases stub CLASSIFY; keep the stubs honest against the real scorer."""
+    for case in _cases(case_file):
+        stub = case["ops"]["CLASSIFY"]["classify"]
+        message = (case_file.parent / case["input"]["eml"]).resolve()
+        real = CLASSIFY(_sample_envelope(message.name), {}, None)["classify"]
+        assert (real["label"], real["score"]) == (stub["label"], stub["score"]), case["name"]
+
+
+def test_every_sample_has_a_stack_test_case() -> None:
+    used = {Path(case["input"]["eml"]).name for f in CASE_FILES for case in _cases(f)}
+    assert used == {p.name for p in SAMPLES.glob("*.eml")}
+
+
+def _txcl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "txcl.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_txcl_test_passes_on_the_examples_ops_tree() -> None:
+    done = _txcl("test", str(EXAMPLE / "OPS"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_txcl_test_fails_when_a_rule_changes_a_verdict(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLE, tmp_path / "example")
+    verdicts = tmp_path / "example" / "OPS" / "acme" / "support" / "1" / "40-verdicts.txcl"
+    verdicts.write_text(verdicts.read_text().replace('"no such mailbox"', '"go away"'))
+    done = _txcl("test", str(tmp_path / "example" / "OPS"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no such mailbox" in done.stdout + done.stderr
+
+
+# --- end to end: `txco serve` on the example, the samples over LMTP ------------------------
+
+
+def _start(serve: Callable[..., Any], tmp_path: Path) -> Any:
+    """The example copied to tmp_path and served from there, as the README runs it: the
+    working directory's txco.yaml is picked up without --config."""
+    for name in ("OPS", "ops", "txco.yaml"):
+        source = EXAMPLE / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name)
+        else:
+            shutil.copy(source, tmp_path / name)
+    return serve(tmp_path, tmp_path / "OPS", "", "--lmtp-default-hosts=chassis.example")
+
+
+def _deliver(server: Any, sample: str, rcpts: list[str], mail_from: str = "sender@example.org"
+             ) -> list[str]:
+    """One LMTP transaction; the reply line of each recipient, in RCPT order."""
+    with server.lmtp() as client:
+        client.ehlo("mx.acme.example")
+        assert client.mail(mail_from)[0] == 250
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250, rcpt
+        replies = [client.data(_sample_bytes(sample))]
+        replies += [client.getreply() for _ in rcpts[1:]]
+    return [f"{code} {text.decode()}" for code, text in replies]
+
+
+def _store(server: Any) -> Path:
+    return server.state_dir / "tenants" / "acme" / "support"
+
+
+def _tickets(server: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(_store(server) / "tickets" / "tickets.sqlite3") as db:
+        return db.execute("SELECT id, label, subject FROM tickets ORDER BY id").fetchall()
+
+
+def _ticket_messages(server: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(_store(server) / "tickets" / "tickets.sqlite3") as db:
+        return db.execute("SELECT ticket_id, opened, message_id FROM messages ORDER BY rowid"
+                          ).fetchall()
+
+
+def _events(server: Any) -> list[dict[str, Any]]:
+    log = _store(server) / "events.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _message_id(sample: str) -> str:
+    return parse_message(_sample_bytes(sample))[0]["id"]
+
+
+# (sample, recipients, replies): a morning at Acme's support desk, in order.
+DELIVERIES = [
+    ("billing.eml", ["support@acme.example"], ["250 2.0.0 ticket #1"]),
+    ("reply-to-ticket.eml", ["support@acme.example"], ["250 2.0.0 ticket #1"]),
+    ("outage.eml", ["support@acme.example"], ["250 2.0.0 ticket #2"]),
+    ("outage-utf8-subject.eml", ["acme.support+urgent@chassis.example"],
+     ["250 2.0.0 ticket #3"]),
+    ("howto-screenshot.eml", ["help@acme.example"], ["250 2.0.0 ticket #4"]),
+    ("unknown-recipient.eml", ["sales@acme.example", "support@acme.example"],
+     ["550 5.1.1 no such mailbox", "250 2.0.0 ticket #5"]),
+    ("spam.eml", ["support@acme.example", "help@acme.example"],
+     ["550 5.7.1 rejected as spam", "550 5.7.1 rejected as spam"]),
+    ("unknown-recipient.eml", ["nobody@acme.example"], ["550 5.1.1 no such mailbox"]),
+]
+ACCEPTED = ["billing.eml", "reply-to-ticket.eml", "outage.eml", "outage-utf8-subject.eml",
+            "howto-screenshot.eml", "unknown-recipient.eml"]
+
+
+def test_every_sample_gets_its_verdicts_ticket_archive_and_event(
+    serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    server = _start(serve, tmp_path)
+    got = [(sample, rcpts, _deliver(server, sample, rcpts)) for sample, rcpts, _ in DELIVERIES]
+    assert got == DELIVERIES
+
+    assert _tickets(server) == [
+        (1, "billing", "Charged twice for the March invoice"),
+        (2, "outage", "URGENT: dashboard down, 502 errors for all users"),
+        (3, "outage", "Störung: API nicht erreichbar — 障害が発生しています"),
+        (4, "how-to", "How do I export my reports to CSV?"),
+        (5, "how-to", "Is it possible to set up single sign-on with Okta?"),
+    ]
+    assert _ticket_messages(server) == [
+        (1, 1, _message_id("billing.eml")),
+        (1, 0, _message_id("reply-to-ticket.eml")),  # the reply joined ticket 1
+        (2, 1, _message_id("outage.eml")),
+        (3, 1, _message_id("outage-utf8-subject.eml")),
+        (4, 1, _message_id("howto-screenshot.eml")),
+        (5, 1, _message_id("unknown-recipient.eml")),
+    ]
+
+    maildir = mailbox.Maildir(_store(server) / "Maildir", factory=None, create=False)
+    archived = sorted(maildir.get_bytes(key) for key in maildir.iterkeys())
+    assert archived == sorted(_sample_bytes(sample) for sample in ACCEPTED)  # byte for byte
+
+    events = _events(server)
+    assert [e["_txc"]["lmtp"]["msg"]["id"] for e in events] == [
+        _message_id(sample) for sample in ACCEPTED]
+    assert [e["ticket"]["id"] for e in events] == [1, 1, 2, 3, 4, 5]
+    assert [e["classify"]["label"] for e in events] == [
+        "billing", "billing", "outage", "outage", "how-to", "how-to"]
+    screenshot = events[4]["_txc"]["lmtp"]["msg"]
+    assert "raw" not in screenshot  # EMIT leaves the bytes out unless asked
+    assert screenshot["attachments"] == [
+        {k: v for k, v in a.items() if k != "content"}
+        for a in parse_message(_sample_bytes("howto-screenshot.eml"))[0]["attachments"]]
+
+
+def test_a_retried_delivery_gets_the_same_ticket(serve: Callable[..., Any], tmp_path: Path
+                                                 ) -> None:
+    server = _start(serve, tmp_path)
+    rcpts = ["support@acme.example"]
+    assert _deliver(server, "billing.eml", rcpts) == ["250 2.0.0 ticket #1"]
+    assert _deliver(server, "billing.eml", rcpts) == ["250 2.0.0 ticket #1"]
+    assert _ticket_messages(server) == [(1, 1, _message_id("billing.eml"))]
+    assert [e["ticket"] for e in _events(server)] == [
+        {"id": 1, "new": True, "ref": "#1", "repeat": False},
+        {"id": 1, "new": True, "ref": "#1", "repeat": True},
+    ]
+
+
+def test_a_locked_ticket_store_tempfails_and_the_retry_files_it_once(
+    serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    server = _start(serve, tmp_path)
+    rcpts = ["support@acme.example", "help@acme.example"]
+    assert _deliver(server, "billing.eml", rcpts[:1]) == ["250 2.0.0 ticket #1"]
+
+    holder = sqlite3.connect(_store(server) / "tickets" / "tickets.sqlite3",
+                             isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        replies = _deliver(server, "outage.eml", rcpts)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [line[:9] for line in replies] == ["451 4.3.0", "451 4.3.0"]
+    assert len(_events(server)) == 1  # nothing after the failed TICKET ran
+
+    assert _deliver(server, "outage.eml", rcpts) == ["250 2.0.0 ticket #2"] * 2
+    assert _tickets(server)[-1][:2] == (2, "outage")
+    assert len(_ticket_messages(server)) == 2
+
+
+def test_traces_leave_out_the_raw_message_and_attachments(
+    serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    server = _start(serve, tmp_path)
+    assert _deliver(server, "howto-screenshot.eml", ["help@acme.example"]) == [
+        "250 2.0.0 ticket #1"]
+    message = parse_message(_sample_bytes("howto-screenshot.eml"))[0]
+    secrets = [message["raw"][4:80], message["attachments"][0]["content"][4:80]]
+
+    deadline = time.monotonic() + 10  # traces are written in the background
+    while time.monotonic() < deadline and not list((server.state_dir / "requests").glob("*/*")):
+        time.sleep(0.05)
+    files = [p for p in (server.state_dir / "requests").rglob("*") if p.is_file()]
+    assert files, "no trace was written"
+    text = "\n".join(p.read_text(errors="replace") for p in files)
+    assert "How do I export my reports to CSV?" in text
+    assert not [s for s in secrets if s in text]
+
+    shown = subprocess.run([*txco_argv(), "trace", "--state-dir", str(server.state_dir)],
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "acme/support" in shown.stdout and "ticket #1" in shown.stdout
