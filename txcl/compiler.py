@@ -238,8 +238,7 @@ class _RuleCompiler:
         if segments[0] == MATCH_ROOT:
             return _capture_reader(segments)
         self.reads.add(segments)
-        get = compile_getter(node)
-        return lambda envelope, match: get(envelope)
+        return compile_getter(node)
 
     def _jsonpath(self, node: ast.JsonPath) -> Eval:
         try:
@@ -358,7 +357,9 @@ def _searcher(left: Eval, regex: CompiledRegex) -> Eval:
         if value.__class__ is str:
             return search(value)
         if isinstance(value, list | tuple):
-            return any(isinstance(item, str) and search(item) for item in value)
+            for item in value:
+                if item.__class__ is str and search(item):
+                    return True
         return False
 
     return found

@@ -41,6 +41,7 @@ class PathWriteError(Exception):
     """A SET or a merge patch cannot write where it was told to (e.g. a key into a string)."""
 
 
+@functools.lru_cache(maxsize=8192)
 def path_text(segments: tuple[ast.Segment, ...]) -> str:
     """The full dotted form of a path, quoting segments that are not plain: `a."x.y".0`."""
     parts = []
@@ -53,17 +54,26 @@ def path_text(segments: tuple[ast.Segment, ...]) -> str:
 
 
 def compile_getter(path: ast.Path) -> Getter:
-    """A closure reading `path` from a document: the value, or MISSING."""
+    """A closure reading `path` from a document: the value, or MISSING.
+
+    The closure takes an optional second argument it ignores, so the compiler can use it
+    directly as an expression `(envelope, match) -> value`.
+    """
     segments = path.segments
-    if len(segments) == 1 and isinstance(segments[0], str):
-        key = segments[0]
+    if all(seg.__class__ is str for seg in segments):
+        # JSON objects have only str keys; a str index into a list or a string raises
+        # TypeError, so no kind checks are needed on the way.
+        def get_keys(doc: Any, _match: Any = None) -> Any:
+            try:
+                for seg in segments:
+                    doc = doc[seg]
+            except (KeyError, TypeError):
+                return MISSING
+            return doc
 
-        def get_one(doc: Any) -> Any:
-            return doc.get(key, MISSING) if isinstance(doc, dict) else MISSING
+        return get_keys
 
-        return get_one
-
-    def get(doc: Any) -> Any:
+    def get(doc: Any, _match: Any = None) -> Any:
         for seg in segments:
             if seg.__class__ is str:
                 if not isinstance(doc, dict):

@@ -27,6 +27,9 @@ class _Missing(enum.Enum):
     def __repr__(self) -> str:
         return "MISSING"
 
+    def __str__(self) -> str:
+        return "missing"
+
     def __bool__(self) -> bool:
         return False
 

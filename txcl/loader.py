@@ -1,0 +1,268 @@
+"""An OPS tree on disk -> compiled stacks, and every problem found on the way.
+
+    OPS/<tenant>/<stack>/<stage>/<name>.txcl     rules; stages are non-negative integers
+    OPS/<tenant>/<stack>/tests/<name>.yaml       the stack's test cases (not a stage)
+
+Tenant names are `[a-z][a-z0-9-]*`, stack names `[a-z_][a-z0-9_-]*`, stage folders
+canonical integers (`0`, `10`; not `010`). Files of a stage are taken in byte-wise sorted
+name order. Anything else in the tree is a problem (txcl_load_error), never silently
+ignored; `..` and symlinks that lead out of the root are refused.
+
+Every file is parsed and compiled, so one load reports the problems of all of them. A stack
+with any problem is not served (it is absent from `Tree.stacks`); the other stacks load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from txcl.compiler import CompiledRule, ExecStep, compile_file
+from txcl.errors import Pos, Problem, TxclError
+from txcl.ops import OpRegistry
+from txcl.runner import Stack, Stage
+
+LOAD_ERROR: Final = "txcl_load_error"
+RULE_SUFFIX: Final = ".txcl"
+TESTS_DIR: Final = "tests"
+CASE_SUFFIXES: Final = (".yaml", ".yml")
+SINGLE_FILE_STACK: Final = "test/_file"
+
+TENANT_NAME: Final = re.compile(r"[a-z][a-z0-9-]*")
+STACK_NAME: Final = re.compile(r"[a-z_][a-z0-9_-]*")
+STAGE_NAME: Final = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+@dataclass(frozen=True)
+class Tree:
+    root: Path
+    stacks: Mapping[str, Stack]  # "tenant/stack" -> Stack, only stacks without problems
+    problems: tuple[Problem, ...]
+    files: int  # .txcl files read
+    case_files: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    rejected: frozenset[str] = frozenset()  # stacks not served because of their problems
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+
+def _problem(message: str, pos: Pos | None = None) -> Problem:
+    return Problem(LOAD_ERROR, message, pos)
+
+
+def _byte_order(name: str) -> bytes:
+    return os.fsencode(name)
+
+
+class _Walker:
+    """One load: the root's real path for escape checks, the registry, counters."""
+
+    def __init__(self, root: Path, registry: OpRegistry | None) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.registry = registry
+        self.files = 0
+
+    def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
+        """The folder's entries in byte-wise name order, without symlinks that escape."""
+        try:
+            with os.scandir(folder) as it:
+                found = sorted(it, key=lambda e: _byte_order(e.name))
+        except OSError as err:
+            problems.append(_problem(f"{folder}: cannot be read: {err.strerror or err}"))
+            return []
+        kept = []
+        for entry in found:
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if os.path.commonpath([self.real_root, target]) != self.real_root:
+                    problems.append(
+                        _problem(f"{entry.path}: a symlink that leads out of {self.root}")
+                    )
+                    continue
+            kept.append(entry)
+        return kept
+
+    def read_rules(self, path: str, problems: list[Problem]) -> tuple[CompiledRule, ...]:
+        self.files += 1
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as err:
+            problems.append(_problem(f"{path}: cannot be read: {err.strerror or err}"))
+            return ()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(
+                _problem(
+                    f"not UTF-8 text: byte 0x{data[err.start]:02x}",
+                    _byte_pos(path, data, err.start),
+                )
+            )
+            return ()
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        from txcl.parser import parse  # the parser builds its tables on first use
+
+        try:
+            rules = compile_file(parse(text, path))
+        except TxclError as err:
+            problems.extend(err.problems)
+            return ()
+        if self.registry is not None:
+            for rule in rules:
+                for step in rule.steps:
+                    if isinstance(step, ExecStep) and step.op not in self.registry:
+                        problems.append(
+                            _problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
+                        )
+        return rules
+
+    def stage(self, number: int, folder: str, problems: list[Problem]) -> Stage:
+        rules: list[CompiledRule] = []
+        files: list[str] = []
+        for entry in self.entries(folder, problems):
+            if not entry.name.endswith(RULE_SUFFIX) or entry.name == RULE_SUFFIX:
+                problems.append(
+                    _problem(f"{entry.path}: a stage holds only <name>{RULE_SUFFIX} files")
+                )
+                continue
+            if not entry.is_file():
+                problems.append(_problem(f"{entry.path}: not a regular file"))
+                continue
+            files.append(entry.path)
+            rules.extend(self.read_rules(entry.path, problems))
+        return Stage(number, tuple(rules), tuple(files))
+
+    def stack(
+        self, name: str, folder: str, problems: list[Problem]
+    ) -> tuple[Stack, tuple[Path, ...]]:
+        stages: list[Stage] = []
+        cases: list[Path] = []
+        for entry in self.entries(folder, problems):
+            if entry.name == TESTS_DIR and entry.is_dir():
+                cases.extend(
+                    Path(e.path)
+                    for e in self.entries(entry.path, problems)
+                    if e.name.endswith(CASE_SUFFIXES) and e.is_file()
+                )
+            elif STAGE_NAME.fullmatch(entry.name) and entry.is_dir():
+                stages.append(self.stage(int(entry.name), entry.path, problems))
+            else:
+                problems.append(
+                    _problem(
+                        f"{entry.path}: a stack folder holds only stage folders "
+                        f"(0, 1, 10, ...) and {TESTS_DIR}/"
+                    )
+                )
+        return Stack(name, tuple(stages)), tuple(cases)
+
+
+def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    line = data.count(b"\n", 0, offset) + 1
+    column = len(data[line_start:offset].decode("utf-8", "replace")) + 1
+    return Pos(path, line, column)
+
+
+def load_tree(root: Path | str, registry: OpRegistry | None = None) -> Tree:
+    """Load `OPS/`: every tenant, stack, stage and file. Never raises for bad content.
+
+    With a registry, an EXEC of an op it does not know is a problem of that stack.
+    """
+    root = Path(root)
+    walker = _Walker(root, registry)
+    problems: list[Problem] = []
+    stacks: dict[str, Stack] = {}
+    cases: dict[str, tuple[Path, ...]] = {}
+    rejected: set[str] = set()
+    if not root.is_dir():
+        problems.append(_problem(f"{root}: not a folder"))
+        return Tree(root, stacks, tuple(problems), 0)
+    for tenant in walker.entries(str(root), problems):
+        if not (TENANT_NAME.fullmatch(tenant.name) and tenant.is_dir()):
+            problems.append(
+                _problem(f"{tenant.path}: expected a tenant folder named [a-z][a-z0-9-]*")
+            )
+            continue
+        for stack_entry in walker.entries(tenant.path, problems):
+            if not (STACK_NAME.fullmatch(stack_entry.name) and stack_entry.is_dir()):
+                problems.append(
+                    _problem(f"{stack_entry.path}: expected a stack folder named [a-z_][a-z0-9_-]*")
+                )
+                continue
+            name = f"{tenant.name}/{stack_entry.name}"
+            stack_problems: list[Problem] = []
+            stack, case_files = walker.stack(name, stack_entry.path, stack_problems)
+            cases[name] = case_files
+            problems.extend(stack_problems)
+            if stack_problems:
+                rejected.add(name)
+            else:
+                stacks[name] = stack
+    return Tree(root, stacks, tuple(problems), walker.files, cases, frozenset(rejected))
+
+
+def _stack_name_from(folder: Path) -> str:
+    """`<tenant>/<stack>` from a stack folder's own and parent names, if they are valid."""
+    tenant, stack = folder.parent.name, folder.name
+    if TENANT_NAME.fullmatch(tenant) and STACK_NAME.fullmatch(stack):
+        return f"{tenant}/{stack}"
+    return SINGLE_FILE_STACK
+
+
+def _is_stack_folder(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as it:
+            return any(
+                e.is_dir() and (e.name == TESTS_DIR or STAGE_NAME.fullmatch(e.name)) for e in it
+            )
+    except OSError:
+        return False
+
+
+def load_target(path: Path | str, registry: OpRegistry | None = None) -> Tree:
+    """Load what a person points `txcl test` or `txcl lint` at.
+
+    - a `.txcl` file: one stack "test/_file" with that file as stage 0;
+    - a stage folder (`.../<tenant>/<stack>/<n>`): that stage alone, as its stack;
+    - a stack folder (holds stage folders or tests/): that stack;
+    - anything else: an OPS root, as load_tree().
+    Stacks loaded from a folder outside a valid tenant/stack layout are named "test/_file".
+    """
+    path = Path(path)
+    if path.is_file():
+        walker = _Walker(path.parent, registry)
+        problems: list[Problem] = []
+        if not path.name.endswith(RULE_SUFFIX):
+            problems.append(_problem(f"{path}: not a {RULE_SUFFIX} file"))
+            return Tree(path, {}, tuple(problems), 0)
+        rules = walker.read_rules(str(path), problems)
+        stack = Stack(SINGLE_FILE_STACK, (Stage(0, rules, (str(path),)),))
+        return _single(path, stack, problems, walker.files, ())
+    if path.is_dir() and STAGE_NAME.fullmatch(path.name):
+        walker = _Walker(path.parent, registry)
+        problems = []
+        stage = walker.stage(int(path.name), str(path), problems)
+        stack = Stack(_stack_name_from(path.parent), (stage,))
+        return _single(path, stack, problems, walker.files, ())
+    if path.is_dir() and _is_stack_folder(path):
+        walker = _Walker(path, registry)
+        problems = []
+        stack, case_files = walker.stack(_stack_name_from(path), str(path), problems)
+        return _single(path, stack, problems, walker.files, case_files)
+    return load_tree(path, registry)
+
+
+def _single(
+    root: Path, stack: Stack, problems: list[Problem], files: int, cases: tuple[Path, ...]
+) -> Tree:
+    if problems:
+        return Tree(root, {}, tuple(problems), files, {stack.name: cases}, frozenset({stack.name}))
+    return Tree(root, {stack.name: stack}, (), files, {stack.name: cases})
