@@ -338,7 +338,8 @@ def test_txcl_test_passes_on_the_examples_ops_tree() -> None:
 
 
 def test_txcl_test_fails_when_a_rule_changes_a_verdict(tmp_path: Path) -> None:
-    shutil.copytree(EXAMPLE, tmp_path / "example")
+    for name in ("OPS", "samples"):
+        shutil.copytree(EXAMPLE / name, tmp_path / "example" / name)
     verdicts = tmp_path / "example" / "OPS" / "acme" / "support" / "1" / "40-verdicts.txcl"
     verdicts.write_text(verdicts.read_text().replace('"no such mailbox"', '"go away"'))
     done = _txcl("test", str(tmp_path / "example" / "OPS"))
