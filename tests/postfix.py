@@ -123,6 +123,30 @@ class Postfix:
         out = self._run("postqueue", "-c", str(self.config_dir), "-j")
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def wait_for_queued(self, rcpt: str, queue_name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until the one queued message for ``rcpt`` sits in ``queue_name``; return it.
+
+        A delivery's log line comes before qmgr moves the file, so read the queue, not the log.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = [m for m in self.queue() if rcpt in {r["address"] for r in m["recipients"]}]
+            if len(entries) == 1 and entries[0]["queue_name"] == queue_name:
+                return entries[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{rcpt} not (only) in the {queue_name} queue after {timeout}s: {entries}"
+                )
+            time.sleep(0.05)
+
+    def wait_for_empty_queue(self, timeout: float = 10.0) -> None:
+        """Wait until nothing is queued (bounce notices included)."""
+        deadline = time.monotonic() + timeout
+        while queued := self.queue():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queue not empty after {timeout}s: {queued}")
+            time.sleep(0.05)
+
     def log(self, since: int = 0) -> str:
         """Postfix's own log from byte offset ``since`` (use :meth:`mark` for an offset)."""
         try:

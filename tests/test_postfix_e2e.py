@@ -121,7 +121,7 @@ def test_harness_delivers_every_recipient_to_a_do_nothing_lmtp_server(
             delivery = postfix.wait_for_delivery(rcpt, "sent")
             assert delivery.text == "250 2.0.0 OK"
             assert delivery.dsn == "2.0.0"
-        wait_for_empty_queue(postfix)
+        postfix.wait_for_empty_queue()
 
 
 def test_harness_refuses_a_domain_it_does_not_serve(workdir: Path) -> None:
@@ -136,13 +136,6 @@ def test_harness_refuses_a_domain_it_does_not_serve(workdir: Path) -> None:
         )
         assert list(refused) == ["x@elsewhere.example"]
         assert refused["x@elsewhere.example"][0] == 550
-
-
-def wait_for_empty_queue(postfix: Postfix, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (queued := postfix.queue()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert queued == []
 
 
 # --- the real thing: txco serve with real rules -----------------------------------------
@@ -235,8 +228,8 @@ def test_postfix_reports_each_recipients_verdict_and_retries_the_tempfailed_one(
     deferred = postfix.wait_for_delivery(TEMPFAILED, "deferred")
     assert "451 4." in deferred.text and "try again later" in deferred.text, deferred
 
-    [queued] = postfix.queue()
-    assert queued["queue_name"] == "deferred"
+    queued = postfix.wait_for_queued(TEMPFAILED, "deferred")
+    assert queued["sender"] == SENDER
     assert [r["address"] for r in queued["recipients"]] == [TEMPFAILED]
 
     (chassis.ops / "gamma/_mail/0/decide.txcl").write_text(FIXED_RULE)
@@ -246,7 +239,7 @@ def test_postfix_reports_each_recipients_verdict_and_retries_the_tempfailed_one(
     postfix.flush()
     retried = postfix.wait_for_delivery(TEMPFAILED, "sent", since=mark)
     assert retried.text.startswith("250 2.") and retried.text.endswith(" queued after the fix")
-    wait_for_empty_queue(postfix)
+    postfix.wait_for_empty_queue()
 
 
 def lmtp_probe(listen: str, rcpt: str) -> int:
