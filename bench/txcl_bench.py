@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""TXCL engine benchmark: prints figures, asserts nothing (machines are shared and noisy).
+
+1. `txcl lint` of a generated OPS tree of 10,000 rule files (target: under 5 s, one core).
+2. Stack runs per second of a 20-rule stage on a realistic LMTP envelope, no ops
+   (target: at least 10,000 runs/s, one core). The baseline measured in the same run is
+   a hand-written Python function doing the same checks, so the ratio says what the
+   rule engine costs over code written by hand.
+
+    python bench/txcl_bench.py [--files 10000] [--runs 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+from lmtp.message import build_envelope, parse_message
+from lmtp.routing import Route
+from txcl.lint import lint_target
+from txcl.loader import load_target
+from txcl.runner import RunPolicy
+
+RULE_TEMPLATES = [
+    'WHEN @lmtp.rcpt.0 =~ /^support{n}@/\nSET @lmtp.res.recipients.0.code = 250\nSET @lmtp.res.recipients.0.msg = "queued {n}"\n',
+    'WHEN @lmtp.msg.subject =~ /invoice|billing {n}/i\nWHEN NOT @lmtp.msg.headers.x-spam.0 == "yes"\nSET label = "billing"\n',
+    'WHEN @lmtp.msg.headers.authentication-results.0 !=~ /spf=pass/\nSET @lmtp.res.code = 550\nSET @lmtp.res.msg = "SPF failed {n}"\n',
+    'WHEN domain(@lmtp.mail.from) IN ["example.com", "example.org"]\nWHEN len(@lmtp.rcpt) > {n}\nSET flags.many = true\n',
+    'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET has_pdf = true\n',
+]
+
+
+def generate_tree(root: Path, files: int) -> None:
+    """files rule files over tenants/stacks/stages, five per stage."""
+    per_stage, stages, stacks = 5, 2, 10
+    per_tenant = per_stage * stages * stacks
+    for i in range(files):
+        tenant, rest = divmod(i, per_tenant)
+        stack, rest = divmod(rest, per_stage * stages)
+        stage, index = divmod(rest, per_stage)
+        folder = root / f"t{tenant}" / f"s{stack}" / str(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:02d}-rule.txcl").write_text(RULE_TEMPLATES[i % len(RULE_TEMPLATES)].format(n=i))
+
+
+def bench_lint(files: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "OPS"
+        generate_tree(root, files)
+        started = time.perf_counter()
+        problems = lint_target(root, None)
+        elapsed = time.perf_counter() - started
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            sys.exit(f"the generated tree should lint clean, got: {errors[0]}")
+    return elapsed
+
+
+STAGE_RULES = [
+    ("10-support.txcl", 'WHEN @lmtp.rcpt.0 =~ /^support@/\nSET @lmtp.res.recipients.0.code = 250\nSET @lmtp.res.recipients.0.msg = "queued"\n'),
+    ("11-help.txcl", 'WHEN @lmtp.rcpt =~ /^help@/\nSET route.help = true\n'),
+    ("12-spf.txcl", 'WHEN @lmtp.msg.headers.authentication-results.0 !=~ /spf=pass/\nSET auth.spf = false\n'),
+    ("13-dkim.txcl", 'WHEN @lmtp.msg.headers.authentication-results.0 =~ /dkim=pass/\nSET auth.dkim = true\n'),
+    ("14-unsub.txcl", 'WHEN @lmtp.msg.subject =~ /unsubscribe/i\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "noted"\n'),
+    ("15-ticket.txcl", 'WHEN @lmtp.msg.subject =~ /\\[#(?P<num>[0-9]+)\\]/\nSET ticket.thread = match.num\n'),
+    ("16-billing.txcl", 'WHEN @lmtp.msg.subject =~ /invoice|billing|charge/i\nSET label = "billing"\n'),
+    ("17-outage.txcl", 'WHEN @lmtp.msg.text =~ /down|outage|not working/i\nSET label = "outage"\n'),
+    ("18-vip.txcl", 'WHEN domain(@lmtp.mail.from) IN ["bigcustomer.example", "partner.example"]\nSET priority = "high"\n'),
+    ("19-many.txcl", 'WHEN len(@lmtp.rcpt) > 3\nSET flags.many_rcpt = true\n'),
+    ("20-pdf.txcl", 'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET has_pdf = true\n'),
+    ("21-noreply.txcl", 'WHEN localpart(@lmtp.mail.from) =~ /^(no-?reply|mailer-daemon)$/i\nSET @lmtp.res.code = 550\n'),
+    ("22-size.txcl", 'WHEN @lmtp.mail.size > 10000000\nSET flags.big = true\n'),
+    ("23-lang.txcl", 'WHEN @lmtp.msg.headers.content-language.0 == "de"\nSET lang = "de"\n'),
+    ("24-spam.txcl", 'WHEN @lmtp.msg.headers.x-spam-flag.0 == "YES"\nSET @lmtp.res.code = 550\n'),
+    ("25-cc.txcl", 'WHEN @lmtp.msg.cc.0.addr =~ /@acme\\.example$/\nSET flags.internal_cc = true\n'),
+    ("26-exists.txcl", 'WHEN NOT exists(@lmtp.msg.headers.in-reply-to)\nSET flags.new_thread = true\n'),
+    ("27-html.txcl", 'WHEN @lmtp.msg.html =~ /<a href=/\nSET flags.links = true\n'),
+    ("28-client.txcl", 'WHEN @lmtp.client.helo =~ /postfix/ AND @lmtp.client.ip == "127.0.0.1"\nSET flags.local = true\n'),
+    ("29-any.txcl", 'WHEN upper(@lmtp.msg.subject) =~ /WIFI/\nSET tags = ["wifi", "network"]\n'),
+]
+
+
+def realistic_envelope() -> dict:
+    msg = EmailMessage()
+    msg["From"] = "Alice Example <alice@example.com>"
+    msg["To"] = "support@acme.example"
+    msg["Cc"] = "Bob <bob@acme.example>"
+    msg["Subject"] = "Re: [#1234] wifi keeps dropping"
+    msg["Message-ID"] = "<abc123@mail.example.com>"
+    msg["Date"] = "Mon, 25 May 2026 14:00:00 +0000"
+    for hop in range(4):
+        msg["Received"] = f"from relay{hop}.example.com (relay{hop} [10.0.0.{hop}]) by mx.acme.example"
+    msg["Authentication-Results"] = "mx.acme.example; spf=pass smtp.mailfrom=example.com; dkim=pass"
+    msg.set_content("Hi support,\n\nMy wifi keeps dropping every few minutes since Monday.\n" * 20)
+    msg.add_alternative("<p>Hi support,</p><p>My wifi keeps dropping <a href=x>details</a></p>", subtype="html")
+    msg.add_attachment(b"%PDF-1.4 " + bytes(3000), maintype="application", subtype="pdf", filename="log.pdf")
+    raw = msg.as_bytes()
+    parsed, _ = parse_message(raw)
+    route = Route("acme", "acme/support", "domain:acme.example", "acme/support/0", "default")
+    return build_envelope(
+        rid="01J0000000000000000000000",
+        route=route,
+        listener="default",
+        client_ip="127.0.0.1",
+        helo="mail.postfix.example",
+        mail_from="alice@example.com",
+        size=len(raw),
+        rcpt=["support@acme.example"],
+        transaction_rcpt=["support@acme.example"],
+        msg=parsed,
+    )
+
+
+SUBJECT_TICKET = re.compile(r"\[#(?P<num>[0-9]+)\]")
+
+
+def by_hand(env: dict) -> dict:
+    """The same 20 checks written directly in Python: the baseline."""
+    lm = env["_txc"]["lmtp"]
+    msg = lm["msg"]
+    out: dict = {}
+    if re.search("^support@", lm["rcpt"][0]):
+        out.setdefault("res", {})["recipients"] = [{"code": 250, "msg": "queued"}]
+    if any(re.search("^help@", r) for r in lm["rcpt"]):
+        out["help"] = True
+    ar = msg["headers"].get("authentication-results", [""])[0]
+    out["spf"] = bool(re.search("spf=pass", ar))
+    out["dkim"] = bool(re.search("dkim=pass", ar))
+    if re.search("unsubscribe", msg["subject"], re.I):
+        out["noted"] = True
+    m = SUBJECT_TICKET.search(msg["subject"])
+    if m:
+        out["thread"] = m.group("num")
+    if re.search("invoice|billing|charge", msg["subject"], re.I):
+        out["label"] = "billing"
+    if re.search("down|outage|not working", msg["text"], re.I):
+        out["label"] = "outage"
+    if lm["mail"]["from"].rpartition("@")[2] in ("bigcustomer.example", "partner.example"):
+        out["priority"] = "high"
+    out["many"] = len(lm["rcpt"]) > 3
+    out["pdf"] = any("pdf" in a["type"] for a in msg["attachments"])
+    out["noreply"] = bool(re.search("^(no-?reply|mailer-daemon)$", lm["mail"]["from"].partition("@")[0], re.I))
+    out["big"] = lm["mail"]["size"] > 10_000_000
+    out["de"] = msg["headers"].get("content-language", [None])[0] == "de"
+    out["spam"] = msg["headers"].get("x-spam-flag", [None])[0] == "YES"
+    out["cc"] = bool(msg["cc"] and re.search(r"@acme\.example$", msg["cc"][0]["addr"]))
+    out["new"] = "in-reply-to" not in msg["headers"]
+    out["links"] = bool(re.search("<a href=", msg["html"]))
+    out["local"] = bool(re.search("postfix", lm["client"]["helo"])) and lm["client"]["ip"] == "127.0.0.1"
+    out["wifi"] = bool(re.search("WIFI", msg["subject"].upper()))
+    return out
+
+
+def rate(fn, env: dict, runs: int) -> float:
+    """Best of three, runs per second."""
+    best = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(runs):
+            fn(env)
+        best.append(runs / (time.perf_counter() - started))
+    return max(best)
+
+
+def bench_runs(runs: int) -> tuple[float, float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "OPS" / "acme" / "support" / "0"
+        stage.mkdir(parents=True)
+        for name, text in STAGE_RULES:
+            (stage / name).write_text(text)
+        tree = load_target(stage.parent)
+        if tree.problems:
+            sys.exit(f"bench stack does not load: {tree.problems[0]}")
+        stack = tree.stacks["acme/support"]
+    env = realistic_envelope()
+    policy = RunPolicy(run_ops=False)
+    result = stack.run(env, policy)
+    if result.error:
+        sys.exit(f"bench run failed: {result.error}")
+    ours = rate(lambda e: stack.run(e, policy), env, runs)
+    baseline = rate(by_hand, env, runs)
+    return ours, baseline, len(result.fired)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=20_000)
+    args = ap.parse_args()
+
+    lint_s = bench_lint(args.files)
+    ours, baseline, fired = bench_runs(args.runs)
+    print(f"{'measure':44} {'value':>12}  target")
+    print(f"{'lint of ' + str(args.files) + ' rule files (s)':44} {lint_s:12.2f}  < 5 s")
+    print(f"{'20-rule stage runs/s (' + str(fired) + ' rules fire)':44} {ours:12,.0f}  >= 10,000")
+    print(f"{'same checks by hand in Python, runs/s':44} {baseline:12,.0f}  baseline")
+    print(f"{'engine / by-hand ratio':44} {ours / baseline:12.2f}")
+    print(f"{'microseconds per run':44} {1e6 / ours:12.1f}")
+
+
+if __name__ == "__main__":
+    main()

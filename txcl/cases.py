@@ -1,0 +1,298 @@
+"""Stack test cases: `OPS/<tenant>/<stack>/tests/*.yaml`, run without side effects.
+
+A case gives an input (an envelope, or a message the envelope's source builds into one),
+stubbed op results, and what to expect: the rules that fired, values at paths, the reply
+lines the source would send, a run error. Results are data; cli.py renders them.
+The format is documented in docs/txcl.md, "Test cases".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from txcl import ast
+from txcl.errors import Pos, Problem, TxclError
+from txcl.parser import parse_expression
+from txcl.paths import compile_getter
+from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
+from txcl.sources import Source, source_for
+from txcl.values import MISSING
+
+CASE_ERROR: Final = "txcl_test_error"
+FAILURE: Final = "txcl_test_failure"
+ABSENT: Final = "~missing"  # an expected path value meaning "not there"
+
+_INPUT_KEYS: Final = ("envelope", "envelope_file", "eml")
+_CASE_KEYS: Final = frozenset({"name", "input", "ops", "expect"})
+_EXPECT_KEYS: Final = frozenset({"fired", "paths", "verdicts", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One expectation that did not hold."""
+
+    what: str  # "fired", "path @lmtp.res.code", "verdicts", "error"
+    expected: Any
+    got: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    file: str
+    name: str
+    stack: str
+    mismatches: tuple[Mismatch, ...] = ()
+    problem: Problem | None = None  # the case itself could not run (bad file, bad input)
+    result: StackResult | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and not self.mismatches
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    file: Path
+    name: str
+    envelope: dict[str, Any]
+    stubs: Mapping[str, Any]
+    expect: Mapping[str, Any]
+    pos: Pos
+
+
+def case_files(stack_dir: Path) -> list[Path]:
+    tests = stack_dir / "tests"
+    if not tests.is_dir():
+        return []
+    return sorted(p for p in tests.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def run_case_file(path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY) -> list[CaseResult]:
+    """Every case of one file, against one compiled stack."""
+    try:
+        cases = load_cases(path, stack)
+    except TxclError as err:
+        return [CaseResult(str(path), "(file)", stack.name, problem=err.problem)]
+    return [run_case(case, stack, policy) for case in cases]
+
+
+def run_case(case: Case, stack: Stack, policy: RunPolicy = TEST_POLICY) -> CaseResult:
+    policy = dataclasses.replace(policy, op_stubs={**policy.op_stubs, **case.stubs})
+    result = stack.run(case.envelope, policy)
+    source = source_for(case.envelope)
+    mismatches = check(case.expect, result, source, case.pos)
+    if isinstance(mismatches, Problem):
+        return CaseResult(str(case.file), case.name, stack.name, problem=mismatches, result=result)
+    return CaseResult(str(case.file), case.name, stack.name, tuple(mismatches), result=result)
+
+
+def fired_labels(result: StackResult) -> list[str]:
+    """`<stage>/<file name>:<line>` for each rule that fired, in firing order."""
+    return [f"{f.stage}/{Path(f.file).name}:{f.pos.line}" for f in result.fired]
+
+
+def check(
+    expect: Mapping[str, Any], result: StackResult, source: Source | None, pos: Pos
+) -> list[Mismatch] | Problem:
+    out: list[Mismatch] = []
+    if "fired" in expect:
+        got = fired_labels(result)
+        if list(expect["fired"]) != got:
+            out.append(Mismatch("fired", list(expect["fired"]), got))
+    for text, want in (expect.get("paths") or {}).items():
+        try:
+            getter = compile_getter(_path(str(text), pos))
+        except TxclError as err:
+            return err.problem
+        got = getter(result.envelope)
+        if want == ABSENT:
+            if got is not MISSING:
+                out.append(Mismatch(f"path {text}", ABSENT, got))
+        elif got is MISSING or not _same_json(got, want):
+            out.append(Mismatch(f"path {text}", want, ABSENT if got is MISSING else got))
+    if "verdicts" in expect:
+        if source is None:
+            return Problem(CASE_ERROR, "expect.verdicts needs an envelope with a known _txc.src", pos)
+        got_lines = [line for _, line in source.replies(result.envelope, result.error)]
+        if list(expect["verdicts"]) != got_lines:
+            out.append(Mismatch("verdicts", list(expect["verdicts"]), got_lines))
+    if "error" in expect:
+        want = expect["error"]
+        got_error = result.error.message if result.error else None
+        if want is None and got_error is not None:
+            out.append(Mismatch("error", None, got_error))
+        elif want is not None and (got_error is None or str(want) not in got_error):
+            out.append(Mismatch("error", want, got_error))
+    elif result.error is not None:
+        out.append(Mismatch("error", None, result.error.message))
+    return out
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    # JSON equality: 1 and 1.0 are the same number, true is not 1.
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or (
+        _number(a) and _number(b) and a == b
+    )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _path(text: str, pos: Pos) -> ast.Path:
+    expr = parse_expression(text, name=pos.file)
+    if not isinstance(expr, ast.Path):
+        raise TxclError(
+            Problem(CASE_ERROR, f"expect.paths: {text!r} is not a path like @lmtp.res.code", pos)
+        )
+    return expr
+
+
+# --- reading case files -----------------------------------------------------------------
+
+
+def load_cases(path: Path, stack: Stack) -> list[Case]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        doc = yaml.load(text, Loader=_loader())
+    except (OSError, UnicodeDecodeError) as err:
+        raise _bad(path, 1, f"cannot read the case file: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise _bad(path, line, f"not valid YAML: {getattr(err, 'problem', err)}") from None
+    entries = doc.get("cases") if isinstance(doc, dict) and "cases" in doc else [doc]
+    if not isinstance(entries, list) or not entries:
+        raise _bad(path, 1, "a case file holds one case (a mapping) or `cases:` with a list")
+    names: set[str] = set()
+    cases = []
+    for index, entry in enumerate(entries):
+        case = _case(path, index, entry, stack)
+        if case.name in names:
+            raise _bad(path, 1, f"two cases are named {case.name!r}")
+        names.add(case.name)
+        cases.append(case)
+    return cases
+
+
+def _case(path: Path, index: int, entry: Any, stack: Stack) -> Case:
+    where = f"case {index + 1}"
+    if not isinstance(entry, dict):
+        raise _bad(path, 1, f"{where}: a case is a mapping with name, input, ops, expect")
+    unknown = sorted(set(entry) - _CASE_KEYS)
+    if unknown:
+        raise _bad(path, 1, f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_CASE_KEYS))})")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise _bad(path, 1, f"{where}: every case needs a `name`")
+    where = f"case {name!r}"
+    pos = Pos(str(path), 1, 1)
+    envelope = _input(path, where, entry.get("input"), stack)
+    stubs = entry.get("ops") or {}
+    if not isinstance(stubs, dict) or not all(isinstance(v, dict) for v in stubs.values()):
+        raise _bad(path, 1, f"{where}: `ops` maps op names to the merge patch each returns")
+    expect = entry.get("expect") or {}
+    if not isinstance(expect, dict):
+        raise _bad(path, 1, f"{where}: `expect` is a mapping")
+    unknown = sorted(set(expect) - _EXPECT_KEYS)
+    if unknown:
+        raise _bad(path, 1, f"{where}: unknown expectation {unknown[0]!r} (known: {', '.join(sorted(_EXPECT_KEYS))})")
+    for key in ("fired", "verdicts"):
+        if key in expect and not isinstance(expect[key], list):
+            raise _bad(path, 1, f"{where}: expect.{key} is a list")
+    if "paths" in expect and not isinstance(expect["paths"], dict):
+        raise _bad(path, 1, f"{where}: expect.paths maps paths to values")
+    return Case(path, name, envelope, stubs, expect, pos)
+
+
+def _input(path: Path, where: str, spec: Any, stack: Stack) -> dict[str, Any]:
+    if not isinstance(spec, dict) or sum(k in spec for k in _INPUT_KEYS) != 1:
+        raise _bad(path, 1, f"{where}: `input` needs exactly one of {', '.join(_INPUT_KEYS)}")
+    if "envelope" in spec:
+        envelope = spec["envelope"]
+    elif "envelope_file" in spec:
+        envelope = read_envelope(path.parent / str(spec["envelope_file"]))
+    else:
+        rcpt = spec.get("rcpt")
+        if isinstance(rcpt, str):
+            rcpt = [rcpt]
+        if not isinstance(rcpt, list) or not rcpt:
+            raise _bad(path, 1, f"{where}: input.eml needs `rcpt`, the recipients")
+        eml = path.parent / str(spec["eml"])
+        try:
+            raw = eml.read_bytes()
+        except OSError as err:
+            raise _bad(path, 1, f"{where}: cannot read {eml}: {err.strerror}") from None
+        envelope = message_envelope(
+            raw, [str(r) for r in rcpt], str(spec.get("mail_from", "")), stack, spec.get("src", "lmtp")
+        )
+    if not isinstance(envelope, dict):
+        raise _bad(path, 1, f"{where}: the envelope must be a JSON object")
+    return aim_at(envelope, stack)
+
+
+def message_envelope(
+    raw: bytes, rcpts: Sequence[str], mail_from: str, stack: Stack, src: str = "lmtp"
+) -> dict[str, Any]:
+    """The envelope a message source builds for a message routed to `stack`."""
+    source = source_for({"_txc": {"src": src}})
+    if source is None or not hasattr(source, "envelope_from_message"):
+        raise TxclError(Problem(CASE_ERROR, f"no installed source {src!r} can build an envelope from a message"))
+    envelope: dict[str, Any] = source.envelope_from_message(
+        raw, rcpts=list(rcpts), mail_from=mail_from, stack=stack.name, stage=first_stage(stack)
+    )
+    return envelope
+
+
+def first_stage(stack: Stack) -> int:
+    return stack.stages[0].number if stack.stages else 0
+
+
+def aim_at(envelope: dict[str, Any], stack: Stack) -> dict[str, Any]:
+    """The envelope with `_txc.route` naming `stack` when it names no stage of it.
+
+    A test runs the stack it was given; an envelope captured elsewhere still runs there.
+    Only the route is replaced (shallow copies), never the caller's data."""
+    txc = envelope.get("_txc")
+    txc = txc if isinstance(txc, dict) else {}
+    route = txc.get("route") if isinstance(txc.get("route"), dict) else {}
+    to = route.get("to")
+    numbers = {s.number for s in stack.stages}
+    if isinstance(to, str):
+        name, _, stage = to.rpartition("/")
+        if name == stack.name and stage.isdigit() and int(stage) in numbers:
+            return envelope
+    tenant = stack.name.partition("/")[0]
+    new_route = {**route, "tenant": tenant, "stack": stack.name, "to": f"{stack.name}/{first_stage(stack)}"}
+    return {**envelope, "_txc": {**txc, "route": new_route}}
+
+
+def read_envelope(path: Path) -> Any:
+    """A JSON envelope file, or `-` for standard input."""
+    import sys
+
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TxclError(Problem(CASE_ERROR, f"{path}: cannot read the envelope: {err}")) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TxclError(
+            Problem(CASE_ERROR, f"not valid JSON: {err.msg}", Pos(str(path), err.lineno, err.colno))
+        ) from None
+
+
+def _bad(path: Path, line: int, message: str) -> TxclError:
+    return TxclError(Problem(CASE_ERROR, message, Pos(str(path), line, 1)))
+
+
+def _loader() -> type:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
