@@ -90,7 +90,7 @@ class TestSetter:
     def test_set_does_not_mutate_the_input(self) -> None:
         before = copy.deepcopy(DOC)
         out = compile_setter(path("_txc", "lmtp", "res", "code"))(DOC, 250)
-        assert DOC == before
+        assert before == DOC
         assert out["_txc"]["lmtp"]["res"] == {"code": 250}
         # containers off the written path are shared, not copied
         assert out["_txc"]["lmtp"]["msg"] is DOC["_txc"]["lmtp"]["msg"]
