@@ -317,54 +317,41 @@ class RuntimeHolder:
 
     def _reload_now(self, trigger: str, seen: Fingerprint) -> ReloadOutcome:
         started = time.monotonic()
-        version = self.current.version + 1
+        serving = self.current.version
         self._seen = seen
         try:
-            runtime = self._rebuild(version, seen)
+            runtime: Runtime | None = self._rebuild(serving + 1, seen)
+            problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
+            runtime = None
             problems = failed.problems or (Problem("txco_reload_error", "reload failed"),)
-            outcome = ReloadOutcome(
-                ok=False,
-                trigger=trigger,
-                at=time.time(),
-                duration_s=time.monotonic() - started,
-                version=self.current.version,
-                problems=problems,
-            )
             log.error(
                 "reload (%s) failed; still serving version %d. %d problem(s):",
                 trigger,
-                self.current.version,
+                serving,
                 len(problems),
             )
             for problem in problems:
                 log.error("  %s", str(problem).replace("\n", "\n  "))
         except Exception as err:  # a bug in a builder must not take the chassis down
-            log.exception(
-                "reload (%s) crashed; still serving version %d", trigger, self.current.version
-            )
-            outcome = ReloadOutcome(
-                ok=False,
-                trigger=trigger,
-                at=time.time(),
-                duration_s=time.monotonic() - started,
-                version=self.current.version,
-                problems=(Problem("txco_reload_error", f"{type(err).__name__}: {err}"),),
-            )
-        else:
+            runtime = None
+            problems = (Problem("txco_reload_error", f"{type(err).__name__}: {err}"),)
+            log.exception("reload (%s) crashed; still serving version %d", trigger, serving)
+        if runtime is not None:
             self.current = runtime
-            outcome = ReloadOutcome(
-                ok=True,
-                trigger=trigger,
-                at=time.time(),
-                duration_s=time.monotonic() - started,
-                version=version,
-                problems=runtime.problems,
-            )
+        outcome = ReloadOutcome(
+            ok=runtime is not None,
+            trigger=trigger,
+            at=time.time(),
+            duration_s=time.monotonic() - started,
+            version=self.current.version,
+            problems=problems,
+        )
+        if runtime is not None:
             log.info(
                 "reload (%s): now serving version %d (built in %.3fs)",
                 trigger,
-                version,
+                runtime.version,
                 outcome.duration_s,
             )
         self.last = outcome

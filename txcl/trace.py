@@ -136,35 +136,28 @@ _OMITTED: Final = _Omitted()
 def _apply(node: Any, segs: PathSegs, action: Action) -> Any:
     """`node` with the path `segs` (non-empty) omitted or redacted; copies only what changes."""
     head, rest = segs[0], segs[1:]
+    keys: list[Any]
     if isinstance(node, dict):
-        keys = list(node) if head == "*" else ([str(head)] if str(head) in node else [])
-        if not keys:
-            return node
-        out = dict(node)
-        for key in keys:
-            new = _act(node[key], action) if not rest else _apply(node[key], rest, action)
-            if new is _OMITTED:
-                del out[key]
-            else:
-                out[key] = new
-        return out
-    if isinstance(node, list):
+        keys = list(node) if head == "*" else [k for k in (str(head),) if k in node]
+    elif isinstance(node, list):
         if head == "*":
-            indexes = range(len(node))
-        elif isinstance(head, int) or str(head).isdigit():
-            index = int(head)
-            indexes = range(index, index + 1) if index < len(node) else range(0)
+            keys = list(range(len(node)))
+        elif isinstance(head, int) or head.isdigit():
+            keys = [i for i in (int(head),) if i < len(node)]
         else:
-            return node
-        out_list = list(node)
-        for index in reversed(indexes):
-            new = _act(node[index], action) if not rest else _apply(node[index], rest, action)
-            if new is _OMITTED:
-                del out_list[index]
-            else:
-                out_list[index] = new
-        return out_list
-    return node
+            keys = []
+    else:
+        return node
+    if not keys:
+        return node
+    out = node.copy()
+    for key in reversed(keys):  # deleting list items from the end keeps the indexes valid
+        new = _act(node[key], action) if not rest else _apply(node[key], rest, action)
+        if new is _OMITTED:
+            del out[key]
+        else:
+            out[key] = new
+    return out
 
 
 def _act(_value: Any, action: Action) -> Any:
