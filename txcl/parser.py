@@ -1,0 +1,678 @@
+"""TXCL text -> ast.File, with labelled, positioned syntax errors.
+
+The grammar lives in grammar/txcl.lark. Statements are one per line, so the text is parsed
+line by line with the grammar's `line` rule: a bad line is reported and the next line is
+parsed afresh, so one mistake never hides the next, and the cost stays linear in the size of
+the file. The statements are then grouped into rules here (WHENs, then a body).
+
+Nothing after this module sees a lark Tree: the transformer below builds ast nodes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib.resources
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Final, TypeVar
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.lexer import PatternStr
+from lark.parsers.lalr_parser_state import ParserState
+
+from txcl import ast
+from txcl.errors import Pos, Problem, TxclSyntaxError
+
+__all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "parse", "parse_expression"]
+
+CODE: Final = "txcl_parse_error"
+_N = TypeVar("_N")
+
+# Brackets and operators may nest this deep; deeper input is refused with a position
+# instead of exhausting the stack of the transformer, the formatter or the compiler.
+MAX_NESTING: Final = 100
+
+# After this many problems in one file, stop: the rest is noise.
+MAX_PROBLEMS: Final = 50
+
+# Integers longer than this are refused (Python cannot even print them back by default).
+_MAX_INT_DIGITS: Final = 1000
+_MAX_INDEX_DIGITS: Final = 18
+
+# Malformed lines with a plain-words label each. lark's match_examples finds the example
+# whose parser state matches an error; when a line confuses someone, add it here.
+SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
+    "unknown keyword; a statement starts with WHEN, SET, EXEC or WITH": [
+        "FOO",
+        "IF @a.b == 1",
+        "@a.b = 1",
+        '"x"',
+        "1",
+        "(",
+        "=",
+        "[",
+        "$.a",
+        "AND",
+    ],
+    "missing '=' in SET": ["SET @a.b 1", "SET @a.b", 'SET @a.b "x"', "SET @a.b == 1"],
+    "SET needs a path such as @lmtp.res.code": [
+        "SET 1 = 2",
+        'SET "x" = 1',
+        "SET $.a = 1",
+        "SET x = 1",
+        "SET",
+        "SET = 1",
+        "SET (@a.b) = 1",
+    ],
+    "WITH needs a key such as timeout": ["WITH = 1", 'WITH "x" = 1', "WITH a.b = 1", "WITH"],
+    "missing '=' in WITH": ['WITH timeout "5s"', "WITH timeout", "WITH timeout == 1"],
+    'EXEC needs a quoted op URI like "op://ARCHIVE"': [
+        "EXEC op://ARCHIVE",
+        "EXEC ARCHIVE",
+        "EXEC @a.b",
+        "EXEC 1",
+        "EXEC",
+        "EXEC (",
+    ],
+    "missing expression": [
+        "WHEN",
+        "SET @a.b =",
+        "WITH x =",
+        "WHEN @a.b ==",
+        "WHEN @a.b <",
+        "WHEN @a.b IN",
+        "WHEN NOT",
+        "WHEN @a.b AND",
+        "WHEN @a.b OR",
+        "WHEN @a.b +",
+        "WHEN (",
+        "WHEN f(",
+        "WHEN f(@a.b,",
+        "SET @a.b = [1,",
+        "WHEN ==",
+        "WHEN @a.b == )",
+    ],
+    "=~ and !=~ need a regex such as /pattern/i on their right": [
+        'WHEN @a.b =~ "x"',
+        "WHEN @a.b !=~ x.y",
+        "WHEN @a.b =~ 1",
+        "WHEN @a.b =~",
+        "WHEN @a.b !=~",
+        "WHEN @a.b =~ (/x/)",
+    ],
+    "missing ')'": ["WHEN (@a.b == 1", "WHEN len(@a.b", "WHEN f(@a.b 1", "WHEN (@a.b 1"],
+    "missing ']'": ["SET @a.b = [1, 2", "SET @a.b = [1 2"],
+    "comparisons do not chain; join them with AND": [
+        "WHEN @a.b == 1 == 2",
+        "WHEN 1 < @a.b < 3",
+        "WHEN @a.b =~ /x/ == 1",
+        "WHEN @a.b IN [1] IN [2]",
+        "WHEN @a.b == 1 =~ /x/",
+    ],
+    "one statement per line": [
+        "WHEN @a.b == 1 WHEN @b.c == 2",
+        "SET @a.b = 1 SET @b.c = 2",
+        'EXEC "op://A" EXEC "op://B"',
+        'EXEC "op://A" WITH x = 1',
+        "WITH a = 1 SET @b.c = 2",
+    ],
+    "missing operator between two values": [
+        'WHEN @a.b "x"',
+        "WHEN @a.b @c.d",
+        "WHEN @a.b 1",
+        "WHEN @a.b (1)",
+        "WHEN @a.b [1]",
+        "SET @a.b = 1 2",
+        "WHEN @a.b true",
+        "WHEN @a.b x.y",
+        "WHEN @a.b NOT",
+        'EXEC "op://A" 1',
+        'EXEC "op://A" "x"',
+    ],
+    "a regex cannot stand alone; match it with =~ or !=~": [
+        "WHEN /x/",
+        "SET @a.b = /x/",
+        "WHEN @a.b == /x/",
+        "WHEN NOT /x/",
+        "WITH x = /x/",
+        "WHEN @a.b =~ /x/ /y/",
+    ],
+}
+
+# How expected terminals read in an error message.
+_FRIENDLY: Final[dict[str, str]] = {
+    "$END": "end of line",
+    "WHEN": "WHEN",
+    "SET": "SET",
+    "EXEC": "EXEC",
+    "WITH": "WITH",
+    "_OR": "OR",
+    "_AND": "AND",
+    "NOT": "NOT",
+    "_IN": "IN",
+    "TRUE": "true",
+    "FALSE": "false",
+    "NULL": "null",
+    "STRING": "a string",
+    "NUMBER": "a number",
+    "REGEX": "a regex",
+    "AT_PATH": "an @path",
+    "BARE_PATH": "a path",
+    "JSONPATH": "a $ path",
+    "NAME": "a name",
+    "_LPAR": "'('",
+    "_RPAR": "')'",
+    "LSQB": "'['",
+    "_RSQB": "']'",
+}
+_VALUE_STARTS: Final = frozenset(
+    {"AT_PATH", "BARE_PATH", "JSONPATH", "STRING", "NUMBER", "TRUE", "FALSE", "NULL"}
+    | {"LSQB", "_LPAR", "NAME", "NOT"}
+)
+_OPERATORS: Final = frozenset({"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN"})
+
+_SEGMENT = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"')
+_REGEX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTEXT_WIDTH: Final = 100
+_CHARACTER_HINTS: Final = {
+    "&": "; write AND",
+    "|": "; write OR",
+    "'": '; strings take double quotes: "text"',
+    "!": "; write NOT, != or !=~",
+    "=": "; compare with ==, assign with SET path = value",
+}
+
+
+class _Refused(Exception):
+    """A token the grammar accepts but the language does not (a bad escape, a deep nest)."""
+
+    def __init__(self, message: str, column: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.column = column
+
+
+# --- the parser, built once ----------------------------------------------------------------
+
+
+def grammar_text() -> str:
+    """The grammar: from the installed package `txcl.grammar`, else from the source tree."""
+    try:
+        return importlib.resources.files("txcl.grammar").joinpath("txcl.lark").read_text("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        source_tree = FsPath(__file__).resolve().parent.parent / "grammar" / "txcl.lark"
+        return source_tree.read_text("utf-8")
+
+
+@dataclass(slots=True)
+class _LineScan:
+    """The line being parsed, and what the lexer and the transformer record about it."""
+
+    name: str
+    lineno: int
+    column_shift: int = 0  # parse_expression parses its text behind a "WHEN "
+    comments: list[Token] = field(default_factory=list)
+    brackets: int = 0
+    depths: dict[int, int] = field(default_factory=dict)  # id(node) -> nesting depth
+
+
+_SCAN: contextvars.ContextVar[_LineScan] = contextvars.ContextVar("txcl_line_scan")
+_TOO_DEEP: Final = f"expression nested too deeply (more than {MAX_NESTING} levels)"
+
+
+def _on_comment(token: Token) -> Token:
+    _SCAN.get().comments.append(token)
+    return token
+
+
+def _on_open(token: Token) -> Token:
+    scan = _SCAN.get()
+    scan.brackets += 1
+    if scan.brackets > MAX_NESTING:
+        raise _Refused(_TOO_DEEP, token.column or 1)
+    return token
+
+
+def _on_close(token: Token) -> Token:
+    _SCAN.get().brackets -= 1
+    return token
+
+
+@functools.cache
+def parser() -> Lark:
+    """The LALR parser, built on first use. It runs the transformer as it reduces, so no
+    parse tree is built and nothing recurses, however deeply the input nests."""
+    return Lark(
+        grammar_text(),
+        start="line",
+        parser="lalr",
+        lexer="basic",
+        transformer=_ToAst(),
+        maybe_placeholders=False,
+        lexer_callbacks={
+            "COMMENT": _on_comment,
+            "_LPAR": _on_open,
+            "LSQB": _on_open,
+            "_RPAR": _on_close,
+            "_RSQB": _on_close,
+        },
+    )
+
+
+def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
+    reset = _SCAN.set(scan)
+    try:
+        return parser().parse(text)  # type: ignore[return-value]
+    finally:
+        _SCAN.reset(reset)
+
+
+def _error_state(err: UnexpectedInput) -> int | None:
+    """The LALR state an error happened in. The contextual lexer reports a ParserState
+    where the parser reports its number; lark's own match_examples trips over the mix."""
+    state = err.state
+    return state.position if isinstance(state, ParserState) else state
+
+
+def _accepts(err: UnexpectedInput) -> frozenset[str]:
+    """What the parser would take in place of the bad token, after pending reductions
+    (lark's `expected` is the merged LALR lookahead set, too wide to show)."""
+    accepts = getattr(err, "accepts", None) or getattr(err, "expected", None) or ()
+    return frozenset(accepts) - {"COMMENT"}
+
+
+@functools.cache
+def _example_errors() -> tuple[tuple[str, int | None, frozenset[str], str, str], ...]:
+    """(label, state, accepts, token type, token text) of every example, parsed once."""
+    found = []
+    for label, examples in SYNTAX_EXAMPLES.items():
+        for example in examples:
+            try:
+                _parse_line(_LineScan("<example>", 1), example)
+            except _Refused:
+                continue
+            except UnexpectedInput as err:
+                token = getattr(err, "token", None)
+                kind, text = (token.type, str(token)) if token is not None else ("", "")
+                found.append((label, _error_state(err), _accepts(err), kind, text))
+    return tuple(found)
+
+
+def _label(err: UnexpectedInput) -> str | None:
+    """The label of the example failing like `err`, as lark's match_examples picks it:
+    same state and accepted set; then the same token, else the same token type, else any."""
+    state, accepts = _error_state(err), _accepts(err)
+    token = getattr(err, "token", None)
+    by_type = by_state = None
+    for label, example_state, example_accepts, kind, text in _example_errors():
+        if example_state != state or example_accepts != accepts:
+            continue
+        if token is not None and kind == token.type:
+            if text == str(token):
+                return label
+            by_type = by_type or label
+        by_state = by_state or label
+    return by_type or by_state
+
+
+# --- tree -> ast -------------------------------------------------------------------------------
+
+
+def _pos(token: Token) -> Pos:
+    scan = _SCAN.get()
+    return Pos(scan.name, scan.lineno, (token.column or 1) + scan.column_shift)
+
+
+def _nested(node: _N, *children: object) -> _N:
+    """Record how deeply `node` nests; refuse it beyond MAX_NESTING."""
+    scan = _SCAN.get()
+    depth = 1 + max((scan.depths.get(id(c), 0) for c in children), default=0)
+    if depth > MAX_NESTING:
+        raise _Refused(_TOO_DEEP, node.pos.column - scan.column_shift)  # type: ignore[attr-defined]
+    scan.depths[id(node)] = depth
+    return node
+
+
+@v_args(inline=True)
+class _ToAst(Transformer):
+    """Builds ast nodes while lark reduces; method names are the grammar's aliases."""
+
+    # statements
+    def line(self, *statement: ast.Stmt) -> ast.Stmt | None:
+        return statement[0] if statement else None
+
+    def when(self, keyword: Token, expr: ast.Expr) -> ast.When:
+        return ast.When(expr, _pos(keyword))
+
+    def set(self, keyword: Token, target: ast.Path, value: ast.Expr) -> ast.Set:
+        return ast.Set(target, value, _pos(keyword))
+
+    def exec(self, keyword: Token, uri: Token) -> ast.Exec:
+        return ast.Exec(_string(uri), _pos(keyword))
+
+    def with_(self, keyword: Token, key: Token, value: ast.Expr) -> ast.With:
+        return ast.With(str(key), value, _pos(keyword))
+
+    # operators; a binary node sits where its left operand starts
+    def or_(self, left: ast.Expr, right: ast.Expr) -> ast.Or:
+        return _nested(ast.Or(left, right, left.pos), left, right)
+
+    def and_(self, left: ast.Expr, right: ast.Expr) -> ast.And:
+        return _nested(ast.And(left, right, left.pos), left, right)
+
+    def not_(self, keyword: Token, operand: ast.Expr) -> ast.Not:
+        return _nested(ast.Not(operand, _pos(keyword)), operand)
+
+    def _compare(op: str):  # noqa: N805 - a factory run while the class body executes
+        def build(self: _ToAst, left: ast.Expr, right: ast.Expr) -> ast.Compare:
+            return _nested(ast.Compare(op, left, right, left.pos), left, right)
+
+        return build
+
+    eq = _compare("==")
+    ne = _compare("!=")
+    lt = _compare("<")
+    le = _compare("<=")
+    gt = _compare(">")
+    ge = _compare(">=")
+    member = _compare("IN")
+    del _compare
+
+    def match(self, left: ast.Expr, regex: Token) -> ast.Match:
+        return _nested(ast.Match(left, self._regex(regex), False, left.pos), left)
+
+    def not_match(self, left: ast.Expr, regex: Token) -> ast.Match:
+        return _nested(ast.Match(left, self._regex(regex), True, left.pos), left)
+
+    def add(self, left: ast.Expr, right: ast.Expr) -> ast.Add:
+        return _nested(ast.Add(left, right, left.pos), left, right)
+
+    # atoms
+    def at_path(self, token: Token) -> ast.Path:
+        return ast.Path(("_txc", *_segments(token, 1)), _pos(token))
+
+    def bare_path(self, token: Token) -> ast.Path:
+        return ast.Path(_segments(token, 0), _pos(token))
+
+    def jsonpath(self, token: Token) -> ast.JsonPath:
+        return ast.JsonPath(str(token), _pos(token))
+
+    def string(self, token: Token) -> ast.Literal:
+        return ast.Literal(_string(token), _pos(token))
+
+    def number(self, token: Token) -> ast.Literal:
+        return ast.Literal(_number(token), _pos(token))
+
+    def true(self, token: Token) -> ast.Literal:
+        return ast.Literal(True, _pos(token))
+
+    def false(self, token: Token) -> ast.Literal:
+        return ast.Literal(False, _pos(token))
+
+    def null(self, token: Token) -> ast.Literal:
+        return ast.Literal(None, _pos(token))
+
+    def list(self, bracket: Token, *items: ast.Expr) -> ast.ListLit:
+        return _nested(ast.ListLit(items, _pos(bracket)), *items)
+
+    def call(self, name: Token, *args: ast.Expr) -> ast.Call:
+        return _nested(ast.Call(str(name).lower(), args, _pos(name)), *args)
+
+    def bare_word(self, word: Token) -> ast.Expr:
+        raise _Refused(
+            f'bare word {word} is not a value: write a string ("{word}") '
+            f"or a path such as @lmtp.{word} or ticket.{word}",
+            word.column or 1,
+        )
+
+    @staticmethod
+    def _regex(token: Token) -> ast.Regex:
+        text = str(token)
+        close = text.rindex("/")
+        flags = text[close + 1 :]
+        for index, flag in enumerate(flags):
+            column = (token.column or 0) + close + 1 + index
+            if flag not in "ims":
+                raise _Refused(f"unknown regex flag {flag!r}; the flags are i, m and s", column)
+            if flag in flags[:index]:
+                raise _Refused(f"regex flag {flag!r} is given twice", column)
+        pattern = _REGEX_ESCAPE.sub(_unescape_slash, text[1:close])
+        return ast.Regex(pattern, flags, _pos(token))
+
+
+def _unescape_slash(m: re.Match[str]) -> str:
+    return "/" if m.group(1) == "/" else m.group(0)
+
+
+def _string(token: Token) -> str:
+    try:
+        value = json.loads(token, strict=False)
+    except json.JSONDecodeError as err:
+        raise _Refused(
+            'invalid escape in string; use JSON escapes such as \\n, \\" or \\u00e9',
+            (token.column or 0) + err.pos,
+        ) from None
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise _Refused("string holds an unpaired surrogate (not valid in UTF-8)", token.column or 0)
+    return value
+
+
+def _number(token: Token) -> int | float:
+    text = str(token)
+    if "." in text or "e" in text or "E" in text:
+        value = float(text)
+        if not math.isfinite(value):
+            raise _Refused(f"number {text[:40]} is out of range", token.column or 0)
+        return value
+    if len(text) > _MAX_INT_DIGITS:
+        raise _Refused(f"integer longer than {_MAX_INT_DIGITS} digits", token.column or 0)
+    return int(text)
+
+
+def _segments(token: Token, skip: int) -> tuple[ast.Segment, ...]:
+    segments: list[ast.Segment] = []
+    for m in _SEGMENT.finditer(token, skip):
+        text = m.group()
+        column = (token.column or 0) + m.start()
+        if text.startswith('"'):
+            segments.append(_string(Token("STRING", text, column=column)))
+        elif text.isdigit():
+            if len(text) > _MAX_INDEX_DIGITS:
+                raise _Refused(f"list index {text[:20]}... is too large", column)
+            segments.append(int(text))
+        else:
+            segments.append(text)
+    return tuple(segments)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _context(text: str, column: int) -> str:
+    """The source line (clipped around the column when long) and a caret under the column."""
+    start = 0
+    if len(text) > _CONTEXT_WIDTH:
+        start = max(0, min(column - 1 - _CONTEXT_WIDTH // 2, len(text) - _CONTEXT_WIDTH))
+    shown = text[start : start + _CONTEXT_WIDTH]
+    # Control characters would garble the terminal; keep one cell each so the caret lines up.
+    shown = "".join(c if c == "\t" or c.isprintable() else "\ufffd" for c in shown)
+    lead = "".join("\t" if c == "\t" else " " for c in shown[: max(0, column - 1 - start)])
+    return f"    {shown}\n    {lead}^"
+
+
+def _friendly(names: set[str] | frozenset[str]) -> str:
+    if not names:
+        return "nothing more"
+    words: list[str] = []
+    names = set(names)
+    if len(names & _VALUE_STARTS) >= 4:
+        names -= _VALUE_STARTS
+        words.append("a value")
+    terminals = {t.name: t for t in parser().terminals}
+    shown = []
+    for name in names:
+        term = terminals.get(name)
+        if name in _FRIENDLY:
+            shown.append(_FRIENDLY[name])
+        elif term is not None and isinstance(term.pattern, PatternStr):
+            shown.append(f"'{term.pattern.value}'")
+        else:
+            shown.append(name)
+    operators = [s for s in shown if s.strip("'") in _OPERATORS]
+    if len(operators) >= 4:
+        shown = [s for s in shown if s not in operators]
+        words.append("an operator")
+    words.extend(sorted(shown))
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _found(token: Token) -> str:
+    if token.type == "$END":
+        return "end of line"
+    text = str(token)
+    return repr(text if len(text) <= 30 else text[:27] + "...")
+
+
+def _describe(err: UnexpectedInput, text: str) -> tuple[str, int]:
+    """A plain-words message and the column it points at."""
+    if isinstance(err, UnexpectedCharacters):
+        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        if char == '"':
+            return "unterminated string", err.column
+        if char == "/":
+            return "unterminated regex", err.column
+        if char == "@":
+            return "a path after '@' needs a segment, as in @lmtp.rcpt", err.column
+        if char == ".":
+            return "a '.' in a path must be followed by a segment", err.column
+        hint = _CHARACTER_HINTS.get(char, "")
+        return f"unexpected character {char!r}{hint}", err.column
+    assert isinstance(err, UnexpectedToken)
+    token = err.token
+    column = token.column or 1
+    if token.type == "$END":
+        column = token.end_column or len(text.rstrip(" \t")) + 1
+    label = _label(err)
+    expected = _friendly(_accepts(err))
+    found = _found(token)
+    if label is None:
+        return f"unexpected {found}; expected {expected}", column
+    return f"{label}; expected {expected}, found {found}", column
+
+
+# --- the public entry points ----------------------------------------------------------------
+
+
+class _LineError(Exception):
+    def __init__(self, message: str, column: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.column = column
+
+
+def _statement(scan: _LineScan, text: str) -> ast.Stmt | None:
+    """One line -> its statement (None for a blank or comment line)."""
+    try:
+        return _parse_line(scan, text)
+    except UnexpectedInput as err:
+        raise _LineError(*_describe(err, text)) from None
+    except _Refused as err:
+        raise _LineError(err.message, err.column) from None
+
+
+def _lines(source: str) -> list[str]:
+    """Physical lines: split at LF only, with a CR before it dropped (CRLF files)."""
+    return [line[:-1] if line.endswith("\r") else line for line in source.split("\n")]
+
+
+def parse(source: str, name: str) -> ast.File:
+    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found."""
+    statements: list[ast.Stmt] = []
+    comments: list[ast.Comment] = []
+    problems: list[Problem] = []
+    lines = _lines(source)
+    for number, text in enumerate(lines, start=1):
+        if len(problems) >= MAX_PROBLEMS:
+            message = f"too many syntax errors; stopped after {MAX_PROBLEMS}"
+            problems.append(Problem(CODE, message, Pos(name, number, 1)))
+            break
+        stripped = text.lstrip(" \t")
+        if not stripped:
+            continue
+        if stripped.startswith("#"):  # the common comment line, without the parser
+            column = len(text) - len(stripped) + 1
+            comments.append(ast.Comment(stripped[1:].rstrip(), Pos(name, number, column)))
+            continue
+        scan = _LineScan(name, number)
+        try:
+            statement = _statement(scan, text)
+        except _LineError as err:
+            pos = Pos(name, number, err.column)
+            problems.append(Problem(CODE, err.message, pos, context=_context(text, err.column)))
+            continue
+        comments.extend(
+            ast.Comment(str(t)[1:].rstrip(), Pos(name, number, t.column or 1))
+            for t in scan.comments
+        )
+        if statement is not None:
+            statements.append(statement)
+
+    rules = _group(statements, problems, lines)
+    if problems:
+        raise TxclSyntaxError(problems)
+    return ast.File(name, rules, tuple(comments))
+
+
+def _group(
+    statements: list[ast.Stmt], problems: list[Problem], lines: list[str]
+) -> tuple[ast.Rule, ...]:
+    """WHENs then a body make a rule; a WHEN after a body line starts the next one."""
+    rules: list[ast.Rule] = []
+    whens: list[ast.When] = []
+    body: list[ast.BodyStmt] = []
+
+    def close() -> None:
+        if whens and not body:
+            pos = whens[0].pos
+            message = "a rule needs at least one SET, EXEC or WITH after its WHENs"
+            context = _context(lines[pos.line - 1], pos.column)
+            problems.append(Problem(CODE, message, pos, context=context))
+        elif whens or body:
+            rules.append(ast.Rule(tuple(whens), tuple(body), (whens or body)[0].pos))
+        whens.clear()
+        body.clear()
+
+    for statement in statements:
+        if isinstance(statement, ast.When):
+            if body:
+                close()
+            whens.append(statement)
+        else:
+            body.append(statement)
+    close()
+    return tuple(rules)
+
+
+def parse_expression(source: str, name: str = "<expr>") -> ast.Expr:
+    """Parse one expression, as it would stand after WHEN (for tests and tools)."""
+    prefix = "WHEN "
+    text = source.replace("\r\n", "\n")
+    if "\n" in text:
+        raise TxclSyntaxError(Problem(CODE, "an expression fits on one line", Pos(name, 1, 1)))
+    try:
+        statement = _statement(_LineScan(name, 1, -len(prefix)), prefix + text)
+    except _LineError as err:
+        column = max(1, err.column - len(prefix))
+        context = _context(text, column)
+        raise TxclSyntaxError(
+            Problem(CODE, err.message, Pos(name, 1, column), context=context)
+        ) from None
+    assert isinstance(statement, ast.When)
+    return statement.expr
