@@ -517,6 +517,7 @@ RELAY_FORM = 'must be "host:port" (or "[v6-address]:port")'
             f"recipient 'a@b.example>\\r\\nRCPT TO:<x@y.example' {NOT_PLAIN}",
         ),
         ({"to": ["a@b.example", 3]}, f"recipient 3 {NOT_PLAIN}"),
+        ({"to": "a\x00b@c.example"}, f"recipient 'a\\x00b@c.example' {NOT_PLAIN}"),
         ({"to": ["a@b.example"] * 101}, "to names 101 recipients; at most 100"),
         ({"to": "a@b.example", "from": "x y@z"}, f"sender 'x y@z' {NOT_PLAIN}"),
         ({"to": "a@b.example", "relay": "host:0"}, f"relay 'host:0' {RELAY_FORM}"),

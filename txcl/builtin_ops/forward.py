@@ -21,7 +21,8 @@ DEFAULT_RELAY = "127.0.0.1:25"
 MAX_RECIPIENTS = 100
 # A plain mailbox: no spaces, controls, brackets or separators, one "@" with text on both
 # sides. Quoted local parts are refused rather than risk a malformed SMTP command.
-ADDRESS = re.compile(r"[^\s<>()\[\],;:\"@\\]+@[^\s<>()\[\],;:\"@\\]+")
+_ATOM = r"[^\s\x00-\x1f\x7f<>()\[\],;:\"@\\]+"
+ADDRESS = re.compile(f"{_ATOM}@{_ATOM}")
 RELAY = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d+))?")
 BARE_LF = re.compile(rb"(?<!\r)\n")
 
@@ -114,7 +115,7 @@ def send(host: str, port: int, sender: str, to: list[str], data: bytes, seconds:
     """One SMTP transaction; returns the relay's final reply. Raises on any refusal."""
     relay = f"{host}:{port}"
     client = smtplib.SMTP(timeout=seconds, local_hostname=socket.gethostname())
-    with socket_deadline(seconds, lambda: getattr(client, "sock", None)) as expired:
+    with socket_deadline(seconds, lambda: getattr(client, "sock", None)) as deadline:
         try:
             client.connect(host, port)
             reply = _transaction(client, sender, to, data)
@@ -130,7 +131,7 @@ def send(host: str, port: int, sender: str, to: list[str], data: bytes, seconds:
                 f"FORWARD: relay {relay} answered {exc.smtp_code} {_text(exc.smtp_error)}"
             ) from None
         except (OSError, smtplib.SMTPException) as exc:
-            if expired.is_set() or isinstance(exc, TimeoutError):
+            if deadline.passed() or isinstance(exc, TimeoutError):
                 raise OpFailure(f"FORWARD: relay {relay} timed out after {seconds:g}s") from None
             raise OpFailure(f"FORWARD: relay {relay} failed: {exc}") from None
         finally:

@@ -15,6 +15,7 @@ import http.client
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,15 +28,26 @@ SCHEMES = frozenset({"http", "https"})
 USER_AGENT = "txcl-webhook/1"
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a network op's budget ends; `fired` is set once the watchdog has cut the socket."""
+
+    at: float
+    fired: threading.Event
+
+    def passed(self) -> bool:
+        return self.fired.is_set() or time.monotonic() >= self.at
+
+
 @contextlib.contextmanager
 def socket_deadline(
     seconds: float, current_socket: Callable[[], socket.socket | None]
-) -> Iterator[threading.Event]:
-    """Shut the current socket down after `seconds`; the yielded event says it happened."""
-    expired = threading.Event()
+) -> Iterator[Deadline]:
+    """Shut the current socket down after `seconds`, ending any read or write blocked on it."""
+    deadline = Deadline(time.monotonic() + seconds, threading.Event())
 
     def expire() -> None:
-        expired.set()
+        deadline.fired.set()
         sock = current_socket()
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -45,7 +57,7 @@ def socket_deadline(
     watchdog.daemon = True
     watchdog.start()
     try:
-        yield expired
+        yield deadline
     finally:
         watchdog.cancel()
 
@@ -94,15 +106,15 @@ def post(
         )
     else:
         conn = http.client.HTTPConnection(target.host, target.port, timeout=seconds)
-    with socket_deadline(seconds, lambda: conn.sock) as expired:
+    with socket_deadline(seconds, lambda: conn.sock) as deadline:
         try:
             conn.request("POST", target.request_path, body=body, headers=dict(headers))
             response = conn.getresponse()
-            if expired.is_set():  # the headers were cut short by the watchdog
+            if deadline.passed():  # e.g. headers cut short by the watchdog
                 raise TimeoutError
             return response.status, response.reason
         except (OSError, http.client.HTTPException) as exc:
-            if expired.is_set() or isinstance(exc, TimeoutError):
+            if deadline.passed() or isinstance(exc, TimeoutError):
                 raise OpFailure(
                     f"WEBHOOK: POST {target.shown} timed out after {seconds:g}s"
                 ) from None
