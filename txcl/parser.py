@@ -28,7 +28,7 @@ from lark.parsers.lalr_parser_state import ParserState
 from txcl import ast
 from txcl.errors import Pos, Problem, TxclSyntaxError
 
-__all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "parse", "parse_expression"]
+__all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "caret_context", "parse", "parse_expression"]
 
 CODE: Final = "txcl_parse_error"
 _N = TypeVar("_N")
@@ -495,7 +495,7 @@ def _segments(token: Token, skip: int) -> tuple[ast.Segment, ...]:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def _context(text: str, column: int) -> str:
+def caret_context(text: str, column: int) -> str:
     """The source line (clipped around the column when long) and a caret under the column."""
     start = 0
     if len(text) > _CONTEXT_WIDTH:
@@ -615,7 +615,7 @@ def parse(source: str, name: str) -> ast.File:
             statement = _statement(scan, text)
         except _LineError as err:
             pos = Pos(name, number, err.column)
-            problems.append(Problem(CODE, err.message, pos, context=_context(text, err.column)))
+            problems.append(Problem(CODE, err.message, pos, context=caret_context(text, err.column)))
             continue
         comments.extend(
             ast.Comment(str(t)[1:].rstrip(), Pos(name, number, t.column or 1))
@@ -642,7 +642,7 @@ def _group(
         if whens and not body:
             pos = whens[0].pos
             message = "a rule needs at least one SET, EXEC or WITH after its WHENs"
-            context = _context(lines[pos.line - 1], pos.column)
+            context = caret_context(lines[pos.line - 1], pos.column)
             problems.append(Problem(CODE, message, pos, context=context))
         elif whens or body:
             rules.append(ast.Rule(tuple(whens), tuple(body), (whens or body)[0].pos))
@@ -670,7 +670,7 @@ def parse_expression(source: str, name: str = "<expr>") -> ast.Expr:
         statement = _statement(_LineScan(name, 1, -len(prefix)), prefix + text)
     except _LineError as err:
         column = max(1, err.column - len(prefix))
-        context = _context(text, column)
+        context = caret_context(text, column)
         raise TxclSyntaxError(
             Problem(CODE, err.message, Pos(name, 1, column), context=context)
         ) from None
