@@ -210,6 +210,9 @@ class TestRules:
         lower = parse("when not @a in [true] or @b == null\nset @c = false\n", "f")
         assert ast.strip_pos(upper) == ast.strip_pos(lower)
 
+    def test_a_leading_byte_order_mark_is_skipped(self) -> None:
+        assert parse("\ufeffSET @a = 1\n", "f") == parse("SET @a = 1\n", "f")
+
     def test_crlf_line_endings_are_accepted(self) -> None:
         lf = parse("WHEN @a == 1  # c\nSET @b = 2\n", "f")
         crlf = parse("WHEN @a == 1  # c\r\nSET @b = 2\r\n", "f")

@@ -17,6 +17,7 @@ import re
 from typing import Final
 
 from txcl import ast
+from txcl.errors import Problem, TxclError
 from txcl.parser import parse
 
 __all__ = ["InternalFormatError", "format_expr", "format_file", "format_path", "format_source"]
@@ -29,8 +30,12 @@ _SLASH_OR_ESCAPE: Final = re.compile(r"\\.|/", re.DOTALL)
 _OR, _AND, _NOT, _CMP, _SUM, _ATOM = range(1, 7)
 
 
-class InternalFormatError(Exception):
+class InternalFormatError(TxclError):
     """fmt printed text that parses to different rules: a bug in fmt, never in the input."""
+
+    def __init__(self, name: str) -> None:
+        message = f"{name}: formatting would change the rules; please report this"
+        super().__init__(Problem("txcl_internal_error", message))
 
 
 def format_source(source: str, name: str) -> str:
@@ -38,7 +43,7 @@ def format_source(source: str, name: str) -> str:
     tree = parse(source, name)
     text = format_file(tree)
     if ast.strip_pos(parse(text, name)) != ast.strip_pos(tree):
-        raise InternalFormatError(f"{name}: formatting would change the rules; please report this")
+        raise InternalFormatError(name)
     return text
 
 

@@ -593,7 +593,11 @@ def _lines(source: str) -> list[str]:
 
 
 def parse(source: str, name: str) -> ast.File:
-    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found."""
+    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found.
+
+    A leading byte order mark is skipped (editors do not show it, nor count it in columns).
+    """
+    source = source.removeprefix("\ufeff")
     statements: list[ast.Stmt] = []
     comments: list[ast.Comment] = []
     problems: list[Problem] = []
@@ -615,7 +619,9 @@ def parse(source: str, name: str) -> ast.File:
             statement = _statement(scan, text)
         except _LineError as err:
             pos = Pos(name, number, err.column)
-            problems.append(Problem(CODE, err.message, pos, context=caret_context(text, err.column)))
+            problems.append(
+                Problem(CODE, err.message, pos, context=caret_context(text, err.column))
+            )
             continue
         comments.extend(
             ast.Comment(str(t)[1:].rstrip(), Pos(name, number, t.column or 1))
