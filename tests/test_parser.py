@@ -9,7 +9,7 @@ import pytest
 
 from txcl import ast
 from txcl.errors import Pos, TxclSyntaxError
-from txcl.parser import MAX_NESTING, grammar_text, parse, parse_expression
+from txcl.parser import MAX_NESTING, SYNTAX_EXAMPLES, grammar_text, parse, parse_expression
 
 X = Pos("", 0, 0)
 
@@ -465,3 +465,13 @@ def test_parse_expression_reports_positions_in_its_own_text() -> None:
         parse_expression("@a =~ /x", "e")
     assert str(err.value).splitlines()[0] == "e:1:7: txcl_parse_error: unterminated regex"
     assert parse_expression("@a == 1", "e").pos == Pos("e", 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("label", "example"),
+    [(label, ex) for label, examples in SYNTAX_EXAMPLES.items() for ex in examples],
+)
+def test_every_syntax_example_earns_its_own_label(label: str, example: str) -> None:
+    with pytest.raises(TxclSyntaxError) as err:
+        parse(example + "\n", "x.txcl")
+    assert err.value.problem.message.startswith(label)

@@ -44,8 +44,8 @@ MAX_PROBLEMS: Final = 50
 _MAX_INT_DIGITS: Final = 1000
 _MAX_INDEX_DIGITS: Final = 18
 
-# Malformed lines with a plain-words label each. lark's match_examples finds the example
-# whose parser state matches an error; when a line confuses someone, add it here.
+# Malformed lines with a plain-words label each. _label finds the example whose parser state
+# matches an error, as lark's match_examples does; when a line confuses someone, add it here.
 SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
     "unknown keyword; a statement starts with WHEN, SET, EXEC or WITH": [
         "FOO",
@@ -190,7 +190,8 @@ _CHARACTER_HINTS: Final = {
 
 
 class _Refused(Exception):
-    """A token the grammar accepts but the language does not (a bad escape, a deep nest)."""
+    """A line that is not TXCL: a syntax error, or a token the grammar accepts but the
+    language does not (a bad escape, a deep nest)."""
 
     def __init__(self, message: str, column: int) -> None:
         super().__init__(message)
@@ -274,8 +275,8 @@ def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
 
 
 def _error_state(err: UnexpectedInput) -> int | None:
-    """The LALR state an error happened in. The contextual lexer reports a ParserState
-    where the parser reports its number; lark's own match_examples trips over the mix."""
+    """The LALR state an error happened in. A lexer error carries a ParserState where a
+    parser error carries the state's number; lark's own match_examples trips over the mix."""
     state = err.state
     return state.position if isinstance(state, ParserState) else state
 
@@ -570,21 +571,12 @@ def _describe(err: UnexpectedInput, text: str) -> tuple[str, int]:
 # --- the public entry points ----------------------------------------------------------------
 
 
-class _LineError(Exception):
-    def __init__(self, message: str, column: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.column = column
-
-
 def _statement(scan: _LineScan, text: str) -> ast.Stmt | None:
     """One line -> its statement (None for a blank or comment line)."""
     try:
         return _parse_line(scan, text)
     except UnexpectedInput as err:
-        raise _LineError(*_describe(err, text)) from None
-    except _Refused as err:
-        raise _LineError(err.message, err.column) from None
+        raise _Refused(*_describe(err, text)) from None
 
 
 def _lines(source: str) -> list[str]:
@@ -617,7 +609,7 @@ def parse(source: str, name: str) -> ast.File:
         scan = _LineScan(name, number)
         try:
             statement = _statement(scan, text)
-        except _LineError as err:
+        except _Refused as err:
             pos = Pos(name, number, err.column)
             problems.append(
                 Problem(CODE, err.message, pos, context=caret_context(text, err.column))
@@ -674,7 +666,7 @@ def parse_expression(source: str, name: str = "<expr>") -> ast.Expr:
         raise TxclSyntaxError(Problem(CODE, "an expression fits on one line", Pos(name, 1, 1)))
     try:
         statement = _statement(_LineScan(name, 1, -len(prefix)), prefix + text)
-    except _LineError as err:
+    except _Refused as err:
         column = max(1, err.column - len(prefix))
         context = caret_context(text, column)
         raise TxclSyntaxError(
