@@ -1,5 +1,6 @@
 """`txco`: the chassis command. `serve` runs the LMTP head; `route` and `hostnames` inspect
-and edit what routing sees. Arguments and rendering only; the work lives in the modules.
+and edit what routing sees; `trace` and `status` show what happened to a delivery and which
+rules are serving. Arguments and rendering only; the work lives in the modules.
 
 Exit codes: 0 ok, 1 failure (a listener that cannot bind, an unrouted address, a missing
 row), 2 usage or configuration error (one line on stderr, no traceback).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -30,7 +32,15 @@ from lmtp.config import (
     parse_listen_addrs,
     parse_positive_int,
 )
-from lmtp.server import DeliveryHandler, ListenError, LMTPHead
+from lmtp.server import ListenError, LMTPHead
+from lmtp.tracecmd import (
+    add_serve_trace_arguments,
+    add_status_arguments,
+    add_trace_arguments,
+    run_status,
+    run_trace,
+    trace_writer_from_args,
+)
 
 OK, FAILURE, USAGE = 0, 1, 2
 # Personalities this build can run. The seed's default list names the chassis's others.
@@ -91,6 +101,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", metavar="DIR", default="OPS",
                         help="the OPS tree (default: ./OPS)")
     _add_place_flags(parser)
+    add_serve_trace_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -141,34 +152,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.lmtp_listen_addrs:
         raise UsageError("nothing to run: the lmtp head is disabled "
                          "(--lmtp-listen-addrs is empty) and no other personality runs")
-    ingress = load_ingress_config(settings.config_file)
-    handler = _delivery_handler(settings, ingress)
+    if not settings.ops_dir.is_dir():
+        raise UsageError(f"--ops {settings.ops_dir}: no such directory")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s txco %(levelname)s %(message)s")
     # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    return asyncio.run(_serve(settings, handler))
-
-
-def _delivery_handler(settings: Settings, ingress: IngressConfig) -> Any:
-    """Everything a delivery needs, loaded and compiled once before the first connection."""
-    from lmtp.delivery import Deliverer, Transaction
-    from txcl.errors import TxclError
-    from txcl.loader import load_tree
-    from txcl.ops import OpRegistry
-
-    if not settings.ops_dir.is_dir():
-        raise UsageError(f"--ops {settings.ops_dir}: no such directory")
+    writer = trace_writer_from_args(args, settings.state_dir)
     try:
-        registry = OpRegistry.from_config(ingress.ops, ingress.base_dir)
-        tree = load_tree(settings.ops_dir, registry)
-    except TxclError as err:
-        raise UsageError(f"cannot load {settings.ops_dir}:\n{err}") from None
-    deliverer = Deliverer(tree, settings, registry)
-    return DeliveryHandler(_router(settings, ingress), deliverer, Transaction)
+        holder = _runtime_holder(settings, writer)
+        # What start-up built (modules, grammar, the first tree) lives as long as the process:
+        # keep it out of the cyclic collector's scans, so a full collection (one follows each
+        # reload) costs what changed since, not everything.
+        gc.collect()
+        gc.freeze()
+        watch_interval = args.watch_interval if args.watch else None
+        return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval))
+    finally:
+        writer.close()
 
 
-async def _serve(settings: Settings, handler: Any) -> int:
+def _runtime_holder(settings: Settings, trace_sink: Any) -> Any:
+    """Everything a delivery needs, loaded and compiled before the first connection; later
+    versions are compiled on SIGHUP or a file change (lmtp.reload)."""
+    from lmtp.hostnames import HostnameStore
+    from lmtp.reload import ReloadFailed, RuntimeHolder
+
+    try:
+        return RuntimeHolder.start(settings, hostnames=HostnameStore(settings.state_dir),
+                                   trace_sink=trace_sink)
+    except ReloadFailed as err:
+        raise UsageError(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
+                         ) from None
+
+
+def _reloading_handler(holder: Any) -> Any:
+    from lmtp.delivery import Transaction
+    from lmtp.reload import ReloadingHandler
+
+    return ReloadingHandler(holder, Transaction)
+
+
+async def _serve(settings: Settings, handler: Any, holder: Any = None,
+                 watch_interval: float | None = None) -> int:
     head = LMTPHead(settings, handler)
     try:
         await head.start()
@@ -180,7 +206,14 @@ async def _serve(settings: Settings, handler: Any) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watcher = None
+    if holder is not None:
+        holder.install_sighup(loop)
+        if watch_interval:
+            watcher = loop.create_task(holder.watch(watch_interval))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("lmtp shutting down: finishing deliveries in flight (at most %gs)",
              settings.lmtp_resp_timeout)
     await head.close(grace=settings.lmtp_resp_timeout)
@@ -254,6 +287,18 @@ def _configure_hostnames(parser: argparse.ArgumentParser) -> None:
         actions.add_parser(name, help=help_text).add_argument("hostname")
 
 
+def _configure_trace(parser: argparse.ArgumentParser) -> None:
+    add_trace_arguments(parser)
+    parser.add_argument("--state-dir", metavar="DIR", default="var",
+                        help="where txco serve writes requests/<rid>/ (default: ./var)")
+
+
+def _configure_status(parser: argparse.ArgumentParser) -> None:
+    add_status_arguments(parser)
+    parser.add_argument("--state-dir", metavar="DIR", default="var",
+                        help="where txco serve writes status.json (default: ./var)")
+
+
 def _configure_route(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", help="a RCPT TO address")
     _add_routing_flags(parser)
@@ -276,6 +321,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                         _configure_route, cmd_route),
     "hostnames": Subcommand("add, list, verify or remove tenant hostnames",
                             _configure_hostnames, cmd_hostnames),
+    "trace": Subcommand("show what happened to the latest (or a given) request",
+                        _configure_trace, run_trace),
+    "status": Subcommand("show the serving version of the rules and the last reload",
+                         _configure_status, run_status),
 }
 
 
