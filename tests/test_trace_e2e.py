@@ -1,0 +1,198 @@
+"""Against a real `txco serve`: traces with scrubbing, `txco trace`, `txco status`, and live
+reload on a file edit, on SIGHUP, and of a broken edit that must not replace working rules."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import Server, txco_argv
+
+CONFIG = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
+SECRET = "Bearer sk-live-e2e-0123456789"
+
+ACCEPT = """\
+WHEN @lmtp.rcpt.0 =~ /^support@/
+SET @lmtp.res.code = 250
+SET @lmtp.res.msg = "v1"
+"""
+ACCEPT_V2 = ACCEPT.replace('"v1"', '"v2"')
+NEVER_FIRES_BUT_SCRUBS = """\
+WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/
+WITH omit = "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"
+WITH redact = "_txc.lmtp.msg.headers.authorization"
+SET @lmtp.res.code = 550
+"""
+BROKEN = 'WHEN @lmtp.rcpt.0 =~ /^support@/\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v3\n'
+
+MESSAGE = (
+    "From: Alice <alice@example.com>\r\n"
+    "To: support@acme.example\r\n"
+    "Subject: wifi keeps dropping\r\n"
+    f"Authorization: {SECRET}\r\n"
+    "\r\n"
+    "Hi support\r\n"
+)
+
+OPS = {
+    "acme/_mail/0/10-accept.txcl": ACCEPT,
+    "acme/_mail/0/90-scrub.txcl": NEVER_FIRES_BUT_SCRUBS,
+}
+
+
+def deliver(server: Server, rcpts: tuple[str, ...] = ("support@acme.example",)) -> list[str]:
+    """One LMTP transaction; the reply line of every recipient, in RCPT order."""
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        client.mail("alice@example.com")
+        for rcpt in rcpts:
+            code, _ = client.rcpt(rcpt)
+            assert code == 250, code
+        client.putcmd("data")
+        code, _ = client.getreply()
+        assert code == 354
+        client.send(smtplib.quotedata(MESSAGE).encode() + b"\r\n.\r\n")
+        replies = [client.getreply() for _ in rcpts]
+        return [f"{code} {text.decode()}" for code, text in replies]
+
+
+def txco(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*txco_argv(), *args], capture_output=True, text=True, timeout=30)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def traces(server: Server) -> list[Path]:
+    root = server.state_dir / "requests"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith("."))
+
+
+def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = serve(tmp_path, OPS, CONFIG)
+    assert deliver(server) == ["250 2.0.0 v1"]
+    folder = wait_for(lambda: traces(server))[0]
+    files = {p.name for p in folder.iterdir()}
+    assert files == {"envelope.json", "steps.json", "result.json", "response.json", "summary.json"}
+    on_disk = "".join(p.read_text() for p in folder.iterdir())
+    assert SECRET not in on_disk
+    envelope = json.loads((folder / "envelope.json").read_text())
+    assert "raw" not in envelope["_txc"]["lmtp"]["msg"]
+    assert envelope["_txc"]["lmtp"]["msg"]["headers"]["authorization"] == "[REDACTED]"
+    assert envelope["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    response = json.loads((folder / "response.json").read_text())
+    assert response["replies"] == [
+        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 v1"}
+    ]
+
+    state = ["--state-dir", str(server.state_dir)]
+    shown = txco("trace", *state)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(folder.name)
+    assert "route    tenant=acme  stack=acme/_mail  ingress=domain:acme.example" in shown.stdout
+    assert "support@acme.example  250 2.0.0 v1" in shown.stdout
+    assert "0/10-accept.txcl:1:1" in shown.stdout
+    assert 'SET _txc.lmtp.res.msg: (missing) -> "v1"' in shown.stdout
+    assert SECRET not in shown.stdout
+
+    by_prefix = txco("trace", folder.name[:12], *state)
+    assert by_prefix.stdout == shown.stdout
+
+    listed = txco("trace", "--list", *state)
+    assert listed.returncode == 0
+    row = listed.stdout.splitlines()[1].split()
+    assert row[0] == folder.name and row[2:5] == ["lmtp", "acme/_mail/0", "250"]
+
+    as_json = json.loads(txco("trace", "--json", *state).stdout)
+    assert as_json["summary"]["rid"] == folder.name
+    assert as_json["steps"]["fired"][0]["pos"].endswith("10-accept.txcl:1:1")
+    assert "raw" not in as_json["envelope"]["_txc"]["lmtp"]["msg"]
+
+    missing = txco("trace", "NOPE", *state)
+    assert missing.returncode == 1 and "no trace 'NOPE'" in missing.stderr
+
+
+def test_trace_errors_mode_skips_good_runs_and_keep_prunes(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    invalid_verdict = "WHEN @lmtp.rcpt.0 =~ /^fail@/\nSET @lmtp.res.code = 999\n"  # run error: 451
+    ops = {**OPS, "acme/_mail/0/20-fail.txcl": invalid_verdict}
+    server = serve(tmp_path, ops, CONFIG, "--trace=errors", "--trace-keep=2")
+    assert deliver(server) == ["250 2.0.0 v1"]
+    for _ in range(3):
+        assert deliver(server, ("fail@acme.example",))[0].startswith("451 ")
+    wait_for(lambda: len(traces(server)) == 2)
+    time.sleep(0.2)
+    kept = traces(server)
+    assert len(kept) == 2
+    for folder in kept:
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["recipients"][0]["code"] == 451 and summary["error"]
+
+
+def test_trace_off_writes_nothing(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--trace=off")
+    assert deliver(server) == ["250 2.0.0 v1"]
+    time.sleep(0.3)
+    assert traces(server) == []
+
+
+def test_an_edit_is_served_without_a_restart(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--watch-interval=0.1")
+    assert deliver(server) == ["250 2.0.0 v1"]
+    (tmp_path / "OPS/acme/_mail/0/10-accept.txcl").write_text(ACCEPT_V2)
+    server.wait_for_log(r"reload \(watch\): now serving version 2")
+    assert deliver(server) == ["250 2.0.0 v2"]
+    status = txco("status", "--state-dir", str(server.state_dir))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("serving version 2 since ")
+
+
+def test_sighup_reloads(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--no-watch")
+    (tmp_path / "OPS/acme/_mail/0/10-accept.txcl").write_text(ACCEPT_V2)
+    time.sleep(0.3)
+    assert deliver(server) == ["250 2.0.0 v1"]  # no watcher: nothing changes on its own
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"reload \(sighup\): now serving version 2")
+    assert deliver(server) == ["250 2.0.0 v2"]
+
+
+def test_a_broken_edit_keeps_the_old_rules_and_is_reported(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--watch-interval=0.1")
+    rule = tmp_path / "OPS/acme/_mail/0/10-accept.txcl"
+    rule.write_text(BROKEN)
+    server.wait_for_log(r"reload \(watch\) failed; still serving version 1")
+    problem_line = server.wait_for_log(rf"{rule}:3:\d+: txcl_parse_error")
+    assert "txcl_parse_error" in problem_line
+    assert deliver(server) == ["250 2.0.0 v1"]  # still the last good rules
+
+    status = txco("status", "--state-dir", str(server.state_dir))
+    assert status.returncode == 1
+    assert "last reload: FAILED, still serving the version above" in status.stdout
+    assert f"{rule}:3:" in status.stdout
+    as_json = json.loads(txco("status", "--json", "--state-dir", str(server.state_dir)).stdout)
+    assert as_json["version"] == 1 and as_json["last_reload"]["ok"] is False
+
+    rule.write_text(ACCEPT_V2)
+    server.wait_for_log(r"now serving version 2")
+    assert deliver(server) == ["250 2.0.0 v2"]
