@@ -264,9 +264,11 @@ lmtp_connect_timeout = 5s
 relayhost =
 default_transport = error:this test instance delivers only to its LMTP target
 relay_transport = error:this test instance delivers only to its LMTP target
-queue_run_delay = 1s
-minimal_backoff_time = 1s
-maximal_backoff_time = 2s
+# Deferred mail waits for `postqueue -f` (which ignores these), never for a timer, so a
+# test sees exactly when a retry happens.
+queue_run_delay = 1h
+minimal_backoff_time = 1h
+maximal_backoff_time = 2h
 biff = no
 """
 

@@ -40,23 +40,17 @@ TEMPFAILED = "later@gamma.example"
 UNROUTED = "stray@unrouted.example"
 DOMAINS = ["acme.example", "beta.example", "gamma.example", "unrouted.example"]
 
-ACCEPT_RULE = """\
-WHEN @lmtp.rcpt.0 =~ /^ok@/
-SET @lmtp.res.code = 250
-SET @lmtp.res.msg = "queued"
-"""
-REJECT_RULE = """\
-SET @lmtp.res.code = 550
-SET @lmtp.res.msg = "no such user"
-"""
-TEMPFAIL_RULE = """\
-SET @lmtp.res.code = 451
-SET @lmtp.res.msg = "try again later"
-"""
-FIXED_RULE = """\
-SET @lmtp.res.code = 250
-SET @lmtp.res.msg = "queued after the fix"
-"""
+
+def verdict_rule(code: int, msg: str, when: str = "") -> str:
+    """A TXCL rule giving every recipient of the envelope one verdict (a broadcast)."""
+    guard = f"WHEN {when}\n" if when else ""
+    return f'{guard}SET @lmtp.res.code = {code}\nSET @lmtp.res.msg = "{msg}"\n'
+
+
+ACCEPT_RULE = verdict_rule(250, "queued", when="@lmtp.rcpt.0 =~ /^ok@/")
+REJECT_RULE = verdict_rule(550, "no such user")
+TEMPFAIL_RULE = verdict_rule(451, "try again later")
+FIXED_RULE = verdict_rule(250, "queued after the fix")
 TXCO_YAML = """\
 ingress:
   lmtp:
@@ -250,7 +244,9 @@ def lmtp_probe(listen: str, rcpt: str) -> int:
         host, _, port = listen.rpartition(":")
         client = smtplib.LMTP(host, int(port), timeout=5)
     with client:
-        client.mail(SENDER)
+        client.ehlo()  # LHLO: smtplib's mail() does not greet by itself
+        code, reply = client.mail(SENDER)
+        assert code == 250, f"MAIL FROM refused: {code} {reply!r}"
         code, _ = client.rcpt(rcpt)
         if code != 250:
             return code
