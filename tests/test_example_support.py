@@ -286,7 +286,7 @@ def test_ticket_needs_a_state_dir(tmp_path: Path) -> None:
         TICKET(_envelope(_msg("Help", message_id="<a@x>")), {}, ctx)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(st.sampled_from(["<a@x>", "<b@x>", "<c@x>", "<d@x>"]), min_size=1, max_size=12))
 def test_any_sequence_of_retries_files_each_message_once(ids: list[str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
