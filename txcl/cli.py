@@ -1,0 +1,478 @@
+"""`txcl test | lint | fmt`: arguments and rendering only; the work lives in the package.
+
+Exit codes: 0 ok · 1 failures or findings · 2 usage or I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from txcl import cases, fmt, lint
+from txcl.errors import Problem, TxclError
+from txcl.loader import Tree, load_target
+from txcl.ops import OpRegistry
+from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
+from txcl.sources import source_for
+from txcl.values import MISSING
+
+OK, FAILED, USAGE = 0, 1, 2
+CONFIG_NAME = "txco.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="txcl", description="Test, lint and format TXCL rules (OPS/<tenant>/<stack>/<stage>/*.txcl)."
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "test",
+        help="run rules on an envelope, or run the stacks' test cases",
+        description="With an ENVELOPE (a JSON file, - for stdin, or an .eml message with --rcpt): "
+        "run TARGET's stack on it and show which rules fired and why, every step, the final "
+        "result and the reply per recipient. Without: run the test cases in "
+        "<stack>/tests/*.yaml of every stack under TARGET.",
+    )
+    t.add_argument("target", type=Path, help="a .txcl file, a stage folder, a stack folder or an OPS/ tree")
+    t.add_argument("envelope", nargs="?", help="envelope JSON file, - for stdin, or a .eml message")
+    t.add_argument("--rcpt", action="append", default=[], help="recipient of an .eml (repeatable)")
+    t.add_argument("--from", dest="mail_from", default="", help="envelope sender of an .eml")
+    t.add_argument("--stack", help="which stack of an OPS/ tree runs the envelope (default: its _txc.route.stack)")
+    t.add_argument("--exec", action="store_true", help="execute ops for real (default: ops are not run)")
+    t.add_argument("--state-dir", type=Path, help="where executed ops write (with --exec)")
+    t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
+    t.add_argument("--json", action="store_true", help="print one JSON document")
+
+    lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
+    lt.add_argument("targets", nargs="+", type=Path)
+    lt.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` name the known ops")
+    lt.add_argument("--format", choices=("text", "json", "github"), default="text")
+
+    f = sub.add_parser("fmt", help="print rules in canonical form")
+    f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders")
+    mode = f.add_mutually_exclusive_group()
+    mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
+    mode.add_argument("-l", "--list", action="store_true", help="list files that are not formatted")
+    mode.add_argument("-d", "--diff", action="store_true", help="show the changes as a diff")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TxclError as err:
+        _print_problems(err.problems, sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- txcl test ------------------------------------------------------------------------------
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    registry = _registry(args.config, args.target)
+    tree = load_target(args.target)
+    if tree.problems:
+        _print_problems(tree.problems, sys.stderr)
+    if args.envelope is None:
+        return _run_cases(tree, args)
+    is_message = Path(args.envelope).suffix == ".eml"
+    envelope = None if is_message else cases.read_envelope(Path(args.envelope))
+    stack = _pick_stack(tree, args, envelope)
+    if stack is None:
+        return FAILED if tree.problems else USAGE
+    if is_message:
+        envelope = _message_envelope(args, stack)
+    policy = RunPolicy(run_ops=args.exec, registry=registry, state_dir=args.state_dir)
+    result = stack.run(cases.aim_at(envelope, stack) if isinstance(envelope, dict) else envelope, policy)
+    if args.json:
+        json.dump(result_json(stack, result), sys.stdout, indent=2, default=_json_default)
+        print()
+    else:
+        render_result(stack, result, sys.stdout)
+    return FAILED if result.error else OK
+
+
+def _pick_stack(tree: Tree, args: argparse.Namespace, envelope: Any) -> Stack | None:
+    """--stack, else the only stack of the target, else the one the envelope is routed to."""
+    if args.stack:
+        stack = tree.stacks.get(args.stack)
+        if stack is None:
+            have = ", ".join(tree.stacks) or "none"
+            print(f"txcl test: no stack {args.stack!r} under {args.target} (have: {have})", file=sys.stderr)
+        return stack
+    if len(tree.stacks) == 1:
+        return next(iter(tree.stacks.values()))
+    if not tree.stacks:
+        print(f"txcl test: no stack to run under {args.target}", file=sys.stderr)
+        return None
+    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
+    route = txc.get("route") if isinstance(txc, dict) else None
+    name = route.get("stack") if isinstance(route, dict) else None
+    if isinstance(name, str) and name in tree.stacks:
+        return tree.stacks[name]
+    print(
+        f"txcl test: {args.target} holds {len(tree.stacks)} stacks and the envelope's "
+        f"_txc.route.stack ({name!r}) names none of them: give --stack",
+        file=sys.stderr,
+    )
+    return None
+
+
+def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    path = Path(args.envelope)
+    if not args.rcpt:
+        raise TxclError(Problem("txcl_test_error", f"{path}: a message needs at least one --rcpt"))
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TxclError(Problem("txcl_test_error", f"{path}: {err.strerror}")) from None
+    return cases.message_envelope(raw, args.rcpt, args.mail_from, stack)
+
+
+def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
+    results: list[cases.CaseResult] = []
+    for name, files in sorted(tree.case_files.items()):
+        stack = tree.stacks.get(name)
+        for path in files:
+            if stack is None:
+                continue  # its load problems are printed above and fail the run
+            results.extend(cases.run_case_file(path, stack, TEST_POLICY))
+    passed = sum(r.passed for r in results)
+    failed = len(results) - passed
+    if args.json:
+        doc = {
+            "cases": [case_json(r) for r in results],
+            "problems": [p.to_json() for p in tree.problems],
+            "passed": passed,
+            "failed": failed,
+        }
+        json.dump(doc, sys.stdout, indent=2, default=_json_default)
+        print()
+    else:
+        for r in results:
+            render_case(r, sys.stdout)
+        if not results and not tree.problems:
+            print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
+        print(f"{passed} passed, {failed} failed")
+    if tree.problems and any(p.severity == "error" for p in tree.problems):
+        return FAILED
+    if not results:
+        return OK
+    return FAILED if failed else OK
+
+
+# --- rendering a run -------------------------------------------------------------------------
+
+
+def _value(v: Any) -> str:
+    if v is MISSING:
+        return "missing"
+    return json.dumps(v, ensure_ascii=False, default=_json_default)
+
+
+def _short(v: Any, limit: int = 120) -> str:
+    text = _value(v)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _seg_text(path: Sequence[Any] | None) -> str:
+    if not path:
+        return ""
+    segs = list(path)
+    head = "@" if segs[0] == "_txc" and len(segs) > 1 else ""
+    rest = segs[1:] if head else segs
+    return head + ".".join(str(s) for s in rest)
+
+
+def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
+    out.write(f"stack {stack.name}  ({result.elapsed_s * 1e3:.2f} ms)\n")
+    out.write("fired:\n" if result.fired else "fired: no rule\n")
+    for f in result.fired:
+        out.write(f"  {f.pos}\n")
+        for w in f.whens:
+            out.write(f"      WHEN {w.text}   ✓\n")
+        if not f.whens:
+            out.write("      (no WHEN: always fires)\n")
+        if f.captures:
+            caps = ", ".join(f"match.{k} = {_value(v)}" for k, v in f.captures.items())
+            out.write(f"      {caps}\n")
+    out.write("steps:\n" if result.steps else "steps: none\n")
+    for s in result.steps:
+        if s.kind == "set":
+            note = f"   ({s.note})" if s.note else f"   (was {_short(s.before, 40)})"
+            out.write(f"  {s.pos}  SET {_seg_text(s.path)} = {_short(s.after)}{note}\n")
+        else:
+            how = "executed" if s.executed else (s.note or "not executed")
+            args = f" {_short(dict(s.args))}" if s.args else ""
+            out.write(f"  {s.pos}  EXEC op://{s.op}{args}  [{how}]")
+            out.write(f" -> {_short(s.patch)}\n" if s.patch else "\n")
+    if result.error:
+        out.write(f"error: {result.error}\n")
+    res = _res(result.envelope)
+    if res is not None:
+        src, value = res
+        out.write(f"_txc.{src}.res = {_short(value, 400)}\n")
+    source = source_for(result.envelope)
+    if source is not None:
+        rows = source.replies(result.envelope, result.error)
+        width = max((len(r) for r, _ in rows), default=0)
+        out.write(f"replies ({source.name}):\n")
+        for rcpt, line in rows:
+            out.write(f"  {rcpt.ljust(width)}  {line}\n")
+
+
+def _res(envelope: Any) -> tuple[str, Any] | None:
+    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
+    src = txc.get("src") if isinstance(txc, dict) else None
+    if not isinstance(src, str):
+        return None
+    part = txc.get(src)
+    res = part.get("res", MISSING) if isinstance(part, dict) else MISSING
+    return src, res
+
+
+def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
+    source = source_for(result.envelope)
+    res = _res(result.envelope)
+    return {
+        "stack": stack.name,
+        "fired": [
+            {
+                "stage": f.stage,
+                "location": _loc(f.pos),
+                "whens": [{"text": w.text, "held": w.held} for w in f.whens],
+                "captures": dict(f.captures),
+            }
+            for f in result.fired
+        ],
+        "steps": [step_json(s) for s in result.steps],
+        "res": None if res is None or res[1] is MISSING else res[1],
+        "replies": [{"rcpt": r, "reply": line} for r, line in source.replies(result.envelope, result.error)]
+        if source
+        else None,
+        "error": result.error.to_json() if result.error else None,
+        "envelope": result.envelope,
+        "elapsed_ms": round(result.elapsed_s * 1e3, 3),
+    }
+
+
+def step_json(s: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": s.kind, "stage": s.stage, "location": _loc(s.pos)}
+    if s.kind == "set":
+        out["path"] = _seg_text(s.path)
+        out["before"] = None if s.before is MISSING else s.before
+        out["before_missing"] = s.before is MISSING
+        out["after"] = None if s.after is MISSING else s.after
+        if s.note:
+            out["note"] = s.note
+    else:
+        out.update(op=s.op, args=dict(s.args), patch=s.patch, executed=s.executed, note=s.note)
+    return out
+
+
+def _loc(pos: Any) -> dict[str, Any] | None:
+    return {"file": pos.file, "line": pos.line, "column": pos.column} if pos else None
+
+
+def _json_default(v: Any) -> Any:
+    if v is MISSING:
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "items"):
+        return dict(v.items())
+    return repr(v)
+
+
+# --- rendering test cases ---------------------------------------------------------------------
+
+
+def render_case(r: cases.CaseResult, out: TextIO) -> None:
+    where = f"{r.stack} · {Path(r.file).name} · {r.name}"
+    if r.passed:
+        out.write(f"PASS  {where}\n")
+        return
+    out.write(f"FAIL  {where}\n")
+    if r.problem:
+        out.write(_indent(str(r.problem), "      ") + "\n")
+    for m in r.mismatches:
+        out.write(f"      {m.what}:\n")
+        out.write(_indent(_diff(m.expected, m.got), "        ") + "\n")
+    if r.result is not None and r.result.error and not any(m.what == "error" for m in r.mismatches):
+        out.write(f"      run error: {r.result.error}\n")
+
+
+def _diff(expected: Any, got: Any) -> str:
+    if not isinstance(expected, list | dict) and not isinstance(got, list | dict):
+        return f"expected {_value(expected)}\n     got {_value(got)}"
+    a = json.dumps(expected, indent=2, ensure_ascii=False, default=_json_default).splitlines()
+    b = json.dumps(got, indent=2, ensure_ascii=False, default=_json_default).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "expected", "got", lineterm="", n=2))
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def case_json(r: cases.CaseResult) -> dict[str, Any]:
+    return {
+        "file": r.file,
+        "name": r.name,
+        "stack": r.stack,
+        "passed": r.passed,
+        "problem": r.problem.to_json() if r.problem else None,
+        "mismatches": [{"what": m.what, "expected": m.expected, "got": m.got} for m in r.mismatches],
+        "fired": cases.fired_labels(r.result) if r.result else [],
+    }
+
+
+# --- txcl lint --------------------------------------------------------------------------------
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    registry = _registry(args.config, args.targets[0])
+    problems: list[Problem] = []
+    for target in args.targets:
+        if not target.exists():
+            print(f"txcl lint: {target}: no such file or folder", file=sys.stderr)
+            return USAGE
+        problems.extend(lint.lint_target(target, registry))
+    RENDERERS[args.format](problems, sys.stdout)
+    return FAILED if any(p.severity == "error" for p in problems) else OK
+
+
+def _render_text(problems: Sequence[Problem], out: TextIO) -> None:
+    _print_problems(problems, out)
+    errors = sum(p.severity == "error" for p in problems)
+    out.write(f"{errors} error(s), {len(problems) - errors} warning(s)\n")
+
+
+def _render_json(problems: Sequence[Problem], out: TextIO) -> None:
+    errors = sum(p.severity == "error" for p in problems)
+    doc = {"problems": [p.to_json() for p in problems], "errors": errors, "warnings": len(problems) - errors}
+    json.dump(doc, out, indent=2)
+    out.write("\n")
+
+
+def _render_github(problems: Sequence[Problem], out: TextIO) -> None:
+    # https://docs.github.com/actions/reference/workflow-commands-for-github-actions
+    for p in problems:
+        level = "error" if p.severity == "error" else "warning"
+        where = f" file={p.pos.file},line={p.pos.line},col={p.pos.column}," if p.pos else " "
+        title = p.check or p.code
+        message = p.message.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        out.write(f"::{level}{where}title={title}::{message}\n")
+
+
+RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
+    "text": _render_text,
+    "json": _render_json,
+    "github": _render_github,
+}
+
+
+def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
+    for p in problems:
+        out.write(f"{p}\n")
+
+
+# --- txcl fmt ---------------------------------------------------------------------------------
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    status = OK
+    for path in _txcl_files(args.paths):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            print(f"txcl fmt: {path}: cannot read: {err}", file=sys.stderr)
+            status = USAGE
+            continue
+        try:
+            formatted = fmt.format_source(source, str(path))
+        except TxclError as err:
+            _print_problems(err.problems, sys.stderr)
+            status = max(status, FAILED)
+            continue
+        changed = formatted != source
+        if args.write:
+            if changed:
+                path.write_text(formatted, encoding="utf-8")
+        elif args.check or args.list:
+            if changed:
+                print(path)
+                status = max(status, FAILED)
+        elif args.diff:
+            if changed:
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        source.splitlines(keepends=True),
+                        formatted.splitlines(keepends=True),
+                        f"{path}",
+                        f"{path} (formatted)",
+                    )
+                )
+        else:
+            sys.stdout.write(formatted)
+    return status
+
+
+def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*.txcl") if p.is_file())
+        else:
+            yield path
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _registry(config: Path | None, target: Path) -> OpRegistry | None:
+    """The ops a config names (with built-ins), or None when there is no config to read."""
+    path = config or _find_config(target)
+    if path is None:
+        return None
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, UnicodeDecodeError) as err:
+        raise TxclError(Problem("txcl_load_error", f"{path}: cannot read the config: {err}")) from None
+    except yaml.YAMLError as err:
+        raise TxclError(Problem("txcl_load_error", f"{path}: not valid YAML: {err}")) from None
+    ops = doc.get("ops") if isinstance(doc, dict) else None
+    return OpRegistry.from_config(ops, path.parent)
+
+
+def _find_config(target: Path) -> Path | None:
+    """`./txco.yaml`, else the one beside the OPS tree the target lives in."""
+    here = Path(CONFIG_NAME)
+    if here.is_file():
+        return here
+    for folder in [target.resolve(), *target.resolve().parents]:
+        if folder.name == "OPS":
+            candidate = folder.parent / CONFIG_NAME
+            return candidate if candidate.is_file() else None
+    return None
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "test": cmd_test,
+    "lint": cmd_lint,
+    "fmt": cmd_fmt,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
