@@ -385,21 +385,27 @@ class RuntimeHolder:
         `debounce_s` (or after MAX_DEBOUNCE_WAIT_S of continuous writing)."""
         while True:
             await asyncio.sleep(interval_s)
-            now = await asyncio.to_thread(fingerprint, self.paths)
-            if now == self._seen:
-                continue
-            waited = 0.0
-            while waited < MAX_DEBOUNCE_WAIT_S:
-                await asyncio.sleep(debounce_s)
-                waited += debounce_s
-                settled = await asyncio.to_thread(fingerprint, self.paths)
-                if settled == now:
-                    break
-                now = settled
-            if now != self._seen:
-                self.request_reload("watch")
-                if self._drainer is not None:
-                    await asyncio.shield(self._drainer)
+            try:
+                await self._reload_if_changed(debounce_s)
+            except Exception:  # the watcher must outlive any one bad poll
+                log.exception("reload watcher: poll failed; watching on")
+
+    async def _reload_if_changed(self, debounce_s: float) -> None:
+        now = await asyncio.to_thread(fingerprint, self.paths)
+        if now == self._seen:
+            return
+        waited = 0.0
+        while waited < MAX_DEBOUNCE_WAIT_S:
+            await asyncio.sleep(debounce_s)
+            waited += debounce_s
+            settled = await asyncio.to_thread(fingerprint, self.paths)
+            if settled == now:
+                break
+            now = settled
+        if now != self._seen:
+            self.request_reload("watch")
+            if self._drainer is not None:
+                await asyncio.shield(self._drainer)
 
     # -- status -----------------------------------------------------------------------------
 

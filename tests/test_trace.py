@@ -481,3 +481,63 @@ def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) ->
     ]
     assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
     assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
+
+
+# --- `txco trace` rendering and flags (lmtp.tracecmd) ---------------------------------------
+
+
+def test_trace_flags_parse_ages_and_counts() -> None:
+    import argparse
+
+    from lmtp.tracecmd import add_serve_trace_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_trace_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.trace, args.trace_keep, args.trace_max_age) == ("all", 1000, 7 * 86400)
+    args = parser.parse_args(["--trace=errors", "--trace-keep=5", "--trace-max-age=12h"])
+    assert (args.trace, args.trace_keep, args.trace_max_age) == ("errors", 5, 12 * 3600)
+    for bad in (["--trace=some"], ["--trace-keep=0"], ["--trace-max-age=soon"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_an_ambiguous_rid_prefix_is_refused_and_a_unique_one_found(tmp_path: Path) -> None:
+    from lmtp.tracecmd import resolve_rid
+
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    for rid in ("01AAA1", "01AAA2", "01BBB1"):
+        writer(rid, env, result_for(env), [], None)
+    writer.flush()
+    writer.close()
+    assert resolve_rid(tmp_path, "01B") == "01BBB1"
+    assert resolve_rid(tmp_path, None) is None
+    with pytest.raises(LookupError, match="matches 2 traces"):
+        resolve_rid(tmp_path, "01AAA")
+    with pytest.raises(FileNotFoundError):
+        resolve_rid(tmp_path, "02")
+
+
+def test_the_terminal_view_is_compact_and_shows_errors(tmp_path: Path) -> None:
+    from lmtp.tracecmd import format_list, format_trace
+
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    boom = Problem("txcl_run_error", "op ARCHIVE timed out after 5s", Pos("f.txcl", 2, 1))
+    replies = [("support@acme.example", "451 4.3.0 later")]
+    writer("r1", env, result_for(env, boom), replies, FakeStack("acme/_mail", HINTS))
+    writer.flush()
+    writer.close()
+    trace = read_trace(tmp_path, "r1")
+    text = format_trace(trace, tmp_path / "requests" / "r1")
+    assert "ERROR    f.txcl:2:1: txcl_run_error: op ARCHIVE timed out after 5s" in text
+    assert "support@acme.example  451 4.3.0 later" in text
+    assert "SET _txc.lmtp.res.code: (missing) -> 250" in text
+    assert SECRET_AUTH not in text
+    assert all(len(line) < 200 for line in text.splitlines())
+    listed = format_list(read_summaries(tmp_path)).splitlines()
+    assert listed[0].split() == ["RID", "TIME", "SRC", "ROUTE", "CODES"]
+    assert listed[1].split()[2:5] == ["lmtp", "acme/_mail/0", "451"]
+    assert listed[1].endswith("error: op ARCHIVE timed out after 5s")
+    assert format_list([]) == "no traces yet\n"
