@@ -158,6 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s txco %(levelname)s %(message)s")
     # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
+    # tree still compiles at start) must not kill the chassis.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     writer = trace_writer_from_args(args, settings.state_dir)
     try:
         holder = _runtime_holder(settings, writer)
