@@ -222,6 +222,7 @@ def test_errors_mode_keeps_failed_runs_and_tempfails_only(tmp_path: Path) -> Non
     boom = Problem("txcl_run_error", "op ARCHIVE timed out", Pos("f", 2, 1))
     assert writer("failed", env, result_for(env, boom), [("a@b", "451 4.3.0 x")], stack)
     assert writer("late", env, None, [("a@b", "451 4.4.7 timeout")], stack, error="deadline")
+    assert not writer("nostack", env, None, [("a@b", "550 5.1.1 no rule")], "acme/none")
     writer.flush()
     writer.close()
     assert sorted(trace_names(tmp_path)) == ["failed", "late"]
@@ -230,7 +231,7 @@ def test_errors_mode_keeps_failed_runs_and_tempfails_only(tmp_path: Path) -> Non
     assert failed["result.json"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
     assert failed["summary.json"]["error"] == "op ARCHIVE timed out"
     assert read_trace(tmp_path, "late")["summary.json"]["error"] == "deadline"
-    assert writer.stats().skipped == 2
+    assert writer.stats().skipped == 3
 
 
 def test_off_mode_writes_nothing_and_starts_no_thread(tmp_path: Path) -> None:

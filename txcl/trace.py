@@ -97,6 +97,19 @@ class ScrubHints:
         return bool(self.omit or self.redact)
 
 
+@lru_cache(maxsize=1024)
+def _cached_hints(hints: object) -> ScrubHints:
+    return ScrubHints.of(hints)
+
+
+def _hints_of(hints: object) -> ScrubHints:
+    """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery."""
+    try:
+        return _cached_hints(hints)
+    except TypeError:  # unhashable, e.g. a plain dict
+        return ScrubHints.of(hints)
+
+
 def _path_list(value: object) -> tuple[str, ...]:
     """Accept a comma list string or any iterable of them; sorted, unique, stripped."""
     items: Iterable[object] = [value] if isinstance(value, str) else (value or ())  # type: ignore[assignment]
@@ -488,8 +501,9 @@ class TraceStats:
 
 
 def is_error(result: Any, replies: Sequence[tuple[str, str]], error: str = "") -> bool:
-    """What `--trace=errors` keeps: a failed run, or any tempfail (4xx) reply."""
-    if error or result is None or getattr(result, "error", None) is not None:
+    """What `--trace=errors` keeps: a failed run, or any tempfail (4xx) reply. No result
+    and no error is a routed stack that does not exist: default-deny, not an error."""
+    if error or getattr(result, "error", None) is not None:
         return True
     return any((code := reply_code(line)) is not None and 400 <= code < 500 for _, line in replies)
 
@@ -561,7 +575,7 @@ class TraceWriter:
                 result=result,
                 replies=tuple((str(r), str(line)) for r, line in replies),
                 stack=str(getattr(stack, "name", "") or (stack if isinstance(stack, str) else "")),
-                hints=ScrubHints.of(getattr(stack, "hints", None)),
+                hints=_hints_of(getattr(stack, "hints", None)),
                 error=error,
             )
             self._queue.put_nowait(record)
