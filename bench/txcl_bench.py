@@ -28,10 +28,10 @@ from txcl.runner import RunPolicy
 
 RULE_TEMPLATES = [
     'WHEN @lmtp.rcpt.0 =~ /^support{n}@/\nSET @lmtp.res.recipients.0.code = 250\nSET @lmtp.res.recipients.0.msg = "queued {n}"\n',
-    'WHEN @lmtp.msg.subject =~ /invoice|billing {n}/i\nWHEN NOT @lmtp.msg.headers.x-spam.0 == "yes"\nSET label = "billing"\n',
+    'WHEN @lmtp.msg.subject =~ /invoice|billing {n}/i\nWHEN NOT @lmtp.msg.headers.x-spam.0 == "yes"\nSET class.label = "billing"\n',
     'WHEN @lmtp.msg.headers.authentication-results.0 !=~ /spf=pass/\nSET @lmtp.res.code = 550\nSET @lmtp.res.msg = "SPF failed {n}"\n',
     'WHEN domain(@lmtp.mail.from) IN ["example.com", "example.org"]\nWHEN len(@lmtp.rcpt) > {n}\nSET flags.many = true\n',
-    'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET has_pdf = true\n',
+    'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET flags.has_pdf = true\n',
 ]
 
 
@@ -68,20 +68,20 @@ STAGE_RULES = [
     ("13-dkim.txcl", 'WHEN @lmtp.msg.headers.authentication-results.0 =~ /dkim=pass/\nSET auth.dkim = true\n'),
     ("14-unsub.txcl", 'WHEN @lmtp.msg.subject =~ /unsubscribe/i\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "noted"\n'),
     ("15-ticket.txcl", 'WHEN @lmtp.msg.subject =~ /\\[#(?P<num>[0-9]+)\\]/\nSET ticket.thread = match.num\n'),
-    ("16-billing.txcl", 'WHEN @lmtp.msg.subject =~ /invoice|billing|charge/i\nSET label = "billing"\n'),
-    ("17-outage.txcl", 'WHEN @lmtp.msg.text =~ /down|outage|not working/i\nSET label = "outage"\n'),
-    ("18-vip.txcl", 'WHEN domain(@lmtp.mail.from) IN ["bigcustomer.example", "partner.example"]\nSET priority = "high"\n'),
+    ("16-billing.txcl", 'WHEN @lmtp.msg.subject =~ /invoice|billing|charge/i\nSET class.label = "billing"\n'),
+    ("17-outage.txcl", 'WHEN @lmtp.msg.text =~ /down|outage|not working/i\nSET class.label = "outage"\n'),
+    ("18-vip.txcl", 'WHEN domain(@lmtp.mail.from) IN ["bigcustomer.example", "partner.example"]\nSET class.priority = "high"\n'),
     ("19-many.txcl", 'WHEN len(@lmtp.rcpt) > 3\nSET flags.many_rcpt = true\n'),
-    ("20-pdf.txcl", 'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET has_pdf = true\n'),
+    ("20-pdf.txcl", 'WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\nSET flags.has_pdf = true\n'),
     ("21-noreply.txcl", 'WHEN localpart(@lmtp.mail.from) =~ /^(no-?reply|mailer-daemon)$/i\nSET @lmtp.res.code = 550\n'),
     ("22-size.txcl", 'WHEN @lmtp.mail.size > 10000000\nSET flags.big = true\n'),
-    ("23-lang.txcl", 'WHEN @lmtp.msg.headers.content-language.0 == "de"\nSET lang = "de"\n'),
+    ("23-lang.txcl", 'WHEN @lmtp.msg.headers.content-language.0 == "de"\nSET flags.lang = "de"\n'),
     ("24-spam.txcl", 'WHEN @lmtp.msg.headers.x-spam-flag.0 == "YES"\nSET @lmtp.res.code = 550\n'),
     ("25-cc.txcl", 'WHEN @lmtp.msg.cc.0.addr =~ /@acme\\.example$/\nSET flags.internal_cc = true\n'),
     ("26-exists.txcl", 'WHEN NOT exists(@lmtp.msg.headers.in-reply-to)\nSET flags.new_thread = true\n'),
     ("27-html.txcl", 'WHEN @lmtp.msg.html =~ /<a href=/\nSET flags.links = true\n'),
     ("28-client.txcl", 'WHEN @lmtp.client.helo =~ /postfix/ AND @lmtp.client.ip == "127.0.0.1"\nSET flags.local = true\n'),
-    ("29-any.txcl", 'WHEN upper(@lmtp.msg.subject) =~ /WIFI/\nSET tags = ["wifi", "network"]\n'),
+    ("29-any.txcl", 'WHEN upper(@lmtp.msg.subject) =~ /WIFI/\nSET class.tags = ["wifi", "network"]\n'),
 ]
 
 

@@ -26,7 +26,6 @@ from txcl.sources import Source, source_for
 from txcl.values import MISSING
 
 CASE_ERROR: Final = "txcl_test_error"
-FAILURE: Final = "txcl_test_failure"
 ABSENT: Final = "~missing"  # an expected path value meaning "not there"
 
 _INPUT_KEYS: Final = ("envelope", "envelope_file", "eml")

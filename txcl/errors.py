@@ -26,7 +26,7 @@ class Problem:
     """A finding or a failure.
 
     code:     the phase: txcl_parse_error | txcl_compile_error | txcl_lint_error |
-              txcl_load_error | txcl_run_error | txcl_test_failure
+              txcl_load_error | txcl_run_error | txcl_test_error | txcl_internal_error
     message:  one sentence a rule author can act on
     pos:      where, when known
     severity: "error" or "warning"
