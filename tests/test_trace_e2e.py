@@ -196,3 +196,17 @@ def test_a_broken_edit_keeps_the_old_rules_and_is_reported(
     rule.write_text(ACCEPT_V2)
     server.wait_for_log(r"now serving version 2")
     assert deliver(server) == ["250 2.0.0 v2"]
+
+
+def test_a_config_edit_changes_routing_without_a_restart(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    ops = {**OPS, "beta/_mail/0/10-accept.txcl": ACCEPT.replace('"v1"', '"beta"')}
+    server = serve(tmp_path, ops, CONFIG, "--watch-interval=0.1")
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        client.mail("alice@example.com")
+        assert client.rcpt("support@beta.example")[0] == 550  # beta.example is not routed
+    (tmp_path / "txco.yaml").write_text(CONFIG + "      beta.example: {tenant: beta}\n")
+    server.wait_for_log(r"reload \(watch\): now serving version 2")
+    assert deliver(server, ("support@beta.example",)) == ["250 2.0.0 beta"]
