@@ -159,12 +159,15 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         status = read_status(args.state_dir)
-    except (OSError, ValueError) as err:
+    except FileNotFoundError:
         print(
-            f"txco status: no status under {args.state_dir} (is txco serve running "
-            f"with this --state-dir?): {err}",
+            f"txco status: no status.json under {args.state_dir} "
+            "(is txco serve running with this --state-dir?)",
             file=sys.stderr,
         )
+        return 2
+    except (OSError, ValueError) as err:
+        print(f"txco status: cannot read the status under {args.state_dir}: {err}", file=sys.stderr)
         return 2
     if args.json:
         out.write(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
