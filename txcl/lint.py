@@ -25,7 +25,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -35,6 +35,7 @@ from txcl.errors import Pos, Problem, TxclError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
+    from txcl.loader import ReadFile
     from txcl.ops import OpRegistry
 
 __all__ = ["CHECKS", "LINT_CODE", "lint_file", "lint_source", "lint_target", "lint_tree"]
@@ -108,18 +109,32 @@ def _lines(source: str) -> list[str]:
 
 
 def _lint_text(source: str, name: str, registry: OpRegistry | None) -> _FileLint:
-    lines = _lines(source)
     try:
         tree = parse(source, name)
     except TxclSyntaxError as err:
-        return _FileLint(tuple(_as_lint(p, lines) for p in err.problems), ())
+        return _lint_parsed(source, name, None, err.problems, registry)
     from txcl.compiler import compile_file  # the compiler pulls in RE2 and the ops' helpers
 
-    problems: list[Problem] = []
     try:
         compile_file(tree)
     except TxclError as err:
-        problems.extend(_as_lint(p, lines) for p in err.problems)
+        return _lint_parsed(source, name, tree, err.problems, registry)
+    return _lint_parsed(source, name, tree, (), registry)
+
+
+def _lint_parsed(
+    source: str,
+    name: str,
+    tree: ast.File | None,
+    found: tuple[Problem, ...],
+    registry: OpRegistry | None,
+) -> _FileLint:
+    """The findings of a file already parsed (tree None: it did not) and compiled, with the
+    problems that found."""
+    lines = _lines(source)
+    problems = [_as_lint(p, lines) for p in found]
+    if tree is None:
+        return _FileLint(tuple(problems), ())
     checker = _RuleChecks(lines, registry)
     if not tree.rules:
         problems.append(_finding("empty-file", "this file holds no rules", Pos(name, 1, 1), None))
@@ -374,10 +389,10 @@ def lint_tree(root: str | Path, registry: OpRegistry | None = None) -> list[Prob
     from txcl.loader import load_tree
 
     root = Path(root)
-    loaded = load_tree(root)
+    loaded = load_tree(root, keep_files=True)
     problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
     for stack_files in _stacks(root):
-        problems.extend(_lint_stack(stack_files, registry))
+        problems.extend(_lint_stack(stack_files, registry, loaded.read))
     return _sorted(problems)
 
 
@@ -398,15 +413,23 @@ def lint_target(path: str | Path, registry: OpRegistry | None = None) -> list[Pr
         files = list(_stage_files(path, path))
     else:
         return lint_tree(path, registry)
-    layout = [_as_lint(p) for p in load_target(path).problems if p.code == "txcl_load_error"]
-    return _sorted([*layout, *_lint_stack(files, registry)])
+    loaded = load_target(path, keep_files=True)
+    layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
+    return _sorted([*layout, *_lint_stack(files, registry, loaded.read)])
 
 
-def _lint_stack(files: list[Path], registry: OpRegistry | None) -> list[Problem]:
+def _lint_stack(
+    files: list[Path], registry: OpRegistry | None, read: Mapping[str, ReadFile]
+) -> list[Problem]:
+    """The files' findings; a file the loader has read (`read`, by path) is not read again."""
     problems: list[Problem] = []
     verdicts: list[_Verdict] = []
     for file in files:
-        found = _lint_path(file, registry)
+        known = read.get(str(file))
+        if known is None:
+            found = _lint_path(file, registry)
+        else:
+            found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
         problems.extend(p for p in found.problems if p.check != "layout")
         verdicts.extend(found.verdicts)
     return [*problems, *_recipient_gaps(verdicts)]

@@ -10,6 +10,8 @@ ignored; `..` and symlinks that lead out of the root are refused.
 
 Every file is parsed and compiled, so one load reports the problems of all of them. A stack
 with any problem is not served (it is absent from `Tree.stacks`); the other stacks load.
+Asked to (`keep_files=True`, as `txcl lint` does), a load also keeps what it read of every
+rule file (`Tree.read`), so a tool can look further without parsing the files again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from txcl import ast
 from txcl.compiler import CompiledRule, ExecStep, compile_file
 from txcl.errors import Pos, Problem, TxclError
 from txcl.ops import OpRegistry
@@ -38,6 +41,17 @@ STAGE_NAME: Final = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 @dataclass(frozen=True)
+class ReadFile:
+    """One rule file as a load read it: its text, its syntax tree (None if it does not
+    parse) and its parse or compile problems."""
+
+    path: str
+    source: str
+    file: ast.File | None
+    problems: tuple[Problem, ...]
+
+
+@dataclass(frozen=True)
 class Tree:
     root: Path
     stacks: Mapping[str, Stack]  # "tenant/stack" -> Stack, only stacks without problems
@@ -45,6 +59,7 @@ class Tree:
     files: int  # .txcl files read
     case_files: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     rejected: frozenset[str] = frozenset()  # stacks not served because of their problems
+    read: Mapping[str, ReadFile] = field(default_factory=dict)  # path -> file, if kept
 
     @property
     def ok(self) -> bool:
@@ -62,11 +77,12 @@ def _byte_order(name: str) -> bytes:
 class _Walker:
     """One load: the root's real path for escape checks, the registry, counters."""
 
-    def __init__(self, root: Path, registry: OpRegistry | None) -> None:
+    def __init__(self, root: Path, registry: OpRegistry | None, keep_files: bool = False) -> None:
         self.root = root
         self.real_root = os.path.realpath(root)
         self.registry = registry
         self.files = 0
+        self.read: dict[str, ReadFile] | None = {} if keep_files else None
 
     def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
         """The folder's entries in byte-wise name order, without symlinks that escape."""
@@ -110,11 +126,15 @@ class _Walker:
             text = text[1:]
         from txcl.parser import parse  # the parser builds its tables on first use
 
+        tree: ast.File | None = None
         try:
-            rules = compile_file(parse(text, path))
+            tree = parse(text, path)
+            rules = compile_file(tree)
         except TxclError as err:
             problems.extend(err.problems)
+            self.keep(ReadFile(path, text, tree, err.problems))
             return ()
+        self.keep(ReadFile(path, text, tree, ()))
         if self.registry is not None:
             for rule in rules:
                 for step in rule.steps:
@@ -123,6 +143,10 @@ class _Walker:
                             _problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
                         )
         return rules
+
+    def keep(self, read: ReadFile) -> None:
+        if self.read is not None:
+            self.read[read.path] = read
 
     def stage(self, number: int, folder: str, problems: list[Problem]) -> Stage:
         rules: list[CompiledRule] = []
@@ -171,13 +195,16 @@ def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
     return Pos(path, line, column)
 
 
-def load_tree(root: Path | str, registry: OpRegistry | None = None) -> Tree:
+def load_tree(
+    root: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
+) -> Tree:
     """Load `OPS/`: every tenant, stack, stage and file. Never raises for bad content.
 
-    With a registry, an EXEC of an op it does not know is a problem of that stack.
+    With a registry, an EXEC of an op it does not know is a problem of that stack. With
+    keep_files, `Tree.read` holds every rule file read, by path.
     """
     root = Path(root)
-    walker = _Walker(root, registry)
+    walker = _Walker(root, registry, keep_files)
     problems: list[Problem] = []
     stacks: dict[str, Stack] = {}
     cases: dict[str, tuple[Path, ...]] = {}
@@ -206,7 +233,15 @@ def load_tree(root: Path | str, registry: OpRegistry | None = None) -> Tree:
                 rejected.add(name)
             else:
                 stacks[name] = stack
-    return Tree(root, stacks, tuple(problems), walker.files, cases, frozenset(rejected))
+    return Tree(
+        root,
+        stacks,
+        tuple(problems),
+        walker.files,
+        cases,
+        frozenset(rejected),
+        walker.read or {},
+    )
 
 
 def _stack_name_from(folder: Path) -> str:
@@ -227,7 +262,9 @@ def _is_stack_folder(folder: Path) -> bool:
         return False
 
 
-def load_target(path: Path | str, registry: OpRegistry | None = None) -> Tree:
+def load_target(
+    path: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
+) -> Tree:
     """Load what a person points `txcl test` or `txcl lint` at.
 
     - a `.txcl` file: one stack "test/_file" with that file as stage 0;
@@ -235,34 +272,37 @@ def load_target(path: Path | str, registry: OpRegistry | None = None) -> Tree:
     - a stack folder (holds stage folders or tests/): that stack;
     - anything else: an OPS root, as load_tree().
     Stacks loaded from a folder outside a valid tenant/stack layout are named "test/_file".
+    keep_files is as for load_tree().
     """
     path = Path(path)
     if path.is_file():
-        walker = _Walker(path.parent, registry)
+        walker = _Walker(path.parent, registry, keep_files)
         problems: list[Problem] = []
         if not path.name.endswith(RULE_SUFFIX):
             problems.append(_problem(f"{path}: not a {RULE_SUFFIX} file"))
             return Tree(path, {}, tuple(problems), 0)
         rules = walker.read_rules(str(path), problems)
         stack = Stack(SINGLE_FILE_STACK, (Stage(0, rules, (str(path),)),))
-        return _single(path, stack, problems, walker.files, ())
+        return _single(path, stack, problems, walker, ())
     if path.is_dir() and STAGE_NAME.fullmatch(path.name):
-        walker = _Walker(path.parent, registry)
+        walker = _Walker(path.parent, registry, keep_files)
         problems = []
         stage = walker.stage(int(path.name), str(path), problems)
         stack = Stack(_stack_name_from(path.parent), (stage,))
-        return _single(path, stack, problems, walker.files, ())
+        return _single(path, stack, problems, walker, ())
     if path.is_dir() and _is_stack_folder(path):
-        walker = _Walker(path, registry)
+        walker = _Walker(path, registry, keep_files)
         problems = []
         stack, case_files = walker.stack(_stack_name_from(path), str(path), problems)
-        return _single(path, stack, problems, walker.files, case_files)
-    return load_tree(path, registry)
+        return _single(path, stack, problems, walker, case_files)
+    return load_tree(path, registry, keep_files=keep_files)
 
 
 def _single(
-    root: Path, stack: Stack, problems: list[Problem], files: int, cases: tuple[Path, ...]
+    root: Path, stack: Stack, problems: list[Problem], walker: _Walker, cases: tuple[Path, ...]
 ) -> Tree:
+    read = walker.read or {}
     if problems:
-        return Tree(root, {}, tuple(problems), files, {stack.name: cases}, frozenset({stack.name}))
-    return Tree(root, {stack.name: stack}, (), files, {stack.name: cases})
+        rejected = frozenset({stack.name})
+        return Tree(root, {}, tuple(problems), walker.files, {stack.name: cases}, rejected, read)
+    return Tree(root, {stack.name: stack}, (), walker.files, {stack.name: cases}, read=read)
