@@ -40,15 +40,14 @@ from lmtp.config import LISTENER_NAME, ListenAddress, Settings
 
 log = logging.getLogger("txco.lmtp")
 
-READ_SIZE = 1 << 20
+# Unread command bytes kept before the socket is paused (a pipelining client while a
+# delivery runs); the DATA decoder never buffers, it consumes each chunk as it comes.
+INPUT_BUFFER_LIMIT = 1 << 20
 # RFC 5321 4.5.3.1.4: 512 octets per command line; SIZE= and BODY= may lengthen MAIL.
 MAX_COMMAND_LINE = 512
 MAX_MAIL_LINE = 512 + 26 + 15
 
-_TERMINATOR = b"\r\n.\r\n"
 _STUFFED_DOT = b"\r\n."
-# Suffixes of a chunk that may begin a terminator finished by the next chunk, longest first.
-_TERMINATOR_PREFIXES = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 _SIMPLE_PATH = re.compile(r"<([^<>()\[\]\\,;:@\"\s]+@[A-Za-z0-9.-]+)>(?:\s+(.*))?\Z")
 _REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
 
@@ -65,6 +64,8 @@ class DataDecoder:
     sender smuggle a second message past an MTA that reads the stream differently.
     A dot at the start of a line (after CRLF) is removed (RFC 5321 4.5.2).
 
+    One `find` per chunk and per dot-started line; the message is kept as views of the
+    received chunks and joined once, so a message is copied once on its way to `message()`.
     Over `max_bytes` the message is dropped at once and the rest is only counted, so memory
     stays bounded by the limit whatever the client sends.
     """
@@ -74,55 +75,61 @@ class DataDecoder:
         self.size = 0
         self.too_large = False
         self.done = False
-        self._body = bytearray()
-        # The stream starts as if after a CRLF, so a leading "." is a line start too.
+        self._parts: list[bytes | memoryview] = []
+        # The stream starts as if after a CRLF, so a leading "." is a line start too; those
+        # two bytes stay at the front of `_held` until the stream has moved past them.
         self._held = b"\r\n"
-        self._skip = 2
+        self._virtual_crlf = True
 
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes. -1: the message goes on; else how many bytes of `chunk`
         belonged to the message (what follows is the client's next command)."""
         held = self._held
         piece = held + chunk if held else chunk
-        end = piece.find(_TERMINATOR)
-        if end >= 0:
-            self._emit(piece, end + 2)
-            self._held = b""
-            self.done = True
-            return end + len(_TERMINATOR) - len(held)
-        keep = 0
-        for prefix in _TERMINATOR_PREFIXES:
-            if piece.endswith(prefix):
-                keep = len(prefix)
+        start = 0
+        hold_from = -1
+        pos = piece.find(_STUFFED_DOT)
+        while pos >= 0:
+            after = pos + 3
+            tail = piece[after:after + 2]
+            if tail == b"\r\n":
+                self._emit(piece, start, pos + 2)
+                self._held = b""
+                self.done = True
+                return after + 2 - len(held)
+            if tail in (b"", b"\r"):  # maybe a terminator the next chunk completes
+                hold_from = pos
                 break
-        stop = len(piece) - keep
-        self._emit(piece, stop)
-        self._held = piece[stop:]
+            self._emit(piece, start, pos + 2)
+            start = after
+            pos = piece.find(_STUFFED_DOT, after)
+        if hold_from < 0:
+            hold_from = len(piece) - (2 if piece.endswith(b"\r\n") else
+                                      1 if piece.endswith(b"\r") else 0)
+        self._emit(piece, start, hold_from)
+        self._held = piece[hold_from:]
+        if hold_from >= 2:
+            self._virtual_crlf = False
         return -1
 
-    def _emit(self, piece: bytes, stop: int) -> None:
-        if stop <= self._skip:
-            self._skip -= stop
+    def _emit(self, piece: bytes, start: int, stop: int) -> None:
+        if self._virtual_crlf and start < 2:
+            start = 2
+        if stop <= start:
             return
-        skip, self._skip = self._skip, 0
+        self.size += stop - start
         if self.too_large:
-            self.size += stop - skip
             return
-        if piece.find(_STUFFED_DOT, 0, stop) < 0:
-            part: bytes | memoryview = memoryview(piece)[skip:stop]
-        else:
-            part = memoryview(piece[:stop].replace(_STUFFED_DOT, b"\r\n"))[skip:]
-        self.size += len(part)
         if self.size > self.max_bytes:
             self.too_large = True
-            self._body = bytearray()
-        else:
-            self._body += part
+            self._parts.clear()
+            return
+        self._parts.append(memoryview(piece)[start:stop])
 
     def message(self) -> bytes:
-        """The unstuffed message (once `done` and not `too_large`); the buffer is released."""
-        data = bytes(self._body)
-        self._body = bytearray()
+        """The unstuffed message (once `done` and not `too_large`); the parts are released."""
+        data = b"".join(self._parts)
+        self._parts.clear()
         return data
 
 
@@ -205,10 +212,6 @@ _TOO_LONG = _TooLong()
 class LMTPProtocol(LMTP):
     """One LMTP connection. See the module docstring for what differs from aiosmtpd."""
 
-    # aiosmtpd sizes the StreamReader's buffer by this; it only sets flow control here,
-    # since lines are found by `_read_line`. Larger than one socket read keeps DATA flowing.
-    line_length_limit = 1 << 18
-
     def __init__(self, head: LMTPHead) -> None:
         settings = head.settings
         super().__init__(
@@ -223,6 +226,10 @@ class LMTPProtocol(LMTP):
         self.settings = settings
         self.envelope: LMTPEnvelope
         self._inbuf = bytearray()
+        self._input_waiter: asyncio.Future[None] | None = None
+        self._decoder: DataDecoder | None = None
+        self._eof = False
+        self._reading_paused = False
         self._out: list[bytes] = []
         self._waiting_for_command = False
         self._closing = False
@@ -244,10 +251,49 @@ class LMTPProtocol(LMTP):
         if not self.head.sessions:
             self.head.all_closed.set()
 
-    def eof_received(self) -> bool | None:
+    # Input bypasses aiosmtpd's StreamReader: bytes go straight from the socket into the
+    # DATA decoder (no buffer copy, no wake-up per chunk) or into `_inbuf` for commands.
+
+    def data_received(self, data: bytes) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            used = decoder.feed(data)
+            if used < 0:
+                return
+            self._decoder = None
+            data = data[used:]
+        elif len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
+            # Commands pile up while a delivery runs: stop reading until we catch up.
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._inbuf += data
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
         # aiosmtpd cancels the session here, dropping replies still owed for commands the
-        # client sent before closing its side. Let the loop finish them and see the EOF.
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        # client sent before closing its side. Finish them, then see the end of input.
+        self._eof = True
+        self._wake_reader()
+        return True
+
+    def _wake_reader(self) -> None:
+        waiter = self._input_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_for_input(self) -> None:
+        """Flush the replies so far, then wait until data_received or EOF brings news."""
+        await self._flush()
+        if self._eof:
+            return
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._input_waiter = self.loop.create_future()
+        try:
+            await self._input_waiter
+        finally:
+            self._input_waiter = None
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -274,10 +320,6 @@ class LMTPProtocol(LMTP):
             self._out.clear()
             await self._writer.drain()
 
-    async def _read_more(self) -> bytes:
-        await self._flush()
-        return await self._reader.read(READ_SIZE)
-
     async def _read_line(self) -> bytes | _TooLong | None:
         """The next command line without its line ending; _TOO_LONG; None at end of input."""
         buf = self._inbuf
@@ -293,15 +335,14 @@ class LMTPProtocol(LMTP):
             if len(buf) > MAX_MAIL_LINE:
                 too_long = True
                 buf.clear()
+            if self._eof:
+                return None
             self._reset_timeout()
             self._waiting_for_command = True
             try:
-                chunk = await self._read_more()
+                await self._wait_for_input()
             finally:
                 self._waiting_for_command = False
-            if not chunk:
-                return None
-            buf += chunk
 
     # --- the command loop ------------------------------------------------------------
 
@@ -466,14 +507,13 @@ class LMTPProtocol(LMTP):
             if used >= 0:
                 self._inbuf += memoryview(chunk)[used:]
                 return decoder
-        while True:
-            chunk = await self._read_more()
-            if not chunk:
-                return None
-            used = decoder.feed(chunk)
-            if used >= 0:
-                self._inbuf += memoryview(chunk)[used:]
-                return decoder
+        self._decoder = decoder
+        try:
+            while not decoder.done and not self._eof:
+                await self._wait_for_input()
+        finally:
+            self._decoder = None
+        return decoder if decoder.done else None
 
     async def _deliver(self, count: int) -> list[str]:
         timeout = self.settings.lmtp_resp_timeout
