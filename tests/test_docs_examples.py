@@ -10,6 +10,7 @@ drift from the code.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +130,72 @@ def test_fenced_blocks_finds_indented_blocks_and_the_text_after_them(tmp_path: P
     block, text = fenced_blocks(doc)
     assert (block.lang, block.text, block.following_text) == ("txcl-error", "WHEN\n", "rule.txcl:1:5: x\n")
     assert text.lang == "text"
+
+
+# --- docs/lmtp.md states what the code does ---------------------------------------------------
+
+LMTP_DOC = REPO / "docs" / "lmtp.md"
+
+
+def _table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after `heading`."""
+    section = text[text.index(heading) :]
+    rows = []
+    started = False
+    for line in section.splitlines()[1:]:
+        if line.startswith("|"):
+            started = True
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif started:
+            break
+    return rows[2:]  # without the header and the |---| line
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    from lmtp.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+    return commands.choices["serve"]
+
+
+def test_every_serve_flag_is_in_the_quick_reference_with_its_default() -> None:
+    rows = _table_rows(LMTP_DOC.read_text(encoding="utf-8"), "## Quick reference")
+    documented = {row[0].strip("`").split()[0]: row[1] for row in rows}
+    for action in _serve_parser()._actions:
+        flags = [f for f in action.option_strings if f.startswith("--") and f != "--help"]
+        if not flags:
+            continue
+        flag = flags[0]
+        assert flag in documented, f"{flag} is missing from the quick reference"
+        if isinstance(action.default, str) and action.default:
+            shown = (f"`{action.default}`", f"`./{action.default}`")  # `./OPS`: a folder
+            assert any(s in documented[flag] for s in shown), (flag, action.default)
+    assert set(documented) <= {
+        f for a in _serve_parser()._actions for f in a.option_strings
+    }, "the quick reference names a flag txco serve does not have"
+
+
+def test_enhanced_status_table_is_the_code_table() -> None:
+    from lmtp.verdicts import ENHANCED
+
+    rows = _table_rows(LMTP_DOC.read_text(encoding="utf-8"), "### Enhanced status codes")
+    documented = {}
+    for row in rows:
+        for code, enhanced in ((row[0], row[1]), (row[3], row[4])):
+            if code:
+                documented[int(code)] = enhanced
+    assert documented == dict(ENHANCED)
+
+
+def test_fixed_reply_lines_are_quoted_exactly() -> None:
+    from lmtp import server, verdicts
+
+    text = LMTP_DOC.read_text(encoding="utf-8")
+    for line in (
+        server.R_NO_RULE,
+        server.R_TOO_LARGE,
+        server.R_TOO_MANY_RCPTS,
+        verdicts.DEFAULT_DENY.line,
+        verdicts.RUN_FAILED.line,
+    ):
+        assert line in text, line
