@@ -6,10 +6,20 @@ import time
 from pathlib import Path as FsPath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txcl import ast
 from txcl.errors import Pos, TxclSyntaxError
-from txcl.parser import MAX_NESTING, SYNTAX_EXAMPLES, grammar_text, parse, parse_expression
+from txcl.parser import (
+    MAX_NESTING,
+    SYNTAX_EXAMPLES,
+    _lines,
+    _parse_by_line,
+    grammar_text,
+    parse,
+    parse_expression,
+)
 
 X = Pos("", 0, 0)
 
@@ -475,3 +485,49 @@ def test_every_syntax_example_earns_its_own_label(label: str, example: str) -> N
     with pytest.raises(TxclSyntaxError) as err:
         parse(example + "\n", "x.txcl")
     assert err.value.problem.message.startswith(label)
+
+
+# --- the whole-file parse finds what the line-by-line parse finds -----------------------------
+
+LINE_PIECES = [
+    "WHEN @lmtp.rcpt.0 =~ /^support@/i",
+    "  when not @a.b IN [1, \"x\", true] or len(@c) > 2  # trailing",
+    'SET @lmtp.res.recipients.0.msg = "queued \\" # not a comment"',
+    "SET ticket.\"odd.key\".0 = match.num + 1",
+    'EXEC "op://ARCHIVE"',
+    "WITH timeout = \"5s\"",
+    "WHEN $._txc.lmtp.msg.attachments[?(@.type == 'a b')].name =~ /pdf/",
+    "\t# an own-line comment",
+    "",
+    "   ",
+    "#",
+    "WHEN (@a == 1",
+    "SET @a = yes",
+    "WHEN @a =~ /x/q",
+    'SET @a = "\\q"',
+    "FOO",
+    "SET @a = 1 SET @b = 2",
+    "\x0c",
+    "SET @a = \"x\r\"",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(LINE_PIECES), max_size=8),
+    st.sampled_from(["\n", "\r\n"]),
+    st.booleans(),
+)
+def test_whole_file_parse_agrees_with_the_line_by_line_parse(
+    pieces: list[str], newline: str, final_newline: bool
+) -> None:
+    source = newline.join(pieces) + (newline if final_newline else "")
+    try:
+        expected: object = _parse_by_line(_lines(source), "f.txcl")
+    except TxclSyntaxError as err:
+        expected = err.problems
+    try:
+        found: object = parse(source, "f.txcl")
+    except TxclSyntaxError as err:
+        found = err.problems
+    assert found == expected

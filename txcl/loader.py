@@ -16,12 +16,15 @@ rule file (`Tree.read`), so a tool can look further without parsing the files ag
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, ParamSpec
 
 from txcl import ast
 from txcl.compiler import CompiledRule, ExecStep, compile_file
@@ -64,6 +67,33 @@ class Tree:
     @property
     def ok(self) -> bool:
         return not any(p.severity == "error" for p in self.problems)
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """No cyclic GC during a load. A load allocates heavily and keeps nearly all of it, so
+    the collections it would trigger find little to free while scanning everything built so
+    far again: a fifth of the CPU time of a 10,000-file load. Refcounting still frees what
+    it can; the collector resumes (if it was on) right after."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+_Args = ParamSpec("_Args")
+
+
+def _without_cyclic_gc(load: Callable[_Args, Tree]) -> Callable[_Args, Tree]:
+    @functools.wraps(load)
+    def run(*args: _Args.args, **kwargs: _Args.kwargs) -> Tree:
+        with _no_cyclic_gc():
+            return load(*args, **kwargs)
+
+    return run
 
 
 def _problem(message: str, pos: Pos | None = None) -> Problem:
@@ -195,6 +225,7 @@ def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
     return Pos(path, line, column)
 
 
+@_without_cyclic_gc
 def load_tree(
     root: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
 ) -> Tree:
@@ -262,6 +293,7 @@ def _is_stack_folder(folder: Path) -> bool:
         return False
 
 
+@_without_cyclic_gc
 def load_target(
     path: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
 ) -> Tree:

@@ -1,9 +1,11 @@
 """TXCL text -> ast.File, with labelled, positioned syntax errors.
 
-The grammar lives in grammar/txcl.lark. Statements are one per line, so the text is parsed
-line by line with the grammar's `line` rule: a bad line is reported and the next line is
-parsed afresh, so one mistake never hides the next, and the cost stays linear in the size of
-the file. The statements are then grouped into rules here (WHENs, then a body).
+The grammar lives in grammar/txcl.lark. A file is parsed in one go with the grammar's
+`file` rule. Statements are one per line, so a file with any error is parsed again line by
+line with the `line` rule: a bad line is reported and the next line is parsed afresh, so one
+mistake never hides the next, and every message comes from that one path. Either way the
+cost stays linear in the size of the file. The statements are then grouped into rules here
+(WHENs, then a body).
 
 Nothing after this module sees a lark Tree: the transformer below builds ast nodes.
 """
@@ -216,7 +218,7 @@ class _LineScan:
     """The line being parsed, and what the lexer and the transformer record about it."""
 
     name: str
-    lineno: int
+    lineno: int  # of the text's first line (a token's own line counts from 1)
     column_shift: int = 0  # parse_expression parses its text behind a "WHEN "
     comments: list[Token] = field(default_factory=list)
     brackets: int = 0
@@ -246,12 +248,13 @@ def _on_close(token: Token) -> Token:
 
 
 @functools.cache
-def parser() -> Lark:
-    """The LALR parser, built on first use. It runs the transformer as it reduces, so no
-    parse tree is built and nothing recurses, however deeply the input nests."""
+def parser(start: str = "line") -> Lark:
+    """The LALR parser of one line (or, with start="file", of a whole file), built on first
+    use. It runs the transformer as it reduces, so no parse tree is built and nothing
+    recurses, however deeply the input nests."""
     return Lark(
         grammar_text(),
-        start="line",
+        start=start,
         parser="lalr",
         lexer="basic",
         transformer=_ToAst(),
@@ -270,6 +273,14 @@ def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
     reset = _SCAN.set(scan)
     try:
         return parser().parse(text)  # type: ignore[return-value]
+    finally:
+        _SCAN.reset(reset)
+
+
+def _parse_file(scan: _LineScan, text: str) -> list[ast.Stmt]:
+    reset = _SCAN.set(scan)
+    try:
+        return parser("file").parse(text)  # type: ignore[return-value]
     finally:
         _SCAN.reset(reset)
 
@@ -327,7 +338,8 @@ def _label(err: UnexpectedInput) -> str | None:
 
 def _pos(token: Token) -> Pos:
     scan = _SCAN.get()
-    return Pos(scan.name, scan.lineno, (token.column or 1) + scan.column_shift)
+    line = scan.lineno + (token.line or 1) - 1
+    return Pos(scan.name, line, (token.column or 1) + scan.column_shift)
 
 
 def _nested(node: _N, *children: object) -> _N:
@@ -345,6 +357,9 @@ class _ToAst(Transformer):
     """Builds ast nodes while lark reduces; method names are the grammar's aliases."""
 
     # statements
+    def file(self, *statements: ast.Stmt) -> list[ast.Stmt]:
+        return list(statements)
+
     def line(self, *statement: ast.Stmt) -> ast.Stmt | None:
         return statement[0] if statement else None
 
@@ -589,11 +604,28 @@ def parse(source: str, name: str) -> ast.File:
 
     A leading byte order mark is skipped (editors do not show it, nor count it in columns).
     """
-    source = source.removeprefix("\ufeff")
+    lines = _lines(source.removeprefix("\ufeff"))
+    scan = _LineScan(name, 1)
+    try:
+        statements = _parse_file(scan, "\n".join(lines))
+    except (UnexpectedInput, _Refused):
+        return _parse_by_line(lines, name)
+    comments = tuple(
+        ast.Comment(str(t)[1:].rstrip(), Pos(name, t.line or 1, t.column or 1))
+        for t in scan.comments
+    )
+    problems: list[Problem] = []
+    rules = _group(statements, problems, lines)
+    if problems:
+        raise TxclSyntaxError(problems)
+    return ast.File(name, rules, comments)
+
+
+def _parse_by_line(lines: list[str], name: str) -> ast.File:
+    """Parse each line on its own, so that every bad line is reported."""
     statements: list[ast.Stmt] = []
     comments: list[ast.Comment] = []
     problems: list[Problem] = []
-    lines = _lines(source)
     for number, text in enumerate(lines, start=1):
         if len(problems) >= MAX_PROBLEMS:
             message = f"too many syntax errors; stopped after {MAX_PROBLEMS}"
