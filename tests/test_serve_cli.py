@@ -1,0 +1,236 @@
+"""`txco serve`, `txco route` and `txco hostnames` as an operator runs them: a real process,
+real rules, real clients (smtplib.LMTP over TCP and a Unix socket, and swaks)."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Server, txco_argv
+
+OPS = {
+    "acme/_mail/0/accept.txcl": 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "queued"\n',
+    "beta/_mail/0/reject.txcl": 'SET @lmtp.res.code = 550\nSET @lmtp.res.msg = "no such user"\n',
+}
+CONFIG = """
+ingress:
+  lmtp:
+    verified_domains:
+      acme.example: {tenant: acme}
+      beta.example: {tenant: beta}
+      gamma.example: {tenant: gamma}
+"""
+MESSAGE = b"From: alice@example.com\r\nSubject: hello\r\n\r\n.a dotted line\r\nbye\r\n"
+
+
+def run_txco(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*txco_argv(), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def deliver(client: smtplib.LMTP, rcpts: list[str], body: bytes = MESSAGE
+            ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+    """(RCPT replies, DATA replies): one DATA reply per accepted RCPT."""
+    client.ehlo("client.example")
+    assert client.mail("alice@example.com")[0] == 250
+    rcpt_replies = [client.rcpt(r) for r in rcpts]
+    accepted = sum(1 for code, _ in rcpt_replies if code == 250)
+    data_replies = [client.data(body)] + [client.getreply() for _ in range(accepted - 1)]
+    return rcpt_replies, data_replies
+
+
+def test_each_recipient_gets_its_own_verdict_over_tcp_and_unix_socket(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG)
+    rcpts = ["support@acme.example", "bob@beta.example", "who@nowhere.example",
+             "carol@gamma.example", "dave@acme.example"]
+    for unix in (False, True):
+        with server.lmtp(unix=unix) as client:
+            rcpt_replies, data_replies = deliver(client, rcpts)
+        assert rcpt_replies[2] == (550, b"5.1.1 no rule accepted this recipient")
+        assert [code for code, _ in data_replies] == [250, 550, 550, 250]
+        assert data_replies[0][1].endswith(b"queued")
+        assert data_replies[1][1].endswith(b"no such user")
+        assert data_replies[2] == (550, b"5.1.1 no rule accepted this recipient")
+    server.wait_for_log(r"lmtp delivery client=unix from=<alice@example.com> rcpts=4 "
+                        r"size=\d+ replies=250,550,550,250")
+    assert len([line for line in server.log if "lmtp delivery " in line]) == 2
+
+
+def test_swaks_delivers_over_lmtp(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG)
+    result = subprocess.run(
+        ["swaks", "--protocol", "LMTP", "--server", f"{server.host}:{server.port}",
+         "--from", "alice@example.com", "--to", "support@acme.example,bob@beta.example",
+         "--header", "Subject: wifi keeps dropping", "--body", ".test\n..two dots"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.startswith("<")]
+    assert any("250 2.0.0 queued" in line for line in replies), result.stdout
+    assert any("550 5." in line and "no such user" in line for line in replies), result.stdout
+
+
+def test_flags_set_the_limits_and_timeouts(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--lmtp-max-recipients=2", "--lmtp-max-msg-bytes=200",
+                   "--lmtp-read-timeout=400ms", "--lmtp-hostname=mx.test.example")
+    with server.lmtp() as client:
+        assert client.ehlo("c")[1].splitlines()[-1] == b"SIZE 200"
+        client.mail("alice@example.com")
+        assert client.rcpt("a@acme.example")[0] == 250
+        assert client.rcpt("b@acme.example")[0] == 250
+        assert client.rcpt("c@acme.example") == (452, b"4.5.3 too many recipients")
+        assert [client.data(b"x" * 300 + b"\r\n"), client.getreply()] == [
+            (552, b"5.3.4 message too large")] * 2
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    with sock:
+        data = b""
+        while data.count(b"\r\n") < 2:
+            chunk = sock.recv(512)
+            if not chunk:
+                break
+            data += chunk
+    assert data == (b"220 mx.test.example LMTP txco ready\r\n"
+                    b"421 4.4.2 mx.test.example no command within 0.4s, closing\r\n")
+
+
+def test_sigterm_stops_cleanly_and_removes_the_socket(serve: Callable[..., Server],
+                                                      tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG)
+    assert server.unix_path and Path(server.unix_path).is_socket()
+    assert server.stop(signal.SIGTERM) == 0
+    assert not Path(server.unix_path).exists()
+    assert "lmtp stopped" in server.stderr()
+    assert "Traceback" not in server.stderr()
+
+
+def test_sigint_stops_cleanly_too(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG)
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_second_server_does_not_steal_a_live_socket(serve: Callable[..., Server],
+                                                     tmp_path: Path) -> None:
+    first = serve(tmp_path, OPS, CONFIG)
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "OPS").mkdir()
+    result = run_txco("serve", "--personalities=lmtp", f"--lmtp-listen-addrs=unix:{first.unix_path}",
+                      "--ops", "OPS", cwd=second)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"txco: error: cannot listen on unix:{first.unix_path}: another server is listening there")
+    with first.lmtp(unix=True) as client:
+        assert client.noop()[0] == 250
+
+
+def test_a_stale_socket_from_a_crash_is_replaced(serve: Callable[..., Server],
+                                                 tmp_path: Path) -> None:
+    first = serve(tmp_path, OPS, CONFIG)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert Path(first.unix_path).is_socket()  # left behind
+    again = tmp_path / "again"
+    again.mkdir()
+    restarted = serve(again, OPS, CONFIG, "--personalities=lmtp",
+                      f"--lmtp-listen-addrs=unix:{first.unix_path}")
+    with restarted.lmtp(unix=True) as client:
+        _, data_replies = deliver(client, ["a@acme.example"])
+    assert data_replies[0][0] == 250
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(["--personalities=cron,tcp"],
+                 "txco: warning: personalities not in this build, skipped: cron, tcp\n"
+                 "txco: error: nothing to run: add lmtp to --personalities "
+                 "(e.g. --personalities=lmtp)", id="no runnable personality"),
+    pytest.param([], "txco: warning: personalities not in this build, skipped: cron, tcp, web, "
+                 "admin\ntxco: error: nothing to run: add lmtp to --personalities "
+                 "(e.g. --personalities=lmtp)", id="the seed's default"),
+    pytest.param(["--personalities=lmtp", "--lmtp-listen-addrs="],
+                 "txco: error: nothing to run: the lmtp head is disabled (--lmtp-listen-addrs is "
+                 "empty) and no other personality runs", id="head disabled"),
+    pytest.param(["--personalities=lmtp", "--lmtp-data-timeout=soon"],
+                 "txco: error: --lmtp-data-timeout: 'soon' is not a duration "
+                 "(examples: 30s, 500ms, 2m)", id="bad duration"),
+    pytest.param(["--personalities=lmtp", "--lmtp-listen-addrs=localhost"],
+                 "txco: error: --lmtp-listen-addrs: 'localhost' has no port (use :port, "
+                 "host:port, [::1]:port or unix:/path)", id="bad address"),
+    pytest.param(["--personalities=lmtp", "--ops", "nowhere"],
+                 "txco: error: --ops nowhere: no such directory", id="no OPS"),
+])
+def test_usage_and_config_errors_exit_2_with_one_clear_message(tmp_path: Path, args: list[str],
+                                                               message: str) -> None:
+    (tmp_path / "OPS").mkdir()
+    (tmp_path / "bad.yaml").write_text(
+        "ingress:\n  lmtp:\n    verified_domains:\n      beta.example:\n"
+        "        tenant: beta\n        stack: alpha/inbound\n")
+    result = run_txco("serve", "--lmtp-listen-addrs=127.0.0.1:0", *args, cwd=tmp_path)
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+
+
+def test_a_bad_config_file_stops_the_start_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "OPS").mkdir()
+    (tmp_path / "bad.yaml").write_text(
+        "ingress:\n  lmtp:\n    verified_domains:\n      beta.example:\n"
+        "        tenant: beta\n        stack: alpha/inbound\n")
+    result = run_txco("serve", "--personalities=lmtp", "--lmtp-listen-addrs=127.0.0.1:0",
+                      "--config", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("bad.yaml: ingress.lmtp.verified_domains['beta.example'].stack: 'alpha/inbound' "
+            "belongs to tenant 'alpha', but the entry's tenant is 'beta'") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_stack_that_does_not_compile_is_reported_with_its_position_and_not_served(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    broken = {**OPS, "beta/_mail/0/broken.txcl": "WHEN @lmtp.msg.subject =~ /unterminated\n"}
+    server = serve(tmp_path, broken, CONFIG)
+    server.wait_for_log(r"beta/_mail/0/broken.txcl:1:27: txcl_parse_error: unterminated regex")
+    with server.lmtp() as client:
+        _, data_replies = deliver(client, ["a@acme.example", "b@beta.example"])
+    # a stack that does not compile tempfails: the mail waits at Postfix until it is fixed
+    assert [code for code, _ in data_replies] == [250, 451]
+
+
+def test_route_explains_each_step(tmp_path: Path) -> None:
+    (tmp_path / "txco.yaml").write_text(CONFIG)
+    routed = run_txco("route", "support@acme.example", cwd=tmp_path)
+    assert routed.returncode == 0
+    assert routed.stdout.splitlines()[-1] == (
+        "=> acme acme/_mail (to acme/_mail/0, ingress domain:acme.example)")
+    by_host = run_txco("route", "acme.support+monday@chassis.example",
+                       "--lmtp-default-hosts=chassis.example", cwd=tmp_path)
+    assert by_host.stdout.splitlines()[-1] == (
+        "=> acme acme/support (to acme/support/0, ingress default-host:chassis.example)")
+    unrouted = run_txco("route", "who@nowhere.example", cwd=tmp_path)
+    assert unrouted.returncode == 1
+    assert unrouted.stdout.splitlines()[-1] == (
+        "=> unrouted: 550 5.1.1 no rule accepted this recipient")
+
+
+def test_hostnames_add_list_verify_remove_and_routing_sees_them(tmp_path: Path) -> None:
+    def txco(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_txco(*args, cwd=tmp_path)
+
+    assert txco("hostnames", "add", "Mail.Delta.Example", "delta").stdout == (
+        "mail.delta.example -> delta/_mail (unverified)\n")
+    assert txco("hostnames", "list").stdout == (
+        "mail.delta.example\tdelta\tdelta/_mail\tunverified\n")
+    strict = ("route", "x@mail.delta.example", "--require-hostname-verification")
+    assert txco(*strict).returncode == 1
+    assert txco("route", "x@mail.delta.example").returncode == 0
+    assert txco("hostnames", "verify", "mail.delta.example").returncode == 0
+    assert txco(*strict).stdout.splitlines()[-1] == (
+        "=> delta delta/_mail (to delta/_mail/0, ingress hostname:mail.delta.example)")
+    assert txco("hostnames", "remove", "mail.delta.example").returncode == 0
+    missing = txco("hostnames", "remove", "mail.delta.example")
+    assert missing.returncode == 1 and "no hostname 'mail.delta.example'" in missing.stderr
+    bad = txco("hostnames", "add", "x.example", "delta", "--stack", "other/_mail")
+    assert (bad.returncode, bad.stderr.strip()) == (
+        2, "txco: error: --stack 'other/_mail' must be delta/<stack> "
+           "(stack names match [a-z_][a-z0-9_-]*)")
