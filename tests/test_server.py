@@ -13,6 +13,7 @@ import smtplib
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -293,9 +294,34 @@ def test_stock_aiosmtpd_lmtp_sends_one_data_reply_for_many_recipients(tmp_path: 
                 client.getreply()
     finally:
         loop.call_soon_threadsafe(server.close)
+        time.sleep(0.2)  # the session sees the client go and ends
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+def test_a_25_mib_message_streams_through_with_bounded_memory(server: RunningHead) -> None:
+    size = 25 << 20
+    line = b"x" * 998 + b"\r\n"
+    message = line * (size // len(line))
+    stream = stuff(message)
+    with server.raw(timeout=30) as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com> SIZE=%d\r\n"
+                     b"RCPT TO:<a@acme.example>\r\nDATA\r\n" % len(message))
+        read_replies(sock, 4)
+        tracemalloc.start()
+        try:
+            started = time.monotonic()
+            sock.sendall(stream)
+            assert read_replies(sock, 1) == [b"250 2.0.0 queued"]
+            elapsed = time.monotonic() - started
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert server.deliverer.transactions[0].data == message
+    # the received chunks plus the joined message: about twice its size, never 4x
+    assert peak < 3 * len(message), f"peak {peak / len(message):.1f}x the message"
+    assert elapsed < 10
 
 
 def test_dot_stuffing_round_trips_through_smtplib(server: RunningHead) -> None:
