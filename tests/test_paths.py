@@ -73,6 +73,24 @@ def test_jsonpath_yields_every_value() -> None:
     assert get({}) == ()
 
 
+KEYS = st.sampled_from(["a", "b", "x-y"])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+PLAIN_STEPS = st.lists(st.sampled_from([".a", ".b", '."x-y"', "[*]"]), max_size=4)
+
+
+@given(JSON, PLAIN_STEPS)
+def test_plain_jsonpaths_find_what_jsonpath_ng_finds(doc: object, steps: list[str]) -> None:
+    from jsonpath_ng.ext.parser import ExtendedJsonPathParser
+
+    text = "$" + "".join(steps)
+    expected = tuple(m.value for m in ExtendedJsonPathParser().parse(text).find(doc))
+    assert compile_jsonpath(ast.JsonPath(text, HERE))(doc) == expected
+
+
 def test_invalid_jsonpath_is_a_compile_error_at_its_position() -> None:
     with pytest.raises(TxclCompileError) as err:
         compile_jsonpath(ast.JsonPath("$.[[", HERE))

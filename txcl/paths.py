@@ -18,9 +18,10 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+from jsonpath_ng import jsonpath as _jsonpath
 from jsonpath_ng.ext.filter import Expression as _FilterExpression
 from jsonpath_ng.ext.parser import ExtendedJsonPathParser
-from jsonpath_ng.jsonpath import JSONPath
+from jsonpath_ng.jsonpath import Child, Fields, JSONPath, Root, Slice
 
 from txcl import ast
 from txcl.errors import Problem, TxclCompileError
@@ -143,6 +144,69 @@ def compile_jsonpath(path: ast.JsonPath) -> MultiGetter:
             return tuple(match.value for match in find(doc))
         except Exception:  # a filter comparing unrelated types inside jsonpath-ng
             return ()
+
+    steps = _plain_steps(parsed)
+    if steps is None:
+        return get_all
+    return _plain_getter(steps, get_all)
+
+
+_ALL: Final = None  # `[*]` among the steps of a plain JSONPath
+_ABSENT: Final = object()
+
+
+def _plain_steps(parsed: JSONPath) -> tuple[str | None, ...] | None:
+    """The steps of a JSONPath made only of `$`, `.name` and `[*]` (_ALL), else None.
+
+    Such paths, the common ones, are evaluated here (_plain_getter) without building
+    jsonpath-ng's match objects: ten times faster, same values in the same order.
+    """
+    if _jsonpath.auto_id_field is not None:
+        return None
+    steps: list[str | None] = []
+    node = parsed
+    while type(node) is Child:
+        right = node.right
+        if type(right) is Fields and len(right.fields) == 1 and right.fields[0] != "*":
+            steps.append(right.fields[0])
+        elif type(right) is Slice and right.start is None and right.end is None and right.step is None:
+            steps.append(_ALL)
+        else:
+            return None
+        node = node.left
+    if type(node) is not Root:
+        return None
+    return tuple(reversed(steps))
+
+
+def _plain_getter(steps: tuple[str | None, ...], general: MultiGetter) -> MultiGetter:
+    """jsonpath-ng's results for a plain path. `.name` finds the key of an object (nothing
+    on anything else); `[*]` finds the items of a list, the value itself for an object, a
+    string, a number or a boolean (jsonpath-ng's "slice of one"), nothing for null. Data
+    that is not JSON goes to jsonpath-ng itself (`general`)."""
+
+    def get_all(doc: Any) -> Multi:
+        values = [doc]
+        for step in steps:
+            found: list[Any] = []
+            if step is _ALL:
+                for value in values:
+                    if value.__class__ is list:
+                        found.extend(value)
+                    elif isinstance(value, dict | str | int | float):  # bool is an int
+                        found.append(value)
+                    elif value is not None:
+                        return general(doc)
+            else:
+                for value in values:
+                    if isinstance(value, dict):
+                        item = value.get(step, _ABSENT)
+                        if item is not _ABSENT:
+                            found.append(item)
+                    elif not isinstance(value, list | str | int | float) and value is not None:
+                        return general(doc)
+            values = found
+        return tuple(values)
 
     return get_all
 
