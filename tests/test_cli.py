@@ -249,6 +249,19 @@ class TestLint:
         code, out, _ = run(capsys, "lint", str(tmp_path / "OPS"))
         assert code == 0 and out.strip() == "0 error(s), 0 warning(s)"
 
+    def test_without_a_config_a_misspelt_builtin_op_is_still_caught(self, capsys, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        stage = tmp_path / "OPS" / "acme" / "_mail" / "0"
+        stage.mkdir(parents=True)
+        (stage / "a.txcl").write_text('EXEC "op://ARCHVE"\n')
+        code, out, err = run(capsys, "lint", "OPS")
+        assert code == 1
+        assert out.splitlines()[0] == (
+            "[error] OPS/acme/_mail/0/a.txcl:1:1: txcl_lint_error: unknown op 'ARCHVE' "
+            "(known: ARCHIVE, EMIT, FORWARD, WEBHOOK); did you mean \"op://ARCHIVE\"? [unknown-op]"
+        )
+        assert "give --config" in err
+
     def test_a_missing_target_is_a_usage_error(self, capsys, tmp_path):
         code, _, err = run(capsys, "lint", str(tmp_path / "nope"))
         assert code == 2 and "no such file or folder" in err

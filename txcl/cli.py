@@ -347,7 +347,9 @@ def case_json(r: cases.CaseResult) -> dict[str, Any]:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    registry = _registry(args.config, args.targets[0])
+    configured = _registry(args.config, args.targets[0])
+    # Without a config, ops are still checked: against the built-ins and installed plug-ins.
+    registry = configured or OpRegistry.default()
     problems: list[Problem] = []
     for target in args.targets:
         if not target.exists():
@@ -355,11 +357,18 @@ def cmd_lint(args: argparse.Namespace) -> int:
             return USAGE
         problems.extend(lint.lint_target(target, registry))
     RENDERERS[args.format](problems, sys.stdout)
+    if configured is None and any(p.check == "unknown-op" for p in problems):
+        print(
+            f"txcl lint: no {CONFIG_NAME} found, so only built-in ops are known; "
+            "give --config to check the ops it configures",
+            file=sys.stderr,
+        )
     return FAILED if any(p.severity == "error" for p in problems) else OK
 
 
 def _render_text(problems: Sequence[Problem], out: TextIO) -> None:
-    _print_problems(problems, out)
+    for p in problems:
+        out.write(f"[{p.severity}] {p}\n")
     errors = sum(p.severity == "error" for p in problems)
     out.write(f"{errors} error(s), {len(problems) - errors} warning(s)\n")
 
