@@ -21,5 +21,8 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
+# Figures, not pass/fail: see bench/README.md. bench/lmtp (Postfix's smtp-source against
+# txco, Dovecot and aiosmtpd) takes several minutes and is run on its own.
 bench: setup
 	$(VENV)/bin/python bench/txcl_bench.py
+	$(VENV)/bin/python bench/reload_bench.py
