@@ -1,7 +1,12 @@
 """One DATA -> one envelope per (tenant, stack) group -> stack runs -> one reply per RCPT.
 
-The message is parsed once, off the event loop, and its `msg` object is shared by every
-group's envelope (the runner never mutates its input). Groups run concurrently; each
+The message is parsed once and its `msg` object is shared by every group's envelope (the
+runner never mutates its input). Only the fields the routed stacks can observe are built
+(`lmtp.message.MessageNeeds`, worked out once per compiled stack): a stack whose rules read
+the subject and one header costs a header parse, not a MIME walk and a base64 copy. A
+trace writer sees the whole envelope, so with traces on everything is built. Small or
+header-only parses run on the event loop (a thread hop costs more than they do); the
+rest in a worker thread, so the loop keeps answering. Groups run concurrently; each
 resolves its own verdicts, and the replies are stitched back into RCPT TO order.
 
 `deliver` never raises: whatever goes wrong in a group becomes 451 4.3.0 for that group's
@@ -18,7 +23,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lmtp.message import build_envelope, parse_message
+from lmtp.message import (
+    BODY_FIELDS,
+    BUILTIN_OP_NEEDS,
+    EVERYTHING,
+    NOTHING,
+    MessageNeeds,
+    build_envelope,
+    needs_of_rules,
+    parse_message,
+)
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
@@ -26,6 +40,9 @@ from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
 log = logging.getLogger("lmtp.delivery")
 
 MAX_LOGGED_DEFECTS = 5
+# Parses of messages up to this size (or of the header section alone, up to this size)
+# run on the event loop: cheaper than the thread hop, and short enough not to stall it.
+INLINE_PARSE_BYTES = 64 * 1024
 
 TraceSink = Callable[..., Any]
 """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
@@ -92,6 +109,23 @@ class Deliverer:
         self.settings = settings
         self.trace_sink = trace_sink
         self.policy = policy if policy is not None else default_policy(settings, registry)
+        self._op_needs = _builtin_op_needs(getattr(self.policy, "registry", registry))
+        self._traces_everything = trace_sink is not None and (
+            getattr(trace_sink, "mode", None) != "off")
+        # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
+        self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
+
+    def needs_of(self, stack: Any) -> MessageNeeds:
+        """The message fields `stack` can observe (everything for a stack we cannot read)."""
+        if self._traces_everything:
+            return EVERYTHING
+        cached = self._needs.get(id(stack))
+        if cached is not None and cached[0] is stack:
+            return cached[1]
+        rules = getattr(stack, "rules", None)
+        needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+        self._needs[id(stack)] = (stack, needs)
+        return needs
 
     async def deliver(self, tx: Transaction) -> list[str]:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
@@ -107,15 +141,20 @@ class Deliverer:
         for index in unrouted:
             replies[index] = DEFAULT_DENY
         if groups:
-            msg, defects = await asyncio.to_thread(parse_message, tx.data)
+            tree = self.tree
+            stacks = getattr(tree, "stacks", None) or {}
+            rejected = frozenset(getattr(tree, "rejected", None) or ())
+            needs = EVERYTHING if self._traces_everything else NOTHING
+            for group in groups:
+                stack = stacks.get(group.route.stack)
+                if stack is not None:
+                    needs = needs | self.needs_of(stack)
+            msg, defects = await _parse(tx.data, needs)
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
                     "; ".join(defects[:MAX_LOGGED_DEFECTS]),
                 )
-            tree = self.tree
-            stacks = getattr(tree, "stacks", None) or {}
-            rejected = frozenset(getattr(tree, "rejected", None) or ())
             results = await asyncio.gather(
                 *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
             )
@@ -192,6 +231,27 @@ class Deliverer:
                 self.trace_sink(rid, envelope, result, pairs, stack)
         except Exception:
             log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
+
+
+async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+    if len(data) <= INLINE_PARSE_BYTES or not (
+        needs.complete or needs.fields & BODY_FIELDS or "raw" in needs.fields
+    ):
+        return parse_message(data, needs)
+    return await asyncio.to_thread(parse_message, data, needs)
+
+
+def _builtin_op_needs(registry: Any) -> dict[str, MessageNeeds]:
+    """BUILTIN_OP_NEEDS for the names that are still the built-ins in `registry` (a config
+    op may take a built-in's name, and then it may read anything)."""
+    if registry is None:
+        return dict(BUILTIN_OP_NEEDS)
+    out = {}
+    for name, needs in BUILTIN_OP_NEEDS.items():
+        entry = registry.entry(name) if hasattr(registry, "entry") else None
+        if entry is not None and str(getattr(entry, "source", "")).startswith("builtin "):
+            out[name] = needs
+    return out
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

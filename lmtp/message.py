@@ -4,6 +4,12 @@ Parsing is best effort, in the spirit of the `email` package's defects: a malfor
 is data for rules, never an exception. `raw` (the exact bytes, base64) is always present;
 every other field is built on its own, so one broken part costs only that field. What went
 wrong comes back as a list of short strings for the log.
+
+A stack that cannot observe a field need not pay for it: `MessageNeeds` says which fields
+(and which headers) the routed stacks can read — from the paths their rules read and the
+built-in ops they call (`needs_of_rules`) — and `parse_message(data, needs)` builds only
+those. A field it builds has the same value the full parse gives; without the body fields
+(text, html, attachments) only the header section is parsed at all.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC
 from email import policy
 from email.header import decode_header, make_header
@@ -25,14 +32,169 @@ if TYPE_CHECKING:
 B64_PREFIX = "b64:"
 _PARSER = BytesParser(policy=policy.default)
 
+MSG_FIELDS = ("id", "date", "from", "to", "cc", "subject", "text", "html", "headers",
+              "attachments", "raw")
+BODY_FIELDS = frozenset({"text", "html", "attachments"})
+# The `_txc.<src>` section of an LMTP envelope, and where the message sits in it.
+SOURCE = "lmtp"
+MSG_PATH = ("_txc", SOURCE, "msg")
+
+
+@dataclass(frozen=True, slots=True)
+class MessageNeeds:
+    """Which `_txc.lmtp.msg` fields to build; `header_names` None: every header."""
+
+    fields: frozenset[str]
+    header_names: frozenset[str] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.header_names is None and self.fields.issuperset(MSG_FIELDS)
+
+    def __or__(self, other: MessageNeeds) -> MessageNeeds:
+        names = (None if self.header_names is None or other.header_names is None
+                 else self.header_names | other.header_names)
+        return MessageNeeds(self.fields | other.fields, names)
+
+
+EVERYTHING = MessageNeeds(frozenset(MSG_FIELDS))
+NOTHING = MessageNeeds(frozenset(), frozenset())
+# What a built-in op reads of the message (`_txc.<src>.msg`); ops not named here, and any
+# op a config or entry point provides, may read anything. EMIT and WEBHOOK send the
+# envelope itself; ARCHIVE stores `raw`; FORWARD sends `raw` (and reads `mail.from`).
+BUILTIN_OP_NEEDS: Mapping[str, MessageNeeds] = {
+    "ARCHIVE": MessageNeeds(frozenset({"raw"}), frozenset()),
+    "FORWARD": MessageNeeds(frozenset({"raw"}), frozenset()),
+}
+
+
+def needs_of_path(segments: Sequence[str | int]) -> MessageNeeds:
+    """What reading one plain path can observe of the message."""
+    depth = min(len(segments), len(MSG_PATH))
+    if tuple(segments[:depth]) != MSG_PATH[:depth]:
+        return NOTHING  # not under _txc.lmtp.msg, nor one of its containers
+    if len(segments) <= len(MSG_PATH):
+        return EVERYTHING  # _txc, _txc.lmtp or the msg object itself
+    name = segments[3]
+    if name == "headers":
+        if len(segments) > 4 and isinstance(segments[4], str):
+            return MessageNeeds(frozenset({"headers"}), frozenset({segments[4]}))
+        return MessageNeeds(frozenset({"headers"}))
+    if isinstance(name, str) and name in MSG_FIELDS:
+        return MessageNeeds(frozenset({name}), frozenset())
+    return NOTHING  # a key the message object never has
+
+
+def needs_of_rules(rules: Iterable[Any], builtin_ops: Mapping[str, MessageNeeds]) -> MessageNeeds:
+    """The union over compiled rules (`reads`, `jsonpaths`, `ops`); JSONPaths and ops not in
+    `builtin_ops` may reach anything, so they need everything."""
+    needs = NOTHING
+    for rule in rules:
+        if rule.jsonpaths:
+            return EVERYTHING
+        for op in rule.ops:
+            op_needs = builtin_ops.get(op)
+            if op_needs is None:
+                return EVERYTHING
+            needs = needs | op_needs
+        for segments in rule.reads:
+            needs = needs | needs_of_path(segments)
+        if needs.complete:
+            return EVERYTHING
+    return needs
+
 
 def b64(data: bytes) -> str:
     """The envelope's encoding for bytes: "b64:" + standard base64."""
     return B64_PREFIX + base64.b64encode(data).decode("ascii")
 
 
-def parse_message(data: bytes) -> tuple[dict[str, Any], list[str]]:
-    """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects."""
+def header_section_end(data: bytes) -> int:
+    """Where the header section ends: just past the line ending before the first empty line
+    (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
+    if data[:1] in (b"\r", b"\n"):
+        return 0
+    ends = [pos for sep in (b"\n\n", b"\n\r", b"\r\r") if (pos := data.find(sep)) >= 0]
+    return min(ends) + 1 if ends else len(data)
+
+
+def parse_message(
+    data: bytes, needs: MessageNeeds = EVERYTHING
+) -> tuple[dict[str, Any], list[str]]:
+    """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects.
+
+    With `needs`, only those fields are in the object (each with its full-parse value)."""
+    if not needs.complete and not (needs.fields & BODY_FIELDS):
+        return _parse_head(data, needs)
+    msg, defects = _parse_all(data)
+    if not needs.complete:
+        msg = {name: value for name, value in msg.items() if name in needs.fields}
+        if needs.header_names is not None and "headers" in msg:
+            msg["headers"] = {k: v for k, v in msg["headers"].items() if k in needs.header_names}
+    return msg, defects
+
+
+_HEADER_FIELDS = {"id": "message-id", "date": "date", "subject": "subject"}
+
+
+def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+    """Header-derived fields only: the body is never parsed, nor copied beyond `raw`."""
+    fields = needs.fields
+    msg: dict[str, Any] = {}
+    defects: list[str] = []
+    if fields - {"raw"}:
+        try:
+            parsed = _PARSER.parsebytes(data[:header_section_end(data)])
+        except Exception as exc:
+            defects.append(f"message: unparseable ({type(exc).__name__})")
+            parsed = None
+        names = set(needs.header_names or ()) if "headers" in fields else set()
+        names.update(_HEADER_FIELDS[name] for name in fields if name in _HEADER_FIELDS)
+        names.update(name for name in ("from", "to", "cc") if name in fields)
+        wanted = None if "headers" in fields and needs.header_names is None else names
+        headers: dict[str, list[str]] = {}
+        if parsed is not None:
+            try:
+                headers = _headers(parsed, wanted)
+            except Exception as exc:
+                defects.append(f"headers: {type(exc).__name__}: {exc}"[:200])
+        defaults: dict[str, Any] = {"id": "", "date": "", "from": [], "to": [], "cc": [],
+                                    "subject": ""}
+        for name in MSG_FIELDS:
+            if name not in fields or name == "raw":
+                continue
+            msg[name] = defaults.get(name)
+            if name == "headers":
+                keep = needs.header_names
+                msg[name] = headers if keep is None else {
+                    k: v for k, v in headers.items() if k in keep}
+            elif parsed is None:
+                continue
+            elif name in ("from", "to", "cc"):
+                _build_field(msg, defects, name,
+                             lambda name=name: _addresses(parsed, headers, name))
+            elif name == "id":
+                _build_field(msg, defects, name, lambda: _first(headers, "message-id").strip())
+            elif name == "date":
+                _build_field(msg, defects, name, lambda: _iso_date(_first(headers, "date")))
+            elif name == "subject":
+                _build_field(msg, defects, name, lambda: _first(headers, "subject"))
+        if parsed is not None:
+            defects.extend(f"message: {type(d).__name__}" for d in parsed.defects)
+    if "raw" in fields:
+        msg["raw"] = b64(data)
+    return msg, defects
+
+
+def _build_field(msg: dict[str, Any], defects: list[str], name: str,
+                 build: Callable[[], Any]) -> None:
+    try:
+        msg[name] = build()
+    except Exception as exc:
+        defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
+
+
+def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
     defects: list[str] = []
     msg: dict[str, Any] = {
         "id": "",
@@ -59,7 +221,7 @@ def parse_message(data: bytes) -> tuple[dict[str, Any], list[str]]:
         except Exception as exc:
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
-    field("headers", lambda: _headers(parsed))
+    field("headers", lambda: _headers(parsed, None))
     headers: dict[str, list[str]] = msg["headers"]
     field("id", lambda: _first(headers, "message-id").strip())
     field("date", lambda: _iso_date(_first(headers, "date")))
@@ -91,10 +253,13 @@ def _unfold(value: str) -> str:
     return value.replace("\r\n", "").replace("\n", "").replace("\r", "")
 
 
-def _headers(parsed: Message) -> dict[str, list[str]]:
+def _headers(parsed: Message, wanted: set[str] | None) -> dict[str, list[str]]:
+    """Every header by lower-case name (or only the `wanted` names), values decoded."""
     by_name: dict[str, list[str]] = {}
     for name, value in parsed.raw_items():
         key = name.strip().lower()
+        if wanted is not None and key not in wanted:
+            continue
         by_name.setdefault(key, []).append(_decoded_header(name, value))
     return dict(sorted(by_name.items()))
 

@@ -332,3 +332,36 @@ def test_real_rules_write_traces_through_the_trace_writer(tree, tmp_path):
     trace = read_trace(tmp_path / "var")
     assert "250 2.0.0 queued" in str(trace)
     assert "support@acme.example" in str(trace)
+
+
+def test_a_stack_gets_only_the_message_fields_its_rules_can_read(tree, tmp_path):
+    from lmtp.message import EVERYTHING, MessageNeeds
+    from txcl.trace import TraceWriter
+
+    deliverer = real_deliverer(tree, tmp_path)
+    assert deliverer.needs_of(tree.stacks["beta/_mail"]) == MessageNeeds(
+        frozenset({"subject"}), frozenset())
+    assert deliverer.needs_of(tree.stacks["acme/_mail"]).fields == frozenset()
+    assert deliverer.needs_of(FakeStack("x/_mail", accept_support)) == EVERYTHING
+    writer = TraceWriter(tmp_path / "var")
+    try:  # a trace shows the whole envelope, so with traces on everything is built
+        assert real_deliverer(tree, tmp_path, writer).needs_of(tree.stacks["beta/_mail"]) == (
+            EVERYTHING)
+    finally:
+        writer.close()
+    off = TraceWriter(tmp_path / "var", mode="off")
+    assert real_deliverer(tree, tmp_path, off).needs_of(tree.stacks["acme/_mail"]) != EVERYTHING
+
+
+def test_archive_still_stores_the_exact_message_when_nothing_else_is_read(tmp_path):
+    from txcl.loader import load_tree
+
+    rule = tmp_path / "OPS" / "acme" / "_mail" / "0" / "10-keep.txcl"
+    rule.parent.mkdir(parents=True)
+    rule.write_text('SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "kept"\nEXEC "op://ARCHIVE"\n')
+    deliverer = real_deliverer(load_tree(tmp_path / "OPS"), tmp_path)
+    data = MESSAGE + b"x" * 100_000 + b"\r\n"  # big enough to be parsed off the loop
+    tx = transaction(("a@acme.example", mail_route("acme")), data=data)
+    assert deliver(deliverer, tx) == ["250 2.0.0 kept"]
+    (stored,) = (tmp_path / "var").rglob("Maildir/new/*")
+    assert stored.read_bytes() == data

@@ -283,3 +283,94 @@ def test_build_envelope_has_the_seed_shape_and_shares_msg():
         }
     }
     assert env["_txc"]["lmtp"]["msg"] is msg
+
+
+# --- building only what a stack can observe ------------------------------------------------
+
+from lmtp.message import (  # noqa: E402
+    BUILTIN_OP_NEEDS,
+    EVERYTHING,
+    NOTHING,
+    MessageNeeds,
+    header_section_end,
+    needs_of_path,
+    needs_of_rules,
+)
+
+
+def test_needs_of_a_path_under_msg_the_whole_msg_or_elsewhere():
+    assert needs_of_path(("_txc", "lmtp", "msg", "subject")) == MessageNeeds(
+        frozenset({"subject"}), frozenset())
+    assert needs_of_path(("_txc", "lmtp", "msg", "headers", "x-spam-flag", 0)) == MessageNeeds(
+        frozenset({"headers"}), frozenset({"x-spam-flag"}))
+    assert needs_of_path(("_txc", "lmtp", "msg", "headers")) == MessageNeeds(
+        frozenset({"headers"}), None)
+    for whole in (("_txc",), ("_txc", "lmtp"), ("_txc", "lmtp", "msg")):
+        assert needs_of_path(whole) == EVERYTHING
+    for elsewhere in (("class", "spam"), ("_txc", "lmtp", "rcpt", 0), ("_txc", "route", "to"),
+                      ("_txc", "lmtp", "msg", "nonsense")):
+        assert needs_of_path(elsewhere) == NOTHING
+
+
+class Rule:
+    def __init__(self, reads=(), jsonpaths=(), ops=()):
+        self.reads, self.jsonpaths, self.ops = frozenset(reads), frozenset(jsonpaths), tuple(ops)
+
+
+def test_needs_of_rules_unions_reads_and_known_ops_and_gives_up_on_the_unknown():
+    subject = ("_txc", "lmtp", "msg", "subject")
+    assert needs_of_rules([Rule([subject]), Rule(ops=["ARCHIVE"])], BUILTIN_OP_NEEDS) == (
+        MessageNeeds(frozenset({"subject", "raw"}), frozenset()))
+    assert needs_of_rules([Rule([subject]), Rule(ops=["EMIT"])], BUILTIN_OP_NEEDS) == EVERYTHING
+    assert needs_of_rules([Rule(ops=["ARCHIVE"])], {}) == EVERYTHING  # ARCHIVE overridden
+    assert needs_of_rules([Rule(jsonpaths=["$.class"])], BUILTIN_OP_NEEDS) == EVERYTHING
+    assert needs_of_rules([Rule([("class", "x")])], BUILTIN_OP_NEEDS) == NOTHING
+
+
+def test_header_section_ends_at_the_first_empty_line_whatever_the_line_endings():
+    assert header_section_end(b"A: b\r\nC: d\r\n\r\nbody\r\n\r\n") == len(b"A: b\r\nC: d\r\n")
+    assert header_section_end(b"A: b\nC: d\n\nbody") == len(b"A: b\nC: d\n")
+    assert header_section_end(b"A: b\rC: d\r\rbody") == len(b"A: b\rC: d\r")
+    assert header_section_end(b"\r\nbody\r\n\r\n") == 0
+    assert header_section_end(b"A: b\r\nC: d") == len(b"A: b\r\nC: d")
+
+
+def test_only_the_needed_fields_are_built_with_their_full_parse_values():
+    full, _ = parse_message(SIMPLE)
+    needs = MessageNeeds(frozenset({"subject", "from", "headers"}),
+                         frozenset({"authentication-results", "x-absent"}))
+    msg, _ = parse_message(SIMPLE, needs)
+    assert msg == {
+        "subject": full["subject"],
+        "from": full["from"],
+        "headers": {"authentication-results": full["headers"]["authentication-results"]},
+    }
+    assert parse_message(SIMPLE, NOTHING)[0] == {}
+    assert raw_of(parse_message(SIMPLE, MessageNeeds(frozenset({"raw"}), frozenset()))[0]) == SIMPLE
+    with_body, _ = parse_message(SIMPLE, MessageNeeds(frozenset({"text"}), frozenset()))
+    assert with_body == {"text": full["text"]}
+
+
+PARTIAL_NEEDS = st.builds(
+    MessageNeeds,
+    st.frozensets(st.sampled_from(["id", "date", "from", "to", "cc", "subject", "headers",
+                                   "raw", "text"])),
+    st.one_of(st.none(), st.frozensets(st.sampled_from(
+        ["subject", "from", "received", "content-type", "x-spam-flag", "date"]))),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(MIMEISH, st.binary(max_size=600), st.builds(
+    lambda head, body: head + body, MIMEISH, st.sampled_from([b"", b"\r\n", b"\n\n", b"\r\r"]))),
+    PARTIAL_NEEDS)
+def test_a_partial_parse_equals_the_full_parse_on_the_fields_it_builds(data, needs):
+    full, _ = parse_message(data)
+    msg, defects = parse_message(data, needs)
+    assert isinstance(defects, list)
+    assert set(msg) == set(needs.fields)
+    for name, value in msg.items():
+        if name == "headers" and needs.header_names is not None:
+            assert value == {k: v for k, v in full["headers"].items() if k in needs.header_names}
+        else:
+            assert value == full[name], name
