@@ -18,8 +18,10 @@ from txcl.compiler import (
     parse_path_list,
     parse_timeout,
 )
-from txcl.errors import TxclCompileError
+from txcl.errors import Pos, TxclCompileError
+from txcl.fmt import format_expr
 from txcl.parser import parse, parse_expression
+from txcl.values import COMPARISONS, MISSING, contained_in
 
 ENVELOPE: dict[str, Any] = {
     "_txc": {
@@ -268,3 +270,34 @@ def test_match_and_not_match_are_exact_negations(subject: str, flags: str) -> No
     envelope = {"s": {"t": subject}}
     matched = holds(f"s.t =~ /a.c/{flags}", envelope)
     assert matched is not holds(f"s.t !=~ /a.c/{flags}", envelope)
+
+
+X = Pos("", 0, 0)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.sampled_from([0.5, 2.0, -1.5])
+    | st.text("ab", max_size=2)
+)
+VALUES = (
+    SCALARS
+    | st.lists(SCALARS, max_size=3)
+    | st.dictionaries(st.sampled_from("ab"), SCALARS, max_size=2)
+)
+
+
+@given(VALUES, SCALARS, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]))
+def test_comparison_with_a_constant_follows_the_value_rules(
+    value: Any, constant: Any, op: str
+) -> None:
+    text = format_expr(ast.Literal(constant, X))
+    assert holds(f"s.v {op} {text}", {"s": {"v": value}}) is COMPARISONS[op](value, constant)
+    missing = COMPARISONS[op](MISSING, constant)
+    assert holds(f"s.nothing {op} {text}", {"s": {"v": value}}) is missing
+
+
+@given(VALUES, st.lists(SCALARS, max_size=3))
+def test_membership_in_constants_follows_the_value_rules(value: Any, items: list[Any]) -> None:
+    text = format_expr(ast.ListLit(tuple(ast.Literal(i, X) for i in items), X))
+    assert holds(f"s.v IN {text}", {"s": {"v": value}}) is contained_in(value, items)

@@ -135,7 +135,10 @@ def wrap(text: str) -> str:
 def compound(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     """Compound expressions; an operand that is itself compound is always parenthesised
     here, and fmt must find the parentheses the tree really needs."""
-    operand = children.map(lambda t: wrap(t) if " " in t or t.startswith("(") else t)
+    # A gap may be a tab: any whitespace marks a compound (`$\t==\t$` must be wrapped too).
+    operand = children.map(
+        lambda t: wrap(t) if any(c.isspace() for c in t) or t.startswith("(") else t
+    )
     binary = st.builds(
         lambda a, s1, op, s2, b: f"{a}{s1}{op}{s2}{b}",
         operand,

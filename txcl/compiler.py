@@ -289,13 +289,20 @@ class _RuleCompiler:
         return lambda envelope, match: apply(value(envelope, match))
 
     def _compare(self, node: ast.Compare) -> Eval:
-        compare = COMPARISONS.get(node.op.upper())
+        op = node.op.upper()
+        compare = COMPARISONS.get(op)
         if compare is None:
             return self.problem(f"unknown comparison {node.op}", node.pos)
         left = self.expr(node.left)
         if isinstance(node.right, ast.Literal):
-            constant = node.right.value
-            return lambda envelope, match: compare(left(envelope, match), constant)
+            return _compare_constant(op, compare, left, node.right.value)
+        if (
+            op == "IN"
+            and isinstance(node.right, ast.ListLit)
+            and all(isinstance(item, ast.Literal) for item in node.right.items)
+        ):
+            items = tuple(item.value for item in node.right.items)  # type: ignore[attr-defined]
+            return _member_of_constants(compare, left, items)
         right = self.expr(node.right)
         return lambda envelope, match: compare(left(envelope, match), right(envelope, match))
 
@@ -338,6 +345,62 @@ class _RuleCompiler:
 def _pos_of(node: object) -> Pos:
     pos = getattr(node, "pos", None)
     return pos if isinstance(pos, Pos) else Pos("", 0, 0)
+
+
+_ORDERINGS: Final[dict[str, Callable[[Any, Any], bool]]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _compare_constant(
+    op: str, compare: Callable[[Any, Any], bool], left: Eval, constant: Any
+) -> Eval:
+    """`left <op> constant`, with the common cases answered before the general rule:
+    a string against a string constant, a number against a number constant (bool is
+    neither: its class is not str, int or float)."""
+    kind = constant.__class__
+    if op in ("==", "!=") and kind in (str, int, float):
+        equal_kinds = (int, float) if kind is not str else (str,)
+        negate = op == "!="
+
+        def equality(envelope: Any, match: Any) -> bool:
+            value = left(envelope, match)
+            if value.__class__ in equal_kinds:
+                return (value == constant) is not negate
+            return compare(value, constant)
+
+        return equality
+    order = _ORDERINGS.get(op)
+    if order is not None and kind in (int, float):
+
+        def ordering(envelope: Any, match: Any) -> bool:
+            value = left(envelope, match)
+            if value.__class__ is int or value.__class__ is float:
+                return order(value, constant)
+            return compare(value, constant)
+
+        return ordering
+    return lambda envelope, match: compare(left(envelope, match), constant)
+
+
+def _member_of_constants(
+    compare: Callable[[Any, Any], bool], left: Eval, items: tuple[Any, ...]
+) -> Eval:
+    """`left IN [constants]`: a string is looked up in a set of the list's strings (a string
+    equals nothing else); anything else takes the general rule."""
+    strings = frozenset(item for item in items if item.__class__ is str)
+    as_list = list(items)
+
+    def member(envelope: Any, match: Any) -> bool:
+        value = left(envelope, match)
+        if value.__class__ is str:
+            return value in strings
+        return compare(value, as_list)
+
+    return member
 
 
 def _capture_reader(segments: tuple[ast.Segment, ...]) -> Eval:

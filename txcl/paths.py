@@ -75,17 +75,15 @@ def compile_getter(path: ast.Path) -> Getter:
         return get_keys
 
     def get(doc: Any, _match: Any = None) -> Any:
-        for seg in segments:
-            if seg.__class__ is str:
-                if not isinstance(doc, dict):
+        try:
+            for seg in segments:
+                # An int indexes only a list (a string would give a character); a str index
+                # into anything but an object raises TypeError.
+                if seg.__class__ is int and not isinstance(doc, list):
                     return MISSING
-                doc = doc.get(seg, MISSING)
-                if doc is MISSING:
-                    return MISSING
-            elif isinstance(doc, list) and seg < len(doc):
                 doc = doc[seg]
-            else:
-                return MISSING
+        except (KeyError, IndexError, TypeError):
+            return MISSING
         return doc
 
     return get
@@ -244,23 +242,23 @@ def compile_setter(path: ast.Path) -> Setter:
             )
     last = len(segments) - 1
 
-    def write(node: Any, i: int, value: Any) -> Any:
-        seg = segments[i]
-        if seg.__class__ is str:
+    def copy_for(node: Any, i: int) -> Any:
+        """A copy of the container at segments[:i] to write segments[i] into; a new one
+        where there is none."""
+        if segments[i].__class__ is str:
+            if node.__class__ is dict:
+                return node.copy()
             if node is MISSING or node is None:
-                new: Any = {}
-            elif isinstance(node, dict):
-                new = node.copy()
-            else:
-                raise PathWriteError(
-                    f"cannot write {path_text(segments)}: "
-                    f"{path_text(segments[:i]) or 'the envelope'} is {_kind_name(node)}, "
-                    "not an object"
-                )
-            new[seg] = value if i == last else write(new.get(seg, MISSING), i + 1, value)
-            return new
+                return {}
+            if isinstance(node, dict):
+                return node.copy()
+            raise PathWriteError(
+                f"cannot write {path_text(segments)}: "
+                f"{path_text(segments[:i]) or 'the envelope'} is {_kind_name(node)}, "
+                "not an object"
+            )
         if node is MISSING or node is None:
-            new = []
+            new: list[Any] = []
         elif isinstance(node, list):
             new = node.copy()
         else:
@@ -268,13 +266,18 @@ def compile_setter(path: ast.Path) -> Setter:
                 f"cannot write {path_text(segments)}: {path_text(segments[:i])} is "
                 f"{_kind_name(node)}, not a list"
             )
-        if len(new) <= seg:
-            new.extend([None] * (seg + 1 - len(new)))
-        new[seg] = value if i == last else write(new[seg], i + 1, value)
+        if len(new) <= segments[i]:
+            new.extend([None] * (segments[i] + 1 - len(new)))
         return new
 
     def set_value(root: dict[str, Any], value: Any) -> dict[str, Any]:
-        result: dict[str, Any] = write(root, 0, value)
+        new_root = node = copy_for(root, 0)
+        for i in range(last):
+            seg = segments[i]
+            child = node.get(seg, MISSING) if seg.__class__ is str else node[seg]
+            node[seg] = node = copy_for(child, i + 1)
+        node[segments[last]] = value
+        result: dict[str, Any] = new_root
         return result
 
     return set_value

@@ -378,16 +378,11 @@ class Stack:
                 raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
         value = step.value(env, captures)
         before = step.read(env)
+        # Step(...) with every field given in order: the generated __init__ is at its fastest.
         if value is MISSING:
+            note = "value is missing: nothing written"
             steps.append(
-                Step(
-                    "set",
-                    stage,
-                    step.pos,
-                    target,
-                    before=before,
-                    note="value is missing: nothing written",
-                )
+                Step("set", stage, step.pos, target, "", {}, before, MISSING, None, False, note)
             )
             return env
         value = to_json(value)
@@ -395,7 +390,7 @@ class Stack:
             env = step.write(env, value)
         except PathWriteError as err:
             raise _Failure(str(err), step.pos) from None
-        steps.append(Step("set", stage, step.pos, target, before=before, after=value))
+        steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
         if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
             problem = verdict_problem(env, src)
             if problem:
