@@ -59,6 +59,9 @@ class SetStep:
     value: Eval = field(repr=False, compare=False)
     write: Setter = field(repr=False, compare=False)
     read: Getter = field(repr=False, compare=False)  # the target's current value
+    # The value when it is a scalar literal (`SET flags.x = true`), else MISSING: the
+    # runner builds the record of such a write once.
+    constant: Any = MISSING
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +345,13 @@ class _RuleCompiler:
         return lambda envelope, match: add(left(envelope, match), right(envelope, match))
 
 
+def _scalar_literal(node: ast.Expr) -> Any:
+    """The value of a literal that is not a list (writing it needs no copy), else MISSING."""
+    if isinstance(node, ast.Literal) and not isinstance(node.value, list):
+        return node.value
+    return MISSING
+
+
 def _pos_of(node: object) -> Pos:
     pos = getattr(node, "pos", None)
     return pos if isinstance(pos, Pos) else Pos("", 0, 0)
@@ -536,6 +546,7 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
                     value,
                     write,
                     compile_getter(target),
+                    _scalar_literal(stmt.value),
                 )
             )
         elif isinstance(stmt, ast.Exec):

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from txcl import ast
-from txcl.compiler import Captures, CompiledRule, ExecStep, SetStep
+from txcl.compiler import NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
 from txcl.errors import Pos, Problem, TxclError
 from txcl.ops import OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
@@ -235,6 +235,32 @@ class _Failure(Exception):
 # --- the stack ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _RulePlan:
+    """A rule as a stage runs it, with the records that do not depend on the envelope built
+    once: the Fired of a firing without captures, and the Step of each constant SET to a
+    place that was empty. They are frozen, so every run may share them."""
+
+    rule: CompiledRule
+    fired: Fired  # with NO_CAPTURES
+    steps: tuple[tuple[SetStep | ExecStep, Step | None], ...]
+
+    @classmethod
+    def of(cls, rule: CompiledRule, stage: int) -> _RulePlan:
+        outcomes = tuple(WhenOutcome(w.text, w.pos, True) for w in rule.whens)
+        steps = tuple(
+            (
+                step,
+                Step("set", stage, step.pos, step.target, "", {}, MISSING, step.constant)
+                if isinstance(step, SetStep) and step.constant is not MISSING
+                else None,
+            )
+            for step in rule.steps
+        )
+        return cls(rule, Fired(stage, rule.pos, rule.file, outcomes, NO_CAPTURES), steps)
+
+
+
 @dataclass(frozen=True)
 class Stack:
     """A compiled stack `tenant/stack`: its stages in ascending order."""
@@ -244,7 +270,7 @@ class Stack:
     tenant: str = field(init=False)
     hints: Hints = field(init=False)
     ops_used: frozenset[str] = field(init=False)
-    _plan: tuple[tuple[int, tuple[tuple[CompiledRule, tuple[WhenOutcome, ...]], ...]], ...] = field(
+    _plan: tuple[tuple[int, tuple[_RulePlan, ...]], ...] = field(
         init=False, repr=False, compare=False
     )
 
@@ -263,13 +289,7 @@ class Stack:
         )
         object.__setattr__(self, "ops_used", frozenset(op for r in rules for op in r.ops))
         plan = tuple(
-            (
-                stage.number,
-                tuple(
-                    (rule, tuple(WhenOutcome(w.text, w.pos, True) for w in rule.whens))
-                    for rule in stage.rules
-                ),
-            )
+            (stage.number, tuple(_RulePlan.of(rule, stage.number) for rule in stage.rules))
             for stage in stages
         )
         object.__setattr__(self, "_plan", plan)
@@ -308,31 +328,37 @@ class Stack:
         try:
             src = _source_of(env)
             entry = self._entry_stage(env)
-            for number, rules in self._plan:
+            for number, plans in self._plan:
                 if number < entry:
                     continue
                 snapshot = env
                 hits = []
-                for rule, outcomes in rules:
-                    captures = rule.test(snapshot)
+                for plan in plans:
+                    captures = plan.rule.test(snapshot)
                     if captures is not None:
-                        hits.append((rule, captures))
-                        fired.append(Fired(number, rule.pos, rule.file, outcomes, captures))
-                for rule, captures in hits:
-                    for step in rule.steps:
+                        hits.append((plan, captures))
+                        if captures is NO_CAPTURES:
+                            fired.append(plan.fired)
+                        else:
+                            template = plan.fired
+                            fired.append(
+                                Fired(number, template.pos, template.file, template.whens, captures)
+                            )
+                for plan, captures in hits:
+                    for step, written in plan.steps:
                         pos = step.pos
                         if step.__class__ is SetStep:
-                            env = self._set(env, step, captures, src, number, steps)  # type: ignore[arg-type]
+                            env = _set(env, step, written, captures, src, number, steps)  # type: ignore[arg-type]
                         else:
                             env = await self._exec(
                                 env,
-                                step,
-                                rule,
+                                step,  # type: ignore[arg-type]
+                                plan.rule,
                                 captures,
                                 src,
                                 number,
                                 policy,
-                                steps,  # type: ignore[arg-type]
+                                steps,
                             )
         except _Failure as failure:
             return StackResult(
@@ -361,41 +387,6 @@ class Stack:
                 None,
             )
         return int(stage)
-
-    @staticmethod
-    def _set(
-        env: dict[str, Any],
-        step: SetStep,
-        captures: Captures,
-        src: str | None,
-        stage: int,
-        steps: list[Step],
-    ) -> dict[str, Any]:
-        target = step.target
-        if target[0] == "_txc":
-            reason = read_only_reason(target, src)
-            if reason:
-                raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
-        value = step.value(env, captures)
-        before = step.read(env)
-        # Step(...) with every field given in order: the generated __init__ is at its fastest.
-        if value is MISSING:
-            note = "value is missing: nothing written"
-            steps.append(
-                Step("set", stage, step.pos, target, "", {}, before, MISSING, None, False, note)
-            )
-            return env
-        value = to_json(value)
-        try:
-            env = step.write(env, value)
-        except PathWriteError as err:
-            raise _Failure(str(err), step.pos) from None
-        steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
-        if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
-            problem = verdict_problem(env, src)
-            if problem:
-                raise _Failure(problem, step.pos)
-        return env
 
     async def _exec(
         self,
@@ -481,6 +472,45 @@ class Stack:
             raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
         except Exception as err:
             raise _Failure(f"op {name} failed: {type(err).__name__}: {err}", step.pos) from None
+
+
+def _set(
+    env: dict[str, Any],
+    step: SetStep,
+    written: Step | None,  # the record of this write to an empty place, if built once
+    captures: Captures,
+    src: str | None,
+    stage: int,
+    steps: list[Step],
+) -> dict[str, Any]:
+    target = step.target
+    if target[0] == "_txc":
+        reason = read_only_reason(target, src)
+        if reason:
+            raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
+    value = step.value(env, captures)
+    before = step.read(env)
+    # Step(...) with every field given in order: the generated __init__ is at its fastest.
+    if value is MISSING:
+        note = "value is missing: nothing written"
+        steps.append(
+            Step("set", stage, step.pos, target, "", {}, before, MISSING, None, False, note)
+        )
+        return env
+    value = to_json(value)
+    try:
+        env = step.write(env, value)
+    except PathWriteError as err:
+        raise _Failure(str(err), step.pos) from None
+    if written is not None and before is MISSING:
+        steps.append(written)
+    else:
+        steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
+    if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
+        problem = verdict_problem(env, src)
+        if problem:
+            raise _Failure(problem, step.pos)
+    return env
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, StackResult]) -> StackResult:
