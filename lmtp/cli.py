@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ from lmtp.config import (
     parse_listen_addrs,
     parse_positive_int,
 )
-from lmtp.server import ListenError, LMTPHead
+from lmtp.server import BoundListener, ListenError, LMTPHead, bind_listeners, close_listeners
 from lmtp.tracecmd import (
     add_serve_trace_arguments,
     add_status_arguments,
@@ -100,6 +103,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     _add_routing_flags(parser)
     parser.add_argument("--ops", metavar="DIR", default="OPS",
                         help="the OPS tree (default: ./OPS)")
+    parser.add_argument("--workers", default="1", metavar="N",
+                        help="worker processes sharing the listeners, each with its own copy "
+                        "of the rules; SIGHUP and SIGTERM reach them all (default: 1)")
     _add_place_flags(parser)
     add_serve_trace_arguments(parser)
 
@@ -154,10 +160,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "(--lmtp-listen-addrs is empty) and no other personality runs")
     if not settings.ops_dir.is_dir():
         raise UsageError(f"--ops {settings.ops_dir}: no such directory")
+    workers = parse_positive_int(args.workers, "--workers")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s txco %(levelname)s %(message)s")
     # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    if workers > 1:
+        return _serve_workers(args, settings, workers)
+    return _serve_process(args, settings)
+
+
+def _serve_process(args: argparse.Namespace, settings: Settings,
+                   inherited: list[BoundListener] | None = None) -> int:
+    """One serving process: the rules, the trace writer and the event loop."""
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -170,9 +185,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         watch_interval = args.watch_interval if args.watch else None
-        return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval))
+        return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval,
+                                  inherited))
     finally:
         writer.close()
+
+
+# A worker that dies sooner than this after its start is restarted only after this long,
+# so a worker that cannot run does not spin the machine.
+WORKER_RESTART_DELAY_S = 1.0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> int:
+    """The parent of `count` forked workers: it binds the listeners once, each worker
+    serves them with its own rules and event loop (the kernel gives each connection to one
+    worker), and signals are forwarded: SIGHUP reloads every worker, SIGTERM/SIGINT stop
+    them all. A worker that dies is replaced; one that cannot load the rules at start
+    (exit 2) stops the whole server with that status."""
+    try:
+        listeners = bind_listeners(settings)
+    except ListenError as err:
+        print(f"txco: error: {err}", file=sys.stderr)
+        return FAILURE
+    children: dict[int, float] = {}  # pid -> when it started
+    stopping = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        for _ in range(count):
+            children[_fork_worker(args, settings, listeners)] = time.monotonic()
+        log.info("lmtp: %d workers (pids %s)", count, " ".join(map(str, children)))
+        status = OK
+        while children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            started = children.pop(pid, None)
+            if started is None:
+                continue
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                continue
+            if code == USAGE:
+                status = USAGE
+                forward(signal.SIGTERM, None)
+                continue
+            log.error("lmtp worker %d exited (status %d); starting another", pid, code)
+            if time.monotonic() - started < WORKER_RESTART_DELAY_S:
+                time.sleep(WORKER_RESTART_DELAY_S)
+            if not stopping:
+                children[_fork_worker(args, settings, listeners)] = time.monotonic()
+        return status
+    finally:
+        close_listeners(listeners)
+
+
+def _fork_worker(args: argparse.Namespace, settings: Settings,
+                 listeners: list[BoundListener]) -> int:
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = FAILURE
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = _serve_process(args, settings, listeners)
+    except UsageError as err:
+        print(f"txco: error: {err}", file=sys.stderr)
+        code = USAGE
+    except KeyboardInterrupt:
+        code = OK
+    except BaseException:
+        log.exception("lmtp worker %d failed", os.getpid())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _runtime_holder(settings: Settings, trace_sink: Any) -> Any:
@@ -197,8 +296,9 @@ def _reloading_handler(holder: Any) -> Any:
 
 
 async def _serve(settings: Settings, handler: Any, holder: Any = None,
-                 watch_interval: float | None = None) -> int:
-    head = LMTPHead(settings, handler)
+                 watch_interval: float | None = None,
+                 inherited: list[BoundListener] | None = None) -> int:
+    head = LMTPHead(settings, handler, inherited)
     try:
         await head.start()
     except ListenError as err:

@@ -15,7 +15,9 @@ transport, timer) and replaces the command loop and the commands:
   fails or misses --lmtp-resp-timeout.
 - Replies to pipelined commands are written together when no further command is waiting.
 
-`LMTPHead` binds every --lmtp-listen-addrs entry and shuts down gracefully.
+`LMTPHead` binds every --lmtp-listen-addrs entry and shuts down gracefully. With several
+worker processes (`txco serve --workers N`) the parent binds once (`bind_listeners`) and
+each worker serves the inherited sockets: the kernel hands every connection to one worker.
 """
 
 from __future__ import annotations
@@ -599,12 +601,68 @@ class ListenError(Exception):
     """A listen address that cannot be used. The message names it."""
 
 
-class LMTPHead:
-    """Every LMTP listener of one `txco serve`, and its graceful shutdown."""
+@dataclass(frozen=True)
+class BoundListener:
+    """The sockets bound for one listen address (a host name may bind several)."""
 
-    def __init__(self, settings: Settings, handler: Any) -> None:
+    address: ListenAddress
+    sockets: tuple[socket.socket, ...]
+
+
+def bind_listeners(settings: Settings) -> list[BoundListener]:
+    """Bind every --lmtp-listen-addrs entry now, without serving, for worker processes to
+    inherit (`LMTPHead(..., inherited=...)`); ListenError names an address that cannot be
+    bound, after closing what was. Binding is asyncio's own, so it matches `LMTPHead.start`."""
+    return asyncio.run(_bind_listeners(settings))
+
+
+async def _bind_listeners(settings: Settings) -> list[BoundListener]:
+    loop = asyncio.get_running_loop()
+    bound: list[BoundListener] = []
+    try:
+        for address in settings.lmtp_listen_addrs:
+            try:
+                if address.kind == "unix":
+                    _clear_stale_socket(Path(address.path))
+                    server = await loop.create_unix_server(
+                        asyncio.Protocol, address.path, start_serving=False)
+                else:
+                    server = await loop.create_server(
+                        asyncio.Protocol, address.host, address.port, reuse_address=True,
+                        start_serving=False)
+            except OSError as err:
+                raise ListenError(f"cannot listen on {address}: {err.strerror or err}") from None
+            # The server owns its sockets and closes them with the loop: keep duplicates.
+            socks = tuple(socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets)
+            server.close()
+            bound.append(BoundListener(address, socks))
+    except BaseException:
+        close_listeners(bound)
+        raise
+    return bound
+
+
+def close_listeners(bound: Sequence[BoundListener]) -> None:
+    """Close bound sockets and remove their socket files (the binding process's duty)."""
+    for listener in bound:
+        for sock in listener.sockets:
+            sock.close()
+        if listener.address.kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                Path(listener.address.path).unlink()
+
+
+class LMTPHead:
+    """Every LMTP listener of one `txco serve`, and its graceful shutdown.
+
+    With `inherited` (sockets a parent bound) the head serves those instead of binding, and
+    leaves socket files to the parent."""
+
+    def __init__(self, settings: Settings, handler: Any,
+                 inherited: Sequence[BoundListener] | None = None) -> None:
         self.settings = settings
         self.handler = handler
+        self.inherited = inherited
         self.sessions: set[LMTPProtocol] = set()
         self.all_closed = asyncio.Event()
         self.bound: list[str] = []
@@ -614,11 +672,34 @@ class LMTPHead:
     async def start(self) -> None:
         """Bind every address; on any failure close what was bound and raise ListenError."""
         try:
+            if self.inherited is not None:
+                for listener in self.inherited:
+                    await self._serve_inherited(listener)
+                return
             for address in self.settings.lmtp_listen_addrs:
                 await self._listen(address)
         except BaseException:
             await self.close(grace=0)
             raise
+
+    async def _serve_inherited(self, listener: BoundListener) -> None:
+        loop = asyncio.get_running_loop()
+        factory = lambda: LMTPProtocol(self)  # noqa: E731
+        for sock in listener.sockets:
+            try:
+                if listener.address.kind == "unix":
+                    server = await loop.create_unix_server(factory, sock=sock)
+                else:
+                    server = await loop.create_server(factory, sock=sock)
+            except OSError as err:
+                raise ListenError(
+                    f"cannot listen on {listener.address}: {err.strerror or err}") from None
+            self._servers.append(server)
+            if listener.address.kind != "unix":
+                host, port = sock.getsockname()[:2]
+                self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if listener.address.kind == "unix":
+            self.bound.append(str(listener.address))
 
     async def _listen(self, address: ListenAddress) -> None:
         loop = asyncio.get_running_loop()

@@ -3,10 +3,12 @@ real rules, real clients (smtplib.LMTP over TCP and a Unix socket, and swaks).""
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -234,3 +236,55 @@ def test_hostnames_add_list_verify_remove_and_routing_sees_them(tmp_path: Path) 
     assert (bad.returncode, bad.stderr.strip()) == (
         2, "txco: error: --stack 'other/_mail' must be delta/<stack> "
            "(stack names match [a-z_][a-z0-9_-]*)")
+
+
+def test_workers_share_the_listeners_and_sighup_and_sigterm_reach_them_all(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
+    server.wait_for_log(r"lmtp: 2 workers \(pids \d+ \d+\)")
+    deadline = time.monotonic() + 10
+    while len([line for line in server.log if "lmtp listening on" in line]) < 2:
+        assert time.monotonic() < deadline, server.stderr()
+        time.sleep(0.02)
+    for unix in (False, True):
+        with server.lmtp(unix=unix) as client:
+            _, data_replies = deliver(client, ["support@acme.example", "bob@beta.example"])
+        assert [code for code, _ in data_replies] == [250, 550]
+    (tmp_path / "OPS" / "acme/_mail/0/accept.txcl").write_text(
+        'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "queued by v2"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    while len([line for line in server.log if "now serving version 2" in line]) < 2:
+        assert time.monotonic() < deadline + 10, server.stderr()
+        time.sleep(0.02)
+    clients = [server.lmtp(unix=i % 2 == 1) for i in range(6)]  # open at once: both workers
+    for client in clients:
+        with client:
+            _, data_replies = deliver(client, ["support@acme.example"])
+        assert data_replies == [(250, b"2.0.0 queued by v2")]
+    assert server.stop(signal.SIGTERM) == 0
+    assert not Path(server.unix_path).exists()
+    assert server.stderr().count("lmtp stopped") == 2
+    assert "Traceback" not in server.stderr()
+
+
+def test_a_worker_that_dies_is_replaced(serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
+    pids = server.wait_for_log(r"lmtp: 2 workers").rpartition("pids ")[2].rstrip(")").split()
+    os.kill(int(pids[0]), signal.SIGKILL)
+    server.wait_for_log(rf"lmtp worker {pids[0]} exited \(status -9\); starting another")
+    for _ in range(4):
+        with server.lmtp() as client:
+            _, data_replies = deliver(client, ["support@acme.example"])
+        assert data_replies == [(250, b"2.0.0 queued")]
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_workers_that_cannot_load_the_config_stop_the_server_with_status_2(
+        tmp_path: Path) -> None:
+    (tmp_path / "OPS").mkdir()
+    (tmp_path / "txco.yaml").write_text("ingress: [not, a, mapping\n")
+    result = run_txco("serve", "--personalities=lmtp", "--workers=2", "--ops", "OPS",
+                      "--config", "txco.yaml", "--lmtp-listen-addrs=127.0.0.1:0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "txco: error: cannot load" in result.stderr
+    assert "Traceback" not in result.stderr
