@@ -11,7 +11,6 @@ are evaluated, and `match.<name>` reads it in the body.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Final
 
 from txcl import ast
 from txcl.errors import Pos, Problem, TxclCompileError
+from txcl.fmt import format_expr, format_path
 from txcl.functions import FUNCTIONS
 from txcl.paths import Getter, Setter, compile_getter, compile_jsonpath, compile_setter, path_text
 from txcl.regex import CompiledRegex, compile_regex
@@ -37,6 +37,7 @@ _OP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _TIMEOUT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")
 _TIMEOUT_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _HINT_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+_NOWHERE: Final = Pos("", 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,71 +104,16 @@ class CompiledRule:
 
 # --- canonical text of an expression ------------------------------------------------------
 
-_PRECEDENCE: Final = {
-    ast.Or: 1,
-    ast.And: 2,
-    ast.Not: 3,
-    ast.Compare: 4,
-    ast.Match: 4,
-    ast.Add: 5,
-}
-
-
-def _literal_text(value: object) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return repr(value)
-
 
 def segments_text(segments: tuple[ast.Segment, ...]) -> str:
-    """A path as a rule author writes it: `@lmtp.rcpt.0` for `_txc.lmtp.rcpt.0`."""
-    if len(segments) > 1 and segments[0] == "_txc":
-        return "@" + path_text(segments[1:])
-    return path_text(segments)
+    """A path as a rule author writes it: `@lmtp.rcpt.0` for `_txc.lmtp.rcpt.0` (fmt's form)."""
+    return format_path(ast.Path(segments, _NOWHERE))
 
 
 def expr_text(expr: ast.Expr) -> str:
-    """The expression in canonical TXCL form (upper-case keywords, minimal parentheses)."""
-
-    def sub(child: ast.Expr, parent_level: int, right: bool = False) -> str:
-        text = expr_text(child)
-        level = _PRECEDENCE.get(type(child), 9)
-        if level < parent_level or (right and level == parent_level and level >= 4):
-            return f"({text})"
-        return text
-
-    match expr:
-        case ast.Path(segments=segments):
-            return segments_text(segments)
-        case ast.JsonPath(text=text):
-            return text
-        case ast.Literal(value=value):
-            return _literal_text(value)
-        case ast.ListLit(items=items):
-            return "[" + ", ".join(expr_text(i) for i in items) + "]"
-        case ast.Regex(pattern=pattern, flags=flags):
-            return "/" + pattern.replace("/", "\\/") + "/" + flags
-        case ast.Call(name=name, args=args):
-            return f"{name}(" + ", ".join(expr_text(a) for a in args) + ")"
-        case ast.Compare(op=op, left=left, right=right):
-            return f"{sub(left, 5)} {op} {sub(right, 5)}"
-        case ast.Match(left=left, regex=regex, negated=negated):
-            return f"{sub(left, 5)} {'!=~' if negated else '=~'} {expr_text(regex)}"
-        case ast.Add(left=left, right=right):
-            return f"{sub(left, 5)} + {sub(right, 5, right=True)}"
-        case ast.Not(operand=operand):
-            return f"NOT {sub(operand, 3)}"
-        case ast.And(left=left, right=right):
-            return f"{sub(left, 2)} AND {sub(right, 2, right=True)}"
-        case ast.Or(left=left, right=right):
-            return f"{sub(left, 1)} OR {sub(right, 1, right=True)}"
-    return repr(expr)
+    """The expression in canonical TXCL form (upper-case keywords, minimal parentheses):
+    what `txcl fmt` prints."""
+    return format_expr(expr)
 
 
 # --- reserved WITH values -------------------------------------------------------------------

@@ -213,7 +213,9 @@ class _RuleChecks:
         slot = _verdict_slot(segments)
         if slot is None:
             return
-        if isinstance(stmt.value, ast.Literal) and not _valid_code(stmt.value.value):
+        from txcl.runner import valid_code  # the run's own rule for a verdict code
+
+        if isinstance(stmt.value, ast.Literal) and not valid_code(stmt.value.value):
             self.report(
                 "verdict-code",
                 f"SET {_dotted(segments)} = {_literal_text(stmt.value.value)}: a verdict code is "
@@ -284,13 +286,6 @@ def _verdict_slot(segments: tuple[ast.Segment, ...]) -> int | str | None:
     ):
         return rest[1]
     return None
-
-
-def _valid_code(value: object) -> bool:
-    """The run's own rule for a verdict code, asked about one literal."""
-    from txcl.runner import verdict_problem
-
-    return verdict_problem({"_txc": {"lint": {_RESULT_KEY: {"code": value}}}}, "lint") is None
 
 
 def _literal_text(value: object) -> str:

@@ -167,7 +167,8 @@ def patch_read_only_reason(patch: Mapping[str, Any], src: str | None) -> str | N
     return None
 
 
-def _valid_code(code: object) -> bool:
+def valid_code(code: object) -> bool:
+    """Whether `code` may stand as a verdict code: an int (not a bool) in 200-299 or 400-599."""
     return (
         isinstance(code, int)
         and not isinstance(code, bool)
@@ -187,7 +188,7 @@ def verdict_problem(envelope: Any, src: str | None) -> str | None:
     where = f"_txc.{src}.{RESULT_KEY}"
     if not isinstance(res, dict):
         return f"{where} must be an object with code/msg or recipients, not {to_json(res)!r}"
-    if "code" in res and not _valid_code(res["code"]):
+    if "code" in res and not valid_code(res["code"]):
         return f"invalid verdict {where}.code = {res['code']!r}: an integer in 200-299 or 400-599"
     recipients = res.get("recipients", MISSING)
     if recipients is MISSING or recipients is None:
@@ -195,7 +196,7 @@ def verdict_problem(envelope: Any, src: str | None) -> str | None:
     if not isinstance(recipients, list):
         return f"{where}.recipients must be a list"
     for i, slot in enumerate(recipients):
-        if isinstance(slot, dict) and "code" in slot and not _valid_code(slot["code"]):
+        if isinstance(slot, dict) and "code" in slot and not valid_code(slot["code"]):
             return (
                 f"invalid verdict {where}.recipients.{i}.code = {slot['code']!r}: "
                 "an integer in 200-299 or 400-599"
