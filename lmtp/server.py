@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import re
@@ -66,8 +67,9 @@ class DataDecoder:
     sender smuggle a second message past an MTA that reads the stream differently.
     A dot at the start of a line (after CRLF) is removed (RFC 5321 4.5.2).
 
-    One `find` per chunk and per dot-started line; the message is kept as views of the
-    received chunks and joined once, so a message is copied once on its way to `message()`.
+    One `find` per chunk and per dot-started line; each piece is copied once, into a
+    growing buffer that `message()` hands over without another copy (BytesIO.getvalue
+    shares its buffer), so a message costs about its size once, not chunks plus a join.
     Over `max_bytes` the message is dropped at once and the rest is only counted, so memory
     stays bounded by the limit whatever the client sends.
     """
@@ -77,7 +79,7 @@ class DataDecoder:
         self.size = 0
         self.too_large = False
         self.done = False
-        self._parts: list[bytes | memoryview] = []
+        self._out = io.BytesIO()
         # The stream starts as if after a CRLF, so a leading "." is a line start too; those
         # two bytes stay at the front of `_held` until the stream has moved past them.
         self._held = b"\r\n"
@@ -124,14 +126,19 @@ class DataDecoder:
             return
         if self.size > self.max_bytes:
             self.too_large = True
-            self._parts.clear()
+            self._out = io.BytesIO()
             return
-        self._parts.append(memoryview(piece)[start:stop])
+        self._out.write(memoryview(piece)[start:stop])
+
+    @property
+    def kept(self) -> int:
+        """Bytes of message held so far (0 once over the limit: nothing more is kept)."""
+        return self._out.tell()
 
     def message(self) -> bytes:
-        """The unstuffed message (once `done` and not `too_large`); the parts are released."""
-        data = b"".join(self._parts)
-        self._parts.clear()
+        """The unstuffed message (once `done` and not `too_large`); the buffer is released."""
+        data = self._out.getvalue()
+        self._out = io.BytesIO()
         return data
 
 
