@@ -165,6 +165,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s txco %(levelname)s %(message)s")
     # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Two lines per delivery: skip the record fields the format never shows (the logging
+    # docs' "Optimization" section): caller frame lookup, thread, process names.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     if workers > 1:
         return _serve_workers(args, settings, workers)
     return _serve_process(args, settings)

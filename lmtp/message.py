@@ -17,11 +17,13 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
 from email.header import decode_header, make_header
+from email.headerregistry import UnstructuredHeader
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import TYPE_CHECKING, Any
@@ -264,7 +266,27 @@ def _headers(parsed: Message, wanted: set[str] | None) -> dict[str, list[str]]:
     return dict(sorted(by_name.items()))
 
 
+# Lower-case header name -> whether the email policy parses it as unstructured text.
+_UNSTRUCTURED: dict[str, bool] = {}
+_UNSTRUCTURED_MAX = 1024
+_PLAIN_TEXT = re.compile(r"[\t -~]*\Z")
+
+
+def _is_unstructured(name: str) -> bool:
+    key = name.lower()
+    known = _UNSTRUCTURED.get(key)
+    if known is None:
+        known = issubclass(policy.default.header_factory[key], UnstructuredHeader)
+        if len(_UNSTRUCTURED) < _UNSTRUCTURED_MAX:
+            _UNSTRUCTURED[key] = known
+    return known
+
+
 def _decoded_header(name: str, raw_value: str) -> str:
+    # Plain printable ASCII on one line, without an encoded word, is its own decoding for
+    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer (~40 us).
+    if "=?" not in raw_value and _PLAIN_TEXT.match(raw_value) and _is_unstructured(name):
+        return raw_value
     try:
         return _unfold(str(policy.default.header_fetch_parse(name, raw_value)))
     except Exception:  # the policy's header classes choke on some garbage; decode plainly

@@ -374,3 +374,20 @@ def test_a_partial_parse_equals_the_full_parse_on_the_fields_it_builds(data, nee
             assert value == {k: v for k, v in full["headers"].items() if k in needs.header_names}
         else:
             assert value == full[name], name
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.characters(min_codepoint=9, max_codepoint=127) | st.sampled_from(
+    ["=?", "=?utf-8?q?caf=C3=A9?=", "\udcff", "é", "\r\n "]), max_size=40).map("".join),
+    st.sampled_from(["Subject", "X-Spam-Flag", "authentication-results", "From", "Date",
+                     "Message-ID", "Content-Type", "Comments"]))
+def test_a_header_decodes_as_the_email_policy_decodes_it(value, name):
+    from email import policy
+
+    from lmtp.message import _decoded_header, _unfold
+
+    try:
+        expected = _unfold(str(policy.default.header_fetch_parse(name, value)))
+    except Exception:
+        return  # the fallback decoders are exercised by the garbage tests above
+    assert _decoded_header(name, value) == expected
