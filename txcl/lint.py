@@ -430,30 +430,38 @@ def _lint_stack(
     return [*problems, *_recipient_gaps(verdicts)]
 
 
-def _inside(root: Path, entry: Path) -> bool:
-    """False for a symlink that leads out of root (the loader reports those)."""
+def _inside(root: Path, entry: os.DirEntry[str]) -> bool:
+    """False for a symlink that leads out of root (the loader reports those). The walk only
+    descends into entries found inside, so an entry that is no symlink is inside too."""
+    if not entry.is_symlink():
+        return True
     real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(entry)]) == real_root
+    return os.path.commonpath([real_root, os.path.realpath(entry.path)]) == real_root
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The folder's entries in byte-wise name order (none if it cannot be read)."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: os.fsencode(e.name))
+    except OSError:
+        return []
 
 
 def _subfolders(folder: Path, root: Path, pattern: re.Pattern[str]) -> list[Path]:
-    try:
-        entries = sorted(folder.iterdir(), key=lambda p: os.fsencode(p.name))
-    except OSError:
-        return []
-    return [e for e in entries if pattern.fullmatch(e.name) and e.is_dir() and _inside(root, e)]
+    return [
+        Path(e.path)
+        for e in _entries(folder)
+        if pattern.fullmatch(e.name) and e.is_dir() and _inside(root, e)
+    ]
 
 
 def _rule_files(stage: Path, root: Path) -> Iterator[Path]:
     from txcl.loader import RULE_SUFFIX
 
-    try:
-        entries = sorted(stage.iterdir(), key=lambda p: os.fsencode(p.name))
-    except OSError:
-        return
-    for entry in entries:
+    for entry in _entries(stage):
         if entry.name.endswith(RULE_SUFFIX) and entry.is_file() and _inside(root, entry):
-            yield entry
+            yield Path(entry.path)
 
 
 def _stage_files(stack: Path, root: Path) -> Iterator[Path]:

@@ -11,6 +11,7 @@ match itself; TXCL only needs whether it matched and the text of the named group
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -171,9 +172,8 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
                 regex.pos,
             )
         )
-    prefix = f"(?{''.join(sorted(regex.flags))})" if regex.flags else ""
     try:
-        compiled = re2.compile(prefix + regex.pattern, _options())
+        names, search, groups = _compiled(regex.pattern, regex.flags)
     except re2.error as err:
         reason = err.args[0] if err.args else str(err)
         if isinstance(reason, bytes):
@@ -183,16 +183,26 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
         if hint:
             message += f" ({hint}; TXCL regexes run in linear time)"
         raise TxclCompileError(Problem("txcl_compile_error", message, regex.pos)) from None
-    raw = compiled._regexp
-    groups = _re2_groups(raw)
-    names = tuple(
-        sorted(n.decode() if isinstance(n, bytes) else n for n, _ in raw.NamedCapturingGroups())
-    )
     return CompiledRegex(
         pattern=regex.pattern,
         flags=regex.flags,
         pos=regex.pos,
         group_names=names,
-        search=_literal_search(regex.pattern, regex.flags, _re2_search(raw)),
+        search=search,
         groups=groups,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(
+    pattern: str, flags: str
+) -> tuple[tuple[str, ...], Callable[[str], bool], Callable[[str], dict[str, str] | None]]:
+    """The named groups and matchers of a pattern, compiled once per (pattern, flags): an
+    RE2 object is immutable, and the same regex recurs across the files of a tree."""
+    prefix = f"(?{''.join(sorted(flags))})" if flags else ""
+    compiled = re2.compile(prefix + pattern, _options())
+    raw = compiled._regexp
+    names = tuple(
+        sorted(n.decode() if isinstance(n, bytes) else n for n, _ in raw.NamedCapturingGroups())
+    )
+    return names, _literal_search(pattern, flags, _re2_search(raw)), _re2_groups(raw)
