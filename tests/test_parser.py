@@ -15,7 +15,9 @@ from txcl.parser import (
     MAX_NESTING,
     SYNTAX_EXAMPLES,
     _lines,
+    _LineScan,
     _parse_by_line,
+    _parse_file,
     grammar_text,
     parse,
     parse_expression,
@@ -531,3 +533,5 @@ def test_whole_file_parse_agrees_with_the_line_by_line_parse(
     except TxclSyntaxError as err:
         found = err.problems
     assert found == expected
+    if isinstance(expected, ast.File):  # a file without errors takes the one-parse path
+        assert _parse_file(_LineScan("f.txcl", 1), "\n".join(_lines(source))) is not None

@@ -18,13 +18,14 @@ import importlib.resources
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
-from lark.lexer import PatternStr
+from lark.lexer import Lexer, PatternStr
 from lark.parsers.lalr_parser_state import ParserState
 
 from txcl import ast
@@ -248,13 +249,12 @@ def _on_close(token: Token) -> Token:
 
 
 @functools.cache
-def parser(start: str = "line") -> Lark:
-    """The LALR parser of one line (or, with start="file", of a whole file), built on first
-    use. It runs the transformer as it reduces, so no parse tree is built and nothing
-    recurses, however deeply the input nests."""
+def parser() -> Lark:
+    """The LALR parser of one line, built on first use. It runs the transformer as it
+    reduces, so no parse tree is built and nothing recurses, however deeply the input nests."""
     return Lark(
         grammar_text(),
-        start=start,
+        start="line",
         parser="lalr",
         lexer="basic",
         transformer=_ToAst(),
@@ -277,10 +277,91 @@ def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
         _SCAN.reset(reset)
 
 
-def _parse_file(scan: _LineScan, text: str) -> list[ast.Stmt]:
+class _Tokens(Lexer):
+    """Hands lark the tokens _tokenize found (lark's custom lexer interface, version 2)."""
+
+    __future_interface__ = 2
+
+    def __init__(self, lexer_conf: object) -> None:
+        pass
+
+    def lex(self, lexer_state: Any, parser_state: Any) -> Iterator[Token]:
+        return iter(lexer_state.text)
+
+
+@functools.cache
+def _file_parser() -> Lark:
+    """The LALR parser of a whole file, fed by _tokenize."""
+    return Lark(
+        grammar_text(),
+        start="file",
+        parser="lalr",
+        lexer=_Tokens,
+        transformer=_ToAst(),
+        maybe_placeholders=False,
+    )
+
+
+@functools.cache
+def _token_pattern() -> tuple[re.Pattern[str], frozenset[str]]:
+    """The grammar's terminals as one regex, in the order lark's basic lexer tries them
+    (priority, then longest possible match, then longest pattern, then name), and the
+    names of the ignored ones."""
+    grammar = _file_parser()
+    terminals = sorted(
+        grammar.terminals,
+        key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
+    )
+    pattern = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
+    return re.compile(pattern), frozenset(grammar.ignore_tokens)
+
+
+_OPENERS: Final = frozenset({"_LPAR", "LSQB"})
+_CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
+
+
+def _tokenize(scan: _LineScan, text: str) -> list[Token] | None:
+    """The tokens of a whole file, comments recorded in `scan`; None where lark's own lexer
+    would stop (an unexpected character, brackets nested too deeply): the line-by-line
+    parse then says why. Lark's lexer does the same work with much more bookkeeping."""
+    pattern, ignored = _token_pattern()
+    match = pattern.match
+    tokens: list[Token] = []
+    pos, line, line_start, depth = 0, 1, 0, 0
+    while pos < len(text):
+        found = match(text, pos)
+        if found is None or found.end() == pos:
+            return None
+        kind = found.lastgroup or ""
+        if kind == "_NL":
+            tokens.append(Token(kind, "\n", pos, line, pos - line_start + 1))
+            line += 1
+            line_start = found.end()
+        elif kind in ignored:
+            if kind == "COMMENT":
+                scan.comments.append(Token(kind, found.group(), pos, line, pos - line_start + 1))
+        else:
+            if kind in _OPENERS:
+                depth += 1
+                if depth > MAX_NESTING:
+                    return None
+            elif kind in _CLOSERS:
+                depth -= 1
+            tokens.append(Token(kind, found.group(), pos, line, pos - line_start + 1))
+        pos = found.end()
+    return tokens
+
+
+def _parse_file(scan: _LineScan, text: str) -> list[ast.Stmt] | None:
+    """The statements of a whole file; None if it has an error."""
+    tokens = _tokenize(scan, text)
+    if tokens is None:
+        return None
     reset = _SCAN.set(scan)
     try:
-        return parser("file").parse(text)  # type: ignore[return-value]
+        return _file_parser().parse(tokens)  # type: ignore[arg-type, return-value]
+    except (UnexpectedInput, _Refused):
+        return None
     finally:
         _SCAN.reset(reset)
 
@@ -606,9 +687,8 @@ def parse(source: str, name: str) -> ast.File:
     """
     lines = _lines(source.removeprefix("\ufeff"))
     scan = _LineScan(name, 1)
-    try:
-        statements = _parse_file(scan, "\n".join(lines))
-    except (UnexpectedInput, _Refused):
+    statements = _parse_file(scan, "\n".join(lines))
+    if statements is None:
         return _parse_by_line(lines, name)
     comments = tuple(
         ast.Comment(str(t)[1:].rstrip(), Pos(name, t.line or 1, t.column or 1))
