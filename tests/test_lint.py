@@ -117,6 +117,23 @@ def test_tree_reports_layout_and_file_findings_together(tmp_path: Path) -> None:
     ]
 
 
+def test_a_rule_file_over_the_size_limit_is_one_layout_error(tmp_path: Path) -> None:
+    ops = tmp_path / "OPS"
+    big = write(ops, "acme/_mail/0/big.txcl", "SET a.b = 1\n")
+    os.truncate(big, 10 << 20)  # sparse: no time spent writing 10 MiB
+    expected = [
+        (
+            "layout",
+            "error",
+            Pos(str(big), 1, 1),
+            "rule file is 10.0 MiB; the limit is 1 MiB — split it into several files",
+        )
+    ]
+    for target in (big, ops / "acme/_mail/0", ops / "acme/_mail", ops):
+        found = [(p.check, p.severity, p.pos, p.message) for p in lint_target(target)]
+        assert found == expected, target
+
+
 def test_a_clean_tree_has_no_findings(tmp_path: Path) -> None:
     ops = tmp_path / "OPS"
     write(ops, "acme/_mail/0/a.txcl", (GOLDEN / "clean.txcl").read_text("utf-8"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from txcl.loader import load_target, load_tree
+from txcl.loader import MAX_RULE_FILE_BYTES, load_target, load_tree
 from txcl.ops import OpRegistry
 from txcl.runner import TEST_POLICY
 
@@ -95,6 +95,40 @@ def test_malformed_utf8_is_a_problem_with_its_position(tmp_path: Path) -> None:
         str(problem)
         == f"{ops}/acme/_mail/0/a.txcl:2:17: txcl_load_error: not UTF-8 text: byte 0xff"
     )
+
+
+def sparse(path: Path, size: int, start: bytes = b"SET a.b = 1\n") -> Path:
+    """A file of `size` bytes that costs no disk and no time to write: a hole after `start`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(start)
+    os.truncate(path, size)
+    return path
+
+
+def test_a_rule_file_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    ops = tmp_path / "OPS"
+    big = sparse(ops / "acme/_mail/0/big.txcl", 10 << 20)
+    write(ops, "beta/_mail/0/ok.txcl")
+    tree = load_tree(ops)
+    assert messages(tree.problems) == [
+        f"{big}:1:1: txcl_load_error: rule file is 10.0 MiB; the limit is 1 MiB "
+        "— split it into several files"
+    ]
+    assert sorted(tree.stacks) == ["beta/_mail"]
+    assert messages(load_target(big).problems) == messages(tree.problems)
+
+
+def test_the_size_limit_is_inclusive_and_named_in_bytes_near_it(tmp_path: Path) -> None:
+    # One line padded with blanks: the lexer takes the padding in one step, so this stays fast.
+    at_limit = tmp_path / "at.txcl"
+    at_limit.write_bytes(b"SET a.b = 1" + b" " * (MAX_RULE_FILE_BYTES - 11))
+    assert load_target(at_limit).problems == ()
+    over = tmp_path / "over.txcl"
+    over.write_bytes(b"SET a.b = 1" + b" " * (MAX_RULE_FILE_BYTES - 10))
+    assert messages(load_target(over).problems) == [
+        f"{over}:1:1: txcl_load_error: rule file is 1,048,577 bytes; the limit is 1 MiB "
+        "— split it into several files"
+    ]
 
 
 def test_symlinks_that_escape_the_root_are_refused(tmp_path: Path) -> None:

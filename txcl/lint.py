@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from txcl import ast
-from txcl.errors import Pos, Problem, TxclError, TxclSyntaxError
+from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
@@ -157,21 +157,13 @@ def lint_file(path: str | Path, registry: OpRegistry | None = None) -> list[Prob
 
 
 def _lint_path(path: Path, registry: OpRegistry | None) -> _FileLint:
-    name = str(path)
+    from txcl.loader import read_rule_source
+
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        message = f"{name}: cannot be read: {err.strerror or err}"
-        return _FileLint((_finding("layout", message, None, None),), ())
-    try:
-        source = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        start = data.rfind(b"\n", 0, err.start) + 1
-        column = len(data[start : err.start].decode("utf-8", "replace")) + 1
-        message = f"not UTF-8 text: byte 0x{data[err.start]:02x}"
-        return _FileLint((_finding("layout", message, Pos(name, line, column), None),), ())
-    return _lint_text(source.removeprefix("\ufeff"), name, registry)
+        source = read_rule_source(str(path))
+    except TxclLoadError as err:
+        return _FileLint(tuple(_as_lint(p) for p in err.problems), ())
+    return _lint_text(source, str(path), registry)
 
 
 class _RuleChecks:

@@ -28,7 +28,7 @@ from typing import Final, ParamSpec
 
 from txcl import ast
 from txcl.compiler import CompiledRule, ExecStep, compile_file
-from txcl.errors import Pos, Problem, TxclError
+from txcl.errors import Pos, Problem, TxclError, TxclLoadError
 from txcl.ops import OpRegistry
 from txcl.runner import Stack, Stage
 
@@ -41,6 +41,11 @@ SINGLE_FILE_STACK: Final = "test/_file"
 TENANT_NAME: Final = re.compile(r"[a-z][a-z0-9-]*")
 STACK_NAME: Final = re.compile(r"[a-z_][a-z0-9_-]*")
 STAGE_NAME: Final = re.compile(r"0|[1-9][0-9]{0,8}")
+
+# A rule file larger than this is refused before it is read: rules are a few lines each, and
+# a runaway file (a log written into OPS/ by mistake) would otherwise take minutes and
+# gigabytes to parse.
+MAX_RULE_FILE_BYTES: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -137,23 +142,10 @@ class _Walker:
     def read_rules(self, path: str, problems: list[Problem]) -> tuple[CompiledRule, ...]:
         self.files += 1
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as err:
-            problems.append(_problem(f"{path}: cannot be read: {err.strerror or err}"))
+            text = read_rule_source(path)
+        except TxclLoadError as err:
+            problems.extend(err.problems)
             return ()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(
-                _problem(
-                    f"not UTF-8 text: byte 0x{data[err.start]:02x}",
-                    _byte_pos(path, data, err.start),
-                )
-            )
-            return ()
-        if text.startswith("\ufeff"):
-            text = text[1:]
         from txcl.parser import parse  # the parser builds its tables on first use
 
         tree: ast.File | None = None
@@ -216,6 +208,35 @@ class _Walker:
                     )
                 )
         return Stack(name, tuple(stages)), tuple(cases)
+
+
+def read_rule_source(path: str) -> str:
+    """The text of a rule file, without a leading byte order mark. Raises TxclLoadError if
+    it cannot be read, is larger than MAX_RULE_FILE_BYTES (known from its size, before
+    reading it) or is not UTF-8."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_RULE_FILE_BYTES:
+                raise TxclLoadError(_too_big(path, size))
+            data = handle.read(MAX_RULE_FILE_BYTES + 1)  # the file may grow while we read
+    except OSError as err:
+        raise TxclLoadError(_problem(f"{path}: cannot be read: {err.strerror or err}")) from None
+    if len(data) > MAX_RULE_FILE_BYTES:
+        raise TxclLoadError(_too_big(path, len(data)))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        message = f"not UTF-8 text: byte 0x{data[err.start]:02x}"
+        raise TxclLoadError(_problem(message, _byte_pos(path, data, err.start))) from None
+    return text.removeprefix("\ufeff")
+
+
+def _too_big(path: str, size: int) -> Problem:
+    shown = f"{size / (1 << 20):.1f} MiB" if size >= 2 << 20 else f"{size:,} bytes"
+    limit = f"{MAX_RULE_FILE_BYTES / (1 << 20):g} MiB"
+    message = f"rule file is {shown}; the limit is {limit} — split it into several files"
+    return _problem(message, Pos(path, 1, 1))
 
 
 def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
