@@ -223,6 +223,7 @@ class LMTPProtocol(LMTP):
 
     def __init__(self, head: LMTPHead) -> None:
         settings = head.settings
+        self._deadline = 0.0  # loop time when the current timeout runs out
         super().__init__(
             head.handler,
             data_size_limit=settings.lmtp_max_msg_bytes,
@@ -303,6 +304,26 @@ class LMTPProtocol(LMTP):
             await self._input_waiter
         finally:
             self._input_waiter = None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # One timer per connection, moved lazily: each command only pushes the deadline out;
+        # a timer that fires before the deadline re-arms itself for it. aiosmtpd cancels and
+        # schedules a new timer per command instead.
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
