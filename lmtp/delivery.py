@@ -155,9 +155,12 @@ class Deliverer:
                     "lmtp message defects (%d): %s", len(defects),
                     "; ".join(defects[:MAX_LOGGED_DEFECTS]),
                 )
-            results = await asyncio.gather(
-                *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
-            )
+            if len(groups) == 1:  # the common case: no tasks to gather
+                results = [await self._run_group(tx, groups[0], msg, stacks, rejected)]
+            else:
+                results = await asyncio.gather(
+                    *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
+                )
             for group, group_replies in zip(groups, results, strict=True):
                 for index, reply in zip(group.indices, group_replies, strict=True):
                     replies[index] = reply

@@ -548,7 +548,8 @@ class LMTPProtocol(LMTP):
     async def _deliver(self, count: int) -> list[str]:
         timeout = self.settings.lmtp_resp_timeout
         try:
-            lines = await asyncio.wait_for(self._call_handler_hook("DATA"), timeout)
+            async with asyncio.timeout(timeout):  # unlike wait_for, no task per delivery
+                lines = await self._call_handler_hook("DATA")
         except TimeoutError:
             log.warning("lmtp: no verdict within %s for %d recipient(s)", _seconds(timeout), count)
             return [f"451 4.3.0 no verdict within {_seconds(timeout)}, try again later"] * count
