@@ -137,6 +137,29 @@ def parse_message(
 
 
 _HEADER_FIELDS = {"id": "message-id", "date": "date", "subject": "subject"}
+_ADDRESS_FIELDS = frozenset({"from", "to", "cc"})
+# A header section the email parser reads without a quirk: CRLF lines, each a field name
+# (printable ASCII but ":") and a colon, or a continuation; no "From " envelope line.
+_PLAIN_FIELD_LINE = re.compile(rb"(?:[!-9;-~]+:|[ \t])[^\r\n]*\r\n")
+_PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*\Z")
+
+
+def split_header_section(head: bytes) -> list[tuple[str, str]] | None:
+    """(name, raw value) pairs as the email parser's `raw_items()` gives them for a plain
+    header section (see _PLAIN_SECTION); None for anything else (the parser then reads it).
+    About 5x faster than the parser for a handful of headers."""
+    if head.startswith(b"From ") or b"\r\nFrom " in head or not _PLAIN_SECTION.match(head):
+        return None
+    text = head.decode("ascii", "surrogateescape")
+    items: list[tuple[str, str]] = []
+    for line in text.split("\r\n")[:-1]:
+        if line[0] in " \t":  # a continuation: the parser keeps its line ending inside
+            name, value = items[-1]
+            items[-1] = (name, value + "\r\n" + line)
+            continue
+        name, _, value = line.partition(":")
+        items.append((name, value.lstrip(" \t")))
+    return items
 
 
 def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
@@ -145,19 +168,24 @@ def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[
     msg: dict[str, Any] = {}
     defects: list[str] = []
     if fields - {"raw"}:
-        try:
-            parsed = _PARSER.parsebytes(data[:header_section_end(data)])
-        except Exception as exc:
-            defects.append(f"message: unparseable ({type(exc).__name__})")
-            parsed = None
+        head = data[:header_section_end(data)]
+        # The address fields need the policy's header objects; the rest only raw items.
+        items = None if fields & _ADDRESS_FIELDS else split_header_section(head)
+        parsed: Message | None = None
+        if items is None:
+            try:
+                parsed = _PARSER.parsebytes(head)
+                items = parsed.raw_items()
+            except Exception as exc:
+                defects.append(f"message: unparseable ({type(exc).__name__})")
         names = set(needs.header_names or ()) if "headers" in fields else set()
         names.update(_HEADER_FIELDS[name] for name in fields if name in _HEADER_FIELDS)
         names.update(name for name in ("from", "to", "cc") if name in fields)
         wanted = None if "headers" in fields and needs.header_names is None else names
         headers: dict[str, list[str]] = {}
-        if parsed is not None:
+        if items is not None:
             try:
-                headers = _headers(parsed, wanted)
+                headers = _headers_from(items, wanted)
             except Exception as exc:
                 defects.append(f"headers: {type(exc).__name__}: {exc}"[:200])
         defaults: dict[str, Any] = {"id": "", "date": "", "from": [], "to": [], "cc": [],
@@ -170,9 +198,9 @@ def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[
                 keep = needs.header_names
                 msg[name] = headers if keep is None else {
                     k: v for k, v in headers.items() if k in keep}
-            elif parsed is None:
+            elif items is None:
                 continue
-            elif name in ("from", "to", "cc"):
+            elif name in _ADDRESS_FIELDS and parsed is not None:
                 _build_field(msg, defects, name,
                              lambda name=name: _addresses(parsed, headers, name))
             elif name == "id":
@@ -256,9 +284,14 @@ def _unfold(value: str) -> str:
 
 
 def _headers(parsed: Message, wanted: set[str] | None) -> dict[str, list[str]]:
+    return _headers_from(parsed.raw_items(), wanted)
+
+
+def _headers_from(items: Iterable[tuple[str, str]], wanted: set[str] | None
+                  ) -> dict[str, list[str]]:
     """Every header by lower-case name (or only the `wanted` names), values decoded."""
     by_name: dict[str, list[str]] = {}
-    for name, value in parsed.raw_items():
+    for name, value in items:
         key = name.strip().lower()
         if wanted is not None and key not in wanted:
             continue

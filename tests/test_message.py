@@ -391,3 +391,26 @@ def test_a_header_decodes_as_the_email_policy_decodes_it(value, name):
     except Exception:
         return  # the fallback decoders are exercised by the garbage tests above
     assert _decoded_header(name, value) == expected
+
+
+HEADER_LINES = st.lists(st.sampled_from([
+    b"Subject: Re: [#1234] wifi\r\n", b"X-Spam-Flag:YES\r\n", b"Received: from a\r\n",
+    b"\tby b; Mon, 25 May 2026\r\n", b" \r\n", b"Subject:   \r\n", b"Odd\xffName: v\xe9\r\n",
+    b"From a@b Mon\r\n", b": no name\r\n", b"no colon\r\n", b"Bare: lf\n", b"Bare: cr\r",
+    b"To: <a@b>, \"C\" <c@d>\r\n", b"\r\n", b"X: a  \r\n",
+]), max_size=12).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(HEADER_LINES)
+def test_the_header_section_splitter_gives_the_email_parsers_raw_items_or_declines(head):
+    from email.parser import BytesParser
+    from email.policy import default
+
+    from lmtp.message import split_header_section
+
+    section = head[:header_section_end(head)]
+    items = split_header_section(section)
+    if items is not None:
+        assert items == list(BytesParser(policy=default).parsebytes(section).raw_items())
+        assert BytesParser(policy=default).parsebytes(section).defects == []
