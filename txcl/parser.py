@@ -17,16 +17,20 @@ import functools
 import importlib.resources
 import json
 import math
+import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
+from types import SimpleNamespace
 from typing import Any, Final, TypeVar
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+from lark.grammar import Rule, Symbol
 from lark.lexer import Lexer, PatternStr
-from lark.parsers.lalr_parser_state import ParserState
+from lark.parsers.lalr_analysis import ParseTableBase, Reduce
+from lark.parsers.lalr_parser_state import ParseConf, ParserState
 
 from txcl import ast
 from txcl.errors import Pos, Problem, TxclSyntaxError
@@ -352,14 +356,98 @@ def _tokenize(scan: _LineScan, text: str) -> list[Token] | None:
     return tokens
 
 
+class _Reduction:
+    """A rule of the file parser's table as lark's LALR loop reads it: its length and its
+    origin's name. lark's own Rule compares and hashes in Python and names its origin with a
+    Token, which compares through Token.__eq__ on every goto; this one compares by identity
+    and names it with a plain str."""
+
+    __slots__ = ("expansion", "origin")
+
+    def __init__(self, rule: Rule) -> None:
+        self.expansion = rule.expansion
+        self.origin = SimpleNamespace(name=str(rule.origin.name))
+
+
+def _inlined(symbol: Symbol) -> bool:
+    """A helper rule lark made up (`("," expr)*`): its children belong to its parent."""
+    return not symbol.is_term and symbol.name.startswith("_")
+
+
+def _reduce_callback(rule: Rule) -> Callable[[list[Any]], Any]:
+    """What a reduction of `rule` pushes, given the values it pops: what lark's tree builder
+    with the builders as a Transformer would push, without its layers of wrappers."""
+    kept = [
+        i
+        for i, symbol in enumerate(rule.expansion)
+        if not (symbol.is_term and symbol.filter_out)  # type: ignore[attr-defined]
+    ]
+    spliced = frozenset(i for i in kept if _inlined(rule.expansion[i]))
+    name = str(rule.alias or rule.origin.name)
+    build = _BUILDERS.get(name)
+    if build is None and rule.options.expand1 and len(kept) == 1 and not spliced:
+        return operator.itemgetter(kept[0])  # `?rule`: passes its one child up
+    if build is None and not name.startswith("_"):
+        raise LookupError(f"grammar rule {name} has no builder in txcl/parser.py")
+    if spliced:
+
+        def gather(values: list[Any]) -> list[Any]:
+            children: list[Any] = []
+            for i in kept:
+                if i in spliced:
+                    children.extend(values[i])
+                else:
+                    children.append(values[i])
+            return children
+
+        return gather if build is None else lambda values: build(gather(values))
+    if build is None:
+        return lambda values: [values[i] for i in kept]
+    if len(kept) == len(rule.expansion):
+        return build
+    return lambda values: build([values[i] for i in kept])
+
+
+@functools.cache
+def _file_parse_conf() -> ParseConf[Any]:
+    """The file parser's LALR table with _Reduction rules and a callback for each."""
+    table = _file_parser().parse_interactive(None).parser_state.parse_conf.parse_table
+    reductions: dict[int, _Reduction] = {}
+    callbacks: dict[Any, Callable[[list[Any]], Any]] = {}
+
+    def reduction(rule: Rule) -> _Reduction:
+        found = reductions.get(id(rule))
+        if found is None:
+            found = reductions[id(rule)] = _Reduction(rule)
+            callbacks[found] = _reduce_callback(rule)
+        return found
+
+    states = {
+        state: {
+            kind: (action, reduction(arg) if action is Reduce else arg)
+            for kind, (action, arg) in actions.items()
+        }
+        for state, actions in table.states.items()
+    }
+    view = ParseTableBase(states, table.start_states, table.end_states)
+    return ParseConf(view, callbacks, "file")
+
+
+_END: Final = Token("$END", "")
+
+
 def _parse_file(scan: _LineScan, text: str) -> list[ast.Stmt] | None:
-    """The statements of a whole file; None if it has an error."""
+    """The statements of a whole file; None if it has an error. lark's LALR parser state
+    machine is fed the tokens one by one, as its own parse loop would feed them."""
     tokens = _tokenize(scan, text)
     if tokens is None:
         return None
     reset = _SCAN.set(scan)
     try:
-        return _file_parser().parse(tokens)  # type: ignore[arg-type, return-value]
+        feed = ParserState(_file_parse_conf(), None).feed_token
+        for token in tokens:
+            feed(token)
+        return feed(_END, True)  # type: ignore[no-any-return]
     except (UnexpectedInput, _Refused):
         return None
     finally:
@@ -433,114 +521,184 @@ def _nested(node: _N, *children: object) -> _N:
     return node
 
 
-@v_args(inline=True)
-class _ToAst(Transformer):
-    """Builds ast nodes while lark reduces; method names are the grammar's aliases."""
+# Each builder takes the children lark keeps for a rule (tokens named with a leading "_" and
+# anonymous ones such as "=" are dropped) and returns an ast node. The names are the grammar's
+# aliases, else its rule names. Both parsers call them directly: the line parser as the
+# methods of a plain lark Transformer, the file parse from its own reduce callbacks.
+Children = Sequence[Any]
 
-    # statements
-    def file(self, *statements: ast.Stmt) -> list[ast.Stmt]:
-        return list(statements)
 
-    def line(self, *statement: ast.Stmt) -> ast.Stmt | None:
-        return statement[0] if statement else None
+def _file(children: Children) -> list[ast.Stmt]:
+    return list(children)
 
-    def when(self, keyword: Token, expr: ast.Expr) -> ast.When:
-        return ast.When(expr, _pos(keyword))
 
-    def set(self, keyword: Token, target: ast.Path, value: ast.Expr) -> ast.Set:
-        return ast.Set(target, value, _pos(keyword))
+def _line(children: Children) -> ast.Stmt | None:
+    return children[0] if children else None
 
-    def exec(self, keyword: Token, uri: Token) -> ast.Exec:
-        return ast.Exec(_string(uri), _pos(keyword))
 
-    def with_(self, keyword: Token, key: Token, value: ast.Expr) -> ast.With:
-        return ast.With(str(key), value, _pos(keyword))
+def _when(children: Children) -> ast.When:
+    keyword, expr = children
+    return ast.When(expr, _pos(keyword))
 
-    # operators; a binary node sits where its left operand starts
-    def or_(self, left: ast.Expr, right: ast.Expr) -> ast.Or:
-        return _nested(ast.Or(left, right, left.pos), left, right)
 
-    def and_(self, left: ast.Expr, right: ast.Expr) -> ast.And:
-        return _nested(ast.And(left, right, left.pos), left, right)
+def _set(children: Children) -> ast.Set:
+    keyword, target, value = children
+    return ast.Set(target, value, _pos(keyword))
 
-    def not_(self, keyword: Token, operand: ast.Expr) -> ast.Not:
-        return _nested(ast.Not(operand, _pos(keyword)), operand)
 
-    def _compare(op: str):  # noqa: N805 - a factory run while the class body executes
-        def build(self: _ToAst, left: ast.Expr, right: ast.Expr) -> ast.Compare:
-            return _nested(ast.Compare(op, left, right, left.pos), left, right)
+def _exec(children: Children) -> ast.Exec:
+    keyword, uri = children
+    return ast.Exec(_string(uri), _pos(keyword))
 
-        return build
 
-    eq = _compare("==")
-    ne = _compare("!=")
-    lt = _compare("<")
-    le = _compare("<=")
-    gt = _compare(">")
-    ge = _compare(">=")
-    member = _compare("IN")
-    del _compare
+def _with(children: Children) -> ast.With:
+    keyword, key, value = children
+    return ast.With(str(key), value, _pos(keyword))
 
-    def match(self, left: ast.Expr, regex: Token) -> ast.Match:
-        return _nested(ast.Match(left, self._regex(regex), False, left.pos), left)
 
-    def not_match(self, left: ast.Expr, regex: Token) -> ast.Match:
-        return _nested(ast.Match(left, self._regex(regex), True, left.pos), left)
+# operators; a binary node sits where its left operand starts
+def _or(children: Children) -> ast.Or:
+    left, right = children
+    return _nested(ast.Or(left, right, left.pos), left, right)
 
-    def add(self, left: ast.Expr, right: ast.Expr) -> ast.Add:
-        return _nested(ast.Add(left, right, left.pos), left, right)
 
-    # atoms
-    def at_path(self, token: Token) -> ast.Path:
-        return ast.Path(("_txc", *_segments(token, 1)), _pos(token))
+def _and(children: Children) -> ast.And:
+    left, right = children
+    return _nested(ast.And(left, right, left.pos), left, right)
 
-    def bare_path(self, token: Token) -> ast.Path:
-        return ast.Path(_segments(token, 0), _pos(token))
 
-    def jsonpath(self, token: Token) -> ast.JsonPath:
-        return ast.JsonPath(str(token), _pos(token))
+def _not(children: Children) -> ast.Not:
+    keyword, operand = children
+    return _nested(ast.Not(operand, _pos(keyword)), operand)
 
-    def string(self, token: Token) -> ast.Literal:
-        return ast.Literal(_string(token), _pos(token))
 
-    def number(self, token: Token) -> ast.Literal:
-        return ast.Literal(_number(token), _pos(token))
+def _comparison(op: str) -> Callable[[Children], ast.Compare]:
+    def build(children: Children) -> ast.Compare:
+        left, right = children
+        return _nested(ast.Compare(op, left, right, left.pos), left, right)
 
-    def true(self, token: Token) -> ast.Literal:
-        return ast.Literal(True, _pos(token))
+    return build
 
-    def false(self, token: Token) -> ast.Literal:
-        return ast.Literal(False, _pos(token))
 
-    def null(self, token: Token) -> ast.Literal:
-        return ast.Literal(None, _pos(token))
+def _match(children: Children) -> ast.Match:
+    left, regex = children
+    return _nested(ast.Match(left, _regex(regex), False, left.pos), left)
 
-    def list(self, bracket: Token, *items: ast.Expr) -> ast.ListLit:
-        return _nested(ast.ListLit(items, _pos(bracket)), *items)
 
-    def call(self, name: Token, *args: ast.Expr) -> ast.Call:
-        return _nested(ast.Call(str(name).lower(), args, _pos(name)), *args)
+def _not_match(children: Children) -> ast.Match:
+    left, regex = children
+    return _nested(ast.Match(left, _regex(regex), True, left.pos), left)
 
-    def bare_word(self, word: Token) -> ast.Expr:
-        raise _Refused(
-            f'bare word {word} is not a value: write a string ("{word}") '
-            f"or a path such as @lmtp.{word} or ticket.{word}",
-            word.column or 1,
-        )
 
-    @staticmethod
-    def _regex(token: Token) -> ast.Regex:
-        text = str(token)
-        close = text.rindex("/")
-        flags = text[close + 1 :]
-        for index, flag in enumerate(flags):
-            column = (token.column or 0) + close + 1 + index
-            if flag not in "ims":
-                raise _Refused(f"unknown regex flag {flag!r}; the flags are i, m and s", column)
-            if flag in flags[:index]:
-                raise _Refused(f"regex flag {flag!r} is given twice", column)
-        pattern = _REGEX_ESCAPE.sub(_unescape_slash, text[1:close])
-        return ast.Regex(pattern, flags, _pos(token))
+def _add(children: Children) -> ast.Add:
+    left, right = children
+    return _nested(ast.Add(left, right, left.pos), left, right)
+
+
+# atoms
+def _at_path(children: Children) -> ast.Path:
+    (token,) = children
+    return ast.Path(("_txc", *_segments(token, 1)), _pos(token))
+
+
+def _bare_path(children: Children) -> ast.Path:
+    (token,) = children
+    return ast.Path(_segments(token, 0), _pos(token))
+
+
+def _jsonpath(children: Children) -> ast.JsonPath:
+    (token,) = children
+    return ast.JsonPath(str(token), _pos(token))
+
+
+def _string_literal(children: Children) -> ast.Literal:
+    (token,) = children
+    return ast.Literal(_string(token), _pos(token))
+
+
+def _number_literal(children: Children) -> ast.Literal:
+    (token,) = children
+    return ast.Literal(_number(token), _pos(token))
+
+
+def _keyword_literal(value: bool | None) -> Callable[[Children], ast.Literal]:
+    def build(children: Children) -> ast.Literal:
+        return ast.Literal(value, _pos(children[0]))
+
+    return build
+
+
+def _list(children: Children) -> ast.ListLit:
+    bracket, *items = children
+    return _nested(ast.ListLit(tuple(items), _pos(bracket)), *items)
+
+
+def _call(children: Children) -> ast.Call:
+    name, *args = children
+    return _nested(ast.Call(str(name).lower(), tuple(args), _pos(name)), *args)
+
+
+def _bare_word(children: Children) -> ast.Expr:
+    (word,) = children
+    raise _Refused(
+        f'bare word {word} is not a value: write a string ("{word}") '
+        f"or a path such as @lmtp.{word} or ticket.{word}",
+        word.column or 1,
+    )
+
+
+_BUILDERS: Final[dict[str, Callable[[Children], Any]]] = {
+    "file": _file,
+    "line": _line,
+    "when": _when,
+    "set": _set,
+    "exec": _exec,
+    "with_": _with,
+    "or_": _or,
+    "and_": _and,
+    "not_": _not,
+    "eq": _comparison("=="),
+    "ne": _comparison("!="),
+    "lt": _comparison("<"),
+    "le": _comparison("<="),
+    "gt": _comparison(">"),
+    "ge": _comparison(">="),
+    "member": _comparison("IN"),
+    "match": _match,
+    "not_match": _not_match,
+    "add": _add,
+    "at_path": _at_path,
+    "bare_path": _bare_path,
+    "jsonpath": _jsonpath,
+    "string": _string_literal,
+    "number": _number_literal,
+    "true": _keyword_literal(True),
+    "false": _keyword_literal(False),
+    "null": _keyword_literal(None),
+    "list": _list,
+    "call": _call,
+    "bare_word": _bare_word,
+}
+
+# A lark Transformer whose methods are the builders as they are: lark calls a method that
+# carries no v_args wrapper with the list of children, one call per reduction.
+_ToAst: Final = type(
+    "_ToAst", (Transformer,), {name: staticmethod(build) for name, build in _BUILDERS.items()}
+)
+
+
+def _regex(token: Token) -> ast.Regex:
+    text = str(token)
+    close = text.rindex("/")
+    flags = text[close + 1 :]
+    for index, flag in enumerate(flags):
+        column = (token.column or 0) + close + 1 + index
+        if flag not in "ims":
+            raise _Refused(f"unknown regex flag {flag!r}; the flags are i, m and s", column)
+        if flag in flags[:index]:
+            raise _Refused(f"regex flag {flag!r} is given twice", column)
+    pattern = _REGEX_ESCAPE.sub(_unescape_slash, text[1:close])
+    return ast.Regex(pattern, flags, _pos(token))
 
 
 def _unescape_slash(m: re.Match[str]) -> str:
