@@ -4,9 +4,9 @@ The message is parsed once and its `msg` object is shared by every group's envel
 runner never mutates its input). Only the fields the routed stacks can observe are built
 (`lmtp.message.MessageNeeds`, worked out once per compiled stack): a stack whose rules read
 the subject and one header costs a header parse, not a MIME walk and a base64 copy. A
-trace writer sees the whole envelope, so with traces on everything is built. Small or
-header-only parses run on the event loop (a thread hop costs more than they do); the
-rest in a worker thread, so the loop keeps answering. Groups run concurrently; each
+trace writer sees the whole envelope, so with traces on everything is built. Small
+messages and header-only parses run on the event loop (a thread hop costs more than they
+do); a big message's MIME walk runs in a worker thread, so the loop keeps answering. Groups run concurrently; each
 resolves its own verdicts, and the replies are stitched back into RCPT TO order.
 
 `deliver` never raises: whatever goes wrong in a group becomes 451 4.3.0 for that group's
@@ -237,9 +237,10 @@ class Deliverer:
 
 
 async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
-    if len(data) <= INLINE_PARSE_BYTES or not (
-        needs.complete or needs.fields & BODY_FIELDS or "raw" in needs.fields
-    ):
+    # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
+    # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
+    # throughout, so a thread would add a hop and block the loop just the same.
+    if len(data) <= INLINE_PARSE_BYTES or not (needs.complete or needs.fields & BODY_FIELDS):
         return parse_message(data, needs)
     return await asyncio.to_thread(parse_message, data, needs)
 

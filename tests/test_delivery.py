@@ -360,7 +360,7 @@ def test_archive_still_stores_the_exact_message_when_nothing_else_is_read(tmp_pa
     rule.parent.mkdir(parents=True)
     rule.write_text('SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "kept"\nEXEC "op://ARCHIVE"\n')
     deliverer = real_deliverer(load_tree(tmp_path / "OPS"), tmp_path)
-    data = MESSAGE + b"x" * 100_000 + b"\r\n"  # big enough to be parsed off the loop
+    data = MESSAGE + b"x" * 100_000 + b"\r\n"  # over INLINE_PARSE_BYTES
     tx = transaction(("a@acme.example", mail_route("acme")), data=data)
     assert deliver(deliverer, tx) == ["250 2.0.0 kept"]
     (stored,) = (tmp_path / "var").rglob("Maildir/new/*")
