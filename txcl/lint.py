@@ -373,19 +373,23 @@ def _recipient_gaps(verdicts: Iterable[_Verdict]) -> list[Problem]:
 def lint_tree(root: str | Path, registry: OpRegistry | None = None) -> list[Problem]:
     """Lint a whole OPS tree: the loader's layout problems, then every rule file, with the
     recipient-slot check taken over each stack."""
-    from txcl.loader import load_tree
+    from txcl.loader import load_tree, no_cyclic_gc
 
     root = Path(root)
-    loaded = load_tree(root, keep_files=True)
-    problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-    for stack_files in _stacks(root):
-        problems.extend(_lint_stack(stack_files, registry, loaded.read))
+    # Like the load, the checks keep what they build, and the load's trees stay alive until
+    # the end: a collection would only scan them again and again.
+    with no_cyclic_gc():
+        loaded = load_tree(root, keep_files=True)
+        problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
+        for stack_files in _stacks(root):
+            problems.extend(_lint_stack(stack_files, registry, loaded.read))
+        del loaded  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
 
 def lint_target(path: str | Path, registry: OpRegistry | None = None) -> list[Problem]:
     """Lint what a person points `txcl lint` at: a file, a stage, a stack or an OPS root."""
-    from txcl.loader import RULE_SUFFIX, STAGE_NAME, load_target
+    from txcl.loader import RULE_SUFFIX, STAGE_NAME, load_target, no_cyclic_gc
 
     path = Path(path)
     if path.is_file():
@@ -400,9 +404,12 @@ def lint_target(path: str | Path, registry: OpRegistry | None = None) -> list[Pr
         files = list(_stage_files(path, path))
     else:
         return lint_tree(path, registry)
-    loaded = load_target(path, keep_files=True)
-    layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-    return _sorted([*layout, *_lint_stack(files, registry, loaded.read)])
+    with no_cyclic_gc():
+        loaded = load_target(path, keep_files=True)
+        layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
+        problems = [*layout, *_lint_stack(files, registry, loaded.read)]
+        del loaded
+    return _sorted(problems)
 
 
 def _lint_stack(

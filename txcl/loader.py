@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, ParamSpec
+from typing import Final, ParamSpec, TypeVar
 
 from txcl import ast
 from txcl.compiler import CompiledRule, ExecStep, compile_file
@@ -75,7 +75,7 @@ class Tree:
 
 
 @contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
+def no_cyclic_gc() -> Iterator[None]:
     """No cyclic GC during a load. A load allocates heavily and keeps nearly all of it, so
     the collections it would trigger find little to free while scanning everything built so
     far again: a fifth of the CPU time of a 10,000-file load. Refcounting still frees what
@@ -90,12 +90,15 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 _Args = ParamSpec("_Args")
+_Result = TypeVar("_Result")
 
 
-def _without_cyclic_gc(load: Callable[_Args, Tree]) -> Callable[_Args, Tree]:
+def without_cyclic_gc(load: Callable[_Args, _Result]) -> Callable[_Args, _Result]:
+    """`load`, run under no_cyclic_gc()."""
+
     @functools.wraps(load)
-    def run(*args: _Args.args, **kwargs: _Args.kwargs) -> Tree:
-        with _no_cyclic_gc():
+    def run(*args: _Args.args, **kwargs: _Args.kwargs) -> _Result:
+        with no_cyclic_gc():
             return load(*args, **kwargs)
 
     return run
@@ -219,7 +222,11 @@ def read_rule_source(path: str) -> str:
             size = os.fstat(handle.fileno()).st_size
             if size > MAX_RULE_FILE_BYTES:
                 raise TxclLoadError(_too_big(path, size))
-            data = handle.read(MAX_RULE_FILE_BYTES + 1)  # the file may grow while we read
+            # size + 1: a read of the limit would allocate a buffer of the limit for every
+            # file; the file may also have grown since the stat, up to the limit and past it
+            data = handle.read(size + 1)
+            if len(data) > size:
+                data += handle.read(MAX_RULE_FILE_BYTES + 1 - len(data))
     except OSError as err:
         raise TxclLoadError(_problem(f"{path}: cannot be read: {err.strerror or err}")) from None
     if len(data) > MAX_RULE_FILE_BYTES:
@@ -246,7 +253,7 @@ def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
     return Pos(path, line, column)
 
 
-@_without_cyclic_gc
+@without_cyclic_gc
 def load_tree(
     root: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
 ) -> Tree:
@@ -314,7 +321,7 @@ def _is_stack_folder(folder: Path) -> bool:
         return False
 
 
-@_without_cyclic_gc
+@without_cyclic_gc
 def load_target(
     path: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
 ) -> Tree:
