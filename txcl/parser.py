@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from types import SimpleNamespace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -225,7 +225,7 @@ class _LineScan:
     name: str
     lineno: int  # of the text's first line (a token's own line counts from 1)
     column_shift: int = 0  # parse_expression parses its text behind a "WHEN "
-    comments: list[Token] = field(default_factory=list)
+    comments: list[Token | _Scanned] = field(default_factory=list)
     brackets: int = 0
     depths: dict[int, int] = field(default_factory=dict)  # id(node) -> nesting depth
 
@@ -307,43 +307,63 @@ def _file_parser() -> Lark:
 
 
 @functools.cache
-def _token_pattern() -> tuple[re.Pattern[str], frozenset[str]]:
+def _token_pattern() -> re.Pattern[str]:
     """The grammar's terminals as one regex, in the order lark's basic lexer tries them
-    (priority, then longest possible match, then longest pattern, then name), and the
-    names of the ignored ones."""
+    (priority, then longest possible match, then longest pattern, then name), behind the
+    blanks lark ignores: one match per token. An ignored terminal other than the blanks
+    (a comment) keeps its group; with no terminal after the blanks the match is blanks only."""
     grammar = _file_parser()
     terminals = sorted(
         grammar.terminals,
         key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
     )
-    pattern = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
-    return re.compile(pattern), frozenset(grammar.ignore_tokens)
+    blanks = "|".join(
+        t.pattern.to_regexp()
+        for t in terminals
+        if t.name in grammar.ignore_tokens and t.name != "COMMENT"
+    )
+    alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
+    return re.compile(f"(?:{blanks})*+(?:{alternatives})?")
+
+
+class _Scanned(NamedTuple):
+    """A token of the whole-file scan: what lark's LALR loop (type) and the builders (value,
+    line, column) read of a lark Token, without the cost of lark's Token constructor."""
+
+    type: str
+    value: str
+    line: int
+    column: int
 
 
 _OPENERS: Final = frozenset({"_LPAR", "LSQB"})
 _CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
 
 
-def _tokenize(scan: _LineScan, text: str) -> list[Token] | None:
+def _tokenize(scan: _LineScan, text: str) -> list[_Scanned] | None:
     """The tokens of a whole file, comments recorded in `scan`; None where lark's own lexer
     would stop (an unexpected character, brackets nested too deeply): the line-by-line
     parse then says why. Lark's lexer does the same work with much more bookkeeping."""
-    pattern, ignored = _token_pattern()
-    match = pattern.match
-    tokens: list[Token] = []
-    pos, line, line_start, depth = 0, 1, 0, 0
-    while pos < len(text):
+    match = _token_pattern().match
+    tokens: list[_Scanned] = []
+    pos, end, line, line_start, depth = 0, len(text), 1, 0, 0
+    while pos < end:
         found = match(text, pos)
-        if found is None or found.end() == pos:
-            return None
-        kind = found.lastgroup or ""
+        stop = found.end()  # type: ignore[union-attr]  # the pattern also matches nothing
+        kind = found.lastgroup  # type: ignore[union-attr]
+        if kind is None:
+            if stop == pos:
+                return None  # a character no terminal takes
+            pos = stop  # blanks at the end of the text
+            continue
+        value = found[kind]  # type: ignore[index]
+        column = stop - len(value) - line_start + 1
         if kind == "_NL":
-            tokens.append(Token(kind, "\n", pos, line, pos - line_start + 1))
+            tokens.append(_Scanned(kind, value, line, column))
             line += 1
-            line_start = found.end()
-        elif kind in ignored:
-            if kind == "COMMENT":
-                scan.comments.append(Token(kind, found.group(), pos, line, pos - line_start + 1))
+            line_start = stop
+        elif kind == "COMMENT":
+            scan.comments.append(_Scanned(kind, value, line, column))
         else:
             if kind in _OPENERS:
                 depth += 1
@@ -351,8 +371,8 @@ def _tokenize(scan: _LineScan, text: str) -> list[Token] | None:
                     return None
             elif kind in _CLOSERS:
                 depth -= 1
-            tokens.append(Token(kind, found.group(), pos, line, pos - line_start + 1))
-        pos = found.end()
+            tokens.append(_Scanned(kind, value, line, column))
+        pos = stop
     return tokens
 
 
@@ -505,7 +525,7 @@ def _label(err: UnexpectedInput) -> str | None:
 # --- tree -> ast -------------------------------------------------------------------------------
 
 
-def _pos(token: Token) -> Pos:
+def _pos(token: Token | _Scanned) -> Pos:
     scan = _SCAN.get()
     line = scan.lineno + (token.line or 1) - 1
     return Pos(scan.name, line, (token.column or 1) + scan.column_shift)
@@ -548,12 +568,12 @@ def _set(children: Children) -> ast.Set:
 
 def _exec(children: Children) -> ast.Exec:
     keyword, uri = children
-    return ast.Exec(_string(uri), _pos(keyword))
+    return ast.Exec(_string(uri.value, uri.column), _pos(keyword))
 
 
 def _with(children: Children) -> ast.With:
     keyword, key, value = children
-    return ast.With(str(key), value, _pos(keyword))
+    return ast.With(key.value, value, _pos(keyword))
 
 
 # operators; a binary node sits where its left operand starts
@@ -608,12 +628,12 @@ def _bare_path(children: Children) -> ast.Path:
 
 def _jsonpath(children: Children) -> ast.JsonPath:
     (token,) = children
-    return ast.JsonPath(str(token), _pos(token))
+    return ast.JsonPath(token.value, _pos(token))
 
 
 def _string_literal(children: Children) -> ast.Literal:
     (token,) = children
-    return ast.Literal(_string(token), _pos(token))
+    return ast.Literal(_string(token.value, token.column), _pos(token))
 
 
 def _number_literal(children: Children) -> ast.Literal:
@@ -635,15 +655,16 @@ def _list(children: Children) -> ast.ListLit:
 
 def _call(children: Children) -> ast.Call:
     name, *args = children
-    return _nested(ast.Call(str(name).lower(), tuple(args), _pos(name)), *args)
+    return _nested(ast.Call(name.value.lower(), tuple(args), _pos(name)), *args)
 
 
 def _bare_word(children: Children) -> ast.Expr:
-    (word,) = children
+    (token,) = children
+    word = token.value
     raise _Refused(
         f'bare word {word} is not a value: write a string ("{word}") '
         f"or a path such as @lmtp.{word} or ticket.{word}",
-        word.column or 1,
+        token.column or 1,
     )
 
 
@@ -687,8 +708,8 @@ _ToAst: Final = type(
 )
 
 
-def _regex(token: Token) -> ast.Regex:
-    text = str(token)
+def _regex(token: Token | _Scanned) -> ast.Regex:
+    text = token.value
     close = text.rindex("/")
     flags = text[close + 1 :]
     for index, flag in enumerate(flags):
@@ -705,22 +726,23 @@ def _unescape_slash(m: re.Match[str]) -> str:
     return "/" if m.group(1) == "/" else m.group(0)
 
 
-def _string(token: Token) -> str:
+def _string(text: str, column: int | None) -> str:
+    """A JSON string literal as written at `column`, decoded."""
     try:
-        value = json.loads(token, strict=False)
+        value = json.loads(text, strict=False)
     except json.JSONDecodeError as err:
         raise _Refused(
             'invalid escape in string; use JSON escapes such as \\n, \\" or \\u00e9',
-            (token.column or 0) + err.pos,
+            (column or 0) + err.pos,
         ) from None
     bad = _SURROGATE.search(value)
     if bad:
-        raise _Refused("string holds an unpaired surrogate (not valid in UTF-8)", token.column or 0)
+        raise _Refused("string holds an unpaired surrogate (not valid in UTF-8)", column or 0)
     return value
 
 
-def _number(token: Token) -> int | float:
-    text = str(token)
+def _number(token: Token | _Scanned) -> int | float:
+    text = token.value
     if "." in text or "e" in text or "E" in text:
         value = float(text)
         if not math.isfinite(value):
@@ -731,13 +753,13 @@ def _number(token: Token) -> int | float:
     return int(text)
 
 
-def _segments(token: Token, skip: int) -> tuple[ast.Segment, ...]:
+def _segments(token: Token | _Scanned, skip: int) -> tuple[ast.Segment, ...]:
     segments: list[ast.Segment] = []
-    for m in _SEGMENT.finditer(token, skip):
+    for m in _SEGMENT.finditer(token.value, skip):
         text = m.group()
         column = (token.column or 0) + m.start()
         if text.startswith('"'):
-            segments.append(_string(Token("STRING", text, column=column)))
+            segments.append(_string(text, column))
         elif text.isdigit():
             if len(text) > _MAX_INDEX_DIGITS:
                 raise _Refused(f"list index {text[:20]}... is too large", column)
@@ -849,7 +871,7 @@ def parse(source: str, name: str) -> ast.File:
     if statements is None:
         return _parse_by_line(lines, name)
     comments = tuple(
-        ast.Comment(str(t)[1:].rstrip(), Pos(name, t.line or 1, t.column or 1))
+        ast.Comment(t.value[1:].rstrip(), Pos(name, t.line or 1, t.column or 1))
         for t in scan.comments
     )
     problems: list[Problem] = []
@@ -886,7 +908,7 @@ def _parse_by_line(lines: list[str], name: str) -> ast.File:
             )
             continue
         comments.extend(
-            ast.Comment(str(t)[1:].rstrip(), Pos(name, number, t.column or 1))
+            ast.Comment(t.value[1:].rstrip(), Pos(name, number, t.column or 1))
             for t in scan.comments
         )
         if statement is not None:
