@@ -301,3 +301,19 @@ def test_comparison_with_a_constant_follows_the_value_rules(
 def test_membership_in_constants_follows_the_value_rules(value: Any, items: list[Any]) -> None:
     text = format_expr(ast.ListLit(tuple(ast.Literal(i, X) for i in items), X))
     assert holds(f"s.v IN {text}", {"s": {"v": value}}) is contained_in(value, items)
+
+
+def test_a_jsonpath_repeated_across_files_is_judged_alike_with_each_position() -> None:
+    bad = '$.a[?(@.b =~ "x")]'
+    for name, indent in (("a.txcl", ""), ("b.txcl", "   ")):
+        source = f"WHEN {indent}{bad} == 1\nSET x.y = 1\n"
+        with pytest.raises(TxclCompileError) as err:
+            compile_file(parse(source, name))
+        (problem,) = err.value.problems
+        assert problem.pos == Pos(name, 1, 6 + len(indent))
+        assert "uses a =~ filter" in problem.message
+    good = "$.a[*].b"
+    first, second = (compile_file(parse(f"WHEN {good} == 1\nSET x.y = 1\n", n)) for n in "cd")
+    assert first[0].jsonpaths == second[0].jsonpaths == frozenset({good})
+    assert first[0].test({"a": [{"b": 1}]}) is not None
+    assert second[0].test({"a": [{"b": 2}]}) is None

@@ -11,9 +11,10 @@ are evaluated, and `match.<name>` reads it in the body.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -21,7 +22,15 @@ from txcl import ast
 from txcl.errors import Pos, Problem, TxclCompileError
 from txcl.fmt import format_expr, format_path
 from txcl.functions import FUNCTIONS
-from txcl.paths import Getter, Setter, compile_getter, compile_jsonpath, compile_setter, path_text
+from txcl.paths import (
+    Getter,
+    MultiGetter,
+    Setter,
+    compile_getter,
+    compile_jsonpath,
+    compile_setter,
+    path_text,
+)
 from txcl.regex import CompiledRegex, compile_regex
 from txcl.values import COMPARISONS, MISSING, add, to_json
 
@@ -190,10 +199,9 @@ class _RuleCompiler:
         return compile_getter(node)
 
     def _jsonpath(self, node: ast.JsonPath) -> Eval:
-        try:
-            get_all = compile_jsonpath(node)
-        except TxclCompileError as err:
-            self.problems.extend(err.problems)
+        get_all = _jsonpath_getter(node.text)
+        if isinstance(get_all, tuple):
+            self.problems.extend(replace(p, pos=node.pos) for p in get_all)
             return _constant(MISSING)
         self.jsonpaths.add(node.text)
         return lambda envelope, match: get_all(envelope)
@@ -289,6 +297,17 @@ class _RuleCompiler:
     def _add(self, node: ast.Add) -> Eval:
         left, right = self.expr(node.left), self.expr(node.right)
         return lambda envelope, match: add(left(envelope, match), right(envelope, match))
+
+
+@functools.lru_cache(maxsize=4096)
+def _jsonpath_getter(text: str) -> MultiGetter | tuple[Problem, ...]:
+    """compile_jsonpath of a JSONPath text, or its problems (positioned nowhere): the work
+    (jsonpath-ng's parse, a walk of its tree) depends on the text alone, and the same paths
+    recur across the files of a tree. The getter is pure, so rules may share it."""
+    try:
+        return compile_jsonpath(ast.JsonPath(text, _NOWHERE))
+    except TxclCompileError as err:
+        return err.problems
 
 
 def _scalar_literal(node: ast.Expr) -> Any:
