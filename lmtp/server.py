@@ -655,6 +655,7 @@ async def _bind_listeners(settings: Settings) -> list[BoundListener]:
                     _clear_stale_socket(Path(address.path))
                     server = await loop.create_unix_server(
                         asyncio.Protocol, address.path, start_serving=False)
+                    _open_to_group(Path(address.path))
                 else:
                     server = await loop.create_server(
                         asyncio.Protocol, address.host, address.port, reuse_address=True,
@@ -738,6 +739,7 @@ class LMTPHead:
             _clear_stale_socket(path)
             try:
                 server = await loop.create_unix_server(factory, str(path))
+                _open_to_group(path)
             except OSError as err:
                 raise ListenError(f"cannot listen on {address}: {err.strerror or err}") from None
             self._socket_files.append(path)
@@ -776,6 +778,19 @@ class LMTPHead:
                 path.unlink()
         self._servers.clear()
         self._socket_files.clear()
+
+
+SOCKET_MODE = 0o660
+
+
+def _open_to_group(path: Path) -> None:
+    """Make the socket read-write for its owner and group, nobody else.
+
+    Connecting needs write permission on the socket, which the process umask (typically
+    022) would deny the group. With the socket itself open to the group, who may connect
+    is decided by the parent folder, as the recipe sets it up (txco:postfix 0750, or a
+    setgid folder of group postfix)."""
+    os.chmod(path, SOCKET_MODE)
 
 
 def _clear_stale_socket(path: Path) -> None:

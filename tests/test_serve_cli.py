@@ -288,3 +288,15 @@ def test_workers_that_cannot_load_the_config_stop_the_server_with_status_2(
     assert result.returncode == 2, result.stderr
     assert "txco: error: cannot load" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_unix_socket_is_open_to_its_group_so_the_folder_decides_who_connects(serve, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # the usual umask would leave the group without write permission
+    try:
+        server = serve(tmp_path, {"acme/_mail/0/a.txcl": "SET @lmtp.res.code = 250\n"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(server.unix_path).st_mode) == 0o660
