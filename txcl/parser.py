@@ -754,10 +754,20 @@ def _number(token: Token | _Scanned) -> int | float:
 
 
 def _segments(token: Token | _Scanned, skip: int) -> tuple[ast.Segment, ...]:
+    try:
+        return _path_segments(token.value, skip)
+    except _Refused as err:
+        raise _Refused(err.message, (token.column or 0) + err.column) from None
+
+
+@functools.lru_cache(maxsize=8192)
+def _path_segments(path: str, skip: int) -> tuple[ast.Segment, ...]:
+    """The segments of a path token's text; the columns of its errors count from the start
+    of the text. Cached: the same paths recur across the files of a tree."""
     segments: list[ast.Segment] = []
-    for m in _SEGMENT.finditer(token.value, skip):
+    for m in _SEGMENT.finditer(path, skip):
         text = m.group()
-        column = (token.column or 0) + m.start()
+        column = m.start()
         if text.startswith('"'):
             segments.append(_string(text, column))
         elif text.isdigit():
