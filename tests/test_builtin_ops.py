@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import dataclasses
 import http.server
 import json
 import mailbox
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +23,12 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from txcl.builtin_ops import BUILTIN_OPS
-from txcl.builtin_ops.archive import archive
+from txcl.builtin_ops import archive as archive_module
+from txcl.builtin_ops.archive import archive, write_base64
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.forward import forward
 from txcl.builtin_ops.webhook import webhook
@@ -196,6 +201,108 @@ def test_archive_never_writes_outside_the_stack_maildir(ctx, folder):
 def test_archive_without_a_raw_message_is_an_op_error(ctx, envelope, message):
     with pytest.raises(OpFailure, match=message):
         archive(envelope, {}, ctx)
+
+
+def raw_envelope(raw: str) -> dict[str, Any]:
+    return {"_txc": {"src": "lmtp", "lmtp": {"msg": {"raw": raw}}}}
+
+
+def whole_decode(text: str) -> bytes | str:
+    """What one strict decode of the whole text gives: the bytes, or the error's message."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        return str(exc)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(alphabet=st.sampled_from("AQgw+/=x!\n"), max_size=40),
+    chunk=st.sampled_from([4, 8, 12]),
+)
+@example(text="AAAA=", chunk=4)  # a stray pad after whole quads: the decode accepts it
+@example(text="AAAAAAA=AAAA", chunk=8)  # padding ends a slice, data follows
+@example(text="AAAA" * 3 + "A", chunk=8)  # the error counts the data characters of it all
+def test_decoding_in_slices_accepts_exactly_what_one_whole_decode_accepts(monkeypatch, text, chunk):
+    monkeypatch.setattr(archive_module, "DECODE_CHUNK", chunk)
+    expected = whole_decode(text)
+    with tempfile.TemporaryFile() as out:
+        try:
+            size = write_base64(out.fileno(), "b64:" + text, 4)
+        except binascii.Error as exc:
+            assert str(exc) == expected
+        else:
+            out.seek(0)
+            assert out.read() == expected
+            assert size == len(expected)
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        base64.b64encode(RAW).decode()[:16] + "@@@@" + base64.b64encode(RAW).decode()[16:],
+        base64.b64encode(b"0123456789a").decode() + base64.b64encode(b"x").decode(),
+        base64.b64encode(RAW).decode() + "A",
+    ],
+    ids=["bad-character", "padding-mid-text", "length"],
+)
+def test_raw_corrupt_after_some_slices_is_the_same_error_and_leaves_no_file(
+    ctx, monkeypatch, encoded
+):
+    monkeypatch.setattr(archive_module, "DECODE_CHUNK", 8)
+    with pytest.raises(OpFailure) as err:
+        archive(raw_envelope("b64:" + encoded), {}, ctx)
+    assert (
+        str(err.value) == f"ARCHIVE: _txc.lmtp.msg.raw is not valid base64: {whole_decode(encoded)}"
+    )
+    maildir = stack_dir(ctx) / "Maildir"
+    assert files_under(maildir / "tmp") == set() and files_under(maildir / "new") == set()
+
+
+def test_archive_of_a_message_over_several_slices_stores_every_byte(ctx):
+    raw = RAW + os.urandom(2 * archive_module.DECODE_CHUNK + 5)
+    patch = archive(make_envelope(raw), {"folder": "Big"}, ctx)
+    assert patch["archive"]["size"] == len(raw)
+    assert Path(patch["archive"]["path"]).read_bytes() == raw
+
+
+def test_archive_of_an_empty_message_stores_an_empty_file(ctx):
+    patch = archive(raw_envelope("b64:"), {}, ctx)
+    assert patch["archive"]["size"] == 0
+    assert Path(patch["archive"]["path"]).read_bytes() == b""
+
+
+def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
+    checked: list[Path] = []
+    ensure = archive_module.ensure_maildir
+
+    def counting(path: Path, **kwargs: Any) -> None:
+        checked.append(path)
+        ensure(path, **kwargs)
+
+    monkeypatch.setattr(archive_module, "ensure_maildir", counting)
+    for _ in range(3):
+        archive(make_envelope(), {"folder": "Support"}, ctx)
+    root = stack_dir(ctx) / "Maildir"
+    assert checked == [root, root / ".Support"]
+
+
+@pytest.mark.parametrize(
+    ("folder", "deleted"),
+    [("", "Maildir"), ("", "Maildir/tmp"), ("Support", "Maildir"), ("Support", ".Support/new")],
+)
+def test_a_known_maildir_deleted_under_the_process_is_made_again(ctx, folder, deleted):
+    archive(make_envelope(), {"folder": folder}, ctx)
+    root = stack_dir(ctx) / "Maildir"
+    shutil.rmtree(root / deleted.removeprefix("Maildir").lstrip("/"))
+
+    patch = archive(make_envelope(), {"folder": folder}, ctx)
+
+    maildir = mailbox.Maildir(root, create=False)
+    target = maildir.get_folder(folder) if folder else maildir
+    assert target.get_bytes(patch["archive"]["key"]) == RAW
+    assert all((root / sub).is_dir() for sub in ("tmp", "new", "cur"))
+    assert not any(Path(patch["archive"]["path"]).parent.parent.joinpath("tmp").iterdir())
 
 
 # EMIT ------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ SUBDIRS = ("tmp", "new", "cur")
 # so neither ".." nor a leading or trailing dot can make a path outside the Maildir.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 FOLDER_MAX_LEN = 200
+# Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
+# a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
+DECODE_CHUNK = 4 * 2**18
+
+# Maildirs (tmp/ new/ cur/ all present) this process has delivered into: their folder checks
+# are skipped; a delivery that finds one deleted forgets it, recreates it and retries once.
+_known_maildirs: set[Path] = set()
+_known_maildirs_lock = threading.Lock()
 
 
 def source_section(envelope: Mapping[str, Any], op: str) -> Mapping[str, Any]:
@@ -42,17 +51,67 @@ def source_section(envelope: Mapping[str, Any], op: str) -> Mapping[str, Any]:
     return section
 
 
-def raw_message(envelope: Mapping[str, Any], op: str) -> bytes:
-    """The message exactly as it arrived: `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
+def raw_base64(envelope: Mapping[str, Any], op: str) -> str:
+    """`_txc.<src>.msg.raw` as it is, `"b64:..."`; raises when absent or of another form."""
     msg = source_section(envelope, op).get("msg")
     raw = msg.get("raw") if isinstance(msg, Mapping) else None
-    src = envelope["_txc"]["src"]
     if not isinstance(raw, str) or not raw.startswith("b64:"):
+        src = envelope["_txc"]["src"]
         raise OpFailure(f'{op}: the envelope has no raw message at _txc.{src}.msg.raw ("b64:...")')
+    return raw
+
+
+def raw_message(envelope: Mapping[str, Any], op: str) -> bytes:
+    """The message exactly as it arrived: `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
+    raw = raw_base64(envelope, op)
     try:
         return base64.b64decode(raw[4:], validate=True)
     except binascii.Error as exc:
-        raise OpFailure(f"{op}: _txc.{src}.msg.raw is not valid base64: {exc}") from None
+        raise not_base64(envelope, op, exc) from None
+
+
+def not_base64(envelope: Mapping[str, Any], op: str, error: binascii.Error) -> OpFailure:
+    """The failure for a `_txc.<src>.msg.raw` that does not decode."""
+    src = envelope["_txc"]["src"]
+    return OpFailure(f"{op}: _txc.{src}.msg.raw is not valid base64: {error}")
+
+
+def write_base64(fd: int, text: str, start: int) -> int:
+    """Decode `text[start:]` (strict base64) into `fd` slice by slice; the bytes written.
+
+    Writes and raises exactly what one `binascii.a2b_base64(text[start:], strict_mode=True)`
+    would. A slice of whole quads decodes alone as it does within the text unless padding
+    is involved: a slice that is not the last may hold `=` only as its ending run, and the
+    last one differs only when it starts with `=`. Those cases, and any error, go to the
+    whole-text decode, which has the final say (and the exact error message).
+    """
+    written = 0
+    end = len(text)
+    for i in range(start, end, DECODE_CHUNK):
+        piece = text[i : i + DECODE_CHUNK]
+        last = i + DECODE_CHUNK >= end
+        if (not last and piece.endswith("=")) or (last and i > start and piece[0] == "="):
+            return _write_whole(fd, text, start)
+        try:
+            data = binascii.a2b_base64(piece, strict_mode=True)
+        except binascii.Error:
+            return _write_whole(fd, text, start)
+        written += _write_all(fd, data)
+    return written
+
+
+def _write_whole(fd: int, text: str, start: int) -> int:
+    data = binascii.a2b_base64(text[start:], strict_mode=True)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
 
 
 def folder_argument(args: Mapping[str, Any]) -> str:
@@ -113,17 +172,18 @@ def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
             break
 
 
-def deliver(maildir: Path, data: bytes) -> Path:
-    """Durably deliver `data` into `maildir/new/` and return the file's path."""
+def deliver(maildir: Path, write: Callable[[int], int]) -> tuple[Path, int]:
+    """Durably deliver what `write(fd)` writes into `maildir/new/`: its path and size.
+
+    A write (or anything after it) that fails removes the file from tmp/ before raising.
+    """
     name = unique_name()
     tmp_path = maildir / "tmp" / name
     new_path = maildir / "new" / name
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            size = write(fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -132,27 +192,60 @@ def deliver(maildir: Path, data: bytes) -> Path:
         tmp_path.unlink(missing_ok=True)
         raise
     fsync_dir(maildir / "new")
-    return new_path
+    return new_path, size
+
+
+def _ensure_known(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
+    with _known_maildirs_lock:
+        if path in _known_maildirs:
+            return
+    ensure_maildir(path, subfolder=subfolder, durable_up_to=durable_up_to)
+
+
+def _remember(*paths: Path) -> None:
+    with _known_maildirs_lock:
+        _known_maildirs.update(paths)
+
+
+def _forget(*paths: Path) -> None:
+    with _known_maildirs_lock:
+        _known_maildirs.difference_update(paths)
 
 
 def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir."""
     folder = folder_argument(args)
-    data = raw_message(envelope, "ARCHIVE")
+    raw = raw_base64(envelope, "ARCHIVE")
     root = ctx.storage(MAILDIR)
     state_dir = Path(ctx.state_dir or root)
-    ensure_maildir(root, subfolder=False, durable_up_to=state_dir)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
-    if folder:
-        ensure_maildir(target, subfolder=True, durable_up_to=root)
-    path = deliver(target, data)
+
+    def write(fd: int) -> int:
+        try:
+            return write_base64(fd, raw, 4)
+        except binascii.Error as exc:
+            raise not_base64(envelope, "ARCHIVE", exc) from None
+
+    def store() -> tuple[Path, int]:
+        _ensure_known(root, subfolder=False, durable_up_to=state_dir)
+        if folder:
+            _ensure_known(target, subfolder=True, durable_up_to=root)
+        return deliver(target, write)
+
+    try:
+        path, size = store()
+    except FileNotFoundError:
+        # A Maildir this process knew was deleted under it: recreate it, once.
+        _forget(root, target)
+        path, size = store()
+    _remember(root, target)
     return {
         "archive": {
             "maildir": str(root),
             "folder": folder,
             "path": str(path),
             "key": path.name,
-            "size": len(data),
+            "size": size,
         }
     }
 
