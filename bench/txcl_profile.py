@@ -23,11 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from txcl_bench import STAGE_RULES, generate_tree, realistic_envelope  # noqa: E402
+from txcl_bench import bench_stack, generate_tree  # noqa: E402
 
 from txcl.lint import lint_target  # noqa: E402
-from txcl.loader import load_target  # noqa: E402
-from txcl.runner import RunPolicy  # noqa: E402
 
 
 def _cpu(fn: Callable[[], object], repeat: int, profile: bool) -> float:
@@ -64,20 +62,8 @@ def lint(files: int, repeat: int, profile: bool) -> None:
 
 
 def runs(count: int, repeat: int, profile: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp) / "OPS" / "acme" / "support" / "0"
-        stage.mkdir(parents=True)
-        for name, text in STAGE_RULES:
-            (stage / name).write_text(text)
-        tree = load_target(stage.parent)
-        if tree.problems:
-            sys.exit(f"bench stack does not load: {tree.problems[0]}")
-        stack = tree.stacks["acme/support"]
-    env = realistic_envelope()
-    policy = RunPolicy(run_ops=False)
+    stack, env, policy = bench_stack()
     result = stack.run(env, policy)
-    if result.error:
-        sys.exit(f"bench run failed: {result.error}")
     run = stack.run
 
     def once() -> None:

@@ -17,15 +17,13 @@ debounce so an editor saving several files at once causes one reload.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +40,7 @@ from lmtp.delivery import Deliverer
 from lmtp.routing import Router
 from lmtp.server import DeliveryHandler
 from txcl.errors import Pos, Problem, TxclError
-from txcl.loader import load_tree
+from txcl.loader import load_tree, no_cyclic_gc
 from txcl.ops import OpRegistry
 
 log = logging.getLogger("lmtp.reload")
@@ -322,7 +320,7 @@ class RuntimeHolder:
         serving = self.current.version
         self._seen = seen
         try:
-            with _no_full_collections():
+            with no_cyclic_gc():
                 runtime: Runtime | None = self._rebuild(serving + 1, seen)
             problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
@@ -432,21 +430,6 @@ class RuntimeHolder:
             write_json_atomically(self.status_file, self.status())
         except OSError as err:
             log.warning("cannot write %s: %s", self.status_file, err)
-
-
-@contextmanager
-def _no_full_collections() -> Iterator[None]:
-    """No cyclic GC while a tree compiles aside. Compiling allocates heavily, which triggers
-    full collections; each scans the serving tree and the half-built one while holding the
-    GIL, a pause every delivery in flight would feel (hundreds of ms for 1,000 files).
-    Refcounting still frees what it can; the collector resumes right after."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _count(stacks: object) -> int:
