@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,8 +276,6 @@ def aim_at(envelope: dict[str, Any], stack: Stack) -> dict[str, Any]:
 
 def read_envelope(path: Path) -> Any:
     """A JSON envelope file, or `-` for standard input."""
-    import sys
-
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -25,7 +25,7 @@ from jsonpath_ng.jsonpath import Child, Fields, JSONPath, Root, Slice
 
 from txcl import ast
 from txcl.errors import Problem, TxclCompileError
-from txcl.values import MISSING, Multi
+from txcl.values import MISSING, Multi, kind_of
 
 Getter = Callable[[Any], Any]
 MultiGetter = Callable[[Any], Multi]
@@ -209,18 +209,17 @@ def _plain_getter(steps: tuple[str | None, ...], general: MultiGetter) -> MultiG
     return get_all
 
 
+_KIND_NAMES: Final = {
+    "bool": "a boolean",
+    "string": "a string",
+    "number": "a number",
+    "list": "a list",
+    "object": "an object",
+}
+
+
 def _kind_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return "not JSON"
+    return _KIND_NAMES.get(kind_of(value), "not JSON")
 
 
 def compile_setter(path: ast.Path) -> Setter:

@@ -45,7 +45,7 @@ def is_number(value: object) -> bool:
     return cls is int or cls is float or (isinstance(value, int | float) and cls is not bool)
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     if value is None:
         return "null"
     if value is True or value is False:
@@ -63,7 +63,7 @@ def _kind(value: object) -> str:
 
 def same(a: Any, b: Any) -> bool:
     """JSON equality, strict about kinds (True is not 1, [1] is not [true]); never raises."""
-    ka, kb = _kind(a), _kind(b)
+    ka, kb = kind_of(a), kind_of(b)
     if ka != kb or ka == "other":
         return False
     if ka == "list":
