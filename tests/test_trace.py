@@ -277,7 +277,7 @@ def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
     env = envelope()
     started = time.monotonic()
     accepted = [writer(f"r{i}", env, result_for(env), [], None) for i in range(20)]
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.5  # a blocking writer would take 5 s per call
     gate.set()
     writer.flush()
     writer.close()
