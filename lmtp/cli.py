@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -182,6 +183,7 @@ def _serve_process(args: argparse.Namespace, settings: Settings,
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sys.setswitchinterval(float(os.environ.get("TXCO_SWITCH", "0.005")))
     writer = trace_writer_from_args(args, settings.state_dir)
     try:
         holder = _runtime_holder(settings, writer)
@@ -259,11 +261,13 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
 def _fork_worker(args: argparse.Namespace, settings: Settings,
                  listeners: list[BoundListener]) -> int:
     sys.stderr.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = FAILURE
     try:
+        _die_with_parent(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         code = _serve_process(args, settings, listeners)
@@ -278,6 +282,20 @@ def _fork_worker(args: argparse.Namespace, settings: Settings,
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when the parent dies, even by SIGKILL, so that no orphan
+    serves (or spins on) the listeners the parent bound. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(OK)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _runtime_holder(settings: Settings, trace_sink: Any) -> Any:

@@ -204,7 +204,7 @@ class Deliverer:
                 # A routed stack the tree does not have: no rule can accept (default-deny).
                 replies = [DEFAULT_DENY] * len(rcpts)
             else:
-                result = await stack.run_async(envelope, self.policy)
+                result = await stack.run_async(envelope, self.policy, message=tx.data)
                 replies = replies_for(result.envelope, len(rcpts), result.error)
         except Exception as exc:
             log.exception("lmtp rid=%s stack=%s: run raised; answering 451", rid, route.stack)

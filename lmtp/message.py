@@ -63,10 +63,12 @@ EVERYTHING = MessageNeeds(frozenset(MSG_FIELDS))
 NOTHING = MessageNeeds(frozenset(), frozenset())
 # What a built-in op reads of the message (`_txc.<src>.msg`); ops not named here, and any
 # op a config or entry point provides, may read anything. EMIT and WEBHOOK send the
-# envelope itself; ARCHIVE stores `raw`; FORWARD sends `raw` (and reads `mail.from`).
+# envelope itself. ARCHIVE and FORWARD need nothing of it: they store or send the raw
+# message, and the deliverer hands them its bytes with the call (`OpContext.message`), so
+# `raw` is not base64-encoded for them only to be decoded again.
 BUILTIN_OP_NEEDS: Mapping[str, MessageNeeds] = {
-    "ARCHIVE": MessageNeeds(frozenset({"raw"}), frozenset()),
-    "FORWARD": MessageNeeds(frozenset({"raw"}), frozenset()),
+    "ARCHIVE": NOTHING,
+    "FORWARD": NOTHING,
 }
 
 

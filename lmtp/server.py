@@ -638,6 +638,10 @@ class BoundListener:
     sockets: tuple[socket.socket, ...]
 
 
+# Connections the kernel queues for accept(), asyncio's own default.
+LISTEN_BACKLOG = 100
+
+
 def bind_listeners(settings: Settings) -> list[BoundListener]:
     """Bind every --lmtp-listen-addrs entry now, without serving, for worker processes to
     inherit (`LMTPHead(..., inherited=...)`); ListenError names an address that cannot be
@@ -665,6 +669,8 @@ async def _bind_listeners(settings: Settings) -> list[BoundListener]:
             # The server owns its sockets and closes them with the loop: keep duplicates.
             socks = tuple(socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets)
             server.close()
+            for sock in socks:
+                sock.listen(LISTEN_BACKLOG)
             bound.append(BoundListener(address, socks))
     except BaseException:
         close_listeners(bound)
@@ -680,6 +686,15 @@ def close_listeners(bound: Sequence[BoundListener]) -> None:
         if listener.address.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 Path(listener.address.path).unlink()
+
+
+class _AlreadyListening(socket.socket):
+    """A socket the parent already listens on: asyncio's `listen(backlog)` on serving it is
+    skipped, so the `backlog=1` that makes asyncio accept one connection per wake-up does
+    not also shrink the kernel's queue of pending connections, which every worker shares."""
+
+    def listen(self, backlog: int = 0, /) -> None:
+        pass
 
 
 class LMTPHead:
@@ -715,12 +730,17 @@ class LMTPHead:
     async def _serve_inherited(self, listener: BoundListener) -> None:
         loop = asyncio.get_running_loop()
         factory = lambda: LMTPProtocol(self)  # noqa: E731
-        for sock in listener.sockets:
+        for shared in listener.sockets:
+            # One accept per wake-up, not asyncio's default of up to 100: the workers all
+            # wait on this socket, and a worker that took a whole burst of connections would
+            # serve them on one core while the others idle. Taking one at a time, the worker
+            # with the least to do comes back for the next one first.
+            sock = _AlreadyListening(shared.family, shared.type, fileno=os.dup(shared.fileno()))
             try:
                 if listener.address.kind == "unix":
-                    server = await loop.create_unix_server(factory, sock=sock)
+                    server = await loop.create_unix_server(factory, sock=sock, backlog=1)
                 else:
-                    server = await loop.create_server(factory, sock=sock)
+                    server = await loop.create_server(factory, sock=sock, backlog=1)
             except OSError as err:
                 raise ListenError(
                     f"cannot listen on {listener.address}: {err.strerror or err}") from None

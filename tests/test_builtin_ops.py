@@ -272,6 +272,102 @@ def test_archive_of_an_empty_message_stores_an_empty_file(ctx):
     assert Path(patch["archive"]["path"]).read_bytes() == b""
 
 
+def _without_raw(envelope: dict) -> dict:
+    del envelope["_txc"]["lmtp"]["msg"]["raw"]
+    return envelope
+
+
+def test_archive_stores_the_bytes_the_source_handed_over_when_the_envelope_has_no_raw(ctx):
+    handed = RAW + b"handed over, not in the envelope\r\n"
+    patch = archive(_without_raw(make_envelope()), {}, dataclasses.replace(ctx, message=handed))
+    assert Path(patch["archive"]["path"]).read_bytes() == handed
+    assert patch["archive"]["size"] == len(handed)
+
+
+def test_archive_without_handed_bytes_or_raw_is_an_op_error(ctx):
+    with pytest.raises(OpFailure, match=r"ARCHIVE: the envelope has no raw message"):
+        archive(_without_raw(make_envelope()), {}, ctx)
+
+
+def _blocking_dir_fsync(monkeypatch) -> tuple[list[Path], threading.Event]:
+    """fsync_dir that records its calls and holds the first until `release` is set."""
+    calls: list[Path] = []
+    release = threading.Event()
+
+    def fsync_dir(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            assert release.wait(10)
+
+    monkeypatch.setattr(archive_module, "fsync_dir", fsync_dir)
+    return calls, release
+
+
+def _run_threads(count: int, target) -> tuple[list[threading.Thread], list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - the test reports what each thread got
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, errors
+
+
+def _wait_for_waiters(syncer: archive_module.SharedDirSync, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(syncer._cond._waiters) < count:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the threads never waited"
+        time.sleep(0.005)
+
+
+def test_threads_that_arrive_during_a_dir_fsync_share_the_next_one(tmp_path, monkeypatch):
+    calls, release = _blocking_dir_fsync(monkeypatch)
+    syncer = archive_module.SharedDirSync(tmp_path)
+    first, first_errors = _run_threads(1, syncer.sync)
+    while not calls:
+        time.sleep(0.005)
+    # These renamed after the running fsync began: it does not cover them, one more does.
+    later, later_errors = _run_threads(8, syncer.sync)
+    _wait_for_waiters(syncer, 8)
+    release.set()
+    for thread in first + later:
+        thread.join(10)
+    assert first_errors == later_errors == []
+    assert calls == [tmp_path, tmp_path]
+
+
+def test_a_failed_shared_dir_fsync_fails_every_delivery_it_was_to_cover(tmp_path, monkeypatch):
+    calls: list[Path] = []
+    release = threading.Event()
+
+    def fsync_dir(path: Path) -> None:  # the first holds, the second fails, later ones work
+        calls.append(path)
+        if len(calls) == 1:
+            assert release.wait(10)
+        elif len(calls) == 2:
+            raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(archive_module, "fsync_dir", fsync_dir)
+    syncer = archive_module.SharedDirSync(tmp_path)
+    first, first_errors = _run_threads(1, syncer.sync)
+    while not calls:
+        time.sleep(0.005)
+    later, later_errors = _run_threads(3, syncer.sync)
+    _wait_for_waiters(syncer, 3)
+    release.set()
+    for thread in first + later:
+        thread.join(10)
+    assert first_errors == []
+    assert [(type(e), e.errno) for e in later_errors] == [(OSError, 5)] * 3
+    syncer.sync()  # the next delivery is not stuck behind the failure
+    assert len(calls) == 3
+
+
 def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
     checked: list[Path] = []
     ensure = archive_module.ensure_maildir
@@ -574,6 +670,14 @@ def test_forward_sends_crlf_line_ends(ctx, relay):
     handler.received.clear()
     forward(make_envelope(b"Subject: x\n\nbody\n"), {"to": "ops@b.example", "relay": address}, ctx)
     assert handler.received[0][2] == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_forward_sends_the_bytes_the_source_handed_over(ctx, relay):
+    handler, address = relay
+    handler.received.clear()
+    handed = dataclasses.replace(ctx, message=b"Subject: handed\r\n\r\nover\r\n")
+    forward(_without_raw(make_envelope()), {"to": "ops@b.example", "relay": address}, handed)
+    assert handler.received[0][2] == b"Subject: handed\r\n\r\nover\r\n"
 
 
 def test_forward_sends_nothing_when_one_recipient_is_refused(ctx, relay):

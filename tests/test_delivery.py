@@ -62,9 +62,11 @@ class FakeStack:
     name: str
     decide: Callable[[dict], dict]
     seen: list[dict] = field(default_factory=list)
+    messages: list[bytes | None] = field(default_factory=list)
 
-    async def run_async(self, envelope: dict, policy: Any) -> Result:
+    async def run_async(self, envelope: dict, policy: Any, *, message: bytes | None = None) -> Result:
         self.seen.append(envelope)
+        self.messages.append(message)
         await asyncio.sleep(0)
         out = dict(envelope)
         out["_txc"] = {**envelope["_txc"]}
@@ -115,6 +117,7 @@ def test_fan_out_across_two_tenants_stitches_replies_in_rcpt_order():
     }
     assert acme_env["_txc"]["rid"] != beta_env["_txc"]["rid"]
     assert acme_env["_txc"]["lmtp"]["msg"] is beta_env["_txc"]["lmtp"]["msg"]  # parsed once
+    assert acme.messages == beta.messages == [MESSAGE]  # ops get the bytes as received
     assert acme_env["_txc"]["lmtp"]["mail"] == {"from": "alice@example.com", "size": len(MESSAGE)}
     assert acme_env["_txc"]["lmtp"]["client"] == {"ip": "10.0.0.7", "helo": "mail.postfix.example"}
     assert acme_env["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
@@ -125,7 +128,7 @@ def test_groups_run_concurrently():
     running = []
 
     class Waiting(FakeStack):
-        async def run_async(self, envelope, policy):
+        async def run_async(self, envelope, policy, *, message=None):
             running.append(self.name)
             if len(running) == 2:
                 both_started.set()
@@ -161,7 +164,7 @@ def test_unrouted_and_missing_routes_are_denied_not_accepted():
 
 def test_run_error_tempfails_only_its_group():
     class Failing(FakeStack):
-        async def run_async(self, envelope, policy):
+        async def run_async(self, envelope, policy, *, message=None):
             result = await super().run_async(envelope, policy)
             return Result(result.envelope, Problem("txcl_run_error", "op ARCHIVE timed out"))
 
@@ -175,7 +178,7 @@ def test_run_error_tempfails_only_its_group():
 
 def test_a_raising_stack_is_451_for_its_group_and_traced_with_the_error():
     class Raising(FakeStack):
-        async def run_async(self, envelope, policy):
+        async def run_async(self, envelope, policy, *, message=None):
             raise RuntimeError("engine bug")
 
     calls = []

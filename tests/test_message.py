@@ -319,8 +319,12 @@ class Rule:
 
 def test_needs_of_rules_unions_reads_and_known_ops_and_gives_up_on_the_unknown():
     subject = ("_txc", "lmtp", "msg", "subject")
+    # ARCHIVE takes the raw bytes from its OpContext: the envelope need not carry them
     assert needs_of_rules([Rule([subject]), Rule(ops=["ARCHIVE"])], BUILTIN_OP_NEEDS) == (
-        MessageNeeds(frozenset({"subject", "raw"}), frozenset()))
+        MessageNeeds(frozenset({"subject"}), frozenset()))
+    raw = ("_txc", "lmtp", "msg", "raw")
+    assert needs_of_rules([Rule([raw]), Rule(ops=["FORWARD"])], BUILTIN_OP_NEEDS) == (
+        MessageNeeds(frozenset({"raw"}), frozenset()))
     assert needs_of_rules([Rule([subject]), Rule(ops=["EMIT"])], BUILTIN_OP_NEEDS) == EVERYTHING
     assert needs_of_rules([Rule(ops=["ARCHIVE"])], {}) == EVERYTHING  # ARCHIVE overridden
     assert needs_of_rules([Rule(jsonpaths=["$.class"])], BUILTIN_OP_NEEDS) == EVERYTHING

@@ -43,6 +43,12 @@ class TestStorage:
         with pytest.raises(StorageError):
             context(tmp_path).storage("out")
 
+    def test_a_checked_folder_that_was_removed_is_made_again(self, tmp_path: Path) -> None:
+        folder = context(tmp_path).storage("Maildir")
+        folder.rmdir()
+        assert context(tmp_path).storage("Maildir") == folder
+        assert folder.is_dir()
+
     def test_no_state_dir_no_storage(self) -> None:
         with pytest.raises(StorageError):
             context(None).storage("x")

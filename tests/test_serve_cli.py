@@ -279,6 +279,25 @@ def test_a_worker_that_dies_is_replaced(serve: Callable[..., Server], tmp_path: 
     assert server.stop(signal.SIGTERM) == 0
 
 
+def test_workers_die_with_their_parent_even_when_it_is_killed(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
+    pids = server.wait_for_log(r"lmtp: 2 workers").rpartition("pids ")[2].rstrip(")").split()
+    server.proc.kill()
+    server.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and _not_a_zombie(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"orphaned workers still run: {pids}"
+        time.sleep(0.05)
+
+
+def _not_a_zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def test_workers_that_cannot_load_the_config_stop_the_server_with_status_2(
         tmp_path: Path) -> None:
     (tmp_path / "OPS").mkdir()

@@ -60,16 +60,27 @@ class OpContext:
     state_dir: Path | None
     deadline_s: float
     op: str = ""
+    # The message exactly as the source received it, when the source hands it over (the
+    # LMTP head does): the same bytes as `_txc.<src>.msg.raw`, without a base64 round trip.
+    message: bytes | None = field(default=None, repr=False)
 
     def storage(self, *parts: str) -> Path:
         """A folder under `<state_dir>/tenants/<tenant>/<stack-name>/`, created if needed.
 
         Refuses (StorageError) any part that is empty, `.`, `..`, absolute or holds a path
         separator, so an argument like `folder = "../../x"` can never leave the tenant's
-        storage; the resolved folder is checked again, against symlinks.
+        storage; the resolved folder is checked again, against symlinks. That check walks
+        every component, so its verdict is kept for the life of the process: the state dir
+        is the server's own, and what could change it (a link planted there) is not in a
+        rule's reach.
         """
         if self.state_dir is None:
             raise StorageError("this run has no state dir, so ops have no storage")
+        key = (self.state_dir, self.tenant, self.stack, parts)
+        folder = _checked_storage.get(key)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)  # one syscall; it may have been removed
+            return folder
         stack_name = self.stack.rpartition("/")[2]
         for part in (self.tenant, stack_name, *parts):
             _check_storage_part(part)
@@ -78,7 +89,16 @@ class OpContext:
         folder.mkdir(parents=True, exist_ok=True)
         if not folder.resolve().is_relative_to(base.resolve()):
             raise StorageError(f"storage {'/'.join(parts)!r} leaves the tenant's folder")
+        if len(_checked_storage) >= _CHECKED_STORAGE_MAX:
+            _checked_storage.clear()
+        _checked_storage[key] = folder
         return folder
+
+
+# (state_dir, tenant, stack, parts) -> the folder that passed storage()'s checks. Bounded:
+# folder names come from rule arguments, so a stack could otherwise grow it without end.
+_checked_storage: dict[tuple[Path, str, str, tuple[str, ...]], Path] = {}
+_CHECKED_STORAGE_MAX = 4096
 
 
 def _check_storage_part(part: object) -> None:

@@ -299,23 +299,31 @@ class Stack:
     def rules(self) -> tuple[CompiledRule, ...]:
         return tuple(rule for stage in self.stages for rule in stage.rules)
 
-    def run(self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY) -> StackResult:
-        """Run the stack synchronously. Without op calls no event loop is involved."""
+    def run(
+        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+    ) -> StackResult:
+        """Run the stack synchronously. Without op calls no event loop is involved.
+
+        `message`: the raw message the envelope was built from, when the caller has it; ops
+        get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`."""
         if not (policy.run_ops and self.ops_used):
-            coro = self._run(envelope, policy)
+            coro = self._run(envelope, policy, message)
             try:
                 coro.send(None)
             except StopIteration as done:
                 result: StackResult = done.value
                 return result
             coro.close()  # unreachable by construction: only op calls await
-        return _run_coroutine(self.run_async(envelope, policy))
+        return _run_coroutine(self.run_async(envelope, policy, message=message))
 
-    async def run_async(self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY) -> StackResult:
-        """Run the stack; only op calls await (sync ops in a worker thread)."""
-        return await self._run(envelope, policy)
+    async def run_async(
+        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+    ) -> StackResult:
+        """Run the stack; only op calls await (sync ops in a worker thread). `message` as
+        for `run`."""
+        return await self._run(envelope, policy, message)
 
-    async def _run(self, envelope: Any, policy: RunPolicy) -> StackResult:
+    async def _run(self, envelope: Any, policy: RunPolicy, message: bytes | None) -> StackResult:
         started = time.perf_counter()
         fired: list[Fired] = []
         steps: list[Step] = []
@@ -360,6 +368,7 @@ class Stack:
                                 number,
                                 policy,
                                 steps,
+                                message,
                             )
         except _Failure as failure:
             return StackResult(
@@ -399,6 +408,7 @@ class Stack:
         stage: int,
         policy: RunPolicy,
         steps: list[Step],
+        message: bytes | None,
     ) -> dict[str, Any]:
         name = step.op
         args = rule.evaluate_args(env, captures)
@@ -409,7 +419,7 @@ class Stack:
             patch: Any = {} if stub is MISSING else stub
             note = "not executed" if stub is MISSING else "stub"
         else:
-            patch = await self._call_op(env, step, rule, args, policy)
+            patch = await self._call_op(env, step, rule, args, policy, message)
             executed, note = True, ""
         elapsed = time.perf_counter() - started
         if not isinstance(patch, dict):
@@ -453,6 +463,7 @@ class Stack:
         rule: CompiledRule,
         args: dict[str, Any],
         policy: RunPolicy,
+        message: bytes | None,
     ) -> Any:
         name = step.op
         registry = policy.registry if policy.registry is not None else _default_registry()
@@ -466,6 +477,7 @@ class Stack:
             state_dir=policy.state_dir,
             deadline_s=deadline,
             op=name,
+            message=message,
         )
         try:
             return await asyncio.wait_for(registry.call(name, env, args, ctx), deadline)

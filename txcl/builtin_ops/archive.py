@@ -4,8 +4,9 @@ Standard Maildir delivery (write into tmp/, fsync, rename into new/, fsync new/)
 a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix hears 250,
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
-This module also reads the raw message out of an envelope for the other built-ins: the
-envelope's source `_txc.src` names where it lives (`_txc.<src>.msg.raw`, `"b64:..."`),
+This module also reads the raw message for the other built-ins: the bytes the source
+handed over with the call (`OpContext.message`; the LMTP head always does), else out of the
+envelope, where its source `_txc.src` names the place (`_txc.<src>.msg.raw`, `"b64:..."`),
 so nothing here knows which head delivered it.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 import re
 import secrets
@@ -61,8 +63,11 @@ def raw_base64(envelope: Mapping[str, Any], op: str) -> str:
     return raw
 
 
-def raw_message(envelope: Mapping[str, Any], op: str) -> bytes:
-    """The message exactly as it arrived: `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
+def raw_message(envelope: Mapping[str, Any], op: str, ctx: OpContext | None = None) -> bytes:
+    """The message exactly as it arrived: the bytes the source handed over with the call
+    (`ctx.message`), else `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
+    if ctx is not None and ctx.message is not None:
+        return ctx.message
     raw = raw_base64(envelope, op)
     try:
         return base64.b64decode(raw[4:], validate=True)
@@ -132,6 +137,7 @@ def folder_argument(args: Mapping[str, Any]) -> str:
     return folder
 
 
+@functools.cache
 def _host_part() -> str:
     # The Maildir spec's escapes for the two characters a file name may not carry here.
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
@@ -152,6 +158,67 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class SharedDirSync:
+    """fsync of one directory, shared by the threads that renamed into it meanwhile.
+
+    A directory fsync makes durable every entry changed before it started, so a thread
+    whose rename is done needs only *one* fsync that starts after that moment, not one of
+    its own: while one runs, the threads that arrive wait for the next, and that one
+    covers them all (group commit). Generation numbers say which fsync covers whom.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._next = 1  # the generation the next fsync to start will have
+        self._done = 0  # the newest generation finished
+        self._running = False
+        self._error: tuple[int, OSError] | None = None  # (generation, what it raised)
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory that started after this call has ended."""
+        with self._cond:
+            needed = self._next
+            while self._done < needed:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                generation, self._next = self._next, self._next + 1
+                self._running = True
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    fsync_dir(self.path)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = generation
+                    self._error = (generation, error) if error else None
+                    self._cond.notify_all()
+            if self._error is not None and self._error[0] == self._done:
+                failed = self._error[1]  # a fresh exception per thread, same errno and type
+                raise OSError(failed.errno, failed.strerror, failed.filename)
+
+
+# Bounded like the folder names it is keyed by; one dropped while in use still works.
+_dir_syncs: dict[Path, SharedDirSync] = {}
+_dir_syncs_lock = threading.Lock()
+_DIR_SYNCS_MAX = 4096
+
+
+def shared_fsync_dir(path: Path) -> None:
+    """fsync_dir, sharing one fsync among threads delivering into `path` at the same time."""
+    with _dir_syncs_lock:
+        syncer = _dir_syncs.get(path)
+        if syncer is None:
+            if len(_dir_syncs) >= _DIR_SYNCS_MAX:
+                _dir_syncs.clear()
+            syncer = _dir_syncs[path] = SharedDirSync(path)
+    syncer.sync()
 
 
 def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
@@ -191,7 +258,7 @@ def deliver(maildir: Path, write: Callable[[int], int]) -> tuple[Path, int]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    fsync_dir(maildir / "new")
+    shared_fsync_dir(maildir / "new")
     return new_path, size
 
 
@@ -215,12 +282,15 @@ def _forget(*paths: Path) -> None:
 def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir."""
     folder = folder_argument(args)
-    raw = raw_base64(envelope, "ARCHIVE")
+    message = ctx.message
+    raw = raw_base64(envelope, "ARCHIVE") if message is None else ""
     root = ctx.storage(MAILDIR)
     state_dir = Path(ctx.state_dir or root)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
 
     def write(fd: int) -> int:
+        if message is not None:
+            return _write_all(fd, message)
         try:
             return write_base64(fd, raw, 4)
         except binascii.Error as exc:

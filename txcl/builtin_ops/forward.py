@@ -144,7 +144,7 @@ def forward(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
     to = recipients_argument(args)
     sender = sender_argument(args, envelope)
     host, port = relay_argument(args)
-    data = wire_bytes(raw_message(envelope, "FORWARD"))
+    data = wire_bytes(raw_message(envelope, "FORWARD", ctx))
     seconds = ctx.deadline_s
     reply = send(host, port, sender, to, data, seconds)
     return {"forward": {"relay": f"{host}:{port}", "from": sender, "to": to, "reply": reply}}
