@@ -118,8 +118,14 @@ def header_section_end(data: bytes) -> int:
     (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
     if data[:1] in (b"\r", b"\n"):
         return 0
-    ends = [pos for sep in (b"\n\n", b"\n\r", b"\r\r") if (pos := data.find(sep)) >= 0]
-    return min(ends) + 1 if ends else len(data)
+    # One scan that stops at the first empty line: three `find`s would each read a whole
+    # CRLF message body looking for a pair (LF LF, CR CR) that is not in it.
+    found = _EMPTY_LINE.search(data)
+    return found.start() + 1 if found else len(data)
+
+
+# A line ending followed by another: LF LF, LF CR (CRLF CRLF, LF CRLF), CR CR.
+_EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
 
 
 def parse_message(

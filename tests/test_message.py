@@ -331,6 +331,16 @@ def test_needs_of_rules_unions_reads_and_known_ops_and_gives_up_on_the_unknown()
     assert needs_of_rules([Rule([("class", "x")])], BUILTIN_OP_NEEDS) == NOTHING
 
 
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"a", b": "]), max_size=40).map(b"".join))
+def test_header_section_end_is_the_earliest_of_the_three_empty_line_forms(data: bytes) -> None:
+    if data[:1] in (b"\r", b"\n"):
+        expected = 0
+    else:
+        ends = [pos for sep in (b"\n\n", b"\n\r", b"\r\r") if (pos := data.find(sep)) >= 0]
+        expected = min(ends) + 1 if ends else len(data)
+    assert header_section_end(data) == expected
+
+
 def test_header_section_ends_at_the_first_empty_line_whatever_the_line_endings():
     assert header_section_end(b"A: b\r\nC: d\r\n\r\nbody\r\n\r\n") == len(b"A: b\r\nC: d\r\n")
     assert header_section_end(b"A: b\nC: d\n\nbody") == len(b"A: b\nC: d\n")
