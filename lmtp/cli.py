@@ -183,7 +183,6 @@ def _serve_process(args: argparse.Namespace, settings: Settings,
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sys.setswitchinterval(float(os.environ.get("TXCO_SWITCH", "0.005")))
     writer = trace_writer_from_args(args, settings.state_dir)
     try:
         holder = _runtime_holder(settings, writer)

@@ -48,6 +48,11 @@ RAW = (
 )
 
 
+def run_archive(envelope: dict, args: dict, ctx: OpContext) -> dict:
+    """op://ARCHIVE (an async op) run to completion."""
+    return asyncio.run(archive(envelope, args, ctx))
+
+
 def make_envelope(raw: bytes = RAW, src: str = "lmtp", mail_from: str = "alice@example.com"):
     return {
         "_txc": {
@@ -101,7 +106,7 @@ def test_the_default_registry_runs_the_built_ins_in_a_worker_thread(ctx):
 
 
 def test_archive_stores_the_exact_bytes_readable_by_a_mail_client(ctx):
-    patch = archive(make_envelope(), {}, ctx)
+    patch = run_archive(make_envelope(), {}, ctx)
 
     maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
     keys = maildir.keys()
@@ -121,7 +126,7 @@ def test_archive_stores_the_exact_bytes_readable_by_a_mail_client(ctx):
 
 
 def test_archive_into_a_folder_makes_a_maildirplusplus_subfolder(ctx):
-    patch = archive(make_envelope(), {"folder": "Support.Urgent"}, ctx)
+    patch = run_archive(make_envelope(), {"folder": "Support.Urgent"}, ctx)
 
     root = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
     assert root.list_folders() == ["Support.Urgent"]
@@ -134,13 +139,13 @@ def test_archive_into_a_folder_makes_a_maildirplusplus_subfolder(ctx):
 
 
 def test_archive_gives_every_message_its_own_file(ctx):
-    keys = {archive(make_envelope(), {}, ctx)["archive"]["key"] for _ in range(20)}
+    keys = {run_archive(make_envelope(), {}, ctx)["archive"]["key"] for _ in range(20)}
     assert len(keys) == 20
     assert len(mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)) == 20
 
 
 def test_archive_reads_the_message_of_any_source(ctx):
-    patch = archive(make_envelope(b"Subject: hi\r\n\r\nbody\r\n", src="web"), {}, ctx)
+    patch = run_archive(make_envelope(b"Subject: hi\r\n\r\nbody\r\n", src="web"), {}, ctx)
     assert Path(patch["archive"]["path"]).read_bytes() == b"Subject: hi\r\n\r\nbody\r\n"
 
 
@@ -165,7 +170,7 @@ def test_archive_reads_the_message_of_any_source(ctx):
 )
 def test_archive_refuses_a_folder_that_could_leave_the_maildir(ctx, folder):
     with pytest.raises(StorageError, match="ARCHIVE: folder .* is refused"):
-        archive(make_envelope(), {"folder": folder}, ctx)
+        run_archive(make_envelope(), {"folder": folder}, ctx)
     assert files_under(Path(ctx.state_dir)) == set()
 
 
@@ -175,7 +180,7 @@ def test_archive_never_writes_outside_the_stack_maildir(ctx, folder):
     root = stack_dir(ctx) / "Maildir"
     before = files_under(Path(ctx.state_dir))
     try:
-        archive(make_envelope(), {"folder": folder}, ctx)
+        run_archive(make_envelope(), {"folder": folder}, ctx)
     except StorageError:
         assert files_under(Path(ctx.state_dir)) == before
     else:
@@ -200,7 +205,7 @@ def test_archive_never_writes_outside_the_stack_maildir(ctx, folder):
 )
 def test_archive_without_a_raw_message_is_an_op_error(ctx, envelope, message):
     with pytest.raises(OpFailure, match=message):
-        archive(envelope, {}, ctx)
+        run_archive(envelope, {}, ctx)
 
 
 def raw_envelope(raw: str) -> dict[str, Any]:
@@ -251,7 +256,7 @@ def test_raw_corrupt_after_some_slices_is_the_same_error_and_leaves_no_file(
 ):
     monkeypatch.setattr(archive_module, "DECODE_CHUNK", 8)
     with pytest.raises(OpFailure) as err:
-        archive(raw_envelope("b64:" + encoded), {}, ctx)
+        run_archive(raw_envelope("b64:" + encoded), {}, ctx)
     assert (
         str(err.value) == f"ARCHIVE: _txc.lmtp.msg.raw is not valid base64: {whole_decode(encoded)}"
     )
@@ -261,13 +266,13 @@ def test_raw_corrupt_after_some_slices_is_the_same_error_and_leaves_no_file(
 
 def test_archive_of_a_message_over_several_slices_stores_every_byte(ctx):
     raw = RAW + os.urandom(2 * archive_module.DECODE_CHUNK + 5)
-    patch = archive(make_envelope(raw), {"folder": "Big"}, ctx)
+    patch = run_archive(make_envelope(raw), {"folder": "Big"}, ctx)
     assert patch["archive"]["size"] == len(raw)
     assert Path(patch["archive"]["path"]).read_bytes() == raw
 
 
 def test_archive_of_an_empty_message_stores_an_empty_file(ctx):
-    patch = archive(raw_envelope("b64:"), {}, ctx)
+    patch = run_archive(raw_envelope("b64:"), {}, ctx)
     assert patch["archive"]["size"] == 0
     assert Path(patch["archive"]["path"]).read_bytes() == b""
 
@@ -279,18 +284,19 @@ def _without_raw(envelope: dict) -> dict:
 
 def test_archive_stores_the_bytes_the_source_handed_over_when_the_envelope_has_no_raw(ctx):
     handed = RAW + b"handed over, not in the envelope\r\n"
-    patch = archive(_without_raw(make_envelope()), {}, dataclasses.replace(ctx, message=handed))
+    patch = run_archive(_without_raw(make_envelope()), {}, dataclasses.replace(ctx, message=handed))
     assert Path(patch["archive"]["path"]).read_bytes() == handed
     assert patch["archive"]["size"] == len(handed)
 
 
 def test_archive_without_handed_bytes_or_raw_is_an_op_error(ctx):
     with pytest.raises(OpFailure, match=r"ARCHIVE: the envelope has no raw message"):
-        archive(_without_raw(make_envelope()), {}, ctx)
+        run_archive(_without_raw(make_envelope()), {}, ctx)
 
 
-def _blocking_dir_fsync(monkeypatch) -> tuple[list[Path], threading.Event]:
-    """fsync_dir that records its calls and holds the first until `release` is set."""
+def _held_dir_fsync(monkeypatch, fail_call: int = 0) -> tuple[list[Path], threading.Event]:
+    """fsync_dir that records its calls, holds the first until `release` is set, and
+    raises EIO on call number `fail_call`."""
     calls: list[Path] = []
     release = threading.Event()
 
@@ -298,74 +304,84 @@ def _blocking_dir_fsync(monkeypatch) -> tuple[list[Path], threading.Event]:
         calls.append(path)
         if len(calls) == 1:
             assert release.wait(10)
+        if len(calls) == fail_call:
+            raise OSError(5, "Input/output error", str(path))
 
     monkeypatch.setattr(archive_module, "fsync_dir", fsync_dir)
     return calls, release
 
 
-def _run_threads(count: int, target) -> tuple[list[threading.Thread], list[BaseException]]:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:  # noqa: BLE001 - the test reports what each thread got
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    return threads, errors
-
-
-def _wait_for_waiters(syncer: archive_module.SharedDirSync, count: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(syncer._cond._waiters) < count:  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, "the threads never waited"
-        time.sleep(0.005)
-
-
-def test_threads_that_arrive_during_a_dir_fsync_share_the_next_one(tmp_path, monkeypatch):
-    calls, release = _blocking_dir_fsync(monkeypatch)
-    syncer = archive_module.SharedDirSync(tmp_path)
-    first, first_errors = _run_threads(1, syncer.sync)
+async def _sync_during_a_held_fsync(
+    path: Path, calls: list[Path], release: threading.Event, later: int
+) -> list[BaseException | None]:
+    """One sync starts (and is held in its fsync); `later` more arrive; then release."""
+    syncer = archive_module.dir_sync(path)
+    first = asyncio.ensure_future(syncer.sync())
     while not calls:
-        time.sleep(0.005)
-    # These renamed after the running fsync began: it does not cover them, one more does.
-    later, later_errors = _run_threads(8, syncer.sync)
-    _wait_for_waiters(syncer, 8)
+        await asyncio.sleep(0.005)
+    rest = [asyncio.ensure_future(syncer.sync()) for _ in range(later)]
+    await asyncio.sleep(0.01)
     release.set()
-    for thread in first + later:
-        thread.join(10)
-    assert first_errors == later_errors == []
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+def test_deliveries_that_arrive_during_a_dir_fsync_share_the_next_one(tmp_path, monkeypatch):
+    calls, release = _held_dir_fsync(monkeypatch)
+    outcomes = asyncio.run(_sync_during_a_held_fsync(tmp_path, calls, release, later=8))
+    assert outcomes == [None] * 9
+    # The running fsync began before the 8 renamed: it cannot cover them, one more does.
     assert calls == [tmp_path, tmp_path]
 
 
 def test_a_failed_shared_dir_fsync_fails_every_delivery_it_was_to_cover(tmp_path, monkeypatch):
-    calls: list[Path] = []
-    release = threading.Event()
+    calls, release = _held_dir_fsync(monkeypatch, fail_call=2)
+    outcomes = asyncio.run(_sync_during_a_held_fsync(tmp_path, calls, release, later=3))
+    assert outcomes[0] is None
+    assert [(type(e), getattr(e, "errno", None)) for e in outcomes[1:]] == [(OSError, 5)] * 3
 
-    def fsync_dir(path: Path) -> None:  # the first holds, the second fails, later ones work
-        calls.append(path)
-        if len(calls) == 1:
-            assert release.wait(10)
-        elif len(calls) == 2:
-            raise OSError(5, "Input/output error", str(path))
+    async def next_delivery() -> None:  # not stuck behind the failure
+        await archive_module.dir_sync(tmp_path).sync()
 
-    monkeypatch.setattr(archive_module, "fsync_dir", fsync_dir)
-    syncer = archive_module.SharedDirSync(tmp_path)
-    first, first_errors = _run_threads(1, syncer.sync)
-    while not calls:
-        time.sleep(0.005)
-    later, later_errors = _run_threads(3, syncer.sync)
-    _wait_for_waiters(syncer, 3)
-    release.set()
-    for thread in first + later:
-        thread.join(10)
-    assert first_errors == []
-    assert [(type(e), e.errno) for e in later_errors] == [(OSError, 5)] * 3
-    syncer.sync()  # the next delivery is not stuck behind the failure
+    asyncio.run(next_delivery())
     assert len(calls) == 3
+
+
+def test_concurrent_archives_into_one_folder_share_fsyncs_and_all_land(ctx):
+    async def many() -> list[dict]:
+        return await asyncio.gather(*(archive(make_envelope(), {}, ctx) for _ in range(30)))
+
+    patches = asyncio.run(many())
+    assert len({p["archive"]["key"] for p in patches}) == 30
+    maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    assert sorted(maildir.keys()) == sorted(p["archive"]["key"] for p in patches)
+    assert all(maildir.get_bytes(key) == RAW for key in maildir.iterkeys())
+
+
+def test_a_cancelled_archive_leaves_nothing_in_tmp(ctx, monkeypatch):
+    started = threading.Event()
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", slow_fsync)
+
+    async def cancel_mid_fsync() -> None:
+        task = asyncio.ensure_future(archive(make_envelope(), {}, ctx))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+
+    asyncio.run(cancel_mid_fsync())
+    maildir = stack_dir(ctx) / "Maildir"
+    assert list((maildir / "tmp").iterdir()) == []
+    assert list((maildir / "new").iterdir()) == []
 
 
 def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
@@ -378,7 +394,7 @@ def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
 
     monkeypatch.setattr(archive_module, "ensure_maildir", counting)
     for _ in range(3):
-        archive(make_envelope(), {"folder": "Support"}, ctx)
+        run_archive(make_envelope(), {"folder": "Support"}, ctx)
     root = stack_dir(ctx) / "Maildir"
     assert checked == [root, root / ".Support"]
 
@@ -388,11 +404,11 @@ def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
     [("", "Maildir"), ("", "Maildir/tmp"), ("Support", "Maildir"), ("Support", ".Support/new")],
 )
 def test_a_known_maildir_deleted_under_the_process_is_made_again(ctx, folder, deleted):
-    archive(make_envelope(), {"folder": folder}, ctx)
+    run_archive(make_envelope(), {"folder": folder}, ctx)
     root = stack_dir(ctx) / "Maildir"
     shutil.rmtree(root / deleted.removeprefix("Maildir").lstrip("/"))
 
-    patch = archive(make_envelope(), {"folder": folder}, ctx)
+    patch = run_archive(make_envelope(), {"folder": folder}, ctx)
 
     maildir = mailbox.Maildir(root, create=False)
     target = maildir.get_folder(folder) if folder else maildir

@@ -4,6 +4,11 @@ Standard Maildir delivery (write into tmp/, fsync, rename into new/, fsync new/)
 a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix hears 250,
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
+ARCHIVE is an async op: a worker thread per step would hand the GIL back and forth with
+the busy event loop after every system call (each hand-over waits up to the interpreter's
+switch interval), so the loop does the quick steps itself and only the waits for the disk
+go to threads; deliveries into one folder at the same time share its fsync.
+
 This module also reads the raw message for the other built-ins: the bytes the source
 handed over with the call (`OpContext.message`; the LMTP head always does), else out of the
 envelope, where its source `_txc.src` names the place (`_txc.<src>.msg.raw`, `"b64:..."`),
@@ -12,6 +17,7 @@ so nothing here knows which head delivered it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -33,6 +39,9 @@ SUBDIRS = ("tmp", "new", "cur")
 # so neither ".." nor a leading or trailing dot can make a path outside the Maildir.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 FOLDER_MAX_LEN = 200
+# Messages up to this size are written from the event loop (a page-cache copy taking
+# microseconds); larger ones, and base64 text to decode, are written in a worker thread.
+INLINE_WRITE_BYTES = 256 * 1024
 # Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
@@ -160,65 +169,70 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class SharedDirSync:
-    """fsync of one directory, shared by the threads that renamed into it meanwhile.
+class DirSync:
+    """fsyncs of one directory for the deliveries of one event loop, shared among them.
 
-    A directory fsync makes durable every entry changed before it started, so a thread
-    whose rename is done needs only *one* fsync that starts after that moment, not one of
-    its own: while one runs, the threads that arrive wait for the next, and that one
-    covers them all (group commit). Generation numbers say which fsync covers whom.
+    A directory fsync makes durable every entry changed before it started, so a delivery
+    whose rename is done needs one fsync that starts after that moment, not one of its own:
+    while one runs, the deliveries that arrive wait together for the next, which covers
+    them all (group commit). The fsync itself runs in a worker thread; waiting costs the
+    loop a future, not a thread.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
         self.path = path
-        self._cond = threading.Condition()
-        self._next = 1  # the generation the next fsync to start will have
-        self._done = 0  # the newest generation finished
+        self.loop = loop
+        self.fsyncs = 0  # how many were started, for tests and curiosity
+        self._waiting: list[asyncio.Future[None]] = []
         self._running = False
-        self._error: tuple[int, OSError] | None = None  # (generation, what it raised)
 
-    def sync(self) -> None:
+    async def sync(self) -> None:
         """Return once an fsync of the directory that started after this call has ended."""
-        with self._cond:
-            needed = self._next
-            while self._done < needed:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                generation, self._next = self._next, self._next + 1
-                self._running = True
-                self._cond.release()
-                error: OSError | None = None
-                try:
-                    fsync_dir(self.path)
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = generation
-                    self._error = (generation, error) if error else None
-                    self._cond.notify_all()
-            if self._error is not None and self._error[0] == self._done:
-                failed = self._error[1]  # a fresh exception per thread, same errno and type
-                raise OSError(failed.errno, failed.strerror, failed.filename)
+        waiter = self.loop.create_future()
+        self._waiting.append(waiter)
+        if not self._running:
+            self._start()
+        await waiter
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._running = True
+        self.fsyncs += 1
+        job = self.loop.run_in_executor(None, fsync_dir, self.path)
+        job.add_done_callback(lambda done: self._finished(done, batch))
+
+    def _finished(self, job: asyncio.Future[None], batch: list[asyncio.Future[None]]) -> None:
+        self._running = False
+        error = None if job.cancelled() else job.exception()
+        for waiter in batch:
+            if waiter.done():  # its delivery was cancelled meanwhile
+                continue
+            if job.cancelled():
+                waiter.cancel()
+            elif isinstance(error, OSError):  # a fresh exception each: same errno, same type
+                waiter.set_exception(OSError(error.errno, error.strerror, error.filename))
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(None)
+        if self._waiting:
+            self._start()
 
 
-# Bounded like the folder names it is keyed by; one dropped while in use still works.
-_dir_syncs: dict[Path, SharedDirSync] = {}
-_dir_syncs_lock = threading.Lock()
+# Bounded like the folder names it is keyed by; a DirSync dropped while in use still works.
+_dir_syncs: dict[Path, DirSync] = {}
 _DIR_SYNCS_MAX = 4096
 
 
-def shared_fsync_dir(path: Path) -> None:
-    """fsync_dir, sharing one fsync among threads delivering into `path` at the same time."""
-    with _dir_syncs_lock:
-        syncer = _dir_syncs.get(path)
-        if syncer is None:
-            if len(_dir_syncs) >= _DIR_SYNCS_MAX:
-                _dir_syncs.clear()
-            syncer = _dir_syncs[path] = SharedDirSync(path)
-    syncer.sync()
+def dir_sync(path: Path) -> DirSync:
+    """The DirSync of `path` for the running event loop."""
+    loop = asyncio.get_running_loop()
+    syncer = _dir_syncs.get(path)
+    if syncer is None or syncer.loop is not loop:
+        if len(_dir_syncs) >= _DIR_SYNCS_MAX:
+            _dir_syncs.clear()
+        syncer = _dir_syncs[path] = DirSync(path, loop)
+    return syncer
 
 
 def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
@@ -239,34 +253,61 @@ def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
             break
 
 
-def deliver(maildir: Path, write: Callable[[int], int]) -> tuple[Path, int]:
-    """Durably deliver what `write(fd)` writes into `maildir/new/`: its path and size.
+async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple[Path, int]:
+    """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
+    `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
-    A write (or anything after it) that fails removes the file from tmp/ before raising.
+    The loop does the steps that take microseconds (create, a small write, rename); the
+    waits for the disk (the file's fsync, a large write or a decode) run in a worker thread,
+    which owns the file descriptor from then on; the directory's fsync is shared.
     """
+    loop = asyncio.get_running_loop()
     name = unique_name()
     tmp_path = maildir / "tmp" / name
     new_path = maildir / "new" / name
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    inline = isinstance(content, bytes) and len(content) <= INLINE_WRITE_BYTES
     try:
-        try:
-            size = write(fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp_path, new_path)
+        size = _write_all(fd, content) if inline else 0  # type: ignore[arg-type]
     except BaseException:
+        os.close(fd)
         tmp_path.unlink(missing_ok=True)
         raise
-    shared_fsync_dir(maildir / "new")
-    return new_path, size
+    try:
+        written = await loop.run_in_executor(None, _finish_file, fd, None if inline else content)
+        os.rename(tmp_path, new_path)
+    except BaseException:
+        # Also on cancellation, while the thread may still write: the open file outlives
+        # its name, and the thread closes it.
+        tmp_path.unlink(missing_ok=True)
+        raise
+    await dir_sync(maildir / "new").sync()
+    return new_path, size if inline else written
 
 
-def _ensure_known(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
+def _finish_file(fd: int, content: bytes | Callable[[int], int] | None) -> int:
+    """Write `content` (unless already written), fsync and close `fd`: the bytes written."""
+    try:
+        if content is None:
+            size = 0
+        elif isinstance(content, bytes):
+            size = _write_all(fd, content)
+        else:
+            size = content(fd)
+        os.fsync(fd)
+        return size
+    finally:
+        os.close(fd)
+
+
+async def _ensure_known(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
     with _known_maildirs_lock:
         if path in _known_maildirs:
             return
-    ensure_maildir(path, subfolder=subfolder, durable_up_to=durable_up_to)
+    await asyncio.get_running_loop().run_in_executor(
+        None,
+        functools.partial(ensure_maildir, path, subfolder=subfolder, durable_up_to=durable_up_to),
+    )
 
 
 def _remember(*paths: Path) -> None:
@@ -279,35 +320,37 @@ def _forget(*paths: Path) -> None:
         _known_maildirs.difference_update(paths)
 
 
-def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
+async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
     """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir."""
     folder = folder_argument(args)
-    message = ctx.message
-    raw = raw_base64(envelope, "ARCHIVE") if message is None else ""
+    content: bytes | Callable[[int], int]
+    if ctx.message is not None:
+        content = ctx.message
+    else:
+        raw = raw_base64(envelope, "ARCHIVE")
+
+        def content(fd: int) -> int:
+            try:
+                return write_base64(fd, raw, 4)
+            except binascii.Error as exc:
+                raise not_base64(envelope, "ARCHIVE", exc) from None
+
     root = ctx.storage(MAILDIR)
     state_dir = Path(ctx.state_dir or root)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
 
-    def write(fd: int) -> int:
-        if message is not None:
-            return _write_all(fd, message)
-        try:
-            return write_base64(fd, raw, 4)
-        except binascii.Error as exc:
-            raise not_base64(envelope, "ARCHIVE", exc) from None
-
-    def store() -> tuple[Path, int]:
-        _ensure_known(root, subfolder=False, durable_up_to=state_dir)
+    async def store() -> tuple[Path, int]:
+        await _ensure_known(root, subfolder=False, durable_up_to=state_dir)
         if folder:
-            _ensure_known(target, subfolder=True, durable_up_to=root)
-        return deliver(target, write)
+            await _ensure_known(target, subfolder=True, durable_up_to=root)
+        return await deliver(target, content)
 
     try:
-        path, size = store()
+        path, size = await store()
     except FileNotFoundError:
         # A Maildir this process knew was deleted under it: recreate it, once.
         _forget(root, target)
-        path, size = store()
+        path, size = await store()
     _remember(root, target)
     return {
         "archive": {
