@@ -227,6 +227,10 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
+    # What the parent imported is shared with every worker until written to: keep the
+    # workers' cyclic collector from writing to it (Instagram's gc.freeze-before-fork).
+    gc.collect()
+    gc.freeze()
     try:
         for _ in range(count):
             children[_fork_worker(args, settings, listeners)] = time.monotonic()
