@@ -76,14 +76,14 @@ class OpContext:
         """
         if self.state_dir is None:
             raise StorageError("this run has no state dir, so ops have no storage")
+        stack_name = self.stack.rpartition("/")[2]
+        for part in (self.tenant, stack_name, *parts):
+            _check_storage_part(part)
         key = (self.state_dir, self.tenant, self.stack, parts)
         folder = _checked_storage.get(key)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)  # one syscall; it may have been removed
             return folder
-        stack_name = self.stack.rpartition("/")[2]
-        for part in (self.tenant, stack_name, *parts):
-            _check_storage_part(part)
         base = Path(self.state_dir) / "tenants" / self.tenant / stack_name
         folder = base.joinpath(*parts)
         folder.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,6 @@ class DirSync:
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
         self.path = path
         self.loop = loop
-        self.fsyncs = 0  # how many were started, for tests and curiosity
         self._waiting: list[asyncio.Future[None]] = []
         self._running = False
 
@@ -197,7 +196,6 @@ class DirSync:
     def _start(self) -> None:
         batch, self._waiting = self._waiting, []
         self._running = True
-        self.fsyncs += 1
         job = self.loop.run_in_executor(None, fsync_dir, self.path)
         job.add_done_callback(lambda done: self._finished(done, batch))
 
