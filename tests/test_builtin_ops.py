@@ -346,7 +346,7 @@ def test_a_failed_shared_dir_fsync_fails_every_delivery_it_was_to_cover(tmp_path
     assert len(calls) == 3
 
 
-def test_concurrent_archives_into_one_folder_share_fsyncs_and_all_land(ctx):
+def test_concurrent_archives_into_one_folder_all_land_whole(ctx):
     async def many() -> list[dict]:
         return await asyncio.gather(*(archive(make_envelope(), {}, ctx) for _ in range(30)))
 
