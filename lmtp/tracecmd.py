@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -153,7 +154,8 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """0 last reload fine · 1 last reload failed (an old version serves) · 2 no status."""
+    """0 last reload fine · 1 last reload failed (an old version serves) · 2 no status, or
+    the server that wrote it is no longer running (its last status is still printed)."""
     from lmtp.reload import format_status, read_status
 
     out = out or sys.stdout
@@ -173,7 +175,27 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         out.write(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
     else:
         out.write(format_status(status) + "\n")
+    if not _is_running(status.get("pid")):
+        print(
+            f"txco status: not running: the txco serve that wrote this status "
+            f"(pid {status.get('pid')}) has stopped; the status above is its last",
+            file=sys.stderr,
+        )
+        return 2
     return 0 if (status.get("last_reload") or {}).get("ok", True) else 1
+
+
+def _is_running(pid: object) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def resolve_rid(state_dir: Path, rid: str | None) -> str | None:

@@ -163,6 +163,11 @@ def test_an_edit_is_served_without_a_restart(serve: Callable[..., Server], tmp_p
     status = txco("status", "--state-dir", str(server.state_dir))
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("serving version 2 since ")
+    assert server.stop(signal.SIGTERM) == 0
+    stopped = txco("status", "--state-dir", str(server.state_dir))
+    assert stopped.returncode == 2
+    assert stopped.stdout.startswith("serving version 2 since ")  # its last status
+    assert "txco status: not running: the txco serve that wrote this status" in stopped.stderr
 
 
 def test_sighup_reloads(serve: Callable[..., Server], tmp_path: Path) -> None:
