@@ -1,7 +1,7 @@
 """Message bytes -> the `_txc.lmtp.msg` object, and the full LMTP envelope around it.
 
 Parsing is best effort, in the spirit of the `email` package's defects: a malformed message
-is data for rules, never an exception. `raw` (the exact bytes, base64) is always present;
+is data for rules, never an exception. `raw` (the exact bytes, base64) never fails to build;
 every other field is built on its own, so one broken part costs only that field. What went
 wrong comes back as a list of short strings for the log.
 
