@@ -15,6 +15,7 @@ import ctypes
 import gc
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -177,8 +178,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _serve_process(args, settings)
 
 
+@dataclass(frozen=True)
+class StartGate:
+    """How a forked worker tells the parent it is ready, and learns when to accept.
+
+    `ready` (a pipe's write end; None for a worker that replaces a dead one) gets one byte
+    once the worker's rules are loaded and its servers set up; `go` (a pipe's read end)
+    reaches end-of-file when the parent closes the other end, after every first worker is
+    ready, so they all begin to accept at once (a later worker finds it at EOF already)."""
+
+    ready: int | None
+    go: int
+
+
 def _serve_process(args: argparse.Namespace, settings: Settings,
-                   inherited: list[BoundListener] | None = None) -> int:
+                   inherited: list[BoundListener] | None = None,
+                   gate: StartGate | None = None) -> int:
     """One serving process: the rules, the trace writer and the event loop."""
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
@@ -193,7 +208,7 @@ def _serve_process(args: argparse.Namespace, settings: Settings,
         gc.freeze()
         watch_interval = args.watch_interval if args.watch else None
         return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval,
-                                  inherited))
+                                  inherited, gate))
     finally:
         writer.close()
 
@@ -231,9 +246,19 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
     # workers' cyclic collector from writing to it (Instagram's gc.freeze-before-fork).
     gc.collect()
     gc.freeze()
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
     try:
         for _ in range(count):
-            children[_fork_worker(args, settings, listeners)] = time.monotonic()
+            gate = StartGate(ready_write, go_read)
+            pid = _fork_worker(args, settings, listeners, gate, (ready_read, go_write))
+            children[pid] = time.monotonic()
+        os.close(ready_write)
+        ready = _count_ready(ready_read, count, WORKERS_READY_TIMEOUT_S)
+        os.close(go_write)  # every worker sees end-of-file on go_read: accept from now on
+        if ready < count:
+            log.warning("lmtp: %d of %d workers ready after %gs; the others join when they are",
+                        ready, count, WORKERS_READY_TIMEOUT_S)
         log.info("lmtp: %d workers (pids %s)", count, " ".join(map(str, children)))
         status = OK
         while children:
@@ -255,14 +280,41 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
             if time.monotonic() - started < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
             if not stopping:
-                children[_fork_worker(args, settings, listeners)] = time.monotonic()
+                pid = _fork_worker(args, settings, listeners, StartGate(None, go_read), ())
+                children[pid] = time.monotonic()
         return status
     finally:
+        os.close(go_read)
         close_listeners(listeners)
 
 
+# How long the parent waits for its first workers to load the rules before letting the
+# ready ones accept anyway (a large tree compiles in a few seconds).
+WORKERS_READY_TIMEOUT_S = 60.0
+
+
+def _count_ready(ready_read: int, count: int, timeout: float) -> int:
+    """Read one byte per ready worker from `ready_read` until `count` arrive, every worker
+    has closed its end (ready or dead), or `timeout` passes; close it; how many arrived."""
+    deadline = time.monotonic() + timeout
+    ready = 0
+    try:
+        while ready < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ready_read], [], [], left)[0]:
+                break
+            got = os.read(ready_read, count)
+            if not got:
+                break
+            ready += len(got)
+    finally:
+        os.close(ready_read)
+    return ready
+
+
 def _fork_worker(args: argparse.Namespace, settings: Settings,
-                 listeners: list[BoundListener]) -> int:
+                 listeners: list[BoundListener], gate: StartGate,
+                 parent_only: tuple[int, ...]) -> int:
     sys.stderr.flush()
     parent = os.getpid()
     pid = os.fork()
@@ -270,10 +322,12 @@ def _fork_worker(args: argparse.Namespace, settings: Settings,
         return pid
     code = FAILURE
     try:
+        for fd in parent_only:  # else end-of-file could never come
+            os.close(fd)
         _die_with_parent(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        code = _serve_process(args, settings, listeners)
+        code = _serve_process(args, settings, listeners, gate)
     except UsageError as err:
         print(f"txco: error: {err}", file=sys.stderr)
         code = USAGE
@@ -324,13 +378,20 @@ def _reloading_handler(holder: Any) -> Any:
 
 async def _serve(settings: Settings, handler: Any, holder: Any = None,
                  watch_interval: float | None = None,
-                 inherited: list[BoundListener] | None = None) -> int:
+                 inherited: list[BoundListener] | None = None,
+                 gate: StartGate | None = None) -> int:
     head = LMTPHead(settings, handler, inherited)
     try:
-        await head.start()
+        await head.start(accept=gate is None)
     except ListenError as err:
         print(f"txco: error: {err}", file=sys.stderr)
         return FAILURE
+    if gate is not None:
+        if gate.ready is not None:
+            os.write(gate.ready, b".")
+            os.close(gate.ready)
+        await _end_of_file(gate.go)
+        await head.accept_connections()
     log.info("lmtp listening on %s", ", ".join(head.bound))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -349,6 +410,18 @@ async def _serve(settings: Settings, handler: Any, holder: Any = None,
     await head.close(grace=settings.lmtp_resp_timeout)
     log.info("lmtp stopped")
     return OK
+
+
+async def _end_of_file(fd: int) -> None:
+    """Wait until the pipe `fd` reads as closed (its writers are gone), then close it."""
+    loop = asyncio.get_running_loop()
+    closed = loop.create_future()
+    loop.add_reader(fd, lambda: closed.done() or closed.set_result(None))
+    try:
+        await closed
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 # --- route -------------------------------------------------------------------------------

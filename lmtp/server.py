@@ -714,12 +714,16 @@ class LMTPHead:
         self._servers: list[asyncio.AbstractServer] = []
         self._socket_files: list[Path] = []
 
-    async def start(self) -> None:
-        """Bind every address; on any failure close what was bound and raise ListenError."""
+    async def start(self, *, accept: bool = True) -> None:
+        """Bind every address; on any failure close what was bound and raise ListenError.
+
+        With inherited sockets and `accept=False`, connections wait in the kernel's queue
+        until `accept_connections()`: workers that start at different speeds begin to
+        accept together, so the first one ready does not take every early connection."""
         try:
             if self.inherited is not None:
                 for listener in self.inherited:
-                    await self._serve_inherited(listener)
+                    await self._serve_inherited(listener, accept)
                 return
             for address in self.settings.lmtp_listen_addrs:
                 await self._listen(address)
@@ -727,7 +731,12 @@ class LMTPHead:
             await self.close(grace=0)
             raise
 
-    async def _serve_inherited(self, listener: BoundListener) -> None:
+    async def accept_connections(self) -> None:
+        """Start accepting on every server `start(accept=False)` left waiting."""
+        for server in self._servers:
+            await server.start_serving()
+
+    async def _serve_inherited(self, listener: BoundListener, accept: bool) -> None:
         loop = asyncio.get_running_loop()
         factory = lambda: LMTPProtocol(self)  # noqa: E731
         for shared in listener.sockets:
@@ -738,9 +747,11 @@ class LMTPHead:
             sock = _AlreadyListening(shared.family, shared.type, fileno=os.dup(shared.fileno()))
             try:
                 if listener.address.kind == "unix":
-                    server = await loop.create_unix_server(factory, sock=sock, backlog=1)
+                    server = await loop.create_unix_server(
+                        factory, sock=sock, backlog=1, start_serving=accept)
                 else:
-                    server = await loop.create_server(factory, sock=sock, backlog=1)
+                    server = await loop.create_server(
+                        factory, sock=sock, backlog=1, start_serving=accept)
             except OSError as err:
                 raise ListenError(
                     f"cannot listen on {listener.address}: {err.strerror or err}") from None

@@ -279,6 +279,24 @@ def test_a_worker_that_dies_is_replaced(serve: Callable[..., Server], tmp_path: 
     assert server.stop(signal.SIGTERM) == 0
 
 
+def test_the_parent_counts_ready_workers_until_all_are_or_none_can_be() -> None:
+    from lmtp.cli import _count_ready
+
+    read, write = os.pipe()
+    os.write(write, b"..")
+    assert _count_ready(read, 2, timeout=5) == 2
+    os.close(write)
+    read, write = os.pipe()
+    os.write(write, b".")
+    os.close(write)  # the other worker died before it was ready: end-of-file
+    assert _count_ready(read, 2, timeout=5) == 1
+    read, write = os.pipe()
+    started = time.monotonic()
+    assert _count_ready(read, 2, timeout=0.2) == 0  # a worker still loading: give up waiting
+    assert time.monotonic() - started >= 0.2
+    os.close(write)
+
+
 def test_workers_die_with_their_parent_even_when_it_is_killed(
         serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")

@@ -26,7 +26,15 @@ from hypothesis import strategies as st
 from lmtp.config import IngressConfig, Settings, Target, parse_listen_addrs
 from lmtp.delivery import Transaction
 from lmtp.routing import Router
-from lmtp.server import DataDecoder, DeliveryHandler, ListenError, LMTPHead, decode_data
+from lmtp.server import (
+    DataDecoder,
+    DeliveryHandler,
+    ListenError,
+    LMTPHead,
+    bind_listeners,
+    close_listeners,
+    decode_data,
+)
 
 HOSTNAME = "lmtp.test.example"
 INGRESS = IngressConfig(
@@ -531,6 +539,35 @@ def test_a_live_socket_is_not_stolen(tmp_path: Path, server: RunningHead) -> Non
         asyncio.run(head.start())
     with smtplib.LMTP(server.unix_path, timeout=5) as client:
         assert client.noop() == (250, b"2.0.0 OK")
+
+
+def test_inherited_sockets_queue_connections_until_accepting_starts(tmp_path: Path) -> None:
+    """A worker set up with accept=False leaves connections in the kernel's queue, so the
+    workers a parent forks begin to accept together, not the first one ready alone."""
+    settings = Settings(personalities=("lmtp",), lmtp_hostname=HOSTNAME,
+                        lmtp_listen_addrs=parse_listen_addrs("127.0.0.1:0"))
+    listeners = bind_listeners(settings)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    try:
+        handler = DeliveryHandler(Router(INGRESS, settings), TenantDeliverer(), Transaction)
+        head = LMTPHead(settings, handler, inherited=listeners)
+        loop.run_until_complete(head.start(accept=False))
+        thread.start()
+        port = listeners[0].sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as early:
+            early.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                early.recv(100)  # queued, not accepted: no greeting
+            asyncio.run_coroutine_threadsafe(head.accept_connections(), loop).result(5)
+            early.settimeout(5)
+            assert read_replies(early, 1)[0].startswith(b"220 ")
+        asyncio.run_coroutine_threadsafe(head.close(1.0), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        close_listeners(listeners)
 
 
 def test_a_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
