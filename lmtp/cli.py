@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmtp.balance import SessionCounts, WorkerSlot
 from lmtp.config import (
     DEFAULT_LISTEN_ADDRS,
     DEFAULT_PERSONALITIES,
@@ -193,7 +194,7 @@ class StartGate:
 
 def _serve_process(args: argparse.Namespace, settings: Settings,
                    inherited: list[BoundListener] | None = None,
-                   gate: StartGate | None = None) -> int:
+                   gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
     """One serving process: the rules, the trace writer and the event loop."""
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
@@ -208,7 +209,7 @@ def _serve_process(args: argparse.Namespace, settings: Settings,
         gc.freeze()
         watch_interval = args.watch_interval if args.watch else None
         return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval,
-                                  inherited, gate))
+                                  inherited, gate, slot))
     finally:
         writer.close()
 
@@ -220,8 +221,8 @@ WORKER_RESTART_DELAY_S = 1.0
 
 def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> int:
     """The parent of `count` forked workers: it binds the listeners once, each worker
-    serves them with its own rules and event loop (the kernel gives each connection to one
-    worker), and signals are forwarded: SIGHUP reloads every worker, SIGTERM/SIGINT stop
+    serves them with its own rules and event loop (the least busy worker takes each new
+    connection: lmtp.balance), and signals are forwarded: SIGHUP reloads every worker, SIGTERM/SIGINT stop
     them all. A worker that dies is replaced; one that cannot load the rules at start
     (exit 2) stops the whole server with that status."""
     try:
@@ -229,7 +230,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
     except ListenError as err:
         print(f"txco: error: {err}", file=sys.stderr)
         return FAILURE
-    children: dict[int, float] = {}  # pid -> when it started
+    children: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its slot)
+    sessions = SessionCounts(count)
     stopping = False
 
     def forward(signum: int, frame: Any) -> None:
@@ -249,10 +251,11 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
     ready_read, ready_write = os.pipe()
     go_read, go_write = os.pipe()
     try:
-        for _ in range(count):
+        for slot in range(count):
             gate = StartGate(ready_write, go_read)
-            pid = _fork_worker(args, settings, listeners, gate, (ready_read, go_write))
-            children[pid] = time.monotonic()
+            pid = _fork_worker(args, settings, listeners, gate, WorkerSlot(sessions, slot),
+                               (ready_read, go_write))
+            children[pid] = (time.monotonic(), slot)
         os.close(ready_write)
         ready = _count_ready(ready_read, count, WORKERS_READY_TIMEOUT_S)
         os.close(go_write)  # every worker sees end-of-file on go_read: accept from now on
@@ -266,9 +269,11 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
                 pid, wait_status = os.wait()
             except ChildProcessError:
                 break
-            started = children.pop(pid, None)
-            if started is None:
+            child = children.pop(pid, None)
+            if child is None:
                 continue
+            started, slot = child
+            sessions.set(slot, 0)  # its connections died with it
             code = os.waitstatus_to_exitcode(wait_status)
             if stopping:
                 continue
@@ -280,8 +285,9 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> 
             if time.monotonic() - started < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
             if not stopping:
-                pid = _fork_worker(args, settings, listeners, StartGate(None, go_read), ())
-                children[pid] = time.monotonic()
+                pid = _fork_worker(args, settings, listeners, StartGate(None, go_read),
+                                   WorkerSlot(sessions, slot), ())
+                children[pid] = (time.monotonic(), slot)
         return status
     finally:
         os.close(go_read)
@@ -313,7 +319,7 @@ def _count_ready(ready_read: int, count: int, timeout: float) -> int:
 
 
 def _fork_worker(args: argparse.Namespace, settings: Settings,
-                 listeners: list[BoundListener], gate: StartGate,
+                 listeners: list[BoundListener], gate: StartGate, slot: WorkerSlot,
                  parent_only: tuple[int, ...]) -> int:
     sys.stderr.flush()
     parent = os.getpid()
@@ -327,7 +333,7 @@ def _fork_worker(args: argparse.Namespace, settings: Settings,
         _die_with_parent(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        code = _serve_process(args, settings, listeners, gate)
+        code = _serve_process(args, settings, listeners, gate, slot)
     except UsageError as err:
         print(f"txco: error: {err}", file=sys.stderr)
         code = USAGE
@@ -379,8 +385,8 @@ def _reloading_handler(holder: Any) -> Any:
 async def _serve(settings: Settings, handler: Any, holder: Any = None,
                  watch_interval: float | None = None,
                  inherited: list[BoundListener] | None = None,
-                 gate: StartGate | None = None) -> int:
-    head = LMTPHead(settings, handler, inherited)
+                 gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
+    head = LMTPHead(settings, handler, inherited, slot)
     try:
         await head.start(accept=gate is None)
     except ListenError as err:

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from lmtp.balance import BalancedAcceptor, WorkerSlot
 from lmtp.config import LISTENER_NAME, ListenAddress, Settings
 
 log = logging.getLogger("txco.lmtp")
@@ -254,9 +255,11 @@ class LMTPProtocol(LMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.head.sessions.add(self)
+        self.head.sessions_changed()
 
     def connection_lost(self, error: Exception | None) -> None:
         self.head.sessions.discard(self)
+        self.head.sessions_changed()
         super().connection_lost(error)
         if not self.head.sessions:
             self.head.all_closed.set()
@@ -688,31 +691,32 @@ def close_listeners(bound: Sequence[BoundListener]) -> None:
                 Path(listener.address.path).unlink()
 
 
-class _AlreadyListening(socket.socket):
-    """A socket the parent already listens on: asyncio's `listen(backlog)` on serving it is
-    skipped, so the `backlog=1` that makes asyncio accept one connection per wake-up does
-    not also shrink the kernel's queue of pending connections, which every worker shares."""
-
-    def listen(self, backlog: int = 0, /) -> None:
-        pass
-
-
 class LMTPHead:
     """Every LMTP listener of one `txco serve`, and its graceful shutdown.
 
     With `inherited` (sockets a parent bound) the head serves those instead of binding, and
-    leaves socket files to the parent."""
+    leaves socket files to the parent; with a `slot` too, it shares their connections with
+    the parent's other workers (lmtp.balance)."""
 
     def __init__(self, settings: Settings, handler: Any,
-                 inherited: Sequence[BoundListener] | None = None) -> None:
+                 inherited: Sequence[BoundListener] | None = None,
+                 slot: WorkerSlot | None = None) -> None:
         self.settings = settings
         self.handler = handler
         self.inherited = inherited
+        self.slot = slot
         self.sessions: set[LMTPProtocol] = set()
         self.all_closed = asyncio.Event()
         self.bound: list[str] = []
         self._servers: list[asyncio.AbstractServer] = []
+        self._acceptors: list[BalancedAcceptor] = []
+        self._connecting: set[asyncio.Task[None]] = set()
         self._socket_files: list[Path] = []
+
+    def sessions_changed(self) -> None:
+        """Publish this worker's load (sessions open or being set up) to its peers."""
+        if self.slot is not None:
+            self.slot.publish(len(self.sessions) + len(self._connecting))
 
     async def start(self, *, accept: bool = True) -> None:
         """Bind every address; on any failure close what was bound and raise ListenError.
@@ -732,35 +736,42 @@ class LMTPHead:
             raise
 
     async def accept_connections(self) -> None:
-        """Start accepting on every server `start(accept=False)` left waiting."""
+        """Start accepting on every listener `start(accept=False)` left waiting."""
         for server in self._servers:
             await server.start_serving()
+        for acceptor in self._acceptors:
+            acceptor.start()
 
     async def _serve_inherited(self, listener: BoundListener, accept: bool) -> None:
-        loop = asyncio.get_running_loop()
-        factory = lambda: LMTPProtocol(self)  # noqa: E731
         for shared in listener.sockets:
-            # One accept per wake-up, not asyncio's default of up to 100: the workers all
-            # wait on this socket, and a worker that took a whole burst of connections would
-            # serve them on one core while the others idle. Taking one at a time, the worker
-            # with the least to do comes back for the next one first.
-            sock = _AlreadyListening(shared.family, shared.type, fileno=os.dup(shared.fileno()))
-            try:
-                if listener.address.kind == "unix":
-                    server = await loop.create_unix_server(
-                        factory, sock=sock, backlog=1, start_serving=accept)
-                else:
-                    server = await loop.create_server(
-                        factory, sock=sock, backlog=1, start_serving=accept)
-            except OSError as err:
-                raise ListenError(
-                    f"cannot listen on {listener.address}: {err.strerror or err}") from None
-            self._servers.append(server)
+            # One accept per wake-up (asyncio's servers take up to 100), and the busier
+            # worker steps aside: see lmtp.balance.
+            sock = socket.socket(shared.family, shared.type, fileno=os.dup(shared.fileno()))
+            acceptor = BalancedAcceptor(sock, self._accepted, self.slot)
+            self._acceptors.append(acceptor)
+            if accept:
+                acceptor.start()
             if listener.address.kind != "unix":
                 host, port = sock.getsockname()[:2]
                 self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if listener.address.kind == "unix":
             self.bound.append(str(listener.address))
+
+    def _accepted(self, conn: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(conn))
+        self._connecting.add(task)
+        self.sessions_changed()
+
+    async def _connect(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: LMTPProtocol(self), conn)
+        except OSError as err:  # the client left before the transport was set up
+            log.info("lmtp: connection lost while being set up: %s", err)
+            conn.close()
+        finally:
+            self._connecting.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self.sessions_changed()
 
     async def _listen(self, address: ListenAddress) -> None:
         loop = asyncio.get_running_loop()
@@ -792,6 +803,8 @@ class LMTPHead:
         seconds (idle ones get 421 at once), then cut the rest and remove socket files."""
         for server in self._servers:
             server.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for session in list(self.sessions):
             session.close_for_shutdown()
         if self.sessions:
@@ -808,6 +821,7 @@ class LMTPHead:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self._servers.clear()
+        self._acceptors.clear()
         self._socket_files.clear()
 
 

@@ -14,6 +14,7 @@ import mailbox
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -294,56 +295,118 @@ def test_archive_without_handed_bytes_or_raw_is_an_op_error(ctx):
         run_archive(_without_raw(make_envelope()), {}, ctx)
 
 
-def _held_dir_fsync(monkeypatch, fail_call: int = 0) -> tuple[list[Path], threading.Event]:
-    """fsync_dir that records its calls, holds the first until `release` is set, and
-    raises EIO on call number `fail_call`."""
-    calls: list[Path] = []
-    release = threading.Event()
-
-    def fsync_dir(path: Path) -> None:
-        calls.append(path)
-        if len(calls) == 1:
-            assert release.wait(10)
-        if len(calls) == fail_call:
-            raise OSError(5, "Input/output error", str(path))
-
-    monkeypatch.setattr(archive_module, "fsync_dir", fsync_dir)
-    return calls, release
+def _handed(ctx: OpContext, body: bytes = b"") -> OpContext:
+    """`ctx` with the message handed over as bytes (the LMTP head's way): written inline."""
+    return dataclasses.replace(ctx, message=RAW + body)
 
 
-async def _sync_during_a_held_fsync(
-    path: Path, calls: list[Path], release: threading.Event, later: int
-) -> list[BaseException | None]:
-    """One sync starts (and is held in its fsync); `later` more arrive; then release."""
-    syncer = archive_module.dir_sync(path)
-    first = asyncio.ensure_future(syncer.sync())
-    while not calls:
-        await asyncio.sleep(0.005)
-    rest = [asyncio.ensure_future(syncer.sync()) for _ in range(later)]
-    await asyncio.sleep(0.01)
-    release.set()
-    return await asyncio.gather(first, *rest, return_exceptions=True)
+def _archive_together(ctx: OpContext, count: int, first: bool = True) -> list[Any]:
+    """`count` ARCHIVE calls started in one turn of the loop (after one that makes the
+    Maildir, unless `first` is false): their patches or exceptions."""
+
+    async def together() -> list[Any]:
+        if first:
+            await archive(_without_raw(make_envelope()), {}, _handed(ctx))
+        calls = [
+            archive(_without_raw(make_envelope()), {}, _handed(ctx, b"%d\r\n" % i))
+            for i in range(count)
+        ]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    return asyncio.run(together())
 
 
-def test_deliveries_that_arrive_during_a_dir_fsync_share_the_next_one(tmp_path, monkeypatch):
-    calls, release = _held_dir_fsync(monkeypatch)
-    outcomes = asyncio.run(_sync_during_a_held_fsync(tmp_path, calls, release, later=8))
-    assert outcomes == [None] * 9
-    # The running fsync began before the 8 renamed: it cannot cover them, one more does.
-    assert calls == [tmp_path, tmp_path]
+def _counting(monkeypatch, name: str, fail_on: set[int] = frozenset()) -> list[Any]:
+    """Record the calls of `archive_module.os.<name>` / `archive_module.<name>`; the calls
+    numbered in `fail_on` (from 1) raise EIO."""
+    owner = archive_module.os if name == "fsync" else archive_module
+    real = getattr(owner, name)
+    calls: list[Any] = []
+
+    def counting(arg: Any) -> None:
+        calls.append(arg)
+        if len(calls) in fail_on:
+            raise OSError(5, "Input/output error")
+        real(arg)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
 
 
-def test_a_failed_shared_dir_fsync_fails_every_delivery_it_was_to_cover(tmp_path, monkeypatch):
-    calls, release = _held_dir_fsync(monkeypatch, fail_call=2)
-    outcomes = asyncio.run(_sync_during_a_held_fsync(tmp_path, calls, release, later=3))
-    assert outcomes[0] is None
-    assert [(type(e), getattr(e, "errno", None)) for e in outcomes[1:]] == [(OSError, 5)] * 3
+def test_deliveries_of_one_turn_share_one_fsync_of_new(ctx, monkeypatch):
+    _archive_together(ctx, 0)  # the Maildir exists; its creation fsyncs folders too
+    dir_syncs = _counting(monkeypatch, "fsync_dir")
+    file_syncs = _counting(monkeypatch, "fsync")
+    patches = _archive_together(ctx, 8, first=False)
+    new = stack_dir(ctx) / "Maildir" / "new"
+    assert dir_syncs == [new]
+    assert len(file_syncs) == 8 + 1  # each file, then new/ itself
+    maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    for i, patch in enumerate(patches):
+        assert maildir.get_bytes(patch["archive"]["key"]) == RAW + b"%d\r\n" % i
 
-    async def next_delivery() -> None:  # not stuck behind the failure
-        await archive_module.dir_sync(tmp_path).sync()
 
-    asyncio.run(next_delivery())
-    assert len(calls) == 3
+def test_a_failed_fsync_of_new_fails_every_delivery_it_was_to_cover(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    _counting(monkeypatch, "fsync_dir", fail_on={1})
+    outcomes = _archive_together(ctx, 3, first=False)
+    assert [(type(e), getattr(e, "errno", None)) for e in outcomes] == [(OSError, 5)] * 3
+    assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
+    # The next delivery is not stuck behind the failure.
+    (patch,) = _archive_together(ctx, 1, first=False)
+    assert Path(patch["archive"]["path"]).read_bytes() == RAW + b"0\r\n"
+
+
+def test_a_failed_fsync_of_one_file_fails_only_its_delivery(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    _counting(monkeypatch, "fsync", fail_on={2})
+    outcomes = _archive_together(ctx, 3, first=False)
+    assert isinstance(outcomes[1], OSError) and outcomes[1].errno == 5
+    landed = [o for o in outcomes if isinstance(o, dict)]
+    assert [Path(p["archive"]["path"]).read_bytes() for p in landed] == [
+        RAW + b"0\r\n",
+        RAW + b"2\r\n",
+    ]
+    maildir = stack_dir(ctx) / "Maildir"
+    assert list((maildir / "tmp").iterdir()) == []
+    assert len(list((maildir / "new").iterdir())) == 1 + 2
+
+
+def test_a_delivery_cancelled_before_its_commit_leaves_nothing_behind(ctx):
+    async def cancel_before_commit() -> dict:
+        await archive(_without_raw(make_envelope()), {}, _handed(ctx))
+        kept = asyncio.ensure_future(archive(_without_raw(make_envelope()), {}, _handed(ctx)))
+        dropped = asyncio.ensure_future(
+            archive(_without_raw(make_envelope()), {}, _handed(ctx, b"dropped\r\n"))
+        )
+        await asyncio.sleep(0)  # both have written their file and wait for the commit
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        return await kept
+
+    patch = asyncio.run(cancel_before_commit())
+    maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    assert patch["archive"]["key"] in maildir
+    assert all(maildir.get_bytes(key) == RAW for key in maildir.iterkeys())
+    assert len(maildir.keys()) == 2
+    assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
+
+
+def test_a_large_message_is_written_and_fsynced_off_the_loop(ctx, monkeypatch):
+    threads: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not the folders' fsyncs
+            threads.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", recording)
+    big = os.urandom(archive_module.INLINE_WRITE_BYTES + 1)
+    patch = run_archive(_without_raw(make_envelope()), {}, dataclasses.replace(ctx, message=big))
+    assert Path(patch["archive"]["path"]).read_bytes() == big
+    assert len(threads) == 1 and threads[0] != threading.main_thread().name
 
 
 def test_concurrent_archives_into_one_folder_all_land_whole(ctx):

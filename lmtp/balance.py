@@ -1,0 +1,135 @@
+"""How `--workers N` share the connections: the least busy worker accepts the next one.
+
+Every worker waits on the same listening sockets and the kernel wakes them all for a new
+connection; whoever calls accept() first gets it. Left alone, that is whoever happened to
+be idle at that instant: during a burst of connections (Postfix opening its 20 LMTP
+sessions) the split came out 5/15 or 7/13, and because Postfix keeps its sessions open
+and reuses them, the split lasts: one worker serves three times the mail of the other on
+one core, while the other core idles.
+
+So each worker publishes how many sessions it has open, in a table of counters the parent
+shares with every worker (an anonymous shared mapping made before forking, one slot per
+worker, written only by its owner). A worker that holds more sessions than the least busy
+of its peers steps aside for BALANCE_DELAY_S when a connection arrives, which lets that
+peer take it; if it is still waiting afterwards (the peer is stuck in a long step), the
+worker takes it after all, so no connection waits longer than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+log = logging.getLogger("txco")
+
+# How long a busier worker leaves a new connection to a less busy one. Long enough for a
+# worker woken by the same connection to reach accept(), short next to any delivery.
+BALANCE_DELAY_S = 0.002
+# asyncio's own pause after accept() fails for lack of file descriptors or memory.
+ACCEPT_RETRY_DELAY_S = 1.0
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+_SLOT = struct.Struct("=q")
+
+
+class SessionCounts:
+    """Open sessions per worker, in memory shared by the parent and every forked worker."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._memory = mmap.mmap(-1, _SLOT.size * workers)  # MAP_SHARED | MAP_ANONYMOUS
+
+    def get(self, slot: int) -> int:
+        return _SLOT.unpack_from(self._memory, slot * _SLOT.size)[0]
+
+    def set(self, slot: int, sessions: int) -> None:
+        _SLOT.pack_into(self._memory, slot * _SLOT.size, sessions)
+
+    def busier_than_a_peer(self, slot: int) -> bool:
+        """Whether the worker in `slot` has more sessions open than some other worker."""
+        mine = self.get(slot)
+        return any(self.get(other) < mine for other in range(self.workers) if other != slot)
+
+
+class WorkerSlot:
+    """One worker's view of the SessionCounts: it writes its own count, reads the rest."""
+
+    def __init__(self, counts: SessionCounts, slot: int) -> None:
+        self.counts = counts
+        self.slot = slot
+
+    def publish(self, sessions: int) -> None:
+        self.counts.set(self.slot, sessions)
+
+    def should_step_aside(self) -> bool:
+        return self.counts.busier_than_a_peer(self.slot)
+
+
+class BalancedAcceptor:
+    """Accepts the connections of one shared listening socket for this worker, one per
+    readiness event, stepping aside first when this worker is the busier one."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        connected: Callable[[socket.socket], object],
+        slot: WorkerSlot | None,
+    ) -> None:
+        self.sock = sock
+        self.connected = connected  # called with each accepted, non-blocking socket
+        self.slot = slot  # None: a worker without peers to balance with
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._loop.add_reader(self.sock.fileno(), self._acceptable)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _pause(self, seconds: float) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self.sock.fileno())
+        self._loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        if self._closed:
+            return
+        assert self._loop is not None
+        self._loop.add_reader(self.sock.fileno(), self._acceptable)
+        if select.select([self.sock], [], [], 0)[0]:
+            self._accept()  # still waiting after this worker stepped aside: take it
+
+    def _acceptable(self) -> None:
+        if self.slot is not None and self.slot.should_step_aside():
+            self._pause(BALANCE_DELAY_S)
+        else:
+            self._accept()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it
+        except OSError as err:
+            if err.errno not in _RESOURCE_ERRORS:
+                raise
+            log.error("lmtp: cannot accept connections (%s); trying again in %gs",
+                      err.strerror, ACCEPT_RETRY_DELAY_S)
+            self._pause(ACCEPT_RETRY_DELAY_S)
+            return
+        conn.setblocking(False)
+        self.connected(conn)
