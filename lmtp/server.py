@@ -60,6 +60,11 @@ R_NO_RULE = "550 5.1.1 no rule accepted this recipient"
 R_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
 
 
+# Messages from this size on get their buffer in one allocation when the client says how
+# large they are (DataDecoder's size_hint).
+PREALLOCATE_FROM_BYTES = 1024 * 1024
+
+
 class DataDecoder:
     """Turns the DATA byte stream, fed in chunks of any size, into the message.
 
@@ -73,14 +78,26 @@ class DataDecoder:
     shares its buffer), so a message costs about its size once, not chunks plus a join.
     Over `max_bytes` the message is dropped at once and the rest is only counted, so memory
     stays bounded by the limit whatever the client sends.
+
+    With `size_hint` (MAIL FROM's SIZE=, which Postfix sends) of a large message, the
+    buffer is allocated once, a little over the hint, and cut to size at the end: grown
+    step by step, a buffer the allocator had put in its heap is copied when it outgrows its
+    place, briefly holding the message twice (a 25 MiB message's peak went from ~3.6x to
+    4.2-4.4x its size in about one run in four).
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, size_hint: int | None = None) -> None:
         self.max_bytes = max_bytes
         self.size = 0
         self.too_large = False
         self.done = False
         self._out = io.BytesIO()
+        if size_hint is not None and size_hint >= PREALLOCATE_FROM_BYTES:
+            # SIZE= may count LF line ends (Postfix's queue file), not the CRLFs that arrive.
+            capacity = min(max_bytes, size_hint + size_hint // 16 + 64 * 1024)
+            self._out.seek(capacity - 1)
+            self._out.write(b"\0")  # one allocation of `capacity`
+            self._out.seek(0)
         # The stream starts as if after a CRLF, so a leading "." is a line start too; those
         # two bytes stay at the front of `_held` until the stream has moved past them.
         self._held = b"\r\n"
@@ -138,6 +155,7 @@ class DataDecoder:
 
     def message(self) -> bytes:
         """The unstuffed message (once `done` and not `too_large`); the buffer is released."""
+        self._out.truncate()  # what was allocated beyond the message (in place, no copy)
         data = self._out.getvalue()
         self._out = io.BytesIO()
         return data
@@ -532,7 +550,7 @@ class LMTPProtocol(LMTP):
                  ",".join(line[:3] for line in replies), (time.monotonic() - started) * 1000)
 
     async def _read_message(self) -> DataDecoder | None:
-        decoder = DataDecoder(self.settings.lmtp_max_msg_bytes)
+        decoder = DataDecoder(self.settings.lmtp_max_msg_bytes, self.envelope.declared_size)
         if self._inbuf:
             chunk = bytes(self._inbuf)
             self._inbuf.clear()

@@ -23,6 +23,7 @@ from aiosmtpd.lmtp import LMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmtp import server as server_module
 from lmtp.config import IngressConfig, Settings, Target, parse_listen_addrs
 from lmtp.delivery import Transaction
 from lmtp.routing import Router
@@ -53,9 +54,9 @@ def stuff(message: bytes) -> bytes:
     return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
 
 
-def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30
-                   ) -> tuple[DataDecoder, bytes]:
-    decoder = DataDecoder(max_bytes)
+def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30,
+                   size_hint: int | None = None) -> tuple[DataDecoder, bytes]:
+    decoder = DataDecoder(max_bytes, size_hint)
     pos = 0
     for size in [*sizes, len(stream)]:
         chunk = stream[pos:pos + max(size, 1)]
@@ -126,6 +127,24 @@ def test_decoder_returns_what_the_client_meant_for_any_body_and_chunking(
     assert decoder.message() == message
     assert leftover == rest
     assert decoder.size == len(message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=_BODIES, sizes=st.lists(st.integers(1, 40), max_size=30),
+       hint=st.integers(0, 700), max_bytes=st.integers(1, 700))
+def test_a_size_hint_changes_nothing_but_the_allocation(
+        body: bytes, sizes: list[int], hint: int, max_bytes: int) -> None:
+    """Whatever SIZE= says (too small, too large, over the limit), the decoder gives what it
+    gives without one."""
+    message = body if body.endswith(b"\r\n") else body + b"\r\n"
+    stream = stuff(message) + b"NOOP\r\n"
+    plain, plain_rest = feed_in_chunks(stream, sizes, max_bytes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 0)  # small hints count too
+        hinted, hinted_rest = feed_in_chunks(stream, sizes, max_bytes, size_hint=hint)
+    assert (hinted.done, hinted.too_large, hinted.size) == (plain.done, plain.too_large, plain.size)
+    assert hinted.message() == plain.message()
+    assert hinted_rest == plain_rest
 
 
 # --- a real server in this process ---------------------------------------------------------
