@@ -31,6 +31,7 @@ import re
 import socket
 import stat
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +61,33 @@ R_NO_RULE = "550 5.1.1 no rule accepted this recipient"
 R_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
 
 
-# Messages from this size on get their buffer in one allocation when the client says how
-# large they are (DataDecoder's size_hint).
+# Messages from this size on get their whole buffer at once when the client says how large
+# they are (DataDecoder's size_hint)...
 PREALLOCATE_FROM_BYTES = 1024 * 1024
+# ...as long as the buffers so allocated before their data arrived stay under this, per
+# process: clients that declare large sizes and send little hold no more than this.
+PREALLOCATE_BUDGET_BYTES = 64 * 1024 * 1024
+
+
+class _PreallocationBudget:
+    """Bytes of DATA buffers allocated ahead of their data, in this process."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def take(self, owner: object, size: int) -> bool:
+        """Reserve `size` bytes until `owner` is gone; False if that would go over."""
+        if self.held + size > PREALLOCATE_BUDGET_BYTES:
+            return False
+        self.held += size
+        weakref.finalize(owner, self._give_back, size)
+        return True
+
+    def _give_back(self, size: int) -> None:
+        self.held -= size
+
+
+_preallocated = _PreallocationBudget()
 
 
 class DataDecoder:
@@ -83,7 +108,8 @@ class DataDecoder:
     buffer is allocated once, a little over the hint, and cut to size at the end: grown
     step by step, a buffer the allocator had put in its heap is copied when it outgrows its
     place, briefly holding the message twice (a 25 MiB message's peak went from ~3.6x to
-    4.2-4.4x its size in about one run in four).
+    4.2-4.4x its size in about one run in four). Such buffers, allocated before their data
+    arrives, stay within PREALLOCATE_BUDGET_BYTES per process.
     """
 
     def __init__(self, max_bytes: int, size_hint: int | None = None) -> None:
@@ -95,9 +121,10 @@ class DataDecoder:
         if size_hint is not None and size_hint >= PREALLOCATE_FROM_BYTES:
             # SIZE= may count LF line ends (Postfix's queue file), not the CRLFs that arrive.
             capacity = min(max_bytes, size_hint + size_hint // 16 + 64 * 1024)
-            self._out.seek(capacity - 1)
-            self._out.write(b"\0")  # one allocation of `capacity`
-            self._out.seek(0)
+            if _preallocated.take(self, capacity):
+                self._out.seek(capacity - 1)
+                self._out.write(b"\0")  # one allocation of `capacity`
+                self._out.seek(0)
         # The stream starts as if after a CRLF, so a leading "." is a line start too; those
         # two bytes stay at the front of `_held` until the stream has moved past them.
         self._held = b"\r\n"

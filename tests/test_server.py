@@ -147,6 +147,24 @@ def test_a_size_hint_changes_nothing_but_the_allocation(
     assert hinted_rest == plain_rest
 
 
+def test_buffers_allocated_ahead_of_their_data_stay_within_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that declares SIZE=<limit> and sends nothing cannot make a worker hold
+    more than the budget: past it, buffers grow with the data as without a hint."""
+    monkeypatch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 1000)
+    monkeypatch.setattr(server_module, "PREALLOCATE_BUDGET_BYTES", 250_000)
+    budget = server_module._preallocated
+    before = budget.held
+    first = DataDecoder(10**6, size_hint=50_000)  # a buffer of ~119,000 bytes each
+    second = DataDecoder(10**6, size_hint=50_000)
+    assert budget.held - before > 2 * 50_000
+    third = DataDecoder(10**6, size_hint=50_000)  # over the budget: no buffer ahead
+    assert third.feed(b"abc\r\n.\r\n") == 8 and third.message() == b"abc\r\n"
+    assert budget.held - before < 250_000
+    del first, second
+    assert budget.held == before  # given back when the decoders are gone
+
+
 # --- a real server in this process ---------------------------------------------------------
 
 
