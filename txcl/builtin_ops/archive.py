@@ -9,7 +9,7 @@ tmp/, and a worker thread commits the files that arrived together (`CommitQueue`
 fsynced, renamed into new/, and new/ fsynced once for all. Handing each fsync to a thread
 of its own cost more than the fsync: on the 2-core VM the benchmark runs on, ARCHIVE added
 ~1.1 ms of CPU per 1 KiB message that way (thread wake-ups, interpreter-lock hand-overs),
-~0.6 ms batched, of which the file's own system calls are ~0.2 ms. Messages over 256 KiB
+~0.85 ms batched, of which the file's own system calls are ~0.2 ms. Messages over 256 KiB
 are written and fsynced in a worker thread before they join a batch, so one large
 message does not hold the loop.
 
