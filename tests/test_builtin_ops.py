@@ -346,40 +346,6 @@ def test_deliveries_of_one_turn_share_one_fsync_of_new(ctx, monkeypatch):
         assert maildir.get_bytes(patch["archive"]["key"]) == RAW + b"%d\r\n" % i
 
 
-def test_deliveries_that_arrive_during_a_commit_form_the_next_batch(ctx, monkeypatch):
-    _archive_together(ctx, 0)
-    started, release = threading.Event(), threading.Event()
-    dir_syncs: list[Path] = []
-    real = archive_module.fsync_dir
-
-    def held_first(path: Path) -> None:
-        dir_syncs.append(path)
-        if len(dir_syncs) == 1:
-            started.set()
-            assert release.wait(10)
-        real(path)
-
-    monkeypatch.setattr(archive_module, "fsync_dir", held_first)
-
-    async def during_a_commit() -> list[Any]:
-        first = asyncio.ensure_future(archive(_without_raw(make_envelope()), {}, _handed(ctx)))
-        while not started.is_set():  # the first batch is in its fsync of new/
-            await asyncio.sleep(0.005)
-        later = [
-            asyncio.ensure_future(
-                archive(_without_raw(make_envelope()), {}, _handed(ctx, b"%d\r\n" % i))
-            )
-            for i in range(6)
-        ]
-        await asyncio.sleep(0.05)
-        release.set()
-        return await asyncio.gather(first, *later)
-
-    patches = asyncio.run(during_a_commit())
-    assert len(patches) == 7
-    assert len(dir_syncs) == 2  # the six waited together for the second batch
-
-
 def test_a_failed_fsync_of_new_fails_every_delivery_it_was_to_cover(ctx, monkeypatch):
     _archive_together(ctx, 0)
     _counting(monkeypatch, "fsync_dir", fail_on={1})

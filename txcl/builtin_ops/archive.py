@@ -4,14 +4,15 @@ Standard Maildir delivery (write into tmp/, fsync, rename into new/, fsync new/)
 a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix hears 250,
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
-ARCHIVE is an async op that commits in batches: the loop writes a delivery's file into
-tmp/, and a worker thread commits the files that arrived together (`CommitQueue`): each
-fsynced, renamed into new/, and new/ fsynced once for all. Handing each fsync to a thread
-of its own cost more than the fsync: on the 2-core VM the benchmark runs on, ARCHIVE added
-~1.1 ms of CPU per 1 KiB message that way (thread wake-ups, interpreter-lock hand-overs),
-~0.85 ms batched, of which the file's own system calls are ~0.2 ms. Messages over 256 KiB
-are written and fsynced in a worker thread before they join a batch, so one large
-message does not hold the loop.
+ARCHIVE is an async op whose disk work runs on the event loop, batched: the deliveries
+that reach it in one turn of the loop are written, then committed together by one call
+(`CommitQueue`): each file fsynced, renamed into new/, and new/ fsynced once for all.
+Handing each fsync to a worker thread cost more than the fsync: on the 2-core VM the
+benchmark runs on, ARCHIVE added ~1.1 ms of CPU per 1 KiB message that way (thread
+wake-ups, interpreter-lock hand-overs) and ~0.6 ms batched on the loop, of which the
+file's own system calls are ~0.2 ms. The loop waits through a journal commit or two per
+batch instead, shared by the whole batch. Messages over 256 KiB are written and fsynced
+in a worker thread, so that one large message does not hold the loop.
 
 This module also reads the raw message for the other built-ins: the bytes the source
 handed over with the call (`OpContext.message`; the LMTP head always does), else out of the
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import functools
 import os
 import re
@@ -178,58 +178,56 @@ def fsync_dir(path: Path) -> None:
 class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
-    A delivery adds its written file (still in tmp/) and awaits the returned future. A
-    worker thread commits a batch at a time: it fsyncs every file (a file whose fsync fails
-    fails only its delivery), renames each into new/, and fsyncs each new/ directory once
-    for all the files renamed into it (a failed directory fsync fails exactly those
-    deliveries). The first addition starts a batch at the end of its turn of the loop;
-    what arrives while a batch runs forms the next one, started when it ends. So a busy
-    loop pays one thread hand-over per batch, not per message, and never waits for the
-    disk itself. A delivery cancelled before its batch starts leaves nothing behind (its
-    file is closed and removed from tmp/); one cancelled later may still land in new/, as
-    a delivery whose reply was lost does, and is retried by the client (at least once).
+    A delivery adds its written file (still in tmp/) and awaits the returned future. The
+    first addition of a turn of the loop schedules one commit at the end of that turn; it
+    fsyncs every file (a file whose fsync fails fails only its delivery), renames each into
+    new/, and fsyncs each new/ directory once for all the files renamed into it (a failed
+    directory fsync fails exactly those deliveries). A delivery cancelled before the commit
+    leaves nothing behind: its file is closed and removed from tmp/.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._pending: list[_Pending] = []
-        self._running = False
 
     def add(self, fd: int | None, tmp_path: Path, new_path: Path) -> asyncio.Future[None]:
         """Commit the file at `tmp_path` to `new_path`; `fd` open if it still needs its
         fsync (the commit closes it), None if it had it."""
         done = self.loop.create_future()
         self._pending.append(_Pending(fd, tmp_path, new_path, done))
-        if len(self._pending) == 1 and not self._running:
-            self.loop.call_soon(self._start)
+        if len(self._pending) == 1:
+            self.loop.call_soon(self._commit)
         return done
 
-    def _start(self) -> None:
-        if self._running or not self._pending:
-            return
+    def _commit(self) -> None:
         batch, self._pending = self._pending, []
+        renamed: dict[Path, list[asyncio.Future[None]]] = {}
         for item in batch:
-            item.wanted = not item.done.cancelled()
-        self._running = True
-        job = self.loop.run_in_executor(None, commit_batch, batch)
-        job.add_done_callback(lambda _: self._finished(batch))
-
-    def _finished(self, batch: list[_Pending]) -> None:
-        self._running = False
-        for item in batch:
-            if item.done.done():
+            try:
+                item.sync_and_close()
+                if item.done.cancelled():
+                    item.tmp_path.unlink(missing_ok=True)
+                    continue
+                os.rename(item.tmp_path, item.new_path)
+            except OSError as error:
+                item.tmp_path.unlink(missing_ok=True)
+                _fail(item.done, error)
                 continue
-            if item.error is None:
-                item.done.set_result(None)
-            else:  # a fresh exception each: same errno, same type
-                error = item.error
-                item.done.set_exception(OSError(error.errno, error.strerror, error.filename))
-        if self._pending:
-            self._start()
+            renamed.setdefault(item.new_path.parent, []).append(item.done)
+        for directory, waiting in renamed.items():
+            try:
+                fsync_dir(directory)
+            except OSError as error:
+                for done in waiting:
+                    _fail(done, error)
+                continue
+            for done in waiting:
+                if not done.done():
+                    done.set_result(None)
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_path", "done", "wanted", "error")
+    __slots__ = ("fd", "tmp_path", "new_path", "done")
 
     def __init__(
         self, fd: int | None, tmp_path: Path, new_path: Path, done: asyncio.Future[None]
@@ -238,36 +236,21 @@ class _Pending:
         self.tmp_path = tmp_path
         self.new_path = new_path
         self.done = done
-        self.wanted = True  # False: cancelled before its batch started
-        self.error: OSError | None = None  # what failed it, once committed
+
+    def sync_and_close(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            if not self.done.cancelled():
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def commit_batch(batch: list[_Pending]) -> None:
-    """Make every wanted file of `batch` durable in new/ (in a worker thread); what fails
-    an item is left in its `error`. Never raises: every item gets its outcome."""
-    renamed: dict[Path, list[_Pending]] = {}
-    for item in batch:
-        try:
-            try:
-                if item.fd is not None and item.wanted:
-                    os.fsync(item.fd)
-            finally:
-                if item.fd is not None:
-                    os.close(item.fd)
-            if item.wanted:
-                os.rename(item.tmp_path, item.new_path)
-                renamed.setdefault(item.new_path.parent, []).append(item)
-                continue
-        except OSError as error:
-            item.error = error
-        with contextlib.suppress(OSError):
-            item.tmp_path.unlink(missing_ok=True)
-    for directory, items in renamed.items():
-        try:
-            fsync_dir(directory)
-        except OSError as error:
-            for item in items:
-                item.error = error
+def _fail(done: asyncio.Future[None], error: OSError) -> None:
+    if not done.done():  # a fresh exception each: same errno, same type
+        done.set_exception(OSError(error.errno, error.strerror, error.filename))
 
 
 _commit_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CommitQueue] = (
@@ -306,8 +289,8 @@ async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
-    Up to INLINE_WRITE_BYTES of bytes are written here and committed in a batch with the
-    deliveries that arrive with it (`CommitQueue`); anything else is written and
+    Up to INLINE_WRITE_BYTES of bytes are written here and committed with the other
+    deliveries of this turn of the loop (`CommitQueue`); anything else is written and
     fsynced in a worker thread, which owns the file descriptor from then on.
     """
     name = unique_name()
