@@ -26,7 +26,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-log = logging.getLogger("txco")
+log = logging.getLogger("txco.lmtp")
 
 # How long a busier worker leaves a new connection to a less busy one. Long enough for a
 # worker woken by the same connection to reach accept(), short next to any delivery.

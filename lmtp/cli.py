@@ -222,9 +222,9 @@ WORKER_RESTART_DELAY_S = 1.0
 def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> int:
     """The parent of `count` forked workers: it binds the listeners once, each worker
     serves them with its own rules and event loop (the least busy worker takes each new
-    connection: lmtp.balance), and signals are forwarded: SIGHUP reloads every worker, SIGTERM/SIGINT stop
-    them all. A worker that dies is replaced; one that cannot load the rules at start
-    (exit 2) stops the whole server with that status."""
+    connection: lmtp.balance), and signals are forwarded: SIGHUP reloads every worker,
+    SIGTERM/SIGINT stop them all. A worker that dies is replaced; one that cannot load the
+    rules at start (exit 2) stops the whole server with that status."""
     try:
         listeners = bind_listeners(settings)
     except ListenError as err:
