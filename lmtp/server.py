@@ -299,8 +299,7 @@ class LMTPProtocol(LMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.head.sessions.add(self)
-        self.head.sessions_changed()
+        self.head.sessions.add(self)  # published when its setup ends (LMTPHead._connect)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.head.sessions.discard(self)

@@ -297,21 +297,22 @@ async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple
     tmp_path = maildir / "tmp" / name
     new_path = maildir / "new" / name
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if isinstance(content, bytes) and len(content) <= INLINE_WRITE_BYTES:
+    if isinstance(content, bytes) and len(content) <= INLINE_WRITE_BYTES:
+        try:
             size = _write_all(fd, content)
-            open_fd: int | None = fd
-        else:
-            loop = asyncio.get_running_loop()
-            fd_owner, fd = fd, -1  # the thread closes it, even if this delivery is cancelled
-            size = await loop.run_in_executor(None, _write_sync_close, fd_owner, content)
-            open_fd = None
-    except BaseException:
-        if fd >= 0:
+        except BaseException:
             os.close(fd)
+            tmp_path.unlink(missing_ok=True)
+            raise
+        await commit_queue().add(fd, tmp_path, new_path)  # the commit fsyncs and closes it
+        return new_path, size
+    loop = asyncio.get_running_loop()
+    try:  # the thread closes the file, even if this delivery is cancelled meanwhile
+        size = await loop.run_in_executor(None, _write_sync_close, fd, content)
+    except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    await commit_queue().add(open_fd, tmp_path, new_path)
+    await commit_queue().add(None, tmp_path, new_path)
     return new_path, size
 
 
