@@ -53,6 +53,10 @@ MAX_COMMAND_LINE = 512
 MAX_MAIL_LINE = 512 + 26 + 15
 
 _STUFFED_DOT = b"\r\n."
+# How the bytes before a DATA chunk ended (DataDecoder), and what its _dot_line returns
+# when the message has not ended there.
+_CRLF, _CR, _OTHER = "CRLF", "CR", "other"
+_HOLD, _GO_ON = -1, -2
 _SIMPLE_PATH = re.compile(r"<([^<>()\[\]\\,;:@\"\s]+@[A-Za-z0-9.-]+)>(?:\s+(.*))?\Z")
 _REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
 
@@ -101,6 +105,10 @@ class DataDecoder:
     One `find` per chunk and per dot-started line; each piece is copied once, into a
     growing buffer that `message()` hands over without another copy (BytesIO.getvalue
     shares its buffer), so a message costs about its size once, not chunks plus a join.
+    Only a dot that starts a line, with the one byte after it, is ever held back for the
+    next chunk (terminator or stuffing?); how the bytes before a chunk ended (CRLF, CR) is
+    kept as a state, so a chunk is never glued to the previous one's tail: that copied
+    every chunk, ~9 % of a worker's interpreter time with 100 KiB messages.
     Over `max_bytes` the message is dropped at once and the rest is only counted, so memory
     stays bounded by the limit whatever the client sends.
 
@@ -125,45 +133,56 @@ class DataDecoder:
                 self._out.seek(capacity - 1)
                 self._out.write(b"\0")  # one allocation of `capacity`
                 self._out.seek(0)
-        # The stream starts as if after a CRLF, so a leading "." is a line start too; those
-        # two bytes stay at the front of `_held` until the stream has moved past them.
-        self._held = b"\r\n"
-        self._virtual_crlf = True
+        # The stream starts as if after a CRLF, so a leading "." starts a line too.
+        self._ended_with = _CRLF
+        self._held = b""  # "." or ".\r" that started a line, undecided
 
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes. -1: the message goes on; else how many bytes of `chunk`
         belonged to the message (what follows is the client's next command)."""
         held = self._held
-        piece = held + chunk if held else chunk
+        piece = held + chunk if held else chunk  # held: at most two bytes
+        self._held = b""
         start = 0
-        hold_from = -1
-        pos = piece.find(_STUFFED_DOT)
+        # A line that starts at the chunk's border: right there (the bytes before ended
+        # with CRLF, or a held dot is back in front), or after an LF that completes a CR.
+        ended_with = self._ended_with
+        border = 0 if ended_with is _CRLF else 1 if ended_with is _CR and piece[:1] == b"\n" else -1
+        if border >= 0 and piece[border:border + 1] == b".":
+            if (used := self._dot_line(piece, start, border)) != _GO_ON:
+                return used - len(held) if used >= 0 else -1
+            start = border + 1
+        pos = piece.find(_STUFFED_DOT, start)
         while pos >= 0:
-            after = pos + 3
-            tail = piece[after:after + 2]
-            if tail == b"\r\n":
-                self._emit(piece, start, pos + 2)
-                self._held = b""
-                self.done = True
-                return after + 2 - len(held)
-            if tail in (b"", b"\r"):  # maybe a terminator the next chunk completes
-                hold_from = pos
-                break
-            self._emit(piece, start, pos + 2)
-            start = after
-            pos = piece.find(_STUFFED_DOT, after)
-        if hold_from < 0:
-            hold_from = len(piece) - (2 if piece.endswith(b"\r\n") else
-                                      1 if piece.endswith(b"\r") else 0)
-        self._emit(piece, start, hold_from)
-        self._held = piece[hold_from:]
-        if hold_from >= 2:
-            self._virtual_crlf = False
+            if (used := self._dot_line(piece, start, pos + 2)) != _GO_ON:
+                return used - len(held) if used >= 0 else -1
+            start = pos + 3
+            pos = piece.find(_STUFFED_DOT, start)
+        self._emit(piece, start, len(piece))
+        if piece.endswith(b"\r\n") or (piece == b"\n" and ended_with is _CR):
+            self._ended_with = _CRLF
+        elif piece.endswith(b"\r"):
+            self._ended_with = _CR
+        elif piece:
+            self._ended_with = _OTHER
         return -1
 
+    def _dot_line(self, piece: bytes, start: int, dot: int) -> int:
+        """A line of `piece` starts with a dot at `dot`; emit what precedes it. The end of
+        the message (the index in `piece` after the terminator); _HOLD (the dot is held
+        for the next chunk); or _GO_ON (a stuffed dot, dropped)."""
+        self._emit(piece, start, dot)
+        tail = piece[dot + 1:dot + 3]
+        if tail == b"\r\n":
+            self.done = True
+            return dot + 3
+        if tail in (b"", b"\r"):  # maybe a terminator the next chunk completes
+            self._held = piece[dot:]
+            self._ended_with = _CRLF
+            return _HOLD
+        return _GO_ON
+
     def _emit(self, piece: bytes, start: int, stop: int) -> None:
-        if self._virtual_crlf and start < 2:
-            start = 2
         if stop <= start:
             return
         self.size += stop - start

@@ -129,6 +129,31 @@ def test_decoder_returns_what_the_client_meant_for_any_body_and_chunking(
     assert decoder.size == len(message)
 
 
+def read_as_the_rfc_says(stream: bytes) -> tuple[bytes, bytes] | None:
+    """(message, rest) of a whole DATA stream, or None: the first CRLF "." CRLF (the
+    stream starting as if after a CRLF) ends it, and a line's leading dot is dropped."""
+    framed = b"\r\n" + stream
+    end = framed.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    stuffed = framed[:end + 2]  # with the CRLF in front and the message's last CRLF
+    return stuffed.replace(b"\r\n.", b"\r\n")[2:], framed[end + 5:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=st.lists(_PIECES, max_size=40).map(b"".join) | st.binary(max_size=200),
+       sizes=st.lists(st.integers(1, 12), max_size=30))
+def test_decoder_reads_any_stream_in_any_chunking_as_the_rfc_says(
+        stream: bytes, sizes: list[int]) -> None:
+    """Streams that end, and streams that do not (yet), cut anywhere."""
+    expected = read_as_the_rfc_says(stream)
+    decoder, leftover = feed_in_chunks(stream, sizes)
+    assert decoder.done == (expected is not None)
+    if expected is not None:
+        assert (decoder.message(), leftover) == expected
+        assert decoder.size == len(expected[0])
+
+
 @settings(max_examples=200, deadline=None)
 @given(body=_BODIES, sizes=st.lists(st.integers(1, 40), max_size=30),
        hint=st.integers(0, 700), max_bytes=st.integers(1, 700))
