@@ -480,7 +480,10 @@ class Stack:
             message=message,
         )
         try:
-            return await asyncio.wait_for(registry.call(name, env, args, ctx), deadline)
+            # In the caller's task: wait_for would start a task per call, and its first step
+            # and its result would each wait a turn of a busy event loop.
+            async with asyncio.timeout(deadline):
+                return await registry.call(name, env, args, ctx)
         except TimeoutError:
             raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
         except Exception as err:
