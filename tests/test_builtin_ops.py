@@ -372,6 +372,36 @@ def test_a_failed_fsync_of_one_file_fails_only_its_delivery(ctx, monkeypatch):
     assert len(list((maildir / "new").iterdir())) == 1 + 2
 
 
+def test_each_file_starts_its_writeback_before_the_commit_fsyncs_it(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    events: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def hint(fd: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_DONTNEED)
+        events.append(("hint", fd))
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_module, "_fadvise", hint)
+    monkeypatch.setattr(archive_module.os, "fsync", fsync)
+    _archive_together(ctx, 3, first=False)
+    hinted = [fd for what, fd in events[:3] if what == "hint"]
+    assert len(hinted) == 3  # all three, as each is written: before the first fsync
+    assert [fd for what, fd in events[3:6]] == hinted  # then each file's fsync
+
+
+def test_a_writeback_hint_that_fails_does_not_fail_the_delivery(ctx, monkeypatch):
+    def refusing(*args: Any) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(archive_module, "_fadvise", refusing)
+    (patch,) = _archive_together(ctx, 1)
+    assert Path(patch["archive"]["path"]).read_bytes() == RAW + b"0\r\n"
+
+
 def test_a_delivery_cancelled_before_its_commit_leaves_nothing_behind(ctx):
     async def cancel_before_commit() -> dict:
         await archive(_without_raw(make_envelope()), {}, _handed(ctx))
