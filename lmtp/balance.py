@@ -21,7 +21,6 @@ import asyncio
 import errno
 import logging
 import mmap
-import select
 import socket
 import struct
 from collections.abc import Callable
@@ -110,8 +109,7 @@ class BalancedAcceptor:
             return
         assert self._loop is not None
         self._loop.add_reader(self.sock.fileno(), self._acceptable)
-        if select.select([self.sock], [], [], 0)[0]:
-            self._accept()  # still waiting after this worker stepped aside: take it
+        self._accept()  # a connection still waiting after this worker stepped aside
 
     def _acceptable(self) -> None:
         if self.slot is not None and self.slot.should_step_aside():

@@ -32,7 +32,7 @@ import socket
 import stat
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,18 +143,9 @@ class DataDecoder:
         held = self._held
         piece = held + chunk if held else chunk  # held: at most two bytes
         self._held = b""
-        start = 0
-        # A line that starts at the chunk's border: right there (the bytes before ended
-        # with CRLF, or a held dot is back in front), or after an LF that completes a CR.
         ended_with = self._ended_with
-        border = 0 if ended_with is _CRLF else 1 if ended_with is _CR and piece[:1] == b"\n" else -1
-        if border >= 0 and piece[border:border + 1] == b".":
-            if (used := self._dot_line(piece, start, border)) != _GO_ON:
-                return used - len(held) if used >= 0 else -1
-            start = border + 1
-        search = _STUFFED_DOT.search  # twice as fast as bytes.find for this needle
-        while found := search(piece, start):
-            dot = found.end() - 1
+        start = 0
+        for dot in self._line_start_dots(piece):
             if (used := self._dot_line(piece, start, dot)) != _GO_ON:
                 return used - len(held) if used >= 0 else -1
             start = dot + 1
@@ -166,6 +157,19 @@ class DataDecoder:
         elif piece:
             self._ended_with = _OTHER
         return -1
+
+    def _line_start_dots(self, piece: bytes) -> Iterator[int]:
+        """Where a dot starts a line in `piece`: at its border (the bytes before ended with
+        CRLF, or a held dot is back in front; or after an LF that completes a CR), then
+        after each CRLF within it. A regex search: twice as fast as bytes.find here."""
+        ended_with = self._ended_with
+        border = 0 if ended_with is _CRLF else 1 if ended_with is _CR and piece[:1] == b"\n" else -1
+        after = 0
+        if border >= 0 and piece[border:border + 1] == b".":
+            yield border
+            after = border + 1
+        for found in _STUFFED_DOT.finditer(piece, after):
+            yield found.end() - 1
 
     def _dot_line(self, piece: bytes, start: int, dot: int) -> int:
         """A line of `piece` starts with a dot at `dot`; emit what precedes it. The end of
