@@ -339,7 +339,7 @@ def test_deliveries_of_one_turn_share_one_fsync_of_new(ctx, monkeypatch):
     file_syncs = _counting(monkeypatch, "fsync")
     patches = _archive_together(ctx, 8, first=False)
     new = stack_dir(ctx) / "Maildir" / "new"
-    assert dir_syncs == [new]
+    assert [Path(d) for d in dir_syncs] == [new]
     assert len(file_syncs) == 8 + 1  # each file, then new/ itself
     maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
     for i, patch in enumerate(patches):
@@ -490,6 +490,32 @@ def test_a_known_maildir_is_not_checked_again(ctx, monkeypatch):
         run_archive(make_envelope(), {"folder": "Support"}, ctx)
     root = stack_dir(ctx) / "Maildir"
     assert checked == [root, root / ".Support"]
+
+
+def test_a_place_delivered_to_once_skips_the_storage_checks_after(ctx, monkeypatch):
+    asked: list[tuple[str, ...]] = []
+    storage = OpContext.storage
+
+    def counting(self: OpContext, *parts: str) -> Path:
+        asked.append(parts)
+        return storage(self, *parts)
+
+    monkeypatch.setattr(OpContext, "storage", counting)
+    for folder in ("", "Support", "", "Support"):
+        run_archive(make_envelope(), {"folder": folder}, ctx)
+    assert asked == [("Maildir",), ("Maildir",), ("Maildir", ".Support")]
+    other = dataclasses.replace(ctx, tenant="globex", stack="globex/_mail")
+    run_archive(make_envelope(), {}, other)  # another stack is checked on its own
+    assert asked[3:] == [("Maildir",)]
+
+
+def test_the_places_remembered_are_bounded(ctx, monkeypatch):
+    monkeypatch.setattr(archive_module, "_PLACES_MAX", 2)
+    monkeypatch.setattr(archive_module, "_places", {})
+    for folder in ("A", "B", "C"):
+        run_archive(make_envelope(), {"folder": folder}, ctx)
+        assert len(archive_module._places) <= 2
+    assert (ctx.state_dir, ctx.tenant, ctx.stack, "C") in archive_module._places
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,11 @@ DECODE_CHUNK = 4 * 2**18
 # are skipped; a delivery that finds one deleted forgets it, recreates it and retries once.
 _known_maildirs: set[Path] = set()
 _known_maildirs_lock = threading.Lock()
+# (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
+# once a delivery there succeeded: the next ones skip the storage checks and folder setup.
+# Bounded like OpContext.storage()'s cache: folder names come from rule arguments.
+_places: dict[tuple[Path | None, str, str, str], tuple[Path, Path]] = {}
+_PLACES_MAX = 4096
 
 
 def source_section(envelope: Mapping[str, Any], op: str) -> Mapping[str, Any]:
@@ -192,30 +197,32 @@ class CommitQueue:
         self.loop = loop
         self._pending: list[_Pending] = []
 
-    def add(self, fd: int | None, tmp_path: Path, new_path: Path) -> asyncio.Future[None]:
-        """Commit the file at `tmp_path` to `new_path`; `fd` open if it still needs its
-        fsync (the commit closes it), None if it had it."""
+    def add(
+        self, fd: int | None, tmp_path: str, new_dir: str, new_path: str
+    ) -> asyncio.Future[None]:
+        """Commit the file at `tmp_path` to `new_path` in `new_dir`; `fd` open if it still
+        needs its fsync (the commit closes it), None if it had it."""
         done = self.loop.create_future()
-        self._pending.append(_Pending(fd, tmp_path, new_path, done))
+        self._pending.append(_Pending(fd, tmp_path, new_dir, new_path, done))
         if len(self._pending) == 1:
             self.loop.call_soon(self._commit)
         return done
 
     def _commit(self) -> None:
         batch, self._pending = self._pending, []
-        renamed: dict[Path, list[asyncio.Future[None]]] = {}
+        renamed: dict[str, list[asyncio.Future[None]]] = {}
         for item in batch:
             try:
                 item.sync_and_close()
                 if item.done.cancelled():
-                    item.tmp_path.unlink(missing_ok=True)
+                    _remove(item.tmp_path)
                     continue
                 os.rename(item.tmp_path, item.new_path)
             except OSError as error:
-                item.tmp_path.unlink(missing_ok=True)
+                _remove(item.tmp_path)
                 _fail(item.done, error)
                 continue
-            renamed.setdefault(item.new_path.parent, []).append(item.done)
+            renamed.setdefault(item.new_dir, []).append(item.done)
         for directory, waiting in renamed.items():
             try:
                 fsync_dir(directory)
@@ -229,13 +236,19 @@ class CommitQueue:
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_path", "done")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done")
 
     def __init__(
-        self, fd: int | None, tmp_path: Path, new_path: Path, done: asyncio.Future[None]
+        self,
+        fd: int | None,
+        tmp_path: str,
+        new_dir: str,
+        new_path: str,
+        done: asyncio.Future[None],
     ) -> None:
         self.fd = fd
         self.tmp_path = tmp_path
+        self.new_dir = new_dir
         self.new_path = new_path
         self.done = done
 
@@ -248,6 +261,11 @@ class _Pending:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fail(done: asyncio.Future[None], error: OSError) -> None:
@@ -287,7 +305,7 @@ def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
             break
 
 
-async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple[Path, int]:
+async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple[str, int]:
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
@@ -295,27 +313,31 @@ async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple
     deliveries of this turn of the loop (`CommitQueue`); anything else is written and
     fsynced in a worker thread, which owns the file descriptor from then on.
     """
+    # Plain strings, not Path joins: this runs once per message, and pathlib's were about
+    # as much Python time as the rest of the op.
     name = unique_name()
-    tmp_path = maildir / "tmp" / name
-    new_path = maildir / "new" / name
+    tmp_path = f"{maildir}/tmp/{name}"
+    new_dir = f"{maildir}/new"
+    new_path = f"{new_dir}/{name}"
     fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     if isinstance(content, bytes) and len(content) <= INLINE_WRITE_BYTES:
         try:
             size = _write_all(fd, content)
         except BaseException:
             os.close(fd)
-            tmp_path.unlink(missing_ok=True)
+            _remove(tmp_path)
             raise
         start_writeback(fd)
-        await commit_queue().add(fd, tmp_path, new_path)  # the commit fsyncs and closes it
+        # The commit fsyncs and closes it.
+        await commit_queue().add(fd, tmp_path, new_dir, new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
     try:  # the thread closes the file, even if this delivery is cancelled meanwhile
         size = await loop.run_in_executor(None, _write_sync_close, fd, content)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        _remove(tmp_path)
         raise
-    await commit_queue().add(None, tmp_path, new_path)
+    await commit_queue().add(None, tmp_path, new_dir, new_path)
     return new_path, size
 
 
@@ -356,14 +378,29 @@ async def _ensure_known(path: Path, *, subfolder: bool, durable_up_to: Path) -> 
     )
 
 
-def _remember(*paths: Path) -> None:
+def _remember(key: tuple[Path | None, str, str, str], root: Path, target: Path) -> None:
     with _known_maildirs_lock:
-        _known_maildirs.update(paths)
+        _known_maildirs.update((root, target))
+        if len(_places) >= _PLACES_MAX:
+            _places.clear()
+        _places[key] = (root, target)
 
 
-def _forget(*paths: Path) -> None:
+def _forget(key: tuple[Path | None, str, str, str], *paths: Path) -> None:
     with _known_maildirs_lock:
         _known_maildirs.difference_update(paths)
+        _places.pop(key, None)
+
+
+async def _prepare(ctx: OpContext, folder: str) -> tuple[Path, Path]:
+    """The stack's Maildir and the one to deliver into (itself or `.folder`), both made
+    and checked: the storage checks, and tmp/ new/ cur/ unless known to this process."""
+    root = ctx.storage(MAILDIR)
+    target = ctx.storage(MAILDIR, "." + folder) if folder else root
+    await _ensure_known(root, subfolder=False, durable_up_to=Path(ctx.state_dir or root))
+    if folder:
+        await _ensure_known(target, subfolder=True, durable_up_to=root)
+    return root, target
 
 
 async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
@@ -381,29 +418,26 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
             except binascii.Error as exc:
                 raise not_base64(envelope, "ARCHIVE", exc) from None
 
-    root = ctx.storage(MAILDIR)
-    state_dir = Path(ctx.state_dir or root)
-    target = ctx.storage(MAILDIR, "." + folder) if folder else root
-
-    async def store() -> tuple[Path, int]:
-        await _ensure_known(root, subfolder=False, durable_up_to=state_dir)
-        if folder:
-            await _ensure_known(target, subfolder=True, durable_up_to=root)
-        return await deliver(target, content)
-
+    key = (ctx.state_dir, ctx.tenant, ctx.stack, folder)
+    known = place = _places.get(key)
     try:
-        path, size = await store()
+        if place is None:
+            place = await _prepare(ctx, folder)
+        path, size = await deliver(place[1], content)
     except FileNotFoundError:
         # A Maildir this process knew was deleted under it: recreate it, once.
-        _forget(root, target)
-        path, size = await store()
-    _remember(root, target)
+        _forget(key, *(place or ()))
+        place = await _prepare(ctx, folder)
+        path, size = await deliver(place[1], content)
+    root, target = place
+    if place is not known:
+        _remember(key, root, target)
     return {
         "archive": {
             "maildir": str(root),
             "folder": folder,
-            "path": str(path),
-            "key": path.name,
+            "path": path,
+            "key": path.rpartition("/")[2],
             "size": size,
         }
     }
