@@ -32,7 +32,6 @@ import os
 import re
 import secrets
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -54,13 +53,11 @@ INLINE_WRITE_BYTES = 256 * 1024
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
 
-# Maildirs (tmp/ new/ cur/ all present) this process has delivered into: their folder checks
-# are skipped; a delivery that finds one deleted forgets it, recreates it and retries once.
-_known_maildirs: set[Path] = set()
-_known_maildirs_lock = threading.Lock()
 # (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
 # once a delivery there succeeded: the next ones skip the storage checks and folder setup.
-# Bounded like OpContext.storage()'s cache: folder names come from rule arguments.
+# A delivery that finds one deleted forgets it, recreates it and retries once. Bounded like
+# OpContext.storage()'s cache (and, like it, plain dict operations): folder names come from
+# rule arguments.
 _places: dict[tuple[Path | None, str, str, str], tuple[Path, Path]] = {}
 _PLACES_MAX = 4096
 
@@ -368,39 +365,21 @@ def _write_sync_close(fd: int, content: bytes | Callable[[int], int]) -> int:
         os.close(fd)
 
 
-async def _ensure_known(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
-    with _known_maildirs_lock:
-        if path in _known_maildirs:
-            return
-    await asyncio.get_running_loop().run_in_executor(
-        None,
-        functools.partial(ensure_maildir, path, subfolder=subfolder, durable_up_to=durable_up_to),
-    )
-
-
-def _remember(key: tuple[Path | None, str, str, str], root: Path, target: Path) -> None:
-    with _known_maildirs_lock:
-        _known_maildirs.update((root, target))
-        if len(_places) >= _PLACES_MAX:
-            _places.clear()
-        _places[key] = (root, target)
-
-
-def _forget(key: tuple[Path | None, str, str, str], *paths: Path) -> None:
-    with _known_maildirs_lock:
-        _known_maildirs.difference_update(paths)
-        _places.pop(key, None)
-
-
 async def _prepare(ctx: OpContext, folder: str) -> tuple[Path, Path]:
-    """The stack's Maildir and the one to deliver into (itself or `.folder`), both made
-    and checked: the storage checks, and tmp/ new/ cur/ unless known to this process."""
+    """The stack's Maildir and the one to deliver into (itself or `.folder`), both past
+    the storage checks and with tmp/ new/ cur/ made (in a worker thread: a new folder is
+    fsynced up to the state dir)."""
     root = ctx.storage(MAILDIR)
     target = ctx.storage(MAILDIR, "." + folder) if folder else root
-    await _ensure_known(root, subfolder=False, durable_up_to=Path(ctx.state_dir or root))
-    if folder:
-        await _ensure_known(target, subfolder=True, durable_up_to=root)
+    state_dir = Path(ctx.state_dir or root)
+    await asyncio.get_running_loop().run_in_executor(None, _make_maildirs, root, target, state_dir)
     return root, target
+
+
+def _make_maildirs(root: Path, target: Path, state_dir: Path) -> None:
+    ensure_maildir(root, subfolder=False, durable_up_to=state_dir)
+    if target != root:
+        ensure_maildir(target, subfolder=True, durable_up_to=root)
 
 
 async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
@@ -426,12 +405,14 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
         path, size = await deliver(place[1], content)
     except FileNotFoundError:
         # A Maildir this process knew was deleted under it: recreate it, once.
-        _forget(key, *(place or ()))
+        _places.pop(key, None)
         place = await _prepare(ctx, folder)
         path, size = await deliver(place[1], content)
-    root, target = place
     if place is not known:
-        _remember(key, root, target)
+        if len(_places) >= _PLACES_MAX:
+            _places.clear()
+        _places[key] = place
+    root = place[0]
     return {
         "archive": {
             "maildir": str(root),
