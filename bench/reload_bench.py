@@ -4,7 +4,7 @@
 
 1. Generates an OPS tree of `--files` rule files (tenants x stacks x files, every rule with
    a regex WHEN, a SET from a named group and an omit hint), plus the stack deliveries go to.
-2. Compiles it in-process the way a reload does (`lmtp.reload.build_runtime`): min/median/max.
+2. Compiles it in-process the way a reload does (`txcl.chassis.runtime.build_runtime`): min/median/max.
 3. Starts a real `txco serve` on it, keeps `--clients` LMTP connections delivering in a loop,
    measures each delivery's latency (MAIL to the last reply) for `--baseline` seconds, then
    sends SIGHUP `--reloads` times, waiting for each "now serving version N" log line.
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lmtp.config import Settings  # noqa: E402
-from lmtp.reload import build_runtime  # noqa: E402
+from lmtp.personality import LmtpPersonality  # noqa: E402
+from txcl.chassis.runtime import build_runtime  # noqa: E402
 
 CONFIG = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
 ACCEPT = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "ok"\n'
@@ -70,7 +71,7 @@ def compile_times(settings: Settings, runs: int) -> list[float]:
     times = []
     for version in range(runs):
         started = time.perf_counter()
-        runtime = build_runtime(settings, version + 1)
+        runtime = build_runtime(settings, version + 1, [LmtpPersonality(settings)])
         times.append(time.perf_counter() - started)
     stacks = len(runtime.tree.stacks)
     print(f"compiled tree: {runtime.tree.files} files, {stacks} stacks")

@@ -9,46 +9,35 @@ row), 2 usage or configuration error (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import ctypes
-import gc
 import logging
-import os
-import select
-import signal
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtp.balance import SessionCounts, WorkerSlot
 from lmtp.config import (
     DEFAULT_LISTEN_ADDRS,
     DEFAULT_PERSONALITIES,
     ConfigError,
     IngressConfig,
     Settings,
-    default_config_file,
     load_ingress_config,
     parse_comma_list,
     parse_duration,
     parse_listen_addrs,
     parse_positive_int,
 )
-from lmtp.server import BoundListener, ListenError, LMTPHead, bind_listeners, close_listeners
 from lmtp.tracecmd import (
     add_serve_trace_arguments,
-    add_status_arguments,
     add_trace_arguments,
-    run_status,
     run_trace,
     trace_writer_from_args,
 )
+from txcl.chassis.config import default_config_file
+from txcl.chassis.status import add_status_arguments, run_status
+from txcl.chassis.supervisor import FAILURE, OK, USAGE, CannotStart, ServeOptions, serve
 
-OK, FAILURE, USAGE = 0, 1, 2
 # Personalities this build can run. The seed's default list names the chassis's others.
 AVAILABLE_PERSONALITIES = ("lmtp",)
 
@@ -174,260 +163,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    if workers > 1:
-        return _serve_workers(args, settings, workers)
-    return _serve_process(args, settings)
+    from lmtp.personality import LmtpPersonality
 
-
-@dataclass(frozen=True)
-class StartGate:
-    """How a forked worker tells the parent it is ready, and learns when to accept.
-
-    `ready` (a pipe's write end; None for a worker that replaces a dead one) gets one byte
-    once the worker's rules are loaded and its servers set up; `go` (a pipe's read end)
-    reaches end-of-file when the parent closes the other end, after every first worker is
-    ready, so they all begin to accept at once (a later worker finds it at EOF already)."""
-
-    ready: int | None
-    go: int
-
-
-def _serve_process(args: argparse.Namespace, settings: Settings,
-                   inherited: list[BoundListener] | None = None,
-                   gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
-    """One serving process: the rules, the trace writer and the event loop."""
-    # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
-    # tree still compiles at start) must not kill the chassis.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    writer = trace_writer_from_args(args, settings.state_dir)
-    try:
-        holder = _runtime_holder(settings, writer)
-        # What start-up built (modules, grammar, the first tree) lives as long as the process:
-        # keep it out of the cyclic collector's scans, so a full collection (one follows each
-        # reload) costs what changed since, not everything.
-        gc.collect()
-        gc.freeze()
-        watch_interval = args.watch_interval if args.watch else None
-        return asyncio.run(_serve(settings, _reloading_handler(holder), holder, watch_interval,
-                                  inherited, gate, slot))
-    finally:
-        writer.close()
-
-
-# A worker that dies sooner than this after its start is restarted only after this long,
-# so a worker that cannot run does not spin the machine.
-WORKER_RESTART_DELAY_S = 1.0
-
-
-def _serve_workers(args: argparse.Namespace, settings: Settings, count: int) -> int:
-    """The parent of `count` forked workers: it binds the listeners once, each worker
-    serves them with its own rules and event loop (the least busy worker takes each new
-    connection: lmtp.balance), and signals are forwarded: SIGHUP reloads every worker,
-    SIGTERM/SIGINT stop them all. A worker that dies is replaced; one that cannot load the
-    rules at start (exit 2) stops the whole server with that status."""
-    try:
-        listeners = bind_listeners(settings)
-    except ListenError as err:
-        print(f"txco: error: {err}", file=sys.stderr)
-        return FAILURE
-    children: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its slot)
-    sessions = SessionCounts(count)
-    stopping = False
-
-    def forward(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if signum != signal.SIGHUP:
-            stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    # What the parent imported is shared with every worker until written to: keep the
-    # workers' cyclic collector from writing to it (Instagram's gc.freeze-before-fork).
-    gc.collect()
-    gc.freeze()
-    ready_read, ready_write = os.pipe()
-    go_read, go_write = os.pipe()
-    try:
-        for slot in range(count):
-            gate = StartGate(ready_write, go_read)
-            pid = _fork_worker(args, settings, listeners, gate, WorkerSlot(sessions, slot),
-                               (ready_read, go_write))
-            children[pid] = (time.monotonic(), slot)
-        os.close(ready_write)
-        ready = _count_ready(ready_read, count, WORKERS_READY_TIMEOUT_S)
-        os.close(go_write)  # every worker sees end-of-file on go_read: accept from now on
-        if ready < count:
-            log.warning("lmtp: %d of %d workers ready after %gs; the others join when they are",
-                        ready, count, WORKERS_READY_TIMEOUT_S)
-        log.info("lmtp: %d workers (pids %s)", count, " ".join(map(str, children)))
-        status = OK
-        while children:
-            try:
-                pid, wait_status = os.wait()
-            except ChildProcessError:
-                break
-            child = children.pop(pid, None)
-            if child is None:
-                continue
-            started, slot = child
-            sessions.set(slot, 0)  # its connections died with it
-            code = os.waitstatus_to_exitcode(wait_status)
-            if stopping:
-                continue
-            if code == USAGE:
-                status = USAGE
-                forward(signal.SIGTERM, None)
-                continue
-            log.error("lmtp worker %d exited (status %d); starting another", pid, code)
-            if time.monotonic() - started < WORKER_RESTART_DELAY_S:
-                time.sleep(WORKER_RESTART_DELAY_S)
-            if not stopping:
-                pid = _fork_worker(args, settings, listeners, StartGate(None, go_read),
-                                   WorkerSlot(sessions, slot), ())
-                children[pid] = (time.monotonic(), slot)
-        return status
-    finally:
-        os.close(go_read)
-        close_listeners(listeners)
-
-
-# How long the parent waits for its first workers to load the rules before letting the
-# ready ones accept anyway (a large tree compiles in a few seconds).
-WORKERS_READY_TIMEOUT_S = 60.0
-
-
-def _count_ready(ready_read: int, count: int, timeout: float) -> int:
-    """Read one byte per ready worker from `ready_read` until `count` arrive, every worker
-    has closed its end (ready or dead), or `timeout` passes; close it; how many arrived."""
-    deadline = time.monotonic() + timeout
-    ready = 0
-    try:
-        while ready < count:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([ready_read], [], [], left)[0]:
-                break
-            got = os.read(ready_read, count)
-            if not got:
-                break
-            ready += len(got)
-    finally:
-        os.close(ready_read)
-    return ready
-
-
-def _fork_worker(args: argparse.Namespace, settings: Settings,
-                 listeners: list[BoundListener], gate: StartGate, slot: WorkerSlot,
-                 parent_only: tuple[int, ...]) -> int:
-    sys.stderr.flush()
-    parent = os.getpid()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = FAILURE
-    try:
-        for fd in parent_only:  # else end-of-file could never come
-            os.close(fd)
-        _die_with_parent(parent)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        code = _serve_process(args, settings, listeners, gate, slot)
-    except UsageError as err:
-        print(f"txco: error: {err}", file=sys.stderr)
-        code = USAGE
-    except KeyboardInterrupt:
-        code = OK
-    except BaseException:
-        log.exception("lmtp worker %d failed", os.getpid())
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker gets SIGTERM when the parent dies, even by SIGKILL, so that no orphan
-    serves (or spins on) the listeners the parent bound. Linux only; elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(OK)
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _runtime_holder(settings: Settings, trace_sink: Any) -> Any:
-    """Everything a delivery needs, loaded and compiled before the first connection; later
-    versions are compiled on SIGHUP or a file change (lmtp.reload)."""
-    from lmtp.hostnames import HostnameStore
-    from lmtp.reload import ReloadFailed, RuntimeHolder
-
-    try:
-        return RuntimeHolder.start(settings, hostnames=HostnameStore(settings.state_dir),
-                                   trace_sink=trace_sink)
-    except ReloadFailed as err:
-        raise UsageError(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
-                         ) from None
-
-
-def _reloading_handler(holder: Any) -> Any:
-    from lmtp.delivery import Transaction
-    from lmtp.reload import ReloadingHandler
-
-    return ReloadingHandler(holder, Transaction)
-
-
-async def _serve(settings: Settings, handler: Any, holder: Any = None,
-                 watch_interval: float | None = None,
-                 inherited: list[BoundListener] | None = None,
-                 gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
-    head = LMTPHead(settings, handler, inherited, slot)
-    try:
-        await head.start(accept=gate is None)
-    except ListenError as err:
-        print(f"txco: error: {err}", file=sys.stderr)
-        return FAILURE
-    if gate is not None:
-        if gate.ready is not None:
-            os.write(gate.ready, b".")
-            os.close(gate.ready)
-        await _end_of_file(gate.go)
-        await head.accept_connections()
-    log.info("lmtp listening on %s", ", ".join(head.bound))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    watcher = None
-    if holder is not None:
-        holder.install_sighup(loop)
-        if watch_interval:
-            watcher = loop.create_task(holder.watch(watch_interval))
-    await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
-    log.info("lmtp shutting down: finishing deliveries in flight (at most %gs)",
-             settings.lmtp_resp_timeout)
-    await head.close(grace=settings.lmtp_resp_timeout)
-    log.info("lmtp stopped")
-    return OK
-
-
-async def _end_of_file(fd: int) -> None:
-    """Wait until the pipe `fd` reads as closed (its writers are gone), then close it."""
-    loop = asyncio.get_running_loop()
-    closed = loop.create_future()
-    loop.add_reader(fd, lambda: closed.done() or closed.set_result(None))
-    try:
-        await closed
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+    return serve(ServeOptions(
+        heads=(LmtpPersonality(settings),),
+        settings=settings,
+        open_trace_writer=lambda: trace_writer_from_args(args, settings.state_dir),
+        watch_interval=args.watch_interval if args.watch else None,
+    ), workers)
 
 
 # --- route -------------------------------------------------------------------------------
@@ -502,12 +245,6 @@ def _configure_trace(parser: argparse.ArgumentParser) -> None:
                         help="where txco serve writes requests/<rid>/ (default: ./var)")
 
 
-def _configure_status(parser: argparse.ArgumentParser) -> None:
-    add_status_arguments(parser)
-    parser.add_argument("--state-dir", metavar="DIR", default="var",
-                        help="where txco serve writes status.json (default: ./var)")
-
-
 def _configure_route(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", help="a RCPT TO address")
     _add_routing_flags(parser)
@@ -533,7 +270,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "trace": Subcommand("show what happened to the latest (or a given) request",
                         _configure_trace, run_trace),
     "status": Subcommand("show the serving version of the rules and the last reload",
-                         _configure_status, run_status),
+                         add_status_arguments, run_status),
 }
 
 
@@ -549,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (ConfigError, UsageError) as err:
+    except (ConfigError, UsageError, CannotStart) as err:
         print(f"txco: error: {err}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt:

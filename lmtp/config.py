@@ -2,8 +2,9 @@
 
 `Settings` holds every flag of the seed's quick-reference table with its default; the
 parsers here (durations, listen addresses, comma lists) are the only place their syntax
-lives. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml`, validated up front so
-a typo stops the chassis at start with a message naming the key, never at the first RCPT.
+lives. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml` (the file itself is read
+by txcl.chassis.config), validated up front so a typo stops the chassis at start with a
+message naming the key, never at the first RCPT.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
+from txcl.chassis.config import (
+    ConfigError,
+    ConfigFile,
+    expect_mapping,
+    load_config,
+    parse_config,
+    reject_unknown,
+)
 
 DEFAULT_PERSONALITIES = ("cron", "tcp", "web", "admin")
 DEFAULT_LISTEN_ADDRS = ":2424"
-DEFAULT_CONFIG_FILE = Path("txco.yaml")
 # Every listen address belongs to the listener of this name: the key `ingress.lmtp.listeners`
 # uses for its catch-all, and the value of `_txc.lmtp.listener`.
 LISTENER_NAME = "default"
@@ -30,10 +37,6 @@ STACK_SLUG = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-class ConfigError(Exception):
-    """A flag or config value that cannot be used. The message names the flag or key."""
 
 
 # --- flag values -------------------------------------------------------------------------
@@ -149,95 +152,48 @@ class Target:
 
 @dataclass(frozen=True)
 class IngressConfig:
-    """`ingress.lmtp` of `txco.yaml`, validated; plus the raw `ops:` mapping and its folder.
+    """`ingress.lmtp` of `txco.yaml`, validated.
 
     recipients:       exact `local@domain` keys and `@domain` wildcards (lower-cased)
     verified_domains: the static stand-in for `tenant_hostnames` (Strategy B)
     listeners:        catch-all per listener name
-    ops:              the top-level `ops:` mapping, for `OpRegistry.from_config`
-    base_dir:         the folder of the config file; relative op paths start here
     """
 
     recipients: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
     verified_domains: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
     listeners: Mapping[str, Target] = field(default_factory=lambda: MappingProxyType({}))
-    ops: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    base_dir: Path = Path(".")
 
 
-_TOP_LEVEL_KEYS = ("ingress", "ops")
-_INGRESS_KEYS = ("lmtp",)
+HEAD = "lmtp"  # this head's personality name and its `ingress.<name>` section
 _LMTP_KEYS = ("recipients", "verified_domains", "listeners")
 
 
 def load_ingress_config(path: Path | None) -> IngressConfig:
-    """Read and validate a `txco.yaml`; None gives the empty configuration."""
-    if path is None:
-        return IngressConfig()
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
-    return parse_ingress_config(text, name=str(path), base_dir=Path(path).parent)
+    """Read `txco.yaml` and validate its `ingress.lmtp`; None gives the empty configuration."""
+    return ingress_config(load_config(path, heads=(HEAD,)))
 
 
-def parse_ingress_config(text: str, name: str = "txco.yaml", base_dir: Path = Path(".")) -> IngressConfig:
-    try:
-        doc = yaml.load(text, Loader=_yaml_loader())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    if doc is None:
-        doc = {}
-    _expect_mapping(doc, name, "the top level")
-    _reject_unknown(doc, _TOP_LEVEL_KEYS, name, "")
-    ops = doc.get("ops") or {}
-    _expect_mapping(ops, name, "ops")
-    ingress = doc.get("ingress") or {}
-    _expect_mapping(ingress, name, "ingress")
-    _reject_unknown(ingress, _INGRESS_KEYS, name, "ingress.")
-    lmtp = ingress.get("lmtp") or {}
-    _expect_mapping(lmtp, name, "ingress.lmtp")
-    _reject_unknown(lmtp, _LMTP_KEYS, name, "ingress.lmtp.")
+def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
+    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
+
+
+def ingress_config(config: ConfigFile) -> IngressConfig:
+    """The `ingress.lmtp` section of a read `txco.yaml`, validated."""
+    name = config.name
+    lmtp = config.section(HEAD)
+    reject_unknown(lmtp, _LMTP_KEYS, name, "ingress.lmtp.")
     return IngressConfig(
         recipients=_targets(lmtp, "recipients", name, _check_recipient_key, stack_required=True),
         verified_domains=_targets(lmtp, "verified_domains", name, _check_domain_key,
                                   stack_required=False),
         listeners=_targets(lmtp, "listeners", name, _check_listener_key, stack_required=True),
-        ops=MappingProxyType(dict(ops)),
-        base_dir=base_dir,
     )
 
 
-def _yaml_loader() -> type:
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _expect_mapping(value: object, name: str, where: str) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name}: {where} must be a mapping, not {_kind(value)}")
-
-
-def _kind(value: object) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
-
-
-def _reject_unknown(mapping: dict, known: tuple[str, ...], name: str, prefix: str) -> None:
-    for key in mapping:
-        if key not in known:
-            allowed = ", ".join(f"{prefix}{k}" for k in known)
-            raise ConfigError(f"{name}: unknown key {prefix}{key} (known: {allowed})")
-
-
-def _targets(lmtp: dict, section: str, name: str, check_key, *, stack_required: bool
+def _targets(lmtp: Mapping[str, Any], section: str, name: str, check_key, *, stack_required: bool
              ) -> Mapping[str, Target]:
     entries = lmtp.get(section) or {}
-    _expect_mapping(entries, name, f"ingress.lmtp.{section}")
+    expect_mapping(entries, name, f"ingress.lmtp.{section}")
     out: dict[str, Target] = {}
     for raw_key, entry in entries.items():
         where = f"ingress.lmtp.{section}[{str(raw_key)!r}]"
@@ -251,9 +207,9 @@ def _targets(lmtp: dict, section: str, name: str, check_key, *, stack_required: 
 
 
 def _target(entry: object, name: str, where: str, *, stack_required: bool) -> Target:
-    _expect_mapping(entry, name, where)
+    expect_mapping(entry, name, where)
     assert isinstance(entry, dict)
-    _reject_unknown(entry, ("tenant", "stack"), name, f"{where}.")
+    reject_unknown(entry, ("tenant", "stack"), name, f"{where}.")
     tenant = entry.get("tenant")
     if not isinstance(tenant, str) or not TENANT_SLUG.match(tenant):
         raise ConfigError(
@@ -300,10 +256,3 @@ def _check_listener_key(key: str, name: str, where: str) -> str:
     if not STACK_SLUG.match(key):
         raise ConfigError(f"{name}: {where}: listener names match [a-z_][a-z0-9_-]*")
     return key
-
-
-def default_config_file(explicit: str | None) -> Path | None:
-    """`--config FILE` as given; else ./txco.yaml when it exists; else no file."""
-    if explicit:
-        return Path(explicit)
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None

@@ -40,8 +40,8 @@ from typing import Any, Protocol
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import Envelope, Session
 
-from lmtp.balance import BalancedAcceptor, WorkerSlot
 from lmtp.config import LISTENER_NAME, ListenAddress, Settings
+from txcl.chassis.balance import BalancedAcceptor, WorkerSlot
 
 log = logging.getLogger("txco.lmtp")
 

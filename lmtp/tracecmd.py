@@ -1,18 +1,17 @@
-"""`txco trace` and `txco status`: arguments and rendering; the data comes from txcl.trace
-and lmtp.reload. Also the `txco serve` trace flags and the writer they configure.
+"""`txco trace`: arguments and rendering; the data comes from txcl.trace. Also the
+`txco serve` trace flags and the writer they configure. (`txco status` is the chassis's:
+txcl.chassis.status.)
 
     txco trace              the latest request, at a glance
     txco trace RID          one request (a unique prefix of its rid is enough)
     txco trace --list       rid, time, src, route, per-recipient codes; oldest first
     txco trace --json       the same data as JSON, for jq
-    txco status             the serving version, the last reload and its problems
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -117,11 +116,6 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_status_arguments(parser: argparse.ArgumentParser) -> None:
-    """`txco status [--json]` (the caller adds `--state-dir`)."""
-    parser.add_argument("--json", action="store_true", help="print status.json as it is")
-
-
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -151,51 +145,6 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         out.write(format_trace(trace, state_dir / "requests" / trace["name"]))
     return 0
-
-
-def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """0 last reload fine · 1 last reload failed (an old version serves) · 2 no status, or
-    the server that wrote it is no longer running (its last status is still printed)."""
-    from lmtp.reload import format_status, read_status
-
-    out = out or sys.stdout
-    try:
-        status = read_status(args.state_dir)
-    except FileNotFoundError:
-        print(
-            f"txco status: no status.json under {args.state_dir} "
-            "(is txco serve running with this --state-dir?)",
-            file=sys.stderr,
-        )
-        return 2
-    except (OSError, ValueError) as err:
-        print(f"txco status: cannot read the status under {args.state_dir}: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        out.write(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
-    else:
-        out.write(format_status(status) + "\n")
-    if not _is_running(status.get("pid")):
-        print(
-            f"txco status: not running: the txco serve that wrote this status "
-            f"(pid {status.get('pid')}) has stopped; the status above is its last",
-            file=sys.stderr,
-        )
-        return 2
-    return 0 if (status.get("last_reload") or {}).get("ok", True) else 1
-
-
-def _is_running(pid: object) -> bool:
-    """Whether process `pid` exists (signal 0 checks without sending anything)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def resolve_rid(state_dir: Path, rid: str | None) -> str | None:

@@ -1,4 +1,4 @@
-"""lmtp.balance: the session counters shared across fork, and the acceptor that steps aside
+"""txcl.chassis.balance: the session counters shared across fork, and the acceptor that steps aside
 for a less busy worker (two acceptors on one listening socket, as two workers have)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from lmtp import balance
-from lmtp.balance import BalancedAcceptor, SessionCounts, WorkerSlot
+from txcl.chassis import balance
+from txcl.chassis.balance import BalancedAcceptor, SessionCounts, WorkerSlot
 
 
 def test_a_count_a_forked_worker_writes_is_read_by_the_parent():

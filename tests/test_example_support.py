@@ -21,8 +21,8 @@ from conftest import txco_argv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtp.config import load_ingress_config
 from lmtp.message import parse_message
+from txcl.chassis.config import load_config
 from txcl.ops import OpContext, OpRegistry
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
@@ -31,7 +31,7 @@ SAMPLES = EXAMPLE / "samples"
 
 def _registry() -> OpRegistry:
     """The example's ops exactly as `txco serve` loads them: through txco.yaml's `ops:`."""
-    config = load_ingress_config(EXAMPLE / "txco.yaml")
+    config = load_config(EXAMPLE / "txco.yaml", heads=("lmtp",))
     return OpRegistry.from_config(config.ops, config.base_dir, defaults=False)
 
 

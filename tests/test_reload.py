@@ -1,4 +1,4 @@
-"""lmtp.reload: snapshots compiled aside, swapped atomically, bad edits refused, triggers."""
+"""txcl.chassis.reload (with the LMTP head): snapshots compiled aside, swapped atomically, bad edits refused, triggers."""
 
 from __future__ import annotations
 
@@ -14,16 +14,12 @@ from typing import Any
 import pytest
 
 from lmtp.config import Settings
-from lmtp.reload import (
-    ReloadFailed,
-    ReloadingHandler,
-    RuntimeHolder,
-    build_runtime,
-    fingerprint,
-    format_status,
-    read_status,
-)
+from lmtp.personality import LmtpPersonality
+from lmtp.reload import ReloadingHandler
 from lmtp.routing import Route
+from txcl.chassis.reload import RuntimeHolder, fingerprint
+from txcl.chassis.runtime import ReloadFailed, build_runtime
+from txcl.chassis.status import format_status, read_status
 
 ACCEPT = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v1"\n'
 ACCEPT_V2 = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v2"\n'
@@ -42,6 +38,10 @@ def layout(tmp_path: Path, config: str = CONFIG) -> Settings:
         state_dir=tmp_path / "var",
         lmtp_hostname="test",
     )
+
+
+def start(settings: Settings) -> RuntimeHolder:
+    return RuntimeHolder.start(settings, [LmtpPersonality(settings)])
 
 
 def rule_file(tmp_path: Path, name: str = "10-accept.txcl") -> Path:
@@ -64,10 +64,10 @@ def verdict_msg(holder: RuntimeHolder) -> str:
 
 
 def test_start_builds_version_1_and_writes_status(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     assert holder.current.version == 1
     assert verdict_msg(holder) == "v1"
-    assert holder.current.router.route("x@acme.example") is not None
+    assert holder.current.heads["lmtp"].router.route("x@acme.example") is not None
     status = read_status(tmp_path / "var")
     assert status["version"] == 1 and status["stacks"] == 1
     assert status["last_reload"]["ok"] is True
@@ -75,7 +75,7 @@ def test_start_builds_version_1_and_writes_status(tmp_path: Path) -> None:
 
 
 def test_a_good_edit_swaps_in_the_next_version(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     first = holder.current
     edit(rule_file(tmp_path), ACCEPT_V2)
     outcome = holder.reload_blocking("test")
@@ -88,7 +88,7 @@ def test_a_good_edit_swaps_in_the_next_version(tmp_path: Path) -> None:
 def test_a_broken_edit_keeps_the_last_good_version_and_reports_every_problem(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     good = holder.current
     edit(rule_file(tmp_path), BROKEN)
     edit(tmp_path / "txco.yaml", "ingress:\n  lmtp:\n    listeners: [oops\n")
@@ -107,12 +107,12 @@ def test_a_broken_edit_keeps_the_last_good_version_and_reports_every_problem(
     shown = format_status(status)
     assert "FAILED, still serving the version above" in shown
     assert f"{rule}:2:" in shown
-    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "lmtp.reload")
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "txco.reload")
     assert "still serving version 1" in logged and f"{rule}:2:" in logged
 
 
 def test_fixing_the_edit_serves_again(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     edit(rule_file(tmp_path), BROKEN)
     assert not holder.reload_blocking("test").ok
     edit(rule_file(tmp_path), ACCEPT_V2)
@@ -126,16 +126,16 @@ def test_a_reload_refuses_an_unknown_op_but_start_serves_the_other_stacks(tmp_pa
     other = tmp_path / "OPS" / "beta" / "_mail" / "0"
     other.mkdir(parents=True)
     (other / "10.txcl").write_text('EXEC "op://NO_SUCH_OP"\n')
-    holder = RuntimeHolder.start(settings)
+    holder = start(settings)
     assert set(holder.current.tree.stacks) == {"acme/_mail"}
     assert holder.last.ok is False  # start reports the stack it could not serve
     with pytest.raises(ReloadFailed) as failed:
-        build_runtime(settings, 2)
+        build_runtime(settings, 2, [LmtpPersonality(settings)])
     assert any("NO_SUCH_OP" in str(p) for p in failed.value.problems)
 
 
 def test_a_transaction_keeps_the_runtime_it_started_with(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
     in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
     reply = asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@acme.example", []))
@@ -174,7 +174,7 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
 
 
 def test_the_watcher_reloads_once_for_a_multi_file_save(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     versions: list[int] = []
 
     async def scenario() -> None:
@@ -195,7 +195,7 @@ def test_the_watcher_reloads_once_for_a_multi_file_save(tmp_path: Path) -> None:
 
 
 def test_the_watcher_does_not_retry_a_broken_tree_until_it_changes(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     attempts: list[str] = []
 
     async def scenario() -> None:
@@ -214,7 +214,7 @@ def test_the_watcher_does_not_retry_a_broken_tree_until_it_changes(tmp_path: Pat
 
 
 def test_sighup_reloads(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
 
     async def scenario() -> None:
         holder.install_sighup()
@@ -230,7 +230,7 @@ def test_sighup_reloads(tmp_path: Path) -> None:
 
 
 def test_requests_during_a_reload_fold_into_one_more(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
 
     async def scenario() -> None:
         for _ in range(10):
@@ -247,7 +247,7 @@ def test_the_loop_keeps_serving_while_a_reload_compiles(tmp_path: Path) -> None:
         (rule_file(tmp_path, f"{i:03d}-r.txcl")).write_text(
             f"WHEN @lmtp.msg.subject =~ /ticket {i} (?P<n>[0-9]+)/\nSET ticket.t{i} = match.n\n"
         )
-    holder = RuntimeHolder.start(settings)
+    holder = start(settings)
     gaps: list[float] = []
 
     async def scenario() -> None:
@@ -267,7 +267,7 @@ def test_the_loop_keeps_serving_while_a_reload_compiles(tmp_path: Path) -> None:
 
 
 def test_status_json_is_replaced_atomically_and_readable(tmp_path: Path) -> None:
-    holder = RuntimeHolder.start(layout(tmp_path))
+    holder = start(layout(tmp_path))
     holder.reload_blocking("test")
     path = tmp_path / "var" / "status.json"
     doc = json.loads(path.read_text())

@@ -241,7 +241,7 @@ def test_hostnames_add_list_verify_remove_and_routing_sees_them(tmp_path: Path) 
 def test_workers_share_the_listeners_and_sighup_and_sigterm_reach_them_all(
         serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
-    server.wait_for_log(r"lmtp: 2 workers \(pids \d+ \d+\)")
+    server.wait_for_log(r"serving with 2 workers \(pids \d+ \d+\)")
     deadline = time.monotonic() + 10
     while len([line for line in server.log if "lmtp listening on" in line]) < 2:
         assert time.monotonic() < deadline, server.stderr()
@@ -269,9 +269,9 @@ def test_workers_share_the_listeners_and_sighup_and_sigterm_reach_them_all(
 
 def test_a_worker_that_dies_is_replaced(serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
-    pids = server.wait_for_log(r"lmtp: 2 workers").rpartition("pids ")[2].rstrip(")").split()
+    pids = server.wait_for_log(r"serving with 2 workers").rpartition("pids ")[2].rstrip(")").split()
     os.kill(int(pids[0]), signal.SIGKILL)
-    server.wait_for_log(rf"lmtp worker {pids[0]} exited \(status -9\); starting another")
+    server.wait_for_log(rf"worker {pids[0]} exited \(status -9\); starting another")
     for _ in range(4):
         with server.lmtp() as client:
             _, data_replies = deliver(client, ["support@acme.example"])
@@ -280,7 +280,7 @@ def test_a_worker_that_dies_is_replaced(serve: Callable[..., Server], tmp_path: 
 
 
 def test_the_parent_counts_ready_workers_until_all_are_or_none_can_be() -> None:
-    from lmtp.cli import _count_ready
+    from txcl.chassis.supervisor import _count_ready
 
     read, write = os.pipe()
     os.write(write, b"..")
@@ -300,7 +300,7 @@ def test_the_parent_counts_ready_workers_until_all_are_or_none_can_be() -> None:
 def test_workers_die_with_their_parent_even_when_it_is_killed(
         serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve(tmp_path, OPS, CONFIG, "--workers=2", "--no-watch")
-    pids = server.wait_for_log(r"lmtp: 2 workers").rpartition("pids ")[2].rstrip(")").split()
+    pids = server.wait_for_log(r"serving with 2 workers").rpartition("pids ")[2].rstrip(")").split()
     server.proc.kill()
     server.proc.wait(10)
     deadline = time.monotonic() + 10
@@ -337,3 +337,4 @@ def test_the_unix_socket_is_open_to_its_group_so_the_folder_decides_who_connects
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(server.unix_path).st_mode) == 0o660
+

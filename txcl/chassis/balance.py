@@ -25,7 +25,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-log = logging.getLogger("txco.lmtp")
+log = logging.getLogger("txco.balance")
 
 # How long a busier worker leaves a new connection to a less busy one. Long enough for a
 # worker woken by the same connection to reach accept(), short next to any delivery.
@@ -125,7 +125,7 @@ class BalancedAcceptor:
         except OSError as err:
             if err.errno not in _RESOURCE_ERRORS:
                 raise
-            log.error("lmtp: cannot accept connections (%s); trying again in %gs",
+            log.error("cannot accept connections (%s); trying again in %gs",
                       err.strerror, ACCEPT_RETRY_DELAY_S)
             self._pause(ACCEPT_RETRY_DELAY_S)
             return

@@ -1,0 +1,118 @@
+"""One runtime: the config, the op registry, the compiled OPS tree and every head's parts
+over them, built together and never changed after. A reload builds the next one aside
+(txcl.chassis.reload); a head's work keeps the runtime it started with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_config
+from txcl.chassis.head import Engine, Head
+from txcl.errors import Problem, TxclError
+from txcl.loader import Tree, load_tree
+from txcl.ops import OpRegistry
+
+# What the watcher compares: (path, mtime in ns, size) of every file it watches.
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+class Places(Protocol):
+    """The places the chassis works from (`--ops`, `--config`, `--state-dir`)."""
+
+    @property
+    def ops_dir(self) -> Path: ...
+
+    @property
+    def config_file(self) -> Path | None: ...
+
+    @property
+    def state_dir(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything one delivery needs, compiled together. Never changed after it is built."""
+
+    settings: Places
+    config: ConfigFile
+    tree: Tree
+    registry: OpRegistry
+    heads: Mapping[str, Any]  # head name -> that head's parts (Head.build)
+    version: int
+    loaded_at: float  # wall clock
+    problems: tuple[Problem, ...] = ()  # warnings; and at start, errors of stacks not served
+    fingerprint: Fingerprint = field(default=(), repr=False)
+
+
+class ReloadFailed(Exception):
+    """The next runtime could not be built; carries every problem found."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def build_runtime(
+    settings: Places,
+    version: int,
+    heads: Sequence[Head],
+    *,
+    trace_sink: Callable[..., Any] | None = None,
+    fingerprint: Fingerprint = (),
+    strict: bool = True,
+) -> Runtime:
+    """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
+
+    Config and ops problems are reported together with the tree's, so one failed reload
+    shows the operator everything that needs fixing. `strict` (every reload) refuses a tree
+    with any error; at start (`strict=False`) there is no last good version to keep, so the
+    stacks that compiled are served and the others' problems are reported.
+    """
+    problems: list[Problem] = []
+    try:
+        config = load_config(settings.config_file, [head.name for head in heads])
+    except ConfigError as err:
+        problems.append(config_problem(err))
+        config = ConfigFile()
+    try:
+        registry = OpRegistry.from_config(config.ops, config.base_dir)
+    except TxclError as err:
+        problems.extend(err.problems)
+        registry = OpRegistry.default()
+    tree: Tree | None
+    try:
+        tree = load_tree(settings.ops_dir, registry)
+    except TxclError as err:
+        problems.extend(err.problems)
+        tree = None
+    tree_problems = tree.problems if tree is not None else ()
+    if strict:
+        problems.extend(p for p in tree_problems if p.severity == "error")
+    if tree is None:
+        raise ReloadFailed(problems)
+    engine = Engine(config, registry, tree, trace_sink)
+    parts: dict[str, Any] = {}
+    for head in heads:
+        try:
+            parts[head.name] = head.build(engine)
+        except ConfigError as err:
+            problems.append(config_problem(err))
+    if problems:
+        raise ReloadFailed(problems)
+    return Runtime(
+        settings=settings,
+        config=config,
+        tree=tree,
+        registry=registry,
+        heads=MappingProxyType(parts),
+        version=version,
+        loaded_at=time.time(),
+        problems=tree_problems,
+        fingerprint=fingerprint,
+    )

@@ -1,0 +1,309 @@
+"""`txco serve`'s processes: one serving process, or a parent and `--workers` forked workers
+that share the listeners the parent bound. Each serving process builds the runtime
+(txcl.chassis.reload), starts every head's server over it, reloads on SIGHUP or a file
+change, and stops on SIGTERM/SIGINT, giving work in flight each head's grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from txcl.chassis.balance import SessionCounts, WorkerSlot
+from txcl.chassis.head import BindError, Head, HeadServer
+from txcl.chassis.reload import ReloadFailed, RuntimeHolder
+from txcl.chassis.runtime import Places
+
+OK, FAILURE, USAGE = 0, 1, 2
+
+log = logging.getLogger("txco")
+
+
+class CannotStart(Exception):
+    """The rules or the config cannot be loaded at start: reported as one message, exit 2."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What every serving process is started with."""
+
+    heads: Sequence[Head]
+    settings: Places
+    # A trace writer per serving process (opened after the fork); `.close()` at the end.
+    open_trace_writer: Callable[[], Any]
+    watch_interval: float | None = None
+
+
+@dataclass(frozen=True)
+class StartGate:
+    """How a forked worker tells the parent it is ready, and learns when to accept.
+
+    `ready` (a pipe's write end; None for a worker that replaces a dead one) gets one byte
+    once the worker's rules are loaded and its servers set up; `go` (a pipe's read end)
+    reaches end-of-file when the parent closes the other end, after every first worker is
+    ready, so they all begin to accept at once (a later worker finds it at EOF already)."""
+
+    ready: int | None
+    go: int
+
+
+def serve(options: ServeOptions, workers: int = 1) -> int:
+    """Serve until SIGTERM/SIGINT: in this process, or in `workers` forked ones."""
+    if workers > 1:
+        return _serve_workers(options, workers)
+    return _serve_process(options)
+
+
+def _serve_process(options: ServeOptions, inherited: Mapping[str, object] | None = None,
+                   gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
+    """One serving process: the rules, the trace writer and the event loop."""
+    # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
+    # tree still compiles at start) must not kill the chassis.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    writer = options.open_trace_writer()
+    try:
+        holder = _runtime_holder(options, writer)
+        # What start-up built (modules, grammar, the first tree) lives as long as the process:
+        # keep it out of the cyclic collector's scans, so a full collection (one follows each
+        # reload) costs what changed since, not everything.
+        gc.collect()
+        gc.freeze()
+        return asyncio.run(_serve(options, holder, inherited, gate, slot))
+    finally:
+        writer.close()
+
+
+def _runtime_holder(options: ServeOptions, trace_sink: Any) -> RuntimeHolder:
+    """Everything a delivery needs, loaded and compiled before the first connection; later
+    versions are compiled on SIGHUP or a file change (txcl.chassis.reload)."""
+    settings = options.settings
+    try:
+        return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink)
+    except ReloadFailed as err:
+        raise CannotStart(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
+                          ) from None
+
+
+async def _serve(options: ServeOptions, holder: RuntimeHolder,
+                 inherited: Mapping[str, object] | None = None,
+                 gate: StartGate | None = None, slot: WorkerSlot | None = None) -> int:
+    servers: dict[str, HeadServer] = {}
+    for head in options.heads:
+        server = head.server(holder, None if inherited is None else inherited[head.name], slot)
+        try:
+            await server.start(accept=gate is None)
+        except BindError as err:
+            for started in servers.values():
+                await started.close(grace=0)
+            print(f"txco: error: {err}", file=sys.stderr)
+            return FAILURE
+        servers[head.name] = server
+    if gate is not None:
+        if gate.ready is not None:
+            os.write(gate.ready, b".")
+            os.close(gate.ready)
+        await _end_of_file(gate.go)
+        for server in servers.values():
+            await server.accept_connections()
+    for name, server in servers.items():
+        log.info("%s listening on %s", name, ", ".join(server.bound))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    holder.install_sighup(loop)
+    watcher = None
+    if options.watch_interval:
+        watcher = loop.create_task(holder.watch(options.watch_interval))
+    await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    for name, server in servers.items():
+        log.info("%s shutting down: finishing deliveries in flight (at most %gs)",
+                 name, server.grace_s)
+        await server.close(grace=server.grace_s)
+        log.info("%s stopped", name)
+    return OK
+
+
+async def _end_of_file(fd: int) -> None:
+    """Wait until the pipe `fd` reads as closed (its writers are gone), then close it."""
+    loop = asyncio.get_running_loop()
+    closed: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await closed
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+# --- the parent of --workers ----------------------------------------------------------------
+
+# A worker that dies sooner than this after its start is restarted only after this long,
+# so a worker that cannot run does not spin the machine.
+WORKER_RESTART_DELAY_S = 1.0
+# How long the parent waits for its first workers to load the rules before letting the
+# ready ones accept anyway.
+WORKERS_READY_TIMEOUT_S = 60.0
+
+
+def _serve_workers(options: ServeOptions, count: int) -> int:
+    """The parent of `count` forked workers: it binds the listeners once, each worker
+    serves them with its own rules and event loop (the least busy worker takes each new
+    connection: txcl.chassis.balance), and signals are forwarded: SIGHUP reloads every
+    worker, SIGTERM/SIGINT stop them all. A worker that dies is replaced; one that cannot
+    load the rules at start (exit 2) stops the whole server with that status."""
+    listeners: dict[str, object] = {}
+    try:
+        for head in options.heads:
+            listeners[head.name] = head.bind()
+    except BindError as err:
+        _release(options.heads, listeners)
+        print(f"txco: error: {err}", file=sys.stderr)
+        return FAILURE
+    children: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its slot)
+    sessions = SessionCounts(count)
+    stopping = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if signum != signal.SIGHUP:
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    # What the parent imported is shared with every worker until written to: keep the
+    # workers' cyclic collector from writing to it (Instagram's gc.freeze-before-fork).
+    gc.collect()
+    gc.freeze()
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    try:
+        for slot in range(count):
+            gate = StartGate(ready_write, go_read)
+            pid = _fork_worker(options, listeners, gate, WorkerSlot(sessions, slot),
+                               (ready_read, go_write))
+            children[pid] = (time.monotonic(), slot)
+        os.close(ready_write)
+        ready = _count_ready(ready_read, count, WORKERS_READY_TIMEOUT_S)
+        os.close(go_write)  # every worker sees end-of-file on go_read: accept from now on
+        if ready < count:
+            log.warning("%d of %d workers ready after %gs; the others join when they are",
+                        ready, count, WORKERS_READY_TIMEOUT_S)
+        log.info("serving with %d workers (pids %s)", count, " ".join(map(str, children)))
+        status = OK
+        while children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            child = children.pop(pid, None)
+            if child is None:
+                continue
+            started, slot = child
+            sessions.set(slot, 0)  # its connections died with it
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                continue
+            if code == USAGE:
+                status = USAGE
+                forward(signal.SIGTERM, None)
+                continue
+            log.error("worker %d exited (status %d); starting another", pid, code)
+            if time.monotonic() - started < WORKER_RESTART_DELAY_S:
+                time.sleep(WORKER_RESTART_DELAY_S)
+            if not stopping:
+                pid = _fork_worker(options, listeners, StartGate(None, go_read),
+                                   WorkerSlot(sessions, slot), ())
+                children[pid] = (time.monotonic(), slot)
+        return status
+    finally:
+        os.close(go_read)
+        _release(options.heads, listeners)
+
+
+def _release(heads: Sequence[Head], listeners: Mapping[str, object]) -> None:
+    for head in heads:
+        if head.name in listeners:
+            head.release(listeners[head.name])
+
+
+def _count_ready(ready_read: int, count: int, timeout: float) -> int:
+    """Read one byte per ready worker from `ready_read` until `count` arrive, every worker
+    has closed its end (ready or dead), or `timeout` passes; close it; how many arrived."""
+    deadline = time.monotonic() + timeout
+    ready = 0
+    try:
+        while ready < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([ready_read], [], [], left)[0]:
+                break
+            got = os.read(ready_read, count)
+            if not got:
+                break
+            ready += len(got)
+    finally:
+        os.close(ready_read)
+    return ready
+
+
+def _fork_worker(options: ServeOptions, listeners: Mapping[str, object], gate: StartGate,
+                 slot: WorkerSlot, parent_only: tuple[int, ...]) -> int:
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = FAILURE
+    try:
+        for fd in parent_only:  # else end-of-file could never come
+            os.close(fd)
+        _die_with_parent(parent)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = _serve_process(options, listeners, gate, slot)
+    except CannotStart as err:
+        print(f"txco: error: {err}", file=sys.stderr)
+        code = USAGE
+    except KeyboardInterrupt:
+        code = OK
+    except BaseException:
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when the parent dies, even by SIGKILL, so that no orphan
+    serves (or spins on) the listeners the parent bound. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(OK)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
