@@ -12,12 +12,18 @@
 an existing OPS folder. Extra flags are passed through; give your own `--lmtp-listen-addrs`
 or `--personalities` to replace the fixture's. Every server still running at the end of
 the test is stopped.
+
+Tests that run other programs say so with `@pytest.mark.needs("swaks")` (see TOOLS): on a
+machine without the program they are skipped with a one-line reason, except under CI
+(`CI=true`, as `.ci/run` runs), where a missing program fails the test: CI installs them
+all, so there nothing skips silently.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -31,6 +37,63 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+# --- tests that need other programs ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tool:
+    programs: tuple[str, ...]
+    package: str  # the Debian package that installs them
+    needs_root: bool = False
+
+
+TOOLS: dict[str, Tool] = {
+    "swaks": Tool(("swaks",), "swaks"),
+    # A private Postfix instance (tests/postfix.py) is started with `postfix -c DIR start`.
+    "postfix": Tool(("postfix", "postqueue"), "postfix", needs_root=True),
+    "smtp-source": Tool(("smtp-source",), "postfix"),
+    "dovecot": Tool(("dovecot",), "dovecot-lmtpd"),
+}
+# Where Debian puts Postfix's and Dovecot's programs, which a user's PATH often lacks.
+_SYSTEM_PATH = os.pathsep.join(("/usr/local/sbin", "/usr/sbin", "/sbin"))
+
+
+def tool_problem(name: str, *, path: str | None = None, euid: int | None = None) -> str | None:
+    """Why the tool `name` cannot be used here (one line), or None when it can."""
+    tool = TOOLS[name]
+    search = os.pathsep.join(filter(None, (os.environ.get("PATH", "") if path is None else path,
+                                           _SYSTEM_PATH)))
+    missing = [p for p in tool.programs if shutil.which(p, path=search) is None]
+    if missing:
+        return f"needs {' and '.join(missing)} (apt-get install {tool.package})"
+    if tool.needs_root and (os.geteuid() if euid is None else euid) != 0:
+        return f"needs root to run {name}"
+    return None
+
+
+def check_tools(names: tuple[str, ...], *, ci: bool, path: str | None = None,
+                euid: int | None = None) -> None:
+    """Skip the running test when a tool it needs is missing; fail it instead under CI."""
+    unknown = [name for name in names if name not in TOOLS]
+    if unknown:
+        pytest.fail(f"@pytest.mark.needs: unknown tool(s) {unknown}; known: {sorted(TOOLS)}",
+                    pytrace=False)
+    problems = [p for name in names if (p := tool_problem(name, path=path, euid=euid))]
+    if not problems:
+        return
+    reason = "; ".join(problems)
+    if ci:
+        pytest.fail(f"CI=true, so nothing may skip: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        check_tools(tuple(mark.args), ci=os.environ.get("CI", "").lower() == "true")
+
+
+# --- a real `txco serve` ------------------------------------------------------------------------
 
 START_TIMEOUT_S = 20.0
 _LISTENING = re.compile(r"lmtp listening on (.*)$")

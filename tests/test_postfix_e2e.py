@@ -31,6 +31,8 @@ from postfix import (
     socket_dir,
 )
 
+pytestmark = pytest.mark.needs("postfix")
+
 REPO = Path(__file__).resolve().parent.parent
 BASELINES = REPO / "bench" / "baselines.py"
 

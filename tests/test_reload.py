@@ -173,18 +173,33 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def count_polls(holder: RuntimeHolder) -> list[int]:
+    """A one-item list counting the watcher's finished polls (each compares the files once)."""
+    done = [0]
+    poll = holder._reload_if_changed
+
+    async def counted(debounce_s: float) -> None:
+        await poll(debounce_s)
+        done[0] += 1
+
+    holder._reload_if_changed = counted  # type: ignore[method-assign]
+    return done
+
+
 def test_the_watcher_reloads_once_for_a_multi_file_save(tmp_path: Path) -> None:
     holder = start(layout(tmp_path))
+    polls = count_polls(holder)
     versions: list[int] = []
 
     async def scenario() -> None:
         watcher = asyncio.create_task(holder.watch(interval_s=0.05, debounce_s=0.25))
-        await asyncio.sleep(0.1)
+        await _until(lambda: polls[0] >= 1)
         for i, name in enumerate(("10-accept.txcl", "20-b.txcl", "30-c.txcl")):
             edit(rule_file(tmp_path, name), ACCEPT_V2 if i == 0 else ACCEPT)
             await asyncio.sleep(0.05)
         await _until(lambda: holder.current.version > 1)
-        await asyncio.sleep(0.6)  # any second reload would have happened by now
+        after = polls[0]
+        await _until(lambda: polls[0] >= after + 3)  # the watcher has looked again since
         versions.append(holder.current.version)
         watcher.cancel()
 
@@ -196,14 +211,16 @@ def test_the_watcher_reloads_once_for_a_multi_file_save(tmp_path: Path) -> None:
 
 def test_the_watcher_does_not_retry_a_broken_tree_until_it_changes(tmp_path: Path) -> None:
     holder = start(layout(tmp_path))
-    attempts: list[str] = []
+    polls = count_polls(holder)
+    attempts: list[float] = []
 
     async def scenario() -> None:
         watcher = asyncio.create_task(holder.watch(interval_s=0.03, debounce_s=0.05))
         edit(rule_file(tmp_path), BROKEN)
         await _until(lambda: holder.last.trigger == "watch")
         attempts.append(holder.last.at)
-        await asyncio.sleep(0.3)
+        after = polls[0]
+        await _until(lambda: polls[0] >= after + 5)  # five more looks at the unchanged files
         attempts.append(holder.last.at)
         edit(rule_file(tmp_path), ACCEPT_V2)
         await _until(lambda: holder.current.version == 2)

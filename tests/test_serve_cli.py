@@ -64,6 +64,7 @@ def test_each_recipient_gets_its_own_verdict_over_tcp_and_unix_socket(
     assert len([line for line in server.log if "lmtp delivery " in line]) == 2
 
 
+@pytest.mark.needs("swaks")
 def test_swaks_delivers_over_lmtp(serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve(tmp_path, OPS, CONFIG)
     result = subprocess.run(
