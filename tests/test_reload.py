@@ -165,6 +165,18 @@ def test_the_fingerprint_sees_edits_additions_and_removals(tmp_path: Path) -> No
     assert missing == ((str(tmp_path / "nothing-here"), -1, -1),)
 
 
+def test_the_fingerprint_sees_a_symlink_loop_come_and_go(tmp_path: Path) -> None:
+    settings = layout(tmp_path)
+    paths = (settings.ops_dir,)
+    base = fingerprint(paths)
+    loop = rule_file(tmp_path, "loop.txcl")
+    loop.symlink_to("loop.txcl")
+    with_loop = fingerprint(paths)
+    assert with_loop != base and fingerprint(paths) == with_loop  # seen, and stable
+    loop.unlink()
+    assert fingerprint(paths) == base
+
+
 async def _until(predicate: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

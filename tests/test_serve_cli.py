@@ -339,3 +339,34 @@ def test_the_unix_socket_is_open_to_its_group_so_the_folder_decides_who_connects
         os.umask(old)
     assert stat.S_IMODE(os.stat(server.unix_path).st_mode) == 0o660
 
+
+def test_a_symlink_loop_keeps_out_only_its_stack_and_the_watcher_sees_it_come_and_go(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    ops = tmp_path / "OPS"
+    for relative, text in OPS.items():
+        (ops / relative).parent.mkdir(parents=True, exist_ok=True)
+        (ops / relative).write_text(text)
+    beta_loop = ops / "beta/_mail/0/loop.txcl"
+    beta_loop.symlink_to("loop.txcl")  # a file that is a link to itself
+    server = serve(tmp_path, ops, CONFIG, "--watch-interval=0.05")
+    server.wait_for_log(rf"not served: txcl_load_error: {beta_loop}: .*symbolic links")
+    with server.lmtp() as client:
+        _, replies = deliver(client, ["support@acme.example", "bob@beta.example"])
+    assert [code for code, _ in replies] == [250, 451]
+    assert str(beta_loop) in (tmp_path / "var" / "status.json").read_text()
+
+    gamma = ops / "gamma/_mail"  # a stage folder and a sibling that lead to each other
+    gamma.mkdir(parents=True)
+    (gamma / "0").symlink_to("1")
+    (gamma / "1").symlink_to("0")
+    server.wait_for_log(rf"{gamma / '0'}: .*symbolic links")
+    beta_loop.unlink()
+    (gamma / "0").unlink()
+    (gamma / "1").unlink()
+    server.wait_for_log(r"reload \(watch\): now serving version 2")
+    with server.lmtp() as client:
+        _, replies = deliver(client, ["bob@beta.example"])
+    assert replies == [(550, b"5.1.1 no such user")]  # beta's own rule: its stack serves
+    assert server.stderr().count("reload (watch) failed") == 1  # noticed once, no retries
+    assert server.stop() == 0
+    assert "Traceback" not in server.stderr()

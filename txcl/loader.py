@@ -123,7 +123,8 @@ class _Walker:
         self.read: dict[str, ReadFile] | None = {} if keep_files else None
 
     def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
-        """The folder's entries in byte-wise name order, without symlinks that escape."""
+        """The folder's entries in byte-wise name order, without symlinks that escape, loop
+        or lead nowhere (each a problem naming its path)."""
         try:
             with os.scandir(folder) as it:
                 found = sorted(it, key=lambda e: _byte_order(e.name))
@@ -138,6 +139,13 @@ class _Walker:
                     problems.append(
                         _problem(f"{entry.path}: a symlink that leads out of {self.root}")
                     )
+                    continue
+                try:
+                    entry.stat()  # follows the link once; is_dir() and is_file() reuse it
+                except OSError as err:
+                    problems.append(_problem(
+                        f"{entry.path}: a symlink that cannot be followed: {err.strerror or err}"
+                    ))
                     continue
             kept.append(entry)
         return kept

@@ -69,8 +69,9 @@ def watched_paths(settings: Places) -> tuple[Path, ...]:
 def fingerprint(paths: Iterable[Path]) -> Fingerprint:
     """(path, mtime_ns, size) of every file under these files and folders, sorted.
 
-    Symlinked folders are not followed (the loader refuses them too); a missing path is
-    recorded as missing, so creating it counts as a change.
+    Symlinked folders are not followed (the loader refuses them too), and a symlink that
+    cannot be followed counts as itself, so creating or removing a loop is a change; a
+    missing path is recorded as missing, so creating it counts as a change.
     """
     out: list[tuple[str, int, int]] = []
     for root in paths:
@@ -95,8 +96,11 @@ def fingerprint(paths: Iterable[Path]) -> Fingerprint:
                         stack.append(entry.path)
                         continue
                     st = entry.stat()
-                except OSError:
-                    continue
+                except OSError:  # a symlink that loops or leads nowhere: watch the link
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
                 out.append((entry.path, st.st_mtime_ns, st.st_size))
     out.sort()
     return tuple(out)
