@@ -8,6 +8,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -369,4 +370,52 @@ def test_a_symlink_loop_keeps_out_only_its_stack_and_the_watcher_sees_it_come_an
     assert replies == [(550, b"5.1.1 no such user")]  # beta's own rule: its stack serves
     assert server.stderr().count("reload (watch) failed") == 1  # noticed once, no retries
     assert server.stop() == 0
+    assert "Traceback" not in server.stderr()
+
+
+NAP_OP = """\
+import pathlib
+import time
+
+
+def nap(envelope, args, ctx):
+    pathlib.Path(args["mark"]).touch()
+    time.sleep(args["seconds"])
+    return {}
+"""
+
+
+@pytest.mark.parametrize("workers", ["--workers=1", "--workers=2"])
+def test_sigterm_ends_the_process_while_an_op_thread_still_sleeps(
+        serve: Callable[..., Server], tmp_path: Path, workers: str) -> None:
+    (tmp_path / "nap_ops.py").write_text(NAP_OP)
+    mark = tmp_path / "op-started"
+    rule = (f'WITH timeout = "600s"\nWITH mark = "{mark}"\nWITH seconds = 300\n'
+            'EXEC "op://NAP"\nSET @lmtp.res.code = 250\n')
+    config = CONFIG + "ops:\n  NAP: {python: \"nap_ops:nap\", path: \".\"}\n"
+    server = serve(tmp_path, {"acme/_mail/0/nap.txcl": rule}, config, workers,
+                   "--lmtp-resp-timeout=2s", "--no-watch")
+    replies: list[list[tuple[int, bytes]]] = []
+
+    def client() -> None:
+        lmtp = server.lmtp(timeout=30)
+        try:
+            replies.append(deliver(lmtp, ["support@acme.example"])[1])
+        finally:
+            lmtp.close()  # no QUIT: the server says 421 and closes after the reply
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while not mark.exists():  # the op is asleep in its worker thread
+        assert time.monotonic() < deadline, server.stderr()
+        time.sleep(0.02)
+    stopped_at = time.monotonic()
+    assert server.stop(signal.SIGTERM, timeout=15) == 0
+    took = time.monotonic() - stopped_at
+    sender.join(10)
+    assert replies and replies[0][0][0] == 451, replies  # answered, never a false 250
+    assert took < 10, f"{took:.1f}s after SIGTERM:\n{server.stderr()}"
+    assert "lmtp stopped" in server.stderr()
+    assert "worker thread(s) still busy" in server.stderr()  # said, not hidden
     assert "Traceback" not in server.stderr()

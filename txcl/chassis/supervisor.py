@@ -15,8 +15,10 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +81,59 @@ def _serve_process(options: ServeOptions, inherited: Mapping[str, object] | None
         # reload) costs what changed since, not everything.
         gc.collect()
         gc.freeze()
-        return asyncio.run(_serve(options, holder, inherited, gate, slot))
+        code = _run_without_waiting_for_threads(_serve(options, holder, inherited, gate, slot))
     finally:
         writer.close()
+    _exit_if_threads_still_busy(code)
+    return code
+
+
+def _run_without_waiting_for_threads(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run(main), except that the end does not wait for worker threads (an op or a
+    MIME parse still running for a delivery the head has already answered or cut)."""
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix="txco-worker")
+    loop.set_default_executor(executor)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=TASKS_CANCEL_WAIT_S))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+
+
+# How long the end of a serving process waits for cancelled tasks, and for idle worker
+# threads to notice the executor's shutdown.
+TASKS_CANCEL_WAIT_S = 1.0
+IDLE_THREADS_WAIT_S = 1.0
+
+
+def _exit_if_threads_still_busy(code: int) -> None:
+    """Threads still running now would keep the interpreter from exiting (it joins them):
+    log them and end the process here, streams flushed."""
+    deadline = time.monotonic() + IDLE_THREADS_WAIT_S
+    busy = []
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            busy.append(thread.name)
+    if not busy:
+        return
+    log.warning("exiting with %d worker thread(s) still busy (%s): their deliveries were "
+                "answered or cut already", len(busy), ", ".join(busy))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _runtime_holder(options: ServeOptions, trace_sink: Any) -> RuntimeHolder:
