@@ -38,7 +38,8 @@ from txcl.chassis.config import default_config_file
 from txcl.chassis.status import add_status_arguments, run_status
 from txcl.chassis.supervisor import FAILURE, OK, USAGE, CannotStart, ServeOptions, serve
 
-# Personalities this build can run. The seed's default list names the chassis's others.
+# Personalities this build can run; the --personalities default (docs/lmtp.md) also names
+# heads not built yet.
 AVAILABLE_PERSONALITIES = ("lmtp",)
 
 log = logging.getLogger("txco")

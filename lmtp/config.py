@@ -1,6 +1,6 @@
 """`txco serve` flags and the `ingress.lmtp` YAML, each turned into one frozen object.
 
-`Settings` holds every flag of the seed's quick-reference table with its default; the
+`Settings` holds every flag of docs/lmtp.md's flag table with its default; the
 parsers here (durations, listen addresses, comma lists) are the only place their syntax
 lives. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml` (the file itself is read
 by txcl.chassis.config), validated up front so a typo stops the chassis at start with a
@@ -118,7 +118,7 @@ def _parse_listen_addr(item: str) -> ListenAddress:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every `txco serve` flag, parsed. Defaults are the seed's quick-reference table."""
+    """Every `txco serve` flag, parsed. Defaults are docs/lmtp.md's flag table."""
 
     personalities: tuple[str, ...] = DEFAULT_PERSONALITIES
     lmtp_listen_addrs: tuple[ListenAddress, ...] = parse_listen_addrs(DEFAULT_LISTEN_ADDRS)

@@ -17,7 +17,7 @@ from lmtp.config import Settings
 from lmtp.personality import LmtpPersonality
 from lmtp.reload import ReloadingHandler
 from lmtp.routing import Route
-from txcl.chassis.reload import RuntimeHolder, fingerprint
+from txcl.chassis.reload import ReloadOutcome, RuntimeHolder, fingerprint
 from txcl.chassis.runtime import ReloadFailed, build_runtime
 from txcl.chassis.status import format_status, read_status
 
@@ -42,6 +42,10 @@ def layout(tmp_path: Path, config: str = CONFIG) -> Settings:
 
 def start(settings: Settings) -> RuntimeHolder:
     return RuntimeHolder.start(settings, [LmtpPersonality(settings)])
+
+
+def reload_now(holder: RuntimeHolder) -> ReloadOutcome:
+    return asyncio.run(holder.reload("test"))
 
 
 def rule_file(tmp_path: Path, name: str = "10-accept.txcl") -> Path:
@@ -78,7 +82,7 @@ def test_a_good_edit_swaps_in_the_next_version(tmp_path: Path) -> None:
     holder = start(layout(tmp_path))
     first = holder.current
     edit(rule_file(tmp_path), ACCEPT_V2)
-    outcome = holder.reload_blocking("test")
+    outcome = reload_now(holder)
     assert outcome.ok and outcome.version == 2
     assert holder.current is not first and holder.current.version == 2
     assert verdict_msg(holder) == "v2"
@@ -92,7 +96,7 @@ def test_a_broken_edit_keeps_the_last_good_version_and_reports_every_problem(
     good = holder.current
     edit(rule_file(tmp_path), BROKEN)
     edit(tmp_path / "txco.yaml", "ingress:\n  lmtp:\n    listeners: [oops\n")
-    outcome = holder.reload_blocking("test")
+    outcome = reload_now(holder)
     assert not outcome.ok
     assert holder.current is good and verdict_msg(holder) == "v1"
     texts = [str(p) for p in outcome.problems]
@@ -114,9 +118,9 @@ def test_a_broken_edit_keeps_the_last_good_version_and_reports_every_problem(
 def test_fixing_the_edit_serves_again(tmp_path: Path) -> None:
     holder = start(layout(tmp_path))
     edit(rule_file(tmp_path), BROKEN)
-    assert not holder.reload_blocking("test").ok
+    assert not reload_now(holder).ok
     edit(rule_file(tmp_path), ACCEPT_V2)
-    outcome = holder.reload_blocking("test")
+    outcome = reload_now(holder)
     assert outcome.ok and outcome.version == 2 and verdict_msg(holder) == "v2"
     assert read_status(tmp_path / "var")["last_reload"]["problems"] == []
 
@@ -141,7 +145,7 @@ def test_a_transaction_keeps_the_runtime_it_started_with(tmp_path: Path) -> None
     reply = asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@acme.example", []))
     assert reply.startswith("250")
     edit(rule_file(tmp_path), ACCEPT_V2)
-    assert holder.reload_blocking("test").ok
+    assert reload_now(holder).ok
     assert handler.runtime_of(in_flight).version == 1
     fresh = SimpleNamespace(rcpt_tos=[], routes=[])
     assert handler.runtime_of(fresh).version == 2
@@ -297,7 +301,7 @@ def test_the_loop_keeps_serving_while_a_reload_compiles(tmp_path: Path) -> None:
 
 def test_status_json_is_replaced_atomically_and_readable(tmp_path: Path) -> None:
     holder = start(layout(tmp_path))
-    holder.reload_blocking("test")
+    reload_now(holder)
     path = tmp_path / "var" / "status.json"
     doc = json.loads(path.read_text())
     assert doc["version"] == 2 and doc["pid"] == os.getpid()

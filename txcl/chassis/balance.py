@@ -2,10 +2,10 @@
 
 Every worker waits on the same listening sockets and the kernel wakes them all for a new
 connection; whoever calls accept() first gets it. Left alone, that is whoever happened to
-be idle at that instant: during a burst of connections (Postfix opening its 20 LMTP
-sessions) the split came out 5/15 or 7/13, and because Postfix keeps its sessions open
-and reuses them, the split lasts: one worker serves three times the mail of the other on
-one core, while the other core idles.
+be idle at that instant: a burst of connections (Postfix opening its LMTP sessions) splits
+unevenly, and because Postfix keeps its sessions open and reuses them, the split lasts:
+one worker serves most of the mail while another core idles (the figures are in the
+commit that added this module and in docs/lmtp.md).
 
 So each worker publishes how many sessions it has open, in a table of counters the parent
 shares with every worker (an anonymous shared mapping made before forking, one slot per

@@ -196,12 +196,6 @@ class RuntimeHolder:
             await asyncio.to_thread(self.write_status)
             return outcome
 
-    def reload_blocking(self, trigger: str = "manual") -> ReloadOutcome:
-        """The same, for callers without an event loop (tests, tools)."""
-        outcome = self._reload_now(trigger, fingerprint(self.paths))
-        self.write_status()
-        return outcome
-
     def _reload_now(self, trigger: str, seen: Fingerprint) -> ReloadOutcome:
         started = time.monotonic()
         serving = self.current.version
