@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from txcl import cases, fmt, lint
+from txcl import cases, fmt, inputs, lint
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_target
 from txcl.ops import OpRegistry
@@ -140,9 +140,9 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     if not args.rcpt:
         raise TxclError(Problem("txcl_test_error", f"{path}: a message needs at least one --rcpt"))
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TxclError(Problem("txcl_test_error", f"{path}: {err.strerror}")) from None
+        raw = inputs.read_bytes(path)
+    except inputs.InputError as err:
+        raise TxclError(err.problem("txcl_test_error")) from None
     return cases.message_envelope(raw, args.rcpt, args.mail_from, stack)
 
 
