@@ -7,6 +7,7 @@ naming the file and what is wrong, the usual error exit code, never a traceback,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,89 @@ def test_a_cyclic_or_enormous_case_envelope_is_a_clear_case_failure(tmp_path: Pa
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "cyclic.yaml" in done.stdout and "nested more than 100 levels deep (or cyclic)" in done.stdout
     assert "laughs.yaml" in done.stdout and "too large: more than" in done.stdout
+
+
+# --- FIFOs, devices and folders where a file belongs; sizes ------------------------------------
+
+
+def _named_fifo(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_a_rule_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    envelope = tmp_path / "env.json"
+    envelope.write_text(json.dumps(ENVELOPE))
+    if kind == "device":
+        target, says = Path("/dev/zero"), "not a .txcl file"
+        link = tmp_path / "zero.txcl"
+        link.symlink_to("/dev/zero")
+        refused(txcl("test", link, envelope), f"{link}: not a regular file: a character device",
+                code=1)
+        refused(txcl("fmt", link), f"{link}: not a regular file: a character device")
+        refused(txcl("lint", link), f"{link}: not a regular file: a character device")
+    elif kind == "fifo":
+        target, says = _named_fifo(tmp_path, "pipe.txcl"), "not a regular file: a FIFO"
+    else:
+        target, says = tmp_path / "dir.txcl", "not a regular file: a folder"
+        target.mkdir()
+    if kind != "folder":  # a folder is a tree to test, lint or format
+        refused(txcl("test", target, envelope), str(target), says, code=1)
+        refused(txcl("lint", target), str(target), "not a regular file")
+    refused(txcl("fmt", target, *(["--check"] if kind == "folder" else [])),
+            *([str(target), "not a regular file"] if kind != "folder" else []),
+            code=2 if kind != "folder" else 0)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_an_envelope_or_message_that_is_not_a_regular_file_is_refused(tmp_path: Path, rule: Path,
+                                                                     kind: str) -> None:
+    for name in ("env.json", "msg.eml"):
+        if kind == "device":
+            path, says = Path("/dev/zero"), "a character device"
+            if name.endswith(".eml"):
+                path = tmp_path / name
+                path.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            path, says = _named_fifo(tmp_path, name), "a FIFO"
+        else:
+            path, says = tmp_path / name, "a folder"
+            path.mkdir()
+        refused(txcl("test", rule, path, "--rcpt", "a@acme.example"), str(path),
+                f"not a regular file: {says}")
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_test_case_inputs_that_are_not_regular_files_fail_clearly(tmp_path: Path,
+                                                                  kind: str) -> None:
+    stack = tmp_path / "OPS" / "acme" / "_mail"
+    (stack / "0").mkdir(parents=True)
+    (stack / "0" / "r.txcl").write_text(RULE)
+    tests = stack / "tests"
+    tests.mkdir()
+    if kind == "device":
+        envelope, message = Path("/dev/zero"), Path("/dev/zero")
+    else:
+        envelope, message = tests / "env.json", tests / "msg.eml"
+        for path in (envelope, message, tests / "pipe.yaml"):
+            os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    (tests / "by-file.yaml").write_text(f"name: by file\ninput: {{envelope_file: {envelope}}}\n")
+    (tests / "by-message.yaml").write_text(
+        f"name: by message\ninput: {{eml: {message}, rcpt: a@acme.example}}\n")
+    done = txcl("test", tmp_path / "OPS")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert f"{envelope}: not a regular file" in done.stdout
+    assert f"{message}: not a regular file" in done.stdout
+    assert "0 passed, 2 failed" in done.stdout
+
+
+def test_fmt_applies_the_rule_file_size_limit(tmp_path: Path) -> None:
+    from txcl.loader import MAX_RULE_FILE_BYTES
+
+    big = tmp_path / "big.txcl"
+    big.write_text(RULE * (MAX_RULE_FILE_BYTES // len(RULE) + 1))
+    refused(txcl("fmt", big), str(big), "the limit is 1 MiB")
+    refused(txcl("fmt", "--check", tmp_path), str(big), "the limit is 1 MiB")

@@ -18,7 +18,7 @@ import yaml
 
 from txcl import cases, fmt, inputs, lint
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_target
+from txcl.loader import Tree, load_target, read_rule_source
 from txcl.ops import OpRegistry
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import source_for
@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except TxclError as err:
         _print_problems(err.problems, sys.stderr)
+        return USAGE
+    except inputs.InputError as err:
+        print(f"txcl {args.command}: {err}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt:
         return 130
@@ -355,6 +358,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
         if not target.exists():
             print(f"txcl lint: {target}: no such file or folder", file=sys.stderr)
             return USAGE
+        if not target.is_dir():
+            inputs.require_regular(target)
         problems.extend(lint.lint_target(target, registry))
     RENDERERS[args.format](problems, sys.stdout)
     if configured is None and any(p.check == "unknown-op" for p in problems):
@@ -409,9 +414,9 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     status = OK
     for path in _txcl_files(args.paths):
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            print(f"txcl fmt: {path}: cannot read: {err}", file=sys.stderr)
+            source = read_rule_source(str(path))
+        except TxclError as err:
+            _print_problems(err.problems, sys.stderr)
             status = USAGE
             continue
         try:

@@ -91,17 +91,23 @@ def _reason(err: OSError) -> str:
     return f"cannot be read: {err.strerror or err}"
 
 
+def require_regular(path: str | os.PathLike[str]) -> None:
+    """InputError unless `path` is a regular file (after symlinks), saying what it is instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise InputError(path, _reason(err)) from None
+    if not stat.S_ISREG(mode):
+        raise InputError(path, f"not a regular file: {_kind(mode)}")
+
+
 def read_bytes(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes (`-`: standard input, bounded).
+    """The bytes of a regular file of at most `limit` bytes.
 
     The file is checked before it is opened and again once open (it may have been replaced),
     and opened without blocking, so a FIFO that appears in between cannot hang the read."""
-    if os.fspath(path) == STDIN:
-        return _read_stdin(limit)
+    require_regular(path)
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise InputError(path, f"not a regular file: {_kind(mode)}")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         raise InputError(path, _reason(err)) from None
@@ -190,7 +196,8 @@ def parse_json(text: str | bytes, where: str | os.PathLike[str]) -> Any:
 
 def load_json(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> Any:
     """A JSON file (`-`: standard input): a regular file, bounded in bytes and nesting."""
-    return parse_json(read_bytes(path, limit), path)
+    data = _read_stdin(limit) if os.fspath(path) == STDIN else read_bytes(path, limit)
+    return parse_json(data, path)
 
 
 def load_json_object(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
-from txcl import ast
+from txcl import ast, inputs
 from txcl.compiler import CompiledRule, ExecStep, compile_file
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError
 from txcl.ops import OpRegistry
@@ -215,22 +215,14 @@ class _Walker:
 
 def read_rule_source(path: str) -> str:
     """The text of a rule file, without a leading byte order mark. Raises TxclLoadError if
-    it cannot be read, is larger than MAX_RULE_FILE_BYTES (known from its size, before
-    reading it) or is not UTF-8."""
+    it is not a regular file, cannot be read, is larger than MAX_RULE_FILE_BYTES (known from
+    its size, before reading it) or is not UTF-8."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > MAX_RULE_FILE_BYTES:
-                raise TxclLoadError(_too_big(path, size))
-            # size + 1: a read of the limit would allocate a buffer of the limit for every
-            # file; the file may also have grown since the stat, up to the limit and past it
-            data = handle.read(size + 1)
-            if len(data) > size:
-                data += handle.read(MAX_RULE_FILE_BYTES + 1 - len(data))
-    except OSError as err:
-        raise TxclLoadError(_problem(f"{path}: cannot be read: {err.strerror or err}")) from None
-    if len(data) > MAX_RULE_FILE_BYTES:
-        raise TxclLoadError(_too_big(path, len(data)))
+        data = inputs.read_bytes(path, MAX_RULE_FILE_BYTES)
+    except inputs.TooLarge as err:
+        raise TxclLoadError(_too_big(path, err.size)) from None
+    except inputs.InputError as err:
+        raise TxclLoadError(_problem(str(err))) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -335,7 +327,7 @@ def load_target(
     keep_files is as for load_tree().
     """
     path = Path(path)
-    if path.is_file():
+    if path.exists() and not path.is_dir():  # a FIFO or a device is refused by read_rules
         walker = _Walker(path.parent, registry, keep_files)
         problems: list[Problem] = []
         if not path.name.endswith(RULE_SUFFIX):
