@@ -181,3 +181,58 @@ def test_fmt_applies_the_rule_file_size_limit(tmp_path: Path) -> None:
     big.write_text(RULE * (MAX_RULE_FILE_BYTES // len(RULE) + 1))
     refused(txcl("fmt", big), str(big), "the limit is 1 MiB")
     refused(txcl("fmt", "--check", tmp_path), str(big), "the limit is 1 MiB")
+
+
+# --- symlink loops and symlinks out of the tree --------------------------------------------
+
+
+@pytest.fixture
+def looping_tree(tmp_path: Path) -> Path:
+    """An OPS tree whose stage holds a two-link loop, a self loop and a folder link outside."""
+    stage = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    stage.mkdir(parents=True)
+    (stage / "r.txcl").write_text(RULE)
+    (stage / "a.txcl").symlink_to("b.txcl")
+    (stage / "b.txcl").symlink_to("a.txcl")
+    (stage / "self").symlink_to("self")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txcl").write_text("SET @lmtp.res.code = 550\n")
+    (stage / "out").symlink_to(outside)
+    (stage.parent / "tests").mkdir()
+    (stage.parent / "tests" / "loop.yaml").symlink_to("loop.yaml")
+    return tmp_path / "OPS"
+
+
+@pytest.mark.parametrize("command", ["lint", "test"])
+@pytest.mark.parametrize("level", ["OPS", "OPS/acme/_mail", "OPS/acme/_mail/0"])
+def test_symlink_loops_and_links_out_are_reported_not_followed(looping_tree: Path, command: str,
+                                                               level: str) -> None:
+    target = looping_tree.parent / level
+    done = txcl(command, target)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    said = done.stdout + done.stderr
+    stage = looping_tree / "acme" / "_mail" / "0"
+    for name in ("a.txcl", "b.txcl", "self"):
+        assert f"{stage / name}: a symlink loop" in said
+    assert f"{stage / 'out'}: a symlink that leads out of " in said
+    assert "secret" not in said
+
+
+@pytest.mark.parametrize("command", ["lint", "test", "fmt"])
+def test_a_looping_symlink_given_as_the_target_is_one_clear_error(looping_tree: Path,
+                                                                  command: str) -> None:
+    loop = looping_tree / "acme" / "_mail" / "0" / "a.txcl"
+    envelope = looping_tree.parent / "env.json"
+    envelope.write_text(json.dumps(ENVELOPE))
+    done = txcl(command, loop, *([envelope] if command == "test" else []))
+    refused(done, str(loop), "a symlink loop", code=1 if command == "test" else 2)
+
+
+def test_fmt_of_a_tree_reports_loops_and_does_not_leave_it(looping_tree: Path) -> None:
+    done = txcl("fmt", "--check", looping_tree)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"{looping_tree / 'acme/_mail/0/a.txcl'}: cannot be read: a symlink loop" in done.stderr
+    assert "secret" not in done.stdout + done.stderr

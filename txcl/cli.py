@@ -355,11 +355,11 @@ def cmd_lint(args: argparse.Namespace) -> int:
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
     for target in args.targets:
+        if os.path.lexists(target) and not target.is_dir():
+            inputs.require_regular(target)
         if not target.exists():
             print(f"txcl lint: {target}: no such file or folder", file=sys.stderr)
             return USAGE
-        if not target.is_dir():
-            inputs.require_regular(target)
         problems.extend(lint.lint_target(target, registry))
     RENDERERS[args.format](problems, sys.stdout)
     if configured is None and any(p.check == "unknown-op" for p in problems):
@@ -451,7 +451,8 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*.txcl") if p.is_file())
+            # not only regular files: a FIFO or a symlink loop is reported when read
+            yield from sorted(p for p in path.rglob("*.txcl") if not p.is_dir())
         else:
             yield path
 
@@ -479,7 +480,8 @@ def _find_config(target: Path) -> Path | None:
     here = Path(CONFIG_NAME)
     if here.is_file():
         return here
-    for folder in [target.resolve(), *target.resolve().parents]:
+    real = Path(os.path.realpath(target))  # resolve() raises on a symlink loop
+    for folder in [real, *real.parents]:
         if folder.name == "OPS":
             candidate = folder.parent / CONFIG_NAME
             return candidate if candidate.is_file() else None

@@ -101,6 +101,19 @@ def require_regular(path: str | os.PathLike[str]) -> None:
         raise InputError(path, f"not a regular file: {_kind(mode)}")
 
 
+def symlink_problem(path: str, root: str | os.PathLike[str], real_root: str) -> str | None:
+    """Why a walk of the tree at `root` (real path `real_root`) must not follow the symlink
+    `path`: it loops, or it leads out of the tree. None when it may be followed."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symlink loop"
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        return f"a symlink that leads out of {os.fspath(root)}"
+    return None
+
+
 def read_bytes(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> bytes:
     """The bytes of a regular file of at most `limit` bytes.
 

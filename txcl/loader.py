@@ -123,7 +123,7 @@ class _Walker:
         self.read: dict[str, ReadFile] | None = {} if keep_files else None
 
     def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
-        """The folder's entries in byte-wise name order, without symlinks that escape."""
+        """The folder's entries in byte-wise name order, without symlinks that loop or escape."""
         try:
             with os.scandir(folder) as it:
                 found = sorted(it, key=lambda e: _byte_order(e.name))
@@ -133,11 +133,9 @@ class _Walker:
         kept = []
         for entry in found:
             if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if os.path.commonpath([self.real_root, target]) != self.real_root:
-                    problems.append(
-                        _problem(f"{entry.path}: a symlink that leads out of {self.root}")
-                    )
+                refused = inputs.symlink_problem(entry.path, self.root, self.real_root)
+                if refused:
+                    problems.append(_problem(f"{entry.path}: {refused}"))
                     continue
             kept.append(entry)
         return kept
@@ -327,7 +325,7 @@ def load_target(
     keep_files is as for load_tree().
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():  # a FIFO or a device is refused by read_rules
+    if os.path.lexists(path) and not path.is_dir():  # read_rules refuses a FIFO, a loop...
         walker = _Walker(path.parent, registry, keep_files)
         problems: list[Problem] = []
         if not path.name.endswith(RULE_SUFFIX):
