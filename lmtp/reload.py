@@ -39,6 +39,7 @@ from lmtp.config import (
 from lmtp.delivery import Deliverer
 from lmtp.routing import Router
 from lmtp.server import DeliveryHandler
+from txcl import inputs
 from txcl.errors import Pos, Problem, TxclError
 from txcl.loader import load_tree, no_cyclic_gc
 from txcl.ops import OpRegistry
@@ -491,9 +492,12 @@ class ReloadingHandler:
 
 
 def read_status(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The status.json a running `txco serve` keeps. FileNotFoundError if there is none."""
+    """The status.json a running `txco serve` keeps. FileNotFoundError if there is none,
+    InputError (a ValueError) if it is not a bounded JSON object."""
     path = Path(state_dir) / STATUS_FILE
-    return json.loads(path.read_text(encoding="utf-8"))
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    return inputs.load_json_object(path)
 
 
 def format_status(status: Mapping[str, Any]) -> str:

@@ -236,3 +236,55 @@ def test_fmt_of_a_tree_reports_loops_and_does_not_leave_it(looping_tree: Path) -
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert f"{looping_tree / 'acme/_mail/0/a.txcl'}: cannot be read: a symlink loop" in done.stderr
     assert "secret" not in done.stdout + done.stderr
+
+
+# --- state files: status.json and a trace's summary.json -------------------------------------
+
+NOT_OBJECTS = {
+    "list": ("[1, 2]", "not a JSON object but a list"),
+    "string": ('"stopped"', "not a JSON object but a string"),
+    "truncated": ('{"rid": "01J', "not valid JSON"),
+    "deep": ("[" * 3000 + "]" * 3000, "nested more than 100 levels deep"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_OBJECTS)
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_status_json_that_is_not_an_object_is_one_clear_error(tmp_path: Path, kind: str,
+                                                                 json_flag: list[str]) -> None:
+    text, says = NOT_OBJECTS[kind]
+    (tmp_path / "status.json").write_text(text)
+    refused(txco("status", "--state-dir", tmp_path, *json_flag), str(tmp_path / "status.json"),
+            says)
+
+
+def _trace_with(state: Path, summary: str) -> Path:
+    folder = state / "requests" / "01J0000000000000000000000"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(summary)
+    return folder
+
+
+@pytest.mark.parametrize("kind", NOT_OBJECTS)
+def test_a_summary_json_that_is_not_an_object_is_named_by_txco_trace(tmp_path: Path,
+                                                                    kind: str) -> None:
+    text, says = NOT_OBJECTS[kind]
+    folder = _trace_with(tmp_path, text)
+    for flags in ([], ["--json"], ["01J"]):
+        refused(txco("trace", "--state-dir", tmp_path, *flags), str(folder / "summary.json"), says)
+    for flags in ([], ["--json"]):
+        listed = txco("trace", "--list", "--state-dir", tmp_path, *flags)
+        assert "Traceback" not in listed.stderr, listed.stderr
+        assert listed.returncode == 0 and "unreadable summary" in listed.stdout
+
+
+@pytest.mark.parametrize("command", [["trace"], ["trace", "--list"], ["status"]])
+def test_records_holding_values_of_the_wrong_kind_are_one_clear_error(tmp_path: Path,
+                                                                      command: list[str]) -> None:
+    folder = _trace_with(tmp_path, '{"recipients": "250", "route": [], "elapsed_s": "x"}')
+    (folder / "response.json").write_text('{"replies": [1]}')
+    (tmp_path / "status.json").write_text(f'{{"last_reload": "ok", "pid": {os.getpid()}}}')
+    where = {"trace": folder, "status": tmp_path / "status.json"}[command[0]]
+    if command == ["trace", "--list"]:
+        where = tmp_path / "requests"
+    refused(txco(*command, "--state-dir", tmp_path), f"txco: {where}: a value of an unexpected kind")

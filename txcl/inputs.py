@@ -37,8 +37,9 @@ MAX_NODES: Final = 2_000_000
 STDIN: Final = "-"
 
 
-class InputError(Exception):
-    """An input that cannot be used. `str()` is one line: `<where>[:line:column]: <message>`."""
+class InputError(ValueError):
+    """An input that cannot be used. `str()` is one line: `<where>[:line:column]: <message>`.
+    A ValueError, so a caller that already treats unreadable data as ValueError keeps doing so."""
 
     def __init__(self, where: str | os.PathLike[str], message: str, line: int = 0, column: int = 0):
         self.where = os.fspath(where)
