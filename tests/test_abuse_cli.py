@@ -288,3 +288,61 @@ def test_records_holding_values_of_the_wrong_kind_are_one_clear_error(tmp_path: 
     if command == ["trace", "--list"]:
         where = tmp_path / "requests"
     refused(txco(*command, "--state-dir", tmp_path), f"txco: {where}: a value of an unexpected kind")
+
+
+# --- txco hostnames and the hostname database -----------------------------------------------
+
+
+@pytest.mark.parametrize(("hostname", "says"), [
+    ("", "hostname must not be empty"),
+    ("../etc", "a slash is not allowed"),
+    ("a/b.example", "a slash is not allowed"),
+    ("a b.example", "white space is not allowed"),
+    ("acme.example\nforged 250 ok", "white space is not allowed"),
+    ("ac\x1b[2Jme.example", "the control character \\e is not allowed"),
+    ("a..example", "an empty label"),
+    ("a_b.example", "not a valid domain name"),
+])
+def test_hostnames_add_refuses_what_is_not_a_dns_name(tmp_path: Path, hostname: str,
+                                                      says: str) -> None:
+    done = txco("hostnames", "--state-dir", tmp_path, "add", hostname, "acme")
+    refused(done, "txco: error: ", says)
+    assert "\x1b" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert txco("hostnames", "--state-dir", tmp_path, "list").stdout == ""
+
+
+def test_an_idna_hostname_is_stored_once_and_routes_by_either_spelling(tmp_path: Path) -> None:
+    added = txco("hostnames", "--state-dir", tmp_path, "add", "XN--JSE-SNA.Example", "acme")
+    assert added.returncode == 0 and added.stdout == "jöse.example -> acme/_mail (unverified)\n"
+    again = txco("hostnames", "--state-dir", tmp_path, "add", "jöse.example", "acme")
+    assert again.returncode == 0
+    listed = txco("hostnames", "--state-dir", tmp_path, "list")
+    assert listed.stdout == "jöse.example\tacme\tacme/_mail\tunverified\n"
+    for address in ("x@jöse.example", "x@xn--jse-sna.example"):
+        routed = txco("route", address, "--state-dir", tmp_path, cwd=tmp_path)
+        assert routed.returncode == 0, routed.stdout + routed.stderr
+        assert routed.stdout.splitlines()[-1].startswith("=> acme acme/_mail")
+
+
+@pytest.mark.parametrize("command", [["hostnames", "list"], ["hostnames", "add", "a.example", "acme"],
+                                     ["hostnames", "remove", "a.example"], ["route", "x@a.example"]])
+def test_a_corrupt_hostname_database_is_one_clear_error(tmp_path: Path, command: list[str]) -> None:
+    db = tmp_path / "var" / "chassis.sqlite3"
+    db.parent.mkdir()
+    db.write_bytes(bytes(range(256)) * 64)
+    refused(txco(*command, cwd=tmp_path), f"{db.relative_to(tmp_path)}: not a usable hostname "
+            "database")
+
+
+def test_hostnames_list_and_route_escape_control_characters_of_old_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    assert txco("hostnames", "--state-dir", tmp_path, "add", "acme.example", "acme").returncode == 0
+    conn = sqlite3.connect(tmp_path / "chassis.sqlite3")
+    with conn:  # a row written before hostnames were checked
+        conn.execute("UPDATE tenant_hostnames SET hostname = ?", ("ac\x1b]0;pwned\x07me.example",))
+    conn.close()
+    listed = txco("hostnames", "--state-dir", tmp_path, "list")
+    assert listed.stdout == "ac\\e]0;pwned\\x07me.example\tacme\tacme/_mail\tunverified\n"
+    routed = txco("route", "x\x1b[2J@acme.example", "--state-dir", tmp_path, cwd=tmp_path)
+    assert "\x1b" not in routed.stdout and "no entry" in routed.stdout
