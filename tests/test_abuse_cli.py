@@ -346,3 +346,43 @@ def test_hostnames_list_and_route_escape_control_characters_of_old_rows(tmp_path
     assert listed.stdout == "ac\\e]0;pwned\\x07me.example\tacme\tacme/_mail\tunverified\n"
     routed = txco("route", "x\x1b[2J@acme.example", "--state-dir", tmp_path, cwd=tmp_path)
     assert "\x1b" not in routed.stdout and "no entry" in routed.stdout
+
+
+# --- terminals: data with control characters is shown escaped ------------------------------
+
+HOSTILE_RCPT = '"a\x1b]0;owned\x07b\x00c\x9bd"@acme.example'
+SHOWN_RCPT = '"a\\e]0;owned\\x07b\\x00c\\x9bd"@acme.example'
+WIRE_RCPT = '"a\x1b[2J\x00b"@acme.example'  # ASCII: no SMTPUTF8 for a C1 control
+
+
+def _no_raw_controls(text: str) -> None:
+    assert not any(c in text for c in "\x1b\x00\x07\x9b\r"), repr(text)
+
+
+def test_txcl_test_shows_control_characters_of_the_envelope_escaped(tmp_path: Path,
+                                                                   rule: Path) -> None:
+    envelope = tmp_path / "env.json"
+    envelope.write_text(json.dumps({"_txc": {"src": "lmtp", "lmtp": {
+        "rcpt": [HOSTILE_RCPT], "transaction_rcpt": [HOSTILE_RCPT]}}}))
+    shown = txcl("test", rule, envelope)
+    assert shown.returncode == 0, shown.stderr
+    _no_raw_controls(shown.stdout)
+    assert SHOWN_RCPT in shown.stdout
+
+
+def test_txco_trace_shows_a_hostile_quoted_local_part_escaped(serve, tmp_path: Path) -> None:
+    # A real delivery: the local part reaches the trace as the client sent it.
+    server = serve(tmp_path, {"acme/_mail/0/accept.txcl": "SET @lmtp.res.code = 250\n"},
+                   "ingress: {lmtp: {verified_domains: {acme.example: {tenant: acme}}}}\n")
+    with server.lmtp() as client:
+        client.ehlo("client.example")
+        assert client.mail("sender@example.com")[0] == 250
+        code, _ = client.rcpt(WIRE_RCPT)
+        assert code == 250
+        replies = client.data(b"Subject: hi\r\n\r\nbody\r\n")
+    assert replies[0] == 250, replies
+    for flags in ([], ["--list"]):
+        shown = txco("trace", "--state-dir", server.state_dir, *flags)
+        assert shown.returncode == 0, shown.stderr
+        _no_raw_controls(shown.stdout)
+    assert '"a\\e[2J\\x00b"@acme.example' in txco("trace", "--state-dir", server.state_dir).stdout

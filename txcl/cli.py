@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import sys
@@ -108,7 +109,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         json.dump(result_json(stack, result), sys.stdout, indent=2, default=_json_default)
         print()
     else:
-        render_result(stack, result, sys.stdout)
+        inputs.write_terminal(sys.stdout, lambda out: render_result(stack, result, out))
     return FAILED if result.error else OK
 
 
@@ -170,7 +171,7 @@ def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
         print()
     else:
         for r in results:
-            render_case(r, sys.stdout)
+            inputs.write_terminal(sys.stdout, functools.partial(render_case, r))
         if not results and not tree.problems:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
         print(f"{passed} passed, {failed} failed")
@@ -404,7 +405,7 @@ RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
 
 def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
     for p in problems:
-        out.write(f"{p}\n")
+        out.write(inputs.terminal_text(f"{p}\n"))
 
 
 # --- txcl fmt ---------------------------------------------------------------------------------

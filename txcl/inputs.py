@@ -21,7 +21,7 @@ import re
 import stat
 import sys
 from collections.abc import Callable
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TextIO
 
 import yaml
 
@@ -280,7 +280,7 @@ def terminal_text(text: str, keep: str = "\n") -> str:
     return _UNSAFE.sub(_escape, text)
 
 
-def write_terminal(out: IO[str], render: Callable[[IO[str]], None]) -> None:
+def write_terminal(out: TextIO, render: Callable[[TextIO], None]) -> None:
     """Run `render` into a buffer, then write its text to `out` with terminal_text()."""
     buffer = io.StringIO()
     render(buffer)
