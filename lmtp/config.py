@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from txcl import inputs
+
 DEFAULT_PERSONALITIES = ("cron", "tcp", "web", "admin")
 DEFAULT_LISTEN_ADDRS = ":2424"
 DEFAULT_CONFIG_FILE = Path("txco.yaml")
@@ -175,11 +177,9 @@ def load_ingress_config(path: Path | None) -> IngressConfig:
     if path is None:
         return IngressConfig()
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        text = inputs.read_text(path)  # a regular file: a FIFO or /dev/zero would hang
+    except inputs.InputError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.message})") from None
     return parse_ingress_config(text, name=str(path), base_dir=Path(path).parent)
 
 

@@ -386,3 +386,12 @@ def test_txco_trace_shows_a_hostile_quoted_local_part_escaped(serve, tmp_path: P
         assert shown.returncode == 0, shown.stderr
         _no_raw_controls(shown.stdout)
     assert '"a\\e[2J\\x00b"@acme.example' in txco("trace", "--state-dir", server.state_dir).stdout
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_config_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, rule: Path,
+                                                            kind: str) -> None:
+    config = Path("/dev/zero") if kind == "device" else _named_fifo(tmp_path, "txco.yaml")
+    says = "a character device" if kind == "device" else "a FIFO"
+    refused(txco("route", "x@acme.example", "--config", config, cwd=tmp_path), str(config), says)
+    refused(txcl("lint", rule, "--config", config), str(config), says)

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from txcl import cases, fmt, inputs, lint
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_target, read_rule_source
@@ -467,11 +465,9 @@ def _registry(config: Path | None, target: Path) -> OpRegistry | None:
     if path is None:
         return None
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TxclError(Problem("txcl_load_error", f"{path}: cannot read the config: {err}")) from None
-    except yaml.YAMLError as err:
-        raise TxclError(Problem("txcl_load_error", f"{path}: not valid YAML: {err}")) from None
+        doc = inputs.load_yaml(path)
+    except inputs.InputError as err:
+        raise TxclError(err.problem("txcl_load_error")) from None
     ops = doc.get("ops") if isinstance(doc, dict) else None
     return OpRegistry.from_config(ops, path.parent)
 
