@@ -196,16 +196,30 @@ def check_tree(value: Any, where: str | os.PathLike[str] = "<data>") -> None:
 
 def parse_json(text: str | bytes, where: str | os.PathLike[str]) -> Any:
     """A JSON document, bounded as check_tree() says."""
+    return _parsed(lambda: json.loads(text), where)
+
+
+def _parsed(parse: Callable[[], Any], where: str | os.PathLike[str]) -> Any:
+    """What `parse` returns, bounded as check_tree() says; its errors as one InputError."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(where, f"not valid JSON: {err.msg}", err.lineno, err.colno) from None
-    except UnicodeDecodeError as err:
-        raise InputError(where, f"not UTF-8 text: {err.reason}") from None
+        value = parse()
     except RecursionError:
         raise InputError(where, f"nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, yaml.YAMLError) as err:  # JSON's errors are ValueErrors
+        raise _syntax_error(where, err) from None
     check_tree(value, where)
     return value
+
+
+def _syntax_error(where: str | os.PathLike[str], err: Exception) -> InputError:
+    if isinstance(err, json.JSONDecodeError):
+        return InputError(where, f"not valid JSON: {err.msg}", err.lineno, err.colno)
+    if isinstance(err, UnicodeDecodeError):
+        return InputError(where, f"not UTF-8 text: {err.reason}")
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        return InputError(where, f"not valid YAML: {err.problem}", mark.line + 1, mark.column + 1)
+    return InputError(where, f"not valid YAML: {err}")
 
 
 def load_json(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> Any:
@@ -240,18 +254,7 @@ def _yaml_loader() -> type:
 
 def parse_yaml(text: str, where: str | os.PathLike[str]) -> Any:
     """A YAML document (safe types only), bounded as check_tree() says."""
-    try:
-        value = yaml.load(text, Loader=_yaml_loader())
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise InputError(where, f"not valid YAML: {err.problem}", line, column) from None
-    except yaml.YAMLError as err:
-        raise InputError(where, f"not valid YAML: {err}") from None
-    except RecursionError:
-        raise InputError(where, f"nested more than {MAX_DEPTH} levels deep") from None
-    check_tree(value, where)
-    return value
+    return _parsed(lambda: yaml.load(text, Loader=_yaml_loader()), where)
 
 
 def load_yaml(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> Any:
