@@ -135,7 +135,7 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
         limit = None if args.limit <= 0 else args.limit
         summaries = read_summaries(state_dir, limit)
         if args.json:
-            out.write(json.dumps(summaries, indent=2, ensure_ascii=False) + "\n")
+            out.write(inputs.terminal_json(summaries) + "\n")
         else:
             return _show(out, lambda: format_list(summaries), state_dir / "requests")
         return 0
@@ -150,7 +150,7 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     folder = state_dir / "requests" / trace["name"]
     if args.json:
-        out.write(json.dumps(trace_json(trace), indent=2, ensure_ascii=False) + "\n")
+        out.write(inputs.terminal_json(trace_json(trace)) + "\n")
     else:
         if _show(out, lambda: format_trace(trace, folder), folder):
             return 2
@@ -203,7 +203,7 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"txco status: cannot read the status under {args.state_dir}: {err}", file=sys.stderr)
         return 2
     if args.json:
-        out.write(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
+        out.write(inputs.terminal_json(status) + "\n")
     else:
         if _show(out, lambda: format_status(status) + "\n", Path(args.state_dir, "status.json")):
             return 2

@@ -395,3 +395,17 @@ def test_a_config_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, rul
     says = "a character device" if kind == "device" else "a FIFO"
     refused(txco("route", "x@acme.example", "--config", config, cwd=tmp_path), str(config), says)
     refused(txcl("lint", rule, "--config", config), str(config), says)
+
+
+def test_the_json_views_escape_c1_controls_and_stay_the_same_json(tmp_path: Path) -> None:
+    hostile = "a\x9b2Jb\u202ec\x7f"
+    folder = _trace_with(tmp_path, json.dumps({"rid": "01J", "src": hostile}))
+    (tmp_path / "status.json").write_text(json.dumps({"version": hostile, "pid": os.getpid()}))
+    for command in (["trace", "--json"], ["trace", "--list", "--json"], ["status", "--json"],
+                    ["trace"], ["trace", "--list"], ["status"]):
+        shown = txco(*command, "--state-dir", tmp_path)
+        assert shown.returncode == 0, (command, shown.stderr)
+        assert not any(c in shown.stdout for c in "\x9b\u202e\x7f"), (command, shown.stdout)
+        if "--json" in command:
+            assert hostile in json.dumps(json.loads(shown.stdout), ensure_ascii=False)
+    assert folder.is_dir()

@@ -22,6 +22,7 @@ from txcl.inputs import (
     parse_json,
     read_bytes,
     read_text,
+    terminal_json,
     terminal_text,
 )
 
@@ -144,3 +145,30 @@ def test_an_input_error_is_one_line_whatever_the_file_is_called(tmp_path: Path):
         read_bytes(path)
     assert "\n" not in str(bad.value) and "\x1b" not in str(bad.value)
     assert json.dumps(str(bad.value))  # printable as it is
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_terminal_json_is_the_same_document_without_control_characters(value: object):
+    text = terminal_json(value)
+    assert json.loads(text) == value
+    assert not UNSAFE.search(text.replace("\n", ""))
+
+
+def test_a_case_built_in_code_with_a_cyclic_envelope_fails_clearly(tmp_path: Path):
+    from txcl.cases import Case, run_case
+    from txcl.errors import Pos
+    from txcl.runner import Stack
+
+    envelope: dict = {"_txc": {"src": "lmtp"}}
+    envelope["_txc"]["self"] = envelope
+    case = Case(tmp_path / "c.yaml", "cyclic", envelope, {}, {}, Pos("c.yaml", 1, 1))
+    result = run_case(case, Stack("acme/_mail", ()))
+    assert not result.passed and result.problem is not None
+    assert "nested more than 100 levels deep (or cyclic)" in result.problem.message

@@ -81,6 +81,10 @@ def run_case_file(path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY) -> 
 
 
 def run_case(case: Case, stack: Stack, policy: RunPolicy = TEST_POLICY) -> CaseResult:
+    try:  # a case built in code may hold any data: a cycle, a billion shared leaves
+        inputs.check_tree(case.envelope, case.file)
+    except inputs.InputError as err:
+        return CaseResult(str(case.file), case.name, stack.name, problem=err.problem(CASE_ERROR))
     policy = dataclasses.replace(policy, op_stubs={**policy.op_stubs, **case.stubs})
     result = stack.run(case.envelope, policy)
     source = source_for(case.envelope)

@@ -372,7 +372,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 def _render_text(problems: Sequence[Problem], out: TextIO) -> None:
     for p in problems:
-        out.write(f"[{p.severity}] {p}\n")
+        out.write(inputs.terminal_text(f"[{p.severity}] {p}\n"))
     errors = sum(p.severity == "error" for p in problems)
     out.write(f"{errors} error(s), {len(problems) - errors} warning(s)\n")
 

@@ -266,7 +266,9 @@ def load_yaml(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> Any
 
 # C0 and C1 controls, DEL, and the invisible characters that reorder or split what a terminal
 # shows (bidirectional overrides and isolates, line and paragraph separators).
-_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_BEYOND_C0: Final = "\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE: Final = re.compile(f"[\x00-\x1f{_BEYOND_C0}]")
+_UNSAFE_IN_JSON: Final = re.compile(f"[{_BEYOND_C0}]")  # json.dumps escapes C0 itself
 _NAMED: Final = {"\r": "\\r", "\n": "\\n", "\t": "\\t", "\x1b": "\\e"}
 
 
@@ -281,6 +283,13 @@ def terminal_text(text: str, keep: str = "\n") -> str:
     if keep:
         return keep[0].join(terminal_text(part, keep[1:]) for part in text.split(keep[0]))
     return _UNSAFE.sub(_escape, text)
+
+
+def terminal_json(value: Any) -> str:
+    """`value` as indented JSON, non-ASCII text kept, and what terminal_text() escapes written
+    as `\\uXXXX` (json.dumps escapes only C0 itself): the same document, safe to print."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def write_terminal(out: TextIO, render: Callable[[TextIO], None]) -> None:
