@@ -409,3 +409,24 @@ def test_the_json_views_escape_c1_controls_and_stay_the_same_json(tmp_path: Path
         if "--json" in command:
             assert hostile in json.dumps(json.loads(shown.stdout), ensure_ascii=False)
     assert folder.is_dir()
+
+
+def test_txco_serve_starts_with_a_symlink_loop_in_one_tenants_stage(serve, tmp_path: Path) -> None:
+    # issue 13.4: the loop stopped the server from starting (an OSError traceback)
+    ops = tmp_path / "OPS"
+    for tenant in ("acme", "beta"):
+        (ops / tenant / "_mail" / "0").mkdir(parents=True)
+        (ops / tenant / "_mail" / "0" / "ok.txcl").write_text("SET @lmtp.res.code = 250\n")
+    (ops / "acme" / "_mail" / "0" / "loop.txcl").symlink_to("loop.txcl")
+    server = serve(tmp_path, ops, "ingress: {lmtp: {verified_domains: {acme.example: "
+                   "{tenant: acme}, beta.example: {tenant: beta}}}}\n")
+    server.wait_for_log(r"acme/_mail/0/loop.txcl: a symlink loop")
+    with server.lmtp() as client:
+        client.ehlo("client.example")
+        assert client.mail("sender@example.com")[0] == 250
+        assert client.rcpt("a@acme.example")[0] == 250
+        assert client.rcpt("b@beta.example")[0] == 250
+        first = client.data(b"Subject: hi\r\n\r\nbody\r\n")
+        replies = [first[0], client.getreply()[0]]
+    assert replies == [451, 250]  # the looping stack waits at Postfix; the other is served
+    assert "Traceback" not in server.stderr()
