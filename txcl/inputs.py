@@ -33,6 +33,8 @@ MAX_INPUT_BYTES: Final = 64 << 20
 # Envelopes nest a few levels (_txc.lmtp.msg.headers...); far deeper is a hostile document
 # that would exhaust the recursion of whatever walks it next.
 MAX_DEPTH: Final = 100
+# Values of a document once YAML aliases (or shared objects) are expanded, as JSON output or
+# a copy would: a real envelope holds thousands, a "billion laughs" document billions.
 MAX_NODES: Final = 2_000_000
 STDIN: Final = "-"
 
@@ -66,6 +68,7 @@ class TooLarge(InputError):
 
 
 def describe_size(size: int) -> str:
+    """`1,048,577 bytes` below 2 MiB, `10.0 MiB` from there."""
     return f"{size / (1 << 20):.1f} MiB" if size >= 2 << 20 else f"{size:,} bytes"
 
 
@@ -156,20 +159,22 @@ def _read_stdin(limit: int) -> bytes:
     return data
 
 
-def decode_utf8(data: bytes, where: str | os.PathLike[str]) -> str:
-    """UTF-8 text without a leading byte order mark; InputError at the first bad byte."""
+def _decode_utf8(data: bytes, where: str | os.PathLike[str]) -> str:
+    """UTF-8 text without a leading byte order mark; InputError at the first bad byte, its
+    line and column (in characters) given."""
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
         line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        column = len(data[line_start:err.start].decode("utf-8", "replace")) + 1
         raise InputError(where, f"not UTF-8 text: byte 0x{data[err.start]:02x}", line,
                          column) from None
 
 
 def read_text(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> str:
     """read_bytes(), decoded as UTF-8."""
-    return decode_utf8(read_bytes(path, limit), path)
+    return _decode_utf8(read_bytes(path, limit), path)
 
 
 # --- documents -------------------------------------------------------------------------------
@@ -297,12 +302,4 @@ def write_terminal(out: TextIO, render: Callable[[TextIO], None]) -> None:
     buffer = io.StringIO()
     render(buffer)
     out.write(terminal_text(buffer.getvalue()))
-
-
-def is_regular_file(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` names a regular file (following symlinks); False for loops and errors."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
 

@@ -216,31 +216,18 @@ def read_rule_source(path: str) -> str:
     it is not a regular file, cannot be read, is larger than MAX_RULE_FILE_BYTES (known from
     its size, before reading it) or is not UTF-8."""
     try:
-        data = inputs.read_bytes(path, MAX_RULE_FILE_BYTES)
+        return inputs.read_text(path, MAX_RULE_FILE_BYTES)
     except inputs.TooLarge as err:
         raise TxclLoadError(_too_big(path, err.size)) from None
     except inputs.InputError as err:
-        raise TxclLoadError(_problem(str(err))) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        message = f"not UTF-8 text: byte 0x{data[err.start]:02x}"
-        raise TxclLoadError(_problem(message, _byte_pos(path, data, err.start))) from None
-    return text.removeprefix("\ufeff")
+        raise TxclLoadError(err.problem(LOAD_ERROR)) from None
 
 
 def _too_big(path: str, size: int) -> Problem:
-    shown = f"{size / (1 << 20):.1f} MiB" if size >= 2 << 20 else f"{size:,} bytes"
+    shown = inputs.describe_size(size)
     limit = f"{MAX_RULE_FILE_BYTES / (1 << 20):g} MiB"
     message = f"rule file is {shown}; the limit is {limit} — split it into several files"
     return _problem(message, Pos(path, 1, 1))
-
-
-def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
-    line_start = data.rfind(b"\n", 0, offset) + 1
-    line = data.count(b"\n", 0, offset) + 1
-    column = len(data[line_start:offset].decode("utf-8", "replace")) + 1
-    return Pos(path, line, column)
 
 
 @without_cyclic_gc
