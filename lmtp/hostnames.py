@@ -12,6 +12,7 @@ per invocation and by the router once per refresh (see `lmtp.routing`), never pe
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import time
@@ -72,13 +73,20 @@ def normalize_hostname(hostname: str) -> str:
     or a trailing dot, internationalised labels as Unicode (U-labels; an A-label `xn--...` is
     shown as what it encodes), so both spellings of a domain find the same row. Lenient: a
     name that is not a valid domain name is only lower-cased (it matches nothing stored)."""
-    host = hostname.strip().rstrip(".")
-    if host.isascii() and "xn--" not in host.lower():
-        return host.lower()
+    host = hostname.strip().rstrip(".").lower()
+    if host.isascii() and "xn--" not in host:
+        return host
+    return _u_labels(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _u_labels(host: str) -> str:
+    # IDNA is pure Python and routing normalizes every recipient's domain: the few
+    # internationalised domains a chassis sees are converted once.
     try:
         return str(idna.decode(idna.encode(host, uts46=True)))
     except (idna.IDNAError, UnicodeError):
-        return host.lower()
+        return host
 
 
 def check_hostname(hostname: str) -> str:
