@@ -113,6 +113,7 @@ def test_concurrent_writers_and_readers(tmp_path: Path):
 # --- what a hostname may be, and its one stored form ----------------------------------------
 
 
+@pytest.mark.abuse
 @pytest.mark.parametrize("hostname", [
     "", ".", "../etc", "a/b.example", "a\\b.example", "a b.example", " acme.example",
     "acme.example\n", "ac\rme.example", "ac\x00me.example", "ac\x1b[31mme.example",
@@ -155,6 +156,7 @@ def test_normalize_never_raises_and_leaves_ascii_alone_but_lower_cased():
     assert normalize_hostname("A B") == "a b"
 
 
+@pytest.mark.abuse
 @given(st.text(max_size=80))
 def test_a_checked_hostname_is_its_own_normal_form_and_holds_no_unsafe_character(text: str):
     try:
@@ -166,6 +168,7 @@ def test_a_checked_hostname_is_its_own_normal_form_and_holds_no_unsafe_character
     assert host and ".." not in host and not host.endswith(".")
 
 
+@pytest.mark.abuse
 def test_a_database_of_garbage_bytes_is_a_clear_error(tmp_path: Path):
     (tmp_path / DB_FILE_NAME).write_bytes(bytes(range(256)) * 32)
     store = HostnameStore(tmp_path)
