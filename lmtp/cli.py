@@ -37,6 +37,7 @@ from lmtp.tracecmd import (
 from txcl.chassis.config import default_config_file
 from txcl.chassis.status import add_status_arguments, run_status
 from txcl.chassis.supervisor import FAILURE, OK, USAGE, CannotStart, ServeOptions, serve
+from txcl.inputs import terminal_text
 
 # Personalities this build can run; the --personalities default (docs/lmtp.md) also names
 # heads not built yet.
@@ -182,7 +183,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     explanation = _router(settings, load_ingress_config(settings.config_file)).explain(
         args.address)
     for line in explanation.lines():
-        print(line)
+        print(terminal_text(line, keep=""))
     return OK if explanation.route is not None else FAILURE
 
 
@@ -203,13 +204,15 @@ def cmd_hostnames(args: argparse.Namespace) -> int:
     if action == "list":
         for row in store.list():
             state = "verified" if row.verified else "unverified"
-            print(f"{row.hostname}\t{row.tenant}\t{row.target_stack}\t{state}")
+            fields = (row.hostname, row.tenant, row.target_stack, state)
+            print("\t".join(terminal_text(field, keep="") for field in fields))
         return OK
     done = store.verify(args.hostname) if action == "verify" else store.remove(args.hostname)
     if not done:
         print(f"txco: no hostname {args.hostname!r} in {store.path}", file=sys.stderr)
         return FAILURE
-    print(f"{args.hostname}: {'verified' if action == 'verify' else 'removed'}")
+    shown = terminal_text(args.hostname, keep="")
+    print(f"{shown}: {'verified' if action == 'verify' else 'removed'}")
     return OK
 
 

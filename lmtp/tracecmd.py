@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from txcl import inputs
 from txcl.trace import (
     ARTIFACTS,
     TRACE_MODES,
@@ -120,16 +122,17 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """0 shown · 1 no such trace (or none yet) · 2 an ambiguous rid prefix."""
+    """0 shown · 1 no such trace (or none yet) · 2 an ambiguous rid prefix, or a trace file
+    that could not be read (the rest is shown, and why on stderr)."""
     out = out or sys.stdout
     state_dir = Path(args.state_dir)
     if args.list:
         limit = None if args.limit <= 0 else args.limit
         summaries = read_summaries(state_dir, limit)
         if args.json:
-            out.write(json.dumps(summaries, indent=2, ensure_ascii=False) + "\n")
+            out.write(inputs.terminal_json(summaries) + "\n")
         else:
-            out.write(format_list(summaries))
+            return _show(out, lambda: format_list(summaries), state_dir / "requests")
         return 0
     try:
         name = resolve_rid(state_dir, args.rid)
@@ -140,11 +143,40 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except FileNotFoundError as err:
         print(f"txco trace: {err}", file=sys.stderr)
         return 1
+    folder = state_dir / "requests" / trace["name"]
     if args.json:
-        out.write(json.dumps(trace_json(trace), indent=2, ensure_ascii=False) + "\n")
+        out.write(inputs.terminal_json(trace_json(trace)) + "\n")
     else:
-        out.write(format_trace(trace, state_dir / "requests" / trace["name"]))
+        if _show(out, lambda: format_trace(trace, folder), folder):
+            return 2
+    return 2 if _report_unreadable(trace, folder) else 0
+
+
+def _show(out: TextIO, render: Callable[[], str], where: Path) -> int:
+    """Write what `render` makes, control characters from the data shown as escapes; 2 (and
+    why, on stderr) when the files it shows hold values of the wrong kind (a list where a
+    record belongs: written by hand, or by another version)."""
+    try:
+        text = render()
+    except (AttributeError, TypeError, ValueError) as err:
+        print(f"txco: {where}: a value of an unexpected kind ({err})", file=sys.stderr)
+        return 2
+    out.write(inputs.terminal_text(text))
     return 0
+
+
+def _report_unreadable(trace: Mapping[str, Any], folder: Path) -> bool:
+    """Say on stderr why each artifact that is there could not be shown (read_trace maps it
+    to None); True if there was one."""
+    found = False
+    for filename in ARTIFACTS:
+        if trace.get(filename) is None and os.path.lexists(folder / filename):
+            try:
+                inputs.load_json_object(folder / filename)
+            except inputs.InputError as err:
+                print(f"txco trace: {err}", file=sys.stderr)
+                found = True
+    return found
 
 
 def resolve_rid(state_dir: Path, rid: str | None) -> str | None:

@@ -6,7 +6,19 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from lmtp.hostnames import DB_FILE_NAME, HostnameRow, HostnameStore
+import idna
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmtp.hostnames import (
+    DB_FILE_NAME,
+    HostnameError,
+    HostnameRow,
+    HostnameStore,
+    check_hostname,
+    normalize_hostname,
+)
 
 
 def test_reading_a_missing_database_creates_nothing(tmp_path: Path):
@@ -96,3 +108,82 @@ def test_concurrent_writers_and_readers(tmp_path: Path):
         t.join()
     assert errors == []
     assert len(store.list()) == 61
+
+
+# --- what a hostname may be, and its one stored form ----------------------------------------
+
+
+@pytest.mark.abuse
+@pytest.mark.parametrize("hostname", [
+    "", ".", "../etc", "a/b.example", "a\\b.example", "a b.example", " acme.example",
+    "acme.example\n", "ac\rme.example", "ac\x00me.example", "ac\x1b[31mme.example",
+    "a..b.example", ".acme.example", "acme.example..", "-acme.example", "acme-.example",
+    "a_b.example", "x" * 64 + ".example", ".".join(["abcdefghi"] * 26), "acme.example\u202e",
+])
+def test_add_refuses_what_is_not_a_dns_name(tmp_path: Path, hostname: str):
+    store = HostnameStore(tmp_path)
+    with pytest.raises(HostnameError) as refused:
+        store.add(hostname, "acme")
+    message = str(refused.value)
+    assert "\n" not in message and "\r" not in message and "\x1b" not in message
+    assert "\x00" not in message
+    assert store.list() == []
+
+
+@pytest.mark.parametrize(("typed", "stored"), [
+    ("Acme.Example.", "acme.example"),
+    ("JÖSE.example", "jöse.example"),
+    ("xn--jse-sna.example", "jöse.example"),
+    ("XN--JSE-SNA.Example", "jöse.example"),
+    ("bücher.example", "bücher.example"),
+    ("a-b.c0.example", "a-b.c0.example"),
+])
+def test_hostnames_are_stored_in_one_form_and_either_idna_spelling_finds_them(
+        tmp_path: Path, typed: str, stored: str):
+    store = HostnameStore(tmp_path)
+    assert store.add(typed, "acme").hostname == stored
+    assert check_hostname(typed) == normalize_hostname(typed) == stored
+    row = store.lookup(stored)
+    assert row is not None and row.hostname == stored
+    ascii_form = idna.encode(stored).decode()
+    assert store.lookup(ascii_form) == row
+    assert store.lookup(ascii_form.upper()) == row
+
+
+def test_normalize_never_raises_and_leaves_ascii_alone_but_lower_cased():
+    assert normalize_hostname(" Mail.Example. ") == "mail.example"
+    assert normalize_hostname("xn--invalid--.example") == "xn--invalid--.example"
+    assert normalize_hostname("A B") == "a b"
+
+
+@pytest.mark.abuse
+@given(st.text(max_size=80))
+def test_a_checked_hostname_is_its_own_normal_form_and_holds_no_unsafe_character(text: str):
+    try:
+        host = check_hostname(text)
+    except HostnameError:
+        return
+    assert host == normalize_hostname(host) == check_hostname(host)
+    assert not any(c.isspace() or c in "/\\" or ord(c) < 0x20 for c in host)
+    assert host and ".." not in host and not host.endswith(".")
+
+
+@pytest.mark.abuse
+def test_a_database_of_garbage_bytes_is_a_clear_error(tmp_path: Path):
+    (tmp_path / DB_FILE_NAME).write_bytes(bytes(range(256)) * 32)
+    store = HostnameStore(tmp_path)
+    for use in (store.list, lambda: store.add("acme.example", "acme"),
+                lambda: store.lookup("acme.example"), lambda: store.remove("acme.example")):
+        with pytest.raises(HostnameError, match="chassis.sqlite3: not a usable hostname database"):
+            use()
+
+
+def test_rows_stored_before_validation_can_still_be_removed(tmp_path: Path):
+    HostnameStore(tmp_path).add("acme.example", "acme")
+    conn = sqlite3.connect(tmp_path / DB_FILE_NAME)
+    with conn:
+        conn.execute("UPDATE tenant_hostnames SET hostname = '../bad'")
+    conn.close()
+    store = HostnameStore(tmp_path)
+    assert [r.hostname for r in store.list()] == ["../bad"]
+    assert store.remove("../bad") is True

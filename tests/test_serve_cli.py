@@ -350,7 +350,7 @@ def test_a_symlink_loop_keeps_out_only_its_stack_and_the_watcher_sees_it_come_an
     beta_loop = ops / "beta/_mail/0/loop.txcl"
     beta_loop.symlink_to("loop.txcl")  # a file that is a link to itself
     server = serve(tmp_path, ops, CONFIG, "--watch-interval=0.05")
-    server.wait_for_log(rf"not served: txcl_load_error: {beta_loop}: .*symbolic links")
+    server.wait_for_log(rf"not served: txcl_load_error: {beta_loop}: a symlink loop")
     with server.lmtp() as client:
         _, replies = deliver(client, ["support@acme.example", "bob@beta.example"])
     assert [code for code, _ in replies] == [250, 451]
@@ -360,7 +360,7 @@ def test_a_symlink_loop_keeps_out_only_its_stack_and_the_watcher_sees_it_come_an
     gamma.mkdir(parents=True)
     (gamma / "0").symlink_to("1")
     (gamma / "1").symlink_to("0")
-    server.wait_for_log(rf"{gamma / '0'}: .*symbolic links")
+    server.wait_for_log(rf"{gamma / '0'}: a symlink loop")
     beta_loop.unlink()
     (gamma / "0").unlink()
     (gamma / "1").unlink()

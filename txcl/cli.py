@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import sys
@@ -14,11 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
-from txcl import cases, fmt, lint
+from txcl import cases, fmt, inputs, lint
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_target
+from txcl.loader import Tree, load_target, read_rule_source
 from txcl.ops import OpRegistry
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import source_for
@@ -74,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TxclError as err:
         _print_problems(err.problems, sys.stderr)
         return USAGE
+    except inputs.InputError as err:
+        print(f"txcl {args.command}: {err}", file=sys.stderr)
+        return USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -105,7 +107,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         json.dump(result_json(stack, result), sys.stdout, indent=2, default=_json_default)
         print()
     else:
-        render_result(stack, result, sys.stdout)
+        inputs.write_terminal(sys.stdout, lambda out: render_result(stack, result, out))
     return FAILED if result.error else OK
 
 
@@ -140,9 +142,9 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     if not args.rcpt:
         raise TxclError(Problem("txcl_test_error", f"{path}: a message needs at least one --rcpt"))
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TxclError(Problem("txcl_test_error", f"{path}: {err.strerror}")) from None
+        raw = inputs.read_bytes(path)
+    except inputs.InputError as err:
+        raise TxclError(err.problem("txcl_test_error")) from None
     return cases.message_envelope(raw, args.rcpt, args.mail_from, stack)
 
 
@@ -167,7 +169,7 @@ def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
         print()
     else:
         for r in results:
-            render_case(r, sys.stdout)
+            inputs.write_terminal(sys.stdout, functools.partial(render_case, r))
         if not results and not tree.problems:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
         print(f"{passed} passed, {failed} failed")
@@ -352,6 +354,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
     for target in args.targets:
+        if os.path.lexists(target) and not target.is_dir():
+            inputs.require_regular(target)
         if not target.exists():
             print(f"txcl lint: {target}: no such file or folder", file=sys.stderr)
             return USAGE
@@ -368,7 +372,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 def _render_text(problems: Sequence[Problem], out: TextIO) -> None:
     for p in problems:
-        out.write(f"[{p.severity}] {p}\n")
+        out.write(inputs.terminal_text(f"[{p.severity}] {p}\n"))
     errors = sum(p.severity == "error" for p in problems)
     out.write(f"{errors} error(s), {len(problems) - errors} warning(s)\n")
 
@@ -399,7 +403,7 @@ RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
 
 def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
     for p in problems:
-        out.write(f"{p}\n")
+        out.write(inputs.terminal_text(f"{p}\n"))
 
 
 # --- txcl fmt ---------------------------------------------------------------------------------
@@ -409,9 +413,9 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     status = OK
     for path in _txcl_files(args.paths):
         try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            print(f"txcl fmt: {path}: cannot read: {err}", file=sys.stderr)
+            source = read_rule_source(str(path))
+        except TxclError as err:
+            _print_problems(err.problems, sys.stderr)
             status = USAGE
             continue
         try:
@@ -446,7 +450,8 @@ def cmd_fmt(args: argparse.Namespace) -> int:
 def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*.txcl") if p.is_file())
+            # not only regular files: a FIFO or a symlink loop is reported when read
+            yield from sorted(p for p in path.rglob("*.txcl") if not p.is_dir())
         else:
             yield path
 
@@ -460,11 +465,9 @@ def _registry(config: Path | None, target: Path) -> OpRegistry | None:
     if path is None:
         return None
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, UnicodeDecodeError) as err:
-        raise TxclError(Problem("txcl_load_error", f"{path}: cannot read the config: {err}")) from None
-    except yaml.YAMLError as err:
-        raise TxclError(Problem("txcl_load_error", f"{path}: not valid YAML: {err}")) from None
+        doc = inputs.load_yaml(path)
+    except inputs.InputError as err:
+        raise TxclError(err.problem("txcl_load_error")) from None
     ops = doc.get("ops") if isinstance(doc, dict) else None
     return OpRegistry.from_config(ops, path.parent)
 
@@ -474,7 +477,8 @@ def _find_config(target: Path) -> Path | None:
     here = Path(CONFIG_NAME)
     if here.is_file():
         return here
-    for folder in [target.resolve(), *target.resolve().parents]:
+    real = Path(os.path.realpath(target))  # resolve() raises on a symlink loop
+    for folder in [real, *real.parents]:
         if folder.name == "OPS":
             candidate = folder.parent / CONFIG_NAME
             return candidate if candidate.is_file() else None

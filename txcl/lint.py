@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from txcl import ast
+from txcl import ast, inputs
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
@@ -430,12 +430,11 @@ def _lint_stack(
 
 
 def _inside(root: Path, entry: os.DirEntry[str]) -> bool:
-    """False for a symlink that leads out of root (the loader reports those). The walk only
+    """False for a symlink that loops or leads out of root (the loader reports those). The walk only
     descends into entries found inside, so an entry that is no symlink is inside too."""
     if not entry.is_symlink():
         return True
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(entry.path)]) == real_root
+    return inputs.symlink_problem(entry.path, root, os.path.realpath(root)) is None
 
 
 def _entries(folder: Path) -> list[os.DirEntry[str]]:
@@ -451,7 +450,7 @@ def _subfolders(folder: Path, root: Path, pattern: re.Pattern[str]) -> list[Path
     return [
         Path(e.path)
         for e in _entries(folder)
-        if pattern.fullmatch(e.name) and e.is_dir() and _inside(root, e)
+        if pattern.fullmatch(e.name) and _inside(root, e) and e.is_dir()
     ]
 
 
@@ -459,7 +458,7 @@ def _rule_files(stage: Path, root: Path) -> Iterator[Path]:
     from txcl.loader import RULE_SUFFIX
 
     for entry in _entries(stage):
-        if entry.name.endswith(RULE_SUFFIX) and entry.is_file() and _inside(root, entry):
+        if entry.name.endswith(RULE_SUFFIX) and _inside(root, entry) and entry.is_file():
             yield Path(entry.path)
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
-from txcl import ast
+from txcl import ast, inputs
 from txcl.compiler import CompiledRule, ExecStep, compile_file
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError
 from txcl.ops import OpRegistry
@@ -134,11 +134,9 @@ class _Walker:
         kept = []
         for entry in found:
             if entry.is_symlink():
-                target = os.path.realpath(entry.path)
-                if os.path.commonpath([self.real_root, target]) != self.real_root:
-                    problems.append(
-                        _problem(f"{entry.path}: a symlink that leads out of {self.root}")
-                    )
+                refused = inputs.symlink_problem(entry.path, self.root, self.real_root)
+                if refused:
+                    problems.append(_problem(f"{entry.path}: {refused}"))
                     continue
                 try:
                     entry.stat()  # follows the link once; is_dir() and is_file() reuse it
@@ -223,42 +221,21 @@ class _Walker:
 
 def read_rule_source(path: str) -> str:
     """The text of a rule file, without a leading byte order mark. Raises TxclLoadError if
-    it cannot be read, is larger than MAX_RULE_FILE_BYTES (known from its size, before
-    reading it) or is not UTF-8."""
+    it is not a regular file, cannot be read, is larger than MAX_RULE_FILE_BYTES (known from
+    its size, before reading it) or is not UTF-8."""
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > MAX_RULE_FILE_BYTES:
-                raise TxclLoadError(_too_big(path, size))
-            # size + 1: a read of the limit would allocate a buffer of the limit for every
-            # file; the file may also have grown since the stat, up to the limit and past it
-            data = handle.read(size + 1)
-            if len(data) > size:
-                data += handle.read(MAX_RULE_FILE_BYTES + 1 - len(data))
-    except OSError as err:
-        raise TxclLoadError(_problem(f"{path}: cannot be read: {err.strerror or err}")) from None
-    if len(data) > MAX_RULE_FILE_BYTES:
-        raise TxclLoadError(_too_big(path, len(data)))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        message = f"not UTF-8 text: byte 0x{data[err.start]:02x}"
-        raise TxclLoadError(_problem(message, _byte_pos(path, data, err.start))) from None
-    return text.removeprefix("\ufeff")
+        return inputs.read_text(path, MAX_RULE_FILE_BYTES)
+    except inputs.TooLarge as err:
+        raise TxclLoadError(_too_big(path, err.size)) from None
+    except inputs.InputError as err:
+        raise TxclLoadError(err.problem(LOAD_ERROR)) from None
 
 
 def _too_big(path: str, size: int) -> Problem:
-    shown = f"{size / (1 << 20):.1f} MiB" if size >= 2 << 20 else f"{size:,} bytes"
+    shown = inputs.describe_size(size)
     limit = f"{MAX_RULE_FILE_BYTES / (1 << 20):g} MiB"
     message = f"rule file is {shown}; the limit is {limit} — split it into several files"
     return _problem(message, Pos(path, 1, 1))
-
-
-def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
-    line_start = data.rfind(b"\n", 0, offset) + 1
-    line = data.count(b"\n", 0, offset) + 1
-    column = len(data[line_start:offset].decode("utf-8", "replace")) + 1
-    return Pos(path, line, column)
 
 
 @without_cyclic_gc
@@ -343,7 +320,7 @@ def load_target(
     keep_files is as for load_tree().
     """
     path = Path(path)
-    if path.is_file():
+    if os.path.lexists(path) and not path.is_dir():  # read_rules refuses a FIFO, a loop...
         walker = _Walker(path.parent, registry, keep_files)
         problems: list[Problem] = []
         if not path.name.endswith(RULE_SUFFIX):

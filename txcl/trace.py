@@ -42,6 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from txcl import inputs
 from txcl.errors import Pos, Problem
 from txcl.values import MISSING
 
@@ -781,7 +782,7 @@ def read_trace(state_dir: str | os.PathLike[str], name: str | None = None) -> di
     out: dict[str, Any] = {"name": folder.name}
     for filename in ARTIFACTS:
         try:
-            out[filename] = json.loads((folder / filename).read_text(encoding="utf-8"))
+            out[filename] = inputs.load_json_object(folder / filename)
         except (OSError, ValueError):
             out[filename] = None
     return out
@@ -798,7 +799,7 @@ def read_summaries(
     out = []
     for name in names:
         try:
-            summary = json.loads((root / name / SUMMARY_FILE).read_text(encoding="utf-8"))
+            summary = inputs.load_json_object(root / name / SUMMARY_FILE)
         except (OSError, ValueError):
             summary = {"rid": name, "error": "unreadable summary"}
         summary.setdefault("name", name)

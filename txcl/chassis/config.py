@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from txcl import inputs
 from txcl.errors import Pos, Problem
 
 DEFAULT_CONFIG_FILE = Path("txco.yaml")
@@ -47,11 +48,9 @@ def load_config(path: Path | None, heads: Iterable[str]) -> ConfigFile:
     if path is None:
         return ConfigFile()
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        text = inputs.read_text(path)  # a regular file: a FIFO or /dev/zero would hang
+    except inputs.InputError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.message})") from None
     return parse_config(text, heads, name=str(path), base_dir=Path(path).parent)
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from txcl import inputs
 from txcl.errors import Problem
 
 STATUS_FILE = "status.json"
@@ -33,13 +34,12 @@ def write_json_atomically(path: Path, doc: Mapping[str, Any]) -> None:
 
 
 def read_status(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The status.json a running `txco serve` keeps. FileNotFoundError if there is none;
-    ValueError if it is not a JSON object."""
+    """The status.json a running `txco serve` keeps. FileNotFoundError if there is none,
+    InputError (a ValueError) if it is not a bounded JSON object."""
     path = Path(state_dir) / STATUS_FILE
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return doc
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    return inputs.load_json_object(path)
 
 
 def format_status(status: Mapping[str, Any]) -> str:
@@ -92,9 +92,15 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"txco status: cannot read the status under {args.state_dir}: {err}", file=sys.stderr)
         return 2
     if args.json:
-        out.write(json.dumps(status, indent=2, ensure_ascii=False) + "\n")
+        out.write(inputs.terminal_json(status) + "\n")
     else:
-        out.write(format_status(status) + "\n")
+        try:
+            text = format_status(status)
+        except (AttributeError, TypeError, ValueError) as err:
+            print(f"txco: {Path(args.state_dir, STATUS_FILE)}: a value of an unexpected "
+                  f"kind ({err})", file=sys.stderr)
+            return 2
+        out.write(inputs.terminal_text(text) + "\n")
     if not _is_running(status.get("pid")):
         print(
             f"txco status: not running: the txco serve that wrote this status "
@@ -102,7 +108,8 @@ def run_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return 0 if (status.get("last_reload") or {}).get("ok", True) else 1
+    last = status.get("last_reload")
+    return 1 if isinstance(last, dict) and not last.get("ok", True) else 0
 
 
 def _is_running(pid: object) -> bool:
