@@ -1,8 +1,8 @@
 """`txco serve` flags and the `ingress.lmtp` YAML, each turned into one frozen object.
 
 `Settings` holds every flag of the seed's quick-reference table with its default; the
-parsers here (durations, listen addresses, comma lists) are the only place their syntax
-lives. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml`, validated up front so
+parsers here (listen addresses, comma lists) are the only place their syntax lives, and
+durations use the one syntax of `txcl.envelope`. `IngressConfig` is the `ingress.lmtp` section of `txco.yaml`, validated up front so
 a typo stops the chassis at start with a message naming the key, never at the first RCPT.
 """
 
@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from txcl.envelope import STACK_NAME, TENANT_NAME
+from txcl.envelope import parse_duration as duration_seconds
+
 DEFAULT_PERSONALITIES = ("cron", "tcp", "web", "admin")
 DEFAULT_LISTEN_ADDRS = ":2424"
 DEFAULT_CONFIG_FILE = Path("txco.yaml")
@@ -25,11 +28,9 @@ DEFAULT_CONFIG_FILE = Path("txco.yaml")
 # uses for its catch-all, and the value of `_txc.lmtp.listener`.
 LISTENER_NAME = "default"
 
-TENANT_SLUG = re.compile(r"[a-z][a-z0-9-]*\Z")
-STACK_SLUG = re.compile(r"[a-z_][a-z0-9_-]*\Z")
+TENANT_SLUG = TENANT_NAME
+STACK_SLUG = STACK_NAME
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class ConfigError(Exception):
@@ -40,11 +41,10 @@ class ConfigError(Exception):
 
 
 def parse_duration(text: str, name: str = "duration") -> float:
-    """`30s`, `500ms`, `2m`, `1h` or a bare number of seconds -> seconds (> 0)."""
-    match = _DURATION.match(text)
-    if not match:
+    """`30s`, `500ms`, `2m`, `1h`, `1d` or a bare number of seconds -> seconds (> 0)."""
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 500ms, 2m)")
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ConfigError(f"{name}: {text!r} must be longer than zero")
     return seconds

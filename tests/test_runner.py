@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from txcl.compiler import compile_file
+from txcl.envelope import patch_read_only_reason, read_only_reason, verdict_problem
 from txcl.ops import OpContext, OpRegistry
 from txcl.parser import parse
 from txcl.runner import (
@@ -20,9 +21,6 @@ from txcl.runner import (
     Stack,
     StackResult,
     Stage,
-    patch_read_only_reason,
-    read_only_reason,
-    verdict_problem,
 )
 from txcl.values import MISSING
 

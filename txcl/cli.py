@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import yaml
 
 from txcl import cases, fmt, lint
+from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_target
 from txcl.ops import OpRegistry
@@ -122,9 +123,8 @@ def _pick_stack(tree: Tree, args: argparse.Namespace, envelope: Any) -> Stack | 
     if not tree.stacks:
         print(f"txcl test: no stack to run under {args.target}", file=sys.stderr)
         return None
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    route = txc.get("route") if isinstance(txc, dict) else None
-    name = route.get("stack") if isinstance(route, dict) else None
+    route = route_of(envelope)
+    name = route.get("stack") if route is not None else None
     if isinstance(name, str) and name in tree.stacks:
         return tree.stacks[name]
     print(
@@ -193,12 +193,7 @@ def _short(v: Any, limit: int = 120) -> str:
 
 
 def _seg_text(path: Sequence[Any] | None) -> str:
-    if not path:
-        return ""
-    segs = list(path)
-    head = "@" if segs[0] == "_txc" and len(segs) > 1 else ""
-    rest = segs[1:] if head else segs
-    return head + ".".join(str(s) for s in rest)
+    return path_text(tuple(path), at=True) if path else ""
 
 
 def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
@@ -239,13 +234,8 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
 
 
 def _res(envelope: Any) -> tuple[str, Any] | None:
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    src = txc.get("src") if isinstance(txc, dict) else None
-    if not isinstance(src, str):
-        return None
-    part = txc.get(src)
-    res = part.get("res", MISSING) if isinstance(part, dict) else MISSING
-    return src, res
+    src = source_of(envelope)
+    return None if src is None else (src, result_of(envelope, src))
 
 
 def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -24,6 +23,7 @@ from jsonpath_ng.ext.parser import ExtendedJsonPathParser
 from jsonpath_ng.jsonpath import Child, Fields, JSONPath, Root, Slice
 
 from txcl import ast
+from txcl.envelope import path_text
 from txcl.errors import Problem, TxclCompileError
 from txcl.values import MISSING, Multi, kind_of
 
@@ -35,23 +35,9 @@ Setter = Callable[[dict[str, Any], Any], dict[str, Any]]
 # typo such as `recipients.1000000` cannot make one delivery allocate a huge list.
 MAX_LIST_INDEX: Final = 9_999
 
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-
 
 class PathWriteError(Exception):
     """A SET or a merge patch cannot write where it was told to (e.g. a key into a string)."""
-
-
-@functools.lru_cache(maxsize=8192)
-def path_text(segments: tuple[ast.Segment, ...]) -> str:
-    """The full dotted form of a path, quoting segments that are not plain: `a."x.y".0`."""
-    parts = []
-    for seg in segments:
-        if isinstance(seg, int) or _PLAIN_SEGMENT.fullmatch(seg) and not seg.isdigit():
-            parts.append(str(seg))
-        else:
-            parts.append('"' + seg.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return ".".join(parts)
 
 
 def compile_getter(path: ast.Path) -> Getter:

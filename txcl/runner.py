@@ -25,14 +25,21 @@ from typing import Any, Final
 
 from txcl import ast
 from txcl.compiler import NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
+from txcl.envelope import (
+    TXC,
+    patch_read_only_reason,
+    read_only_reason,
+    rid_of,
+    route_to,
+    source_of,
+    verdict_problem,
+)
 from txcl.errors import Pos, Problem, TxclError
 from txcl.ops import OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
 from txcl.values import MISSING, json_problem, to_json
 
 RUN_ERROR: Final = "txcl_run_error"
-READ_ONLY_TXC_KEYS: Final = frozenset({"src", "rid", "route"})
-RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
 
 
 # --- data --------------------------------------------------------------------------------
@@ -124,102 +131,6 @@ class Hints:
 
     def __bool__(self) -> bool:
         return bool(self.omit or self.redact)
-
-
-# --- envelope rules ------------------------------------------------------------------------
-
-
-def read_only_reason(segments: tuple[ast.Segment, ...], src: str | None) -> str | None:
-    """Why writing at `segments` is refused, or None if it is allowed.
-
-    Read-only: `_txc` itself, `_txc.src`, `_txc.rid`, `_txc.route.*`, and `_txc.<src>.*`
-    except `_txc.<src>.res.*`. `src` is the envelope's `_txc.src`.
-    """
-    if not segments or segments[0] != "_txc":
-        return None
-    if len(segments) == 1:
-        return "_txc belongs to the engine and the source; write below it"
-    key = segments[1]
-    if key in READ_ONLY_TXC_KEYS:
-        return f"_txc.{key} is read-only"
-    if src is not None and key == src and (len(segments) == 2 or segments[2] != RESULT_KEY):
-        return f"_txc.{src} is stamped by the source and read-only, except _txc.{src}.{RESULT_KEY}"
-    return None
-
-
-def patch_read_only_reason(patch: Mapping[str, Any], src: str | None) -> str | None:
-    """Why a merge patch would change a read-only path, or None."""
-    txc = patch.get("_txc", MISSING)
-    if txc is MISSING:
-        return None
-    if not isinstance(txc, dict):
-        return "it would replace _txc, which belongs to the engine and the source"
-    for key, value in txc.items():
-        reason = read_only_reason(("_txc", key), src)
-        if reason is None:
-            continue
-        if key != src or not isinstance(value, dict):
-            return reason
-        for sub in value:
-            sub_reason = read_only_reason(("_txc", key, sub), src)
-            if sub_reason:
-                return sub_reason
-    return None
-
-
-def valid_code(code: object) -> bool:
-    """Whether `code` may stand as a verdict code: an int (not a bool) in 200-299 or 400-599."""
-    return (
-        isinstance(code, int)
-        and not isinstance(code, bool)
-        and (200 <= code <= 299 or 400 <= code <= 599)
-    )
-
-
-def verdict_problem(envelope: Any, src: str | None) -> str | None:
-    """What is wrong with `_txc.<src>.res` (codes must be ints in 2xx, 4xx or 5xx), or None."""
-    if src is None:
-        return None
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    section = txc.get(src) if isinstance(txc, dict) else None
-    res = section.get(RESULT_KEY, MISSING) if isinstance(section, dict) else MISSING
-    if res is MISSING or res is None:
-        return None
-    where = f"_txc.{src}.{RESULT_KEY}"
-    if not isinstance(res, dict):
-        return f"{where} must be an object with code/msg or recipients, not {to_json(res)!r}"
-    if "code" in res and not valid_code(res["code"]):
-        return f"invalid verdict {where}.code = {res['code']!r}: an integer in 200-299 or 400-599"
-    recipients = res.get("recipients", MISSING)
-    if recipients is MISSING or recipients is None:
-        return None
-    if not isinstance(recipients, list):
-        return f"{where}.recipients must be a list"
-    for i, slot in enumerate(recipients):
-        if isinstance(slot, dict) and "code" in slot and not valid_code(slot["code"]):
-            return (
-                f"invalid verdict {where}.recipients.{i}.code = {slot['code']!r}: "
-                "an integer in 200-299 or 400-599"
-            )
-    return None
-
-
-def _source_of(envelope: dict[str, Any]) -> str | None:
-    txc = envelope.get("_txc")
-    src = txc.get("src") if isinstance(txc, dict) else None
-    return src if isinstance(src, str) and src else None
-
-
-def _rid_of(envelope: dict[str, Any]) -> str:
-    txc = envelope.get("_txc")
-    rid = txc.get("rid") if isinstance(txc, dict) else None
-    return rid if isinstance(rid, str) else ""
-
-
-def _route_to(envelope: dict[str, Any]) -> Any:
-    txc = envelope.get("_txc")
-    route = txc.get("route") if isinstance(txc, dict) else None
-    return route.get("to", MISSING) if isinstance(route, dict) else MISSING
 
 
 @functools.cache
@@ -335,7 +246,7 @@ class Stack:
         env: dict[str, Any] = envelope
         pos: Pos | None = None
         try:
-            src = _source_of(env)
+            src = source_of(env)
             entry = self._entry_stage(env)
             for number, plans in self._plan:
                 if number < entry:
@@ -386,7 +297,7 @@ class Stack:
         return StackResult(env, tuple(fired), tuple(steps), None, time.perf_counter() - started)
 
     def _entry_stage(self, env: dict[str, Any]) -> int:
-        to = _route_to(env)
+        to = route_to(env)
         if to is MISSING:
             return self.stages[0].number if self.stages else 0
         stack, _, stage = to.rpartition("/") if isinstance(to, str) else ("", "", "")
@@ -449,7 +360,7 @@ class Stack:
         )
         if patch:
             env = merge_patch(env, patch)
-            txc = patch.get("_txc")
+            txc = patch.get(TXC)
             if src is not None and isinstance(txc, dict) and src in txc:
                 verdict = verdict_problem(env, src)
                 if verdict:
@@ -473,7 +384,7 @@ class Stack:
         ctx = OpContext(
             tenant=self.tenant,
             stack=self.name,
-            rid=_rid_of(env),
+            rid=rid_of(env),
             state_dir=policy.state_dir,
             deadline_s=deadline,
             op=name,
@@ -500,7 +411,7 @@ def _set(
     steps: list[Step],
 ) -> dict[str, Any]:
     target = step.target
-    if target[0] == "_txc":
+    if target[0] == TXC:
         reason = read_only_reason(target, src)
         if reason:
             raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
@@ -522,7 +433,7 @@ def _set(
         steps.append(written)
     else:
         steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
-    if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
+    if src is not None and len(target) > 1 and target[0] == TXC and target[1] == src:
         problem = verdict_problem(env, src)
         if problem:
             raise _Failure(problem, step.pos)

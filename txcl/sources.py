@@ -14,6 +14,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from txcl.envelope import source_of
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,5 @@ def sources() -> Mapping[str, Source]:
 
 def source_for(envelope: Any) -> Source | None:
     """The source named by `_txc.src`, if one is installed."""
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    src = txc.get("src") if isinstance(txc, dict) else None
-    return sources().get(src) if isinstance(src, str) else None
+    src = source_of(envelope)
+    return sources().get(src) if src is not None else None

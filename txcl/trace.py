@@ -42,6 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from txcl.envelope import parse_path, path_text, result_of, route_of, source_of
 from txcl.errors import Pos, Problem
 from txcl.values import MISSING
 
@@ -119,20 +120,12 @@ def _path_list(value: object) -> tuple[str, ...]:
 
 def parse_hint_path(text: str) -> PathSegs:
     """`_txc.lmtp.msg.raw` -> ("_txc", "lmtp", "msg", "raw"). `@x` is `_txc.x`; digits index
-    lists; `"a.b"` quotes a key with dots; `*` matches any key or index."""
-    text = text.strip()
-    if text.startswith("@"):
-        text = "_txc." + text[1:]
-    segs: list[str | int] = []
-    for match in re.finditer(r'"((?:[^"\\]|\\.)*)"|([^.]+)', text):
-        quoted, bare = match.group(1), match.group(2)
-        if quoted is not None:
-            segs.append(json.loads(f'"{quoted}"'))
-        elif bare.isdigit():
-            segs.append(int(bare))
-        else:
-            segs.append(bare)
-    return tuple(segs)
+    lists; `"a.b"` quotes a key with dots; `*` matches any key or index. ValueError if
+    `text` is not a path (txcl.envelope.parse_path)."""
+    segments = parse_path(text, wildcards=True)
+    if segments is None:
+        raise ValueError(f"not a path: {text!r}")
+    return segments
 
 
 def _seg_matches(pattern: str | int, actual: str | int) -> bool:
@@ -347,7 +340,7 @@ def path_segments(value: Any) -> PathSegs | None:
 
 
 def dotted(segs: PathSegs) -> str:
-    return ".".join(f'"{s}"' if isinstance(s, str) and "." in s else str(s) for s in segs)
+    return path_text(segs)
 
 
 # Field names of a step, by how scrubbing treats them.
@@ -418,25 +411,18 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _get(doc: Any, *segs: str) -> Any:
-    for seg in segs:
-        if not isinstance(doc, Mapping) or seg not in doc:
-            return None
-        doc = doc[seg]
-    return doc
-
-
 def build_artifacts(record: TraceRecord) -> dict[str, Any]:
     """The five JSON documents of a record, scrubbed. Pure: the record is not changed."""
     scrubber = scrubber_for(record.hints)
     result = record.result
     final = getattr(result, "envelope", None)
     taint = scrubber.taint(record.envelope, final) if scrubber else Taint()
-    src = _get(record.envelope, "_txc", "src") or ""
+    src = source_of(record.envelope) or ""
 
     envelope = taint.clean(scrubber.document(plain(record.envelope)))
     res_path: PathSegs = ("_txc", str(src), "res")
-    res = _get(final, *res_path) if final is not None else None
+    res = result_of(final, src) if final is not None and src else MISSING
+    res = None if res is MISSING else res
     res_clean = taint.clean(scrubber.at(res_path, plain(res))) if res is not None else None
 
     run_error = getattr(result, "error", None)
@@ -459,7 +445,7 @@ def build_artifacts(record: TraceRecord) -> dict[str, Any]:
             r["line"] = REDACTED
 
     elapsed = getattr(result, "elapsed_s", None)
-    route = scrubber.at(("_txc", "route"), plain(_get(record.envelope, "_txc", "route")))
+    route = scrubber.at(("_txc", "route"), plain(route_of(record.envelope)))
     summary = {
         "rid": record.rid,
         "time": _iso(record.time),
