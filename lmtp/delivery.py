@@ -21,21 +21,26 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtp.message import (
     BODY_FIELDS,
-    BUILTIN_OP_NEEDS,
     EVERYTHING,
     NOTHING,
+    SOURCE,
     MessageNeeds,
     build_envelope,
+    needs_of_path,
     needs_of_rules,
     parse_message,
 )
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
+from txcl.envelope import for_source
+
+if TYPE_CHECKING:
+    from txcl.ops import OpRegistry
 
 log = logging.getLogger("lmtp.delivery")
 
@@ -109,7 +114,7 @@ class Deliverer:
         self.settings = settings
         self.trace_sink = trace_sink
         self.policy = policy if policy is not None else default_policy(settings, registry)
-        self._op_needs = _builtin_op_needs(getattr(self.policy, "registry", registry))
+        self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         self._traces_everything = trace_sink is not None and (
             getattr(trace_sink, "mode", None) != "off")
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
@@ -245,16 +250,28 @@ async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list
     return await asyncio.to_thread(parse_message, data, needs)
 
 
-def _builtin_op_needs(registry: Any) -> dict[str, MessageNeeds]:
-    """BUILTIN_OP_NEEDS for the names that are still the built-ins in `registry` (a config
-    op may take a built-in's name, and then it may read anything)."""
+def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
+    """What each op of `registry` (None: the default one) that declares what it reads can
+    observe of the message; ops that may read anything are left out (they need everything).
+    The raw message an op reads is not built for it: every run gets the bytes
+    (`Stack.run_async(..., message=)`)."""
+    from txcl.errors import TxclError
+    from txcl.ops import OpRegistry  # the engine is imported when a server is built
+
     if registry is None:
-        return dict(BUILTIN_OP_NEEDS)
+        try:
+            registry = OpRegistry.default()
+        except TxclError:  # the runs report it; here every op then needs everything
+            return {}
     out = {}
-    for name, needs in BUILTIN_OP_NEEDS.items():
-        entry = registry.entry(name) if hasattr(registry, "entry") else None
-        if entry is not None and str(getattr(entry, "source", "")).startswith("builtin "):
-            out[name] = needs
+    for name in registry.names():
+        entry = registry.entry(name)
+        if entry is None or entry.reads.paths is None:
+            continue
+        needs = NOTHING
+        for path in entry.reads.paths:
+            needs = needs | needs_of_path(for_source(path, SOURCE))
+        out[name] = needs
     return out
 
 

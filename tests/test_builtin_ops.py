@@ -27,7 +27,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from txcl.builtin_ops import BUILTIN_OPS
+from txcl.builtin_ops import BUILTINS
 from txcl.builtin_ops import archive as archive_module
 from txcl.builtin_ops.archive import archive, write_base64
 from txcl.builtin_ops.emit import emit
@@ -93,7 +93,7 @@ def files_under(root: Path) -> set[Path]:
 
 def test_registry_holds_the_four_ops_under_their_names():
     expected = {"ARCHIVE": archive, "EMIT": emit, "WEBHOOK": webhook, "FORWARD": forward}
-    assert expected == BUILTIN_OPS
+    assert expected == {op.name: op.fn for op in BUILTINS}
 
 
 def test_the_default_registry_runs_the_built_ins_in_a_worker_thread(ctx):

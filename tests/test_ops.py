@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from txcl import ops as ops_module
+from txcl.envelope import ANY_SOURCE
 from txcl.errors import TxclLoadError
 from txcl.ops import OpContext, OpFailure, OpRegistry, StorageError, command_op
 
@@ -59,6 +60,17 @@ def test_builtin_ops_are_registered_by_default() -> None:
     assert {"ARCHIVE", "EMIT", "FORWARD", "WEBHOOK"} <= registry.names()
     entry = registry.entry("ARCHIVE")
     assert entry is not None and entry.source == "builtin txcl.builtin_ops.archive"
+
+
+def test_builtin_ops_declare_what_they_read() -> None:
+    registry = OpRegistry.default()
+    reads = {name: registry.entry(name).reads for name in ("ARCHIVE", "EMIT", "FORWARD", "WEBHOOK")}  # type: ignore[union-attr]
+    assert reads["EMIT"] == reads["WEBHOOK"] == ops_module.ANYTHING  # the whole envelope
+    assert reads["ARCHIVE"].message and reads["FORWARD"].message
+    assert reads["ARCHIVE"].paths == frozenset({("_txc", "src")})
+    assert ("_txc", ANY_SOURCE, "mail", "from") in (reads["FORWARD"].paths or ())
+    configured = registry.with_ops({"ARCHIVE": lambda env, args, ctx: {}}, source="config")
+    assert configured.entry("ARCHIVE").reads == ops_module.ANYTHING  # type: ignore[union-attr]
 
 
 def test_entry_points_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:

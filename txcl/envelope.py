@@ -26,6 +26,10 @@ ROUTE_KEY: Final = "route"
 RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
 READ_ONLY_TXC_KEYS: Final = frozenset({SRC_KEY, RID_KEY, ROUTE_KEY})
 
+# A segment of a path an op declares it reads (txcl.ops.OpReads): the envelope's own
+# source section, whatever the source is (`_txc.<src>`).
+ANY_SOURCE: Final = "<src>"
+
 # Tenant and stack folder names (OPS/<tenant>/<stack>/); a tenant name is also a DNS label.
 TENANT_NAME: Final = re.compile(r"[a-z][a-z0-9-]*\Z")
 STACK_NAME: Final = re.compile(r"[a-z_][a-z0-9_-]*\Z")
@@ -79,6 +83,11 @@ def result_of(envelope: object, src: str | None = None) -> Any:
     """`_txc.<src>.res` as it is, or MISSING (`src` defaults to `_txc.src`)."""
     section = section_of(envelope, src)
     return section.get(RESULT_KEY, MISSING) if section is not None else MISSING
+
+
+def for_source(segments: tuple[Segment, ...], src: str) -> tuple[Segment, ...]:
+    """A declared path with `ANY_SOURCE` replaced by the source `src`."""
+    return tuple(src if seg == ANY_SOURCE else seg for seg in segments)
 
 
 # --- read-only rules and verdicts ------------------------------------------------------------
