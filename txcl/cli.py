@@ -21,6 +21,7 @@ from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_target
 from txcl.ops import OpRegistry
+from txcl.records import SetRecord, run_json
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import source_for
 from txcl.values import MISSING
@@ -210,7 +211,7 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
             out.write(f"      {caps}\n")
     out.write("steps:\n" if result.steps else "steps: none\n")
     for s in result.steps:
-        if s.kind == "set":
+        if isinstance(s, SetRecord):
             note = f"   ({s.note})" if s.note else f"   (was {_short(s.before, 40)})"
             out.write(f"  {s.pos}  SET {_seg_text(s.path)} = {_short(s.after)}{note}\n")
         else:
@@ -243,16 +244,7 @@ def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
     res = _res(result.envelope)
     return {
         "stack": stack.name,
-        "fired": [
-            {
-                "stage": f.stage,
-                "location": _loc(f.pos),
-                "whens": [{"text": w.text, "held": w.held} for w in f.whens],
-                "captures": dict(f.captures),
-            }
-            for f in result.fired
-        ],
-        "steps": [step_json(s) for s in result.steps],
+        **run_json(result),
         "res": None if res is None or res[1] is MISSING else res[1],
         "replies": [{"rcpt": r, "reply": line} for r, line in source.replies(result.envelope, result.error)]
         if source
@@ -261,24 +253,6 @@ def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
         "envelope": result.envelope,
         "elapsed_ms": round(result.elapsed_s * 1e3, 3),
     }
-
-
-def step_json(s: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": s.kind, "stage": s.stage, "location": _loc(s.pos)}
-    if s.kind == "set":
-        out["path"] = _seg_text(s.path)
-        out["before"] = None if s.before is MISSING else s.before
-        out["before_missing"] = s.before is MISSING
-        out["after"] = None if s.after is MISSING else s.after
-        if s.note:
-            out["note"] = s.note
-    else:
-        out.update(op=s.op, args=dict(s.args), patch=s.patch, executed=s.executed, note=s.note)
-    return out
-
-
-def _loc(pos: Any) -> dict[str, Any] | None:
-    return {"file": pos.file, "line": pos.line, "column": pos.column} if pos else None
 
 
 def _json_default(v: Any) -> Any:

@@ -23,7 +23,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from txcl import ast
 from txcl.compiler import NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
 from txcl.envelope import (
     TXC,
@@ -37,7 +36,31 @@ from txcl.envelope import (
 from txcl.errors import Pos, Problem, TxclError
 from txcl.ops import OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
+from txcl.records import (
+    ExecRecord,
+    Fired,
+    ScrubHints,
+    SetRecord,
+    StackResult,
+    Step,
+    WhenOutcome,
+)
 from txcl.values import MISSING, json_problem, to_json
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "TEST_POLICY",
+    "ExecRecord",
+    "Fired",
+    "RunPolicy",
+    "ScrubHints",
+    "SetRecord",
+    "Stack",
+    "StackResult",
+    "Stage",
+    "Step",
+    "WhenOutcome",
+]
 
 RUN_ERROR: Final = "txcl_run_error"
 
@@ -67,72 +90,6 @@ class Stage:
     files: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class WhenOutcome:
-    text: str
-    pos: Pos
-    held: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Fired:
-    """A rule whose WHENs all held, and the regex groups they captured."""
-
-    stage: int
-    pos: Pos
-    file: str
-    whens: tuple[WhenOutcome, ...]
-    captures: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One SET or EXEC as it ran.
-
-    set:  path (segments), before (MISSING if absent), after (the value written; MISSING
-          when the expression was missing and nothing was written)
-    exec: op, args, patch (the merge patch applied), executed (False for a stub or an op
-          not run), note ("stub", "not executed", ...)
-    """
-
-    kind: str  # "set" | "exec"
-    stage: int
-    pos: Pos
-    path: tuple[ast.Segment, ...] | None = None
-    op: str = ""
-    args: Mapping[str, Any] = field(default_factory=dict)
-    before: Any = MISSING
-    after: Any = MISSING
-    patch: Any = None
-    executed: bool = False
-    note: str = ""
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class StackResult:
-    envelope: Any  # the envelope after the run (or where it failed)
-    fired: tuple[Fired, ...]
-    steps: tuple[Step, ...]
-    error: Problem | None = None  # a failed run never yields an accept
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True, slots=True)
-class Hints:
-    """The union of every rule's `WITH omit` and `WITH redact` paths in a stack."""
-
-    omit: frozenset[str] = frozenset()
-    redact: frozenset[str] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.omit or self.redact)
-
-
 @functools.cache
 def _default_registry() -> OpRegistry:
     return OpRegistry.default()
@@ -150,12 +107,12 @@ class _Failure(Exception):
 @dataclass(frozen=True, slots=True)
 class _RulePlan:
     """A rule as a stage runs it, with the records that do not depend on the envelope built
-    once: the Fired of a firing without captures, and the Step of each constant SET to a
-    place that was empty. They are frozen, so every run may share them."""
+    once: the Fired of a firing without captures, and the SetRecord of each constant SET to
+    a place that was empty. They are frozen, so every run may share them."""
 
     rule: CompiledRule
     fired: Fired  # with NO_CAPTURES
-    steps: tuple[tuple[SetStep | ExecStep, Step | None], ...]
+    steps: tuple[tuple[SetStep | ExecStep, SetRecord | None], ...]
 
     @classmethod
     def of(cls, rule: CompiledRule, stage: int) -> _RulePlan:
@@ -163,7 +120,7 @@ class _RulePlan:
         steps = tuple(
             (
                 step,
-                Step("set", stage, step.pos, step.target, "", {}, MISSING, step.constant)
+                SetRecord(stage, step.pos, step.target, MISSING, step.constant)
                 if isinstance(step, SetStep) and step.constant is not MISSING
                 else None,
             )
@@ -180,7 +137,7 @@ class Stack:
     name: str
     stages: tuple[Stage, ...]
     tenant: str = field(init=False)
-    hints: Hints = field(init=False)
+    hints: ScrubHints = field(init=False)
     ops_used: frozenset[str] = field(init=False)
     _plan: tuple[tuple[int, tuple[_RulePlan, ...]], ...] = field(
         init=False, repr=False, compare=False
@@ -194,9 +151,9 @@ class Stack:
         object.__setattr__(
             self,
             "hints",
-            Hints(
-                frozenset(p for r in rules for p in r.omit),
-                frozenset(p for r in rules for p in r.redact),
+            ScrubHints(
+                tuple(sorted({p for r in rules for p in r.omit})),
+                tuple(sorted({p for r in rules for p in r.redact})),
             ),
         )
         object.__setattr__(self, "ops_used", frozenset(op for r in rules for op in r.ops))
@@ -344,20 +301,7 @@ class Stack:
         reason = patch_read_only_reason(patch, src)
         if reason:
             raise _Failure(f"op {name}: {reason}", step.pos)
-        steps.append(
-            Step(
-                "exec",
-                stage,
-                step.pos,
-                None,
-                name,
-                args,
-                patch=patch,
-                executed=executed,
-                note=note,
-                elapsed_s=elapsed,
-            )
-        )
+        steps.append(ExecRecord(stage, step.pos, name, args, patch, executed, note, elapsed))
         if patch:
             env = merge_patch(env, patch)
             txc = patch.get(TXC)
@@ -404,7 +348,7 @@ class Stack:
 def _set(
     env: dict[str, Any],
     step: SetStep,
-    written: Step | None,  # the record of this write to an empty place, if built once
+    written: SetRecord | None,  # the record of this write to an empty place, if built once
     captures: Captures,
     src: str | None,
     stage: int,
@@ -417,12 +361,10 @@ def _set(
             raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
     value = step.value(env, captures)
     before = step.read(env)
-    # Step(...) with every field given in order: the generated __init__ is at its fastest.
+    # Records built with every field given in order: the generated __init__ is at its fastest.
     if value is MISSING:
         note = "value is missing: nothing written"
-        steps.append(
-            Step("set", stage, step.pos, target, "", {}, before, MISSING, None, False, note)
-        )
+        steps.append(SetRecord(stage, step.pos, target, before, MISSING, note))
         return env
     value = to_json(value)
     try:
@@ -432,7 +374,7 @@ def _set(
     if written is not None and before is MISSING:
         steps.append(written)
     else:
-        steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
+        steps.append(SetRecord(stage, step.pos, target, before, value))
     if src is not None and len(target) > 1 and target[0] == TXC and target[1] == src:
         problem = verdict_problem(env, src)
         if problem:

@@ -35,7 +35,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -44,6 +44,7 @@ from typing import Any, Final, Literal
 
 from txcl.envelope import parse_path, path_text, result_of, route_of, source_of
 from txcl.errors import Pos, Problem
+from txcl.records import ExecRecord, ScrubHints, SetRecord, fired_json, step_json
 from txcl.values import MISSING
 
 log = logging.getLogger("txcl.trace")
@@ -74,30 +75,6 @@ Action = Literal["omit", "redact"]
 PathSegs = tuple[str | int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ScrubHints:
-    """The union of a stack's `WITH omit` and `WITH redact` paths (dotted full paths)."""
-
-    omit: tuple[str, ...] = ()
-    redact: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, hints: object) -> ScrubHints:
-        """From a Stack's `.hints`: a ScrubHints, an object or mapping with omit/redact, or None."""
-        if hints is None:
-            return cls()
-        if isinstance(hints, ScrubHints):
-            return hints
-        if isinstance(hints, Mapping):
-            omit, redact = hints.get("omit", ()), hints.get("redact", ())
-        else:
-            omit, redact = getattr(hints, "omit", ()), getattr(hints, "redact", ())
-        return cls(omit=_path_list(omit), redact=_path_list(redact))
-
-    def __bool__(self) -> bool:
-        return bool(self.omit or self.redact)
-
-
 @lru_cache(maxsize=1024)
 def _cached_hints(hints: object) -> ScrubHints:
     return ScrubHints.of(hints)
@@ -109,13 +86,6 @@ def _hints_of(hints: object) -> ScrubHints:
         return _cached_hints(hints)
     except TypeError:  # unhashable, e.g. a plain dict
         return ScrubHints.of(hints)
-
-
-def _path_list(value: object) -> tuple[str, ...]:
-    """Accept a comma list string or any iterable of them; sorted, unique, stripped."""
-    items: Iterable[object] = [value] if isinstance(value, str) else (value or ())  # type: ignore[assignment]
-    out = {part.strip() for item in items for part in str(item).split(",") if part.strip()}
-    return tuple(sorted(out))
 
 
 def parse_hint_path(text: str) -> PathSegs:
@@ -358,7 +328,7 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
     """One SET or EXEC step: values at its path are scrubbed by path, a patch by the
     envelope's paths, and everything else (op args, results) for copies of secrets."""
     raw = step if isinstance(step, Mapping) else None
-    doc = plain(step)
+    doc = step_json(step) if isinstance(step, SetRecord | ExecRecord) else plain(step)
     if not isinstance(doc, dict):
         return {"value": taint.clean(doc)}
     segs = None
@@ -431,7 +401,7 @@ def build_artifacts(record: TraceRecord) -> dict[str, Any]:
         error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
     error_doc = taint.clean(error_doc)
 
-    fired = [taint.clean(plain(f)) for f in getattr(result, "fired", ()) or ()]
+    fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
     steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
 
     responses = []
