@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmtp.message import (
     BODY_FIELDS,
@@ -40,7 +40,10 @@ from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
 from txcl.envelope import for_source
 
 if TYPE_CHECKING:
+    from lmtp.config import Settings
     from txcl.ops import OpRegistry
+    from txcl.records import StackResult
+    from txcl.runner import RunPolicy
 
 log = logging.getLogger("lmtp.delivery")
 
@@ -53,6 +56,24 @@ TraceSink = Callable[..., Any]
 """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
 stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack is
 the `Stack` that ran or the routed stack's name. Must be cheap; its failure is ignored."""
+
+
+class RunnableStack(Protocol):
+    """What delivery needs of a compiled stack (a `txcl.runner.Stack`)."""
+
+    async def run_async(
+        self, envelope: Any, policy: RunPolicy = ..., *, message: bytes | None = None
+    ) -> StackResult: ...
+
+
+class ServedTree(Protocol):
+    """What delivery needs of a loaded tree (a `txcl.loader.Tree`)."""
+
+    @property
+    def stacks(self) -> Mapping[str, RunnableStack]: ...
+
+    @property
+    def rejected(self) -> Set[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +110,7 @@ def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[
     return [Group(route, tuple(indices)) for route, indices in by_key.values()], unrouted
 
 
-def default_policy(settings: Any, registry: Any) -> Any:
+def default_policy(settings: Settings, registry: OpRegistry | None) -> RunPolicy:
     from txcl.runner import RunPolicy  # the engine is imported when a server is built
 
     return RunPolicy(registry=registry, state_dir=getattr(settings, "state_dir", None))
@@ -103,12 +124,12 @@ class Deliverer:
 
     def __init__(
         self,
-        tree: Any,
-        settings: Any,
-        registry: Any = None,
+        tree: ServedTree,
+        settings: Settings,
+        registry: OpRegistry | None = None,
         trace_sink: TraceSink | None = None,
         *,
-        policy: Any = None,
+        policy: RunPolicy | None = None,
     ) -> None:
         self.tree = tree
         self.settings = settings

@@ -1,6 +1,6 @@
 """`_txc.lmtp.res` -> one sanitised reply per recipient of a group, in the group's order.
 
-The seed's resolution table, default-deny throughout:
+The resolution table of docs/lmtp.md ("Resolution at the inlet"), default-deny throughout:
 
 | pipeline wrote                              | recipient i gets                         |
 |---------------------------------------------|------------------------------------------|
@@ -44,7 +44,7 @@ ENHANCED: Mapping[int, str] = {
     421: "4.3.2",  # service not available
     450: "4.2.0",  # mailbox unavailable
     451: "4.3.0",  # local error in processing (the tempfail of a failed run)
-    452: "4.2.2",  # mailbox full (the seed's over-quota idiom)
+    452: "4.2.2",  # mailbox full (tenant over quota, docs/lmtp.md)
     550: "5.1.1",  # the default-deny code: no such mailbox here
     551: "5.1.6",  # user not local: mailbox has moved
     552: "5.2.2",  # exceeded storage allocation

@@ -253,7 +253,7 @@ class _RuleCompiler:
             and isinstance(node.right, ast.ListLit)
             and all(isinstance(item, ast.Literal) for item in node.right.items)
         ):
-            items = tuple(item.value for item in node.right.items)  # type: ignore[attr-defined]
+            items = tuple(item.value for item in node.right.items if isinstance(item, ast.Literal))
             return _member_of_constants(compare, left, items)
         right = self.expr(node.right)
         return lambda envelope, match: compare(left(envelope, match), right(envelope, match))

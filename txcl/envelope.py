@@ -231,7 +231,9 @@ def parse_path(text: str, *, wildcards: bool = False) -> tuple[Segment, ...] | N
 def split_path_list(text: str) -> tuple[str, ...]:
     """`"a.b, @c.\\"x,y\\""` -> the items of a comma list of paths (commas inside quoted
     segments do not split), stripped, empty items dropped."""
-    items, current, quoted, escaped = [], [], False, False
+    items: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for char in text:
         if escaped:
             escaped = False

@@ -187,13 +187,14 @@ class OpRegistry:
         if ops_section is not None and not isinstance(ops_section, Mapping):
             problems.append(_problem("ops: must be a mapping of op names to their definitions"))
             ops_section = {}
+        configured: dict[str, Op] = {}
         for name, spec in (ops_section or {}).items():
             fn = _configured_op(str(name), spec, Path(base_dir), problems)
             if fn is not None:
-                registry._ops[str(name)] = RegisteredOp(str(name), fn, "config")
+                configured[str(name)] = fn
         if problems:
             raise TxclLoadError(problems)
-        return registry
+        return registry.with_ops(configured, source="config")
 
     def with_ops(self, ops: Mapping[str, Op], *, source: str = "given") -> OpRegistry:
         """A new registry: this one plus (overridden by) `ops`."""
@@ -202,10 +203,6 @@ class OpRegistry:
         for name, fn in ops.items():
             registry._ops[name] = RegisteredOp(name, fn, source)
         return registry
-
-    def get(self, name: str) -> Op | None:
-        entry = self._ops.get(name)
-        return entry.fn if entry else None
 
     def entry(self, name: str) -> RegisteredOp | None:
         return self._ops.get(name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
 from jsonpath_ng import jsonpath as _jsonpath
 from jsonpath_ng.ext.filter import Expression as _FilterExpression
@@ -27,7 +27,15 @@ from txcl.envelope import path_text
 from txcl.errors import Problem, TxclCompileError
 from txcl.values import MISSING, Multi, kind_of
 
-Getter = Callable[[Any], Any]
+
+class Getter(Protocol):
+    """Reads a document; takes (and ignores) a second argument, so the compiler can use it
+    as an expression `(envelope, match) -> value`."""
+
+    def __call__(self, doc: Any, _match: Any = None, /) -> Any: ...
+
+
+
 MultiGetter = Callable[[Any], Multi]
 Setter = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -77,7 +85,7 @@ def compile_getter(path: ast.Path) -> Getter:
 
 @functools.cache
 def _jsonpath_parser() -> ExtendedJsonPathParser:
-    # Building the PLY tables costs milliseconds: build them once and reuse the parser.
+    # Building the PLY tables is slow: build them once and reuse the parser.
     return ExtendedJsonPathParser()
 
 
@@ -143,7 +151,7 @@ def _plain_steps(parsed: JSONPath) -> tuple[str | None, ...] | None:
     """The steps of a JSONPath made only of `$`, `.name` and `[*]` (_ALL), else None.
 
     Such paths, the common ones, are evaluated here (_plain_getter) without building
-    jsonpath-ng's match objects: ten times faster, same values in the same order.
+    jsonpath-ng's match objects, with the same values in the same order.
     """
     if _jsonpath.auto_id_field is not None:
         return None
@@ -251,8 +259,9 @@ def compile_setter(path: ast.Path) -> Setter:
                 f"cannot write {path_text(segments)}: {path_text(segments[:i])} is "
                 f"{_kind_name(node)}, not a list"
             )
-        if len(new) <= segments[i]:
-            new.extend([None] * (segments[i] + 1 - len(new)))
+        index = cast(int, segments[i])
+        if len(new) <= index:
+            new.extend([None] * (index + 1 - len(new)))
         return new
 
     def set_value(root: dict[str, Any], value: Any) -> dict[str, Any]:

@@ -225,7 +225,7 @@ class Stack:
                     for step, written in plan.steps:
                         pos = step.pos
                         if step.__class__ is SetStep:
-                            env = _set(env, step, written, captures, src, number, steps)  # type: ignore[arg-type]
+                            env = _set(env, step, written, captures, src, number, steps)
                         else:
                             env = await self._exec(
                                 env,
