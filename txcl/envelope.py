@@ -26,6 +26,9 @@ ROUTE_KEY: Final = "route"
 RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
 READ_ONLY_TXC_KEYS: Final = frozenset({SRC_KEY, RID_KEY, ROUTE_KEY})
 
+# Envelopes are dicts when they come from JSON: `isinstance` tries the exact type first.
+_MAPPING: Final = (dict, Mapping)
+
 # A segment of a path an op declares it reads (txcl.ops.OpReads): the envelope's own
 # source section, whatever the source is (`_txc.<src>`).
 ANY_SOURCE: Final = "<src>"
@@ -40,8 +43,8 @@ STACK_NAME: Final = re.compile(r"[a-z_][a-z0-9_-]*\Z")
 
 def txc_of(envelope: object) -> Mapping[str, Any] | None:
     """`_txc`, when the envelope is an object holding one."""
-    txc = envelope.get(TXC) if isinstance(envelope, Mapping) else None
-    return txc if isinstance(txc, Mapping) else None
+    txc = envelope.get(TXC) if isinstance(envelope, _MAPPING) else None
+    return txc if isinstance(txc, _MAPPING) else None
 
 
 def source_of(envelope: object) -> str | None:
@@ -62,7 +65,7 @@ def route_of(envelope: object) -> Mapping[str, Any] | None:
     """`_txc.route`, when it is an object."""
     txc = txc_of(envelope)
     route = txc.get(ROUTE_KEY) if txc is not None else None
-    return route if isinstance(route, Mapping) else None
+    return route if isinstance(route, _MAPPING) else None
 
 
 def route_to(envelope: object) -> Any:
@@ -76,7 +79,7 @@ def section_of(envelope: object, src: str | None = None) -> Mapping[str, Any] | 
     src = source_of(envelope) if src is None else src
     txc = txc_of(envelope)
     section = txc.get(src) if txc is not None and src else None
-    return section if isinstance(section, Mapping) else None
+    return section if isinstance(section, _MAPPING) else None
 
 
 def result_of(envelope: object, src: str | None = None) -> Any:
