@@ -193,10 +193,6 @@ def _short(v: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _seg_text(path: Sequence[Any] | None) -> str:
-    return path_text(tuple(path), at=True) if path else ""
-
-
 def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
     out.write(f"stack {stack.name}  ({result.elapsed_s * 1e3:.2f} ms)\n")
     out.write("fired:\n" if result.fired else "fired: no rule\n")
@@ -213,7 +209,7 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
     for s in result.steps:
         if isinstance(s, SetRecord):
             note = f"   ({s.note})" if s.note else f"   (was {_short(s.before, 40)})"
-            out.write(f"  {s.pos}  SET {_seg_text(s.path)} = {_short(s.after)}{note}\n")
+            out.write(f"  {s.pos}  SET {path_text(s.path, at=True)} = {_short(s.after)}{note}\n")
         else:
             how = "executed" if s.executed else (s.note or "not executed")
             args = f" {_short(dict(s.args))}" if s.args else ""
