@@ -15,7 +15,15 @@ import pytest
 from txcl import ops as ops_module
 from txcl.envelope import ANY_SOURCE
 from txcl.errors import TxclLoadError
-from txcl.ops import OpContext, OpFailure, OpRegistry, StorageError, command_op
+from txcl.ops import (
+    OpContext,
+    OpFailure,
+    OpReads,
+    OpRegistry,
+    RegisteredOp,
+    StorageError,
+    command_op,
+)
 
 
 def context(tmp_path: Path | None, **kw: Any) -> OpContext:
@@ -87,9 +95,17 @@ def test_entry_points_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         ops_module,
         "_entry_points",
-        lambda: (EntryPoint("ONE", one), EntryPoint("many", {"TWO": one, "THREE": one})),
+        lambda: (
+            EntryPoint("ONE", one),
+            EntryPoint("many", {"TWO": one, "THREE": one}),
+            EntryPoint("FOUR", RegisteredOp("x", one, "x", OpReads.only([("ticket",)]))),
+        ),
     )
     registry = OpRegistry.default()
+    four = registry.entry("FOUR")
+    assert four is not None and four.fn is one and four.source == "entry point pkg:FOUR"
+    assert four.reads == OpReads(frozenset({("ticket",)}))
+    assert registry.entry("ONE").reads == ops_module.ANYTHING  # type: ignore[union-attr]
     assert {"ONE", "TWO", "THREE"} <= registry.names()
     assert registry.entry("ONE").fn is one  # type: ignore[union-attr]
 

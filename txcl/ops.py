@@ -13,7 +13,8 @@ nowhere (configured, entry points) may read anything.
 The registry is filled, later sources overriding earlier ones, from:
 1. built-ins: `txcl.builtin_ops.BUILTINS`, each declared with what it reads;
 2. the Python entry-point group `txcl.ops` (an entry point loads an op, named after the
-   entry point, or a mapping of names to ops);
+   entry point, or a mapping of names to ops; an op given as a `RegisteredOp` keeps the
+   reads it declares);
 3. the configuration's `ops:` section: `{python: "module:function", path: "dir"}` or
    `{command: ["prog", "arg"...]}` (paths relative to the configuration file's folder).
 """
@@ -240,12 +241,14 @@ class OpRegistry:
             source = f"entry point {entry_point.value}"
             ops = loaded if isinstance(loaded, Mapping) else {entry_point.name: loaded}
             for name, fn in ops.items():
-                if not callable(fn):
+                if isinstance(fn, RegisteredOp):  # an op that declares what it reads
+                    self._ops[name] = RegisteredOp(name, fn.fn, source, fn.reads)
+                elif callable(fn):
+                    self._ops[name] = RegisteredOp(name, fn, source)
+                else:
                     problems.append(
                         _problem(f"entry point {entry_point.value}: {name} is not callable")
                     )
-                    continue
-                self._ops[name] = RegisteredOp(name, fn, source)
 
 
 def _problem(message: str) -> Problem:
