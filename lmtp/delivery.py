@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,10 +52,21 @@ MAX_LOGGED_DEFECTS = 5
 # run on the event loop: cheaper than the thread hop, and short enough not to stall it.
 INLINE_PARSE_BYTES = 64 * 1024
 
-TraceSink = Callable[..., Any]
-"""`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
-stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack is
-the `Stack` that ran or the routed stack's name. Must be cheap; its failure is ignored."""
+class TraceSink(Protocol):
+    """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
+    stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack
+    is the `Stack` that ran or the routed stack's name; `error` says what failed outside the
+    run. Must be cheap; its failure is ignored (a `txcl.trace.TraceWriter` is one)."""
+
+    def __call__(
+        self,
+        rid: str,
+        envelope_in: Mapping[str, Any],
+        result: StackResult | None,
+        replies: Sequence[tuple[str, str]],
+        stack: Any = None,
+        error: str = "",
+    ) -> object: ...
 
 
 class RunnableStack(Protocol):

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from txcl.envelope import source_of
+from txcl.errors import Problem
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 class Source(Protocol):
     name: str
 
-    def replies(self, envelope: Mapping[str, Any], error: Any = None) -> list[tuple[str, str]]:
+    def replies(
+        self, envelope: Mapping[str, Any], error: Problem | None = None
+    ) -> list[tuple[str, str]]:
         """(recipient, reply line) per recipient of the envelope."""
         ...
 
