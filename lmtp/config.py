@@ -25,6 +25,8 @@ from txcl.chassis.config import (
     parse_config,
     reject_unknown,
 )
+from txcl.envelope import STACK_NAME, TENANT_NAME
+from txcl.envelope import parse_duration as duration_seconds
 
 DEFAULT_PERSONALITIES = ("cron", "tcp", "web", "admin")
 DEFAULT_LISTEN_ADDRS = ":2424"
@@ -32,22 +34,19 @@ DEFAULT_LISTEN_ADDRS = ":2424"
 # uses for its catch-all, and the value of `_txc.lmtp.listener`.
 LISTENER_NAME = "default"
 
-TENANT_SLUG = re.compile(r"[a-z][a-z0-9-]*\Z")
-STACK_SLUG = re.compile(r"[a-z_][a-z0-9_-]*\Z")
+TENANT_SLUG = TENANT_NAME
+STACK_SLUG = STACK_NAME
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*\Z")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 # --- flag values -------------------------------------------------------------------------
 
 
 def parse_duration(text: str, name: str = "duration") -> float:
-    """`30s`, `500ms`, `2m`, `1h` or a bare number of seconds -> seconds (> 0)."""
-    match = _DURATION.match(text)
-    if not match:
+    """`30s`, `500ms`, `2m`, `1h`, `1d` or a bare number of seconds -> seconds (> 0)."""
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 500ms, 2m)")
-    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ConfigError(f"{name}: {text!r} must be longer than zero")
     return seconds

@@ -19,23 +19,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmtp.message import (
     BODY_FIELDS,
-    BUILTIN_OP_NEEDS,
     EVERYTHING,
     NOTHING,
+    SOURCE,
     MessageNeeds,
     build_envelope,
+    needs_of_path,
     needs_of_rules,
     parse_message,
 )
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
+from txcl.envelope import for_source
+
+if TYPE_CHECKING:
+    from lmtp.config import Settings
+    from txcl.ops import OpRegistry
+    from txcl.records import StackResult
+    from txcl.runner import RunPolicy
 
 log = logging.getLogger("lmtp.delivery")
 
@@ -44,10 +52,39 @@ MAX_LOGGED_DEFECTS = 5
 # run on the event loop: cheaper than the thread hop, and short enough not to stall it.
 INLINE_PARSE_BYTES = 64 * 1024
 
-TraceSink = Callable[..., Any]
-"""`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
-stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack is
-the `Stack` that ran or the routed stack's name. Must be cheap; its failure is ignored."""
+class TraceSink(Protocol):
+    """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
+    stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack
+    is the `Stack` that ran or the routed stack's name; `error` says what failed outside the
+    run. Must be cheap; its failure is ignored (a `txcl.trace.TraceWriter` is one)."""
+
+    def __call__(
+        self,
+        rid: str,
+        envelope_in: Mapping[str, Any],
+        result: StackResult | None,
+        replies: Sequence[tuple[str, str]],
+        stack: Any = None,
+        error: str = "",
+    ) -> object: ...
+
+
+class RunnableStack(Protocol):
+    """What delivery needs of a compiled stack (a `txcl.runner.Stack`)."""
+
+    async def run_async(
+        self, envelope: Any, policy: RunPolicy = ..., *, message: bytes | None = None
+    ) -> StackResult: ...
+
+
+class ServedTree(Protocol):
+    """What delivery needs of a loaded tree (a `txcl.loader.Tree`)."""
+
+    @property
+    def stacks(self) -> Mapping[str, RunnableStack]: ...
+
+    @property
+    def rejected(self) -> Set[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +121,7 @@ def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[
     return [Group(route, tuple(indices)) for route, indices in by_key.values()], unrouted
 
 
-def default_policy(settings: Any, registry: Any) -> Any:
+def default_policy(settings: Settings, registry: OpRegistry | None) -> RunPolicy:
     from txcl.runner import RunPolicy  # the engine is imported when a server is built
 
     return RunPolicy(registry=registry, state_dir=getattr(settings, "state_dir", None))
@@ -98,18 +135,18 @@ class Deliverer:
 
     def __init__(
         self,
-        tree: Any,
-        settings: Any,
-        registry: Any = None,
+        tree: ServedTree,
+        settings: Settings,
+        registry: OpRegistry | None = None,
         trace_sink: TraceSink | None = None,
         *,
-        policy: Any = None,
+        policy: RunPolicy | None = None,
     ) -> None:
         self.tree = tree
         self.settings = settings
         self.trace_sink = trace_sink
         self.policy = policy if policy is not None else default_policy(settings, registry)
-        self._op_needs = _builtin_op_needs(getattr(self.policy, "registry", registry))
+        self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         self._traces_everything = trace_sink is not None and (
             getattr(trace_sink, "mode", None) != "off")
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
@@ -245,16 +282,28 @@ async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list
     return await asyncio.to_thread(parse_message, data, needs)
 
 
-def _builtin_op_needs(registry: Any) -> dict[str, MessageNeeds]:
-    """BUILTIN_OP_NEEDS for the names that are still the built-ins in `registry` (a config
-    op may take a built-in's name, and then it may read anything)."""
+def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
+    """What each op of `registry` (None: the default one) that declares what it reads can
+    observe of the message; ops that may read anything are left out (they need everything).
+    The raw message an op reads is not built for it: every run gets the bytes
+    (`Stack.run_async(..., message=)`)."""
+    from txcl.errors import TxclError
+    from txcl.ops import OpRegistry  # the engine is imported when a server is built
+
     if registry is None:
-        return dict(BUILTIN_OP_NEEDS)
+        try:
+            registry = OpRegistry.default()
+        except TxclError:  # the runs report it; here every op then needs everything
+            return {}
     out = {}
-    for name, needs in BUILTIN_OP_NEEDS.items():
-        entry = registry.entry(name) if hasattr(registry, "entry") else None
-        if entry is not None and str(getattr(entry, "source", "")).startswith("builtin "):
-            out[name] = needs
+    for name in registry.names():
+        entry = registry.entry(name)
+        if entry is None or entry.reads.paths is None:
+            continue
+        needs = NOTHING
+        for path in entry.reads.paths:
+            needs = needs | needs_of_path(for_source(path, SOURCE))
+        out[name] = needs
     return out
 
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lmtp.hostnames import HostnameRow, normalize_hostname
+from txcl.envelope import TENANT_NAME
 
-SLUG = re.compile(r"[a-z][a-z0-9-]*\Z")
+SLUG = TENANT_NAME  # a hostname's stack label is a DNS label too, like a tenant name
 DEFAULT_LISTENER = "default"
 DEFAULT_HOSTNAME_TTL_S = 5.0
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from txcl import inputs
+from txcl.envelope import parse_duration
 from txcl.trace import (
     ARTIFACTS,
     TRACE_MODES,
@@ -33,19 +33,16 @@ DEFAULT_TRACE_KEEP = 1000
 DEFAULT_TRACE_MAX_AGE = "7d"
 VALUE_WIDTH = 72  # a value longer than this is cut in the terminal view (never in --json)
 
-_AGE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)?\s*\Z")
-_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
 
 # --- flags ---------------------------------------------------------------------------------
 
 
 def parse_age(text: str) -> float:
     """`7d`, `12h`, `30m`, `90s` or seconds -> seconds; for argparse (`type=parse_age`)."""
-    match = _AGE.match(text)
-    if not match or float(match.group(1)) <= 0:
+    seconds = parse_duration(text, days=True)
+    if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age (examples: 7d, 12h, 30m)")
-    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+    return seconds
 
 
 def parse_keep(text: str) -> int:

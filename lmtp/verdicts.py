@@ -1,6 +1,6 @@
 """`_txc.lmtp.res` -> one sanitised reply per recipient of a group, in the group's order.
 
-The seed's resolution table, default-deny throughout:
+The resolution table of docs/lmtp.md ("Resolution at the inlet"), default-deny throughout:
 
 | pipeline wrote                              | recipient i gets                         |
 |---------------------------------------------|------------------------------------------|
@@ -28,7 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lmtp.message import SOURCE as SRC
+from txcl.envelope import result_of, section_of, valid_code
 from txcl.errors import Problem
+from txcl.values import MISSING
 
 log = logging.getLogger("lmtp.verdicts")
 
@@ -41,7 +44,7 @@ ENHANCED: Mapping[int, str] = {
     421: "4.3.2",  # service not available
     450: "4.2.0",  # mailbox unavailable
     451: "4.3.0",  # local error in processing (the tempfail of a failed run)
-    452: "4.2.2",  # mailbox full (the seed's over-quota idiom)
+    452: "4.2.2",  # mailbox full (tenant over quota, docs/lmtp.md)
     550: "5.1.1",  # the default-deny code: no such mailbox here
     551: "5.1.6",  # user not local: mailbox has moved
     552: "5.2.2",  # exceeded storage allocation
@@ -74,14 +77,6 @@ RUN_FAILED = Reply(451, "4.3.0", "temporary failure processing the message, try 
 
 class InvalidVerdict(ValueError):
     """What a rule wrote under `_txc.lmtp.res` cannot be a verdict."""
-
-
-def valid_code(code: object) -> bool:
-    return (
-        isinstance(code, int)
-        and not isinstance(code, bool)
-        and (200 <= code <= 299 or 400 <= code <= 599)
-    )
 
 
 def sanitize_text(text: object, code: int) -> str:
@@ -155,18 +150,10 @@ def _resolve(res: Mapping[str, Any], n_rcpt: int) -> list[Reply]:
     return [DEFAULT_DENY] * n_rcpt
 
 
-def _dig(envelope: object, *keys: str) -> object:
-    node = envelope
-    for key in keys:
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(key)
-    return node
-
-
 def lmtp_res(envelope: Mapping[str, Any] | None) -> object:
     """`_txc.lmtp.res` of an envelope, or None when it is not there."""
-    return _dig(envelope, "_txc", "lmtp", "res")
+    res = result_of(envelope, SRC)
+    return None if res is MISSING else res
 
 
 def replies_for(
@@ -192,7 +179,7 @@ def replies_for(
 class LmtpSource:
     """The `txcl.sources` hook: `txcl test` shows the verdict table the head would send."""
 
-    name: str = "lmtp"
+    name: str = SRC
 
     def replies(
         self, envelope: Mapping[str, Any], error: Problem | None = None
@@ -229,7 +216,8 @@ class LmtpSource:
 
 
 def _rcpts(envelope: Mapping[str, Any]) -> list[str]:
-    rcpts = _dig(envelope, "_txc", "lmtp", "rcpt")
+    section = section_of(envelope, SRC)
+    rcpts = section.get("rcpt") if section is not None else None
     return [str(r) for r in rcpts] if isinstance(rcpts, list) else []
 
 

@@ -27,7 +27,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from txcl.builtin_ops import BUILTIN_OPS
+from txcl.builtin_ops import BUILTINS
 from txcl.builtin_ops import archive as archive_module
 from txcl.builtin_ops.archive import archive, write_base64
 from txcl.builtin_ops.emit import emit
@@ -93,7 +93,7 @@ def files_under(root: Path) -> set[Path]:
 
 def test_registry_holds_the_four_ops_under_their_names():
     expected = {"ARCHIVE": archive, "EMIT": emit, "WEBHOOK": webhook, "FORWARD": forward}
-    assert expected == BUILTIN_OPS
+    assert expected == {op.name: op.fn for op in BUILTINS}
 
 
 def test_the_default_registry_runs_the_built_ins_in_a_worker_thread(ctx):
@@ -918,3 +918,26 @@ def test_a_refused_folder_fails_the_run_and_writes_nothing(tmp_path):
     assert result.error is not None
     assert "ARCHIVE: folder '../../x' is refused" in result.error.message
     assert not (tmp_path / "var").exists() or files_under(tmp_path / "var") == set()
+
+
+def test_no_built_in_op_imports_another():
+    import ast as pyast
+
+    import txcl.builtin_ops as package
+
+    folder = Path(package.__file__).parent
+    ops = {op.fn.__module__.rpartition(".")[2] for op in BUILTINS}
+    assert ops == {"archive", "emit", "forward", "webhook"}
+    for name in ops:
+        tree = pyast.parse((folder / f"{name}.py").read_text())
+        imported = {
+            node.module.rpartition(".")[2] if node.module else ""
+            for node in pyast.walk(tree)
+            if isinstance(node, pyast.ImportFrom)
+        } | {
+            alias.name.rpartition(".")[2]
+            for node in pyast.walk(tree)
+            if isinstance(node, pyast.ImportFrom) and node.module == "txcl.builtin_ops"
+            for alias in node.names
+        }
+        assert not imported & (ops - {name}), f"{name} imports another op"

@@ -83,6 +83,9 @@ class TestTestOnAnEnvelope:
         assert [f["captures"] for f in doc["fired"]] == [{"num": "123"}]
         assert [s["kind"] for s in doc["steps"]] == ["set", "set", "exec"]
         assert doc["steps"][2]["executed"] is False
+        assert doc["fired"][0]["pos"] == f"{rule}:1:1"
+        assert doc["steps"][0]["path"] == "_txc.lmtp.res.recipients.0.code"
+        assert "before" not in doc["steps"][0]  # the place was empty
         assert doc["res"] == {"recipients": [{"code": 250, "msg": "ticket 123"}]}
         assert doc["replies"] == [
             {"rcpt": "support@acme.example", "reply": "250 2.0.0 ticket 123"},

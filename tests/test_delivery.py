@@ -368,3 +368,24 @@ def test_archive_still_stores_the_exact_message_when_nothing_else_is_read(tmp_pa
     assert deliver(deliverer, tx) == ["250 2.0.0 kept"]
     (stored,) = (tmp_path / "var").rglob("Maildir/new/*")
     assert stored.read_bytes() == data
+
+
+def test_op_needs_come_from_what_each_op_declares_it_reads():
+    from lmtp.delivery import op_needs
+    from lmtp.message import NOTHING, MessageNeeds
+    from txcl.envelope import ANY_SOURCE
+    from txcl.ops import OpReads, OpRegistry, RegisteredOp
+
+    def op(envelope, args, ctx):
+        return {}
+
+    defaults = op_needs(None)
+    assert defaults == {"ARCHIVE": NOTHING, "FORWARD": NOTHING}  # EMIT, WEBHOOK: everything
+    # A configured op under a built-in's name declares nothing: it may read anything.
+    assert "ARCHIVE" not in op_needs(OpRegistry.default().with_ops({"ARCHIVE": op}))
+    registry = OpRegistry.default()
+    registry._ops["SUBJ"] = RegisteredOp(
+        "SUBJ", op, "test",
+        OpReads.only([("_txc", ANY_SOURCE, "msg", "subject"), ("ticket", "id")]),
+    )
+    assert op_needs(registry)["SUBJ"] == MessageNeeds(frozenset({"subject"}), frozenset())

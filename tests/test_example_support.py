@@ -36,9 +36,9 @@ def _registry() -> OpRegistry:
 
 
 REGISTRY = _registry()
-CLASSIFY = REGISTRY.get("CLASSIFY")
-TICKET = REGISTRY.get("TICKET")
-assert CLASSIFY is not None and TICKET is not None
+CLASSIFY_ENTRY, TICKET_ENTRY = REGISTRY.entry("CLASSIFY"), REGISTRY.entry("TICKET")
+assert CLASSIFY_ENTRY is not None and TICKET_ENTRY is not None
+CLASSIFY, TICKET = CLASSIFY_ENTRY.fn, TICKET_ENTRY.fn
 
 
 def _sample_bytes(name: str) -> bytes:

@@ -13,8 +13,17 @@ from typing import Any
 import pytest
 
 from txcl import ops as ops_module
+from txcl.envelope import ANY_SOURCE
 from txcl.errors import TxclLoadError
-from txcl.ops import OpContext, OpFailure, OpRegistry, StorageError, command_op
+from txcl.ops import (
+    OpContext,
+    OpFailure,
+    OpReads,
+    OpRegistry,
+    RegisteredOp,
+    StorageError,
+    command_op,
+)
 
 
 def context(tmp_path: Path | None, **kw: Any) -> OpContext:
@@ -61,6 +70,17 @@ def test_builtin_ops_are_registered_by_default() -> None:
     assert entry is not None and entry.source == "builtin txcl.builtin_ops.archive"
 
 
+def test_builtin_ops_declare_what_they_read() -> None:
+    registry = OpRegistry.default()
+    reads = {name: registry.entry(name).reads for name in ("ARCHIVE", "EMIT", "FORWARD", "WEBHOOK")}  # type: ignore[union-attr]
+    assert reads["EMIT"] == reads["WEBHOOK"] == ops_module.ANYTHING  # the whole envelope
+    assert reads["ARCHIVE"].message and reads["FORWARD"].message
+    assert reads["ARCHIVE"].paths == frozenset({("_txc", "src")})
+    assert ("_txc", ANY_SOURCE, "mail", "from") in (reads["FORWARD"].paths or ())
+    configured = registry.with_ops({"ARCHIVE": lambda env, args, ctx: {}}, source="config")
+    assert configured.entry("ARCHIVE").reads == ops_module.ANYTHING  # type: ignore[union-attr]
+
+
 def test_entry_points_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     class EntryPoint:
         def __init__(self, name: str, value: Any) -> None:
@@ -75,11 +95,19 @@ def test_entry_points_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         ops_module,
         "_entry_points",
-        lambda: (EntryPoint("ONE", one), EntryPoint("many", {"TWO": one, "THREE": one})),
+        lambda: (
+            EntryPoint("ONE", one),
+            EntryPoint("many", {"TWO": one, "THREE": one}),
+            EntryPoint("FOUR", RegisteredOp("x", one, "x", OpReads.only([("ticket",)]))),
+        ),
     )
     registry = OpRegistry.default()
+    four = registry.entry("FOUR")
+    assert four is not None and four.fn is one and four.source == "entry point pkg:FOUR"
+    assert four.reads == OpReads(frozenset({("ticket",)}))
+    assert registry.entry("ONE").reads == ops_module.ANYTHING  # type: ignore[union-attr]
     assert {"ONE", "TWO", "THREE"} <= registry.names()
-    assert registry.get("ONE") is one
+    assert registry.entry("ONE").fn is one  # type: ignore[union-attr]
 
 
 def test_config_python_op_with_path(tmp_path: Path) -> None:
@@ -90,11 +118,9 @@ def test_config_python_op_with_path(tmp_path: Path) -> None:
     registry = OpRegistry.from_config(
         {"CLASSIFY": {"python": "txcl_test_support_ops:classify", "path": "ops"}}, tmp_path
     )
-    op = registry.get("CLASSIFY")
-    assert op is not None
-    assert op({}, {"x": 1}, context(tmp_path)) == {"label": 1}
     entry = registry.entry("CLASSIFY")
     assert entry is not None and entry.source == "config"
+    assert entry.fn({}, {"x": 1}, context(tmp_path)) == {"label": 1}
     assert "ARCHIVE" in registry  # built-ins are still there
 
 

@@ -17,7 +17,6 @@ from txcl.paths import (
     compile_jsonpath,
     compile_setter,
     merge_patch,
-    path_text,
 )
 from txcl.values import MISSING
 
@@ -140,11 +139,6 @@ class TestSetter:
         with pytest.raises(TxclCompileError) as err:
             compile_setter(path("a", MAX_LIST_INDEX + 1))
         assert err.value.problem.pos == HERE
-
-
-def test_path_text_quotes_what_is_not_plain() -> None:
-    assert path_text(("_txc", "lmtp", "rcpt", 0)) == "_txc.lmtp.rcpt.0"
-    assert path_text(("headers", "x.y", "0")) == 'headers."x.y"."0"'
 
 
 # RFC 7386 appendix A, row by row.

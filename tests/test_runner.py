@@ -12,17 +12,16 @@ from typing import Any
 import pytest
 
 from txcl.compiler import compile_file
+from txcl.envelope import patch_read_only_reason, read_only_reason, verdict_problem
 from txcl.ops import OpContext, OpRegistry
 from txcl.parser import parse
+from txcl.records import ScrubHints
 from txcl.runner import (
     TEST_POLICY,
     RunPolicy,
     Stack,
     StackResult,
     Stage,
-    patch_read_only_reason,
-    read_only_reason,
-    verdict_problem,
 )
 from txcl.values import MISSING
 
@@ -357,8 +356,10 @@ def test_stack_hints_and_ops_are_unions_over_all_rules() -> None:
         'WITH omit = "_txc.lmtp.msg.attachments"\nWITH redact = "@lmtp.msg.headers.authorization"\n'
         'EXEC "op://B"\n',
     )
-    assert s.hints.omit == {"_txc.lmtp.msg.raw", "_txc.lmtp.msg.attachments"}
-    assert s.hints.redact == {"_txc.lmtp.msg.headers.authorization"}
+    assert s.hints == ScrubHints(
+        omit=("_txc.lmtp.msg.attachments", "_txc.lmtp.msg.raw"),
+        redact=("_txc.lmtp.msg.headers.authorization",),
+    )
     assert s.ops_used == {"A", "B"}
     assert (s.name, s.tenant) == ("acme/_mail", "acme")
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txcl.errors import Pos, Problem
-from txcl.runner import Fired, Hints, StackResult, Step, WhenOutcome
+from txcl.records import ExecRecord, Fired, SetRecord, StackResult, WhenOutcome
 from txcl.trace import (
     REDACTED,
     Scrubber,
@@ -67,9 +67,8 @@ def result_for(env: dict[str, Any], error: Problem | None = None) -> StackResult
         envelope=final,
         fired=(Fired(0, pos, pos.file, (when,), {"tok": SECRET_AUTH[7:]}),),
         steps=(
-            Step("set", 0, pos, ("_txc", "lmtp", "res", "code"), after=250),
-            Step(
-                "exec",
+            SetRecord(0, pos, ("_txc", "lmtp", "res", "code"), after=250),
+            ExecRecord(
                 0,
                 pos,
                 op="ARCHIVE",
@@ -78,7 +77,7 @@ def result_for(env: dict[str, Any], error: Problem | None = None) -> StackResult
                 executed=True,
                 elapsed_s=0.002,
             ),
-            Step("set", 0, pos, ("_txc", "lmtp", "msg"), before=env["_txc"]["lmtp"]["msg"]),
+            SetRecord(0, pos, ("_txc", "lmtp", "msg"), before=env["_txc"]["lmtp"]["msg"]),
         ),
         error=error,
         elapsed_s=0.001,
@@ -189,7 +188,16 @@ def test_hints_may_come_as_a_mapping_or_comma_lists(tmp_path: Path) -> None:
 
 
 def test_hints_as_the_runner_gives_them(tmp_path: Path) -> None:
-    hints = Hints(frozenset(HINTS.omit), frozenset(HINTS.redact))
+    from txcl.compiler import compile_file
+    from txcl.parser import parse
+    from txcl.runner import Stack, Stage
+
+    rules = (
+        'WITH omit = "_txc.lmtp.msg.raw, @lmtp.msg.attachments"\n'
+        'WITH redact = "_txc.lmtp.msg.headers.authorization"\nEXEC "op://A"\n'
+    )
+    hints = Stack("acme/_mail", (Stage(0, compile_file(parse(rules, "r.txcl"))),)).hints
+    assert (set(hints.omit), hints.redact) == (set(HINTS.omit), HINTS.redact)
     trace = write_one(tmp_path, hints=hints)
     assert RAW not in all_text(trace) and SECRET_AUTH not in all_text(trace)
 
@@ -205,7 +213,7 @@ def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
         envelope=env,
         fired=(),
         steps=(
-            Step("set", 0, Pos("f", 1, 1), ("ticket", "title"), after="auth was " + SECRET_AUTH),
+            SetRecord(0, Pos("f", 1, 1), ("ticket", "title"), after="auth was " + SECRET_AUTH),
         ),
     )
     record = TraceRecord("r", 0.0, env, result, (), "acme/_mail", HINTS)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from txcl import ast, inputs
+from txcl.envelope import SRC_KEY, TXC, parse_path, route_of, txc_of
 from txcl.errors import Pos, Problem, TxclError
-from txcl.parser import parse_expression
 from txcl.paths import compile_getter
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import Source, source_for
@@ -148,12 +148,12 @@ def _number(v: Any) -> bool:
 
 
 def _path(text: str, pos: Pos) -> ast.Path:
-    expr = parse_expression(text, name=pos.file)
-    if not isinstance(expr, ast.Path):
+    segments = parse_path(text)
+    if segments is None:
         raise TxclError(
             Problem(CASE_ERROR, f"expect.paths: {text!r} is not a path like @lmtp.res.code", pos)
         )
-    return expr
+    return ast.Path(segments, pos)
 
 
 # --- reading case files -----------------------------------------------------------------
@@ -238,7 +238,7 @@ def message_envelope(
     raw: bytes, rcpts: Sequence[str], mail_from: str, stack: Stack, src: str = "lmtp"
 ) -> dict[str, Any]:
     """The envelope a message source builds for a message routed to `stack`."""
-    source = source_for({"_txc": {"src": src}})
+    source = source_for({TXC: {SRC_KEY: src}})
     if source is None or not hasattr(source, "envelope_from_message"):
         raise TxclError(Problem(CASE_ERROR, f"no installed source {src!r} can build an envelope from a message"))
     envelope: dict[str, Any] = source.envelope_from_message(
@@ -256,9 +256,8 @@ def aim_at(envelope: dict[str, Any], stack: Stack) -> dict[str, Any]:
 
     A test runs the stack it was given; an envelope captured elsewhere still runs there.
     Only the route is replaced (shallow copies), never the caller's data."""
-    txc = envelope.get("_txc")
-    txc = txc if isinstance(txc, dict) else {}
-    route = txc.get("route") if isinstance(txc.get("route"), dict) else {}
+    txc = txc_of(envelope) or {}
+    route = route_of(envelope) or {}
     to = route.get("to")
     numbers = {s.number for s in stack.stages}
     if isinstance(to, str):
@@ -267,7 +266,7 @@ def aim_at(envelope: dict[str, Any], stack: Stack) -> dict[str, Any]:
             return envelope
     tenant = stack.name.partition("/")[0]
     new_route = {**route, "tenant": tenant, "stack": stack.name, "to": f"{stack.name}/{first_stage(stack)}"}
-    return {**envelope, "_txc": {**txc, "route": new_route}}
+    return {**envelope, TXC: {**txc, "route": new_route}}
 
 
 def read_envelope(path: Path) -> Any:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from txcl import cases, fmt, inputs, lint
+from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_target, read_rule_source
 from txcl.ops import OpRegistry
+from txcl.records import SetRecord, run_json
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import source_for
 from txcl.values import MISSING
@@ -124,9 +126,8 @@ def _pick_stack(tree: Tree, args: argparse.Namespace, envelope: Any) -> Stack | 
     if not tree.stacks:
         print(f"txcl test: no stack to run under {args.target}", file=sys.stderr)
         return None
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    route = txc.get("route") if isinstance(txc, dict) else None
-    name = route.get("stack") if isinstance(route, dict) else None
+    route = route_of(envelope)
+    name = route.get("stack") if route is not None else None
     if isinstance(name, str) and name in tree.stacks:
         return tree.stacks[name]
     print(
@@ -194,15 +195,6 @@ def _short(v: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _seg_text(path: Sequence[Any] | None) -> str:
-    if not path:
-        return ""
-    segs = list(path)
-    head = "@" if segs[0] == "_txc" and len(segs) > 1 else ""
-    rest = segs[1:] if head else segs
-    return head + ".".join(str(s) for s in rest)
-
-
 def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
     out.write(f"stack {stack.name}  ({result.elapsed_s * 1e3:.2f} ms)\n")
     out.write("fired:\n" if result.fired else "fired: no rule\n")
@@ -217,9 +209,9 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
             out.write(f"      {caps}\n")
     out.write("steps:\n" if result.steps else "steps: none\n")
     for s in result.steps:
-        if s.kind == "set":
+        if isinstance(s, SetRecord):
             note = f"   ({s.note})" if s.note else f"   (was {_short(s.before, 40)})"
-            out.write(f"  {s.pos}  SET {_seg_text(s.path)} = {_short(s.after)}{note}\n")
+            out.write(f"  {s.pos}  SET {path_text(s.path, at=True)} = {_short(s.after)}{note}\n")
         else:
             how = "executed" if s.executed else (s.note or "not executed")
             args = f" {_short(dict(s.args))}" if s.args else ""
@@ -241,13 +233,8 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
 
 
 def _res(envelope: Any) -> tuple[str, Any] | None:
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    src = txc.get("src") if isinstance(txc, dict) else None
-    if not isinstance(src, str):
-        return None
-    part = txc.get(src)
-    res = part.get("res", MISSING) if isinstance(part, dict) else MISSING
-    return src, res
+    src = source_of(envelope)
+    return None if src is None else (src, result_of(envelope, src))
 
 
 def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
@@ -255,16 +242,7 @@ def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
     res = _res(result.envelope)
     return {
         "stack": stack.name,
-        "fired": [
-            {
-                "stage": f.stage,
-                "location": _loc(f.pos),
-                "whens": [{"text": w.text, "held": w.held} for w in f.whens],
-                "captures": dict(f.captures),
-            }
-            for f in result.fired
-        ],
-        "steps": [step_json(s) for s in result.steps],
+        **run_json(result),
         "res": None if res is None or res[1] is MISSING else res[1],
         "replies": [{"rcpt": r, "reply": line} for r, line in source.replies(result.envelope, result.error)]
         if source
@@ -273,24 +251,6 @@ def result_json(stack: Stack, result: StackResult) -> dict[str, Any]:
         "envelope": result.envelope,
         "elapsed_ms": round(result.elapsed_s * 1e3, 3),
     }
-
-
-def step_json(s: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": s.kind, "stage": s.stage, "location": _loc(s.pos)}
-    if s.kind == "set":
-        out["path"] = _seg_text(s.path)
-        out["before"] = None if s.before is MISSING else s.before
-        out["before_missing"] = s.before is MISSING
-        out["after"] = None if s.after is MISSING else s.after
-        if s.note:
-            out["note"] = s.note
-    else:
-        out.update(op=s.op, args=dict(s.args), patch=s.patch, executed=s.executed, note=s.note)
-    return out
-
-
-def _loc(pos: Any) -> dict[str, Any] | None:
-    return {"file": pos.file, "line": pos.line, "column": pos.column} if pos else None
 
 
 def _json_default(v: Any) -> Any:

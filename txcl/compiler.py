@@ -19,8 +19,9 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from txcl import ast
+from txcl.envelope import parse_duration, parse_path, path_text, split_path_list
 from txcl.errors import Pos, Problem, TxclCompileError
-from txcl.fmt import format_expr, format_path
+from txcl.fmt import format_expr
 from txcl.functions import FUNCTIONS
 from txcl.paths import (
     Getter,
@@ -29,7 +30,6 @@ from txcl.paths import (
     compile_getter,
     compile_jsonpath,
     compile_setter,
-    path_text,
 )
 from txcl.regex import CompiledRegex, compile_regex
 from txcl.values import COMPARISONS, MISSING, add, to_json
@@ -43,9 +43,6 @@ OP_SCHEME: Final = "op://"
 MAX_TIMEOUT_S: Final = 3600.0
 
 _OP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-_TIMEOUT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*")
-_TIMEOUT_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-_HINT_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _NOWHERE: Final = Pos("", 0, 0)
 
 
@@ -116,7 +113,7 @@ class CompiledRule:
 
 def segments_text(segments: tuple[ast.Segment, ...]) -> str:
     """A path as a rule author writes it: `@lmtp.rcpt.0` for `_txc.lmtp.rcpt.0` (fmt's form)."""
-    return format_path(ast.Path(segments, _NOWHERE))
+    return path_text(segments, at=True)
 
 
 def expr_text(expr: ast.Expr) -> str:
@@ -130,17 +127,16 @@ def expr_text(expr: ast.Expr) -> str:
 
 def parse_timeout(value: object) -> float | None:
     """Seconds from `5`, `2.5`, `"5s"`, `"500ms"`, `"1m"`, `"5"`; None if it is not a valid timeout."""
-    seconds: float
+    seconds: float | None
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        found = _TIMEOUT.fullmatch(value)
-        if not found:
-            return None
-        seconds = float(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
+        seconds = parse_duration(value)
     else:
+        return None
+    if seconds is None:
         return None
     if not 0 < seconds <= MAX_TIMEOUT_S:
         return None
@@ -148,15 +144,14 @@ def parse_timeout(value: object) -> float | None:
 
 
 def parse_path_list(text: str) -> tuple[str, ...] | None:
-    """`"_txc.a.b, @c.d"` -> ("_txc.a.b", "_txc.c.d"); None if an item is not a plain path."""
+    """`"_txc.a.b, @c.d"` -> ("_txc.a.b", "_txc.c.d"), each in its full text form; None if
+    an item is not a path (`*` stands for any key or index)."""
     out = []
-    for item in text.split(","):
-        item = item.strip()
-        if item.startswith("@"):
-            item = "_txc." + item[1:]
-        if not item or not all(_HINT_SEGMENT.fullmatch(seg) for seg in item.split(".")):
+    for item in split_path_list(text):
+        segments = parse_path(item, wildcards=True)
+        if segments is None:
             return None
-        out.append(item)
+        out.append(path_text(segments))
     return tuple(out) if out else None
 
 
@@ -258,7 +253,7 @@ class _RuleCompiler:
             and isinstance(node.right, ast.ListLit)
             and all(isinstance(item, ast.Literal) for item in node.right.items)
         ):
-            items = tuple(item.value for item in node.right.items)  # type: ignore[attr-defined]
+            items = tuple(item.value for item in node.right.items if isinstance(item, ast.Literal))
             return _member_of_constants(compare, left, items)
         right = self.expr(node.right)
         return lambda envelope, match: compare(left(envelope, match), right(envelope, match))

@@ -17,13 +17,12 @@ import re
 from typing import Final
 
 from txcl import ast
+from txcl.envelope import path_text
 from txcl.errors import Problem, TxclError
 from txcl.parser import parse
 
 __all__ = ["InternalFormatError", "format_expr", "format_file", "format_path", "format_source"]
 
-_PLAIN_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]+")
-_PLAIN_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _SLASH_OR_ESCAPE: Final = re.compile(r"\\.|/", re.DOTALL)
 
 # Binding strength, loosest first, as in the grammar: OR < AND < NOT < comparison < + < atom.
@@ -109,20 +108,7 @@ def format_statement(stmt: ast.Stmt) -> str:
 
 def format_path(path: ast.Path) -> str:
     """`@a.b` for paths under _txc, else the bare dotted form; quoted segments as JSON."""
-    segments = path.segments
-    if len(segments) > 1 and segments[0] == "_txc":
-        return "@" + ".".join(_segment(s) for s in segments[1:])
-    root = segments[0]
-    head = root if isinstance(root, str) and _PLAIN_ROOT.fullmatch(root) else _segment(root)
-    return ".".join([head, *(_segment(s) for s in segments[1:])])
-
-
-def _segment(segment: ast.Segment) -> str:
-    if isinstance(segment, int):
-        return str(segment)
-    if _PLAIN_SEGMENT.fullmatch(segment) and not segment.isdigit():
-        return segment
-    return _string(segment)
+    return path_text(path.segments, at=True)
 
 
 def _string(value: str) -> str:

@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from txcl import ast, inputs
+from txcl.envelope import (
+    RESULT_KEY,
+    STACK_NAME,
+    TENANT_NAME,
+    TXC,
+    path_text,
+    read_only_reason,
+    valid_code,
+)
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
@@ -64,7 +73,6 @@ _CHECK_OF_CODE: Final = {
 }
 
 _OP_SCHEME: Final = "op://"
-_RESULT_KEY: Final = "res"
 _NOWHERE: Final = Pos("", 0, 0)
 
 
@@ -205,8 +213,6 @@ class _RuleChecks:
         slot = _verdict_slot(segments)
         if slot is None:
             return
-        from txcl.runner import valid_code  # the run's own rule for a verdict code
-
         if isinstance(stmt.value, ast.Literal) and not valid_code(stmt.value.value):
             self.report(
                 "verdict-code",
@@ -257,15 +263,13 @@ class _RuleChecks:
 def _read_only(segments: tuple[ast.Segment, ...]) -> str | None:
     """Why a rule may not write there. The envelope's source is not known before a run, so
     every `_txc.<x>` other than src, rid and route is taken as some source's namespace."""
-    from txcl.runner import read_only_reason
-
     source = segments[1] if len(segments) > 1 and isinstance(segments[1], str) else None
     return read_only_reason(segments, source)
 
 
 def _verdict_slot(segments: tuple[ast.Segment, ...]) -> int | str | None:
     """ "all" for `_txc.<src>.res.code`, N for `_txc.<src>.res.recipients.N.code`, else None."""
-    if len(segments) < 4 or segments[0] != "_txc" or segments[2] != _RESULT_KEY:
+    if len(segments) < 4 or segments[0] != TXC or segments[2] != RESULT_KEY:
         return None
     rest = segments[3:]
     if rest == ("code",):
@@ -287,9 +291,7 @@ def _literal_text(value: object) -> str:
 
 
 def _dotted(segments: tuple[ast.Segment, ...]) -> str:
-    from txcl.fmt import format_path
-
-    return format_path(ast.Path(segments, _NOWHERE))
+    return path_text(segments, at=True)
 
 
 def _children(node: ast.Expr) -> Iterator[ast.Expr]:
@@ -483,8 +485,6 @@ def _holds_stages(folder: Path) -> bool:
 
 def _stacks(root: Path) -> Iterator[list[Path]]:
     """The rule files of every well-named stack of an OPS tree, one list per stack."""
-    from txcl.loader import STACK_NAME, TENANT_NAME
-
     for tenant in _subfolders(root, root, TENANT_NAME):
         for stack in _subfolders(tenant, root, STACK_NAME):
             yield list(_stage_files(stack, root))

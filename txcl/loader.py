@@ -28,6 +28,7 @@ from typing import Final, ParamSpec, TypeVar
 
 from txcl import ast, inputs
 from txcl.compiler import CompiledRule, ExecStep, compile_file
+from txcl.envelope import STACK_NAME, TENANT_NAME
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError
 from txcl.ops import OpRegistry
 from txcl.runner import Stack, Stage
@@ -38,8 +39,6 @@ TESTS_DIR: Final = "tests"
 CASE_SUFFIXES: Final = (".yaml", ".yml")
 SINGLE_FILE_STACK: Final = "test/_file"
 
-TENANT_NAME: Final = re.compile(r"[a-z][a-z0-9-]*")
-STACK_NAME: Final = re.compile(r"[a-z_][a-z0-9_-]*")
 STAGE_NAME: Final = re.compile(r"0|[1-9][0-9]{0,8}")
 
 # A rule file larger than this is refused before it is read: rules are a few lines each, and

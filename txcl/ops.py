@@ -5,10 +5,16 @@ must not mutate it), gets the rule's WITH arguments and an OpContext, and return
 merge patch (RFC 7386) for the runner to apply. Sync ops run in a worker thread so they do
 not block the event loop; the runner gives every call a deadline.
 
+A registered op carries what it reads (`OpReads`): the envelope paths, and whether it
+reads the raw message. A source that builds envelopes lazily (the LMTP head builds only the
+message fields a stack can observe) reads that instead of knowing the ops. Ops declared
+nowhere (configured, entry points) may read anything.
+
 The registry is filled, later sources overriding earlier ones, from:
-1. built-ins: every module of the `txcl.builtin_ops` package exposing `OPS: dict[str, Op]`;
+1. built-ins: `txcl.builtin_ops.BUILTINS`, each declared with what it reads;
 2. the Python entry-point group `txcl.ops` (an entry point loads an op, named after the
-   entry point, or a mapping of names to ops);
+   entry point, or a mapping of names to ops; an op given as a `RegisteredOp` keeps the
+   reads it declares);
 3. the configuration's `ops:` section: `{python: "module:function", path: "dir"}` or
    `{command: ["prog", "arg"...]}` (paths relative to the configuration file's folder).
 """
@@ -23,14 +29,14 @@ import importlib.metadata
 import inspect
 import json
 import os
-import pkgutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from txcl.ast import Segment
 from txcl.errors import Problem, TxclLoadError
 
 Op = Callable[
@@ -115,11 +121,38 @@ def _is_async(fn: object) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class OpReads:
+    """What an op reads. `paths`: the envelope paths it may read (a segment `ANY_SOURCE`
+    stands for the envelope's own source, `_txc.<src>`), None when it may read anything.
+    `message`: it reads the raw message: `OpContext.message` when the caller passes it,
+    else `_txc.<src>.msg.raw` (a caller that builds `raw` lazily passes the bytes)."""
+
+    paths: frozenset[tuple[Segment, ...]] | None = None
+    message: bool = False
+
+    @classmethod
+    def only(cls, paths: Iterable[tuple[Segment, ...]], *, message: bool = False) -> OpReads:
+        return cls(frozenset(paths), message)
+
+
+ANYTHING: Final = OpReads()
+
+
+@dataclass(frozen=True, slots=True)
 class RegisteredOp:
     name: str
     fn: Op = field(repr=False)
     source: str  # where it came from, for `txcl lint` and error messages
-    is_async: bool
+    reads: OpReads = ANYTHING
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", _is_async(self.fn))
+
+    @classmethod
+    def builtin(cls, name: str, fn: Op, reads: OpReads) -> RegisteredOp:
+        """A built-in op of `txcl.builtin_ops`, with what it reads."""
+        return cls(name, fn, f"builtin {fn.__module__}", reads)
 
 
 class OpRegistry:
@@ -128,7 +161,7 @@ class OpRegistry:
     def __init__(self, ops: Mapping[str, Op] | None = None, *, source: str = "given") -> None:
         self._ops: dict[str, RegisteredOp] = {}
         for name, fn in (ops or {}).items():
-            self._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
+            self._ops[name] = RegisteredOp(name, fn, source)
 
     @classmethod
     def default(cls) -> OpRegistry:
@@ -155,25 +188,22 @@ class OpRegistry:
         if ops_section is not None and not isinstance(ops_section, Mapping):
             problems.append(_problem("ops: must be a mapping of op names to their definitions"))
             ops_section = {}
+        configured: dict[str, Op] = {}
         for name, spec in (ops_section or {}).items():
             fn = _configured_op(str(name), spec, Path(base_dir), problems)
             if fn is not None:
-                registry._ops[str(name)] = RegisteredOp(str(name), fn, "config", _is_async(fn))
+                configured[str(name)] = fn
         if problems:
             raise TxclLoadError(problems)
-        return registry
+        return registry.with_ops(configured, source="config")
 
     def with_ops(self, ops: Mapping[str, Op], *, source: str = "given") -> OpRegistry:
         """A new registry: this one plus (overridden by) `ops`."""
         registry = OpRegistry()
         registry._ops = dict(self._ops)
         for name, fn in ops.items():
-            registry._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
+            registry._ops[name] = RegisteredOp(name, fn, source)
         return registry
-
-    def get(self, name: str) -> Op | None:
-        entry = self._ops.get(name)
-        return entry.fn if entry else None
 
     def entry(self, name: str) -> RegisteredOp | None:
         return self._ops.get(name)
@@ -211,12 +241,14 @@ class OpRegistry:
             source = f"entry point {entry_point.value}"
             ops = loaded if isinstance(loaded, Mapping) else {entry_point.name: loaded}
             for name, fn in ops.items():
-                if not callable(fn):
+                if isinstance(fn, RegisteredOp):  # an op that declares what it reads
+                    self._ops[name] = RegisteredOp(name, fn.fn, source, fn.reads)
+                elif callable(fn):
+                    self._ops[name] = RegisteredOp(name, fn, source)
+                else:
                     problems.append(
                         _problem(f"entry point {entry_point.value}: {name} is not callable")
                     )
-                    continue
-                self._ops[name] = RegisteredOp(name, fn, source, _is_async(fn))
 
 
 def _problem(message: str) -> Problem:
@@ -231,27 +263,13 @@ def _entry_points() -> tuple[importlib.metadata.EntryPoint, ...]:
 
 @functools.cache
 def _builtin_ops() -> tuple[dict[str, RegisteredOp], tuple[Problem, ...]]:
-    """Every `OPS` of the modules in txcl.builtin_ops, imported once, on first use."""
-    found: dict[str, RegisteredOp] = {}
-    problems: list[Problem] = []
-    package = importlib.import_module("txcl.builtin_ops")
-    modules = [package] + [
-        f"txcl.builtin_ops.{info.name}"
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
-    ]
-    for module_or_name in modules:
-        try:
-            module = (
-                importlib.import_module(module_or_name)
-                if isinstance(module_or_name, str)
-                else module_or_name
-            )
-        except Exception as err:
-            problems.append(_problem(f"built-in ops module {module_or_name}: {err}"))
-            continue
-        for name, fn in getattr(module, "OPS", {}).items():
-            found[name] = RegisteredOp(name, fn, f"builtin {module.__name__}", _is_async(fn))
-    return found, tuple(problems)
+    """`txcl.builtin_ops.BUILTINS` by name, imported once, on first use (the built-ins
+    import this module)."""
+    try:
+        package = importlib.import_module("txcl.builtin_ops")
+    except Exception as err:
+        return {}, (_problem(f"built-in ops: {type(err).__name__}: {err}"),)
+    return {op.name: op for op in package.BUILTINS}, ()
 
 
 def _configured_op(name: str, spec: object, base_dir: Path, problems: list[Problem]) -> Op | None:

@@ -14,9 +14,8 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
 from jsonpath_ng import jsonpath as _jsonpath
 from jsonpath_ng.ext.filter import Expression as _FilterExpression
@@ -24,10 +23,19 @@ from jsonpath_ng.ext.parser import ExtendedJsonPathParser
 from jsonpath_ng.jsonpath import Child, Fields, JSONPath, Root, Slice
 
 from txcl import ast
+from txcl.envelope import path_text
 from txcl.errors import Problem, TxclCompileError
 from txcl.values import MISSING, Multi, kind_of
 
-Getter = Callable[[Any], Any]
+
+class Getter(Protocol):
+    """Reads a document; takes (and ignores) a second argument, so the compiler can use it
+    as an expression `(envelope, match) -> value`."""
+
+    def __call__(self, doc: Any, _match: Any = None, /) -> Any: ...
+
+
+
 MultiGetter = Callable[[Any], Multi]
 Setter = Callable[[dict[str, Any], Any], dict[str, Any]]
 
@@ -35,23 +43,9 @@ Setter = Callable[[dict[str, Any], Any], dict[str, Any]]
 # typo such as `recipients.1000000` cannot make one delivery allocate a huge list.
 MAX_LIST_INDEX: Final = 9_999
 
-_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-
 
 class PathWriteError(Exception):
     """A SET or a merge patch cannot write where it was told to (e.g. a key into a string)."""
-
-
-@functools.lru_cache(maxsize=8192)
-def path_text(segments: tuple[ast.Segment, ...]) -> str:
-    """The full dotted form of a path, quoting segments that are not plain: `a."x.y".0`."""
-    parts = []
-    for seg in segments:
-        if isinstance(seg, int) or _PLAIN_SEGMENT.fullmatch(seg) and not seg.isdigit():
-            parts.append(str(seg))
-        else:
-            parts.append('"' + seg.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return ".".join(parts)
 
 
 def compile_getter(path: ast.Path) -> Getter:
@@ -91,7 +85,7 @@ def compile_getter(path: ast.Path) -> Getter:
 
 @functools.cache
 def _jsonpath_parser() -> ExtendedJsonPathParser:
-    # Building the PLY tables costs milliseconds: build them once and reuse the parser.
+    # Building the PLY tables is slow: build them once and reuse the parser.
     return ExtendedJsonPathParser()
 
 
@@ -157,7 +151,7 @@ def _plain_steps(parsed: JSONPath) -> tuple[str | None, ...] | None:
     """The steps of a JSONPath made only of `$`, `.name` and `[*]` (_ALL), else None.
 
     Such paths, the common ones, are evaluated here (_plain_getter) without building
-    jsonpath-ng's match objects: ten times faster, same values in the same order.
+    jsonpath-ng's match objects, with the same values in the same order.
     """
     if _jsonpath.auto_id_field is not None:
         return None
@@ -265,8 +259,9 @@ def compile_setter(path: ast.Path) -> Setter:
                 f"cannot write {path_text(segments)}: {path_text(segments[:i])} is "
                 f"{_kind_name(node)}, not a list"
             )
-        if len(new) <= segments[i]:
-            new.extend([None] * (segments[i] + 1 - len(new)))
+        index = cast(int, segments[i])
+        if len(new) <= index:
+            new.extend([None] * (index + 1 - len(new)))
         return new
 
     def set_value(root: dict[str, Any], value: Any) -> dict[str, Any]:

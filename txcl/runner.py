@@ -23,16 +23,46 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from txcl import ast
 from txcl.compiler import NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
+from txcl.envelope import (
+    TXC,
+    patch_read_only_reason,
+    read_only_reason,
+    rid_of,
+    route_to,
+    source_of,
+    verdict_problem,
+)
 from txcl.errors import Pos, Problem, TxclError
 from txcl.ops import OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
+from txcl.records import (
+    ExecRecord,
+    Fired,
+    ScrubHints,
+    SetRecord,
+    StackResult,
+    Step,
+    WhenOutcome,
+)
 from txcl.values import MISSING, json_problem, to_json
 
+__all__ = [
+    "DEFAULT_POLICY",
+    "TEST_POLICY",
+    "ExecRecord",
+    "Fired",
+    "RunPolicy",
+    "ScrubHints",
+    "SetRecord",
+    "Stack",
+    "StackResult",
+    "Stage",
+    "Step",
+    "WhenOutcome",
+]
+
 RUN_ERROR: Final = "txcl_run_error"
-READ_ONLY_TXC_KEYS: Final = frozenset({"src", "rid", "route"})
-RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
 
 
 # --- data --------------------------------------------------------------------------------
@@ -60,168 +90,6 @@ class Stage:
     files: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class WhenOutcome:
-    text: str
-    pos: Pos
-    held: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Fired:
-    """A rule whose WHENs all held, and the regex groups they captured."""
-
-    stage: int
-    pos: Pos
-    file: str
-    whens: tuple[WhenOutcome, ...]
-    captures: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One SET or EXEC as it ran.
-
-    set:  path (segments), before (MISSING if absent), after (the value written; MISSING
-          when the expression was missing and nothing was written)
-    exec: op, args, patch (the merge patch applied), executed (False for a stub or an op
-          not run), note ("stub", "not executed", ...)
-    """
-
-    kind: str  # "set" | "exec"
-    stage: int
-    pos: Pos
-    path: tuple[ast.Segment, ...] | None = None
-    op: str = ""
-    args: Mapping[str, Any] = field(default_factory=dict)
-    before: Any = MISSING
-    after: Any = MISSING
-    patch: Any = None
-    executed: bool = False
-    note: str = ""
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class StackResult:
-    envelope: Any  # the envelope after the run (or where it failed)
-    fired: tuple[Fired, ...]
-    steps: tuple[Step, ...]
-    error: Problem | None = None  # a failed run never yields an accept
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True, slots=True)
-class Hints:
-    """The union of every rule's `WITH omit` and `WITH redact` paths in a stack."""
-
-    omit: frozenset[str] = frozenset()
-    redact: frozenset[str] = frozenset()
-
-    def __bool__(self) -> bool:
-        return bool(self.omit or self.redact)
-
-
-# --- envelope rules ------------------------------------------------------------------------
-
-
-def read_only_reason(segments: tuple[ast.Segment, ...], src: str | None) -> str | None:
-    """Why writing at `segments` is refused, or None if it is allowed.
-
-    Read-only: `_txc` itself, `_txc.src`, `_txc.rid`, `_txc.route.*`, and `_txc.<src>.*`
-    except `_txc.<src>.res.*`. `src` is the envelope's `_txc.src`.
-    """
-    if not segments or segments[0] != "_txc":
-        return None
-    if len(segments) == 1:
-        return "_txc belongs to the engine and the source; write below it"
-    key = segments[1]
-    if key in READ_ONLY_TXC_KEYS:
-        return f"_txc.{key} is read-only"
-    if src is not None and key == src and (len(segments) == 2 or segments[2] != RESULT_KEY):
-        return f"_txc.{src} is stamped by the source and read-only, except _txc.{src}.{RESULT_KEY}"
-    return None
-
-
-def patch_read_only_reason(patch: Mapping[str, Any], src: str | None) -> str | None:
-    """Why a merge patch would change a read-only path, or None."""
-    txc = patch.get("_txc", MISSING)
-    if txc is MISSING:
-        return None
-    if not isinstance(txc, dict):
-        return "it would replace _txc, which belongs to the engine and the source"
-    for key, value in txc.items():
-        reason = read_only_reason(("_txc", key), src)
-        if reason is None:
-            continue
-        if key != src or not isinstance(value, dict):
-            return reason
-        for sub in value:
-            sub_reason = read_only_reason(("_txc", key, sub), src)
-            if sub_reason:
-                return sub_reason
-    return None
-
-
-def valid_code(code: object) -> bool:
-    """Whether `code` may stand as a verdict code: an int (not a bool) in 200-299 or 400-599."""
-    return (
-        isinstance(code, int)
-        and not isinstance(code, bool)
-        and (200 <= code <= 299 or 400 <= code <= 599)
-    )
-
-
-def verdict_problem(envelope: Any, src: str | None) -> str | None:
-    """What is wrong with `_txc.<src>.res` (codes must be ints in 2xx, 4xx or 5xx), or None."""
-    if src is None:
-        return None
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    section = txc.get(src) if isinstance(txc, dict) else None
-    res = section.get(RESULT_KEY, MISSING) if isinstance(section, dict) else MISSING
-    if res is MISSING or res is None:
-        return None
-    where = f"_txc.{src}.{RESULT_KEY}"
-    if not isinstance(res, dict):
-        return f"{where} must be an object with code/msg or recipients, not {to_json(res)!r}"
-    if "code" in res and not valid_code(res["code"]):
-        return f"invalid verdict {where}.code = {res['code']!r}: an integer in 200-299 or 400-599"
-    recipients = res.get("recipients", MISSING)
-    if recipients is MISSING or recipients is None:
-        return None
-    if not isinstance(recipients, list):
-        return f"{where}.recipients must be a list"
-    for i, slot in enumerate(recipients):
-        if isinstance(slot, dict) and "code" in slot and not valid_code(slot["code"]):
-            return (
-                f"invalid verdict {where}.recipients.{i}.code = {slot['code']!r}: "
-                "an integer in 200-299 or 400-599"
-            )
-    return None
-
-
-def _source_of(envelope: dict[str, Any]) -> str | None:
-    txc = envelope.get("_txc")
-    src = txc.get("src") if isinstance(txc, dict) else None
-    return src if isinstance(src, str) and src else None
-
-
-def _rid_of(envelope: dict[str, Any]) -> str:
-    txc = envelope.get("_txc")
-    rid = txc.get("rid") if isinstance(txc, dict) else None
-    return rid if isinstance(rid, str) else ""
-
-
-def _route_to(envelope: dict[str, Any]) -> Any:
-    txc = envelope.get("_txc")
-    route = txc.get("route") if isinstance(txc, dict) else None
-    return route.get("to", MISSING) if isinstance(route, dict) else MISSING
-
-
 @functools.cache
 def _default_registry() -> OpRegistry:
     return OpRegistry.default()
@@ -239,12 +107,12 @@ class _Failure(Exception):
 @dataclass(frozen=True, slots=True)
 class _RulePlan:
     """A rule as a stage runs it, with the records that do not depend on the envelope built
-    once: the Fired of a firing without captures, and the Step of each constant SET to a
-    place that was empty. They are frozen, so every run may share them."""
+    once: the Fired of a firing without captures, and the SetRecord of each constant SET to
+    a place that was empty. They are frozen, so every run may share them."""
 
     rule: CompiledRule
     fired: Fired  # with NO_CAPTURES
-    steps: tuple[tuple[SetStep | ExecStep, Step | None], ...]
+    steps: tuple[tuple[SetStep | ExecStep, SetRecord | None], ...]
 
     @classmethod
     def of(cls, rule: CompiledRule, stage: int) -> _RulePlan:
@@ -252,7 +120,7 @@ class _RulePlan:
         steps = tuple(
             (
                 step,
-                Step("set", stage, step.pos, step.target, "", {}, MISSING, step.constant)
+                SetRecord(stage, step.pos, step.target, MISSING, step.constant)
                 if isinstance(step, SetStep) and step.constant is not MISSING
                 else None,
             )
@@ -269,7 +137,7 @@ class Stack:
     name: str
     stages: tuple[Stage, ...]
     tenant: str = field(init=False)
-    hints: Hints = field(init=False)
+    hints: ScrubHints = field(init=False)
     ops_used: frozenset[str] = field(init=False)
     _plan: tuple[tuple[int, tuple[_RulePlan, ...]], ...] = field(
         init=False, repr=False, compare=False
@@ -283,9 +151,9 @@ class Stack:
         object.__setattr__(
             self,
             "hints",
-            Hints(
-                frozenset(p for r in rules for p in r.omit),
-                frozenset(p for r in rules for p in r.redact),
+            ScrubHints(
+                tuple(sorted({p for r in rules for p in r.omit})),
+                tuple(sorted({p for r in rules for p in r.redact})),
             ),
         )
         object.__setattr__(self, "ops_used", frozenset(op for r in rules for op in r.ops))
@@ -335,7 +203,7 @@ class Stack:
         env: dict[str, Any] = envelope
         pos: Pos | None = None
         try:
-            src = _source_of(env)
+            src = source_of(env)
             entry = self._entry_stage(env)
             for number, plans in self._plan:
                 if number < entry:
@@ -357,7 +225,7 @@ class Stack:
                     for step, written in plan.steps:
                         pos = step.pos
                         if step.__class__ is SetStep:
-                            env = _set(env, step, written, captures, src, number, steps)  # type: ignore[arg-type]
+                            env = _set(env, step, written, captures, src, number, steps)
                         else:
                             env = await self._exec(
                                 env,
@@ -386,7 +254,7 @@ class Stack:
         return StackResult(env, tuple(fired), tuple(steps), None, time.perf_counter() - started)
 
     def _entry_stage(self, env: dict[str, Any]) -> int:
-        to = _route_to(env)
+        to = route_to(env)
         if to is MISSING:
             return self.stages[0].number if self.stages else 0
         stack, _, stage = to.rpartition("/") if isinstance(to, str) else ("", "", "")
@@ -433,23 +301,10 @@ class Stack:
         reason = patch_read_only_reason(patch, src)
         if reason:
             raise _Failure(f"op {name}: {reason}", step.pos)
-        steps.append(
-            Step(
-                "exec",
-                stage,
-                step.pos,
-                None,
-                name,
-                args,
-                patch=patch,
-                executed=executed,
-                note=note,
-                elapsed_s=elapsed,
-            )
-        )
+        steps.append(ExecRecord(stage, step.pos, name, args, patch, executed, note, elapsed))
         if patch:
             env = merge_patch(env, patch)
-            txc = patch.get("_txc")
+            txc = patch.get(TXC)
             if src is not None and isinstance(txc, dict) and src in txc:
                 verdict = verdict_problem(env, src)
                 if verdict:
@@ -473,7 +328,7 @@ class Stack:
         ctx = OpContext(
             tenant=self.tenant,
             stack=self.name,
-            rid=_rid_of(env),
+            rid=rid_of(env),
             state_dir=policy.state_dir,
             deadline_s=deadline,
             op=name,
@@ -493,25 +348,23 @@ class Stack:
 def _set(
     env: dict[str, Any],
     step: SetStep,
-    written: Step | None,  # the record of this write to an empty place, if built once
+    written: SetRecord | None,  # the record of this write to an empty place, if built once
     captures: Captures,
     src: str | None,
     stage: int,
     steps: list[Step],
 ) -> dict[str, Any]:
     target = step.target
-    if target[0] == "_txc":
+    if target[0] == TXC:
         reason = read_only_reason(target, src)
         if reason:
             raise _Failure(f"SET {step.target_text}: {reason}", step.pos)
     value = step.value(env, captures)
     before = step.read(env)
-    # Step(...) with every field given in order: the generated __init__ is at its fastest.
+    # Records built with every field given in order: the generated __init__ is at its fastest.
     if value is MISSING:
         note = "value is missing: nothing written"
-        steps.append(
-            Step("set", stage, step.pos, target, "", {}, before, MISSING, None, False, note)
-        )
+        steps.append(SetRecord(stage, step.pos, target, before, MISSING, note))
         return env
     value = to_json(value)
     try:
@@ -521,8 +374,8 @@ def _set(
     if written is not None and before is MISSING:
         steps.append(written)
     else:
-        steps.append(Step("set", stage, step.pos, target, "", {}, before, value))
-    if src is not None and len(target) > 1 and target[0] == "_txc" and target[1] == src:
+        steps.append(SetRecord(stage, step.pos, target, before, value))
+    if src is not None and len(target) > 1 and target[0] == TXC and target[1] == src:
         problem = verdict_problem(env, src)
         if problem:
             raise _Failure(problem, step.pos)

@@ -14,13 +14,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from txcl.envelope import source_of
+from txcl.errors import Problem
+
 log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
     name: str
 
-    def replies(self, envelope: Mapping[str, Any], error: Any = None) -> list[tuple[str, str]]:
+    def replies(
+        self, envelope: Mapping[str, Any], error: Problem | None = None
+    ) -> list[tuple[str, str]]:
         """(recipient, reply line) per recipient of the envelope."""
         ...
 
@@ -44,6 +49,5 @@ def sources() -> Mapping[str, Source]:
 
 def source_for(envelope: Any) -> Source | None:
     """The source named by `_txc.src`, if one is installed."""
-    txc = envelope.get("_txc") if isinstance(envelope, dict) else None
-    src = txc.get("src") if isinstance(txc, dict) else None
-    return sources().get(src) if isinstance(src, str) else None
+    src = source_of(envelope)
+    return sources().get(src) if src is not None else None

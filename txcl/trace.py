@@ -35,7 +35,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from txcl import inputs
+from txcl.envelope import parse_path, path_text, result_of, route_of, source_of
 from txcl.errors import Pos, Problem
+from txcl.records import ExecRecord, ScrubHints, SetRecord, fired_json, step_json
 from txcl.values import MISSING
 
 log = logging.getLogger("txcl.trace")
@@ -74,30 +76,6 @@ Action = Literal["omit", "redact"]
 PathSegs = tuple[str | int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ScrubHints:
-    """The union of a stack's `WITH omit` and `WITH redact` paths (dotted full paths)."""
-
-    omit: tuple[str, ...] = ()
-    redact: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, hints: object) -> ScrubHints:
-        """From a Stack's `.hints`: a ScrubHints, an object or mapping with omit/redact, or None."""
-        if hints is None:
-            return cls()
-        if isinstance(hints, ScrubHints):
-            return hints
-        if isinstance(hints, Mapping):
-            omit, redact = hints.get("omit", ()), hints.get("redact", ())
-        else:
-            omit, redact = getattr(hints, "omit", ()), getattr(hints, "redact", ())
-        return cls(omit=_path_list(omit), redact=_path_list(redact))
-
-    def __bool__(self) -> bool:
-        return bool(self.omit or self.redact)
-
-
 @lru_cache(maxsize=1024)
 def _cached_hints(hints: object) -> ScrubHints:
     return ScrubHints.of(hints)
@@ -111,29 +89,14 @@ def _hints_of(hints: object) -> ScrubHints:
         return ScrubHints.of(hints)
 
 
-def _path_list(value: object) -> tuple[str, ...]:
-    """Accept a comma list string or any iterable of them; sorted, unique, stripped."""
-    items: Iterable[object] = [value] if isinstance(value, str) else (value or ())  # type: ignore[assignment]
-    out = {part.strip() for item in items for part in str(item).split(",") if part.strip()}
-    return tuple(sorted(out))
-
-
 def parse_hint_path(text: str) -> PathSegs:
     """`_txc.lmtp.msg.raw` -> ("_txc", "lmtp", "msg", "raw"). `@x` is `_txc.x`; digits index
-    lists; `"a.b"` quotes a key with dots; `*` matches any key or index."""
-    text = text.strip()
-    if text.startswith("@"):
-        text = "_txc." + text[1:]
-    segs: list[str | int] = []
-    for match in re.finditer(r'"((?:[^"\\]|\\.)*)"|([^.]+)', text):
-        quoted, bare = match.group(1), match.group(2)
-        if quoted is not None:
-            segs.append(json.loads(f'"{quoted}"'))
-        elif bare.isdigit():
-            segs.append(int(bare))
-        else:
-            segs.append(bare)
-    return tuple(segs)
+    lists; `"a.b"` quotes a key with dots; `*` matches any key or index. ValueError if
+    `text` is not a path (txcl.envelope.parse_path)."""
+    segments = parse_path(text, wildcards=True)
+    if segments is None:
+        raise ValueError(f"not a path: {text!r}")
+    return segments
 
 
 def _seg_matches(pattern: str | int, actual: str | int) -> bool:
@@ -348,7 +311,7 @@ def path_segments(value: Any) -> PathSegs | None:
 
 
 def dotted(segs: PathSegs) -> str:
-    return ".".join(f'"{s}"' if isinstance(s, str) and "." in s else str(s) for s in segs)
+    return path_text(segs)
 
 
 # Field names of a step, by how scrubbing treats them.
@@ -366,7 +329,7 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
     """One SET or EXEC step: values at its path are scrubbed by path, a patch by the
     envelope's paths, and everything else (op args, results) for copies of secrets."""
     raw = step if isinstance(step, Mapping) else None
-    doc = plain(step)
+    doc = step_json(step) if isinstance(step, SetRecord | ExecRecord) else plain(step)
     if not isinstance(doc, dict):
         return {"value": taint.clean(doc)}
     segs = None
@@ -419,25 +382,18 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _get(doc: Any, *segs: str) -> Any:
-    for seg in segs:
-        if not isinstance(doc, Mapping) or seg not in doc:
-            return None
-        doc = doc[seg]
-    return doc
-
-
 def build_artifacts(record: TraceRecord) -> dict[str, Any]:
     """The five JSON documents of a record, scrubbed. Pure: the record is not changed."""
     scrubber = scrubber_for(record.hints)
     result = record.result
     final = getattr(result, "envelope", None)
     taint = scrubber.taint(record.envelope, final) if scrubber else Taint()
-    src = _get(record.envelope, "_txc", "src") or ""
+    src = source_of(record.envelope) or ""
 
     envelope = taint.clean(scrubber.document(plain(record.envelope)))
     res_path: PathSegs = ("_txc", str(src), "res")
-    res = _get(final, *res_path) if final is not None else None
+    res = result_of(final, src) if final is not None and src else MISSING
+    res = None if res is MISSING else res
     res_clean = taint.clean(scrubber.at(res_path, plain(res))) if res is not None else None
 
     run_error = getattr(result, "error", None)
@@ -446,7 +402,7 @@ def build_artifacts(record: TraceRecord) -> dict[str, Any]:
         error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
     error_doc = taint.clean(error_doc)
 
-    fired = [taint.clean(plain(f)) for f in getattr(result, "fired", ()) or ()]
+    fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
     steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
 
     responses = []
@@ -460,7 +416,7 @@ def build_artifacts(record: TraceRecord) -> dict[str, Any]:
             r["line"] = REDACTED
 
     elapsed = getattr(result, "elapsed_s", None)
-    route = scrubber.at(("_txc", "route"), plain(_get(record.envelope, "_txc", "route")))
+    route = scrubber.at(("_txc", "route"), plain(route_of(record.envelope)))
     summary = {
         "rid": record.rid,
         "time": _iso(record.time),

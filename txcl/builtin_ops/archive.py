@@ -7,24 +7,19 @@ and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folde
 ARCHIVE is an async op whose disk work runs on the event loop, batched: the deliveries
 that reach it in one turn of the loop are written, then committed together by one call
 (`CommitQueue`): each file fsynced, renamed into new/, and new/ fsynced once for all.
-Handing each fsync to a worker thread cost more than the fsync: on the 2-core VM the
-benchmark runs on, ARCHIVE added ~1.1 ms of CPU per 1 KiB message that way (thread
-wake-ups, interpreter-lock hand-overs) and ~0.6 ms batched on the loop, of which the
-file's own system calls are ~0.2 ms. The loop waits through the batch's fsyncs instead;
-each file's write-back is started as it is written (`start_writeback`), so they go to the
-disk side by side, not one fsync after another. Messages over 256 KiB are written and
-fsynced in a worker thread, so that one large message does not hold the loop.
+Handing each fsync to a worker thread cost more CPU than the fsync itself (thread wake-ups,
+interpreter-lock hand-overs), so the loop waits through the batch's fsyncs instead; each
+file's write-back is started as it is written (`start_writeback`), so they go to the disk
+side by side, not one fsync after another. Messages over 256 KiB are written and fsynced
+in a worker thread, so that one large message does not hold the loop.
 
-This module also reads the raw message for the other built-ins: the bytes the source
-handed over with the call (`OpContext.message`; the LMTP head always does), else out of the
-envelope, where its source `_txc.src` names the place (`_txc.<src>.msg.raw`, `"b64:..."`),
-so nothing here knows which head delivered it.
+The raw message comes with the call or out of the envelope (`support.raw_base64`), so
+nothing here knows which head delivered it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import functools
@@ -38,7 +33,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.ops import Op, OpContext, OpFailure, StorageError
+from txcl.builtin_ops.support import fsync_dir, not_base64, raw_base64
+from txcl.envelope import SRC_KEY, TXC
+from txcl.ops import OpContext, OpReads, RegisteredOp, StorageError
 
 MAILDIR = "Maildir"
 SUBDIRS = ("tmp", "new", "cur")
@@ -60,44 +57,6 @@ DECODE_CHUNK = 4 * 2**18
 # rule arguments.
 _places: dict[tuple[Path | None, str, str, str], tuple[Path, Path]] = {}
 _PLACES_MAX = 4096
-
-
-def source_section(envelope: Mapping[str, Any], op: str) -> Mapping[str, Any]:
-    """`_txc.<src>`, the part of the envelope the source stamped; raises when absent."""
-    txc = envelope.get("_txc")
-    src = txc.get("src") if isinstance(txc, Mapping) else None
-    section = txc.get(src) if isinstance(src, str) and src else None
-    if not isinstance(section, Mapping):
-        raise OpFailure(f"{op}: the envelope names no source section (_txc.src and _txc.<src>)")
-    return section
-
-
-def raw_base64(envelope: Mapping[str, Any], op: str) -> str:
-    """`_txc.<src>.msg.raw` as it is, `"b64:..."`; raises when absent or of another form."""
-    msg = source_section(envelope, op).get("msg")
-    raw = msg.get("raw") if isinstance(msg, Mapping) else None
-    if not isinstance(raw, str) or not raw.startswith("b64:"):
-        src = envelope["_txc"]["src"]
-        raise OpFailure(f'{op}: the envelope has no raw message at _txc.{src}.msg.raw ("b64:...")')
-    return raw
-
-
-def raw_message(envelope: Mapping[str, Any], op: str, ctx: OpContext | None = None) -> bytes:
-    """The message exactly as it arrived: the bytes the source handed over with the call
-    (`ctx.message`), else `_txc.<src>.msg.raw` decoded from `"b64:..."`."""
-    if ctx is not None and ctx.message is not None:
-        return ctx.message
-    raw = raw_base64(envelope, op)
-    try:
-        return base64.b64decode(raw[4:], validate=True)
-    except binascii.Error as exc:
-        raise not_base64(envelope, op, exc) from None
-
-
-def not_base64(envelope: Mapping[str, Any], op: str, error: binascii.Error) -> OpFailure:
-    """The failure for a `_txc.<src>.msg.raw` that does not decode."""
-    src = envelope["_txc"]["src"]
-    return OpFailure(f"{op}: _txc.{src}.msg.raw is not valid base64: {error}")
 
 
 def write_base64(fd: int, text: str, start: int) -> int:
@@ -168,15 +127,6 @@ def unique_name() -> str:
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
     return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}.{_host_part()}"
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make the entries of a directory (a file created or renamed in it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CommitQueue:
@@ -310,8 +260,7 @@ async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple
     deliveries of this turn of the loop (`CommitQueue`); anything else is written and
     fsynced in a worker thread, which owns the file descriptor from then on.
     """
-    # Plain strings, not Path joins: this runs once per message, and pathlib's were about
-    # as much Python time as the rest of the op.
+    # Plain strings, not Path joins: this runs once per message.
     name = unique_name()
     tmp_path = f"{maildir}/tmp/{name}"
     new_dir = f"{maildir}/new"
@@ -343,9 +292,7 @@ def start_writeback(fd: int) -> None:
 
     On Linux, POSIX_FADV_DONTNEED starts write-back of the dirty pages (and drops the clean
     ones, which an archive does not read back). The file's data is then on its way to the
-    disk while the loop serves other sessions, and the commit's fsync waits for less: with
-    100 KiB messages a commit of five files or more held the loop 2.8-3.4 ms instead of
-    4.2-4.6 ms, as its files' data no longer went out one fsync after the other.
+    disk while the loop serves other sessions, and the commit's fsync waits for less.
     """
     if _fadvise is not None:
         with contextlib.suppress(OSError):
@@ -424,4 +371,5 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
     }
 
 
-OPS: dict[str, Op] = {"ARCHIVE": archive}
+# The raw message, and `_txc.src` to find it in the envelope when it does not come with the call.
+OP = RegisteredOp.builtin("ARCHIVE", archive, OpReads.only([(TXC, SRC_KEY)], message=True))

@@ -3,72 +3,21 @@
 The log is `events.jsonl` in the stack's storage. Each append is one write() on an
 O_APPEND descriptor under an exclusive flock, then fsync: lines from concurrent deliveries
 (threads, coroutines, processes) never interleave, and a returned offset is on disk.
-
-This module also owns the envelope-as-event document that WEBHOOK posts: raw message
-bytes and attachment content are left out unless a rule asks for them.
+The line is the envelope as an event (`support.event_json`, what WEBHOOK posts too).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.archive import fsync_dir
-from txcl.ops import Op, OpContext, OpFailure
+from txcl.builtin_ops.support import event_json, fsync_dir
+from txcl.ops import ANYTHING, OpContext, RegisteredOp
 
 EVENT_LOG = "events.jsonl"
-
-
-def flag_argument(args: Mapping[str, Any], op: str, name: str) -> bool:
-    """A boolean WITH argument, false when absent; anything but true/false is refused."""
-    value = args.get(name, False)
-    if not isinstance(value, bool):
-        raise OpFailure(f"{op}: {name} must be true or false, not {value!r}")
-    return value
-
-
-def event_document(
-    envelope: Mapping[str, Any], *, include_raw: bool, include_attachments: bool
-) -> Mapping[str, Any]:
-    """The envelope without `_txc.<src>.msg.raw` and attachment `content`, unless included.
-
-    Only the containers on the way to what is left out are copied; the envelope itself is
-    never changed.
-    """
-    txc = envelope.get("_txc")
-    src = txc.get("src") if isinstance(txc, Mapping) else None
-    section = txc.get(src) if isinstance(src, str) else None
-    msg = section.get("msg") if isinstance(section, Mapping) else None
-    if not isinstance(msg, Mapping) or (include_raw and include_attachments):
-        return envelope
-    slim = dict(msg)
-    if not include_raw:
-        slim.pop("raw", None)
-    attachments = msg.get("attachments")
-    if not include_attachments and isinstance(attachments, list):
-        slim["attachments"] = [
-            {k: v for k, v in a.items() if k != "content"} if isinstance(a, Mapping) else a
-            for a in attachments
-        ]
-    return {**envelope, "_txc": {**txc, src: {**section, "msg": slim}}}
-
-
-def event_json(envelope: Mapping[str, Any], args: Mapping[str, Any], op: str) -> bytes:
-    """The event document as compact UTF-8 JSON, honouring include_raw/include_attachments."""
-    document = event_document(
-        envelope,
-        include_raw=flag_argument(args, op, "include_raw"),
-        include_attachments=flag_argument(args, op, "include_attachments"),
-    )
-    try:
-        text = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise OpFailure(f"{op}: the envelope cannot be written as JSON: {exc}") from None
-    return text.encode("utf-8")
 
 
 def append_line(path: Path, line: bytes) -> int:
@@ -97,4 +46,4 @@ def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -
     return {"emit": {"log": str(log), "offset": offset}}
 
 
-OPS: dict[str, Op] = {"EMIT": emit}
+OP = RegisteredOp.builtin("EMIT", emit, ANYTHING)  # the whole envelope

@@ -13,9 +13,9 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from txcl.builtin_ops.archive import raw_message, source_section
-from txcl.builtin_ops.webhook import socket_deadline
-from txcl.ops import Op, OpContext, OpFailure
+from txcl.builtin_ops.support import raw_message, socket_deadline, source_section
+from txcl.envelope import ANY_SOURCE, SRC_KEY, TXC
+from txcl.ops import OpContext, OpFailure, OpReads, RegisteredOp
 
 DEFAULT_RELAY = "127.0.0.1:25"
 MAX_RECIPIENTS = 100
@@ -150,4 +150,9 @@ def forward(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
     return {"forward": {"relay": f"{host}:{port}", "from": sender, "to": to, "reply": reply}}
 
 
-OPS: dict[str, Op] = {"FORWARD": forward}
+# The raw message, and the envelope sender when no WITH from is given.
+OP = RegisteredOp.builtin(
+    "FORWARD",
+    forward,
+    OpReads.only([(TXC, SRC_KEY), (TXC, ANY_SOURCE, "mail", "from")], message=True),
+)

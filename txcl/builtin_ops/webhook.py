@@ -2,64 +2,23 @@
 
 Anything but a 2xx answer, a timeout or a connection error raises, so the run fails and
 the recipients are tempfailed: the sender's mail waits in Postfix until the hook works.
-
-This module also owns the deadline the network ops share: a socket timeout bounds each
-wait, and a watchdog shuts the socket down when the whole budget is spent, so a peer that
-trickles bytes cannot stretch a call past its deadline.
+The call is bounded by `support.socket_deadline`, as FORWARD's is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import socket
 import ssl
-import threading
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from txcl.builtin_ops.emit import event_json
-from txcl.ops import Op, OpContext, OpFailure
+from txcl.builtin_ops.support import event_json, socket_deadline
+from txcl.ops import ANYTHING, OpContext, OpFailure, RegisteredOp
 
 SCHEMES = frozenset({"http", "https"})
 USER_AGENT = "txcl-webhook/1"
-
-
-@dataclass(frozen=True, slots=True)
-class Deadline:
-    """When a network op's budget ends; `fired` is set once the watchdog has cut the socket."""
-
-    at: float
-    fired: threading.Event
-
-    def passed(self) -> bool:
-        return self.fired.is_set() or time.monotonic() >= self.at
-
-
-@contextlib.contextmanager
-def socket_deadline(
-    seconds: float, current_socket: Callable[[], socket.socket | None]
-) -> Iterator[Deadline]:
-    """Shut the current socket down after `seconds`, ending any read or write blocked on it."""
-    deadline = Deadline(time.monotonic() + seconds, threading.Event())
-
-    def expire() -> None:
-        deadline.fired.set()
-        sock = current_socket()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    watchdog = threading.Timer(seconds, expire)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield deadline
-    finally:
-        watchdog.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,4 +99,4 @@ def webhook(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
     return {"webhook": {"status": status}}
 
 
-OPS: dict[str, Op] = {"WEBHOOK": webhook}
+OP = RegisteredOp.builtin("WEBHOOK", webhook, ANYTHING)  # the whole envelope
