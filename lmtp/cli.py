@@ -166,8 +166,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = parse_positive_int(args.workers, "--workers")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s txco %(levelname)s %(message)s")
-    # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
     # Two lines per delivery: skip the record fields the format never shows (the logging
     # docs' "Optimization" section): caller frame lookup, thread, process names.
     logging._srcfile = None

@@ -38,7 +38,7 @@ from lmtp.config import (
 )
 from lmtp.delivery import Deliverer
 from lmtp.routing import Router
-from lmtp.server import DeliveryHandler
+from lmtp.session import Envelope, Session, accept_recipient, deliver_envelope
 from txcl.errors import Pos, Problem, TxclError
 from txcl.loader import load_tree, no_cyclic_gc
 from txcl.ops import OpRegistry
@@ -463,28 +463,25 @@ class ReloadingHandler:
     make_transaction: Callable[..., Any]
     listener: str = LISTENER_NAME
 
-    def runtime_of(self, envelope: Any) -> Runtime:
-        runtime = getattr(envelope, "runtime", None)
+    def runtime_of(self, envelope: Envelope) -> Runtime:
+        runtime: Runtime | None = getattr(envelope, "runtime", None)
         if runtime is None:
             runtime = self.holder.current
             envelope.runtime = runtime
         return runtime
 
-    def _handler(self, envelope: Any) -> DeliveryHandler:
-        runtime = self.runtime_of(envelope)
-        return DeliveryHandler(
-            runtime.router, runtime.deliverer, self.make_transaction, self.listener
-        )
-
     async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+        self, server: Any, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
     ) -> str:
-        return await self._handler(envelope).handle_RCPT(
-            server, session, envelope, address, rcpt_options
-        )
+        router = self.runtime_of(envelope).router
+        return accept_recipient(router, self.listener, envelope, address)
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> list[str]:
-        return await self._handler(envelope).handle_DATA(server, session, envelope)
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> list[str]:
+        deliverer = self.runtime_of(envelope).deliverer
+        return await deliver_envelope(
+            deliverer, self.make_transaction, self.listener, session, envelope
+        )
 
 
 # --- `txco status` ---------------------------------------------------------------------------

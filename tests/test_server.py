@@ -23,19 +23,14 @@ from aiosmtpd.lmtp import LMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtp import server as server_module
+from lmtp import wire
 from lmtp.config import IngressConfig, Settings, Target, parse_listen_addrs
 from lmtp.delivery import Transaction
+from lmtp.listeners import ListenError, bind_listeners, close_listeners
 from lmtp.routing import Router
-from lmtp.server import (
-    DataDecoder,
-    DeliveryHandler,
-    ListenError,
-    LMTPHead,
-    bind_listeners,
-    close_listeners,
-    decode_data,
-)
+from lmtp.server import LMTPHead
+from lmtp.session import DeliveryHandler
+from lmtp.wire import DataDecoder, decode_data
 
 HOSTNAME = "lmtp.test.example"
 INGRESS = IngressConfig(
@@ -165,7 +160,7 @@ def test_a_size_hint_changes_nothing_but_the_allocation(
     stream = stuff(message) + b"NOOP\r\n"
     plain, plain_rest = feed_in_chunks(stream, sizes, max_bytes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 0)  # small hints count too
+        patch.setattr(wire, "PREALLOCATE_FROM_BYTES", 0)  # small hints count too
         hinted, hinted_rest = feed_in_chunks(stream, sizes, max_bytes, size_hint=hint)
     assert (hinted.done, hinted.too_large, hinted.size) == (plain.done, plain.too_large, plain.size)
     assert hinted.message() == plain.message()
@@ -176,9 +171,9 @@ def test_buffers_allocated_ahead_of_their_data_stay_within_the_budget(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that declares SIZE=<limit> and sends nothing cannot make a worker hold
     more than the budget: past it, buffers grow with the data as without a hint."""
-    monkeypatch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 1000)
-    monkeypatch.setattr(server_module, "PREALLOCATE_BUDGET_BYTES", 250_000)
-    budget = server_module._preallocated
+    monkeypatch.setattr(wire, "PREALLOCATE_FROM_BYTES", 1000)
+    monkeypatch.setattr(wire, "PREALLOCATE_BUDGET_BYTES", 250_000)
+    budget = wire._preallocated
     before = budget.held
     first = DataDecoder(10**6, size_hint=50_000)  # a buffer of ~119,000 bytes each
     second = DataDecoder(10**6, size_hint=50_000)
