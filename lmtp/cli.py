@@ -101,6 +101,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
+    parser.add_argument("--lmtp-max-connections", default="500", metavar="N",
+                        help="open LMTP connections per process; more get 421 (default: 500)")
+    parser.add_argument("--lmtp-max-connections-per-ip", default="100", metavar="N",
+                        help="of those, from one client address (default: 100)")
+    parser.add_argument("--lmtp-max-commands", default="1000", metavar="N",
+                        help="commands a session may send between deliveries; then 421 "
+                        "(default: 1000)")
     parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
                         help="greeting hostname (default: this host's name)")
     _add_routing_flags(parser)
@@ -132,6 +139,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             lmtp_read_timeout=parse_duration(args.lmtp_read_timeout, "--lmtp-read-timeout"),
             lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
             lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
+            lmtp_max_connections=parse_positive_int(args.lmtp_max_connections,
+                                                    "--lmtp-max-connections"),
+            lmtp_max_connections_per_ip=parse_positive_int(args.lmtp_max_connections_per_ip,
+                                                           "--lmtp-max-connections-per-ip"),
+            lmtp_max_commands=parse_positive_int(args.lmtp_max_commands, "--lmtp-max-commands"),
             ops_dir=Path(args.ops),
         )
         if args.lmtp_hostname:

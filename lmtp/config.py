@@ -125,6 +125,10 @@ class Settings:
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
     lmtp_hostname: str = field(default_factory=socket.gethostname)
+    # Not in the seed: limits on clients (docs/lmtp.md, "Limits, timeouts and the replies").
+    lmtp_max_connections: int = 500
+    lmtp_max_connections_per_ip: int = 100
+    lmtp_max_commands: int = 1000
     lmtp_default_hosts: tuple[str, ...] = ()
     require_hostname_verification: bool = False
     ops_dir: Path = Path("OPS")

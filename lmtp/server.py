@@ -14,12 +14,13 @@ import contextlib
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Sequence
 
-from lmtp.balance import BalancedAcceptor, WorkerSlot
+from lmtp.balance import BalancedAcceptor, RepeatedLog, WorkerSlot
 from lmtp.config import Settings
 from lmtp.listeners import BoundListener, ListenError, bind_address, bind_listeners, close_listeners
-from lmtp.session import DeliveryHandler, Handler, LMTPSession
+from lmtp.session import DeliveryHandler, Handler, LMTPSession, client_ip
 
 __all__ = ["BoundListener", "DeliveryHandler", "LMTPHead", "ListenError", "bind_listeners",
            "close_listeners"]
@@ -47,6 +48,8 @@ class LMTPHead:
         self._owned: list[BoundListener] = []  # bound here: closed and unlinked here
         self._acceptors: list[BalancedAcceptor] = []
         self._connecting: set[asyncio.Task[None]] = set()
+        self._per_address: Counter[str] = Counter()  # TCP clients' sessions by address
+        self._refusals = RepeatedLog()
 
     # --- the sessions (lmtp.session.SessionRegistry) -------------------------------------
 
@@ -54,6 +57,7 @@ class LMTPHead:
         self.sessions.add(session)  # published when its setup ends (_connect)
 
     def closed(self, session: LMTPSession) -> None:
+        self._forget_address(client_ip(session.session.peer))
         self.sessions.discard(session)
         self.sessions_changed()
         if not self.sessions:
@@ -102,11 +106,40 @@ class LMTPHead:
         self.bound.extend(listener.names())
 
     def _accepted(self, conn: socket.socket) -> None:
-        task = asyncio.get_running_loop().create_task(self._connect(conn))
+        address = _peer_address(conn)
+        refusal = self._over_a_limit(address)
+        if refusal is not None:
+            self._refusals.error("lmtp: refused a connection from %s: %s", address, refusal)
+            with contextlib.suppress(OSError):
+                conn.send(f"421 4.7.0 {self.settings.lmtp_hostname} {refusal}, "
+                          f"try again later\r\n".encode())
+            conn.close()
+            return
+        if address != "unix":
+            self._per_address[address] += 1
+        task = asyncio.get_running_loop().create_task(self._connect(conn, address))
         self._connecting.add(task)
         self.sessions_changed()
 
-    async def _connect(self, conn: socket.socket) -> None:
+    def _over_a_limit(self, address: str) -> str | None:
+        """Why a new connection from `address` is refused (--lmtp-max-connections and
+        --lmtp-max-connections-per-ip), or None. Unix-socket clients have no address: only
+        the total counts for them."""
+        settings = self.settings
+        if len(self.sessions) + len(self._connecting) >= settings.lmtp_max_connections:
+            return "too many connections"
+        if address != "unix" and \
+                self._per_address[address] >= settings.lmtp_max_connections_per_ip:
+            return "too many connections from your address"
+        return None
+
+    def _forget_address(self, address: str) -> None:
+        if address != "unix":
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+
+    async def _connect(self, conn: socket.socket, address: str) -> None:
         loop = asyncio.get_running_loop()
         handler = self.handler
         assert handler is not None, "a head that accepts connections needs a handler"
@@ -116,6 +149,7 @@ class LMTPHead:
         except OSError as err:  # the client left before the transport was set up
             log.info("lmtp: connection lost while being set up: %s", err)
             conn.close()
+            self._forget_address(address)
         finally:
             self._connecting.discard(asyncio.current_task())
             self.sessions_changed()
@@ -136,3 +170,11 @@ class LMTPHead:
         close_listeners(self._owned)
         self._owned.clear()
         self._acceptors.clear()
+
+
+def _peer_address(conn: socket.socket) -> str:
+    """The client's IP address; "unix" for a Unix-socket client (or one already gone)."""
+    try:
+        return client_ip(conn.getpeername())
+    except OSError:
+        return "unix"

@@ -182,6 +182,7 @@ class LMTPSession(asyncio.Protocol):
         self._waiting_for_command = False
         self._closing = False
         self._quit = False
+        self._commands = 0  # since the session began or its last delivery
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time when the current timeout runs out
         self._timer: asyncio.TimerHandle | None = None
@@ -351,6 +352,11 @@ class LMTPSession(asyncio.Protocol):
                 line = await self._read_line()
                 if line is None:
                     break
+                self._commands += 1
+                if self._commands > self.settings.lmtp_max_commands:
+                    self._reply(f"421 4.7.0 {self.hostname} too many commands, closing")
+                    self._quit = True
+                    break
                 await self._dispatch(line)
             if self._closing and not self._quit:
                 self._reply(f"421 4.3.2 {self.hostname} shutting down")
@@ -489,6 +495,7 @@ class LMTPSession(asyncio.Protocol):
             envelope.content = decoder.message()
             replies = await self._deliver(count)
         self.envelope = Envelope()
+        self._commands = 0
         for line in replies:
             self._reply(line)
         log.info("lmtp delivery client=%s from=<%s> rcpts=%d size=%d replies=%s %.0fms",
