@@ -40,14 +40,18 @@ R_NO_RULE = "550 5.1.1 no rule accepted this recipient"
 R_TOO_MANY_RCPTS = "452 4.5.3 too many recipients"
 R_LINE_TOO_LONG = "500 5.5.2 line too long (a command line is at most 512 octets)"
 R_OK = "250 2.0.0 OK"
+R_NEEDS_SMTPUTF8 = "553 5.6.7 non-ASCII address: MAIL FROM must give SMTPUTF8"
 R_DELIVERY_FAILED = "451 4.3.0 delivery failed, try again later"
 
 _REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
 # RFC 5321 4.1.2 Path (source routes dropped): a Dot-string or Quoted-string local part,
-# then a domain or an address literal. Quoted strings hold printable ASCII only.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[ !#-\[\]-~]|\\[ -~])*")'
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+# then a domain or an address literal; RFC 6531 adds UTF-8 characters to atoms, quoted
+# strings and domain labels. Never a control character: they cannot reach a log.
+_UTF8 = r"[^\x00-\x9f\s\u2028\u2029\ud800-\udfff]"
+_ATOM = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]|{_UTF8})+"
+_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[ !#-\[\]-~]|{_UTF8}|\\[ -~])*")'
+_LETTER = rf"(?:[A-Za-z0-9_]|{_UTF8})"
+_LABEL = rf"{_LETTER}(?:(?:[A-Za-z0-9_-]|{_UTF8})*{_LETTER})?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _LITERAL = r"\[[!-Z^-~]+\]"
 _PATH = re.compile(
@@ -76,6 +80,7 @@ class Envelope:
 
     mail_from: str | None = None
     declared_size: int | None = None
+    smtputf8: bool = False  # MAIL FROM gave SMTPUTF8: addresses may be UTF-8 (RFC 6531)
     rcpt_tos: list[str] = field(default_factory=list)
     routes: list[Any] = field(default_factory=list)
     content: bytes = b""
@@ -371,15 +376,17 @@ class LMTPSession(asyncio.Protocol):
             self._reply(R_LINE_TOO_LONG)
             return
         verb_bytes, _, arg_bytes = line.partition(b" ")
-        try:
-            verb = verb_bytes.decode("ascii").upper()
-            arg = arg_bytes.decode("ascii").strip()
-        except UnicodeDecodeError:
-            if verb_bytes.upper() in (b"MAIL", b"RCPT"):
-                self._reply("553 5.6.7 non-ASCII address: this server does not offer SMTPUTF8")
-            else:
+        if not line.isascii():
+            if verb_bytes.upper() not in (b"MAIL", b"RCPT"):
                 self._reply("500 5.5.2 syntax error: non-ASCII command")
-            return
+                return
+            try:  # RFC 6531: UTF-8 addresses (MAIL and RCPT check that SMTPUTF8 was given)
+                arg_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                self._reply("501 5.5.4 syntax error: an address that is not UTF-8")
+                return
+        verb = verb_bytes.decode("ascii").upper()
+        arg = arg_bytes.decode("utf-8").strip()
         if len(line) > MAX_COMMAND_LINE and verb != "MAIL":
             self._reply(R_LINE_TOO_LONG)
             return
@@ -407,7 +414,7 @@ class LMTPSession(asyncio.Protocol):
         self.envelope = Envelope()
         self.session.host_name = arg
         for line in (f"250-{self.hostname}", "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
-                     "250-8BITMIME", f"250 SIZE {self.settings.lmtp_max_msg_bytes}"):
+                     "250-8BITMIME", "250-SMTPUTF8", f"250 SIZE {self.settings.lmtp_max_msg_bytes}"):
             self._reply(line)
 
     async def helo(self, arg: str) -> None:
@@ -423,10 +430,12 @@ class LMTPSession(asyncio.Protocol):
         rest = _after_keyword("FROM:", arg)
         parsed = None if rest is None else _path(rest, null_ok=True)
         if parsed is None:
-            self._reply("501 5.5.4 syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+            self._reply("501 5.5.4 syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] "
+                        "[SMTPUTF8]")
             return
         address, params = parsed
         size: int | None = None
+        smtputf8 = False
         for param in params:
             key, _, value = param.partition("=")
             key = key.upper()
@@ -434,14 +443,20 @@ class LMTPSession(asyncio.Protocol):
                 size = int(value)
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
                 continue
+            elif key == "SMTPUTF8" and param.upper() == "SMTPUTF8":
+                smtputf8 = True
             else:
                 self._reply(f"555 5.5.4 MAIL FROM parameter not supported: {printable(param, 40)}")
                 return
+        if not (smtputf8 or address.isascii()):
+            self._reply(R_NEEDS_SMTPUTF8)
+            return
         if size is not None and size > self.settings.lmtp_max_msg_bytes:
             self._reply(f"{R_TOO_LARGE} (limit {self.settings.lmtp_max_msg_bytes} bytes)")
             return
         self.envelope.mail_from = address
         self.envelope.declared_size = size
+        self.envelope.smtputf8 = smtputf8
         self._reply("250 2.1.0 OK")
 
     async def rcpt(self, arg: str) -> None:
@@ -454,6 +469,9 @@ class LMTPSession(asyncio.Protocol):
             self._reply("501 5.5.4 syntax: RCPT TO:<address>")
             return
         address, params = parsed
+        if not (self.envelope.smtputf8 or address.isascii()):
+            self._reply(R_NEEDS_SMTPUTF8)
+            return
         if params:
             self._reply(f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}")
             return

@@ -304,7 +304,8 @@ def test_greeting_names_the_host_and_lmtp(server: RunningHead) -> None:
 def test_lhlo_lists_exactly_the_extensions_we_implement(server: RunningHead) -> None:
     with server.client() as client:
         assert client.ehlo("client.example") == (
-            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSIZE 26214400".encode())
+            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8\n"
+                 f"SIZE 26214400".encode())
 
 
 @pytest.mark.parametrize("verb", ["HELO", "EHLO"])
@@ -463,10 +464,10 @@ def test_several_transactions_and_rset_on_one_connection(server: RunningHead) ->
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com>", "MAIL FROM:<b@example.com>"],
                  (503, b"5.5.1 sender already given (RSET to start over)"), id="nested mail"),
     pytest.param(["LHLO c", "MAIL FROM:a@"], (501, b"5.5.4 syntax: MAIL FROM:<address> "
-                                                   b"[SIZE=n] [BODY=7BIT|8BITMIME]"),
+                                                   b"[SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]"),
                  id="bad address"),
-    pytest.param(["LHLO c", "MAIL FROM:<a@example.com> SMTPUTF8"],
-                 (555, b"5.5.4 MAIL FROM parameter not supported: SMTPUTF8"), id="unknown param"),
+    pytest.param(["LHLO c", "MAIL FROM:<a@example.com> RET=FULL"],
+                 (555, b"5.5.4 MAIL FROM parameter not supported: RET=FULL"), id="unknown param"),
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com>", "RCPT TO:<>"],
                  (501, b"5.5.4 syntax: RCPT TO:<address>"), id="null recipient"),
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com> SIZE=999999999"],
@@ -492,10 +493,31 @@ def test_a_very_long_line_is_refused_without_buffering_it(server: RunningHead) -
 
 
 def test_non_ascii_address_without_smtputf8_is_refused(server: RunningHead) -> None:
+    refused = b"553 5.6.7 non-ASCII address: MAIL FROM must give SMTPUTF8"
     with server.raw() as sock:
-        sock.sendall("LHLO c\r\nMAIL FROM:<jörg@example.com>\r\n".encode())
-        assert read_replies(sock, 2)[1] == (
-            b"553 5.6.7 non-ASCII address: this server does not offer SMTPUTF8")
+        sock.sendall("LHLO c\r\nMAIL FROM:<jörg@example.com>\r\nMAIL FROM:<a@example.com>\r\n"
+                     "RCPT TO:<jöse@acme.example>\r\nRCPT TO:<b@acme.example>\r\n".encode())
+        assert read_replies(sock, 5)[1:] == [refused, b"250 2.1.0 OK", refused, b"250 2.1.5 OK"]
+
+
+def test_utf8_addresses_with_smtputf8_are_accepted_and_delivered_as_text(
+        server: RunningHead) -> None:
+    with server.raw() as sock:
+        sock.sendall("LHLO c\r\nMAIL FROM:<josé@example.com> SMTPUTF8\r\n"
+                     "RCPT TO:<jöse@acme.example>\r\nRCPT TO:<\"jö se\"@acme.example>\r\n"
+                     "DATA\r\n".encode())
+        assert [r[:3] for r in read_replies(sock, 5)] == [b"250"] * 4 + [b"354"]
+        sock.sendall("Subject: grüße\r\n\r\nhi\r\n.\r\n".encode())
+        assert read_replies(sock, 2) == [b"250 2.0.0 queued"] * 2
+    [tx] = server.deliverer.transactions
+    assert (tx.mail_from, tx.rcpts) == ("josé@example.com",
+                                        ("jöse@acme.example", '"jö se"@acme.example'))
+
+
+def test_an_address_that_is_not_utf8_is_a_syntax_error(server: RunningHead) -> None:
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<j\xf6rg@example.com> SMTPUTF8\r\n")
+        assert read_replies(sock, 2)[1] == b"501 5.5.4 syntax error: an address that is not UTF-8"
 
 
 def test_too_many_recipients(start_head: Callable[..., RunningHead]) -> None:
