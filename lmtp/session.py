@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lmtp.config import LISTENER_NAME, Settings
-from lmtp.wire import MAX_COMMAND_LINE, DataDecoder, TooLong, printable, take_line
+from lmtp.wire import (
+    MAX_COMMAND_LINE,
+    ChunkedMessage,
+    ChunkReader,
+    DataDecoder,
+    Sink,
+    TooLong,
+    printable,
+    take_line,
+)
 
 log = logging.getLogger("txco.lmtp")
 
@@ -44,6 +53,7 @@ R_NEEDS_SMTPUTF8 = "553 5.6.7 non-ASCII address: MAIL FROM must give SMTPUTF8"
 R_DELIVERY_FAILED = "451 4.3.0 delivery failed, try again later"
 
 _REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
+_BDAT = re.compile(r"(\d{1,18})(?: +(LAST))? *\Z", re.IGNORECASE)
 # RFC 5321 4.1.2 Path (source routes dropped): a Dot-string or Quoted-string local part,
 # then a domain or an address literal; RFC 6531 adds UTF-8 characters to atoms, quoted
 # strings and domain labels. Never a control character: they cannot reach a log.
@@ -84,6 +94,7 @@ class Envelope:
     rcpt_tos: list[str] = field(default_factory=list)
     routes: list[Any] = field(default_factory=list)
     content: bytes = b""
+    chunks: ChunkedMessage | None = None  # what BDAT chunks (RFC 3030) have brought so far
     runtime: Any = None  # the rules version a handler chose for this transaction (lmtp.reload)
 
 
@@ -178,7 +189,7 @@ class LMTPSession(asyncio.Protocol):
         self._inbuf = bytearray()
         self._dropping_line = False
         self._input_waiter: asyncio.Future[None] | None = None
-        self._decoder: DataDecoder | None = None
+        self._decoder: Sink | None = None
         self._eof = False
         self._reading_paused = False
         self._writing_paused = False
@@ -414,7 +425,7 @@ class LMTPSession(asyncio.Protocol):
         self.envelope = Envelope()
         self.session.host_name = arg
         for line in (f"250-{self.hostname}", "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
-                     "250-8BITMIME", "250-SMTPUTF8", f"250 SIZE {self.settings.lmtp_max_msg_bytes}"):
+                     "250-8BITMIME", "250-SMTPUTF8", "250-CHUNKING", f"250 SIZE {self.settings.lmtp_max_msg_bytes}"):
             self._reply(line)
 
     async def helo(self, arg: str) -> None:
@@ -489,6 +500,9 @@ class LMTPSession(asyncio.Protocol):
         if self.envelope.mail_from is None:
             self._reply("503 5.5.1 need MAIL before DATA")
             return
+        if self.envelope.chunks is not None:
+            self._reply("503 5.5.1 DATA after BDAT (RSET to start over)")
+            return
         if not self.envelope.rcpt_tos:
             self._reply("503 5.5.1 no valid recipients")
             return
@@ -496,21 +510,76 @@ class LMTPSession(asyncio.Protocol):
             self._reply("501 5.5.4 syntax: DATA")
             return
         self._reply("354 2.0.0 send the message, end with <CRLF>.<CRLF>")
+        started = time.monotonic()
+        decoder = DataDecoder(self.settings.lmtp_max_msg_bytes, self.envelope.declared_size)
+        if not await self._read_into(decoder):
+            return
+        content = b"" if decoder.too_large else decoder.message()
+        await self._finish(decoder.too_large, content, decoder.size, started)
+
+    async def bdat(self, arg: str) -> None:
+        """RFC 3030 with RFC 2033: each chunk but the last gets one 250; the LAST one, one
+        reply per accepted recipient, as DATA. The chunk's bytes are read (or, after an
+        error, skipped) whatever the reply, so they are never taken for commands."""
+        match = _BDAT.match(arg)
+        if match is None:
+            self._reply("501 5.5.4 syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(match.group(1)), match.group(2) is not None
+        started = time.monotonic()
+        envelope = self.envelope
+        refusal = None
+        if envelope.mail_from is None:
+            refusal = "503 5.5.1 need MAIL before BDAT"
+        elif not envelope.rcpt_tos:
+            refusal = "503 5.5.1 no valid recipients"
+        chunks = envelope.chunks
+        if chunks is None:
+            chunks = ChunkedMessage(self.settings.lmtp_max_msg_bytes)
+            if refusal is None:
+                envelope.chunks = chunks
+        if not await self._read_into(ChunkReader(size, chunks)):
+            return
+        if refusal is not None:
+            self._reply(refusal)
+        elif not last:
+            self._reply(R_TOO_LARGE if chunks.too_large else f"250 2.0.0 {size} octets received")
+        else:
+            content = b"" if chunks.too_large else chunks.message()
+            await self._finish(chunks.too_large, content, chunks.size, started)
+
+    async def _read_into(self, sink: Sink) -> bool:
+        """Feed the message bytes to `sink` until it is done (True), within
+        --lmtp-data-timeout; False when the client goes first."""
         self._timeout_reply = (f"421 4.4.2 {self.hostname} message not received within "
                                f"{seconds(self.settings.lmtp_data_timeout)}, closing")
         self._start_timeout(self.settings.lmtp_data_timeout)
-        started = time.monotonic()
-        decoder = await self._read_message()
-        if decoder is None:
-            return
+        if self._inbuf and not sink.done:
+            chunk = bytes(self._inbuf)
+            self._inbuf.clear()
+            used = sink.feed(chunk)
+            if used >= 0:
+                self._inbuf += memoryview(chunk)[used:]
+        self._decoder = sink
+        try:
+            while not sink.done and not self._eof:
+                await self._wait_for_input()
+        finally:
+            self._decoder = None
+        if not sink.done:
+            return False
         self._stop_timeout()
         self._timeout_reply = self._read_timeout_reply()
+        return True
+
+    async def _finish(self, too_large: bool, content: bytes, size: int, started: float) -> None:
+        """The end of a message: one reply per accepted recipient, a new transaction."""
         envelope = self.envelope
         count = len(envelope.rcpt_tos)
-        if decoder.too_large:
+        if too_large:
             replies = [R_TOO_LARGE] * count
         else:
-            envelope.content = decoder.message()
+            envelope.content = content
             replies = await self._deliver(count)
         self.envelope = Envelope()
         self._commands = 0
@@ -518,25 +587,8 @@ class LMTPSession(asyncio.Protocol):
             self._reply(line)
         log.info("lmtp delivery client=%s from=<%s> rcpts=%d size=%d replies=%s %.0fms",
                  client_ip(self.session.peer), printable(envelope.mail_from or "", 256), count,
-                 decoder.size, ",".join(line[:3] for line in replies),
+                 size, ",".join(line[:3] for line in replies),
                  (time.monotonic() - started) * 1000)
-
-    async def _read_message(self) -> DataDecoder | None:
-        decoder = DataDecoder(self.settings.lmtp_max_msg_bytes, self.envelope.declared_size)
-        if self._inbuf:
-            chunk = bytes(self._inbuf)
-            self._inbuf.clear()
-            used = decoder.feed(chunk)
-            if used >= 0:
-                self._inbuf += memoryview(chunk)[used:]
-                return decoder
-        self._decoder = decoder
-        try:
-            while not decoder.done and not self._eof:
-                await self._wait_for_input()
-        finally:
-            self._decoder = None
-        return decoder if decoder.done else None
 
     async def _deliver(self, count: int) -> list[str]:
         timeout = self.settings.lmtp_resp_timeout
@@ -570,7 +622,7 @@ class LMTPSession(asyncio.Protocol):
         self._reply("252 2.5.0 cannot VRFY, but will take the message and try delivery")
 
     async def help(self, arg: str) -> None:
-        self._reply("214 2.0.0 commands: LHLO MAIL RCPT DATA RSET NOOP VRFY QUIT")
+        self._reply("214 2.0.0 commands: LHLO MAIL RCPT DATA BDAT RSET NOOP VRFY QUIT")
 
     async def quit(self, arg: str) -> None:
         self._reply(f"221 2.0.0 {self.hostname} closing")
@@ -603,6 +655,7 @@ _COMMANDS: dict[str, Callable[[LMTPSession, str], Awaitable[None]]] = {
     "MAIL": LMTPSession.mail,
     "RCPT": LMTPSession.rcpt,
     "DATA": LMTPSession.data,
+    "BDAT": LMTPSession.bdat,
     "RSET": LMTPSession.rset,
     "NOOP": LMTPSession.noop,
     "VRFY": LMTPSession.vrfy,

@@ -5,6 +5,7 @@ Nothing here knows the protocol's state: `lmtp.session` drives these pieces.
 - `take_line` cuts the next command line out of the input buffer, refusing over-long ones
   without keeping them.
 - `DataDecoder` turns the DATA byte stream, fed in chunks of any size, into the message.
+- `ChunkReader` takes the exact byte count of one BDAT chunk (RFC 3030) into `ChunkedMessage`.
 - `printable` makes client text safe to echo in a reply or write to a log.
 """
 
@@ -14,6 +15,7 @@ import io
 import re
 import weakref
 from collections.abc import Iterator
+from typing import Protocol
 
 # RFC 5321 4.5.3.1.4: 512 octets per command line; SIZE= and BODY= may lengthen MAIL.
 MAX_COMMAND_LINE = 512
@@ -214,3 +216,60 @@ def decode_data(stream: bytes, max_bytes: int = 1 << 62) -> tuple[bytes, bytes] 
     return decoder.message(), stream[used:]
 
 
+
+
+class Sink(Protocol):
+    """Where message bytes go straight from the socket (DataDecoder, ChunkReader)."""
+
+    done: bool
+
+    def feed(self, chunk: bytes) -> int:
+        """-1: more is wanted; else how many bytes of `chunk` were taken (the rest is the
+        client's next command)."""
+        ...
+
+
+class ChunkedMessage:
+    """The message BDAT chunks add up to. Over `max_bytes` it is dropped at once and the
+    rest only counted, so memory stays bounded by the limit whatever the client sends."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.too_large = False
+        self._out = io.BytesIO()
+
+    def reserve(self, size: int) -> None:
+        """Count the next chunk's `size` bytes, before they arrive."""
+        self.size += size
+        if self.size > self.max_bytes and not self.too_large:
+            self.too_large = True
+            self._out = io.BytesIO()
+
+    def write(self, data: memoryview) -> None:
+        if not self.too_large:
+            self._out.write(data)
+
+    def message(self) -> bytes:
+        data = self._out.getvalue()
+        self._out = io.BytesIO()
+        return data
+
+
+class ChunkReader:
+    """Exactly `size` bytes of one BDAT chunk, fed in pieces of any size, into `message`."""
+
+    def __init__(self, size: int, message: ChunkedMessage) -> None:
+        message.reserve(size)
+        self.remaining = size
+        self.message = message
+        self.done = size == 0
+
+    def feed(self, chunk: bytes) -> int:
+        take = min(len(chunk), self.remaining)
+        self.message.write(memoryview(chunk)[:take])
+        self.remaining -= take
+        if self.remaining:
+            return -1
+        self.done = True
+        return take

@@ -304,7 +304,7 @@ def test_greeting_names_the_host_and_lmtp(server: RunningHead) -> None:
 def test_lhlo_lists_exactly_the_extensions_we_implement(server: RunningHead) -> None:
     with server.client() as client:
         assert client.ehlo("client.example") == (
-            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8\n"
+            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8\nCHUNKING\n"
                  f"SIZE 26214400".encode())
 
 
