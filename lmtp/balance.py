@@ -2,10 +2,9 @@
 
 Every worker waits on the same listening sockets and the kernel wakes them all for a new
 connection; whoever calls accept() first gets it. Left alone, that is whoever happened to
-be idle at that instant: during a burst of connections (Postfix opening its 20 LMTP
-sessions) the split came out 5/15 or 7/13, and because Postfix keeps its sessions open
-and reuses them, the split lasts: one worker serves three times the mail of the other on
-one core, while the other core idles.
+be idle at that instant: a burst of connections (Postfix opening its LMTP sessions) splits
+unevenly, and because Postfix keeps its sessions open and reuses them, the split lasts:
+one worker serves most of the mail on one core while the other core idles.
 
 So each worker publishes how many sessions it has open, in a table of counters the parent
 shares with every worker (an anonymous shared mapping made before forking, one slot per
@@ -13,6 +12,9 @@ worker, written only by its owner). A worker that holds more sessions than the l
 of its peers steps aside for BALANCE_DELAY_S when a connection arrives, which lets that
 peer take it; if it is still waiting afterwards (the peer is stuck in a long step), the
 worker takes it after all, so no connection waits longer than that.
+
+`BalancedAcceptor` is the accept loop of every listener, with or without peers: at the
+descriptor limit it backs off instead of spinning, and logs the error once per interval.
 """
 
 from __future__ import annotations

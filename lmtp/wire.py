@@ -194,26 +194,12 @@ class DataDecoder:
             return
         self._out.write(memoryview(piece)[start:stop])
 
-    @property
-    def kept(self) -> int:
-        """Bytes of message held so far (0 once over the limit: nothing more is kept)."""
-        return self._out.tell()
-
     def message(self) -> bytes:
         """The unstuffed message (once `done` and not `too_large`); the buffer is released."""
         self._out.truncate()  # what was allocated beyond the message (in place, no copy)
         data = self._out.getvalue()
         self._out = io.BytesIO()
         return data
-
-
-def decode_data(stream: bytes, max_bytes: int = 1 << 62) -> tuple[bytes, bytes] | None:
-    """(message, rest of stream) for a whole DATA stream; None when it does not end."""
-    decoder = DataDecoder(max_bytes)
-    used = decoder.feed(stream)
-    if used < 0:
-        return None
-    return decoder.message(), stream[used:]
 
 
 

@@ -30,7 +30,7 @@ from lmtp.listeners import ListenError, bind_listeners, close_listeners
 from lmtp.routing import Router
 from lmtp.server import LMTPHead
 from lmtp.session import DeliveryHandler
-from lmtp.wire import DataDecoder, decode_data
+from lmtp.wire import DataDecoder
 
 HOSTNAME = "lmtp.test.example"
 INGRESS = IngressConfig(
@@ -47,6 +47,15 @@ REFUSED = (550, b"5.7.1 refused by rule")
 def stuff(message: bytes) -> bytes:
     """What an LMTP client sends for `message` (which ends with CRLF): dots doubled, end."""
     return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+def decode_data(stream: bytes) -> tuple[bytes, bytes] | None:
+    """(message, rest of stream) for a whole DATA stream fed at once; None when it does not end."""
+    decoder = DataDecoder(1 << 62)
+    used = decoder.feed(stream)
+    if used < 0:
+        return None
+    return decoder.message(), stream[used:]
 
 
 def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30,
@@ -92,10 +101,16 @@ def test_decoder_waits_for_the_end() -> None:
 
 def test_decoder_over_the_limit_drops_the_message_and_keeps_counting() -> None:
     decoder = DataDecoder(max_bytes=1000)
-    for _ in range(100):
-        assert decoder.feed(b"x" * 1022 + b"\r\n") == -1
+    line = b"x" * 1022 + b"\r\n"
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            assert decoder.feed(line) == -1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert decoder.too_large
-    assert decoder.kept == 0  # nothing kept past the limit: memory stays bounded
+    assert peak < 20_000  # nothing kept past the limit: memory stays bounded
     assert decoder.feed(b".\r\nNOOP\r\n") == 3
     assert decoder.done and decoder.size == 102400 and decoder.message() == b""
 
