@@ -54,18 +54,25 @@ R_DELIVERY_FAILED = "451 4.3.0 delivery failed, try again later"
 
 _REPLY_LINE = re.compile(r"[245]\d\d [ -~]*\Z")
 _BDAT = re.compile(r"(\d{1,18})(?: +(LAST))? *\Z", re.IGNORECASE)
-# RFC 5321 4.1.2 Path (source routes dropped): a Dot-string or Quoted-string local part,
-# then a domain or an address literal; RFC 6531 adds UTF-8 characters to atoms, quoted
-# strings and domain labels. Never a control character: they cannot reach a log.
-_UTF8 = r"[^\x00-\x9f\s\u2028\u2029\ud800-\udfff]"
-_ATOM = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]|{_UTF8})+"
-_LOCAL = rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[ !#-\[\]-~]|{_UTF8}|\\[ -~])*")'
-_LETTER = rf"(?:[A-Za-z0-9_]|{_UTF8})"
-_LABEL = rf"{_LETTER}(?:(?:[A-Za-z0-9_-]|{_UTF8})*{_LETTER})?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_LITERAL = r"\[[!-Z^-~]+\]"
-_PATH = re.compile(
-    rf"<(?:@[^:<>]*:)?({_LOCAL}@(?:{_DOMAIN}|{_LITERAL})|(?i:postmaster))>(?:\s+(.*))?\Z")
+
+
+def _path_grammar(utf8: str) -> re.Pattern[str]:
+    """RFC 5321 4.1.2 Path (source routes dropped): a Dot-string or Quoted-string local
+    part, then a domain or an address literal; `utf8` is what RFC 6531 adds to atoms,
+    quoted strings and domain labels. Never a control character: none can reach a log."""
+    atom = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]{utf8})+"
+    local = rf'(?:{atom}(?:\.{atom})*|"(?:[ !#-\[\]-~]{utf8}|\\[ -~])*")'
+    letter = rf"(?:[A-Za-z0-9_]{utf8})"
+    label = rf"{letter}(?:(?:[A-Za-z0-9_-]{utf8})*{letter})?"
+    domain = rf"{label}(?:\.{label})*"
+    literal = r"\[[!-Z^-~]+\]"
+    return re.compile(
+        rf"<(?:@[^:<>]*:)?({local}@(?:{domain}|{literal})|(?i:postmaster))>(?:\s+(.*))?\Z")
+
+
+# Most addresses are ASCII: their grammar, without the UTF-8 alternatives, is cheaper.
+_ASCII_PATH = _path_grammar("")
+_UTF8_PATH = _path_grammar(r"|[^\x00-\x9f\s\u2028\u2029\ud800-\udfff]")
 
 
 class Router(Protocol):
@@ -636,7 +643,7 @@ def _path(text: str, *, null_ok: bool) -> tuple[str, list[str]] | None:
         if not null_ok or text[2:3] not in ("", " "):
             return None
         return "", text[2:].split()
-    match = _PATH.match(text)
+    match = (_ASCII_PATH if text.isascii() else _UTF8_PATH).match(text)
     if match is None:
         return None
     return match.group(1), (match.group(2) or "").split()
