@@ -1,5 +1,6 @@
-"""lmtp.wire's line reader, chunk reader and reply sanitiser as pure objects (the DATA
-decoder's own tests are in test_server.py)."""
+"""lmtp.wire's line reader, chunk reader and reply sanitiser as pure objects, and the address
+grammar MAIL and RCPT are parsed with (lmtp.session). The DATA decoder's own tests are in
+test_server.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lmtp.session import _path
 from lmtp.wire import (
     MAX_MAIL_LINE,
     TOO_LONG,
@@ -95,3 +97,21 @@ def test_chunks_add_up_and_the_limit_counts_them_all() -> None:
     assert not message.too_large and message.size == 8
     ChunkReader(3, message).feed(b"ijk")
     assert message.too_large and message.message() == b""
+
+
+# --- the RFC 5321 path grammar of MAIL and RCPT (lmtp.session) -------------------------------
+
+_ATOM = st.text(alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~-é日", min_size=1, max_size=8)
+_LABEL = st.from_regex(r"[a-z0-9ü](?:[a-z0-9ü-]{0,6}[a-z0-9ü])?", fullmatch=True)
+
+
+@given(st.lists(_ATOM, min_size=1, max_size=3), st.lists(_LABEL, min_size=1, max_size=3))
+def test_every_dot_atom_at_a_domain_is_an_address(atoms: list[str], labels: list[str]) -> None:
+    address = ".".join(atoms) + "@" + ".".join(labels)
+    assert _path(f"<{address}> SIZE=1", null_ok=False) == (address, ["SIZE=1"])
+
+
+@given(st.text(max_size=40))
+def test_no_address_the_grammar_accepts_holds_a_control_character(text: str) -> None:
+    parsed = _path(f"<{text}>", null_ok=True)
+    assert parsed is None or not _CONTROL.search(parsed[0])
