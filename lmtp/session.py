@@ -1,15 +1,17 @@
 """One LMTP session (RFC 2033): the protocol state machine, its replies, limits and timeouts.
 
-`LMTPSession` is a plain asyncio protocol. Bytes go straight from the socket into the DATA
-decoder (lmtp.wire) or into a buffer for command lines; one task per connection reads
-commands and answers them:
+`LMTPSession` is a plain asyncio protocol. Bytes go straight from the socket into a message
+sink (lmtp.wire: the DATA decoder, a BDAT chunk) or into a buffer for command lines; one
+task per connection reads commands and answers them:
 
 - RCPT is routed at once through the handler: unrouted recipients get 550 5.1.1 before
-  any message byte is read.
-- DATA is answered with exactly one reply per accepted RCPT, in RCPT order, whatever
-  happens: the deliverer's lines, 552 for an oversized message, 451 when the deliverer
-  fails or misses --lmtp-resp-timeout.
+  any message byte is read. UTF-8 addresses need SMTPUTF8 on MAIL (RFC 6531).
+- DATA, and BDAT ... LAST (CHUNKING, RFC 3030), are answered with exactly one reply per
+  accepted RCPT, in RCPT order, whatever happens: the deliverer's lines, 552 for an
+  oversized message, 451 when the deliverer fails or misses --lmtp-resp-timeout.
 - Replies to pipelined commands are written together when no further command is waiting.
+- A command line must arrive whole within --lmtp-read-timeout, and a session may send
+  --lmtp-max-commands commands between deliveries; then 421.
 
 The handler (`Handler`: `DeliveryHandler` here, `lmtp.reload.ReloadingHandler` when serving)
 has the two hooks with work behind them, RCPT and DATA.
@@ -41,7 +43,7 @@ from lmtp.wire import (
 log = logging.getLogger("txco.lmtp")
 
 # Unread command bytes kept before the socket is paused (a pipelining client while a
-# delivery runs); the DATA decoder never buffers, it consumes each chunk as it comes.
+# delivery runs); a message sink never buffers, it consumes each chunk as it comes.
 INPUT_BUFFER_LIMIT = 1 << 20
 
 R_TOO_LARGE = "552 5.3.4 message too large"
@@ -196,7 +198,7 @@ class LMTPSession(asyncio.Protocol):
         self._inbuf = bytearray()
         self._dropping_line = False
         self._input_waiter: asyncio.Future[None] | None = None
-        self._decoder: Sink | None = None
+        self._sink: Sink | None = None
         self._eof = False
         self._reading_paused = False
         self._writing_paused = False
@@ -229,16 +231,16 @@ class LMTPSession(asyncio.Protocol):
         self._wake_writer()
         self.registry.closed(self)
 
-    # Bytes go straight from the socket into the DATA decoder (no buffer copy, no wake-up
+    # Bytes go straight from the socket into the message sink (no buffer copy, no wake-up
     # per chunk) or into `_inbuf` for commands.
 
     def data_received(self, data: bytes) -> None:
-        decoder = self._decoder
-        if decoder is not None:
-            used = decoder.feed(data)
+        sink = self._sink
+        if sink is not None:
+            used = sink.feed(data)
             if used < 0:
                 return
-            self._decoder = None
+            self._sink = None
             data = data[used:]
         elif len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
             # Commands pile up while a delivery runs: stop reading until we catch up.
@@ -567,12 +569,12 @@ class LMTPSession(asyncio.Protocol):
             used = sink.feed(chunk)
             if used >= 0:
                 self._inbuf += memoryview(chunk)[used:]
-        self._decoder = sink
+        self._sink = sink
         try:
             while not sink.done and not self._eof:
                 await self._wait_for_input()
         finally:
-            self._decoder = None
+            self._sink = None
         if not sink.done:
             return False
         self._stop_timeout()
