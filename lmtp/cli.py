@@ -92,6 +92,13 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
+    parser.add_argument("--lmtp-max-connections", default="500", metavar="N",
+                        help="open LMTP connections per process; more get 421 (default: 500)")
+    parser.add_argument("--lmtp-max-connections-per-ip", default="100", metavar="N",
+                        help="of those, from one client address (default: 100)")
+    parser.add_argument("--lmtp-max-commands", default="1000", metavar="N",
+                        help="commands a session may send between deliveries; then 421 "
+                        "(default: 1000)")
     parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
                         help="greeting hostname (default: this host's name)")
     _add_routing_flags(parser)
@@ -123,6 +130,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             lmtp_read_timeout=parse_duration(args.lmtp_read_timeout, "--lmtp-read-timeout"),
             lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
             lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
+            lmtp_max_connections=parse_positive_int(args.lmtp_max_connections,
+                                                    "--lmtp-max-connections"),
+            lmtp_max_connections_per_ip=parse_positive_int(args.lmtp_max_connections_per_ip,
+                                                           "--lmtp-max-connections-per-ip"),
+            lmtp_max_commands=parse_positive_int(args.lmtp_max_commands, "--lmtp-max-commands"),
             ops_dir=Path(args.ops),
         )
         if args.lmtp_hostname:
@@ -157,8 +169,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = parse_positive_int(args.workers, "--workers")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s txco %(levelname)s %(message)s")
-    # aiosmtpd's own per-connection chatter; our server logs one line per delivery.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
     # Two lines per delivery: skip the record fields the format never shows (the logging
     # docs' "Optimization" section): caller frame lookup, thread, process names.
     logging._srcfile = None

@@ -127,6 +127,10 @@ class Settings:
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
     lmtp_hostname: str = field(default_factory=socket.gethostname)
+    # Limits on clients: docs/lmtp.md, "Limits, timeouts and the replies they produce".
+    lmtp_max_connections: int = 500
+    lmtp_max_connections_per_ip: int = 100
+    lmtp_max_commands: int = 1000
     lmtp_default_hosts: tuple[str, ...] = ()
     require_hostname_verification: bool = False
     ops_dir: Path = Path("OPS")

@@ -11,7 +11,7 @@ from typing import Any
 from lmtp.config import HEAD, LISTENER_NAME, IngressConfig
 from lmtp.delivery import Deliverer
 from lmtp.routing import Router
-from lmtp.server import DeliveryHandler
+from lmtp.session import Envelope, Session, accept_recipient, deliver_envelope
 from txcl.chassis.reload import RuntimeHolder
 from txcl.chassis.runtime import Runtime
 
@@ -39,25 +39,23 @@ class ReloadingHandler:
     make_transaction: Callable[..., Any]
     listener: str = LISTENER_NAME
 
-    def runtime_of(self, envelope: Any) -> Runtime:
-        runtime = getattr(envelope, "runtime", None)
+    def runtime_of(self, envelope: Envelope) -> Runtime:
+        runtime: Runtime | None = getattr(envelope, "runtime", None)
         if runtime is None:
             runtime = self.holder.current
             envelope.runtime = runtime
         return runtime
 
-    def _handler(self, envelope: Any) -> DeliveryHandler:
-        parts: LmtpParts = self.runtime_of(envelope).heads[HEAD]
-        return DeliveryHandler(
-            parts.router, parts.deliverer, self.make_transaction, self.listener
-        )
-
     async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+        self, server: Any, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
     ) -> str:
-        return await self._handler(envelope).handle_RCPT(
-            server, session, envelope, address, rcpt_options
+        parts: LmtpParts = self.runtime_of(envelope).heads[HEAD]
+        return accept_recipient(parts.router, self.listener, envelope, address)
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> list[str]:
+        deliverer = self.runtime_of(envelope).heads[HEAD].deliverer
+        return await deliver_envelope(
+            deliverer, self.make_transaction, self.listener, session, envelope
         )
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> list[str]:
-        return await self._handler(envelope).handle_DATA(server, session, envelope)

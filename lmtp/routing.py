@@ -84,7 +84,26 @@ def split_address(address: str) -> tuple[str, str]:
         local, domain = addr, ""
     if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    return local, normalize_hostname(domain)
+    return local, domain_key(domain)
+
+
+def domain_key(hostname: str) -> str:
+    """The form every domain is compared in: `normalize_hostname`'s, with IDNA A-labels
+    (`xn--...`) turned into the U-labels they stand for (RFC 5890), so `bücher.example`,
+    `BÜCHER.example` and `xn--bcher-kva.example` are one domain to every routing step."""
+    host = normalize_hostname(hostname)
+    if host.isascii() and "xn--" not in host:
+        return host
+    try:
+        return host.encode("idna").decode("idna")  # nameprep (case-folds), then ToUnicode
+    except UnicodeError:  # not a valid IDN: compared as it came
+        return host
+
+
+def _address_key(address: str) -> str:
+    """A `recipients:` key (`local@domain` or `@domain`) with its domain as `domain_key`."""
+    local, at, domain = str(address).strip().rpartition("@")
+    return f"{local.lower()}@{domain_key(domain)}" if at else local.strip().lower()
 
 
 def _target(value: Any) -> tuple[str, str | None]:
@@ -105,10 +124,6 @@ def _stack_name(tenant: str, stack: str | None) -> str:
 def _route(tenant: str, stack: str | None, ingress: str, listener: str = "") -> Route:
     name = _stack_name(tenant, stack)
     return Route(tenant, name, ingress, f"{name}/0", listener)
-
-
-def _lower_keys(table: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {str(k).strip().lower(): v for k, v in (table or {}).items()}
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -136,13 +151,15 @@ class Router:
         hostname_ttl_s: float = DEFAULT_HOSTNAME_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._recipients = _lower_keys(_get(config, "recipients"))
+        self._recipients = {
+            _address_key(k): v for k, v in (_get(config, "recipients") or {}).items()
+        }
         self._verified_domains = {
-            normalize_hostname(k): v for k, v in (_get(config, "verified_domains") or {}).items()
+            domain_key(k): v for k, v in (_get(config, "verified_domains") or {}).items()
         }
         self._listeners = dict(_get(config, "listeners") or {})
         self._default_hosts = frozenset(
-            normalize_hostname(h) for h in (_get(settings, "lmtp_default_hosts") or ()) if h
+            domain_key(h) for h in (_get(settings, "lmtp_default_hosts") or ()) if h
         )
         self._strict = bool(_get(settings, "require_hostname_verification", False))
         self._hostnames = hostnames
@@ -163,7 +180,8 @@ class Router:
 
     def refresh_hostnames(self) -> None:
         """Re-read `tenant_hostnames` now (the CLI and tests; the server relies on the TTL)."""
-        self._rows = self._hostnames.snapshot() if self._hostnames is not None else {}
+        rows = self._hostnames.snapshot() if self._hostnames is not None else {}
+        self._rows = {domain_key(host): row for host, row in rows.items()}
         self._rows_loaded_at = self._clock()
 
     def _hostname_rows(self) -> Mapping[str, HostnameRow]:

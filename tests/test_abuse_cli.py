@@ -368,22 +368,24 @@ def test_txcl_test_shows_control_characters_of_the_envelope_escaped(tmp_path: Pa
     assert SHOWN_RCPT in shown.stdout
 
 
-def test_txco_trace_shows_a_hostile_quoted_local_part_escaped(serve, tmp_path: Path) -> None:
-    # A real delivery: the local part reaches the trace as the client sent it.
-    server = serve(tmp_path, {"acme/_mail/0/accept.txcl": "SET @lmtp.res.code = 250\n"},
+def test_txco_trace_shows_control_characters_from_a_delivery_escaped(serve, tmp_path: Path) -> None:
+    # The server refuses a local part with control characters (501, before any log names
+    # it); a header's control characters still reach the trace, and must not reach a terminal.
+    server = serve(tmp_path, {"acme/_mail/0/accept.txcl":
+                               "SET tag.subject = @lmtp.msg.subject\nSET @lmtp.res.code = 250\n"},
                    "ingress: {lmtp: {verified_domains: {acme.example: {tenant: acme}}}}\n")
     with server.lmtp() as client:
         client.ehlo("client.example")
         assert client.mail("sender@example.com")[0] == 250
-        code, _ = client.rcpt(WIRE_RCPT)
-        assert code == 250
-        replies = client.data(b"Subject: hi\r\n\r\nbody\r\n")
+        assert client.rcpt(WIRE_RCPT)[0] == 501
+        assert client.rcpt("ann@acme.example")[0] == 250
+        replies = client.data(b"Subject: a\x1b[2J\x07b\r\n\r\nbody\r\n")
     assert replies[0] == 250, replies
     for flags in ([], ["--list"]):
         shown = txco("trace", "--state-dir", server.state_dir, *flags)
         assert shown.returncode == 0, shown.stderr
         _no_raw_controls(shown.stdout)
-    assert '"a\\e[2J\\x00b"@acme.example' in txco("trace", "--state-dir", server.state_dir).stdout
+    assert "a\\u001b[2J" in txco("trace", "--state-dir", server.state_dir).stdout
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo"])

@@ -136,3 +136,19 @@ def test_a_busier_worker_takes_the_connection_when_no_peer_does(monkeypatch):
     listener.close()
     assert taken == ["a"]
     assert waited >= 0.05  # it stepped aside once first
+
+
+def test_a_repeated_error_is_logged_once_per_interval_with_a_count(caplog, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(balance.time, "monotonic", lambda: now[0])
+    repeated = balance.RepeatedLog(interval=10.0)
+    with caplog.at_level("ERROR", logger="txco.lmtp"):
+        for _ in range(1000):  # a burst: one line
+            repeated.error("lmtp: cannot accept connections (%s)", "Too many open files")
+        now[0] += 10.0
+        repeated.error("lmtp: cannot accept connections (%s)", "Too many open files")
+    assert [r.getMessage() for r in caplog.records] == [
+        "lmtp: cannot accept connections (Too many open files)",
+        "lmtp: cannot accept connections (Too many open files) (and 999 more times in the "
+        "last 10s)",
+    ]

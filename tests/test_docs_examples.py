@@ -188,13 +188,13 @@ def test_enhanced_status_table_is_the_code_table() -> None:
 
 
 def test_fixed_reply_lines_are_quoted_exactly() -> None:
-    from lmtp import server, verdicts
+    from lmtp import session, verdicts
 
     text = LMTP_DOC.read_text(encoding="utf-8")
     for line in (
-        server.R_NO_RULE,
-        server.R_TOO_LARGE,
-        server.R_TOO_MANY_RCPTS,
+        session.R_NO_RULE,
+        session.R_TOO_LARGE,
+        session.R_TOO_MANY_RCPTS,
         verdicts.DEFAULT_DENY.line,
         verdicts.RUN_FAILED.line,
     ):

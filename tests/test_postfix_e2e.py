@@ -290,3 +290,53 @@ def test_postfix_delivers_a_large_message_whole(
     assert sent.text.endswith(" queued"), sent
     sizes = [int(m) for m in re.findall(r"lmtp delivery .* size=(\d+)", chassis.log.read_text())]
     assert sizes and max(sizes) >= len(raw)  # CRLF line ends: a little more than sent
+
+
+# --- international mail (RFC 6531): SMTPUTF8 through Postfix --------------------------------
+
+INTL_YAML = """\
+ingress:
+  lmtp:
+    verified_domains:
+      acme.example: {tenant: intl}
+      xn--bcher-kva.example: {tenant: intl}
+"""
+
+
+def test_postfix_delivers_mail_to_and_from_internationalised_addresses(workdir: Path) -> None:
+    """Postfix 3.7 relays SMTPUTF8 mail to an LMTP server that offers SMTPUTF8: a UTF-8
+    local part, and a U-label domain routed by the A-label the config names."""
+    listen, target = listen_and_target(workdir, "unix")
+    ops = workdir / "OPS"
+    (ops / "intl/_mail/0").mkdir(parents=True)
+    # accepted only when the rules see the UTF-8 addresses as text, as they were sent
+    (ops / "intl/_mail/0/accept.txcl").write_text(verdict_rule(
+        250, "queued", when='@lmtp.mail.from == "josé@client.example" AND '
+        '@lmtp.transaction_rcpt.0 == "jöse@acme.example"'))
+    config = workdir / "txco.yaml"
+    config.write_text(INTL_YAML)
+    argv = [*txco_command(), "serve", "--personalities=lmtp", f"--lmtp-listen-addrs={listen}",
+            "--ops", str(ops), "--config", str(config), "--state-dir", str(workdir / "var")]
+    sender, rcpts = "josé@client.example", ["jöse@acme.example", "info@bücher.example"]
+    domains = ["acme.example", "bücher.example"]
+    log = workdir / "txco.log"
+    with (
+        server_process(argv, listen=listen, log_path=log),
+        private_postfix(workdir, target, domains) as postfix,
+    ):
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = sender, ", ".join(rcpts), "grüße"
+        msg.set_content("international mail\n")
+        with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=20) as client:
+            client.ehlo()
+            assert client.has_extn("smtputf8")
+            refused = client.sendmail(sender, rcpts, msg.as_bytes(policy=msg.policy.clone(
+                utf8=True)), mail_options=["SMTPUTF8"])
+        assert refused == {}
+        for rcpt in rcpts:
+            sent = postfix.wait_for_delivery(rcpt, "sent")
+            assert sent.text == "250 2.0.0 queued", sent
+        postfix.wait_for_empty_queue()
+    deliveries = [line for line in log.read_text(encoding="utf-8").splitlines()
+                  if "lmtp delivery" in line]
+    assert any(f"from=<{sender}>" in line for line in deliveries), deliveries

@@ -23,19 +23,14 @@ from aiosmtpd.lmtp import LMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmtp import server as server_module
+from lmtp import wire
 from lmtp.config import IngressConfig, Settings, Target, parse_listen_addrs
 from lmtp.delivery import Transaction
+from lmtp.listeners import ListenError, bind_listeners, close_listeners
 from lmtp.routing import Router
-from lmtp.server import (
-    DataDecoder,
-    DeliveryHandler,
-    ListenError,
-    LMTPHead,
-    bind_listeners,
-    close_listeners,
-    decode_data,
-)
+from lmtp.server import LMTPHead
+from lmtp.session import DeliveryHandler
+from lmtp.wire import DataDecoder
 
 HOSTNAME = "lmtp.test.example"
 INGRESS = IngressConfig(
@@ -52,6 +47,15 @@ REFUSED = (550, b"5.7.1 refused by rule")
 def stuff(message: bytes) -> bytes:
     """What an LMTP client sends for `message` (which ends with CRLF): dots doubled, end."""
     return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+
+
+def decode_data(stream: bytes) -> tuple[bytes, bytes] | None:
+    """(message, rest of stream) for a whole DATA stream fed at once; None when it does not end."""
+    decoder = DataDecoder(1 << 62)
+    used = decoder.feed(stream)
+    if used < 0:
+        return None
+    return decoder.message(), stream[used:]
 
 
 def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30,
@@ -97,10 +101,16 @@ def test_decoder_waits_for_the_end() -> None:
 
 def test_decoder_over_the_limit_drops_the_message_and_keeps_counting() -> None:
     decoder = DataDecoder(max_bytes=1000)
-    for _ in range(100):
-        assert decoder.feed(b"x" * 1022 + b"\r\n") == -1
+    line = b"x" * 1022 + b"\r\n"
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            assert decoder.feed(line) == -1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     assert decoder.too_large
-    assert decoder.kept == 0  # nothing kept past the limit: memory stays bounded
+    assert peak < 20_000  # nothing kept past the limit: memory stays bounded
     assert decoder.feed(b".\r\nNOOP\r\n") == 3
     assert decoder.done and decoder.size == 102400 and decoder.message() == b""
 
@@ -165,7 +175,7 @@ def test_a_size_hint_changes_nothing_but_the_allocation(
     stream = stuff(message) + b"NOOP\r\n"
     plain, plain_rest = feed_in_chunks(stream, sizes, max_bytes)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 0)  # small hints count too
+        patch.setattr(wire, "PREALLOCATE_FROM_BYTES", 0)  # small hints count too
         hinted, hinted_rest = feed_in_chunks(stream, sizes, max_bytes, size_hint=hint)
     assert (hinted.done, hinted.too_large, hinted.size) == (plain.done, plain.too_large, plain.size)
     assert hinted.message() == plain.message()
@@ -176,9 +186,9 @@ def test_buffers_allocated_ahead_of_their_data_stay_within_the_budget(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that declares SIZE=<limit> and sends nothing cannot make a worker hold
     more than the budget: past it, buffers grow with the data as without a hint."""
-    monkeypatch.setattr(server_module, "PREALLOCATE_FROM_BYTES", 1000)
-    monkeypatch.setattr(server_module, "PREALLOCATE_BUDGET_BYTES", 250_000)
-    budget = server_module._preallocated
+    monkeypatch.setattr(wire, "PREALLOCATE_FROM_BYTES", 1000)
+    monkeypatch.setattr(wire, "PREALLOCATE_BUDGET_BYTES", 250_000)
+    budget = wire._preallocated
     before = budget.held
     first = DataDecoder(10**6, size_hint=50_000)  # a buffer of ~119,000 bytes each
     second = DataDecoder(10**6, size_hint=50_000)
@@ -309,7 +319,8 @@ def test_greeting_names_the_host_and_lmtp(server: RunningHead) -> None:
 def test_lhlo_lists_exactly_the_extensions_we_implement(server: RunningHead) -> None:
     with server.client() as client:
         assert client.ehlo("client.example") == (
-            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSIZE 26214400".encode())
+            250, f"{HOSTNAME}\nPIPELINING\nENHANCEDSTATUSCODES\n8BITMIME\nSMTPUTF8\nCHUNKING\n"
+                 f"SIZE 26214400".encode())
 
 
 @pytest.mark.parametrize("verb", ["HELO", "EHLO"])
@@ -468,10 +479,10 @@ def test_several_transactions_and_rset_on_one_connection(server: RunningHead) ->
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com>", "MAIL FROM:<b@example.com>"],
                  (503, b"5.5.1 sender already given (RSET to start over)"), id="nested mail"),
     pytest.param(["LHLO c", "MAIL FROM:a@"], (501, b"5.5.4 syntax: MAIL FROM:<address> "
-                                                   b"[SIZE=n] [BODY=7BIT|8BITMIME]"),
+                                                   b"[SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]"),
                  id="bad address"),
-    pytest.param(["LHLO c", "MAIL FROM:<a@example.com> SMTPUTF8"],
-                 (555, b"5.5.4 MAIL FROM parameter not supported: SMTPUTF8"), id="unknown param"),
+    pytest.param(["LHLO c", "MAIL FROM:<a@example.com> RET=FULL"],
+                 (555, b"5.5.4 MAIL FROM parameter not supported: RET=FULL"), id="unknown param"),
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com>", "RCPT TO:<>"],
                  (501, b"5.5.4 syntax: RCPT TO:<address>"), id="null recipient"),
     pytest.param(["LHLO c", "MAIL FROM:<a@example.com> SIZE=999999999"],
@@ -497,10 +508,31 @@ def test_a_very_long_line_is_refused_without_buffering_it(server: RunningHead) -
 
 
 def test_non_ascii_address_without_smtputf8_is_refused(server: RunningHead) -> None:
+    refused = b"553 5.6.7 non-ASCII address: MAIL FROM must give SMTPUTF8"
     with server.raw() as sock:
-        sock.sendall("LHLO c\r\nMAIL FROM:<jörg@example.com>\r\n".encode())
-        assert read_replies(sock, 2)[1] == (
-            b"553 5.6.7 non-ASCII address: this server does not offer SMTPUTF8")
+        sock.sendall("LHLO c\r\nMAIL FROM:<jörg@example.com>\r\nMAIL FROM:<a@example.com>\r\n"
+                     "RCPT TO:<jöse@acme.example>\r\nRCPT TO:<b@acme.example>\r\n".encode())
+        assert read_replies(sock, 5)[1:] == [refused, b"250 2.1.0 OK", refused, b"250 2.1.5 OK"]
+
+
+def test_utf8_addresses_with_smtputf8_are_accepted_and_delivered_as_text(
+        server: RunningHead) -> None:
+    with server.raw() as sock:
+        sock.sendall("LHLO c\r\nMAIL FROM:<josé@example.com> SMTPUTF8\r\n"
+                     "RCPT TO:<jöse@acme.example>\r\nRCPT TO:<\"jö se\"@acme.example>\r\n"
+                     "DATA\r\n".encode())
+        assert [r[:3] for r in read_replies(sock, 5)] == [b"250"] * 4 + [b"354"]
+        sock.sendall("Subject: grüße\r\n\r\nhi\r\n.\r\n".encode())
+        assert read_replies(sock, 2) == [b"250 2.0.0 queued"] * 2
+    [tx] = server.deliverer.transactions
+    assert (tx.mail_from, tx.rcpts) == ("josé@example.com",
+                                        ("jöse@acme.example", '"jö se"@acme.example'))
+
+
+def test_an_address_that_is_not_utf8_is_a_syntax_error(server: RunningHead) -> None:
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<j\xf6rg@example.com> SMTPUTF8\r\n")
+        assert read_replies(sock, 2)[1] == b"501 5.5.4 syntax error: an address that is not UTF-8"
 
 
 def test_too_many_recipients(start_head: Callable[..., RunningHead]) -> None:

@@ -13,6 +13,9 @@ worker, written only by its owner). A worker that holds more sessions than the l
 of its peers steps aside for BALANCE_DELAY_S when a connection arrives, which lets that
 peer take it; if it is still waiting afterwards (the peer is stuck in a long step), the
 worker takes it after all, so no connection waits longer than that.
+
+`BalancedAcceptor` is the accept loop of every listener, with or without peers: at the
+descriptor limit it backs off instead of spinning, and logs the error once per interval.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import mmap
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("txco.balance")
@@ -30,8 +34,12 @@ log = logging.getLogger("txco.balance")
 # How long a busier worker leaves a new connection to a less busy one. Long enough for a
 # worker woken by the same connection to reach accept(), short next to any delivery.
 BALANCE_DELAY_S = 0.002
-# asyncio's own pause after accept() fails for lack of file descriptors or memory.
-ACCEPT_RETRY_DELAY_S = 1.0
+# The pause after accept() fails for lack of file descriptors or memory: doubled from the
+# first to the last while it keeps failing, so the loop neither spins nor stays away long.
+ACCEPT_RETRY_FIRST_S = 0.05
+ACCEPT_RETRY_LAST_S = 1.0
+# An error that repeats is logged at most once per this interval, with how often it came.
+REPEAT_LOG_INTERVAL_S = 10.0
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 _SLOT = struct.Struct("=q")
@@ -70,6 +78,28 @@ class WorkerSlot:
         return self.counts.busier_than_a_peer(self.slot)
 
 
+class RepeatedLog:
+    """Logs one kind of error at most once per `interval`; the times it came in between are
+    counted and reported with the next line, so a fault that repeats cannot flood the log."""
+
+    def __init__(self, interval: float = REPEAT_LOG_INTERVAL_S) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._unreported = 0
+
+    def error(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._unreported += 1
+            return
+        if self._unreported:
+            message += f" (and {self._unreported} more times in the last %gs)"
+            args = (*args, round(now - self._last))
+        self._last = now
+        self._unreported = 0
+        log.error(message, *args)
+
+
 class BalancedAcceptor:
     """Accepts the connections of one shared listening socket for this worker, one per
     readiness event, stepping aside first when this worker is the busier one."""
@@ -85,6 +115,8 @@ class BalancedAcceptor:
         self.slot = slot  # None: a worker without peers to balance with
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._retry_delay = ACCEPT_RETRY_FIRST_S
+        self._accept_errors = RepeatedLog()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -125,9 +157,11 @@ class BalancedAcceptor:
         except OSError as err:
             if err.errno not in _RESOURCE_ERRORS:
                 raise
-            log.error("cannot accept connections (%s); trying again in %gs",
-                      err.strerror, ACCEPT_RETRY_DELAY_S)
-            self._pause(ACCEPT_RETRY_DELAY_S)
+            self._accept_errors.error("lmtp: cannot accept connections (%s); trying again",
+                                      err.strerror)
+            self._pause(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, ACCEPT_RETRY_LAST_S)
             return
+        self._retry_delay = ACCEPT_RETRY_FIRST_S
         conn.setblocking(False)
         self.connected(conn)
