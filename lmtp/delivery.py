@@ -4,7 +4,9 @@ The message is parsed once and its `msg` object is shared by every group's envel
 runner never mutates its input). Only the fields the routed stacks can observe are built
 (`lmtp.message.MessageNeeds`, worked out once per compiled stack): a stack whose rules read
 the subject and one header costs a header parse, not a MIME walk and a base64 copy. A
-trace writer sees the whole envelope, so with traces on everything is built. Small
+trace stores the message bytes themselves (handed over by reference, never base64) and
+shows every header-derived field, so with traces on those are built too, and the body
+fields only when a stack reads them. Small
 messages and header-only parses run on the event loop (a thread hop costs more than they
 do); a big message's MIME walk runs in a worker thread, so the loop keeps answering. Groups run concurrently; each
 resolves its own verdicts, and the replies are stitched back into RCPT TO order.
@@ -27,6 +29,7 @@ from lmtp.message import (
     BODY_FIELDS,
     BUILTIN_OP_NEEDS,
     EVERYTHING,
+    MSG_FIELDS,
     NOTHING,
     MessageNeeds,
     build_envelope,
@@ -45,9 +48,14 @@ MAX_LOGGED_DEFECTS = 5
 INLINE_PARSE_BYTES = 64 * 1024
 
 TraceSink = Callable[..., Any]
-"""`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
-stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack is
-the `Stack` that ran or the routed stack's name. Must be cheap; its failure is ignored."""
+"""`sink(rid, envelope_in, result, replies, stack, error=..., message=...)`: result is a
+StackResult or None (the stack is not in the tree, or the run raised), replies are
+(recipient, line) pairs, stack is the `Stack` that ran or the routed stack's name, error
+what failed outside the run ("" if nothing), message the bytes of the message (the object
+itself, not a copy). Must be cheap; its failure is ignored."""
+# What a trace shows of the message beyond what the stacks read: every header-derived
+# field. The bytes are handed over as they are, and the bodies are in them.
+TRACED_FIELDS = MessageNeeds(frozenset(MSG_FIELDS) - BODY_FIELDS - {"raw"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,20 +118,20 @@ class Deliverer:
         self.trace_sink = trace_sink
         self.policy = policy if policy is not None else default_policy(settings, registry)
         self._op_needs = _builtin_op_needs(getattr(self.policy, "registry", registry))
-        self._traces_everything = trace_sink is not None and (
-            getattr(trace_sink, "mode", None) != "off")
+        self._traced = trace_sink is not None and getattr(trace_sink, "mode", None) != "off"
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
     def needs_of(self, stack: Any) -> MessageNeeds:
-        """The message fields `stack` can observe (everything for a stack we cannot read)."""
-        if self._traces_everything:
-            return EVERYTHING
+        """The message fields `stack` can observe (everything for a stack we cannot read),
+        and with traces on, those a trace shows."""
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
             return cached[1]
         rules = getattr(stack, "rules", None)
         needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+        if self._traced:
+            needs = needs | TRACED_FIELDS
         self._needs[id(stack)] = (stack, needs)
         return needs
 
@@ -144,7 +152,7 @@ class Deliverer:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
             rejected = frozenset(getattr(tree, "rejected", None) or ())
-            needs = EVERYTHING if self._traces_everything else NOTHING
+            needs = TRACED_FIELDS if self._traced else NOTHING
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
@@ -217,21 +225,18 @@ class Deliverer:
             _outcome_note(stack, result, failure),
             (time.monotonic() - started) * 1000,
         )
-        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure)
+        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure, tx.data)
         return replies
 
     def _trace(
         self, rid: str, envelope: Mapping[str, Any], result: Any, rcpts: Sequence[str],
-        replies: Sequence[Reply], stack: Any, failure: str,
+        replies: Sequence[Reply], stack: Any, failure: str, data: bytes,
     ) -> None:
         if self.trace_sink is None:
             return
         pairs = [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
         try:
-            if failure:
-                self.trace_sink(rid, envelope, result, pairs, stack, error=failure)
-            else:
-                self.trace_sink(rid, envelope, result, pairs, stack)
+            self.trace_sink(rid, envelope, result, pairs, stack, error=failure, message=data)
         except Exception:
             log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
 

@@ -19,14 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl.trace import (
-    ARTIFACTS,
-    TRACE_MODES,
-    TraceWriter,
-    read_summaries,
-    read_trace,
-    trace_names,
-)
+from txcl.trace import TRACE_MODES
+from txcl.trace_store import PARTS, read_summaries, read_trace, trace_names
+from txcl.trace_writer import TraceWriter
 
 DEFAULT_TRACE_KEEP = 1000
 DEFAULT_TRACE_MAX_AGE = "7d"
@@ -216,7 +211,7 @@ def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
 
 
 def trace_json(trace: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": trace["name"], **{f.removesuffix(".json"): trace.get(f) for f in ARTIFACTS}}
+    return {"name": trace["name"], **{part: trace.get(part) for part in PARTS}}
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -289,10 +284,10 @@ def _short_pos(pos: object) -> str:
 
 
 def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
-    summary = trace.get("summary.json") or {}
-    steps_doc = trace.get("steps.json") or {}
-    result = trace.get("result.json") or {}
-    response = trace.get("response.json") or {}
+    summary = trace.get("summary") or {}
+    steps_doc = trace.get("steps") or {}
+    result = trace.get("result") or {}
+    response = trace.get("response") or {}
     elapsed = summary.get("elapsed_s")
     took = f"  {1000 * float(elapsed):.1f}ms" if isinstance(elapsed, int | float) else ""
     lines = [

@@ -21,13 +21,11 @@ from txcl.trace import (
     Scrubber,
     ScrubHints,
     TraceRecord,
-    TraceWriter,
     build_artifacts,
     parse_hint_path,
-    read_summaries,
-    read_trace,
-    trace_names,
 )
+from txcl.trace_store import read_summaries, read_trace, trace_names
+from txcl.trace_writer import TraceWriter
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
 RAW = "b64:UmVjZWl2ZWQ6IGZyb20gbWFpbC5leGFtcGxlLmNvbQ=="
@@ -112,27 +110,25 @@ def all_text(trace: dict[str, Any]) -> str:
     return json.dumps(trace)
 
 
-def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
+def test_a_trace_is_one_compact_file_of_five_parts(tmp_path: Path) -> None:
     trace = write_one(tmp_path)
     folder = tmp_path / "requests" / "01TEST"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "envelope.json",
-        "response.json",
-        "result.json",
-        "steps.json",
-        "summary.json",
-    ]
-    assert trace["summary.json"]["rid"] == "01TEST"
-    assert trace["summary.json"]["src"] == "lmtp"
-    assert trace["summary.json"]["stack"] == "acme/_mail"
-    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
-    assert trace["summary.json"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
-    assert trace["response.json"]["replies"] == [
+    assert [p.name for p in folder.iterdir()] == ["trace.jsonl"]  # raw omitted: no message
+    lines = (folder / "trace.jsonl").read_bytes().splitlines()
+    assert [next(iter(json.loads(line))) for line in lines] == [
+        "summary", "envelope", "steps", "result", "response"]
+    assert all(b"\n" not in line and b": " not in line[:40] for line in lines)  # compact
+    assert trace["summary"]["rid"] == "01TEST"
+    assert trace["summary"]["src"] == "lmtp"
+    assert trace["summary"]["stack"] == "acme/_mail"
+    assert trace["summary"]["route"]["to"] == "acme/_mail/0"
+    assert trace["summary"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
+    assert trace["response"]["replies"] == [
         {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
     ]
-    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
-    assert trace["steps.json"]["fired"][0]["pos"] == "OPS/acme/_mail/0/10.txcl:3:1"
-    first_step = trace["steps.json"]["steps"][0]
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
+    assert trace["steps"]["fired"][0]["pos"] == "OPS/acme/_mail/0/10.txcl:3:1"
+    first_step = trace["steps"]["steps"][0]
     assert first_step == {
         "kind": "set",
         "stage": 0,
@@ -140,8 +136,6 @@ def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
         "path": "_txc.lmtp.res.code",
         "after": 250,
     }
-    # indented, so a person can read it
-    assert "\n  " in (folder / "envelope.json").read_text()
 
 
 def test_omit_and_redact_apply_to_every_artifact(tmp_path: Path) -> None:
@@ -151,14 +145,14 @@ def test_omit_and_redact_apply_to_every_artifact(tmp_path: Path) -> None:
     assert "a.pdf" not in text
     assert SECRET_AUTH not in text
     assert SECRET_AUTH[7:] not in text  # the regex group copied out of the header
-    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    msg = trace["envelope"]["_txc"]["lmtp"]["msg"]
     assert "raw" not in msg and "attachments" not in msg
     assert msg["headers"]["authorization"] == REDACTED
     assert msg["subject"] == "wifi keeps dropping"  # unscrubbed paths stay
-    exec_step = trace["steps.json"]["steps"][1]
+    exec_step = trace["steps"]["steps"][1]
     assert exec_step["args"] == {"auth": REDACTED, "note": "x"}
     assert exec_step["patch"] == {"_txc": {"lmtp": {"msg": {}}}, "ticket": {"id": 7}}
-    whole_msg_step = trace["steps.json"]["steps"][2]
+    whole_msg_step = trace["steps"]["steps"][2]
     assert "raw" not in whole_msg_step["before"]
     assert whole_msg_step["before"]["headers"]["authorization"] == REDACTED
 
@@ -196,7 +190,7 @@ def test_hints_as_the_runner_gives_them(tmp_path: Path) -> None:
 
 def test_no_hints_keeps_everything(tmp_path: Path) -> None:
     trace = write_one(tmp_path, hints=None)
-    assert trace["envelope.json"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
 
 
 def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
@@ -209,7 +203,7 @@ def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
         ),
     )
     record = TraceRecord("r", 0.0, env, result, (), "acme/_mail", HINTS)
-    steps = build_artifacts(record)["steps.json"]["steps"]
+    steps = build_artifacts(record).parts["steps"]["steps"]
     assert steps[0]["after"] == "auth was " + REDACTED
 
 
@@ -227,10 +221,10 @@ def test_errors_mode_keeps_failed_runs_and_tempfails_only(tmp_path: Path) -> Non
     writer.close()
     assert sorted(trace_names(tmp_path)) == ["failed", "late"]
     failed = read_trace(tmp_path, "failed")
-    assert failed["result.json"]["error"]["message"] == "op ARCHIVE timed out"
-    assert failed["result.json"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
-    assert failed["summary.json"]["error"] == "op ARCHIVE timed out"
-    assert read_trace(tmp_path, "late")["summary.json"]["error"] == "deadline"
+    assert failed["result"]["error"]["message"] == "op ARCHIVE timed out"
+    assert failed["result"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
+    assert failed["summary"]["error"] == "op ARCHIVE timed out"
+    assert read_trace(tmp_path, "late")["summary"]["error"] == "deadline"
     assert writer.stats().skipped == 3
 
 
@@ -468,20 +462,20 @@ def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) ->
     text = all_text(trace)
     assert "hunter2" not in text
     assert SECRET_AUTH not in text
-    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    msg = trace["envelope"]["_txc"]["lmtp"]["msg"]
     assert "raw" not in msg
     assert msg["subject"] == REDACTED
     assert msg["headers"]["authorization"] == REDACTED
     assert msg["headers"]["subject"] == [REDACTED]  # a copy of the redacted subject
-    fired = trace["steps.json"]["fired"]
+    fired = trace["steps"]["fired"]
     assert [f["pos"].rsplit("/", 1)[-1] for f in fired] == ["10-accept.txcl:1:1"]
-    title = [s for s in trace["steps.json"]["steps"] if s.get("path") == "ticket.title"]
+    title = [s for s in trace["steps"]["steps"] if s.get("path") == "ticket.title"]
     assert title[0]["after"] == "re: " + REDACTED
-    assert trace["response.json"]["replies"] == [
+    assert trace["response"]["replies"] == [
         {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
     ]
-    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
-    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
+    assert trace["summary"]["route"]["to"] == "acme/_mail/0"
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
 
 
 # --- `txco trace` rendering and flags (lmtp.tracecmd) ---------------------------------------
@@ -542,3 +536,120 @@ def test_the_terminal_view_is_compact_and_shows_errors(tmp_path: Path) -> None:
     assert listed[1].split()[2:5] == ["lmtp", "acme/_mail/0", "451"]
     assert listed[1].endswith("error: op ARCHIVE timed out after 5s")
     assert format_list([]) == "no traces yet\n"
+
+
+# --- the message bytes: stored once, never base64 -------------------------------------------
+
+
+def big_multipart(size: int) -> bytes:
+    """A multipart message of about `size` bytes: a short text part, one base64 attachment."""
+    import base64
+
+    payload = os.urandom(size * 3 // 4)
+    body = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return (
+        b"From: Alice <alice@example.com>\r\nTo: support@acme.example\r\n"
+        b"Subject: the big log\r\nMessage-ID: <big@example.com>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nlog attached\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="big.log"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + body + b"--b1--\r\n"
+    )
+
+
+def deliver_with(tmp_path: Path, rules: str, data: bytes, writer: TraceWriter) -> list[str]:
+    import asyncio
+
+    from lmtp.config import Settings
+    from lmtp.delivery import Deliverer, Transaction
+    from lmtp.routing import Route
+    from txcl.loader import load_tree
+
+    ops = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    ops.mkdir(parents=True, exist_ok=True)
+    (ops / "10-accept.txcl").write_text(rules)
+    tree = load_tree(tmp_path / "OPS")
+    assert tree.ok, tree.problems
+    deliverer = Deliverer(tree, Settings(state_dir=tmp_path / "var"), trace_sink=writer)
+    route = Route("acme", "acme/_mail", "domain:acme.example", "acme/_mail/0")
+    tx = Transaction(
+        "default", "10.0.0.7", "mx", "alice@example.com", ("support@acme.example",),
+        (route,), data, 0.0,
+    )
+    return asyncio.run(deliverer.deliver(tx))
+
+
+class RecordingWriter(TraceWriter):
+    """A TraceWriter that keeps the records it was handed, to see what the queue held."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.records: list[TraceRecord] = []
+        super().__init__(*args, **kw)
+
+    def write(self, record: TraceRecord) -> Path:
+        self.records.append(record)
+        return super().write(record)
+
+
+def test_the_trace_of_a_25_mib_message_holds_its_bytes_once(tmp_path: Path) -> None:
+    data = big_multipart(25 << 20)
+    writer = RecordingWriter(tmp_path / "var")
+    try:
+        assert deliver_with(tmp_path, ACCEPT, data, writer) == ["250 2.0.0 queued"]
+        assert writer.flush(60)
+    finally:
+        writer.close()
+    assert writer.stats().written == 1
+    # In the queue: the delivery's own bytes object, and no base64 or decoded copy beside it.
+    (record,) = writer.records
+    assert record.message is data
+    msg = record.envelope["_txc"]["lmtp"]["msg"]
+    assert "raw" not in msg and "attachments" not in msg
+    assert msg["subject"] == "the big log"
+    # On disk: the message once, as bytes; the JSON small and free of base64.
+    folder = tmp_path / "var" / "requests" / record.rid
+    assert (folder / "message.eml").read_bytes() == data
+    jsonl = (folder / "trace.jsonl").read_bytes()
+    assert len(jsonl) < 16 << 10
+    assert b"b64:" not in jsonl and data[-2000:-1000] not in jsonl
+    assert sum(p.stat().st_size for p in folder.iterdir()) < len(data) + (16 << 10)
+    trace = read_trace(tmp_path / "var")
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"] == {
+        "file": "message.eml", "size": len(data)}
+
+
+def test_attachment_content_read_by_a_stack_is_not_stored_twice() -> None:
+    from lmtp.message import parse_message
+
+    data = big_multipart(64 << 10)
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"] = parse_message(data)[0]  # raw and attachments as base64
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", ScrubHints(), message=data)
+    artifacts = build_artifacts(record)
+    stored = artifacts.parts["envelope"]["_txc"]["lmtp"]["msg"]
+    assert stored["raw"].file == "message.eml" and stored["attachments"][0]["content"].file == (
+        "message.eml")
+    assert stored["attachments"][0]["name"] == "big.log"
+    assert artifacts.message is data
+    assert env["_txc"]["lmtp"]["msg"]["raw"].startswith("b64:")  # the run's data untouched
+
+
+def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, queue_bytes=(1 << 20))
+    gate = threading.Event()
+    real_write = writer.write
+
+    def slow_write(record: TraceRecord) -> Path:
+        gate.wait(5)
+        return real_write(record)
+
+    writer.write = slow_write  # type: ignore[method-assign]
+    env = envelope()
+    message = b"x" * (200 << 10)  # each queued record counts for 2 x 200 KiB + overhead
+    accepted = [writer(f"r{i}", env, None, [], None, message=message) for i in range(6)]
+    gate.set()
+    assert writer.flush()
+    writer.close()
+    assert accepted == [True, True, False, False, False, False]
+    assert writer.stats().dropped == 4 and writer.stats().written == 2
