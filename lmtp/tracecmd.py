@@ -25,10 +25,14 @@ from txcl.trace_writer import TraceWriter
 
 DEFAULT_TRACE_KEEP = 1000
 DEFAULT_TRACE_MAX_AGE = "7d"
+DEFAULT_TRACE_KEEP_BYTES = "1G"
+DEFAULT_TRACE_MAX_BYTES = "32M"
 VALUE_WIDTH = 72  # a value longer than this is cut in the terminal view (never in --json)
 
 _AGE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)?\s*\Z")
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 # --- flags ---------------------------------------------------------------------------------
@@ -40,6 +44,14 @@ def parse_age(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age (examples: 7d, 12h, 30m)")
     return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """`64M`, `1G`, `512K`, `1GiB` or bytes -> bytes (binary units); for argparse."""
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 32M, 1G, 512K)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
 
 
 def parse_keep(text: str) -> int:
@@ -73,6 +85,22 @@ def add_serve_trace_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"remove traces older than this: 7d, 12h, 30m (default: {DEFAULT_TRACE_MAX_AGE})",
     )
     group.add_argument(
+        "--trace-keep-bytes",
+        type=parse_size,
+        default=DEFAULT_TRACE_KEEP_BYTES,
+        metavar="SIZE",
+        help="keep at most this many bytes of traces in all, the newest first: 512M, 1G "
+        f"(default: {DEFAULT_TRACE_KEEP_BYTES})",
+    )
+    group.add_argument(
+        "--trace-max-bytes",
+        type=parse_size,
+        default=DEFAULT_TRACE_MAX_BYTES,
+        metavar="SIZE",
+        help="one trace's limit: above it the message, then the envelope and steps are left "
+        f"out; the summary, result and replies stay (default: {DEFAULT_TRACE_MAX_BYTES})",
+    )
+    group.add_argument(
         "--watch-interval",
         type=parse_age,
         default=1.0,
@@ -89,7 +117,12 @@ def add_serve_trace_arguments(parser: argparse.ArgumentParser) -> None:
 
 def trace_writer_from_args(args: argparse.Namespace, state_dir: str | Path) -> TraceWriter:
     return TraceWriter(
-        state_dir, mode=args.trace, keep_count=args.trace_keep, keep_age_s=args.trace_max_age
+        state_dir,
+        mode=args.trace,
+        keep_count=args.trace_keep,
+        keep_age_s=args.trace_max_age,
+        keep_bytes=args.trace_keep_bytes,
+        max_trace_bytes=args.trace_max_bytes,
     )
 
 

@@ -490,9 +490,13 @@ def test_trace_flags_parse_ages_and_counts() -> None:
     add_serve_trace_arguments(parser)
     args = parser.parse_args([])
     assert (args.trace, args.trace_keep, args.trace_max_age) == ("all", 1000, 7 * 86400)
-    args = parser.parse_args(["--trace=errors", "--trace-keep=5", "--trace-max-age=12h"])
+    assert (args.trace_keep_bytes, args.trace_max_bytes) == (1 << 30, 32 << 20)
+    args = parser.parse_args(["--trace=errors", "--trace-keep=5", "--trace-max-age=12h",
+                              "--trace-keep-bytes=512M", "--trace-max-bytes=64KiB"])
     assert (args.trace, args.trace_keep, args.trace_max_age) == ("errors", 5, 12 * 3600)
-    for bad in (["--trace=some"], ["--trace-keep=0"], ["--trace-max-age=soon"]):
+    assert (args.trace_keep_bytes, args.trace_max_bytes) == (512 << 20, 64 << 10)
+    for bad in (["--trace=some"], ["--trace-keep=0"], ["--trace-max-age=soon"],
+                ["--trace-keep-bytes=0"], ["--trace-max-bytes=lots"], ["--trace-max-bytes=1T"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -653,3 +657,85 @@ def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Pa
     writer.close()
     assert accepted == [True, True, False, False, False, False]
     assert writer.stats().dropped == 4 and writer.stats().written == 2
+
+
+# --- retention by bytes, the per-trace limit, privacy ----------------------------------------
+
+
+def write_messages(writer: TraceWriter, rids: list[str], message: bytes) -> None:
+    env = envelope()
+    for rid in rids:
+        replies = [("support@acme.example", "250 2.0.0 queued")]
+        assert writer(rid, env, result_for(env), replies, FakeStack("acme/_mail", None),
+                      message=message)
+        assert writer.flush()
+
+
+def on_disk(tmp_path: Path) -> int:
+    return sum(p.stat().st_size for p in (tmp_path / "requests").rglob("*") if p.is_file())
+
+
+def test_retention_by_bytes_keeps_the_newest_within_the_total(tmp_path: Path) -> None:
+    message = b"x" * (10 << 10)
+    writer = TraceWriter(tmp_path, keep_bytes=35 << 10)
+    write_messages(writer, [f"r{i}" for i in range(6)], message)
+    writer.close()
+    kept = trace_names(tmp_path)
+    assert kept == ["r4", "r5"]  # each trace is its 10 KiB message and some JSON
+    assert on_disk(tmp_path) <= 35 << 10
+    assert writer.stats().pruned == 4
+    # a new writer (a restart) counts what is on disk, and prune() applies the total too
+    again = TraceWriter(tmp_path, keep_bytes=20 << 10)
+    again.close()
+    assert again.prune() == 1 and trace_names(tmp_path) == ["r5"]
+
+
+def test_a_trace_over_the_per_trace_limit_keeps_its_summary_and_verdicts(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, max_trace_bytes=8 << 10)
+    write_messages(writer, ["big"], b"y" * (20 << 10))
+    writer.close()
+    assert writer.stats().cut == 1
+    folder = tmp_path / "requests" / "big"
+    assert [p.name for p in folder.iterdir()] == ["trace.jsonl"]  # the message went
+    trace = read_trace(tmp_path, "big")
+    assert trace["summary"]["cut"] == [f"message ({20 << 10} bytes)"]
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    assert trace["response"]["replies"][0]["line"] == "250 2.0.0 queued"
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
+
+
+def test_a_tiny_per_trace_limit_cuts_the_envelope_and_steps_too(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, max_trace_bytes=100)
+    write_messages(writer, ["tiny"], b"z" * 1000)
+    writer.close()
+    trace = read_trace(tmp_path, "tiny")
+    assert [c.split(" (")[0] for c in trace["summary"]["cut"]] == ["message", "envelope", "steps"]
+    assert trace["envelope"] == {} and trace["steps"] == {"fired": [], "steps": []}
+    assert trace["summary"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
+    assert trace["response"]["replies"][0]["code"] == 250
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
+def test_traces_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        writer = TraceWriter(tmp_path)
+        write_messages(writer, ["p1"], b"secret body")
+        writer.close()
+    finally:
+        os.umask(old)
+    root = tmp_path / "requests"
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert (root / "p1").stat().st_mode & 0o777 == 0o700
+    files = list((root / "p1").iterdir())
+    assert {p.name for p in files} == {"trace.jsonl", "message.eml"}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+
+
+def test_a_requests_folder_made_by_an_older_version_is_made_private(tmp_path: Path) -> None:
+    (tmp_path / "requests").mkdir(mode=0o755)
+    os.chmod(tmp_path / "requests", 0o755)
+    writer = TraceWriter(tmp_path)
+    write_messages(writer, ["p2"], b"body")
+    writer.close()
+    assert (tmp_path / "requests").stat().st_mode & 0o777 == 0o700

@@ -4,6 +4,7 @@ reload on a file edit, on SIGHUP, and of a broken edit that must not replace wor
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
 import subprocess
@@ -93,11 +94,18 @@ def stored_part(folder: Path, name: str) -> Any:
 def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
     serve: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = serve(tmp_path, OPS, CONFIG)
+    old_umask = os.umask(0o022)  # the server inherits it: traces must stay private anyway
+    try:
+        server = serve(tmp_path, OPS, CONFIG)
+    finally:
+        os.umask(old_umask)
     assert deliver(server) == ["250 2.0.0 v1"]
     folder = wait_for(lambda: traces(server))[0]
     files = {p.name for p in folder.iterdir()}
     assert files == {"trace.jsonl"}  # raw omitted: no message stored beside it
+    assert folder.parent.stat().st_mode & 0o777 == 0o700
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "trace.jsonl").stat().st_mode & 0o777 == 0o600
     on_disk = "".join(p.read_text() for p in folder.iterdir())
     assert SECRET not in on_disk
     envelope = stored_part(folder, "envelope")
