@@ -739,3 +739,108 @@ def test_a_requests_folder_made_by_an_older_version_is_made_private(tmp_path: Pa
     write_messages(writer, ["p2"], b"body")
     writer.close()
     assert (tmp_path / "requests").stat().st_mode & 0o777 == 0o700
+
+
+# --- WITH omit/redact reach the stored message bytes -----------------------------------------
+
+FOLDED_SECRET = b"Bearer sk-live-folded-0123\r\n\t456789"
+RAW_MAIL = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: support@acme.example\r\n"
+    b"Subject: =?utf-8?q?password_is_hunter2-hunter2?=\r\n"
+    b"Authorization: " + FOLDED_SECRET + b"\r\n"
+    b"X-Tracking: track-me-0123456789\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"\r\n"
+    b"Hi support, my token is sk-live-body-copy-42 and the subject says it all.\r\n"
+)
+
+
+def trace_of_message(
+    tmp_path: Path, hints: ScrubHints, data: bytes = RAW_MAIL, rules: str = ACCEPT
+) -> tuple[dict[str, Any], bytes | None]:
+    from txcl.trace_store import read_message
+
+    scrub = "WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/\n"
+    for key, paths in (("omit", hints.omit), ("redact", hints.redact)):
+        if paths:
+            scrub += f'WITH {key} = "{", ".join(paths)}"\n'
+    writer = TraceWriter(tmp_path / "var")
+    try:
+        rules_with_hints = rules + "\n" + scrub + "SET @lmtp.res.code = 550\n"
+        assert deliver_with(tmp_path, rules_with_hints, data, writer) == ["250 2.0.0 queued"]
+        assert writer.flush()
+    finally:
+        writer.close()
+    trace = read_trace(tmp_path / "var")
+
+    return trace, read_message(tmp_path / "var", trace["name"])
+
+
+def test_redacting_headers_reaches_the_stored_message_exactly(tmp_path: Path) -> None:
+    hints = ScrubHints(
+        omit=("_txc.lmtp.msg.headers.x-tracking",),
+        redact=("_txc.lmtp.msg.headers.authorization", "_txc.lmtp.msg.subject"),
+    )
+    trace, stored = trace_of_message(tmp_path, hints)
+    assert stored is not None
+    head, body = stored.split(b"\r\n\r\n", 1)
+    assert head.split(b"\r\n") == [
+        b"From: Alice <alice@example.com>",
+        b"To: support@acme.example",
+        b"Subject: [REDACTED]",  # an encoded word: the whole field goes, not just a match
+        b"Authorization: [REDACTED]",  # folded over two lines
+        b"Message-ID: <m1@example.com>",
+    ]
+    assert body == RAW_MAIL.split(b"\r\n\r\n", 1)[1]
+    assert b"hunter2" not in stored and b"456789" not in stored and b"track-me" not in stored
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"]["file"] == "message.eml"
+
+
+def test_a_redacted_value_copied_into_the_body_is_redacted_there_too() -> None:
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"]["headers"]["x-token"] = ["sk-live-body-copy-42"]
+    hints = ScrubHints(redact=("_txc.lmtp.msg.headers.x-token",))
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints, message=RAW_MAIL)
+    stored = build_artifacts(record).message
+    assert stored is not None and b"sk-live-body-copy-42" not in stored
+    assert b"my token is [REDACTED] and" in stored
+
+
+@pytest.mark.parametrize(
+    "path", ["_txc.lmtp.msg.text", "_txc.lmtp.msg.attachments.*.content", "_txc.*.msg.html"]
+)
+def test_scrubbing_a_body_field_leaves_the_message_out(path: str) -> None:
+    env = envelope()
+    hints = ScrubHints(redact=(path,))
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints, message=RAW_MAIL)
+    artifacts = build_artifacts(record)
+    assert artifacts.message is None
+    msg = artifacts.parts["envelope"]["_txc"]["lmtp"]["msg"]
+    assert msg["raw"] == REDACTED and msg["attachments"][0]["content"] == REDACTED
+    assert "the message holds it in its body" in (
+        artifacts.parts["result"]["scrubbed"]["message_left_out"])
+
+
+_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_=+/", min_size=8, max_size=16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(words=st.lists(_token, min_size=1, max_size=5), folds=st.lists(st.booleans(), max_size=5),
+       crlf=st.booleans())
+def test_a_redacted_header_never_survives_in_the_message(
+    words: list[str], folds: list[bool], crlf: bool
+) -> None:
+    from txcl.trace_raw import plan_for, scrub_message
+
+    eol = b"\r\n" if crlf else b"\n"
+    value = b""
+    for i, word in enumerate(words):
+        gap = (eol + b" ") if i < len(folds) and folds[i] else b" "
+        value += (gap if i else b"") + word.encode()
+    data = (b"From: a@example.com" + eol + b"X-Secret: " + value + eol
+            + b"Subject: hello" + eol + eol + b"body" + eol)
+    plan = plan_for([(("_txc", "lmtp", "msg", "headers", "x-secret"), "redact")], "lmtp")
+    out = scrub_message(data, plan, [], REDACTED)
+    assert out == (b"From: a@example.com" + eol + b"X-Secret: [REDACTED]" + eol
+                   + b"Subject: hello" + eol + eol + b"body" + eol)

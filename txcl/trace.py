@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from txcl.errors import Pos, Problem
-from txcl.trace_raw import scrub_message
+from txcl.trace_raw import plan_for, scrub_message
 from txcl.trace_store import MESSAGE_FILE, StoredApart
 from txcl.values import MISSING
 
@@ -462,8 +462,16 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         envelope = _message_apart(envelope, src, record.message)
     envelope = taint.clean(scrubber.document(envelope))
     message = None
+    left_out = None
     if record.message is not None and isinstance(_get(envelope, *raw_path), StoredApart):
-        message = scrub_message(record.message, (s for s, _ in taint.scan), REDACTED)
+        plan = plan_for(scrubber.rules, src)
+        left_out = plan.left_out
+        if left_out is None:
+            secrets = (value for value, _ in taint.scan)
+            message = scrub_message(record.message, plan, secrets, REDACTED)
+        else:  # the envelope says something was here, and the result says why it is not
+            envelope = _apply(envelope, raw_path, "redact")
+            envelope = _apply(envelope, (*raw_path[:-1], "attachments", "*", "content"), "redact")
 
     res_path: tuple[str, ...] = ("_txc", src, "res")
     res = _get(final, *res_path) if final is not None else None
@@ -516,7 +524,11 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
             "error": error_doc,
             "elapsed_s": elapsed,
             "res": None if res_clean is _OMITTED else res_clean,
-            "scrubbed": {"omit": list(record.hints.omit), "redact": list(record.hints.redact)},
+            "scrubbed": {
+                "omit": list(record.hints.omit),
+                "redact": list(record.hints.redact),
+                **({"message_left_out": left_out} if left_out else {}),
+            },
         },
         "response": {"replies": responses},
     }
