@@ -4,6 +4,7 @@ and lmtp.reload. Also the `txco serve` trace flags and the writer they configure
     txco trace              the latest request, at a glance
     txco trace RID          one request (a unique prefix of its rid is enough)
     txco trace --list       rid, time, src, route, per-recipient codes; oldest first
+                            (--rcpt, --message-id, --tenant, --stack, --verdict filter it)
     txco trace --json       the same data as JSON, for jq
     txco status             the serving version, the last reload and its problems
 """
@@ -11,11 +12,12 @@ and lmtp.reload. Also the `txco serve` trace flags and the writer they configure
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -141,7 +143,24 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=50,
         metavar="N",
-        help="with --list, the newest N only (0: all; default: 50)",
+        help="with --list, the newest N only, after the filters (0: all; default: 50)",
+    )
+    filters = parser.add_argument_group("--list filters (all given must match)")
+    filters.add_argument(
+        "--rcpt", metavar="ADDR", help="a recipient (any case; * and ? match as in globs)"
+    )
+    filters.add_argument(
+        "--message-id", metavar="ID", help="the Message-ID, with or without its <>"
+    )
+    filters.add_argument("--tenant", metavar="NAME", help="the routed tenant")
+    filters.add_argument(
+        "--stack", metavar="NAME", help="the stack: tenant/stack, or the stack's own name"
+    )
+    filters.add_argument(
+        "--verdict",
+        metavar="V",
+        help="a recipient's reply: a code (550), a class (4xx), accepted (2xx), "
+        "tempfailed (4xx) or rejected (5xx)",
     )
 
 
@@ -159,7 +178,16 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     state_dir = Path(args.state_dir)
     if args.list:
         limit = None if args.limit <= 0 else args.limit
-        summaries = read_summaries(state_dir, limit)
+        try:
+            keep = list_filter(args)
+        except ValueError as err:
+            print(f"txco trace: {err}", file=sys.stderr)
+            return 2
+        if keep is None:
+            summaries = read_summaries(state_dir, limit)
+        else:
+            summaries = [s for s in read_summaries(state_dir) if keep(s)]
+            summaries = summaries[-limit:] if limit else summaries
         if args.json:
             out.write(json.dumps(summaries, indent=2, ensure_ascii=False) + "\n")
         else:
@@ -224,6 +252,53 @@ def _is_running(pid: object) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+_VERDICT_WORDS = {"accepted": "2xx", "tempfailed": "4xx", "rejected": "5xx"}
+_VERDICT = re.compile(r"[245](?:\d\d|xx)\Z")
+
+
+def _verdict_matches(wanted: str) -> Callable[[object], bool]:
+    pattern = _VERDICT_WORDS.get(wanted.lower(), wanted.lower())
+    if not _VERDICT.match(pattern):
+        raise ValueError(
+            f"--verdict {wanted!r}: give a code (550), a class (4xx), "
+            "accepted, tempfailed or rejected"
+        )
+    return lambda code: isinstance(code, int) and (
+        str(code) == pattern or (pattern.endswith("xx") and str(code)[0] == pattern[0])
+    )
+
+
+def _bare_message_id(text: object) -> str:
+    return str(text or "").strip().removeprefix("<").removesuffix(">")
+
+
+def list_filter(args: argparse.Namespace) -> Callable[[Mapping[str, Any]], bool] | None:
+    """The `--list` filters given, as one predicate on a summary; None when none is given.
+    Raises ValueError for a filter that cannot match anything as written."""
+    tests: list[Callable[[Mapping[str, Any]], bool]] = []
+    if args.rcpt:
+        glob = args.rcpt.lower()
+        tests.append(lambda s: any(
+            fnmatch.fnmatchcase(str(r.get("rcpt", "")).lower(), glob)
+            for r in s.get("recipients") or ()))
+    if args.message_id:
+        wanted_id = _bare_message_id(args.message_id)
+        tests.append(lambda s: _bare_message_id(s.get("message_id")) == wanted_id)
+    if args.tenant:
+        tests.append(lambda s: (s.get("route") or {}).get("tenant") == args.tenant)
+    if args.stack:
+        whole = "/" in args.stack
+        tests.append(lambda s: args.stack == (
+            str(s.get("stack") or "") if whole else str(s.get("stack") or "").split("/")[-1]))
+    if args.verdict:
+        code_matches = _verdict_matches(args.verdict)
+        tests.append(lambda s: any(
+            code_matches(r.get("code")) for r in s.get("recipients") or ()))
+    if not tests:
+        return None
+    return lambda summary: all(test(summary) for test in tests)
 
 
 def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
@@ -330,6 +405,13 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
     route = summary.get("route")
     if isinstance(route, Mapping):
         lines.append("route    " + "  ".join(f"{k}={v}" for k, v in route.items()))
+    message = [
+        f"{label}={short(summary[key], 60)}"
+        for key, label in (("message_id", "id"), ("sender", "from"), ("subject", "subject"))
+        if summary.get(key) not in (None, "")
+    ]
+    if message:
+        lines.append("message  " + "  ".join(message))
     replies = response.get("replies") or []
     width = max((len(str(r.get("rcpt"))) for r in replies), default=0)
     for i, reply in enumerate(replies):

@@ -844,3 +844,18 @@ def test_a_redacted_header_never_survives_in_the_message(
     out = scrub_message(data, plan, [], REDACTED)
     assert out == (b"From: a@example.com" + eol + b"X-Secret: [REDACTED]" + eol
                    + b"Subject: hello" + eol + eol + b"body" + eol)
+
+
+def test_the_summary_shows_message_id_sender_and_subject_scrubbed_like_the_rest() -> None:
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"]["id"] = "<m1@example.com>"
+    env["_txc"]["lmtp"]["mail"] = {"from": "alice@example.com", "size": 10}
+    plain_summary = build_artifacts(
+        TraceRecord("r", 0.0, env, None, (), "acme/_mail", ScrubHints())).parts["summary"]
+    assert (plain_summary["message_id"], plain_summary["sender"], plain_summary["subject"]) == (
+        "<m1@example.com>", "alice@example.com", "wifi keeps dropping")
+    hints = ScrubHints(omit=("_txc.lmtp.msg.id",), redact=("@lmtp.mail", "@lmtp.msg.subject"))
+    summary = build_artifacts(
+        TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints)).parts["summary"]
+    assert (summary["message_id"], summary["sender"], summary["subject"]) == (
+        None, REDACTED, REDACTED)

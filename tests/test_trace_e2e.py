@@ -47,7 +47,9 @@ OPS = {
 }
 
 
-def deliver(server: Server, rcpts: tuple[str, ...] = ("support@acme.example",)) -> list[str]:
+def deliver(
+    server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
+) -> list[str]:
     """One LMTP transaction; the reply line of every recipient, in RCPT order."""
     with server.lmtp() as client:
         client.ehlo_or_helo_if_needed()
@@ -58,7 +60,7 @@ def deliver(server: Server, rcpts: tuple[str, ...] = ("support@acme.example",)) 
         client.putcmd("data")
         code, _ = client.getreply()
         assert code == 354
-        client.send(smtplib.quotedata(MESSAGE).encode() + b"\r\n.\r\n")
+        client.send(smtplib.quotedata(message).encode() + b"\r\n.\r\n")
         replies = [client.getreply() for _ in rcpts]
         return [f"{code} {text.decode()}" for code, text in replies]
 
@@ -230,3 +232,53 @@ def test_a_config_edit_changes_routing_without_a_restart(
     (tmp_path / "txco.yaml").write_text(CONFIG + "      beta.example: {tenant: beta}\n")
     server.wait_for_log(r"reload \(watch\): now serving version 2")
     assert deliver(server, ("support@beta.example",)) == ["250 2.0.0 beta"]
+
+
+def test_trace_list_filters_find_a_request_from_the_outside(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    config = CONFIG + "      beta.example: {tenant: beta}\n"
+    ops = {**OPS, "beta/_mail/0/10-accept.txcl": ACCEPT.replace('"v1"', '"beta"')}
+    server = serve(tmp_path, ops, config)
+
+    def mail(message_id: str, subject: str) -> str:
+        return MESSAGE.replace(
+            "Subject: wifi keeps dropping", f"Subject: {subject}\r\nMessage-ID: <{message_id}>"
+        )
+
+    assert deliver(server, ("support@acme.example",), mail("one@x", "first")) == ["250 2.0.0 v1"]
+    assert deliver(server, ("other@acme.example",), mail("two@x", "second"))[0].startswith("550")
+    assert deliver(server, ("support@beta.example",), mail("three@x", "third")) == [
+        "250 2.0.0 beta"]
+    wait_for(lambda: len(traces(server)) == 3)
+    state = ["--state-dir", str(server.state_dir)]
+
+    def listed(*filters: str) -> list[str]:
+        """The Message-IDs of the traces `txco trace --list --json` keeps, oldest first."""
+        done = txco("trace", "--list", "--json", *filters, *state)
+        assert done.returncode == 0, done.stderr
+        return [s["message_id"] for s in json.loads(done.stdout)]
+
+    assert listed() == ["<one@x>", "<two@x>", "<three@x>"]
+    assert listed("--rcpt", "SUPPORT@acme.example") == ["<one@x>"]
+    assert listed("--rcpt", "*@beta.example") == ["<three@x>"]
+    assert listed("--message-id", "two@x") == ["<two@x>"]
+    assert listed("--message-id", "<three@x>") == ["<three@x>"]
+    assert listed("--tenant", "beta") == ["<three@x>"]
+    assert listed("--stack", "acme/_mail") == ["<one@x>", "<two@x>"]
+    assert listed("--stack", "_mail") == ["<one@x>", "<two@x>", "<three@x>"]
+    assert listed("--verdict", "rejected") == listed("--verdict", "5xx") == ["<two@x>"]
+    assert listed("--verdict", "250") == ["<one@x>", "<three@x>"]
+    assert listed("--tenant", "acme", "--verdict", "accepted") == ["<one@x>"]
+    assert listed("--tenant", "acme", "-n", "1") == ["<two@x>"]  # the newest after filtering
+    assert listed("--tenant", "nobody") == []
+
+    text = txco("trace", "--list", "--rcpt", "other@acme.example", *state)
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 2
+    bad = txco("trace", "--list", "--verdict", "bogus", *state)
+    assert bad.returncode == 2 and "--verdict 'bogus'" in bad.stderr
+
+    summary = json.loads(txco("trace", "--list", "--json", "--message-id", "one@x", *state).stdout)
+    assert (summary[0]["sender"], summary[0]["subject"]) == ("alice@example.com", "first")
+    shown = txco("trace", summary[0]["name"], *state)
+    assert 'message  id="<one@x>"  from="alice@example.com"  subject="first"' in shown.stdout
