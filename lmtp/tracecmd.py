@@ -6,6 +6,7 @@ and lmtp.reload. Also the `txco serve` trace flags and the writer they configure
     txco trace --list       rid, time, src, route, per-recipient codes; oldest first
                             (--rcpt, --message-id, --tenant, --stack, --verdict filter it)
     txco trace --json       the same data as JSON, for jq
+    txco trace --message    the message stored with it, as received (scrubbed)
     txco status             the serving version, the last reload and its problems
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from txcl.trace import TRACE_MODES
-from txcl.trace_store import PARTS, read_summaries, read_trace, trace_names
+from txcl.trace_store import PARTS, read_message, read_summaries, read_trace, trace_names
 from txcl.trace_writer import TraceWriter
 
 DEFAULT_TRACE_KEEP = 1000
@@ -138,6 +139,12 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument(
+        "--message",
+        action="store_true",
+        help="write the message stored with the trace (scrubbed) to standard output, "
+        "as it was received",
+    )
+    parser.add_argument(
         "-n",
         "--limit",
         type=int,
@@ -202,10 +209,31 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except FileNotFoundError as err:
         print(f"txco trace: {err}", file=sys.stderr)
         return 1
+    if args.message:
+        return _write_message(state_dir, trace["name"], out)
     if args.json:
         out.write(json.dumps(trace_json(trace), indent=2, ensure_ascii=False) + "\n")
     else:
         out.write(format_trace(trace, state_dir / "requests" / trace["name"]))
+    return 0
+
+
+def _write_message(state_dir: Path, name: str, out: TextIO) -> int:
+    message = read_message(state_dir, name)
+    if message is None:
+        print(
+            f"txco trace: no message stored with {name} (WITH omit or a body hint left it "
+            "out, or it was cut by --trace-max-bytes)",
+            file=sys.stderr,
+        )
+        return 1
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(message)
+        buffer.flush()
+    else:  # a text stream without bytes beneath (tests): the bytes as the parser reads them
+        out.write(message.decode("utf-8", "surrogateescape"))
     return 0
 
 

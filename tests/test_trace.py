@@ -859,3 +859,19 @@ def test_the_summary_shows_message_id_sender_and_subject_scrubbed_like_the_rest(
         TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints)).parts["summary"]
     assert (summary["message_id"], summary["sender"], summary["subject"]) == (
         None, REDACTED, REDACTED)
+
+
+def test_traces_of_the_five_file_format_are_still_read(tmp_path: Path) -> None:
+    folder = tmp_path / "requests" / "01OLD"
+    folder.mkdir(parents=True)
+    parts = {
+        "summary": {"rid": "01OLD", "src": "lmtp", "recipients": [{"rcpt": "a@b", "code": 250}]},
+        "envelope": {"_txc": {"src": "lmtp"}},
+        "steps": {"fired": [], "steps": []},
+        "result": {"error": None},
+        "response": {"replies": [{"rcpt": "a@b", "code": 250, "line": "250 ok"}]},
+    }
+    for name, doc in parts.items():
+        (folder / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    assert read_trace(tmp_path, "01OLD") == {"name": "01OLD", **parts}
+    assert read_summaries(tmp_path) == [{**parts["summary"], "name": "01OLD"}]

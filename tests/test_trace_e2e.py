@@ -282,3 +282,12 @@ def test_trace_list_filters_find_a_request_from_the_outside(
     assert (summary[0]["sender"], summary[0]["subject"]) == ("alice@example.com", "first")
     shown = txco("trace", summary[0]["name"], *state)
     assert 'message  id="<one@x>"  from="alice@example.com"  subject="first"' in shown.stdout
+
+    # beta's stack scrubs nothing: its trace keeps the message as received, acme's does not
+    (beta,) = json.loads(txco("trace", "--list", "--json", "--tenant", "beta", *state).stdout)
+    raw = subprocess.run([*txco_argv(), "trace", beta["name"], "--message", *state],
+                         capture_output=True, timeout=30)
+    received = mail("three@x", "third").encode() + b"\r\n"  # deliver() adds a line before "."
+    assert raw.returncode == 0 and raw.stdout == received
+    none = txco("trace", summary[0]["name"], "--message", *state)
+    assert none.returncode == 1 and "no message stored" in none.stderr

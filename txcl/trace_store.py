@@ -215,9 +215,19 @@ def read_trace(state_dir: str | os.PathLike[str], name: str | None = None) -> di
             part = _part(line)
             if part is not None and part[0] in PARTS:
                 out[part[0]] = part[1]
+    except FileNotFoundError:
+        out.update({name: _legacy_part(folder, name) for name in PARTS})
     except OSError:
         pass
     return out
+
+
+def _legacy_part(folder: Path, name: str) -> Any:
+    """A part of a trace written before `trace.jsonl`: one indented `<part>.json` each."""
+    try:
+        return orjson.loads((folder / f"{name}.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
 
 
 def read_message(state_dir: str | os.PathLike[str], name: str) -> bytes | None:
@@ -229,12 +239,13 @@ def read_message(state_dir: str | os.PathLike[str], name: str) -> bytes | None:
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
-    """The first line of a trace; None for a folder without a trace file."""
+    """The first line of a trace (or its legacy `summary.json`); None when it has neither."""
     try:
         with open(folder / TRACE_FILE, "rb") as fh:
             first = fh.readline()
     except FileNotFoundError:
-        return None
+        legacy = _legacy_part(folder, "summary")
+        return legacy if isinstance(legacy, dict) else None
     except OSError:
         return {"rid": folder.name, "error": "unreadable summary"}
     part = _part(first)
