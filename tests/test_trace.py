@@ -258,8 +258,9 @@ def test_a_file_where_the_requests_folder_should_be_loses_the_trace(
     assert "cannot write r1" in losses[0].getMessage()
 
 
-def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
-    writer = TraceWriter(tmp_path, queue_size=2)
+def stalled_writer(tmp_path: Path, **kw: Any) -> tuple[TraceWriter, threading.Event]:
+    """A writer whose thread waits (at most 5 s) for the event before each write."""
+    writer = TraceWriter(tmp_path, **kw)
     gate = threading.Event()
     real_write = writer.write
 
@@ -268,6 +269,11 @@ def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
         return real_write(record)
 
     writer.write = slow_write  # type: ignore[method-assign]
+    return writer, gate
+
+
+def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    writer, gate = stalled_writer(tmp_path, queue_size=2)
     env = envelope()
     started = time.monotonic()
     accepted = [writer(f"r{i}", env, result_for(env), [], None) for i in range(20)]
@@ -640,15 +646,7 @@ def test_attachment_content_read_by_a_stack_is_not_stored_twice() -> None:
 
 
 def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Path) -> None:
-    writer = TraceWriter(tmp_path, queue_bytes=(1 << 20))
-    gate = threading.Event()
-    real_write = writer.write
-
-    def slow_write(record: TraceRecord) -> Path:
-        gate.wait(5)
-        return real_write(record)
-
-    writer.write = slow_write  # type: ignore[method-assign]
+    writer, gate = stalled_writer(tmp_path, queue_bytes=(1 << 20))
     env = envelope()
     message = b"x" * (200 << 10)  # each queued record counts for 2 x 200 KiB + overhead
     accepted = [writer(f"r{i}", env, None, [], None, message=message) for i in range(6)]
