@@ -92,38 +92,50 @@ def private_folder(path: Path) -> None:
         os.chmod(path, FOLDER_MODE)
 
 
-def write_private(path: Path, chunks: list[bytes] | bytes) -> int:
+def write_private(path: str, data: bytes) -> int:
     """Write a new file readable by its owner only; returns the bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb", closefd=False) as fh:
-            if isinstance(chunks, bytes):
-                fh.write(chunks)
-                return len(chunks)
-            fh.writelines(chunks)
-            return sum(map(len, chunks))
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+    return len(data)
+
+
+def remove_trace(folder: str) -> None:
+    """Remove one trace folder (its files, then itself); anything unexpected in it too."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                os.unlink(entry.path)
+        os.rmdir(folder)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[Path, int]:
     """One trace's files, written into a private temporary folder that is then renamed to
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
     appears whole or not at all. Returns the folder and the bytes written."""
-    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
+    base = os.fspath(root)
+    tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
     os.mkdir(tmp, FOLDER_MODE)
     try:
         os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
-        size = write_private(tmp / TRACE_FILE, lines)
+        size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
         if message is not None:
-            size += write_private(tmp / MESSAGE_FILE, message)
+            size += write_private(f"{tmp}/{MESSAGE_FILE}", message)
         n = 0
         while True:
-            final = root / (name if n == 0 else f"{name}.{n}")
+            final = f"{base}/{name}" if n == 0 else f"{base}/{name}.{n}"
             try:
                 os.rename(tmp, final)  # fails on an existing trace: it is never empty
-                return final, size
+                return Path(final), size
             except OSError as err:
                 if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise

@@ -39,6 +39,7 @@ from txcl.trace_store import (
     folder_size,
     mtime,
     private_folder,
+    remove_trace,
     requests_root,
     safe_rid,
     scan,
@@ -325,7 +326,7 @@ class TraceWriter:
         return self._known
 
     def _remove(self, name: str) -> None:
-        shutil.rmtree(self.root / name, ignore_errors=True)
+        remove_trace(f"{self.root}/{name}")
         self._count("pruned")
 
     def _prune_safely(self) -> None:
