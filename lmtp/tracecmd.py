@@ -353,6 +353,15 @@ def trace_json(trace: Mapping[str, Any]) -> dict[str, Any]:
 # --- rendering -------------------------------------------------------------------------------
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """A line safe for a terminal: control characters (ESC, CR, NUL…) from mail, rules or
+    ops are shown escaped, never sent raw."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def short(value: Any, width: int = VALUE_WIDTH) -> str:
     text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -391,7 +400,7 @@ def format_list(summaries: Sequence[Mapping[str, Any]]) -> str:
         + ("  " + row[5] if row[5] else "")
         for row in rows
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(printable, lines)) + "\n"
 
 
 def _step_line(step: Mapping[str, Any]) -> str:
@@ -471,4 +480,4 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
             f"redact: {', '.join(scrubbed.get('redact') or ()) or '-'}"
         )
     lines.append(f"files    {folder}/")
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(printable, lines)) + "\n"

@@ -873,3 +873,21 @@ def test_traces_of_the_five_file_format_are_still_read(tmp_path: Path) -> None:
         (folder / f"{name}.json").write_text(json.dumps(doc, indent=2))
     assert read_trace(tmp_path, "01OLD") == {"name": "01OLD", **parts}
     assert read_summaries(tmp_path) == [{**parts["summary"], "name": "01OLD"}]
+
+
+def test_the_terminal_views_never_print_control_characters(tmp_path: Path) -> None:
+    from lmtp.tracecmd import format_list, format_trace
+
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    boom = Problem("txcl_run_error", "op said \x1b[2Jgone\r\nforged line", Pos("f.txcl", 2, 1))
+    replies = [('"evil\x1b]0;x\x07"@acme.example', "451 4.3.0 later")]
+    writer("r1", env, result_for(env, boom), replies, FakeStack("acme/_mail", None))
+    assert writer.flush()
+    writer.close()
+    text = format_trace(read_trace(tmp_path, "r1"), tmp_path / "requests" / "r1")
+    listed = format_list(read_summaries(tmp_path))
+    for shown in (text, listed):
+        assert not [c for c in shown if c != "\n" and (ord(c) < 32 or 127 <= ord(c) < 160)]
+    assert '"evil\\x1b]0;x\\x07"@acme.example' in text
+    assert "op said \\x1b[2Jgone\\x0d\\x0aforged line" in listed
