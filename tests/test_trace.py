@@ -650,11 +650,19 @@ def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Pa
     env = envelope()
     message = b"x" * (200 << 10)  # each queued record counts for 2 x 200 KiB + overhead
     accepted = [writer(f"r{i}", env, None, [], None, message=message) for i in range(6)]
+    small = [writer(f"s{i}", env, None, [], None) for i in range(200)]  # 16 KiB each
     gate.set()
     assert writer.flush()
     writer.close()
-    assert accepted == [True, True, False, False, False, False]
-    assert writer.stats().dropped == 4 and writer.stats().written == 2
+    assert accepted == [True] * 6  # the first two with their message, the rest without
+    stored = [(tmp_path / "requests" / f"r{i}" / "message.eml").exists() for i in range(6)]
+    assert stored == [True, True, False, False, False, False]
+    assert read_trace(tmp_path, "r5")["summary"]["cut"] == [
+        f"message ({200 << 10} bytes, the trace queue was full)"]
+    # with no room even for a record without its message, records are dropped and counted
+    assert 0 < small.count(False) == writer.stats().dropped
+    assert writer.stats().written == 6 + small.count(True)
+    assert writer.stats().cut == 4
 
 
 # --- retention by bytes, the per-trace limit, privacy ----------------------------------------
@@ -689,10 +697,13 @@ def test_retention_by_bytes_keeps_the_newest_within_the_total(tmp_path: Path) ->
 
 
 def test_a_trace_over_the_per_trace_limit_keeps_its_summary_and_verdicts(tmp_path: Path) -> None:
-    writer = TraceWriter(tmp_path, max_trace_bytes=8 << 10)
-    write_messages(writer, ["big"], b"y" * (20 << 10))
+    writer = TraceWriter(tmp_path, max_trace_bytes=8 << 10, queue_bytes=64 << 10)
+    write_messages(writer, ["big"], b"y" * (20 << 10))  # too big to queue: let go at once
+    write_messages(writer, ["fits"], b"y" * (7 << 10))  # fits the queue, not the limit
     writer.close()
-    assert writer.stats().cut == 1
+    assert writer.stats().cut == 2
+    fits = read_trace(tmp_path, "fits")["summary"]["cut"]
+    assert fits[0] == f"message ({7 << 10} bytes)" and len(fits) == 1
     folder = tmp_path / "requests" / "big"
     assert [p.name for p in folder.iterdir()] == ["trace.jsonl"]  # the message went
     trace = read_trace(tmp_path, "big")

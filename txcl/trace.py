@@ -386,6 +386,7 @@ class TraceRecord:
     hints: ScrubHints
     error: str = ""  # an error outside the run (e.g. the response deadline passed)
     message: bytes | None = None  # the bytes the envelope was built from, by reference
+    cut: tuple[str, ...] = ()  # what was left out before queueing (e.g. an oversize message)
 
 
 def reply_code(line: str) -> int | None:

@@ -3,7 +3,9 @@
 Writing never slows or fails the caller: `TraceWriter.__call__` only checks the mode and
 enqueues references (the envelope, the result, the message bytes — nothing is copied or
 serialised on the caller's side). The queue is bounded in records and in bytes (the
-message sizes it holds alive); when full, the trace is dropped and counted. The worker
+message sizes it holds alive): a message over the per-trace limit, or one the byte budget
+has no room for, is let go at once and the trace queued without it (its summary says so);
+when the queue is full even so, the trace is dropped and counted. The worker
 thread scrubs, encodes and writes (`txcl.trace_store`), and keeps the stored traces within
 their count, age and total bytes. One trace over the per-trace limit keeps its summary,
 result and replies and says what was cut. An I/O error loses that trace, is counted, and is
@@ -85,16 +87,18 @@ def record_weight(message: bytes | None) -> int:
 
 
 def fit(
-    parts: dict[str, Any], message: bytes | None, limit: int
+    parts: dict[str, Any], message: bytes | None, limit: int, cut_before: Sequence[str] = ()
 ) -> tuple[list[bytes], bytes | None, list[str]]:
     """The lines and message of one trace within `limit` bytes: the message goes first,
     then the envelope, then the steps; the summary, result and replies always stay, and
-    the summary's `cut` says what went."""
+    the summary's `cut` says what went (after what `cut_before` says went already)."""
+    cut = list(cut_before)
+    if cut:
+        parts["summary"]["cut"] = cut
     lines = encode_parts(parts)
     total = sum(map(len, lines)) + (len(message) if message is not None else 0)
     if total <= limit:
-        return lines, message, []
-    cut: list[str] = []
+        return lines, message, cut
     if message is not None:
         cut.append(f"message ({len(message)} bytes)")
         total -= len(message)
@@ -181,12 +185,17 @@ class TraceWriter:
             ):
                 self._count("skipped")
                 return False
+            cut: tuple[str, ...] = ()
+            if message is not None and len(message) > self.max_trace_bytes:
+                cut, message = (f"message ({len(message)} bytes)",), None
             weight = record_weight(message)
             with self._lock:
-                if self._queued_bytes + weight > self.queue_bytes:
-                    full = True
-                else:
-                    full = False
+                if message is not None and self._queued_bytes + weight > self.queue_bytes:
+                    # Keep the summary and verdicts; let the message go.
+                    cut = (f"message ({len(message)} bytes, the trace queue was full)",)
+                    message, weight = None, record_weight(None)
+                full = self._queued_bytes + weight > self.queue_bytes
+                if not full:
                     self._queued_bytes += weight
             if full:
                 raise queue.Full
@@ -200,6 +209,7 @@ class TraceWriter:
                 hints=hints_of(getattr(stack, "hints", None)),
                 error=error,
                 message=message,
+                cut=cut,
             )
             try:
                 self._queue.put_nowait(record)
@@ -296,7 +306,9 @@ class TraceWriter:
     def write(self, record: TraceRecord) -> Path:
         """Scrub, encode and write one record now (the worker calls this; so may tests)."""
         artifacts = build_artifacts(record)
-        lines, message, cut = fit(artifacts.parts, artifacts.message, self.max_trace_bytes)
+        lines, message, cut = fit(
+            artifacts.parts, artifacts.message, self.max_trace_bytes, record.cut
+        )
         if not self._root_ready:
             private_folder(self.root)
             self._root_ready = True
