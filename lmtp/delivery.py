@@ -5,8 +5,8 @@ runner never mutates its input). Only the fields the routed stacks can observe a
 (`lmtp.message.MessageNeeds`, worked out once per compiled stack): a stack whose rules read
 the subject and one header costs a header parse, not a MIME walk and a base64 copy. A
 trace stores the message bytes themselves (handed over by reference, never base64) and
-shows every header-derived field, so with traces on those are built too, and the body
-fields only when a stack reads them. Small
+shows every header, so with traces on the headers are built too (`TRACED_FIELDS`), and
+the address lists and body fields only when a stack reads them. Small
 messages and header-only parses run on the event loop (a thread hop costs more than they
 do); a big message's MIME walk runs in a worker thread, so the loop keeps answering. Groups run concurrently; each
 resolves its own verdicts, and the replies are stitched back into RCPT TO order.
@@ -29,7 +29,6 @@ from lmtp.message import (
     BODY_FIELDS,
     BUILTIN_OP_NEEDS,
     EVERYTHING,
-    MSG_FIELDS,
     NOTHING,
     MessageNeeds,
     build_envelope,
@@ -53,9 +52,10 @@ StackResult or None (the stack is not in the tree, or the run raised), replies a
 (recipient, line) pairs, stack is the `Stack` that ran or the routed stack's name, error
 what failed outside the run ("" if nothing), message the bytes of the message (the object
 itself, not a copy). Must be cheap; its failure is ignored."""
-# What a trace shows of the message beyond what the stacks read: every header-derived
-# field. The bytes are handed over as they are, and the bodies are in them.
-TRACED_FIELDS = MessageNeeds(frozenset(MSG_FIELDS) - BODY_FIELDS - {"raw"})
+# What a trace shows of the message beyond what the stacks read: every header, decoded, and
+# the fields its summary names. The address lists (a full header parse) and the bodies are
+# in the message bytes, which are handed over as they are.
+TRACED_FIELDS = MessageNeeds(frozenset({"id", "date", "subject", "headers"}))
 
 
 @dataclass(frozen=True, slots=True)
