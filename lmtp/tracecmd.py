@@ -444,7 +444,7 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
         lines.append("route    " + "  ".join(f"{k}={v}" for k, v in route.items()))
     message = [
         f"{label}={short(summary[key], 60)}"
-        for key, label in (("message_id", "id"), ("sender", "from"), ("subject", "subject"))
+        for key, label in (("message_id", "id"), ("sender", "sender"), ("subject", "subject"))
         if summary.get(key) not in (None, "")
     ]
     if message:

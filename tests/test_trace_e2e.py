@@ -281,7 +281,7 @@ def test_trace_list_filters_find_a_request_from_the_outside(
     summary = json.loads(txco("trace", "--list", "--json", "--message-id", "one@x", *state).stdout)
     assert (summary[0]["sender"], summary[0]["subject"]) == ("alice@example.com", "first")
     shown = txco("trace", summary[0]["name"], *state)
-    assert 'message  id="<one@x>"  from="alice@example.com"  subject="first"' in shown.stdout
+    assert 'message  id="<one@x>"  sender="alice@example.com"  subject="first"' in shown.stdout
 
     # beta's stack scrubs nothing: its trace keeps the message as received, acme's does not
     (beta,) = json.loads(txco("trace", "--list", "--json", "--tenant", "beta", *state).stdout)
