@@ -902,3 +902,19 @@ def test_the_terminal_views_never_print_control_characters(tmp_path: Path) -> No
         assert not [c for c in shown if c != "\n" and (ord(c) < 32 or 127 <= ord(c) < 160)]
     assert '"evil\\x1b]0;x\\x07"@acme.example' in text
     assert "op said \\x1b[2Jgone\\x0d\\x0aforged line" in listed
+
+
+def test_errors_mode_keeps_the_full_detail_of_a_failure(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, mode="errors")
+    env = envelope()
+    boom = Problem("txcl_run_error", "op ARCHIVE timed out", Pos("f", 2, 1))
+    replies = [("support@acme.example", "451 4.3.0 later")]
+    assert writer("failed", env, result_for(env, boom), replies, None, message=RAW_MAIL)
+    assert writer.flush()
+    writer.close()
+    folder = tmp_path / "requests" / "failed"
+    assert (folder / "message.eml").read_bytes() == RAW_MAIL  # no hints: kept as received
+    trace = read_trace(tmp_path, "failed")
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    assert [s["kind"] for s in trace["steps"]["steps"]] == ["set", "exec", "set"]
+    assert trace["steps"]["fired"] and trace["result"]["error"]["message"] == "op ARCHIVE timed out"
