@@ -291,3 +291,20 @@ def test_trace_list_filters_find_a_request_from_the_outside(
     assert raw.returncode == 0 and raw.stdout == received
     none = txco("trace", summary[0]["name"], "--message", *state)
     assert none.returncode == 1 and "no message stored" in none.stderr
+
+
+def test_the_trace_byte_limits_are_served_flags(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    ops = {"acme/_mail/0/10-accept.txcl": ACCEPT}  # no hints: the message would be stored
+    server = serve(tmp_path, ops, CONFIG, "--trace-max-bytes=1K", "--trace-keep-bytes=4K")
+    for _ in range(4):
+        assert deliver(server) == ["250 2.0.0 v1"]
+    wait_for(lambda: len(traces(server)) >= 1)
+    server.stop(signal.SIGTERM)  # the writer finishes what is queued before the process ends
+    kept = traces(server)
+    assert kept and sum(p.stat().st_size for f in kept for p in f.iterdir()) <= 4096
+    for folder in kept:
+        assert {p.name for p in folder.iterdir()} == {"trace.jsonl"}
+        summary = stored_part(folder, "summary")
+        assert summary["cut"][0].startswith("message (") and summary["recipients"][0]["code"] == 250
