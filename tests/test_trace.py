@@ -645,7 +645,10 @@ def test_attachment_content_read_by_a_stack_is_not_stored_twice() -> None:
     assert env["_txc"]["lmtp"]["msg"]["raw"].startswith("b64:")  # the run's data untouched
 
 
-def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Path) -> None:
+def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="txcl.trace")
     writer, gate = stalled_writer(tmp_path, queue_bytes=(1 << 20))
     env = envelope()
     message = b"x" * (200 << 10)  # each queued record counts for 2 x 200 KiB + overhead
@@ -655,6 +658,8 @@ def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(tmp_path: Pa
     assert writer.flush()
     writer.close()
     assert accepted == [True] * 6  # the first two with their message, the rest without
+    assert f"{6 + small.count(True)} written (4 cut to fit), {small.count(False)} dropped" in (
+        caplog.text)
     stored = [(tmp_path / "requests" / f"r{i}" / "message.eml").exists() for i in range(6)]
     assert stored == [True, True, False, False, False, False]
     assert read_trace(tmp_path, "r5")["summary"]["cut"] == [

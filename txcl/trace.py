@@ -44,7 +44,6 @@ _MIN_TAINT_SUBSTRING: Final = 8
 _MAX_TAINT_SCAN: Final = 1 << 20
 
 
-
 # --- scrub hints -------------------------------------------------------------------------
 
 Action = Literal["omit", "redact"]

@@ -242,7 +242,7 @@ class TraceWriter:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the thread."""
+        """Write what is queued, then stop the thread, and log what became of the traces."""
         if self._thread is None:
             return
         try:
@@ -251,6 +251,11 @@ class TraceWriter:
             return
         self._thread.join(timeout)
         self._thread = None
+        stats = self.stats()
+        log.info(
+            "trace: %d written (%d cut to fit), %d dropped, %d failed, %d pruned",
+            stats.written, stats.cut, stats.dropped, stats.failed, stats.pruned,
+        )
 
     # -- the worker's side ----------------------------------------------------------------
 
