@@ -242,7 +242,8 @@ class TraceWriter:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the thread, and log what became of the traces."""
+        """Write what is queued, then stop the thread; log the counts if any trace lost parts
+        or was lost."""
         if self._thread is None:
             return
         try:
@@ -252,10 +253,11 @@ class TraceWriter:
         self._thread.join(timeout)
         self._thread = None
         stats = self.stats()
-        log.info(
-            "trace: %d written (%d cut to fit), %d dropped, %d failed, %d pruned",
-            stats.written, stats.cut, stats.dropped, stats.failed, stats.pruned,
-        )
+        if stats.dropped or stats.failed or stats.cut:  # a loss the operator should hear of
+            log.info(
+                "trace: %d written (%d cut to fit), %d dropped, %d failed, %d pruned",
+                stats.written, stats.cut, stats.dropped, stats.failed, stats.pruned,
+            )
 
     # -- the worker's side ----------------------------------------------------------------
 
