@@ -524,16 +524,21 @@ def test_an_ambiguous_rid_prefix_is_refused_and_a_unique_one_found(tmp_path: Pat
         resolve_rid(tmp_path, "02")
 
 
+def write_failure(tmp_path: Path, error: str, rcpt: str, hints: Any) -> None:
+    """One trace "r1" of a run that failed with `error`, its recipient tempfailed."""
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    boom = Problem("txcl_run_error", error, Pos("f.txcl", 2, 1))
+    writer("r1", env, result_for(env, boom), [(rcpt, "451 4.3.0 later")],
+           FakeStack("acme/_mail", hints))
+    assert writer.flush()
+    writer.close()
+
+
 def test_the_terminal_view_is_compact_and_shows_errors(tmp_path: Path) -> None:
     from lmtp.tracecmd import format_list, format_trace
 
-    writer = TraceWriter(tmp_path)
-    env = envelope()
-    boom = Problem("txcl_run_error", "op ARCHIVE timed out after 5s", Pos("f.txcl", 2, 1))
-    replies = [("support@acme.example", "451 4.3.0 later")]
-    writer("r1", env, result_for(env, boom), replies, FakeStack("acme/_mail", HINTS))
-    writer.flush()
-    writer.close()
+    write_failure(tmp_path, "op ARCHIVE timed out after 5s", "support@acme.example", HINTS)
     trace = read_trace(tmp_path, "r1")
     text = format_trace(trace, tmp_path / "requests" / "r1")
     assert "ERROR    f.txcl:2:1: txcl_run_error: op ARCHIVE timed out after 5s" in text
@@ -894,13 +899,9 @@ def test_traces_of_the_five_file_format_are_still_read(tmp_path: Path) -> None:
 def test_the_terminal_views_never_print_control_characters(tmp_path: Path) -> None:
     from lmtp.tracecmd import format_list, format_trace
 
-    writer = TraceWriter(tmp_path)
-    env = envelope()
-    boom = Problem("txcl_run_error", "op said \x1b[2Jgone\r\nforged line", Pos("f.txcl", 2, 1))
-    replies = [('"evil\x1b]0;x\x07"@acme.example', "451 4.3.0 later")]
-    writer("r1", env, result_for(env, boom), replies, FakeStack("acme/_mail", None))
-    assert writer.flush()
-    writer.close()
+    write_failure(
+        tmp_path, "op said \x1b[2Jgone\r\nforged line", '"evil\x1b]0;x\x07"@acme.example', None
+    )
     text = format_trace(read_trace(tmp_path, "r1"), tmp_path / "requests" / "r1")
     listed = format_list(read_summaries(tmp_path))
     for shown in (text, listed):
