@@ -4,7 +4,9 @@ The message is parsed once and its `msg` object is shared by every group's envel
 runner never mutates its input). Only the fields the routed stacks can observe are built
 (`lmtp.message.MessageNeeds`, worked out once per compiled stack): a stack whose rules read
 the subject and one header costs a header parse, not a MIME walk and a base64 copy. A
-trace writer sees the whole envelope, so with traces on everything is built. Small
+trace stores the message bytes themselves (handed over by reference, never base64) and
+shows every header, so with traces on the headers are built too (`TRACED_FIELDS`), and
+the address lists and body fields only when a stack reads them. Small
 messages and header-only parses run on the event loop (a thread hop costs more than they
 do); a big message's MIME walk runs in a worker thread, so the loop keeps answering. Groups run concurrently; each
 resolves its own verdicts, and the replies are stitched back into RCPT TO order.
@@ -53,10 +55,11 @@ MAX_LOGGED_DEFECTS = 5
 INLINE_PARSE_BYTES = 64 * 1024
 
 class TraceSink(Protocol):
-    """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
-    stack is not in the tree, or the run raised), replies are (recipient, line) pairs, stack
-    is the `Stack` that ran or the routed stack's name; `error` says what failed outside the
-    run. Must be cheap; its failure is ignored (a `txcl.trace.TraceWriter` is one)."""
+    """`sink(rid, envelope_in, result, replies, stack, error=..., message=...)`: result is a
+    StackResult or None (the stack is not in the tree, or the run raised), replies are
+    (recipient, line) pairs, stack is the `Stack` that ran or the routed stack's name, error
+    what failed outside the run ("" if nothing), message the bytes of the message (the object
+    itself, not a copy). Must be cheap; its failure is ignored (a `TraceWriter` is one)."""
 
     def __call__(
         self,
@@ -66,6 +69,7 @@ class TraceSink(Protocol):
         replies: Sequence[tuple[str, str]],
         stack: Any = None,
         error: str = "",
+        message: bytes | None = None,
     ) -> object: ...
 
 
@@ -85,6 +89,10 @@ class ServedTree(Protocol):
 
     @property
     def rejected(self) -> Set[str]: ...
+# What a trace shows of the message beyond what the stacks read: every header, decoded, and
+# the fields its summary names. The address lists (a full header parse) and the bodies are
+# in the message bytes, which are handed over as they are.
+TRACED_FIELDS = MessageNeeds(frozenset({"id", "date", "subject", "headers"}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +155,20 @@ class Deliverer:
         self.trace_sink = trace_sink
         self.policy = policy if policy is not None else default_policy(settings, registry)
         self._op_needs = op_needs(getattr(self.policy, "registry", registry))
-        self._traces_everything = trace_sink is not None and (
-            getattr(trace_sink, "mode", None) != "off")
+        self._traced = trace_sink is not None and getattr(trace_sink, "mode", None) != "off"
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
     def needs_of(self, stack: Any) -> MessageNeeds:
-        """The message fields `stack` can observe (everything for a stack we cannot read)."""
-        if self._traces_everything:
-            return EVERYTHING
+        """The message fields `stack` can observe (everything for a stack we cannot read),
+        and with traces on, those a trace shows."""
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
             return cached[1]
         rules = getattr(stack, "rules", None)
         needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+        if self._traced:
+            needs = needs | TRACED_FIELDS
         self._needs[id(stack)] = (stack, needs)
         return needs
 
@@ -181,7 +189,7 @@ class Deliverer:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
             rejected = frozenset(getattr(tree, "rejected", None) or ())
-            needs = EVERYTHING if self._traces_everything else NOTHING
+            needs = TRACED_FIELDS if self._traced else NOTHING
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
@@ -254,21 +262,18 @@ class Deliverer:
             _outcome_note(stack, result, failure),
             (time.monotonic() - started) * 1000,
         )
-        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure)
+        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure, tx.data)
         return replies
 
     def _trace(
         self, rid: str, envelope: Mapping[str, Any], result: Any, rcpts: Sequence[str],
-        replies: Sequence[Reply], stack: Any, failure: str,
+        replies: Sequence[Reply], stack: Any, failure: str, data: bytes,
     ) -> None:
         if self.trace_sink is None:
             return
         pairs = [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
         try:
-            if failure:
-                self.trace_sink(rid, envelope, result, pairs, stack, error=failure)
-            else:
-                self.trace_sink(rid, envelope, result, pairs, stack)
+            self.trace_sink(rid, envelope, result, pairs, stack, error=failure, message=data)
         except Exception:
             log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
 

@@ -5,14 +5,18 @@ txcl.chassis.status.)
     txco trace              the latest request, at a glance
     txco trace RID          one request (a unique prefix of its rid is enough)
     txco trace --list       rid, time, src, route, per-recipient codes; oldest first
+                            (--rcpt, --message-id, --tenant, --stack, --verdict filter it)
     txco trace --json       the same data as JSON, for jq
+    txco trace --message    the message stored with it, as received (scrubbed)
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,18 +24,18 @@ from typing import Any, TextIO
 
 from txcl import inputs
 from txcl.envelope import parse_duration
-from txcl.trace import (
-    ARTIFACTS,
-    TRACE_MODES,
-    TraceWriter,
-    read_summaries,
-    read_trace,
-    trace_names,
-)
+from txcl.trace import TRACE_MODES
+from txcl.trace_store import PARTS, read_message, read_summaries, read_trace, trace_names
+from txcl.trace_writer import TraceWriter
 
 DEFAULT_TRACE_KEEP = 1000
 DEFAULT_TRACE_MAX_AGE = "7d"
+DEFAULT_TRACE_KEEP_BYTES = "1G"
+DEFAULT_TRACE_MAX_BYTES = "32M"
 VALUE_WIDTH = 72  # a value longer than this is cut in the terminal view (never in --json)
+
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 # --- flags ---------------------------------------------------------------------------------
@@ -43,6 +47,14 @@ def parse_age(text: str) -> float:
     if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age (examples: 7d, 12h, 30m)")
     return seconds
+
+
+def parse_size(text: str) -> int:
+    """`64M`, `1G`, `512K`, `1GiB` or bytes -> bytes (binary units); for argparse."""
+    match = _SIZE.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 32M, 1G, 512K)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
 
 
 def parse_keep(text: str) -> int:
@@ -76,6 +88,22 @@ def add_serve_trace_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"remove traces older than this: 7d, 12h, 30m (default: {DEFAULT_TRACE_MAX_AGE})",
     )
     group.add_argument(
+        "--trace-keep-bytes",
+        type=parse_size,
+        default=DEFAULT_TRACE_KEEP_BYTES,
+        metavar="SIZE",
+        help="keep at most this many bytes of traces in all, the newest first: 512M, 1G "
+        f"(default: {DEFAULT_TRACE_KEEP_BYTES})",
+    )
+    group.add_argument(
+        "--trace-max-bytes",
+        type=parse_size,
+        default=DEFAULT_TRACE_MAX_BYTES,
+        metavar="SIZE",
+        help="one trace's limit: above it the message, then the envelope and steps are left "
+        f"out; the summary, result and replies stay (default: {DEFAULT_TRACE_MAX_BYTES})",
+    )
+    group.add_argument(
         "--watch-interval",
         type=parse_age,
         default=1.0,
@@ -92,7 +120,12 @@ def add_serve_trace_arguments(parser: argparse.ArgumentParser) -> None:
 
 def trace_writer_from_args(args: argparse.Namespace, state_dir: str | Path) -> TraceWriter:
     return TraceWriter(
-        state_dir, mode=args.trace, keep_count=args.trace_keep, keep_age_s=args.trace_max_age
+        state_dir,
+        mode=args.trace,
+        keep_count=args.trace_keep,
+        keep_age_s=args.trace_max_age,
+        keep_bytes=args.trace_keep_bytes,
+        max_trace_bytes=args.trace_max_bytes,
     )
 
 
@@ -106,12 +139,35 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument(
+        "--message",
+        action="store_true",
+        help="write the message stored with the trace (scrubbed) to standard output, "
+        "as it was received",
+    )
+    parser.add_argument(
         "-n",
         "--limit",
         type=int,
         default=50,
         metavar="N",
-        help="with --list, the newest N only (0: all; default: 50)",
+        help="with --list, the newest N only, after the filters (0: all; default: 50)",
+    )
+    filters = parser.add_argument_group("--list filters (all given must match)")
+    filters.add_argument(
+        "--rcpt", metavar="ADDR", help="a recipient (any case; * and ? match as in globs)"
+    )
+    filters.add_argument(
+        "--message-id", metavar="ID", help="the Message-ID, with or without its <>"
+    )
+    filters.add_argument("--tenant", metavar="NAME", help="the routed tenant")
+    filters.add_argument(
+        "--stack", metavar="NAME", help="the stack: tenant/stack, or the stack's own name"
+    )
+    filters.add_argument(
+        "--verdict",
+        metavar="V",
+        help="a recipient's reply: a code (550), a class (4xx), accepted (2xx), "
+        "tempfailed (4xx) or rejected (5xx)",
     )
 
 
@@ -125,7 +181,16 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     state_dir = Path(args.state_dir)
     if args.list:
         limit = None if args.limit <= 0 else args.limit
-        summaries = read_summaries(state_dir, limit)
+        try:
+            keep = list_filter(args)
+        except ValueError as err:
+            print(f"txco trace: {err}", file=sys.stderr)
+            return 2
+        if keep is None:
+            summaries = read_summaries(state_dir, limit)
+        else:
+            summaries = [s for s in read_summaries(state_dir) if keep(s)]
+            summaries = summaries[-limit:] if limit else summaries
         if args.json:
             out.write(inputs.terminal_json(summaries) + "\n")
         else:
@@ -141,6 +206,8 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"txco trace: {err}", file=sys.stderr)
         return 1
     folder = state_dir / "requests" / trace["name"]
+    if args.message:
+        return _write_message(state_dir, trace["name"], out)
     if args.json:
         out.write(inputs.terminal_json(trace_json(trace)) + "\n")
     else:
@@ -166,14 +233,81 @@ def _report_unreadable(trace: Mapping[str, Any], folder: Path) -> bool:
     """Say on stderr why each artifact that is there could not be shown (read_trace maps it
     to None); True if there was one."""
     found = False
-    for filename in ARTIFACTS:
-        if trace.get(filename) is None and os.path.lexists(folder / filename):
+    for part in PARTS:  # a trace of the five-file layout: one <part>.json each
+        filename = f"{part}.json"
+        if trace.get(part) is None and os.path.lexists(folder / filename):
             try:
                 inputs.load_json_object(folder / filename)
             except inputs.InputError as err:
                 print(f"txco trace: {err}", file=sys.stderr)
                 found = True
     return found
+
+
+def _write_message(state_dir: Path, name: str, out: TextIO) -> int:
+    message = read_message(state_dir, name)
+    if message is None:
+        print(
+            f"txco trace: no message stored with {name} (WITH omit or a body hint left it "
+            "out, or it was cut by --trace-max-bytes)",
+            file=sys.stderr,
+        )
+        return 1
+    out.flush()
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        buffer.write(message)
+        buffer.flush()
+    else:  # a text stream without bytes beneath (tests): the bytes as the parser reads them
+        out.write(message.decode("utf-8", "surrogateescape"))
+    return 0
+
+
+_VERDICT_WORDS = {"accepted": "2xx", "tempfailed": "4xx", "rejected": "5xx"}
+_VERDICT = re.compile(r"[245](?:\d\d|xx)\Z")
+
+
+def _verdict_matches(wanted: str) -> Callable[[object], bool]:
+    pattern = _VERDICT_WORDS.get(wanted.lower(), wanted.lower())
+    if not _VERDICT.match(pattern):
+        raise ValueError(
+            f"--verdict {wanted!r}: give a code (550), a class (4xx), "
+            "accepted, tempfailed or rejected"
+        )
+    return lambda code: isinstance(code, int) and (
+        str(code) == pattern or (pattern.endswith("xx") and str(code)[0] == pattern[0])
+    )
+
+
+def _bare_message_id(text: object) -> str:
+    return str(text or "").strip().removeprefix("<").removesuffix(">")
+
+
+def list_filter(args: argparse.Namespace) -> Callable[[Mapping[str, Any]], bool] | None:
+    """The `--list` filters given, as one predicate on a summary; None when none is given.
+    Raises ValueError for a filter that cannot match anything as written."""
+    tests: list[Callable[[Mapping[str, Any]], bool]] = []
+    if args.rcpt:
+        glob = args.rcpt.lower()
+        tests.append(lambda s: any(
+            fnmatch.fnmatchcase(str(r.get("rcpt", "")).lower(), glob)
+            for r in s.get("recipients") or ()))
+    if args.message_id:
+        wanted_id = _bare_message_id(args.message_id)
+        tests.append(lambda s: _bare_message_id(s.get("message_id")) == wanted_id)
+    if args.tenant:
+        tests.append(lambda s: (s.get("route") or {}).get("tenant") == args.tenant)
+    if args.stack:
+        whole = "/" in args.stack
+        tests.append(lambda s: args.stack == (
+            str(s.get("stack") or "") if whole else str(s.get("stack") or "").split("/")[-1]))
+    if args.verdict:
+        code_matches = _verdict_matches(args.verdict)
+        tests.append(lambda s: any(
+            code_matches(r.get("code")) for r in s.get("recipients") or ()))
+    if not tests:
+        return None
+    return lambda summary: all(test(summary) for test in tests)
 
 
 def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
@@ -194,7 +328,7 @@ def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
 
 
 def trace_json(trace: Mapping[str, Any]) -> dict[str, Any]:
-    return {"name": trace["name"], **{f.removesuffix(".json"): trace.get(f) for f in ARTIFACTS}}
+    return {"name": trace["name"], **{part: trace.get(part) for part in PARTS}}
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -238,7 +372,7 @@ def format_list(summaries: Sequence[Mapping[str, Any]]) -> str:
         + ("  " + row[5] if row[5] else "")
         for row in rows
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join((inputs.terminal_text(line, keep="") for line in lines)) + "\n"
 
 
 def _step_line(step: Mapping[str, Any]) -> str:
@@ -267,10 +401,10 @@ def _short_pos(pos: object) -> str:
 
 
 def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
-    summary = trace.get("summary.json") or {}
-    steps_doc = trace.get("steps.json") or {}
-    result = trace.get("result.json") or {}
-    response = trace.get("response.json") or {}
+    summary = trace.get("summary") or {}
+    steps_doc = trace.get("steps") or {}
+    result = trace.get("result") or {}
+    response = trace.get("response") or {}
     elapsed = summary.get("elapsed_s")
     took = f"  {1000 * float(elapsed):.1f}ms" if isinstance(elapsed, int | float) else ""
     lines = [
@@ -280,6 +414,13 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
     route = summary.get("route")
     if isinstance(route, Mapping):
         lines.append("route    " + "  ".join(f"{k}={v}" for k, v in route.items()))
+    message = [
+        f"{label}={short(summary[key], 60)}"
+        for key, label in (("message_id", "id"), ("sender", "sender"), ("subject", "subject"))
+        if summary.get(key) not in (None, "")
+    ]
+    if message:
+        lines.append("message  " + "  ".join(message))
     replies = response.get("replies") or []
     width = max((len(str(r.get("rcpt"))) for r in replies), default=0)
     for i, reply in enumerate(replies):
@@ -311,4 +452,4 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
             f"redact: {', '.join(scrubbed.get('redact') or ()) or '-'}"
         )
     lines.append(f"files    {folder}/")
-    return "\n".join(lines) + "\n"
+    return "\n".join((inputs.terminal_text(line, keep="") for line in lines)) + "\n"

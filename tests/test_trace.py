@@ -21,13 +21,11 @@ from txcl.trace import (
     Scrubber,
     ScrubHints,
     TraceRecord,
-    TraceWriter,
     build_artifacts,
     parse_hint_path,
-    read_summaries,
-    read_trace,
-    trace_names,
 )
+from txcl.trace_store import read_summaries, read_trace, trace_names
+from txcl.trace_writer import TraceWriter
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
 RAW = "b64:UmVjZWl2ZWQ6IGZyb20gbWFpbC5leGFtcGxlLmNvbQ=="
@@ -111,27 +109,25 @@ def all_text(trace: dict[str, Any]) -> str:
     return json.dumps(trace)
 
 
-def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
+def test_a_trace_is_one_compact_file_of_five_parts(tmp_path: Path) -> None:
     trace = write_one(tmp_path)
     folder = tmp_path / "requests" / "01TEST"
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "envelope.json",
-        "response.json",
-        "result.json",
-        "steps.json",
-        "summary.json",
-    ]
-    assert trace["summary.json"]["rid"] == "01TEST"
-    assert trace["summary.json"]["src"] == "lmtp"
-    assert trace["summary.json"]["stack"] == "acme/_mail"
-    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
-    assert trace["summary.json"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
-    assert trace["response.json"]["replies"] == [
+    assert [p.name for p in folder.iterdir()] == ["trace.jsonl"]  # raw omitted: no message
+    lines = (folder / "trace.jsonl").read_bytes().splitlines()
+    assert [next(iter(json.loads(line))) for line in lines] == [
+        "summary", "envelope", "steps", "result", "response"]
+    assert all(b"\n" not in line and b": " not in line[:40] for line in lines)  # compact
+    assert trace["summary"]["rid"] == "01TEST"
+    assert trace["summary"]["src"] == "lmtp"
+    assert trace["summary"]["stack"] == "acme/_mail"
+    assert trace["summary"]["route"]["to"] == "acme/_mail/0"
+    assert trace["summary"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
+    assert trace["response"]["replies"] == [
         {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
     ]
-    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
-    assert trace["steps.json"]["fired"][0]["pos"] == "OPS/acme/_mail/0/10.txcl:3:1"
-    first_step = trace["steps.json"]["steps"][0]
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
+    assert trace["steps"]["fired"][0]["pos"] == "OPS/acme/_mail/0/10.txcl:3:1"
+    first_step = trace["steps"]["steps"][0]
     assert first_step == {
         "kind": "set",
         "stage": 0,
@@ -139,8 +135,6 @@ def test_a_trace_has_the_five_files_as_readable_json(tmp_path: Path) -> None:
         "path": "_txc.lmtp.res.code",
         "after": 250,
     }
-    # indented, so a person can read it
-    assert "\n  " in (folder / "envelope.json").read_text()
 
 
 def test_omit_and_redact_apply_to_every_artifact(tmp_path: Path) -> None:
@@ -150,14 +144,14 @@ def test_omit_and_redact_apply_to_every_artifact(tmp_path: Path) -> None:
     assert "a.pdf" not in text
     assert SECRET_AUTH not in text
     assert SECRET_AUTH[7:] not in text  # the regex group copied out of the header
-    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    msg = trace["envelope"]["_txc"]["lmtp"]["msg"]
     assert "raw" not in msg and "attachments" not in msg
     assert msg["headers"]["authorization"] == REDACTED
     assert msg["subject"] == "wifi keeps dropping"  # unscrubbed paths stay
-    exec_step = trace["steps.json"]["steps"][1]
+    exec_step = trace["steps"]["steps"][1]
     assert exec_step["args"] == {"auth": REDACTED, "note": "x"}
     assert exec_step["patch"] == {"_txc": {"lmtp": {"msg": {}}}, "ticket": {"id": 7}}
-    whole_msg_step = trace["steps.json"]["steps"][2]
+    whole_msg_step = trace["steps"]["steps"][2]
     assert "raw" not in whole_msg_step["before"]
     assert whole_msg_step["before"]["headers"]["authorization"] == REDACTED
 
@@ -204,7 +198,7 @@ def test_hints_as_the_runner_gives_them(tmp_path: Path) -> None:
 
 def test_no_hints_keeps_everything(tmp_path: Path) -> None:
     trace = write_one(tmp_path, hints=None)
-    assert trace["envelope.json"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"] == RAW
 
 
 def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
@@ -217,7 +211,7 @@ def test_a_copy_inside_a_longer_string_is_redacted_in_place() -> None:
         ),
     )
     record = TraceRecord("r", 0.0, env, result, (), "acme/_mail", HINTS)
-    steps = build_artifacts(record)["steps.json"]["steps"]
+    steps = build_artifacts(record).parts["steps"]["steps"]
     assert steps[0]["after"] == "auth was " + REDACTED
 
 
@@ -235,10 +229,10 @@ def test_errors_mode_keeps_failed_runs_and_tempfails_only(tmp_path: Path) -> Non
     writer.close()
     assert sorted(trace_names(tmp_path)) == ["failed", "late"]
     failed = read_trace(tmp_path, "failed")
-    assert failed["result.json"]["error"]["message"] == "op ARCHIVE timed out"
-    assert failed["result.json"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
-    assert failed["summary.json"]["error"] == "op ARCHIVE timed out"
-    assert read_trace(tmp_path, "late")["summary.json"]["error"] == "deadline"
+    assert failed["result"]["error"]["message"] == "op ARCHIVE timed out"
+    assert failed["result"]["error"]["location"] == {"file": "f", "line": 2, "column": 1}
+    assert failed["summary"]["error"] == "op ARCHIVE timed out"
+    assert read_trace(tmp_path, "late")["summary"]["error"] == "deadline"
     assert writer.stats().skipped == 3
 
 
@@ -272,8 +266,9 @@ def test_a_file_where_the_requests_folder_should_be_loses_the_trace(
     assert "cannot write r1" in losses[0].getMessage()
 
 
-def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
-    writer = TraceWriter(tmp_path, queue_size=2)
+def stalled_writer(tmp_path: Path, **kw: Any) -> tuple[TraceWriter, threading.Event]:
+    """A writer whose thread waits (at most 5 s) for the event before each write."""
+    writer = TraceWriter(tmp_path, **kw)
     gate = threading.Event()
     real_write = writer.write
 
@@ -282,6 +277,11 @@ def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
         return real_write(record)
 
     writer.write = slow_write  # type: ignore[method-assign]
+    return writer, gate
+
+
+def test_a_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    writer, gate = stalled_writer(tmp_path, queue_size=2)
     env = envelope()
     started = time.monotonic()
     accepted = [writer(f"r{i}", env, result_for(env), [], None) for i in range(20)]
@@ -476,20 +476,20 @@ def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) ->
     text = all_text(trace)
     assert "hunter2" not in text
     assert SECRET_AUTH not in text
-    msg = trace["envelope.json"]["_txc"]["lmtp"]["msg"]
+    msg = trace["envelope"]["_txc"]["lmtp"]["msg"]
     assert "raw" not in msg
     assert msg["subject"] == REDACTED
     assert msg["headers"]["authorization"] == REDACTED
     assert msg["headers"]["subject"] == [REDACTED]  # a copy of the redacted subject
-    fired = trace["steps.json"]["fired"]
+    fired = trace["steps"]["fired"]
     assert [f["pos"].rsplit("/", 1)[-1] for f in fired] == ["10-accept.txcl:1:1"]
-    title = [s for s in trace["steps.json"]["steps"] if s.get("path") == "ticket.title"]
+    title = [s for s in trace["steps"]["steps"] if s.get("path") == "ticket.title"]
     assert title[0]["after"] == "re: " + REDACTED
-    assert trace["response.json"]["replies"] == [
+    assert trace["response"]["replies"] == [
         {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
     ]
-    assert trace["summary.json"]["route"]["to"] == "acme/_mail/0"
-    assert trace["result.json"]["res"] == {"code": 250, "msg": "queued"}
+    assert trace["summary"]["route"]["to"] == "acme/_mail/0"
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
 
 
 # --- `txco trace` rendering and flags (lmtp.tracecmd) ---------------------------------------
@@ -504,9 +504,13 @@ def test_trace_flags_parse_ages_and_counts() -> None:
     add_serve_trace_arguments(parser)
     args = parser.parse_args([])
     assert (args.trace, args.trace_keep, args.trace_max_age) == ("all", 1000, 7 * 86400)
-    args = parser.parse_args(["--trace=errors", "--trace-keep=5", "--trace-max-age=12h"])
+    assert (args.trace_keep_bytes, args.trace_max_bytes) == (1 << 30, 32 << 20)
+    args = parser.parse_args(["--trace=errors", "--trace-keep=5", "--trace-max-age=12h",
+                              "--trace-keep-bytes=512M", "--trace-max-bytes=64KiB"])
     assert (args.trace, args.trace_keep, args.trace_max_age) == ("errors", 5, 12 * 3600)
-    for bad in (["--trace=some"], ["--trace-keep=0"], ["--trace-max-age=soon"]):
+    assert (args.trace_keep_bytes, args.trace_max_bytes) == (512 << 20, 64 << 10)
+    for bad in (["--trace=some"], ["--trace-keep=0"], ["--trace-max-age=soon"],
+                ["--trace-keep-bytes=0"], ["--trace-max-bytes=lots"], ["--trace-max-bytes=1T"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -528,16 +532,21 @@ def test_an_ambiguous_rid_prefix_is_refused_and_a_unique_one_found(tmp_path: Pat
         resolve_rid(tmp_path, "02")
 
 
+def write_failure(tmp_path: Path, error: str, rcpt: str, hints: Any) -> None:
+    """One trace "r1" of a run that failed with `error`, its recipient tempfailed."""
+    writer = TraceWriter(tmp_path)
+    env = envelope()
+    boom = Problem("txcl_run_error", error, Pos("f.txcl", 2, 1))
+    writer("r1", env, result_for(env, boom), [(rcpt, "451 4.3.0 later")],
+           FakeStack("acme/_mail", hints))
+    assert writer.flush()
+    writer.close()
+
+
 def test_the_terminal_view_is_compact_and_shows_errors(tmp_path: Path) -> None:
     from lmtp.tracecmd import format_list, format_trace
 
-    writer = TraceWriter(tmp_path)
-    env = envelope()
-    boom = Problem("txcl_run_error", "op ARCHIVE timed out after 5s", Pos("f.txcl", 2, 1))
-    replies = [("support@acme.example", "451 4.3.0 later")]
-    writer("r1", env, result_for(env, boom), replies, FakeStack("acme/_mail", HINTS))
-    writer.flush()
-    writer.close()
+    write_failure(tmp_path, "op ARCHIVE timed out after 5s", "support@acme.example", HINTS)
     trace = read_trace(tmp_path, "r1")
     text = format_trace(trace, tmp_path / "requests" / "r1")
     assert "ERROR    f.txcl:2:1: txcl_run_error: op ARCHIVE timed out after 5s" in text
@@ -550,3 +559,376 @@ def test_the_terminal_view_is_compact_and_shows_errors(tmp_path: Path) -> None:
     assert listed[1].split()[2:5] == ["lmtp", "acme/_mail/0", "451"]
     assert listed[1].endswith("error: op ARCHIVE timed out after 5s")
     assert format_list([]) == "no traces yet\n"
+
+
+# --- the message bytes: stored once, never base64 -------------------------------------------
+
+
+def big_multipart(size: int) -> bytes:
+    """A multipart message of about `size` bytes: a short text part, one base64 attachment."""
+    import base64
+
+    payload = os.urandom(size * 3 // 4)
+    body = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return (
+        b"From: Alice <alice@example.com>\r\nTo: support@acme.example\r\n"
+        b"Subject: the big log\r\nMessage-ID: <big@example.com>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nlog attached\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="big.log"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + body + b"--b1--\r\n"
+    )
+
+
+def deliver_with(tmp_path: Path, rules: str, data: bytes, writer: TraceWriter) -> list[str]:
+    import asyncio
+
+    from lmtp.config import Settings
+    from lmtp.delivery import Deliverer, Transaction
+    from lmtp.routing import Route
+    from txcl.loader import load_tree
+
+    ops = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    ops.mkdir(parents=True, exist_ok=True)
+    (ops / "10-accept.txcl").write_text(rules)
+    tree = load_tree(tmp_path / "OPS")
+    assert tree.ok, tree.problems
+    deliverer = Deliverer(tree, Settings(state_dir=tmp_path / "var"), trace_sink=writer)
+    route = Route("acme", "acme/_mail", "domain:acme.example", "acme/_mail/0")
+    tx = Transaction(
+        "default", "10.0.0.7", "mx", "alice@example.com", ("support@acme.example",),
+        (route,), data, 0.0,
+    )
+    return asyncio.run(deliverer.deliver(tx))
+
+
+class RecordingWriter(TraceWriter):
+    """A TraceWriter that keeps the records it was handed, to see what the queue held."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.records: list[TraceRecord] = []
+        super().__init__(*args, **kw)
+
+    def write(self, record: TraceRecord) -> Path:
+        self.records.append(record)
+        return super().write(record)
+
+
+def test_the_trace_of_a_25_mib_message_holds_its_bytes_once(tmp_path: Path) -> None:
+    data = big_multipart(25 << 20)
+    writer = RecordingWriter(tmp_path / "var")
+    try:
+        assert deliver_with(tmp_path, ACCEPT, data, writer) == ["250 2.0.0 queued"]
+        assert writer.flush(60)
+    finally:
+        writer.close()
+    assert writer.stats().written == 1
+    # In the queue: the delivery's own bytes object, and no base64 or decoded copy beside it.
+    (record,) = writer.records
+    assert record.message is data
+    msg = record.envelope["_txc"]["lmtp"]["msg"]
+    assert "raw" not in msg and "attachments" not in msg
+    assert msg["subject"] == "the big log"
+    # On disk: the message once, as bytes; the JSON small and free of base64.
+    folder = tmp_path / "var" / "requests" / record.rid
+    assert (folder / "message.eml").read_bytes() == data
+    jsonl = (folder / "trace.jsonl").read_bytes()
+    assert len(jsonl) < 16 << 10
+    assert b"b64:" not in jsonl and data[-2000:-1000] not in jsonl
+    assert sum(p.stat().st_size for p in folder.iterdir()) < len(data) + (16 << 10)
+    trace = read_trace(tmp_path / "var")
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"] == {
+        "file": "message.eml", "size": len(data)}
+
+
+def test_attachment_content_read_by_a_stack_is_not_stored_twice() -> None:
+    from lmtp.message import parse_message
+
+    data = big_multipart(64 << 10)
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"] = parse_message(data)[0]  # raw and attachments as base64
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", ScrubHints(), message=data)
+    artifacts = build_artifacts(record)
+    stored = artifacts.parts["envelope"]["_txc"]["lmtp"]["msg"]
+    assert stored["raw"].file == "message.eml" and stored["attachments"][0]["content"].file == (
+        "message.eml")
+    assert stored["attachments"][0]["name"] == "big.log"
+    assert artifacts.message is data
+    assert env["_txc"]["lmtp"]["msg"]["raw"].startswith("b64:")  # the run's data untouched
+
+
+def test_a_queue_over_its_byte_budget_drops_instead_of_holding_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="txcl.trace")
+    writer, gate = stalled_writer(tmp_path, queue_bytes=(1 << 20))
+    env = envelope()
+    message = b"x" * (200 << 10)  # each queued record counts for 2 x 200 KiB + overhead
+    accepted = [writer(f"r{i}", env, None, [], None, message=message) for i in range(6)]
+    small = [writer(f"s{i}", env, None, [], None) for i in range(200)]  # 16 KiB each
+    gate.set()
+    assert writer.flush()
+    writer.close()
+    assert accepted == [True] * 6  # the first two with their message, the rest without
+    assert f"{6 + small.count(True)} written (4 cut to fit), {small.count(False)} dropped" in (
+        caplog.text)
+    stored = [(tmp_path / "requests" / f"r{i}" / "message.eml").exists() for i in range(6)]
+    assert stored == [True, True, False, False, False, False]
+    assert read_trace(tmp_path, "r5")["summary"]["cut"] == [
+        f"message ({200 << 10} bytes, the trace queue was full)"]
+    # with no room even for a record without its message, records are dropped and counted
+    assert 0 < small.count(False) == writer.stats().dropped
+    assert writer.stats().written == 6 + small.count(True)
+    assert writer.stats().cut == 4
+
+
+# --- retention by bytes, the per-trace limit, privacy ----------------------------------------
+
+
+def write_messages(writer: TraceWriter, rids: list[str], message: bytes) -> None:
+    env = envelope()
+    for rid in rids:
+        replies = [("support@acme.example", "250 2.0.0 queued")]
+        assert writer(rid, env, result_for(env), replies, FakeStack("acme/_mail", None),
+                      message=message)
+        assert writer.flush()
+
+
+def on_disk(tmp_path: Path) -> int:
+    return sum(p.stat().st_size for p in (tmp_path / "requests").rglob("*") if p.is_file())
+
+
+def test_retention_by_bytes_keeps_the_newest_within_the_total(tmp_path: Path) -> None:
+    message = b"x" * (10 << 10)
+    writer = TraceWriter(tmp_path, keep_bytes=35 << 10)
+    write_messages(writer, [f"r{i}" for i in range(6)], message)
+    writer.close()
+    kept = trace_names(tmp_path)
+    assert kept == ["r4", "r5"]  # each trace is its 10 KiB message and some JSON
+    assert on_disk(tmp_path) <= 35 << 10
+    assert writer.stats().pruned == 4
+    # a new writer (a restart) counts what is on disk, and prune() applies the total too
+    again = TraceWriter(tmp_path, keep_bytes=20 << 10)
+    again.close()
+    assert again.prune() == 1 and trace_names(tmp_path) == ["r5"]
+
+
+def test_a_trace_over_the_per_trace_limit_keeps_its_summary_and_verdicts(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, max_trace_bytes=8 << 10, queue_bytes=64 << 10)
+    write_messages(writer, ["big"], b"y" * (20 << 10))  # too big to queue: let go at once
+    write_messages(writer, ["fits"], b"y" * (7 << 10))  # fits the queue, not the limit
+    writer.close()
+    assert writer.stats().cut == 2
+    fits = read_trace(tmp_path, "fits")["summary"]["cut"]
+    assert fits[0] == f"message ({7 << 10} bytes)" and len(fits) == 1
+    folder = tmp_path / "requests" / "big"
+    assert [p.name for p in folder.iterdir()] == ["trace.jsonl"]  # the message went
+    trace = read_trace(tmp_path, "big")
+    assert trace["summary"]["cut"] == [f"message ({20 << 10} bytes)"]
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    assert trace["response"]["replies"][0]["line"] == "250 2.0.0 queued"
+    assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
+
+
+def test_a_tiny_per_trace_limit_cuts_the_envelope_and_steps_too(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, max_trace_bytes=100)
+    write_messages(writer, ["tiny"], b"z" * 1000)
+    writer.close()
+    trace = read_trace(tmp_path, "tiny")
+    assert [c.split(" (")[0] for c in trace["summary"]["cut"]] == ["message", "envelope", "steps"]
+    assert trace["envelope"] == {} and trace["steps"] == {"fired": [], "steps": []}
+    assert trace["summary"]["recipients"] == [{"rcpt": "support@acme.example", "code": 250}]
+    assert trace["response"]["replies"][0]["code"] == 250
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
+def test_traces_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        writer = TraceWriter(tmp_path)
+        write_messages(writer, ["p1"], b"secret body")
+        writer.close()
+    finally:
+        os.umask(old)
+    root = tmp_path / "requests"
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert (root / "p1").stat().st_mode & 0o777 == 0o700
+    files = list((root / "p1").iterdir())
+    assert {p.name for p in files} == {"trace.jsonl", "message.eml"}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+
+
+def test_a_requests_folder_made_by_an_older_version_is_made_private(tmp_path: Path) -> None:
+    (tmp_path / "requests").mkdir(mode=0o755)
+    os.chmod(tmp_path / "requests", 0o755)
+    writer = TraceWriter(tmp_path)
+    write_messages(writer, ["p2"], b"body")
+    writer.close()
+    assert (tmp_path / "requests").stat().st_mode & 0o777 == 0o700
+
+
+# --- WITH omit/redact reach the stored message bytes -----------------------------------------
+
+FOLDED_SECRET = b"Bearer sk-live-folded-0123\r\n\t456789"
+RAW_MAIL = (
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: support@acme.example\r\n"
+    b"Subject: =?utf-8?q?password_is_hunter2-hunter2?=\r\n"
+    b"Authorization: " + FOLDED_SECRET + b"\r\n"
+    b"X-Tracking: track-me-0123456789\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"\r\n"
+    b"Hi support, my token is sk-live-body-copy-42 and the subject says it all.\r\n"
+)
+
+
+def trace_of_message(
+    tmp_path: Path, hints: ScrubHints, data: bytes = RAW_MAIL, rules: str = ACCEPT
+) -> tuple[dict[str, Any], bytes | None]:
+    from txcl.trace_store import read_message
+
+    scrub = "WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/\n"
+    for key, paths in (("omit", hints.omit), ("redact", hints.redact)):
+        if paths:
+            scrub += f'WITH {key} = "{", ".join(paths)}"\n'
+    writer = TraceWriter(tmp_path / "var")
+    try:
+        rules_with_hints = rules + "\n" + scrub + "SET @lmtp.res.code = 550\n"
+        assert deliver_with(tmp_path, rules_with_hints, data, writer) == ["250 2.0.0 queued"]
+        assert writer.flush()
+    finally:
+        writer.close()
+    trace = read_trace(tmp_path / "var")
+
+    return trace, read_message(tmp_path / "var", trace["name"])
+
+
+def test_redacting_headers_reaches_the_stored_message_exactly(tmp_path: Path) -> None:
+    hints = ScrubHints(
+        omit=("_txc.lmtp.msg.headers.x-tracking",),
+        redact=("_txc.lmtp.msg.headers.authorization", "_txc.lmtp.msg.subject"),
+    )
+    trace, stored = trace_of_message(tmp_path, hints)
+    assert stored is not None
+    head, body = stored.split(b"\r\n\r\n", 1)
+    assert head.split(b"\r\n") == [
+        b"From: Alice <alice@example.com>",
+        b"To: support@acme.example",
+        b"Subject: [REDACTED]",  # an encoded word: the whole field goes, not just a match
+        b"Authorization: [REDACTED]",  # folded over two lines
+        b"Message-ID: <m1@example.com>",
+    ]
+    assert body == RAW_MAIL.split(b"\r\n\r\n", 1)[1]
+    assert b"hunter2" not in stored and b"456789" not in stored and b"track-me" not in stored
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"]["file"] == "message.eml"
+
+
+def test_a_redacted_value_copied_into_the_body_is_redacted_there_too() -> None:
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"]["headers"]["x-token"] = ["sk-live-body-copy-42"]
+    hints = ScrubHints(redact=("_txc.lmtp.msg.headers.x-token",))
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints, message=RAW_MAIL)
+    stored = build_artifacts(record).message
+    assert stored is not None and b"sk-live-body-copy-42" not in stored
+    assert b"my token is [REDACTED] and" in stored
+
+
+@pytest.mark.parametrize(
+    "path", ["_txc.lmtp.msg.text", "_txc.lmtp.msg.attachments.*.content", "_txc.*.msg.html"]
+)
+def test_scrubbing_a_body_field_leaves_the_message_out(path: str) -> None:
+    env = envelope()
+    hints = ScrubHints(redact=(path,))
+    record = TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints, message=RAW_MAIL)
+    artifacts = build_artifacts(record)
+    assert artifacts.message is None
+    msg = artifacts.parts["envelope"]["_txc"]["lmtp"]["msg"]
+    assert msg["raw"] == REDACTED and msg["attachments"][0]["content"] == REDACTED
+    assert "the message holds it in its body" in (
+        artifacts.parts["result"]["scrubbed"]["message_left_out"])
+
+
+_token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_=+/", min_size=8, max_size=16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(words=st.lists(_token, min_size=1, max_size=5), folds=st.lists(st.booleans(), max_size=5),
+       crlf=st.booleans())
+def test_a_redacted_header_never_survives_in_the_message(
+    words: list[str], folds: list[bool], crlf: bool
+) -> None:
+    from txcl.trace_raw import plan_for, scrub_message
+
+    eol = b"\r\n" if crlf else b"\n"
+    value = b""
+    for i, word in enumerate(words):
+        gap = (eol + b" ") if i < len(folds) and folds[i] else b" "
+        value += (gap if i else b"") + word.encode()
+    data = (b"From: a@example.com" + eol + b"X-Secret: " + value + eol
+            + b"Subject: hello" + eol + eol + b"body" + eol)
+    plan = plan_for([(("_txc", "lmtp", "msg", "headers", "x-secret"), "redact")], "lmtp")
+    out = scrub_message(data, plan, [], REDACTED)
+    assert out == (b"From: a@example.com" + eol + b"X-Secret: [REDACTED]" + eol
+                   + b"Subject: hello" + eol + eol + b"body" + eol)
+
+
+def test_the_summary_shows_message_id_sender_and_subject_scrubbed_like_the_rest() -> None:
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"]["id"] = "<m1@example.com>"
+    env["_txc"]["lmtp"]["mail"] = {"from": "alice@example.com", "size": 10}
+    plain_summary = build_artifacts(
+        TraceRecord("r", 0.0, env, None, (), "acme/_mail", ScrubHints())).parts["summary"]
+    assert (plain_summary["message_id"], plain_summary["sender"], plain_summary["subject"]) == (
+        "<m1@example.com>", "alice@example.com", "wifi keeps dropping")
+    hints = ScrubHints(omit=("_txc.lmtp.msg.id",), redact=("@lmtp.mail", "@lmtp.msg.subject"))
+    summary = build_artifacts(
+        TraceRecord("r", 0.0, env, None, (), "acme/_mail", hints)).parts["summary"]
+    assert (summary["message_id"], summary["sender"], summary["subject"]) == (
+        None, REDACTED, REDACTED)
+
+
+def test_traces_of_the_five_file_format_are_still_read(tmp_path: Path) -> None:
+    folder = tmp_path / "requests" / "01OLD"
+    folder.mkdir(parents=True)
+    parts = {
+        "summary": {"rid": "01OLD", "src": "lmtp", "recipients": [{"rcpt": "a@b", "code": 250}]},
+        "envelope": {"_txc": {"src": "lmtp"}},
+        "steps": {"fired": [], "steps": []},
+        "result": {"error": None},
+        "response": {"replies": [{"rcpt": "a@b", "code": 250, "line": "250 ok"}]},
+    }
+    for name, doc in parts.items():
+        (folder / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    assert read_trace(tmp_path, "01OLD") == {"name": "01OLD", **parts}
+    assert read_summaries(tmp_path) == [{**parts["summary"], "name": "01OLD"}]
+
+
+def test_the_terminal_views_never_print_control_characters(tmp_path: Path) -> None:
+    from lmtp.tracecmd import format_list, format_trace
+
+    write_failure(
+        tmp_path, "op said \x1b[2Jgone\r\nforged line", '"evil\x1b]0;x\x07"@acme.example', None
+    )
+    text = format_trace(read_trace(tmp_path, "r1"), tmp_path / "requests" / "r1")
+    listed = format_list(read_summaries(tmp_path))
+    for shown in (text, listed):
+        assert not [c for c in shown if c != "\n" and (ord(c) < 32 or 127 <= ord(c) < 160)]
+    assert '"evil\\e]0;x\\x07"@acme.example' in text
+    assert "op said \\e[2Jgone\\r\\nforged line" in listed
+
+
+def test_errors_mode_keeps_the_full_detail_of_a_failure(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, mode="errors")
+    env = envelope()
+    boom = Problem("txcl_run_error", "op ARCHIVE timed out", Pos("f", 2, 1))
+    replies = [("support@acme.example", "451 4.3.0 later")]
+    assert writer("failed", env, result_for(env, boom), replies, None, message=RAW_MAIL)
+    assert writer.flush()
+    writer.close()
+    folder = tmp_path / "requests" / "failed"
+    assert (folder / "message.eml").read_bytes() == RAW_MAIL  # no hints: kept as received
+    trace = read_trace(tmp_path, "failed")
+    assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
+    assert [s["kind"] for s in trace["steps"]["steps"]] == ["set", "exec", "set"]
+    assert trace["steps"]["fired"] and trace["result"]["error"]["message"] == "op ARCHIVE timed out"

@@ -4,6 +4,7 @@ reload on a file edit, on SIGHUP, and of a broken edit that must not replace wor
 from __future__ import annotations
 
 import json
+import os
 import signal
 import smtplib
 import subprocess
@@ -46,7 +47,9 @@ OPS = {
 }
 
 
-def deliver(server: Server, rcpts: tuple[str, ...] = ("support@acme.example",)) -> list[str]:
+def deliver(
+    server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
+) -> list[str]:
     """One LMTP transaction; the reply line of every recipient, in RCPT order."""
     with server.lmtp() as client:
         client.ehlo_or_helo_if_needed()
@@ -57,7 +60,7 @@ def deliver(server: Server, rcpts: tuple[str, ...] = ("support@acme.example",)) 
         client.putcmd("data")
         code, _ = client.getreply()
         assert code == 354
-        client.send(smtplib.quotedata(MESSAGE).encode() + b"\r\n.\r\n")
+        client.send(smtplib.quotedata(message).encode() + b"\r\n.\r\n")
         replies = [client.getreply() for _ in rcpts]
         return [f"{code} {text.decode()}" for code, text in replies]
 
@@ -83,21 +86,35 @@ def traces(server: Server) -> list[Path]:
     return sorted(p for p in root.iterdir() if not p.name.startswith("."))
 
 
+def stored_part(folder: Path, name: str) -> Any:
+    """One part of a trace, read from its file as jq would (`jq -s add trace.jsonl`)."""
+    lines = (folder / "trace.jsonl").read_text().splitlines()
+    merged = {k: v for line in lines for k, v in json.loads(line).items()}
+    return merged[name]
+
+
 def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
     serve: Callable[..., Server], tmp_path: Path
 ) -> None:
-    server = serve(tmp_path, OPS, CONFIG)
+    old_umask = os.umask(0o022)  # the server inherits it: traces must stay private anyway
+    try:
+        server = serve(tmp_path, OPS, CONFIG)
+    finally:
+        os.umask(old_umask)
     assert deliver(server) == ["250 2.0.0 v1"]
     folder = wait_for(lambda: traces(server))[0]
     files = {p.name for p in folder.iterdir()}
-    assert files == {"envelope.json", "steps.json", "result.json", "response.json", "summary.json"}
+    assert files == {"trace.jsonl"}  # raw omitted: no message stored beside it
+    assert folder.parent.stat().st_mode & 0o777 == 0o700
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "trace.jsonl").stat().st_mode & 0o777 == 0o600
     on_disk = "".join(p.read_text() for p in folder.iterdir())
     assert SECRET not in on_disk
-    envelope = json.loads((folder / "envelope.json").read_text())
+    envelope = stored_part(folder, "envelope")
     assert "raw" not in envelope["_txc"]["lmtp"]["msg"]
     assert envelope["_txc"]["lmtp"]["msg"]["headers"]["authorization"] == "[REDACTED]"
     assert envelope["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
-    response = json.loads((folder / "response.json").read_text())
+    response = stored_part(folder, "response")
     assert response["replies"] == [
         {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 v1"}
     ]
@@ -143,7 +160,7 @@ def test_trace_errors_mode_skips_good_runs_and_keep_prunes(
     kept = traces(server)
     assert len(kept) == 2
     for folder in kept:
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = stored_part(folder, "summary")
         assert summary["recipients"][0]["code"] == 451 and summary["error"]
 
 
@@ -215,3 +232,79 @@ def test_a_config_edit_changes_routing_without_a_restart(
     (tmp_path / "txco.yaml").write_text(CONFIG + "      beta.example: {tenant: beta}\n")
     server.wait_for_log(r"reload \(watch\): now serving version 2")
     assert deliver(server, ("support@beta.example",)) == ["250 2.0.0 beta"]
+
+
+def test_trace_list_filters_find_a_request_from_the_outside(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    config = CONFIG + "      beta.example: {tenant: beta}\n"
+    ops = {**OPS, "beta/_mail/0/10-accept.txcl": ACCEPT.replace('"v1"', '"beta"')}
+    server = serve(tmp_path, ops, config)
+
+    def mail(message_id: str, subject: str) -> str:
+        return MESSAGE.replace(
+            "Subject: wifi keeps dropping", f"Subject: {subject}\r\nMessage-ID: <{message_id}>"
+        )
+
+    assert deliver(server, ("support@acme.example",), mail("one@x", "first")) == ["250 2.0.0 v1"]
+    assert deliver(server, ("other@acme.example",), mail("two@x", "second"))[0].startswith("550")
+    assert deliver(server, ("support@beta.example",), mail("three@x", "third")) == [
+        "250 2.0.0 beta"]
+    wait_for(lambda: len(traces(server)) == 3)
+    state = ["--state-dir", str(server.state_dir)]
+
+    def listed(*filters: str) -> list[str]:
+        """The Message-IDs of the traces `txco trace --list --json` keeps, oldest first."""
+        done = txco("trace", "--list", "--json", *filters, *state)
+        assert done.returncode == 0, done.stderr
+        return [s["message_id"] for s in json.loads(done.stdout)]
+
+    assert listed() == ["<one@x>", "<two@x>", "<three@x>"]
+    assert listed("--rcpt", "SUPPORT@acme.example") == ["<one@x>"]
+    assert listed("--rcpt", "*@beta.example") == ["<three@x>"]
+    assert listed("--message-id", "two@x") == ["<two@x>"]
+    assert listed("--message-id", "<three@x>") == ["<three@x>"]
+    assert listed("--tenant", "beta") == ["<three@x>"]
+    assert listed("--stack", "acme/_mail") == ["<one@x>", "<two@x>"]
+    assert listed("--stack", "_mail") == ["<one@x>", "<two@x>", "<three@x>"]
+    assert listed("--verdict", "rejected") == listed("--verdict", "5xx") == ["<two@x>"]
+    assert listed("--verdict", "250") == ["<one@x>", "<three@x>"]
+    assert listed("--tenant", "acme", "--verdict", "accepted") == ["<one@x>"]
+    assert listed("--tenant", "acme", "-n", "1") == ["<two@x>"]  # the newest after filtering
+    assert listed("--tenant", "nobody") == []
+
+    text = txco("trace", "--list", "--rcpt", "other@acme.example", *state)
+    assert text.returncode == 0 and len(text.stdout.splitlines()) == 2
+    bad = txco("trace", "--list", "--verdict", "bogus", *state)
+    assert bad.returncode == 2 and "--verdict 'bogus'" in bad.stderr
+
+    summary = json.loads(txco("trace", "--list", "--json", "--message-id", "one@x", *state).stdout)
+    assert (summary[0]["sender"], summary[0]["subject"]) == ("alice@example.com", "first")
+    shown = txco("trace", summary[0]["name"], *state)
+    assert 'message  id="<one@x>"  sender="alice@example.com"  subject="first"' in shown.stdout
+
+    # beta's stack scrubs nothing: its trace keeps the message as received, acme's does not
+    (beta,) = json.loads(txco("trace", "--list", "--json", "--tenant", "beta", *state).stdout)
+    raw = subprocess.run([*txco_argv(), "trace", beta["name"], "--message", *state],
+                         capture_output=True, timeout=30)
+    received = mail("three@x", "third").encode() + b"\r\n"  # deliver() adds a line before "."
+    assert raw.returncode == 0 and raw.stdout == received
+    none = txco("trace", summary[0]["name"], "--message", *state)
+    assert none.returncode == 1 and "no message stored" in none.stderr
+
+
+def test_the_trace_byte_limits_are_served_flags(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    ops = {"acme/_mail/0/10-accept.txcl": ACCEPT}  # no hints: the message would be stored
+    server = serve(tmp_path, ops, CONFIG, "--trace-max-bytes=1K", "--trace-keep-bytes=4K")
+    for _ in range(4):
+        assert deliver(server) == ["250 2.0.0 v1"]
+    wait_for(lambda: len(traces(server)) >= 1)
+    server.stop(signal.SIGTERM)  # the writer finishes what is queued before the process ends
+    kept = traces(server)
+    assert kept and sum(p.stat().st_size for f in kept for p in f.iterdir()) <= 4096
+    for folder in kept:
+        assert {p.name for p in folder.iterdir()} == {"trace.jsonl"}
+        summary = stored_part(folder, "summary")
+        assert summary["cut"][0].startswith("message (") and summary["recipients"][0]["code"] == 250

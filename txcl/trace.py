@@ -1,73 +1,47 @@
-"""Trace records of stack runs: `<state-dir>/requests/<rid>/`, scrubbed, written in the background.
+"""Trace records of stack runs, scrubbed: what a run hands over, and what of it is stored.
 
-One folder per run, JSON files a person can read and jq can query:
-
-    summary.json    rid, time, src, route, stack, error, per-recipient codes (for `--list`)
-    envelope.json   the inbound envelope
-    steps.json      the rules that fired and why, then every SET and EXEC in order
-    result.json     error, timings, the final `_txc.<src>.res`
-    response.json   the exact reply lines sent, one per recipient
+A source hands over a `TraceRecord` (references only: nothing is copied or serialised on
+its side); `build_artifacts` turns it into the parts of `requests/<rid>/trace.jsonl` and the
+message bytes stored beside it (`txcl.trace_store` is the on-disk form, `txcl.trace_writer`
+the background writer).
 
 Scrubbing: the `WITH omit` / `WITH redact` hints of every rule of the stack (fired or not)
-apply to every artifact when it is written; the run never sees them (nothing here mutates
+apply to every part when it is written; the run never sees them (nothing here mutates
 what it is given). Beyond the paths themselves, a value found at a scrubbed path is also
-scrubbed where it reappears (an op argument, a SET value, a regex group, a reply line),
-because a secret copied elsewhere is still the secret.
+scrubbed where it reappears (an op argument, a SET value, a regex group, a reply line, the
+stored message bytes), because a secret copied elsewhere is still the secret.
 
-Writing never slows or fails the caller: `TraceWriter.__call__` only enqueues (a full queue
-drops the trace and counts it); a worker thread serialises, writes into a temporary folder,
-renames it into place, and prunes by count and age. An I/O error loses that trace, is
-counted, and is logged at most once per interval.
-
-This module knows nothing of mail: a source's replies are (recipient, reply line) pairs.
+This module knows nothing of mail: a source's replies are (recipient, reply line) pairs,
+and its message sits at `_txc.<src>.msg` of the envelope.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import json
-import logging
-import os
-import queue
-import re
-import shutil
-import threading
-import time
-from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from txcl import inputs
-from txcl.envelope import parse_path, path_text, result_of, route_of, source_of
+from txcl.envelope import parse_path, path_text, result_of, source_of
 from txcl.errors import Pos, Problem
 from txcl.records import ExecRecord, ScrubHints, SetRecord, fired_json, step_json
+from txcl.trace_raw import plan_for, scrub_message
+from txcl.trace_store import MESSAGE_FILE, StoredApart
 from txcl.values import MISSING
-
-log = logging.getLogger("txcl.trace")
 
 REDACTED: Final = "[REDACTED]"
 TRACE_MODES: Final = ("all", "errors", "off")
 TraceMode = Literal["all", "errors", "off"]
-
-ENVELOPE_FILE: Final = "envelope.json"
-STEPS_FILE: Final = "steps.json"
-RESULT_FILE: Final = "result.json"
-RESPONSE_FILE: Final = "response.json"
-SUMMARY_FILE: Final = "summary.json"
-ARTIFACTS: Final = (SUMMARY_FILE, ENVELOPE_FILE, STEPS_FILE, RESULT_FILE, RESPONSE_FILE)
 
 # Below these lengths a string is too common to treat as a copy of a secret.
 _MIN_TAINT_SUBSTRING: Final = 8
 # A scrubbed string longer than this (a whole raw message) is matched by equality only:
 # substring scans of megabytes per trace leaf would cost more than they protect.
 _MAX_TAINT_SCAN: Final = 1 << 20
-
-_SAFE_RID = re.compile(r"[^A-Za-z0-9._-]")
 
 
 # --- scrub hints -------------------------------------------------------------------------
@@ -81,7 +55,7 @@ def _cached_hints(hints: object) -> ScrubHints:
     return ScrubHints.of(hints)
 
 
-def _hints_of(hints: object) -> ScrubHints:
+def hints_of(hints: object) -> ScrubHints:
     """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery."""
     try:
         return _cached_hints(hints)
@@ -371,6 +345,8 @@ class TraceRecord:
     stack: str  # "tenant/stack", "" when none
     hints: ScrubHints
     error: str = ""  # an error outside the run (e.g. the response deadline passed)
+    message: bytes | None = None  # the bytes the envelope was built from, by reference
+    cut: tuple[str, ...] = ()  # what was left out before queueing (e.g. an oversize message)
 
 
 def reply_code(line: str) -> int | None:
@@ -382,16 +358,84 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def build_artifacts(record: TraceRecord) -> dict[str, Any]:
-    """The five JSON documents of a record, scrubbed. Pure: the record is not changed."""
+def _get(doc: Any, *segs: str) -> Any:
+    """The value at a path of plain keys, or None."""
+    for seg in segs:
+        if not isinstance(doc, Mapping) or seg not in doc:
+            return None
+        doc = doc[seg]
+    return doc
+
+
+_PROBE: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Artifacts:
+    """A record made ready to store: the parts of `trace.jsonl`, and the message bytes to
+    store beside them (scrubbed), or None when the stack's hints leave the message out."""
+
+    parts: dict[str, Any]
+    message: bytes | None
+
+
+def _message_apart(envelope: Mapping[str, Any], src: str, message: bytes) -> Any:
+    """`envelope` with the message (`_txc.<src>.msg.raw`) replaced by a reference to the
+    stored bytes, and so each attachment's content, which those bytes hold; copies only
+    what changes. An envelope without a message object is returned as it is."""
+    txc = envelope.get("_txc")
+    section = txc.get(src) if isinstance(txc, Mapping) else None
+    msg = section.get("msg") if isinstance(section, Mapping) else None
+    if not isinstance(msg, Mapping):
+        return envelope
+    new_msg = {**msg, "raw": StoredApart(MESSAGE_FILE, len(message))}
+    attachments = msg.get("attachments")
+    if isinstance(attachments, list):
+        new_msg["attachments"] = [
+            {**a, "content": StoredApart(MESSAGE_FILE)}
+            if isinstance(a, Mapping) and "content" in a
+            else a
+            for a in attachments
+        ]
+    assert isinstance(txc, Mapping) and isinstance(section, Mapping)
+    return {**envelope, "_txc": {**txc, src: {**section, "msg": new_msg}}}
+
+
+def _summary_field(
+    envelope: Mapping[str, Any], path: PathSegs, scrubber: Scrubber, taint: Taint
+) -> Any:
+    """A value of the envelope for the summary, scrubbed as it is everywhere else."""
+    value = scrubber.at(path, _get(envelope, *map(str, path)))
+    return None if value is _OMITTED else taint.clean(value)
+
+
+def build_artifacts(record: TraceRecord) -> Artifacts:
+    """The parts of a record, scrubbed. Pure: the record is not changed."""
     scrubber = scrubber_for(record.hints)
     result = record.result
     final = getattr(result, "envelope", None)
     taint = scrubber.taint(record.envelope, final) if scrubber else Taint()
     src = source_of(record.envelope) or ""
 
-    envelope = taint.clean(scrubber.document(plain(record.envelope)))
-    res_path: PathSegs = ("_txc", str(src), "res")
+    envelope: Any = record.envelope
+    raw_path: tuple[str, ...] = ("_txc", src, "msg", "raw")
+    keeps_message = scrubber.at(raw_path, _PROBE) is _PROBE
+    if record.message is not None and keeps_message:
+        envelope = _message_apart(envelope, src, record.message)
+    envelope = taint.clean(scrubber.document(envelope))
+    message = None
+    left_out = None
+    if record.message is not None and isinstance(_get(envelope, *raw_path), StoredApart):
+        plan = plan_for(scrubber.rules, src)
+        left_out = plan.left_out
+        if left_out is None:
+            secrets = (value for value, _ in taint.scan)
+            message = scrub_message(record.message, plan, secrets, REDACTED)
+        else:  # the envelope says something was here, and the result says why it is not
+            envelope = _apply(envelope, raw_path, "redact")
+            envelope = _apply(envelope, (*raw_path[:-1], "attachments", "*", "content"), "redact")
+
+    res_path: tuple[str, ...] = ("_txc", src, "res")
     res = result_of(final, src) if final is not None and src else MISSING
     res = None if res is MISSING else res
     res_clean = taint.clean(scrubber.at(res_path, plain(res))) if res is not None else None
@@ -416,348 +460,39 @@ def build_artifacts(record: TraceRecord) -> dict[str, Any]:
             r["line"] = REDACTED
 
     elapsed = getattr(result, "elapsed_s", None)
-    route = scrubber.at(("_txc", "route"), plain(route_of(record.envelope)))
     summary = {
         "rid": record.rid,
         "time": _iso(record.time),
         "src": src,
         "stack": record.stack,
-        "route": None if route is _OMITTED else taint.clean(route),
+        "route": _summary_field(record.envelope, ("_txc", "route"), scrubber, taint),
+        "message_id": _summary_field(record.envelope, ("_txc", src, "msg", "id"), scrubber, taint),
+        "sender": _summary_field(record.envelope, ("_txc", src, "mail", "from"), scrubber, taint),
+        "subject": _summary_field(
+            record.envelope, ("_txc", src, "msg", "subject"), scrubber, taint
+        ),
         "error": error_doc.get("message") if isinstance(error_doc, dict) else None,
         "elapsed_s": elapsed,
         "fired": len(fired),
         "steps": len(steps),
         "recipients": [{"rcpt": r["rcpt"], "code": r["code"]} for r in responses],
     }
-    return {
-        SUMMARY_FILE: summary,
-        ENVELOPE_FILE: envelope if envelope is not _OMITTED else {},
-        STEPS_FILE: {"fired": fired, "steps": steps},
-        RESULT_FILE: {
+    parts = {
+        "summary": summary,
+        "envelope": envelope if envelope is not _OMITTED else {},
+        "steps": {"fired": fired, "steps": steps},
+        "result": {
             "rid": record.rid,
             "stack": record.stack,
             "error": error_doc,
             "elapsed_s": elapsed,
             "res": None if res_clean is _OMITTED else res_clean,
-            "scrubbed": {"omit": list(record.hints.omit), "redact": list(record.hints.redact)},
+            "scrubbed": {
+                "omit": list(record.hints.omit),
+                "redact": list(record.hints.redact),
+                **({"message_left_out": left_out} if left_out else {}),
+            },
         },
-        RESPONSE_FILE: {"replies": responses},
+        "response": {"replies": responses},
     }
-
-
-# --- the writer --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TraceStats:
-    written: int
-    dropped: int  # the queue was full
-    skipped: int  # mode "errors" and the run was fine, or mode "off"
-    failed: int  # I/O errors: the trace was lost
-    pruned: int
-
-
-def is_error(result: Any, replies: Sequence[tuple[str, str]], error: str = "") -> bool:
-    """What `--trace=errors` keeps: a failed run, or any tempfail (4xx) reply. No result
-    and no error is a routed stack that does not exist: default-deny, not an error."""
-    if error or getattr(result, "error", None) is not None:
-        return True
-    return any((code := reply_code(line)) is not None and 400 <= code < 500 for _, line in replies)
-
-
-def safe_rid(rid: str) -> str:
-    """A folder name that stays inside requests/, whatever the rid holds."""
-    name = _SAFE_RID.sub("_", rid)[:128].lstrip(".")
-    return name or "_"
-
-
-class TraceWriter:
-    """Writes trace records under `<state_dir>/requests/` from a background thread.
-
-    Call it as a trace sink: `writer(rid, envelope_in, result, replies, stack)`. It returns at
-    once; a full queue drops the record (counted in `stats().dropped`).
-    """
-
-    def __init__(
-        self,
-        state_dir: str | os.PathLike[str],
-        mode: TraceMode = "all",
-        keep_count: int = 1000,
-        keep_age_s: float = 7 * 86400.0,
-        queue_size: int = 1024,
-        prune_interval_s: float = 60.0,
-        log_interval_s: float = 60.0,
-    ) -> None:
-        if mode not in TRACE_MODES:
-            raise ValueError(f"trace mode must be one of {', '.join(TRACE_MODES)}, not {mode!r}")
-        self.root = Path(state_dir) / "requests"
-        self.mode: TraceMode = mode
-        self.keep_count = max(1, int(keep_count))
-        self.keep_age_s = float(keep_age_s)
-        self.prune_interval_s = prune_interval_s
-        self.log_interval_s = log_interval_s
-        self._queue: queue.Queue[TraceRecord | threading.Event | None] = queue.Queue(queue_size)
-        self._counts = {"written": 0, "dropped": 0, "skipped": 0, "failed": 0, "pruned": 0}
-        self._lock = threading.Lock()
-        self._known: deque[str] | None = None  # folder names, oldest first; loaded lazily
-        self._last_prune = 0.0
-        self._last_log = -1e18
-        self._thread: threading.Thread | None = None
-        if mode != "off":
-            self._thread = threading.Thread(target=self._work, name="txcl-trace", daemon=True)
-            self._thread.start()
-
-    # -- the caller's side: cheap, never raises, never blocks ---------------------------
-
-    def __call__(
-        self,
-        rid: str,
-        envelope_in: Mapping[str, Any],
-        result: Any,
-        replies: Sequence[tuple[str, str]],
-        stack: Any = None,
-        error: str = "",
-    ) -> bool:
-        """Queue one run for writing. True if queued."""
-        try:
-            if self.mode == "off" or (
-                self.mode == "errors" and not is_error(result, replies, error)
-            ):
-                self._count("skipped")
-                return False
-            record = TraceRecord(
-                rid=rid,
-                time=time.time(),
-                envelope=envelope_in,
-                result=result,
-                replies=tuple((str(r), str(line)) for r, line in replies),
-                stack=str(getattr(stack, "name", "") or (stack if isinstance(stack, str) else "")),
-                hints=_hints_of(getattr(stack, "hints", None)),
-                error=error,
-            )
-            self._queue.put_nowait(record)
-            return True
-        except queue.Full:
-            self._count("dropped")
-            self._log_loss("trace queue full; dropping traces")
-            return False
-        except Exception:  # a trace must never fail a delivery
-            self._count("failed")
-            log.exception("trace: could not queue %s", rid)
-            return False
-
-    def stats(self) -> TraceStats:
-        with self._lock:
-            return TraceStats(**self._counts)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is written. True if it was in time."""
-        if self._thread is None:
-            return True
-        done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the thread."""
-        if self._thread is None:
-            return
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
-        self._thread = None
-
-    # -- the worker's side ----------------------------------------------------------------
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def _log_loss(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last_log < self.log_interval_s:
-                return
-            self._last_log = now
-            counts = dict(self._counts)
-        log.warning(
-            "trace: " + message + " (so far: %d dropped, %d failed)",
-            *args,
-            counts["dropped"],
-            counts["failed"],
-        )
-
-    def _work(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self.prune_interval_s)
-            except queue.Empty:
-                self._prune_safely()
-                continue
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            try:
-                self.write(item)
-            except OSError as err:
-                self._count("failed")
-                self._log_loss("cannot write %s under %s: %s", item.rid, self.root, err)
-            except Exception:
-                self._count("failed")
-                log.exception("trace: cannot build the trace of %s", item.rid)
-            if time.monotonic() - self._last_prune >= self.prune_interval_s:
-                self._prune_safely()
-
-    def write(self, record: TraceRecord) -> Path:
-        """Serialise and write one record now (the worker calls this; so may tests)."""
-        artifacts = build_artifacts(record)
-        self.root.mkdir(parents=True, exist_ok=True)
-        name = safe_rid(record.rid)
-        tmp = self.root / f".tmp-{name}-{os.getpid()}-{threading.get_ident()}"
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            for filename, doc in artifacts.items():
-                with open(tmp / filename, "w", encoding="utf-8") as fh:
-                    json.dump(doc, fh, indent=2, ensure_ascii=False, default=str)
-                    fh.write("\n")
-            self._known_folders()  # before the rename, so the scan does not count it twice
-            final = self._free_name(name)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._count("written")
-        self._remember(final.name)
-        return final
-
-    def _free_name(self, name: str) -> Path:
-        """`<rid>`, or `<rid>.1`, `<rid>.2`... when one rid has several runs (several groups)."""
-        candidate, n = self.root / name, 0
-        while candidate.exists():
-            n += 1
-            candidate = self.root / f"{name}.{n}"
-        return candidate
-
-    def _remember(self, name: str) -> None:
-        known = self._known_folders()
-        known.append(name)
-        while len(known) > self.keep_count:
-            self._remove(known.popleft())
-
-    def _known_folders(self) -> deque[str]:
-        if self._known is None:
-            self._known = deque(entry.name for entry in _scan(self.root))
-        return self._known
-
-    def _remove(self, name: str) -> None:
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        self._count("pruned")
-
-    def _prune_safely(self) -> None:
-        try:
-            self.prune()
-        except OSError as err:
-            self._log_loss("cannot prune %s: %s", self.root, err)
-
-    def prune(self, now: float | None = None) -> int:
-        """Remove records beyond `keep_count` and older than `keep_age_s`, and leftovers of
-        interrupted writes. Returns how many records went."""
-        self._last_prune = time.monotonic()
-        now = time.time() if now is None else now
-        if not self.root.is_dir():
-            return 0
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(".tmp-") and _mtime(entry) < now - 3600:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        entries = _scan(self.root)
-        cutoff = now - self.keep_age_s
-        keep = [e for e in entries if e.mtime >= cutoff]
-        keep = keep[-self.keep_count :]
-        gone = {e.name for e in entries} - {e.name for e in keep}
-        for name in gone:
-            self._remove(name)
-        self._known = deque(e.name for e in keep)
-        return len(gone)
-
-
-# --- reading traces back -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TraceEntry:
-    name: str
-    mtime: float
-
-
-def _mtime(entry: os.DirEntry[str]) -> float:
-    try:
-        return entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return 0.0
-
-
-def _scan(root: Path) -> list[TraceEntry]:
-    """Trace folders, oldest first (by mtime, then by name: rids sort by time)."""
-    try:
-        entries = [
-            TraceEntry(e.name, _mtime(e))
-            for e in os.scandir(root)
-            if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
-        ]
-    except FileNotFoundError:
-        return []
-    return sorted(entries, key=lambda e: (e.mtime, e.name))
-
-
-def trace_names(state_dir: str | os.PathLike[str]) -> list[str]:
-    """The stored traces' folder names, oldest first."""
-    return [e.name for e in _scan(Path(state_dir) / "requests")]
-
-
-def read_trace(state_dir: str | os.PathLike[str], name: str | None = None) -> dict[str, Any]:
-    """The artifacts of one trace (the latest when name is None) as {file name: document}.
-    Raises FileNotFoundError when there is none; a missing or broken artifact maps to None."""
-    root = Path(state_dir) / "requests"
-    if name is None:
-        names = trace_names(state_dir)
-        if not names:
-            raise FileNotFoundError(f"no traces under {root}")
-        name = names[-1]
-    folder = root / safe_rid(name)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no trace {name!r} under {root}")
-    out: dict[str, Any] = {"name": folder.name}
-    for filename in ARTIFACTS:
-        try:
-            out[filename] = inputs.load_json_object(folder / filename)
-        except (OSError, ValueError):
-            out[filename] = None
-    return out
-
-
-def read_summaries(
-    state_dir: str | os.PathLike[str], limit: int | None = None
-) -> list[dict[str, Any]]:
-    """The summary.json of the newest `limit` traces (all when None), oldest first."""
-    root = Path(state_dir) / "requests"
-    names = trace_names(state_dir)
-    if limit is not None:
-        names = names[-limit:] if limit > 0 else []
-    out = []
-    for name in names:
-        try:
-            summary = inputs.load_json_object(root / name / SUMMARY_FILE)
-        except (OSError, ValueError):
-            summary = {"rid": name, "error": "unreadable summary"}
-        summary.setdefault("name", name)
-        out.append(summary)
-    return out
+    return Artifacts(parts, message)

@@ -1,0 +1,287 @@
+"""The on-disk form of a trace: `<state-dir>/requests/<rid>/`, and reading it back.
+
+One folder per run, holding at most two files, both private to the server's user
+(folders 0700, files 0600, whatever the umask):
+
+    trace.jsonl    five lines of compact JSON, one part each, in this order:
+                   {"summary": …}   rid, time, route, stack, sender, subject, codes (`--list`)
+                   {"envelope": …}  the inbound envelope, scrubbed
+                   {"steps": …}     the rules that fired and why, then every SET and EXEC
+                   {"result": …}    error, timings, the final `_txc.<src>.res`, what was scrubbed
+                   {"response": …}  the exact reply lines sent, one per recipient
+    message.eml    the message bytes the envelope was built from, stored once, scrubbed;
+                   the envelope names it where the message sits (`{"file": "message.eml"}`)
+
+`--list` reads only the first line of each trace. `jq -s add trace.jsonl` is the whole trace
+as one object. A trace is written in a hidden temporary folder renamed into place, so a
+folder under its rid is always whole.
+
+JSON goes through orjson (C); a document it refuses (an integer beyond 64 bits) falls back to
+the standard library, so a trace is never lost to its encoder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from txcl import inputs
+
+TRACE_FILE: Final = "trace.jsonl"
+MESSAGE_FILE: Final = "message.eml"
+PARTS: Final = ("summary", "envelope", "steps", "result", "response")
+FOLDER_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
+TMP_PREFIX: Final = ".tmp-"
+
+_SAFE_RID = re.compile(r"[^A-Za-z0-9._-]")
+_ORJSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+
+
+@dataclass(frozen=True, slots=True)
+class StoredApart:
+    """Marks where a value sits that the trace stores beside its JSON: the message bytes,
+    or a part of them (an attachment's content) that the stored message holds."""
+
+    file: str
+    size: int | None = None
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, StoredApart):
+        return {"file": value.file} if value.size is None else {
+            "file": value.file, "size": value.size}
+    if isinstance(value, bytes):
+        return f"({len(value)} bytes)"
+    return str(value)
+
+
+def encode(doc: Any) -> bytes:
+    """One compact JSON document (no trailing newline)."""
+    try:
+        return orjson.dumps(doc, default=_default, option=_ORJSON_OPTIONS)
+    except TypeError:  # beyond what orjson encodes (e.g. a huge integer): the slow way
+        return json.dumps(
+            doc, default=_default, ensure_ascii=False, separators=(",", ":")
+        ).encode("utf-8")
+
+
+def encode_parts(parts: Mapping[str, Any]) -> list[bytes]:
+    """The lines of `trace.jsonl`, each with its newline."""
+    return [encode({name: parts.get(name)}) + b"\n" for name in PARTS]
+
+
+def safe_rid(rid: str) -> str:
+    """A folder name that stays inside requests/, whatever the rid holds."""
+    name = _SAFE_RID.sub("_", rid)[:128].lstrip(".")
+    return name or "_"
+
+
+def private_folder(path: Path) -> None:
+    """`path` exists as a folder only its owner can enter (created or tightened)."""
+    path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != FOLDER_MODE:
+        os.chmod(path, FOLDER_MODE)
+
+
+def write_private(path: str, data: bytes) -> int:
+    """Write a new file readable by its owner only; returns the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def remove_trace(folder: str) -> None:
+    """Remove one trace folder (its files, then itself); anything unexpected in it too."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                os.unlink(entry.path)
+        os.rmdir(folder)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[Path, int]:
+    """One trace's files, written into a private temporary folder that is then renamed to
+    `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
+    appears whole or not at all. Returns the folder and the bytes written."""
+    base = os.fspath(root)
+    tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
+    os.mkdir(tmp, FOLDER_MODE)
+    try:
+        os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
+        size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
+        if message is not None:
+            size += write_private(f"{tmp}/{MESSAGE_FILE}", message)
+        n = 0
+        while True:
+            final = f"{base}/{name}" if n == 0 else f"{base}/{name}.{n}"
+            try:
+                os.rename(tmp, final)  # fails on an existing trace: it is never empty
+                return Path(final), size
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                n += 1
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- reading traces back -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEntry:
+    name: str
+    mtime: float
+
+
+def mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def scan(root: Path) -> list[TraceEntry]:
+    """Trace folders, oldest first (by mtime, then by name: rids sort by time)."""
+    try:
+        entries = [
+            TraceEntry(e.name, mtime(e))
+            for e in os.scandir(root)
+            if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+        ]
+    except FileNotFoundError:
+        return []
+    return sorted(entries, key=lambda e: (e.mtime, e.name))
+
+
+def folder_size(path: str | Path) -> int:
+    """The bytes of the files directly in a trace folder."""
+    try:
+        with os.scandir(path) as entries:
+            return sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file())
+    except OSError:
+        return 0
+
+
+def requests_root(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / "requests"
+
+
+def trace_names(state_dir: str | os.PathLike[str]) -> list[str]:
+    """The stored traces' folder names, oldest first."""
+    return [e.name for e in scan(requests_root(state_dir))]
+
+
+def _lines(folder: Path) -> Iterator[bytes]:
+    with open(folder / TRACE_FILE, "rb") as fh:
+        yield from fh
+
+
+def _part(line: bytes) -> tuple[str, Any] | None:
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, dict) and len(doc) == 1:
+        ((name, value),) = doc.items()
+        return name, value
+    return None
+
+
+def read_trace(state_dir: str | os.PathLike[str], name: str | None = None) -> dict[str, Any]:
+    """One trace (the latest when name is None): {"name", "summary", "envelope", "steps",
+    "result", "response"}. Raises FileNotFoundError when there is none; a missing or broken
+    part maps to None."""
+    root = requests_root(state_dir)
+    if name is None:
+        names = trace_names(state_dir)
+        if not names:
+            raise FileNotFoundError(f"no traces under {root}")
+        name = names[-1]
+    folder = root / safe_rid(name)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no trace {name!r} under {root}")
+    out: dict[str, Any] = {"name": folder.name, **dict.fromkeys(PARTS)}
+    try:
+        for line in _lines(folder):
+            part = _part(line)
+            if part is not None and part[0] in PARTS:
+                out[part[0]] = part[1]
+    except FileNotFoundError:
+        out.update({name: _legacy_part(folder, name) for name in PARTS})
+    except OSError:
+        pass
+    return out
+
+
+def _legacy_part(folder: Path, name: str) -> Any:
+    """A part of a trace written before `trace.jsonl`: one indented `<part>.json` each."""
+    try:
+        return inputs.load_json_object(folder / f"{name}.json")
+    except (OSError, ValueError):  # InputError: not a bounded JSON object
+        return None
+
+
+def read_message(state_dir: str | os.PathLike[str], name: str) -> bytes | None:
+    """The message bytes stored with a trace, or None (omitted, cut, or none)."""
+    try:
+        return (requests_root(state_dir) / safe_rid(name) / MESSAGE_FILE).read_bytes()
+    except OSError:
+        return None
+
+
+def read_summary(folder: Path) -> dict[str, Any] | None:
+    """The first line of a trace (or its legacy `summary.json`); None when it has neither."""
+    try:
+        with open(folder / TRACE_FILE, "rb") as fh:
+            first = fh.readline()
+    except FileNotFoundError:
+        if not os.path.lexists(folder / "summary.json"):
+            return None
+        legacy = _legacy_part(folder, "summary")
+        return legacy if legacy is not None else {"rid": folder.name, "error": "unreadable summary"}
+    except OSError:
+        return {"rid": folder.name, "error": "unreadable summary"}
+    part = _part(first)
+    if part is None or part[0] != "summary" or not isinstance(part[1], dict):
+        return {"rid": folder.name, "error": "unreadable summary"}
+    return part[1]
+
+
+def read_summaries(
+    state_dir: str | os.PathLike[str], limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The summaries of the newest `limit` traces (all when None), oldest first."""
+    root = requests_root(state_dir)
+    names = trace_names(state_dir)
+    if limit is not None:
+        names = names[-limit:] if limit > 0 else []
+    out = []
+    for name in names:
+        summary = read_summary(root / name)
+        if summary is not None:
+            summary.setdefault("name", name)
+            out.append(summary)
+    return out
