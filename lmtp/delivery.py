@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from lmtp.message import (
     needs_of_rules,
     parse_message,
 )
+from lmtp.mime import DEFAULT_LIMITS, MimeLimits
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
@@ -112,13 +114,18 @@ class Deliverer:
         self._op_needs = _builtin_op_needs(getattr(self.policy, "registry", registry))
         self._traces_everything = trace_sink is not None and (
             getattr(trace_sink, "mode", None) != "off")
+        # What a trace writer stores of the message (it may take `raw` from the bytes).
+        self._trace_needs: MessageNeeds = getattr(trace_sink, "message_needs", EVERYTHING)
+        self._mime_limits = MimeLimits(
+            max_parts=getattr(settings, "lmtp_mime_max_parts", DEFAULT_LIMITS.max_parts),
+            max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth))
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
     def needs_of(self, stack: Any) -> MessageNeeds:
         """The message fields `stack` can observe (everything for a stack we cannot read)."""
         if self._traces_everything:
-            return EVERYTHING
+            return self._trace_needs
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
             return cached[1]
@@ -144,12 +151,12 @@ class Deliverer:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
             rejected = frozenset(getattr(tree, "rejected", None) or ())
-            needs = EVERYTHING if self._traces_everything else NOTHING
+            needs = self._trace_needs if self._traces_everything else NOTHING
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
                     needs = needs | self.needs_of(stack)
-            msg, defects = await _parse(tx.data, needs)
+            msg, defects = await _parse(tx.data, needs, self._mime_limits)
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
@@ -236,13 +243,19 @@ class Deliverer:
             log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
 
 
-async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
+                 ) -> tuple[dict[str, Any], list[str]]:
     # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
     # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
     # throughout, so a thread would add a hop and block the loop just the same.
     if len(data) <= INLINE_PARSE_BYTES or not (needs.complete or needs.fields & BODY_FIELDS):
-        return parse_message(data, needs)
-    return await asyncio.to_thread(parse_message, data, needs)
+        return parse_message(data, needs, limits=limits)
+    cancel = threading.Event()
+    try:
+        return await asyncio.to_thread(parse_message, data, needs, limits=limits, cancel=cancel)
+    except asyncio.CancelledError:
+        cancel.set()  # the delivery was answered (or the server stops): free the thread
+        raise
 
 
 def _builtin_op_needs(registry: Any) -> dict[str, MessageNeeds]:

@@ -9,7 +9,9 @@ A stack that cannot observe a field need not pay for it: `MessageNeeds` says whi
 (and which headers) the routed stacks can read — from the paths their rules read and the
 built-in ops they call (`needs_of_rules`) — and `parse_message(data, needs)` builds only
 those. A field it builds has the same value the full parse gives; without the body fields
-(text, html, attachments) only the header section is parsed at all.
+(text, html, attachments, truncated) only the header section is parsed at all, and an
+attachment's content is decoded only for a stack that can read it (`ATTACHMENT_CONTENT`;
+its name, type, size and sha256 come from C passes over the message, `lmtp.mime`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import base64
 import email.utils
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
@@ -28,6 +31,8 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import TYPE_CHECKING, Any
 
+from lmtp.mime import DEFAULT_LIMITS, MimeLimits, MimeTree, ParseCancelled, leaves, parse_tree
+
 if TYPE_CHECKING:
     from lmtp.routing import Route
 
@@ -35,8 +40,11 @@ B64_PREFIX = "b64:"
 _PARSER = BytesParser(policy=policy.default)
 
 MSG_FIELDS = ("id", "date", "from", "to", "cc", "subject", "text", "html", "headers",
-              "attachments", "raw")
-BODY_FIELDS = frozenset({"text", "html", "attachments"})
+              "attachments", "truncated", "raw")
+BODY_FIELDS = frozenset({"text", "html", "attachments", "truncated"})
+# Not a field but a need: the `content` of each attachment (its other keys are cheap).
+ATTACHMENT_CONTENT = "attachments.content"
+_ATTACHMENT_STATS = frozenset({"name", "type", "size", "sha256"})
 # The `_txc.<src>` section of an LMTP envelope, and where the message sits in it.
 SOURCE = "lmtp"
 MSG_PATH = ("_txc", SOURCE, "msg")
@@ -44,14 +52,15 @@ MSG_PATH = ("_txc", SOURCE, "msg")
 
 @dataclass(frozen=True, slots=True)
 class MessageNeeds:
-    """Which `_txc.lmtp.msg` fields to build; `header_names` None: every header."""
+    """Which `_txc.lmtp.msg` fields to build (and whether ATTACHMENT_CONTENT);
+    `header_names` None: every header."""
 
     fields: frozenset[str]
     header_names: frozenset[str] | None = None
 
     @property
     def complete(self) -> bool:
-        return self.header_names is None and self.fields.issuperset(MSG_FIELDS)
+        return self.header_names is None and self.fields.issuperset(_ALL_NEEDS)
 
     def __or__(self, other: MessageNeeds) -> MessageNeeds:
         names = (None if self.header_names is None or other.header_names is None
@@ -59,7 +68,8 @@ class MessageNeeds:
         return MessageNeeds(self.fields | other.fields, names)
 
 
-EVERYTHING = MessageNeeds(frozenset(MSG_FIELDS))
+_ALL_NEEDS = frozenset(MSG_FIELDS) | {ATTACHMENT_CONTENT}
+EVERYTHING = MessageNeeds(_ALL_NEEDS)
 NOTHING = MessageNeeds(frozenset(), frozenset())
 # What a built-in op reads of the message (`_txc.<src>.msg`); ops not named here, and any
 # op a config or entry point provides, may read anything. EMIT and WEBHOOK send the
@@ -84,6 +94,10 @@ def needs_of_path(segments: Sequence[str | int]) -> MessageNeeds:
         if len(segments) > 4 and isinstance(segments[4], str):
             return MessageNeeds(frozenset({"headers"}), frozenset({segments[4]}))
         return MessageNeeds(frozenset({"headers"}))
+    if name == "attachments":
+        if len(segments) > 5 and isinstance(segments[4], int) and segments[5] in _ATTACHMENT_STATS:
+            return MessageNeeds(frozenset({"attachments"}), frozenset())
+        return MessageNeeds(frozenset({"attachments", ATTACHMENT_CONTENT}), frozenset())
     if isinstance(name, str) and name in MSG_FIELDS:
         return MessageNeeds(frozenset({name}), frozenset())
     return NOTHING  # a key the message object never has
@@ -129,14 +143,16 @@ _EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
 
 
 def parse_message(
-    data: bytes, needs: MessageNeeds = EVERYTHING
+    data: bytes, needs: MessageNeeds = EVERYTHING, *, limits: MimeLimits = DEFAULT_LIMITS,
+    cancel: threading.Event | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects.
 
-    With `needs`, only those fields are in the object (each with its full-parse value)."""
+    With `needs`, only those fields are in the object (each with its full-parse value).
+    `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled."""
     if not needs.complete and not (needs.fields & BODY_FIELDS):
         return _parse_head(data, needs)
-    msg, defects = _parse_all(data)
+    msg, defects = _parse_all(data, needs, limits, cancel)
     if not needs.complete:
         msg = {name: value for name, value in msg.items() if name in needs.fields}
         if needs.header_names is not None and "headers" in msg:
@@ -232,7 +248,8 @@ def _build_field(msg: dict[str, Any], defects: list[str], name: str,
         defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
 
-def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
+def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
+               cancel: threading.Event | None) -> tuple[dict[str, Any], list[str]]:
     defects: list[str] = []
     msg: dict[str, Any] = {
         "id": "",
@@ -245,13 +262,20 @@ def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
         "html": "",
         "headers": {},
         "attachments": [],
-        "raw": b64(data),
+        "truncated": False,
+        "raw": b64(data) if "raw" in needs.fields else "",
     }
     try:
-        parsed = _PARSER.parsebytes(data)
+        tree = parse_tree(data, limits, cancel)
+    except ParseCancelled:
+        raise
     except Exception as exc:  # the parser is documented not to raise; stay safe if it does
         defects.append(f"message: unparseable ({type(exc).__name__})")
         return msg, defects
+    parsed = tree.root
+    if tree.truncated:
+        msg["truncated"] = True
+        defects.append(f"message: truncated, {tree.truncated}")
 
     def field(name: str, build: Callable[[], Any]) -> None:
         try:
@@ -272,10 +296,12 @@ def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
         html_part = parsed.get_body(preferencelist=("html",))
     except Exception as exc:
         defects.append(f"body: {type(exc).__name__}: {exc}"[:200])
-    field("text", lambda: _text_content(text_part))
-    field("html", lambda: _text_content(html_part))
+    field("text", lambda: _text_content(tree, text_part))
+    field("html", lambda: _text_content(tree, html_part))
     bodies = {id(p) for p in (text_part, html_part) if p is not None}
-    field("attachments", lambda: _attachments(parsed, bodies))
+    if "attachments" in needs.fields:
+        keep = ATTACHMENT_CONTENT in needs.fields
+        field("attachments", lambda: _attachments(tree, bodies, keep, cancel))
     defects.extend(_defects(parsed))
     return msg, defects
 
@@ -371,9 +397,10 @@ def _addresses(
     return out
 
 
-def _text_content(part: Message | None) -> str:
+def _text_content(tree: MimeTree, part: Message | None) -> str:
     if part is None:
         return ""
+    tree.restore(part)
     try:
         content = part.get_content() if isinstance(part, EmailMessage) else None
         if isinstance(content, str):
@@ -395,43 +422,39 @@ def _lf(text: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _leaves(part: Message) -> Iterator[Message]:
-    """Leaf parts in order; an attached message/rfc822 counts as one leaf, not its insides."""
-    if part.is_multipart() and part.get_content_maintype() == "multipart":
-        for sub in part.get_payload():
-            if isinstance(sub, Message):
-                yield from _leaves(sub)
-    else:
-        yield part
-
-
-def _attachments(parsed: Message, bodies: set[int]) -> list[dict[str, Any]]:
+def _attachments(tree: MimeTree, bodies: set[int], keep: bool,
+                 cancel: threading.Event | None) -> list[dict[str, Any]]:
+    """Every leaf but the bodies; `content` only with `keep`."""
+    parsed = tree.root
     out = []
-    for part in _leaves(parsed):
+    for part in leaves(parsed):
         if id(part) in bodies:
             continue
         if part is parsed and part.get_content_maintype() == "text" and not part.is_attachment():
             continue  # a single-part text message is a body, even one get_body passed over
-        content = _part_bytes(part)
-        out.append(
-            {
-                "name": _unfold(part.get_filename() or ""),
-                "type": part.get_content_type(),
-                "size": len(content),
-                "sha256": hashlib.sha256(content).hexdigest(),
-                "content": b64(content),
-            }
-        )
+        if cancel is not None and cancel.is_set():
+            raise ParseCancelled
+        size, sha256, content = _part_bytes(tree, part, keep)
+        attachment = {
+            "name": _unfold(part.get_filename() or ""),
+            "type": part.get_content_type(),
+            "size": size,
+            "sha256": sha256,
+        }
+        if content is not None:
+            attachment["content"] = b64(content)
+        out.append(attachment)
     return out
 
 
-def _part_bytes(part: Message) -> bytes:
+def _part_bytes(tree: MimeTree, part: Message, keep: bool) -> tuple[int, str, bytes | None]:
+    """(size, sha256, content if `keep`) of an attachment's bytes."""
     if part.get_content_maintype() == "message":
         inner = part.get_payload()
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            return inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n"))
-    payload = part.get_payload(decode=True)
-    return payload if isinstance(payload, bytes) else b""
+            content = inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n"))
+            return len(content), hashlib.sha256(content).hexdigest(), content if keep else None
+    return tree.leaf_bytes(part, keep)
 
 
 def _defects(parsed: Message) -> list[str]:
