@@ -193,13 +193,12 @@ def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[
     defects: list[str] = []
     if fields - {"raw"}:
         head = data[:header_section_end(data)]
-        # The address fields need the policy's header objects; the rest only raw items.
-        items = None if fields & _ADDRESS_FIELDS else split_header_section(head)
+        items = split_header_section(head)
         parsed: Message | None = None
         if items is None:
             try:
                 parsed = _PARSER.parsebytes(head)
-                items = parsed.raw_items()
+                items = list(parsed.raw_items())
             except Exception as exc:
                 defects.append(f"message: unparseable ({type(exc).__name__})")
         names = set(needs.header_names or ()) if "headers" in fields else set()
@@ -224,9 +223,9 @@ def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[
                     k: v for k, v in headers.items() if k in keep}
             elif items is None:
                 continue
-            elif name in _ADDRESS_FIELDS and parsed is not None:
+            elif name in _ADDRESS_FIELDS:
                 _build_field(msg, defects, name,
-                             lambda name=name: _addresses(parsed, headers, name))
+                             lambda name=name: _addresses(items or [], headers, name))
             elif name == "id":
                 _build_field(msg, defects, name, lambda: _first(headers, "message-id").strip())
             elif name == "date":
@@ -283,13 +282,14 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
         except Exception as exc:
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
-    field("headers", lambda: _headers(parsed, None))
+    items = list(parsed.raw_items())
+    field("headers", lambda: _headers_from(items, None))
     headers: dict[str, list[str]] = msg["headers"]
     field("id", lambda: _first(headers, "message-id").strip())
     field("date", lambda: _iso_date(_first(headers, "date")))
     field("subject", lambda: _first(headers, "subject"))
     for name in ("from", "to", "cc"):
-        field(name, lambda name=name: _addresses(parsed, headers, name))
+        field(name, lambda name=name: _addresses(items, headers, name))
     text_part = html_part = None
     try:
         text_part = parsed.get_body(preferencelist=("plain",))
@@ -317,16 +317,12 @@ def _unfold(value: str) -> str:
     return value.replace("\r\n", "").replace("\n", "").replace("\r", "")
 
 
-def _headers(parsed: Message, wanted: set[str] | None) -> dict[str, list[str]]:
-    return _headers_from(parsed.raw_items(), wanted)
-
-
 def _headers_from(items: Iterable[tuple[str, str]], wanted: set[str] | None
                   ) -> dict[str, list[str]]:
     """Every header by lower-case name (or only the `wanted` names), values decoded."""
     by_name: dict[str, list[str]] = {}
     for name, value in items:
-        key = name.strip().lower()
+        key = _scrub(name.strip().lower())
         if wanted is not None and key not in wanted:
             continue
         by_name.setdefault(key, []).append(_decoded_header(name, value))
@@ -351,16 +347,44 @@ def _is_unstructured(name: str) -> bool:
 
 def _decoded_header(name: str, raw_value: str) -> str:
     # Plain printable ASCII on one line, without an encoded word, is its own decoding for
-    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer (~40 us).
+    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer.
     if "=?" not in raw_value and _PLAIN_TEXT.match(raw_value) and _is_unstructured(name):
         return raw_value
+    raw_value = _eight_bit(raw_value)
     try:
-        return _unfold(str(policy.default.header_fetch_parse(name, raw_value)))
+        return _scrub(_unfold(str(policy.default.header_fetch_parse(name, raw_value))))
     except Exception:  # the policy's header classes choke on some garbage; decode plainly
         try:
-            return _unfold(str(make_header(decode_header(raw_value))))
+            return _scrub(_unfold(str(make_header(decode_header(raw_value)))))
         except Exception:
-            return _unfold(raw_value)
+            return _scrub(_unfold(raw_value))
+
+
+# The parser keeps each 8-bit byte of a header as a lone surrogate (U+DC80..U+DCFF).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _eight_bit(value: str) -> str:
+    """A raw header value with its 8-bit bytes decoded: as UTF-8 (RFC 6532) when they are
+    that, else as Latin-1 — one choice for the whole value."""
+    if not _SURROGATE.search(value):
+        return value
+    data = value.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _scrub(text: str) -> str:
+    """`text` without lone surrogates (what an encoded word in an unknown charset, or a
+    body codec, can leave), so the envelope is always valid UTF-8 JSON."""
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return _eight_bit(text)
+    except UnicodeEncodeError:  # a surrogate no byte was escaped into
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _iso_date(value: str) -> str:
@@ -379,13 +403,15 @@ def _iso_date(value: str) -> str:
 
 
 def _addresses(
-    parsed: Message, headers: Mapping[str, list[str]], name: str
+    items: Iterable[tuple[str, str]], headers: Mapping[str, list[str]], name: str
 ) -> list[dict[str, str]]:
+    """`name`'s addresses as the policy's address headers give them (`get_all`), read from
+    the raw items with their 8-bit bytes decoded."""
     try:
         pairs = [
             (a.display_name, a.addr_spec)
-            for header in parsed.get_all(name) or ()
-            for a in header.addresses
+            for key, value in items if key.lower() == name
+            for a in policy.default.header_fetch_parse(key, _eight_bit(value)).addresses
         ]
     except Exception:  # structured parse failed: fall back to the lenient classic parser
         pairs = email.utils.getaddresses(headers.get(name, []))
@@ -393,7 +419,7 @@ def _addresses(
     for display, addr in pairs:
         addr = "" if addr == "<>" else addr
         if addr or display:
-            out.append({"name": _unfold(display), "addr": addr})
+            out.append({"name": _scrub(_unfold(display)), "addr": _scrub(addr)})
     return out
 
 
@@ -404,7 +430,7 @@ def _text_content(tree: MimeTree, part: Message | None) -> str:
     try:
         content = part.get_content() if isinstance(part, EmailMessage) else None
         if isinstance(content, str):
-            return _lf(content)
+            return _scrub(_lf(content))
     except (LookupError, UnicodeError, ValueError, AssertionError):
         pass  # unknown or lying charset: decode the bytes ourselves below
     payload = part.get_payload(decode=True)
@@ -412,7 +438,7 @@ def _text_content(tree: MimeTree, part: Message | None) -> str:
         return ""
     charset = part.get_content_charset() or "utf-8"
     try:
-        return _lf(payload.decode(charset, errors="replace"))
+        return _scrub(_lf(payload.decode(charset, errors="replace")))
     except LookupError:
         return _lf(payload.decode("utf-8", errors="replace"))
 
@@ -436,8 +462,8 @@ def _attachments(tree: MimeTree, bodies: set[int], keep: bool,
             raise ParseCancelled
         size, sha256, content = _part_bytes(tree, part, keep)
         attachment = {
-            "name": _unfold(part.get_filename() or ""),
-            "type": part.get_content_type(),
+            "name": _scrub(_unfold(part.get_filename() or "")),
+            "type": _scrub(part.get_content_type()),
             "size": size,
             "sha256": sha256,
         }

@@ -399,10 +399,10 @@ def test_a_partial_parse_equals_the_full_parse_on_the_fields_it_builds(data, nee
 def test_a_header_decodes_as_the_email_policy_decodes_it(value, name):
     from email import policy
 
-    from lmtp.message import _decoded_header, _unfold
+    from lmtp.message import _decoded_header, _eight_bit, _unfold
 
-    try:
-        expected = _unfold(str(policy.default.header_fetch_parse(name, value)))
+    try:  # 8-bit bytes (surrogates from the parser) are decoded first, as UTF-8 or Latin-1
+        expected = _unfold(str(policy.default.header_fetch_parse(name, _eight_bit(value))))
     except Exception:
         return  # the fallback decoders are exercised by the garbage tests above
     assert _decoded_header(name, value) == expected
@@ -429,3 +429,47 @@ def test_the_header_section_splitter_gives_the_email_parsers_raw_items_or_declin
     if items is not None:
         assert items == list(BytesParser(policy=default).parsebytes(section).raw_items())
         assert BytesParser(policy=default).parsebytes(section).defects == []
+
+
+# --- 8-bit and UTF-8 headers: the envelope is always valid UTF-8 JSON ----------------------
+
+import json  # noqa: E402
+
+from txcl.builtin_ops.emit import event_json  # noqa: E402
+
+
+def test_latin1_bytes_in_a_display_name_do_not_poison_emit():
+    raw = b"From: J\xe9r\xf4me <a@x.example>\r\nTo: support@acme.example\r\nSubject: caf\xe9\r\n\r\nhi\r\n"
+    msg, _ = parse_message(raw)
+    assert msg["from"] == [{"name": "J\u00e9r\u00f4me", "addr": "a@x.example"}]
+    assert msg["subject"] == "caf\u00e9"
+    assert msg["headers"]["from"] == ["J\u00e9r\u00f4me <a@x.example>"]
+    envelope = {"_txc": {"src": "lmtp", "lmtp": {"msg": msg}}}
+    assert json.loads(event_json(envelope, {}, "EMIT"))["_txc"]["lmtp"]["msg"]["from"] == (
+        msg["from"])
+
+
+def test_utf8_headers_land_as_proper_strings():
+    raw = ("From: Jos\u00e9 <jos\u00e9@ex\u00e4mple.com>\r\nTo: j\u00f6se@acme.example\r\n"
+           "Subject: Gr\u00fc\u00dfe \u2013 \u00e7a va\r\n\r\nhi\r\n").encode()
+    for needs in (EVERYTHING, MessageNeeds(frozenset({"from", "to", "subject"}), frozenset())):
+        msg, _ = parse_message(raw, needs)
+        assert msg["subject"] == "Gr\u00fc\u00dfe \u2013 \u00e7a va"
+        assert msg["from"] == [{"name": "Jos\u00e9", "addr": "jos\u00e9@ex\u00e4mple.com"}]
+        assert msg["to"] == [{"name": "", "addr": "j\u00f6se@acme.example"}]
+
+
+EIGHT_BIT = st.lists(st.sampled_from([
+    b"From: J\xe9r\xf4me <a@x>\r\n", b"Subject: \xc3\xa9t\xc3\xa9\r\n", b"X-\xff: \xfe\r\n",
+    b"Subject: =?x-unknown?q?=FF?=\r\n", b"Content-Type: text/plain; charset=unicode_escape\r\n",
+    b"Content-Disposition: attachment; filename=\"\xe9.txt\"\r\n", b"\\ud800\r\n",
+    b"Content-Type: multipart/mixed; boundary=b\r\n", b"--b\r\n", b"\r\n", b"\xe9\xff\r\n",
+    b"To: \"\xe9\" <\xe9@\xe9>\r\n", b"Content-Type: \xe9/\xe9\r\n",
+]), max_size=25).map(b"".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=800), EIGHT_BIT, MIMEISH), PARTIAL_NEEDS)
+def test_every_envelope_is_strict_utf8_json(data, needs):
+    for msg in (parse_message(data)[0], parse_message(data, needs)[0]):
+        json.dumps(msg, ensure_ascii=False).encode("utf-8")  # strict: no lone surrogates
