@@ -3,7 +3,6 @@ within its bounds, and other mail is answered meanwhile."""
 
 from __future__ import annotations
 
-import smtplib
 import threading
 import time
 
@@ -37,16 +36,22 @@ def test_tiny_part_floods_are_bounded_and_other_mail_is_answered_meanwhile(serve
     server = serve(tmp_path, STACK, YAML)
     assert len(FLOOD) > 5_000_000
     flood_replies: list[tuple[int, bytes]] = []
-    sending = threading.Barrier(9)
+    all_sent = threading.Barrier(9)
 
     def flood() -> None:
-        sending.wait()
-        flood_replies.append(send(server, FLOOD, timeout=120))
+        with server.lmtp(timeout=120) as client:
+            client.ehlo_or_helo_if_needed()
+            assert client.mail("a@client.example")[0] == 250
+            assert client.rcpt("support@acme.example")[0] == 250
+            assert client.docmd("DATA")[0] == 354
+            client.send(FLOOD + b".\r\n")  # no line starts with a dot: nothing to stuff
+            all_sent.wait()
+            flood_replies.append(client.getreply())
 
     threads = [threading.Thread(target=flood) for _ in range(8)]
     for thread in threads:
         thread.start()
-    sending.wait()
+    all_sent.wait(120)  # every flood is in the server's hands: now another sender's mail
     started = time.monotonic()
     other = send(server, OTHER, timeout=60)
     other_took = time.monotonic() - started
@@ -60,3 +65,29 @@ def test_tiny_part_floods_are_bounded_and_other_mail_is_answered_meanwhile(serve
     started = time.monotonic()
     assert send(server, OTHER, timeout=30) == (250, b"2.0.0 text read")
     assert time.monotonic() - started < 5
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def big_multipart(size: int) -> bytes:
+    """A text part the stack reads and one big base64 attachment (as bench/lmtp sends)."""
+    head = (b"From: a@client.example\r\nSubject: logs\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Type: text/plain\r\n\r\nhello, the log is attached\r\n--b\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="x.log"\r\n\r\n')
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
+    return head + line * ((size - len(head)) // len(line)) + b"--b--\r\n"
+
+
+def test_a_25_mib_multipart_peaks_under_four_times_its_size_with_traces_off(serve, tmp_path):
+    server = serve(tmp_path, STACK, YAML, "--trace=off")
+    message = big_multipart(25 * 2**20 - 8192)
+    assert send(server, message, timeout=120) == (250, b"2.0.0 text read")
+    assert vm_hwm_bytes(server.proc.pid) < 4 * len(message)
