@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email import errors, policy
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.parser import BytesFeedParser
 
 Segment = bytes | memoryview
@@ -76,7 +76,7 @@ class Run:
 class MimeTree:
     """The parsed message, and how to get its leaves' original bytes back."""
 
-    root: Message
+    root: EmailMessage
     data: bytes
     runs: list[Run] = field(default_factory=list)
     truncated: str = ""  # why the parse stopped short of the end, or ""
@@ -149,7 +149,7 @@ def parse_tree(data: bytes, limits: MimeLimits = DEFAULT_LIMITS,
     return MimeTree(_feed(source, limits, cancel), data, [], truncated)
 
 
-def _feed(data: bytes, limits: MimeLimits, cancel: threading.Event | None) -> Message:
+def _feed(data: bytes, limits: MimeLimits, cancel: threading.Event | None) -> EmailMessage:
     parser = BytesFeedParser(policy=policy.default)
     step = max(1, limits.feed_slice_bytes)
     view = memoryview(data)
@@ -157,7 +157,10 @@ def _feed(data: bytes, limits: MimeLimits, cancel: threading.Event | None) -> Me
         if cancel is not None and cancel.is_set():
             raise ParseCancelled
         parser.feed(bytes(view[start:start + step]))
-    return parser.close()
+    root = parser.close()
+    if not isinstance(root, EmailMessage):  # what policy.default makes
+        raise TypeError(f"the parser made a {type(root).__name__}")
+    return root
 
 
 def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None

@@ -245,7 +245,7 @@ def test_mime_shaped_garbage_never_raises(data):
     assert raw_of(msg) == data
 
 
-def test_build_envelope_has_the_seed_shape_and_shares_msg():
+def test_build_envelope_has_the_documented_shape_and_shares_msg():
     msg, _ = parse_message(SIMPLE)
     route = Route("acme", "acme/_mail", "domain:acme.example", "acme/_mail/0", "")
     env = build_envelope(
