@@ -123,16 +123,18 @@ class Deliverer:
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
     def needs_of(self, stack: Any) -> MessageNeeds:
-        """The message fields `stack` can observe (everything for a stack we cannot read)."""
-        if self._traces_everything:
-            return self._trace_needs
+        """The message fields `stack` can observe (everything for a stack we cannot read),
+        and what the trace writer stores of them."""
+        if self._traces_everything and self._trace_needs.complete:
+            return EVERYTHING
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
-            return cached[1]
-        rules = getattr(stack, "rules", None)
-        needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
-        self._needs[id(stack)] = (stack, needs)
-        return needs
+            needs = cached[1]
+        else:
+            rules = getattr(stack, "rules", None)
+            needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+            self._needs[id(stack)] = (stack, needs)
+        return needs | self._trace_needs if self._traces_everything else needs
 
     async def deliver(self, tx: Transaction) -> list[str]:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""

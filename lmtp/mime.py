@@ -49,7 +49,7 @@ class MimeLimits:
     max_depth: int = 50
     # Body runs at least this long are replaced before the parse; None: nothing is.
     elide_min_bytes: int | None = 4096
-    feed_slice_bytes: int = 64 * 1024
+    feed_slice_bytes: int = 16 * 1024
 
 
 DEFAULT_LIMITS = MimeLimits()

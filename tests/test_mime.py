@@ -198,3 +198,62 @@ def test_a_set_cancel_flag_stops_the_parse():
 def test_every_field_is_built_with_a_truncated_flag():
     msg, _ = parse_message(b"Subject: x\r\n\r\nbody\r\n")
     assert set(msg) == set(MSG_FIELDS) and msg["truncated"] is False
+
+
+# --- in the deliverer: what a trace writer stores, and cancellation ------------------------
+
+import asyncio  # noqa: E402
+import time  # noqa: E402
+
+from lmtp.delivery import Deliverer, _parse  # noqa: E402
+from tests.test_delivery import ACME, FakeStack, Tree, accept_support, transaction  # noqa: E402
+
+
+class SubjectOnlyTraces:
+    """A trace sink that stores the subject and the raw bytes of the message, no more."""
+
+    mode = "all"
+    message_needs = MessageNeeds(frozenset({"subject", "raw"}), frozenset())
+
+    def __call__(self, *args, **kwargs) -> None:
+        pass
+
+
+class TextReader(FakeStack):
+    rules = [type("Rule", (), {"reads": frozenset({("_txc", "lmtp", "msg", "text")}),
+                               "jsonpaths": frozenset(), "ops": ()})()]
+
+
+def test_a_trace_sink_that_declares_its_needs_gets_those_and_the_stacks_not_everything():
+    stack = TextReader("acme/_mail", accept_support)
+    deliverer = Deliverer(Tree({"acme/_mail": stack}), None, policy=object(),
+                          trace_sink=SubjectOnlyTraces())
+    assert asyncio.run(deliverer.deliver(transaction(("support@acme.example", ACME),
+                                                     data=with_attachments())))
+    assert set(stack.seen[0]["_txc"]["lmtp"]["msg"]) == {"subject", "raw", "text"}
+
+
+def test_a_cancelled_delivery_frees_its_parse_thread():
+    flood = many_parts(40_000)  # unbounded, its parse would take far longer than 5 s
+    unbounded = MimeLimits(max_parts=10**7, elide_min_bytes=None)
+
+    async def cancel_a_parse() -> float:
+        parse = asyncio.create_task(_parse(flood, EVERYTHING, unbounded))
+        await asyncio.sleep(0.5)  # the parse is running in its worker thread
+        parse.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await parse
+        started = time.monotonic()
+        # one worker only: the next job runs once the cancelled parse has let go of it
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(single, time.monotonic)
+        return time.monotonic() - started
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as single:
+        async def main() -> float:
+            asyncio.get_running_loop().set_default_executor(single)
+            return await cancel_a_parse()
+
+        assert asyncio.run(main()) < 5
