@@ -34,7 +34,7 @@ from lmtp.message import (
     needs_of_rules,
     parse_message,
 )
-from lmtp.mime import DEFAULT_LIMITS, MimeLimits
+from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
@@ -118,7 +118,9 @@ class Deliverer:
         self._trace_needs: MessageNeeds = getattr(trace_sink, "message_needs", EVERYTHING)
         self._mime_limits = MimeLimits(
             max_parts=getattr(settings, "lmtp_mime_max_parts", DEFAULT_LIMITS.max_parts),
-            max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth))
+            max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
+            max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
+                                     DEFAULT_LIMITS.max_header_lines))
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
@@ -250,7 +252,9 @@ async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
     # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
     # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
     # throughout, so a thread would add a hop and block the loop just the same.
-    if len(data) <= INLINE_PARSE_BYTES or not (needs.complete or needs.fields & BODY_FIELDS):
+    walk = needs.complete or needs.fields & BODY_FIELDS
+    if len(data) <= INLINE_PARSE_BYTES or not walk and (
+            header_section_end(data) <= INLINE_PARSE_BYTES):
         return parse_message(data, needs, limits=limits)
     cancel = threading.Event()
     try:

@@ -32,7 +32,16 @@ from email.parser import BytesParser
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from lmtp.mime import DEFAULT_LIMITS, MimeLimits, MimeTree, ParseCancelled, leaves, parse_tree
+from lmtp.mime import (
+    DEFAULT_LIMITS,
+    MimeLimits,
+    MimeTree,
+    ParseCancelled,
+    header_lines_cut,
+    header_section_end,
+    leaves,
+    parse_tree,
+)
 
 if TYPE_CHECKING:
     from lmtp.routing import Route
@@ -128,21 +137,6 @@ def b64(data: bytes) -> str:
     return B64_PREFIX + base64.b64encode(data).decode("ascii")
 
 
-def header_section_end(data: bytes) -> int:
-    """Where the header section ends: just past the line ending before the first empty line
-    (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
-    if data[:1] in (b"\r", b"\n"):
-        return 0
-    # One scan that stops at the first empty line: three `find`s would each read a whole
-    # CRLF message body looking for a pair (LF LF, CR CR) that is not in it.
-    found = _EMPTY_LINE.search(data)
-    return found.start() + 1 if found else len(data)
-
-
-# A line ending followed by another: LF LF, LF CR (CRLF CRLF, LF CRLF), CR CR.
-_EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
-
-
 def parse_message(
     data: bytes, needs: MessageNeeds = EVERYTHING, *, limits: MimeLimits = DEFAULT_LIMITS,
     cancel: threading.Event | None = None,
@@ -152,7 +146,7 @@ def parse_message(
     With `needs`, only those fields are in the object (each with its full-parse value).
     `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled."""
     if not needs.complete and not (needs.fields & BODY_FIELDS):
-        return _parse_head(data, needs)
+        return _parse_head(data, needs, limits)
     msg, defects = _parse_all(data, needs, limits, cancel)
     if not needs.complete:
         msg = {name: value for name, value in msg.items() if name in needs.fields}
@@ -187,13 +181,18 @@ def split_header_section(head: bytes) -> list[tuple[str, str]] | None:
     return items
 
 
-def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+def _parse_head(data: bytes, needs: MessageNeeds, limits: MimeLimits
+                ) -> tuple[dict[str, Any], list[str]]:
     """Header-derived fields only: the body is never parsed, nor copied beyond `raw`."""
     fields = needs.fields
     msg: dict[str, Any] = {}
     defects: list[str] = []
     if fields - {"raw"}:
-        head = data[:header_section_end(data)]
+        end = header_section_end(data)
+        keep = header_lines_cut(data, end, limits.max_header_lines)
+        if keep is not None:
+            defects.append(f"headers: truncated, more than {limits.max_header_lines} lines")
+        head = data[:end if keep is None else keep]
         items = split_header_section(head)
         parsed: Message | None = None
         if items is None:

@@ -47,13 +47,16 @@ class MimeLimits:
 
     max_parts: int = 1000
     max_depth: int = 50
+    max_header_lines: int = 10_000  # of the message's own header section
     # Body runs at least this long are replaced before the parse; None: nothing is.
     elide_min_bytes: int | None = 4096
     feed_slice_bytes: int = 16 * 1024
 
 
 DEFAULT_LIMITS = MimeLimits()
+# A line ending followed by another: LF LF, LF CR (CRLF CRLF, LF CRLF), CR CR.
 _EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 _CONTENT_TYPE = re.compile(rb"(?im)^content-type:[ \t]*([a-z0-9!#$%&'*+.^_`|~-]+)/")
 _BOUNDARY = re.compile(rb'(?i)\bboundary[ \t]*=[ \t]*(?:"([^"\r\n]+)"|([^\s;"]+))')
 _TOKEN_PREFIX = "\x00txcl-elided-"
@@ -140,13 +143,42 @@ class MimeTree:
 def parse_tree(data: bytes, limits: MimeLimits = DEFAULT_LIMITS,
                cancel: threading.Event | None = None) -> MimeTree:
     """The message's MIME tree within `limits`; raises ParseCancelled once `cancel` is set."""
+    head_end = header_section_end(data)
+    keep = header_lines_cut(data, head_end, limits.max_header_lines)
+    if keep is not None:  # the header lines past the bound are left out, the body kept
+        data = data[:keep] + data[head_end:]
     cut, runs, truncated = _layout(data, limits, cancel)
+    if keep is not None:
+        truncated = f"more than {limits.max_header_lines} header lines" + (
+            f", {truncated}" if truncated else "")
     if runs:
         tree = MimeTree(_feed(_skeleton(data, cut, runs), limits, cancel), data, runs, truncated)
         if _placeholders_in_bodies(tree.root) == len(runs):
             return tree
     source = data if cut == len(data) else data[:cut]
     return MimeTree(_feed(source, limits, cancel), data, [], truncated)
+
+
+def header_section_end(data: bytes) -> int:
+    """Where the header section ends: just past the line ending before the first empty line
+    (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
+    if data[:1] in (b"\r", b"\n"):
+        return 0
+    # One scan that stops at the first empty line: three `find`s would each read a whole
+    # CRLF message body looking for a pair (LF LF, CR CR) that is not in it.
+    found = _EMPTY_LINE.search(data)
+    return found.start() + 1 if found else len(data)
+
+
+def header_lines_cut(data: bytes, end: int, max_lines: int) -> int | None:
+    """Just past the last line of the header section [0, end) within `max_lines` lines;
+    None when the section has no more lines than that."""
+    if data.count(b"\n", 0, end) + data.count(b"\r", 0, end) <= max_lines:
+        return None  # CRLF counts twice: at most that many lines
+    for count, found in enumerate(_LINE_END.finditer(data, 0, end), start=1):
+        if count == max_lines:
+            return found.end() if found.end() < end else None
+    return None
 
 
 def _feed(data: bytes, limits: MimeLimits, cancel: threading.Event | None) -> EmailMessage:

@@ -60,6 +60,8 @@ def with_attachments(body: str = "plain body\n", count: int = 2, size: int = 500
 
 def restricted(msg: dict, needs: MessageNeeds) -> dict:
     out = {name: value for name, value in msg.items() if name in needs.fields}
+    if needs.header_names is not None and "headers" in out:
+        out["headers"] = {k: v for k, v in out["headers"].items() if k in needs.header_names}
     if ATTACHMENT_CONTENT not in needs.fields and "attachments" in out:
         out["attachments"] = [{k: v for k, v in a.items() if k != "content"}
                               for a in out["attachments"]]
@@ -184,6 +186,21 @@ def test_past_the_depth_bound_the_envelope_says_truncated():
     msg, defects = parse_message(data, limits=MimeLimits(max_depth=20))
     assert msg["truncated"] is True
     assert any("deeper than 20" in d for d in defects)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n", b"\r"])
+def test_past_the_header_line_bound_headers_are_cut_alike_in_every_parse(eol):
+    head = b"Subject: bomb" + eol + (b"X-Junk: v" + eol) * 300
+    data = head + b"Content-Type: text/plain" + eol + eol + b"the body" + eol
+    limits = MimeLimits(max_header_lines=100)
+    full, defects = parse_message(data, limits=limits)
+    assert full["truncated"] is True and full["text"].rstrip("\r\n") == "the body"
+    assert full["subject"] == "bomb" and len(full["headers"]["x-junk"]) == 99
+    assert any("more than 100 header lines" in d for d in defects)
+    for needs in (MessageNeeds(frozenset({"headers"}), None),
+                  MessageNeeds(frozenset({"subject", "headers"}), frozenset({"x-junk"}))):
+        assert parse_message(data, needs, limits=limits)[0] == restricted(full, needs)
+    assert parse_message(data)[0]["truncated"] is False  # within the default bound
 
 
 def test_a_set_cancel_flag_stops_the_parse():
