@@ -189,10 +189,10 @@ def _parse_head(data: bytes, needs: MessageNeeds, limits: MimeLimits
     defects: list[str] = []
     if fields - {"raw"}:
         end = header_section_end(data)
-        keep = header_lines_cut(data, end, limits.max_header_lines)
-        if keep is not None:
+        cut = header_lines_cut(data, end, limits.max_header_lines)
+        if cut is not None:
             defects.append(f"headers: truncated, more than {limits.max_header_lines} lines")
-        head = data[:end if keep is None else keep]
+        head = data[:end if cut is None else cut]
         items = split_header_section(head)
         parsed: Message | None = None
         if items is None:
