@@ -45,6 +45,7 @@ MAX_LOGGED_DEFECTS = 5
 # Parses of messages up to this size (or of the header section alone, up to this size)
 # run on the event loop: cheaper than the thread hop, and short enough not to stall it.
 INLINE_PARSE_BYTES = 64 * 1024
+INLINE_PARSE_PARTS = 32  # lines starting "--" (MIME boundaries) in a message parsed inline
 
 TraceSink = Callable[..., Any]
 """`sink(rid, envelope_in, result, replies, stack)`: result is a StackResult or None (the
@@ -252,9 +253,11 @@ async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
     # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
     # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
     # throughout, so a thread would add a hop and block the loop just the same.
-    walk = needs.complete or needs.fields & BODY_FIELDS
-    if len(data) <= INLINE_PARSE_BYTES or not walk and (
-            header_section_end(data) <= INLINE_PARSE_BYTES):
+    if not (needs.complete or needs.fields & BODY_FIELDS):
+        inline = header_section_end(data) <= INLINE_PARSE_BYTES
+    else:  # a short message of many tiny parts is a long walk: not on the loop
+        inline = len(data) <= INLINE_PARSE_BYTES and data.count(b"\n--") <= INLINE_PARSE_PARTS
+    if inline:
         return parse_message(data, needs, limits=limits)
     cancel = threading.Event()
     try:

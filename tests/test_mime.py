@@ -274,3 +274,34 @@ def test_a_cancelled_delivery_frees_its_parse_thread():
             return await cancel_a_parse()
 
         assert asyncio.run(main()) < 5
+
+
+@pytest.mark.parametrize(("data", "needs"), [
+    pytest.param(many_parts(1500), BODY_READER, id="64 KiB of tiny parts"),
+    pytest.param(b"Subject: x\r\n" + b"X-Junk: v\r\n" * 20_000 + b"\r\nbody\r\n",
+                 MessageNeeds(frozenset({"subject"}), frozenset()), id="a long header section"),
+])
+def test_a_short_but_long_to_parse_message_is_parsed_off_the_event_loop(data, needs):
+    assert len(data) <= 256 * 1024
+
+    async def ticks_during_the_parse() -> int:
+        ticks = 0
+        parsing = True
+
+        async def tick() -> None:
+            nonlocal ticks
+            while parsing:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        before = ticks
+        await _parse(data, needs, MimeLimits())
+        during = ticks - before
+        parsing = False
+        await ticker
+        return during
+
+    assert asyncio.run(ticks_during_the_parse()) > 1  # inline, the loop would not tick at all
+    assert asyncio.run(_parse(SAMPLES[0].read_bytes(), BODY_READER, MimeLimits()))  # inline
