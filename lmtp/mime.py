@@ -17,7 +17,8 @@ asked for.
 
 Bounds (`MimeLimits`): at most `max_parts` lines starting "--" (every boundary is one) and
 `max_depth` nested multiparts are read; past either the rest of the message is left out
-of the parse and the tree says so (`truncated`). The parser is fed in slices, and a set
+of the parse and the tree says so (`truncated`); header lines past `max_header_lines` are
+left out the same way, the body kept. The parser is fed in slices, and a set
 `cancel` event stops it between slices (`ParseCancelled`).
 """
 
@@ -54,14 +55,13 @@ class MimeLimits:
 
 
 DEFAULT_LIMITS = MimeLimits()
-# A line ending followed by another: LF LF, LF CR (CRLF CRLF, LF CRLF), CR CR.
-_EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CONTENT_TYPE = re.compile(rb"(?im)^content-type:[ \t]*([a-z0-9!#$%&'*+.^_`|~-]+)/")
 _BOUNDARY = re.compile(rb'(?i)\bboundary[ \t]*=[ \t]*(?:"([^"\r\n]+)"|([^\s;"]+))')
 _TOKEN_PREFIX = "\x00txcl-elided-"
 _TOKEN = re.compile("\x00txcl-elided-([0-9]+)\x00")
 _STREAM_BYTES = 256 * 1024
+_PART_HEAD_BYTES = 64 * 1024  # how far a part's header section is looked for
 _BASE64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
 
@@ -164,10 +164,20 @@ def header_section_end(data: bytes) -> int:
     (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
     if data[:1] in (b"\r", b"\n"):
         return 0
-    # One scan that stops at the first empty line: three `find`s would each read a whole
-    # CRLF message body looking for a pair (LF LF, CR CR) that is not in it.
-    found = _EMPTY_LINE.search(data)
-    return found.start() + 1 if found else len(data)
+    found = _empty_line(data, 0, len(data))
+    return found + 1 if found >= 0 else len(data)
+
+
+def _empty_line(data: bytes, start: int, limit: int) -> int:
+    """Where the line ending before the first empty line in [start, limit) is, or -1: the
+    earliest of LF CR (CRLF CRLF, LF CRLF), LF LF and CR CR. Each `find` after the first
+    looks only before what was found already, so a CRLF body is not read three times."""
+    found = -1
+    for pair in (b"\n\r", b"\n\n", b"\r\r"):
+        pos = data.find(pair, start, limit)
+        if pos >= 0:
+            found, limit = pos, pos + 1
+    return found
 
 
 def header_lines_cut(data: bytes, end: int, max_lines: int) -> int | None:
@@ -202,13 +212,15 @@ def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None
     cut = len(data)
     truncated = ""
     open_boundaries: list[bytes] = _declared_boundary(data, 0, len(data))
-    for count, line in enumerate(_dash_lines(data, limits.max_parts + 1)):
+    lines = _dash_lines(data, limits.max_parts + 1)
+    for count, line in enumerate(lines):
         if count % 1024 == 0 and cancel is not None and cancel.is_set():
             raise ParseCancelled
         if count >= limits.max_parts:
             cut, truncated = line, f"more than {limits.max_parts} parts"
             break
-        depth = _depth_after(data, line, open_boundaries)
+        limit = lines[count + 1] if count + 1 < len(lines) else len(data)
+        depth = _depth_after(data, line, limit, open_boundaries)
         if depth > limits.max_depth:
             cut, truncated = line, f"multiparts nested deeper than {limits.max_depth}"
             break
@@ -239,9 +251,10 @@ def _dash_lines(data: bytes, most: int) -> list[int]:
     return found[:most]
 
 
-def _depth_after(data: bytes, line: int, open_boundaries: list[bytes]) -> int:
+def _depth_after(data: bytes, line: int, limit: int, open_boundaries: list[bytes]) -> int:
     """Track the boundaries a "--" line closes or opens (a model of the parser's nesting,
-    used only to bound it)."""
+    used only to bound it); the part's header section is looked for before `limit` (the
+    next such line), so each line costs a scan of its own part only."""
     for index in range(len(open_boundaries) - 1, -1, -1):
         boundary = open_boundaries[index]
         if data.startswith(b"--" + boundary, line):
@@ -250,15 +263,16 @@ def _depth_after(data: bytes, line: int, open_boundaries: list[bytes]) -> int:
             if data.startswith(b"--", after):
                 open_boundaries.pop()
             else:
-                end = _line_end(data, line, len(data))
-                body = _header_end(data, end, len(data))
-                open_boundaries.extend(_declared_boundary(data, end, body))
+                end = _line_end(data, line, limit)
+                open_boundaries.extend(_declared_boundary(data, end, limit))
             break
     return len(open_boundaries)
 
 
-def _declared_boundary(data: bytes, start: int, end: int) -> list[bytes]:
-    head_end = _header_end(data, start, end)
+def _declared_boundary(data: bytes, start: int, limit: int) -> list[bytes]:
+    """The boundary a header section starting at `start` declares for a multipart (one
+    longer than _PART_HEAD_BYTES counts as none: this only models the nesting)."""
+    head_end = _header_end(data, start, min(limit, start + _PART_HEAD_BYTES))
     head = data[start:head_end]
     kind = _CONTENT_TYPE.search(head)
     if kind is None or kind.group(1).lower() != b"multipart":
@@ -269,11 +283,11 @@ def _declared_boundary(data: bytes, start: int, end: int) -> list[bytes]:
 
 def _line_end(data: bytes, line: int, limit: int) -> int:
     """Just past the line ending of the line starting at `line` (or `limit`)."""
-    ends = [pos for pos in (data.find(b"\n", line, limit), data.find(b"\r", line, limit))
-            if pos >= 0]
-    if not ends:
+    newline = data.find(b"\n", line, limit)
+    ret = data.find(b"\r", line, newline if newline >= 0 else limit)  # only before the LF
+    pos = ret if ret >= 0 else newline
+    if pos < 0:
         return limit
-    pos = min(ends)
     return pos + 2 if data.startswith(b"\r\n", pos) else pos + 1
 
 
@@ -283,19 +297,20 @@ def _header_end(data: bytes, start: int, limit: int) -> int:
         return limit
     if data[start:start + 1] in (b"\r", b"\n"):
         return start + (2 if data.startswith(b"\r\n", start) else 1)
-    found = _EMPTY_LINE.search(data, start, limit)
-    if found is None:
+    found = _empty_line(data, start, limit)
+    if found < 0:
         return limit
-    empty = found.start() + 1
+    empty = found + 1
     return empty + (2 if data.startswith(b"\r\n", empty) else 1)
 
 
 def _body_run(data: bytes, begin: int, end: int, min_bytes: int) -> Run | None:
     """The body of the section [begin, end) if it is big, not a multipart or message, and
-    made of whole lines."""
-    body = _header_end(data, begin, end)
-    if body >= end:
-        return None  # no empty line: the section is all headers
+    made of whole lines (and its header section is not past _PART_HEAD_BYTES)."""
+    head_limit = min(end, begin + _PART_HEAD_BYTES)
+    body = _header_end(data, begin, head_limit)
+    if body >= head_limit:
+        return None  # no empty line (that soon): nothing to replace
     kind = _CONTENT_TYPE.search(data, begin, body)
     if kind is not None and kind.group(1).lower() in (b"multipart", b"message"):
         return None
