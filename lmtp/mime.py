@@ -151,8 +151,10 @@ def parse_tree(data: bytes, limits: MimeLimits = DEFAULT_LIMITS,
     if keep is not None:
         truncated = f"more than {limits.max_header_lines} header lines" + (
             f", {truncated}" if truncated else "")
-    if runs:
-        tree = MimeTree(_feed(_skeleton(data, cut, runs), limits, cancel), data, runs, truncated)
+    skeleton = _skeleton(data, cut, runs) if runs else b""
+    # A message that has a placeholder's text of its own is parsed as it is.
+    if runs and skeleton.count(_TOKEN_PREFIX.encode()) == len(runs):
+        tree = MimeTree(_feed(skeleton, limits, cancel), data, runs, truncated)
         if _placeholders_in_bodies(tree.root) == len(runs):
             return tree
     source = data if cut == len(data) else data[:cut]
@@ -226,7 +228,7 @@ def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None
             break
         starts.append(line)
     runs: list[Run] = []
-    if limits.elide_min_bytes is not None and _TOKEN_PREFIX.encode() not in data:
+    if limits.elide_min_bytes is not None:
         section_starts = [0] + [_line_end(data, line, cut) for line in starts]
         section_ends = starts + [cut]
         for begin, end in zip(section_starts, section_ends, strict=True):

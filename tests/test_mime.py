@@ -305,3 +305,12 @@ def test_a_short_but_long_to_parse_message_is_parsed_off_the_event_loop(data, ne
 
     assert asyncio.run(ticks_during_the_parse()) > 1  # inline, the loop would not tick at all
     assert asyncio.run(_parse(SAMPLES[0].read_bytes(), BODY_READER, MimeLimits()))  # inline
+
+
+def test_a_message_with_a_placeholders_text_of_its_own_is_parsed_as_it_is():
+    data = (b"Subject: tricky\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\nX-Note: \x00txcl-elided-0\x00\r\n\r\n"
+            + b"the text\r\n" * 100 + b"--b\r\nContent-Type: application/octet-stream\r\n\r\n"
+            + b"\x00txcl-elided-1\x00\r\n" * 100 + b"--b--\r\n")
+    assert parse_tree(data, ELIDE_ALL).runs == []
+    assert_same_as_reference(data)
