@@ -91,3 +91,25 @@ def test_a_25_mib_multipart_peaks_under_four_times_its_size_with_traces_off(serv
     message = big_multipart(25 * 2**20 - 8192)
     assert send(server, message, timeout=120) == (250, b"2.0.0 text read")
     assert vm_hwm_bytes(server.proc.pid) < 4 * len(message)
+
+
+def test_latin1_bytes_in_a_header_do_not_poison_the_support_example(serve, tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
+    shutil.copytree(example / "OPS", tmp_path / "OPS")
+    shutil.copytree(example / "ops", tmp_path / "ops")
+    server = serve(tmp_path, tmp_path / "OPS", (example / "txco.yaml").read_text())
+    poison = (b"From: J\xe9r\xf4me <jerome@client.example>\r\nTo: support@acme.example\r\n"
+              b"Subject: caf\xe9 wifi keeps dropping\r\nMessage-ID: <p1@client.example>\r\n\r\n"
+              b"the wifi drops every hour\r\n")
+    code, reply = send(server, poison, timeout=60)
+    assert code == 250, (code, reply, server.stderr())
+    events = list(server.state_dir.rglob("events.jsonl"))
+    assert events, server.stderr()
+    event = json.loads(events[0].read_text("utf-8").splitlines()[-1])
+    msg = event["_txc"]["lmtp"]["msg"]
+    assert msg["from"] == [{"name": "J\u00e9r\u00f4me", "addr": "jerome@client.example"}]
+    assert msg["subject"] == "caf\u00e9 wifi keeps dropping"
