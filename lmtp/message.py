@@ -276,8 +276,12 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
         defects.append(f"message: truncated, {tree.truncated}")
 
     def field(name: str, build: Callable[[], Any]) -> None:
+        if name not in needs.fields and name != "headers":  # the header fields read that
+            return
         try:
             msg[name] = build()
+        except ParseCancelled:
+            raise
         except Exception as exc:
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
@@ -298,9 +302,8 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
     field("text", lambda: _text_content(tree, text_part))
     field("html", lambda: _text_content(tree, html_part))
     bodies = {id(p) for p in (text_part, html_part) if p is not None}
-    if "attachments" in needs.fields:
-        keep = ATTACHMENT_CONTENT in needs.fields
-        field("attachments", lambda: _attachments(tree, bodies, keep, cancel))
+    keep = ATTACHMENT_CONTENT in needs.fields
+    field("attachments", lambda: _attachments(tree, bodies, keep, cancel))
     defects.extend(_defects(parsed))
     return msg, defects
 

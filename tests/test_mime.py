@@ -314,3 +314,30 @@ def test_a_message_with_a_placeholders_text_of_its_own_is_parsed_as_it_is():
             + b"\x00txcl-elided-1\x00\r\n" * 100 + b"--b--\r\n")
     assert parse_tree(data, ELIDE_ALL).runs == []
     assert_same_as_reference(data)
+
+
+class SetAfter(threading.Event):
+    """An event that reads as set from its `checks`-th check on."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.left = checks
+
+    def is_set(self) -> bool:
+        self.left -= 1
+        return self.left < 0 or super().is_set()
+
+
+def test_a_cancel_between_attachments_is_not_taken_for_a_broken_field():
+    import traceback
+
+    data = with_attachments(count=5, size=100)
+    checks = 0
+    while True:  # the first check that falls inside the attachments loop
+        with pytest.raises(ParseCancelled) as raised:
+            parse_message(data, BODY_READER, cancel=SetAfter(checks))
+        frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+        if "_attachments" in frames:
+            break
+        checks += 1
+        assert checks < 20, frames
