@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from lmtp.message import (
     needs_of_rules,
     parse_message,
 )
+from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
@@ -53,6 +55,7 @@ MAX_LOGGED_DEFECTS = 5
 # Parses of messages up to this size (or of the header section alone, up to this size)
 # run on the event loop: cheaper than the thread hop, and short enough not to stall it.
 INLINE_PARSE_BYTES = 64 * 1024
+INLINE_PARSE_PARTS = 32  # lines starting "--" (MIME boundaries) in a message parsed inline
 
 class TraceSink(Protocol):
     """`sink(rid, envelope_in, result, replies, stack, error=..., message=...)`: result is a
@@ -89,6 +92,8 @@ class ServedTree(Protocol):
 
     @property
     def rejected(self) -> Set[str]: ...
+
+
 # What a trace shows of the message beyond what the stacks read: every header, decoded, and
 # the fields its summary names. The address lists (a full header parse) and the bodies are
 # in the message bytes, which are handed over as they are.
@@ -156,21 +161,30 @@ class Deliverer:
         self.policy = policy if policy is not None else default_policy(settings, registry)
         self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         self._traced = trace_sink is not None and getattr(trace_sink, "mode", None) != "off"
+        # What a trace sink stores of the message beyond what the stacks read (it may take
+        # `raw` from the bytes); a sink that does not say gets the fields a trace shows.
+        self._trace_needs: MessageNeeds = getattr(trace_sink, "message_needs", TRACED_FIELDS)
+        self._mime_limits = MimeLimits(
+            max_parts=getattr(settings, "lmtp_mime_max_parts", DEFAULT_LIMITS.max_parts),
+            max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
+            max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
+                                     DEFAULT_LIMITS.max_header_lines))
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
     def needs_of(self, stack: Any) -> MessageNeeds:
         """The message fields `stack` can observe (everything for a stack we cannot read),
-        and with traces on, those a trace shows."""
+        and what the trace writer stores of them."""
+        if self._traced and self._trace_needs.complete:
+            return EVERYTHING
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
-            return cached[1]
-        rules = getattr(stack, "rules", None)
-        needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
-        if self._traced:
-            needs = needs | TRACED_FIELDS
-        self._needs[id(stack)] = (stack, needs)
-        return needs
+            needs = cached[1]
+        else:
+            rules = getattr(stack, "rules", None)
+            needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+            self._needs[id(stack)] = (stack, needs)
+        return needs | self._trace_needs if self._traced else needs
 
     async def deliver(self, tx: Transaction) -> list[str]:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
@@ -189,12 +203,12 @@ class Deliverer:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
             rejected = frozenset(getattr(tree, "rejected", None) or ())
-            needs = TRACED_FIELDS if self._traced else NOTHING
+            needs = self._trace_needs if self._traced else NOTHING
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
                     needs = needs | self.needs_of(stack)
-            msg, defects = await _parse(tx.data, needs)
+            msg, defects = await _parse(tx.data, needs, self._mime_limits)
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
@@ -278,13 +292,23 @@ class Deliverer:
             log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
 
 
-async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
+                 ) -> tuple[dict[str, Any], list[str]]:
     # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
     # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
     # throughout, so a thread would add a hop and block the loop just the same.
-    if len(data) <= INLINE_PARSE_BYTES or not (needs.complete or needs.fields & BODY_FIELDS):
-        return parse_message(data, needs)
-    return await asyncio.to_thread(parse_message, data, needs)
+    if not (needs.complete or needs.fields & BODY_FIELDS):
+        inline = header_section_end(data) <= INLINE_PARSE_BYTES
+    else:  # a short message of many tiny parts is a long walk: not on the loop
+        inline = len(data) <= INLINE_PARSE_BYTES and data.count(b"\n--") <= INLINE_PARSE_PARTS
+    if inline:
+        return parse_message(data, needs, limits=limits)
+    cancel = threading.Event()
+    try:
+        return await asyncio.to_thread(parse_message, data, needs, limits=limits, cancel=cancel)
+    except asyncio.CancelledError:
+        cancel.set()  # the delivery was answered (or the server stops): free the thread
+        raise
 
 
 def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:

@@ -9,7 +9,9 @@ A stack that cannot observe a field need not pay for it: `MessageNeeds` says whi
 (and which headers) the routed stacks can read — from the paths their rules read and the
 built-in ops they call (`needs_of_rules`) — and `parse_message(data, needs)` builds only
 those. A field it builds has the same value the full parse gives; without the body fields
-(text, html, attachments) only the header section is parsed at all.
+(text, html, attachments, truncated) only the header section is parsed at all, and an
+attachment's content is decoded only for a stack that can read it (`ATTACHMENT_CONTENT`;
+its name, type, size and sha256 come from C passes over the message, `lmtp.mime`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ import base64
 import email.utils
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
 from email.header import decode_header, make_header
-from email.headerregistry import UnstructuredHeader
+from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
+from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from lmtp.mime import (
+    DEFAULT_LIMITS,
+    MimeLimits,
+    MimeTree,
+    ParseCancelled,
+    header_lines_cut,
+    header_section_end,
+    leaves,
+    parse_tree,
+)
 
 if TYPE_CHECKING:
     from lmtp.routing import Route
@@ -35,8 +50,11 @@ B64_PREFIX = "b64:"
 _PARSER = BytesParser(policy=policy.default)
 
 MSG_FIELDS = ("id", "date", "from", "to", "cc", "subject", "text", "html", "headers",
-              "attachments", "raw")
-BODY_FIELDS = frozenset({"text", "html", "attachments"})
+              "attachments", "truncated", "raw")
+BODY_FIELDS = frozenset({"text", "html", "attachments", "truncated"})
+# Not a field but a need: the `content` of each attachment (its other keys are cheap).
+ATTACHMENT_CONTENT = "attachments.content"
+_ATTACHMENT_STATS = frozenset({"name", "type", "size", "sha256"})
 # The `_txc.<src>` section of an LMTP envelope, and where the message sits in it.
 SOURCE = "lmtp"
 MSG_PATH = ("_txc", SOURCE, "msg")
@@ -44,14 +62,15 @@ MSG_PATH = ("_txc", SOURCE, "msg")
 
 @dataclass(frozen=True, slots=True)
 class MessageNeeds:
-    """Which `_txc.lmtp.msg` fields to build; `header_names` None: every header."""
+    """Which `_txc.lmtp.msg` fields to build (and whether ATTACHMENT_CONTENT);
+    `header_names` None: every header."""
 
     fields: frozenset[str]
     header_names: frozenset[str] | None = None
 
     @property
     def complete(self) -> bool:
-        return self.header_names is None and self.fields.issuperset(MSG_FIELDS)
+        return self.header_names is None and self.fields.issuperset(_ALL_NEEDS)
 
     def __or__(self, other: MessageNeeds) -> MessageNeeds:
         names = (None if self.header_names is None or other.header_names is None
@@ -59,17 +78,9 @@ class MessageNeeds:
         return MessageNeeds(self.fields | other.fields, names)
 
 
-EVERYTHING = MessageNeeds(frozenset(MSG_FIELDS))
+_ALL_NEEDS = frozenset(MSG_FIELDS) | {ATTACHMENT_CONTENT}
+EVERYTHING = MessageNeeds(_ALL_NEEDS)
 NOTHING = MessageNeeds(frozenset(), frozenset())
-# What a built-in op reads of the message (`_txc.<src>.msg`); ops not named here, and any
-# op a config or entry point provides, may read anything. EMIT and WEBHOOK send the
-# envelope itself. ARCHIVE and FORWARD need nothing of it: they store or send the raw
-# message, and the deliverer hands them its bytes with the call (`OpContext.message`), so
-# `raw` is not base64-encoded for them only to be decoded again.
-BUILTIN_OP_NEEDS: Mapping[str, MessageNeeds] = {
-    "ARCHIVE": NOTHING,
-    "FORWARD": NOTHING,
-}
 
 
 def needs_of_path(segments: Sequence[str | int]) -> MessageNeeds:
@@ -84,6 +95,10 @@ def needs_of_path(segments: Sequence[str | int]) -> MessageNeeds:
         if len(segments) > 4 and isinstance(segments[4], str):
             return MessageNeeds(frozenset({"headers"}), frozenset({segments[4]}))
         return MessageNeeds(frozenset({"headers"}))
+    if name == "attachments":
+        if len(segments) > 5 and isinstance(segments[4], int) and segments[5] in _ATTACHMENT_STATS:
+            return MessageNeeds(frozenset({"attachments"}), frozenset())
+        return MessageNeeds(frozenset({"attachments", ATTACHMENT_CONTENT}), frozenset())
     if isinstance(name, str) and name in MSG_FIELDS:
         return MessageNeeds(frozenset({name}), frozenset())
     return NOTHING  # a key the message object never has
@@ -113,30 +128,17 @@ def b64(data: bytes) -> str:
     return B64_PREFIX + base64.b64encode(data).decode("ascii")
 
 
-def header_section_end(data: bytes) -> int:
-    """Where the header section ends: just past the line ending before the first empty line
-    (any of CRLF, LF, CR ends a line, as the email parser reads them); len(data) if none."""
-    if data[:1] in (b"\r", b"\n"):
-        return 0
-    # One scan that stops at the first empty line: three `find`s would each read a whole
-    # CRLF message body looking for a pair (LF LF, CR CR) that is not in it.
-    found = _EMPTY_LINE.search(data)
-    return found.start() + 1 if found else len(data)
-
-
-# A line ending followed by another: LF LF, LF CR (CRLF CRLF, LF CRLF), CR CR.
-_EMPTY_LINE = re.compile(rb"\n[\n\r]|\r\r")
-
-
 def parse_message(
-    data: bytes, needs: MessageNeeds = EVERYTHING
+    data: bytes, needs: MessageNeeds = EVERYTHING, *, limits: MimeLimits = DEFAULT_LIMITS,
+    cancel: threading.Event | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects.
 
-    With `needs`, only those fields are in the object (each with its full-parse value)."""
+    With `needs`, only those fields are in the object (each with its full-parse value).
+    `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled."""
     if not needs.complete and not (needs.fields & BODY_FIELDS):
-        return _parse_head(data, needs)
-    msg, defects = _parse_all(data)
+        return _parse_head(data, needs, limits)
+    msg, defects = _parse_all(data, needs, limits, cancel)
     if not needs.complete:
         msg = {name: value for name, value in msg.items() if name in needs.fields}
         if needs.header_names is not None and "headers" in msg:
@@ -155,7 +157,7 @@ _PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*
 def split_header_section(head: bytes) -> list[tuple[str, str]] | None:
     """(name, raw value) pairs as the email parser's `raw_items()` gives them for a plain
     header section (see _PLAIN_SECTION); None for anything else (the parser then reads it).
-    About 5x faster than the parser for a handful of headers."""
+    A fast path: the parser costs far more for the handful of headers most stacks read."""
     if head.startswith(b"From ") or b"\r\nFrom " in head or not _PLAIN_SECTION.match(head):
         return None
     text = head.decode("ascii", "surrogateescape")
@@ -170,20 +172,24 @@ def split_header_section(head: bytes) -> list[tuple[str, str]] | None:
     return items
 
 
-def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:
+def _parse_head(data: bytes, needs: MessageNeeds, limits: MimeLimits
+                ) -> tuple[dict[str, Any], list[str]]:
     """Header-derived fields only: the body is never parsed, nor copied beyond `raw`."""
     fields = needs.fields
     msg: dict[str, Any] = {}
     defects: list[str] = []
     if fields - {"raw"}:
-        head = data[:header_section_end(data)]
-        # The address fields need the policy's header objects; the rest only raw items.
-        items = None if fields & _ADDRESS_FIELDS else split_header_section(head)
+        end = header_section_end(data)
+        cut = header_lines_cut(data, end, limits.max_header_lines)
+        if cut is not None:
+            defects.append(f"headers: truncated, more than {limits.max_header_lines} lines")
+        head = data[:end if cut is None else cut]
+        items = split_header_section(head)
         parsed: Message | None = None
         if items is None:
             try:
                 parsed = _PARSER.parsebytes(head)
-                items = parsed.raw_items()
+                items = list(parsed.raw_items())
             except Exception as exc:
                 defects.append(f"message: unparseable ({type(exc).__name__})")
         names = set(needs.header_names or ()) if "headers" in fields else set()
@@ -208,9 +214,8 @@ def _parse_head(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[
                     k: v for k, v in headers.items() if k in keep}
             elif items is None:
                 continue
-            elif name in _ADDRESS_FIELDS and parsed is not None:
-                _build_field(msg, defects, name,
-                             lambda name=name: _addresses(parsed, headers, name))
+            elif name in _ADDRESS_FIELDS:
+                _build_field(msg, defects, name, partial(_addresses, items, headers, name))
             elif name == "id":
                 _build_field(msg, defects, name, lambda: _first(headers, "message-id").strip())
             elif name == "date":
@@ -232,7 +237,8 @@ def _build_field(msg: dict[str, Any], defects: list[str], name: str,
         defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
 
-def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
+def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
+               cancel: threading.Event | None) -> tuple[dict[str, Any], list[str]]:
     defects: list[str] = []
     msg: dict[str, Any] = {
         "id": "",
@@ -245,37 +251,50 @@ def _parse_all(data: bytes) -> tuple[dict[str, Any], list[str]]:
         "html": "",
         "headers": {},
         "attachments": [],
-        "raw": b64(data),
+        "truncated": False,
+        "raw": b64(data) if "raw" in needs.fields else "",
     }
     try:
-        parsed = _PARSER.parsebytes(data)
+        tree = parse_tree(data, limits, cancel)
+    except ParseCancelled:
+        raise
     except Exception as exc:  # the parser is documented not to raise; stay safe if it does
         defects.append(f"message: unparseable ({type(exc).__name__})")
         return msg, defects
+    parsed = tree.root
+    if tree.truncated:
+        msg["truncated"] = True
+        defects.append(f"message: truncated, {tree.truncated}")
 
     def field(name: str, build: Callable[[], Any]) -> None:
+        if name not in needs.fields and name != "headers":  # the header fields read that
+            return
         try:
             msg[name] = build()
+        except ParseCancelled:
+            raise
         except Exception as exc:
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
-    field("headers", lambda: _headers(parsed, None))
+    items = list(parsed.raw_items())
+    field("headers", lambda: _headers_from(items, None))
     headers: dict[str, list[str]] = msg["headers"]
     field("id", lambda: _first(headers, "message-id").strip())
     field("date", lambda: _iso_date(_first(headers, "date")))
     field("subject", lambda: _first(headers, "subject"))
     for name in ("from", "to", "cc"):
-        field(name, lambda name=name: _addresses(parsed, headers, name))
+        field(name, partial(_addresses, items, headers, name))
     text_part = html_part = None
     try:
         text_part = parsed.get_body(preferencelist=("plain",))
         html_part = parsed.get_body(preferencelist=("html",))
     except Exception as exc:
         defects.append(f"body: {type(exc).__name__}: {exc}"[:200])
-    field("text", lambda: _text_content(text_part))
-    field("html", lambda: _text_content(html_part))
+    field("text", lambda: _text_content(tree, text_part))
+    field("html", lambda: _text_content(tree, html_part))
     bodies = {id(p) for p in (text_part, html_part) if p is not None}
-    field("attachments", lambda: _attachments(parsed, bodies))
+    keep = ATTACHMENT_CONTENT in needs.fields
+    field("attachments", lambda: _attachments(tree, bodies, keep, cancel))
     defects.extend(_defects(parsed))
     return msg, defects
 
@@ -291,16 +310,12 @@ def _unfold(value: str) -> str:
     return value.replace("\r\n", "").replace("\n", "").replace("\r", "")
 
 
-def _headers(parsed: Message, wanted: set[str] | None) -> dict[str, list[str]]:
-    return _headers_from(parsed.raw_items(), wanted)
-
-
 def _headers_from(items: Iterable[tuple[str, str]], wanted: set[str] | None
                   ) -> dict[str, list[str]]:
     """Every header by lower-case name (or only the `wanted` names), values decoded."""
     by_name: dict[str, list[str]] = {}
     for name, value in items:
-        key = name.strip().lower()
+        key = _scrub(name.strip().lower())
         if wanted is not None and key not in wanted:
             continue
         by_name.setdefault(key, []).append(_decoded_header(name, value))
@@ -317,7 +332,9 @@ def _is_unstructured(name: str) -> bool:
     key = name.lower()
     known = _UNSTRUCTURED.get(key)
     if known is None:
-        known = issubclass(policy.default.header_factory[key], UnstructuredHeader)
+        registry = policy.default.header_factory
+        known = isinstance(registry, HeaderRegistry) and issubclass(
+            registry[key], UnstructuredHeader)
         if len(_UNSTRUCTURED) < _UNSTRUCTURED_MAX:
             _UNSTRUCTURED[key] = known
     return known
@@ -325,16 +342,44 @@ def _is_unstructured(name: str) -> bool:
 
 def _decoded_header(name: str, raw_value: str) -> str:
     # Plain printable ASCII on one line, without an encoded word, is its own decoding for
-    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer (~40 us).
+    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer.
     if "=?" not in raw_value and _PLAIN_TEXT.match(raw_value) and _is_unstructured(name):
         return raw_value
+    raw_value = _eight_bit(raw_value)
     try:
-        return _unfold(str(policy.default.header_fetch_parse(name, raw_value)))
+        return _scrub(_unfold(str(policy.default.header_fetch_parse(name, raw_value))))
     except Exception:  # the policy's header classes choke on some garbage; decode plainly
         try:
-            return _unfold(str(make_header(decode_header(raw_value))))
+            return _scrub(_unfold(str(make_header(decode_header(raw_value)))))
         except Exception:
-            return _unfold(raw_value)
+            return _scrub(_unfold(raw_value))
+
+
+# The parser keeps each 8-bit byte of a header as a lone surrogate (U+DC80..U+DCFF).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _eight_bit(value: str) -> str:
+    """A raw header value with its 8-bit bytes decoded: as UTF-8 (RFC 6532) when they are
+    that, else as Latin-1 — one choice for the whole value."""
+    if not _SURROGATE.search(value):
+        return value
+    data = value.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _scrub(text: str) -> str:
+    """`text` without lone surrogates (what an encoded word in an unknown charset, or a
+    body codec, can leave), so the envelope is always valid UTF-8 JSON."""
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return _eight_bit(text)
+    except UnicodeEncodeError:  # a surrogate no byte was escaped into
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _iso_date(value: str) -> str:
@@ -353,13 +398,15 @@ def _iso_date(value: str) -> str:
 
 
 def _addresses(
-    parsed: Message, headers: Mapping[str, list[str]], name: str
+    items: Iterable[tuple[str, str]], headers: Mapping[str, list[str]], name: str
 ) -> list[dict[str, str]]:
+    """`name`'s addresses as the policy's address headers give them (`get_all`), read from
+    the raw items with their 8-bit bytes decoded."""
     try:
         pairs = [
             (a.display_name, a.addr_spec)
-            for header in parsed.get_all(name) or ()
-            for a in header.addresses
+            for key, value in items if key.lower() == name
+            for a in policy.default.header_fetch_parse(key, _eight_bit(value)).addresses
         ]
     except Exception:  # structured parse failed: fall back to the lenient classic parser
         pairs = email.utils.getaddresses(headers.get(name, []))
@@ -367,17 +414,18 @@ def _addresses(
     for display, addr in pairs:
         addr = "" if addr == "<>" else addr
         if addr or display:
-            out.append({"name": _unfold(display), "addr": addr})
+            out.append({"name": _scrub(_unfold(display)), "addr": _scrub(addr)})
     return out
 
 
-def _text_content(part: Message | None) -> str:
+def _text_content(tree: MimeTree, part: Message | None) -> str:
     if part is None:
         return ""
+    tree.restore(part)
     try:
         content = part.get_content() if isinstance(part, EmailMessage) else None
         if isinstance(content, str):
-            return _lf(content)
+            return _scrub(_lf(content))
     except (LookupError, UnicodeError, ValueError, AssertionError):
         pass  # unknown or lying charset: decode the bytes ourselves below
     payload = part.get_payload(decode=True)
@@ -385,7 +433,7 @@ def _text_content(part: Message | None) -> str:
         return ""
     charset = part.get_content_charset() or "utf-8"
     try:
-        return _lf(payload.decode(charset, errors="replace"))
+        return _scrub(_lf(payload.decode(charset, errors="replace")))
     except LookupError:
         return _lf(payload.decode("utf-8", errors="replace"))
 
@@ -395,47 +443,44 @@ def _lf(text: str) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _leaves(part: Message) -> Iterator[Message]:
-    """Leaf parts in order; an attached message/rfc822 counts as one leaf, not its insides."""
-    if part.is_multipart() and part.get_content_maintype() == "multipart":
-        for sub in part.get_payload():
-            if isinstance(sub, Message):
-                yield from _leaves(sub)
-    else:
-        yield part
-
-
-def _attachments(parsed: Message, bodies: set[int]) -> list[dict[str, Any]]:
+def _attachments(tree: MimeTree, bodies: set[int], keep: bool,
+                 cancel: threading.Event | None) -> list[dict[str, Any]]:
+    """Every leaf but the bodies; `content` only with `keep`."""
+    parsed = tree.root
     out = []
-    for part in _leaves(parsed):
+    for part in leaves(parsed):
         if id(part) in bodies:
             continue
-        if part is parsed and part.get_content_maintype() == "text" and not part.is_attachment():
+        if (part is parsed and part.get_content_maintype() == "text"
+                and not (isinstance(part, EmailMessage) and part.is_attachment())):
             continue  # a single-part text message is a body, even one get_body passed over
-        content = _part_bytes(part)
-        out.append(
-            {
-                "name": _unfold(part.get_filename() or ""),
-                "type": part.get_content_type(),
-                "size": len(content),
-                "sha256": hashlib.sha256(content).hexdigest(),
-                "content": b64(content),
-            }
-        )
+        if cancel is not None and cancel.is_set():
+            raise ParseCancelled
+        size, sha256, content = _part_bytes(tree, part, keep)
+        attachment = {
+            "name": _scrub(_unfold(part.get_filename() or "")),
+            "type": _scrub(part.get_content_type()),
+            "size": size,
+            "sha256": sha256,
+        }
+        if content is not None:
+            attachment["content"] = b64(content)
+        out.append(attachment)
     return out
 
 
-def _part_bytes(part: Message) -> bytes:
+def _part_bytes(tree: MimeTree, part: Message, keep: bool) -> tuple[int, str, bytes | None]:
+    """(size, sha256, content if `keep`) of an attachment's bytes."""
     if part.get_content_maintype() == "message":
         inner = part.get_payload()
         if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            return inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n"))
-    payload = part.get_payload(decode=True)
-    return payload if isinstance(payload, bytes) else b""
+            content = inner[0].as_bytes(policy=policy.default.clone(linesep="\r\n"))
+            return len(content), hashlib.sha256(content).hexdigest(), content if keep else None
+    return tree.leaf_bytes(part, keep)
 
 
 def _defects(parsed: Message) -> list[str]:
-    found = []
+    found: list[str] = []
     for index, part in enumerate(parsed.walk()):
         where = "message" if index == 0 else f"part {index} ({part.get_content_type()})"
         found.extend(f"{where}: {type(d).__name__}" for d in part.defects)
@@ -455,7 +500,7 @@ def build_envelope(
     transaction_rcpt: Sequence[str],
     msg: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """One group's envelope in the seed's shape. `msg` is shared, not copied, between groups:
+    """One group's envelope (docs/lmtp.md § The envelope). `msg` is shared, not copied, between groups:
     the runner never mutates its input and rules may not write under `_txc.lmtp`."""
     return {
         "_txc": {

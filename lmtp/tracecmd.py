@@ -372,7 +372,7 @@ def format_list(summaries: Sequence[Mapping[str, Any]]) -> str:
         + ("  " + row[5] if row[5] else "")
         for row in rows
     ]
-    return "\n".join((inputs.terminal_text(line, keep="") for line in lines)) + "\n"
+    return "\n".join(inputs.terminal_text(line, keep="") for line in lines) + "\n"
 
 
 def _step_line(step: Mapping[str, Any]) -> str:
@@ -452,4 +452,4 @@ def format_trace(trace: Mapping[str, Any], folder: Path) -> str:
             f"redact: {', '.join(scrubbed.get('redact') or ()) or '-'}"
         )
     lines.append(f"files    {folder}/")
-    return "\n".join((inputs.terminal_text(line, keep="") for line in lines)) + "\n"
+    return "\n".join(inputs.terminal_text(line, keep="") for line in lines) + "\n"
