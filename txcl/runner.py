@@ -341,7 +341,9 @@ class Stack:
                 return await registry.call(name, env, args, ctx)
         except TimeoutError:
             raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
-        except Exception as err:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # SystemExit, KeyboardInterrupt: the op's end, not ours
             raise _Failure(f"op {name} failed: {type(err).__name__}: {err}", step.pos) from None
 
 

@@ -1,0 +1,108 @@
+"""Faults in ops, through a real `txco serve`: an op cannot end the server, starve other
+tenants, or multiply its side effects on a retry."""
+
+from __future__ import annotations
+
+import smtplib
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import Server
+
+pytestmark = pytest.mark.abuse
+
+CONFIG = textwrap.dedent("""\
+    ingress:
+      lmtp:
+        verified_domains:
+          acme.example: {tenant: acme, stack: acme/_mail}
+          slow.example: {tenant: slow, stack: slow/_mail}
+    ops:
+    """)
+
+FAULTY_OPS = textwrap.dedent("""\
+    import asyncio
+    import time
+
+
+    def exit_sync(envelope, args, ctx):
+        raise SystemExit(3)
+
+
+    async def interrupt_async(envelope, args, ctx):
+        raise KeyboardInterrupt
+
+
+    def interrupt_sync(envelope, args, ctx):
+        raise KeyboardInterrupt
+
+
+    async def exit_async(envelope, args, ctx):
+        raise SystemExit("bye")
+
+
+    def ok(envelope, args, ctx):
+        return {"ok": True}
+
+
+    def sleep(envelope, args, ctx):
+        time.sleep(float(args.get("seconds", 3600)))
+        return {}
+
+
+    def fail(envelope, args, ctx):
+        raise RuntimeError(args.get("message", "failed"))
+    """)
+
+OP_NAMES = ("exit_sync", "interrupt_async", "interrupt_sync", "exit_async", "ok", "sleep", "fail")
+MESSAGE = "From: a@x.example\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def config(*, extra: str = "") -> str:
+    ops = "".join(
+        f'  {name.upper()}: {{python: "faulty_ops:{name}", path: "ops"}}\n' for name in OP_NAMES
+    )
+    return CONFIG + ops + extra
+
+
+def accept_after(op: str, with_: str = "") -> str:
+    return f'EXEC "op://{op}"{with_}\nSET @lmtp.res.code = 250\n'
+
+
+def write_ops(tmp_path: Path) -> None:
+    (tmp_path / "ops").mkdir(exist_ok=True)
+    (tmp_path / "ops" / "faulty_ops.py").write_text(FAULTY_OPS)
+
+
+def deliver(server: Server, rcpt: str, message: str = MESSAGE) -> tuple[int, str]:
+    """The one recipient's reply (code, text)."""
+    with server.lmtp() as client:
+        client.ehlo("test.example")
+        try:
+            client.sendmail("a@x.example", [rcpt], message)
+        except smtplib.SMTPRecipientsRefused as refused:
+            code, text = refused.recipients[rcpt]
+            return code, text.decode()
+        except smtplib.SMTPDataError as err:
+            return err.smtp_code, err.smtp_error.decode()
+    return 250, ""
+
+
+@pytest.mark.parametrize("op", ["EXIT_SYNC", "INTERRUPT_ASYNC", "INTERRUPT_SYNC", "EXIT_ASYNC"])
+def test_an_op_raising_a_base_exception_gets_451_and_the_server_keeps_serving(
+    serve, tmp_path: Path, op: str
+) -> None:
+    write_ops(tmp_path)
+    server = serve(
+        tmp_path,
+        {"acme/_mail/0/all.txcl": accept_after(op)},
+        config(),
+    )
+    code, text = deliver(server, "x@acme.example")
+    assert code == 451, text
+    server.wait_for_log(rf"op {op} failed: (SystemExit|KeyboardInterrupt)")
+    code, text = deliver(server, "y@acme.example")
+    assert code == 451, text
+    assert server.proc.poll() is None
+    assert server.stop() == 0
