@@ -101,6 +101,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
+    parser.add_argument("--op-calls-per-tenant", default="8", metavar="N",
+                        help="op calls one tenant may have running at once (default 8)")
     parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
                         help="greeting hostname (default: this host's name)")
     _add_routing_flags(parser)
@@ -133,6 +135,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
             lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
             ops_dir=Path(args.ops),
+            op_calls_per_tenant=parse_positive_int(args.op_calls_per_tenant,
+                                                   "--op-calls-per-tenant"),
         )
         if args.lmtp_hostname:
             fields["lmtp_hostname"] = args.lmtp_hostname

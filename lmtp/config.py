@@ -124,6 +124,7 @@ class Settings:
     lmtp_read_timeout: float = 30.0
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
+    op_calls_per_tenant: int = 8  # ops one tenant may have running at once
     lmtp_hostname: str = field(default_factory=socket.gethostname)
     lmtp_default_hosts: tuple[str, ...] = ()
     require_hostname_verification: bool = False

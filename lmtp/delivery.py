@@ -92,7 +92,13 @@ def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[
 def default_policy(settings: Any, registry: Any) -> Any:
     from txcl.runner import RunPolicy  # the engine is imported when a server is built
 
-    return RunPolicy(registry=registry, state_dir=getattr(settings, "state_dir", None))
+    return RunPolicy(
+        registry=registry,
+        state_dir=getattr(settings, "state_dir", None),
+        # No op may outlive the reply it is part of.
+        op_timeout_max_s=getattr(settings, "lmtp_resp_timeout", None),
+        op_calls_per_tenant=getattr(settings, "op_calls_per_tenant", None),
+    )
 
 
 class Deliverer:

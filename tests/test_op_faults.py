@@ -3,8 +3,10 @@ tenants, or multiply its side effects on a retry."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import smtplib
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,9 @@ def config(*, extra: str = "") -> str:
     return CONFIG + ops + extra
 
 
-def accept_after(op: str, with_: str = "") -> str:
-    return f'EXEC "op://{op}"{with_}\nSET @lmtp.res.code = 250\n'
+def accept_after(op: str, *withs: str) -> str:
+    lines = "".join(f"WITH {w}\n" for w in withs)
+    return f'EXEC "op://{op}"\n{lines}SET @lmtp.res.code = 250\n'
 
 
 def write_ops(tmp_path: Path) -> None:
@@ -106,3 +109,35 @@ def test_an_op_raising_a_base_exception_gets_451_and_the_server_keeps_serving(
     assert code == 451, text
     assert server.proc.poll() is None
     assert server.stop() == 0
+
+
+def test_a_tenant_whose_ops_never_return_cannot_starve_another_tenants_ops(
+    serve, tmp_path: Path
+) -> None:
+    write_ops(tmp_path)
+    server = serve(
+        tmp_path,
+        {
+            "slow/_mail/0/all.txcl": accept_after("SLEEP", 'timeout = "3600s"'),
+            "acme/_mail/0/all.txcl": accept_after("OK"),
+        },
+        config(),
+        "--lmtp-resp-timeout=4s",
+        "--op-calls-per-tenant=3",
+    )
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        slow = [pool.submit(deliver, server, f"u{i}@slow.example") for i in range(10)]
+        # Past its budget, the slow tenant's own deliveries are answered at once.
+        refused = next(concurrent.futures.as_completed(slow, timeout=30)).result()
+        assert refused[0] == 451 and time.monotonic() - started < 3.5, refused
+        for i in range(3):
+            before = time.monotonic()
+            assert deliver(server, f"x{i}@acme.example") == (250, "")
+            assert time.monotonic() - before < 3.0
+        # The WITH timeout of an hour is capped by --lmtp-resp-timeout.
+        codes = [f.result(timeout=30)[0] for f in slow]
+    assert codes == [451] * 10
+    assert time.monotonic() - started < 20
+    server.wait_for_log(r"slow has 3 op calls running")
+    assert deliver(server, "y@acme.example") == (250, "")

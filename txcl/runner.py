@@ -77,6 +77,8 @@ class RunPolicy:
     registry: OpRegistry | None = None  # None: built-ins and entry points
     op_stubs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     state_dir: Path | None = None  # ops' storage lives under it
+    op_timeout_max_s: float | None = None  # caps every op's deadline, WITH timeout too
+    op_calls_per_tenant: int | None = None  # op calls a tenant may have running; None: any
 
 
 DEFAULT_POLICY: Final = RunPolicy()
@@ -325,6 +327,8 @@ class Stack:
         if name not in registry:
             raise _Failure(f"unknown op {name!r} (EXEC {step.uri})", step.pos)
         deadline = rule.timeout_s if rule.timeout_s is not None else policy.op_timeout_s
+        if policy.op_timeout_max_s is not None:
+            deadline = min(deadline, policy.op_timeout_max_s)
         ctx = OpContext(
             tenant=self.tenant,
             stack=self.name,
@@ -338,7 +342,9 @@ class Stack:
             # In the caller's task: wait_for would start a task per call, and its first step
             # and its result would each wait a turn of a busy event loop.
             async with asyncio.timeout(deadline):
-                return await registry.call(name, env, args, ctx)
+                return await registry.call(
+                    name, env, args, ctx, budget=policy.op_calls_per_tenant
+                )
         except TimeoutError:
             raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
         except asyncio.CancelledError:
