@@ -38,6 +38,7 @@ from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
 from txcl.envelope import for_source
+from txcl.ops import make_delivery_key, message_digest
 
 if TYPE_CHECKING:
     from txcl.ops import OpRegistry
@@ -161,16 +162,22 @@ class Deliverer:
                 if stack is not None:
                     needs = needs | self.needs_of(stack)
             msg, defects = await _parse(tx.data, needs)
+            # Ops key their side effects on the delivery, so a retry does not repeat them.
+            uses_ops = any(getattr(stacks.get(g.route.stack), "ops_used", ()) for g in groups)
+            digest = await _digest(tx.data) if uses_ops else b""
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
                     "; ".join(defects[:MAX_LOGGED_DEFECTS]),
                 )
             if len(groups) == 1:  # the common case: no tasks to gather
-                results = [await self._run_group(tx, groups[0], msg, stacks, rejected)]
+                results = [await self._run_group(tx, groups[0], msg, stacks, rejected, digest)]
             else:
                 results = await asyncio.gather(
-                    *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
+                    *(
+                        self._run_group(tx, group, msg, stacks, rejected, digest)
+                        for group in groups
+                    )
                 )
             for group, group_replies in zip(groups, results, strict=True):
                 for index, reply in zip(group.indices, group_replies, strict=True):
@@ -184,6 +191,7 @@ class Deliverer:
         msg: Mapping[str, Any],
         stacks: Mapping[str, Any],
         rejected: frozenset[str],
+        digest: bytes,  # the message's, when a stack uses ops
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -215,7 +223,10 @@ class Deliverer:
                 # A routed stack the tree does not have: no rule can accept (default-deny).
                 replies = [DEFAULT_DENY] * len(rcpts)
             else:
-                result = await stack.run_async(envelope, self.policy, message=tx.data)
+                key = make_delivery_key(digest, tx.mail_from, rcpts, route.stack) if digest else ""
+                result = await stack.run_async(
+                    envelope, self.policy, message=tx.data, delivery_key=key
+                )
                 replies = replies_for(result.envelope, len(rcpts), result.error)
         except Exception as exc:
             log.exception("lmtp rid=%s stack=%s: run raised; answering 451", rid, route.stack)
@@ -254,6 +265,12 @@ async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list
     if len(data) <= INLINE_PARSE_BYTES or not (needs.complete or needs.fields & BODY_FIELDS):
         return parse_message(data, needs)
     return await asyncio.to_thread(parse_message, data, needs)
+
+
+async def _digest(data: bytes) -> bytes:
+    if len(data) <= INLINE_PARSE_BYTES:
+        return message_digest(data)
+    return await asyncio.to_thread(message_digest, data)
 
 
 def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:

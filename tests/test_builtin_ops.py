@@ -93,7 +93,7 @@ def files_under(root: Path) -> set[Path]:
 
 def test_registry_holds_the_four_ops_under_their_names():
     expected = {"ARCHIVE": archive, "EMIT": emit, "WEBHOOK": webhook, "FORWARD": forward}
-    assert expected == {op.name: op.fn for op in BUILTINS}
+    assert expected == {op.name: op.fn.__wrapped__ for op in BUILTINS}  # type: ignore[attr-defined]
 
 
 def test_the_default_registry_runs_the_built_ins_in_a_worker_thread(ctx):
@@ -918,3 +918,68 @@ def test_a_refused_folder_fails_the_run_and_writes_nothing(tmp_path):
     assert result.error is not None
     assert "ARCHIVE: folder '../../x' is refused" in result.error.message
     assert not (tmp_path / "var").exists() or files_under(tmp_path / "var") == set()
+
+
+# --- once per delivery ------------------------------------------------------------------
+
+
+def by_name(name: str) -> Any:
+    return next(op.fn for op in BUILTINS if op.name == name)
+
+
+def test_a_repeated_delivery_emits_once_and_gets_the_first_answer(ctx):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    first = by_name("EMIT")(make_envelope(), {}, keyed)
+    again = by_name("EMIT")(make_envelope(), {}, keyed)
+    assert again == first
+    assert len((stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()) == 1
+    other = by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k2"))
+    with_args = by_name("EMIT")(make_envelope(), {"include_raw": True}, keyed)
+    unkeyed = [by_name("EMIT")(make_envelope(), {}, ctx) for _ in range(2)]
+    offsets = [p["emit"]["offset"] for p in (first, other, with_args, *unkeyed)]
+    assert len(set(offsets)) == 5
+
+
+def test_a_repeated_delivery_archives_once(ctx):
+    keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
+    patches = [asyncio.run(by_name("ARCHIVE")(make_envelope(), {}, keyed)) for _ in range(3)]
+    assert patches[0] == patches[1] == patches[2]
+    assert len(list((stack_dir(ctx) / "Maildir" / "new").iterdir())) == 1
+
+
+def test_a_failed_call_is_not_remembered(ctx, tmp_path):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    log = stack_dir(ctx) / "events.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.mkdir()  # EMIT cannot open it
+    with pytest.raises(OSError):
+        by_name("EMIT")(make_envelope(), {}, keyed)
+    log.rmdir()
+    assert by_name("EMIT")(make_envelope(), {}, keyed)["emit"]["offset"] == 0
+
+
+def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
+    from txcl.builtin_ops import support
+
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    now = time.time()
+    first = by_name("EMIT")(make_envelope(), {}, keyed)
+    later = now + (support.ONCE_WINDOW_DAYS + 2) * 86400
+    monkeypatch.setattr(support.time, "time", lambda: later)
+    again = by_name("EMIT")(make_envelope(), {}, keyed)
+    assert again != first
+    once = stack_dir(ctx) / support.ONCE_FOLDER
+    deadline = time.monotonic() + 5
+    while len(list(once.iterdir())) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [p.name for p in once.iterdir()] == [str(int(later // 86400))]
+
+
+def test_webhook_sends_an_idempotency_key_the_same_for_a_retry(ctx, hook_url):
+    HookHandler.received.clear()
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    webhook(make_envelope(), {"url": hook_url + "/"}, keyed)
+    webhook(make_envelope(), {"url": hook_url + "/"}, keyed)
+    webhook(make_envelope(), {"url": hook_url + "/"}, ctx)
+    keys = [headers.get("Idempotency-Key") for _, headers, _ in HookHandler.received]
+    assert keys[0] and keys[0] == keys[1] and keys[2] is None

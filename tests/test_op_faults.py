@@ -55,9 +55,19 @@ FAULTY_OPS = textwrap.dedent("""\
 
     def fail(envelope, args, ctx):
         raise RuntimeError(args.get("message", "failed"))
+
+
+    def full_while_flagged(envelope, args, ctx):
+        import os
+        if os.path.exists(args["flag"]):
+            raise OSError(28, "No space left on device")
+        return {}
     """)
 
-OP_NAMES = ("exit_sync", "interrupt_async", "interrupt_sync", "exit_async", "ok", "sleep", "fail")
+OP_NAMES = (
+    "exit_sync", "interrupt_async", "interrupt_sync", "exit_async", "ok", "sleep", "fail",
+    "full_while_flagged",
+)
 MESSAGE = "From: a@x.example\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
@@ -141,3 +151,44 @@ def test_a_tenant_whose_ops_never_return_cannot_starve_another_tenants_ops(
     assert time.monotonic() - started < 20
     server.wait_for_log(r"slow has 3 op calls running")
     assert deliver(server, "y@acme.example") == (250, "")
+
+
+def maildir_files(server: Server, tenant: str = "acme") -> list[Path]:
+    new = server.state_dir / "tenants" / tenant / "_mail" / "Maildir" / "new"
+    return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def test_a_retry_after_a_later_op_failed_does_not_archive_again(serve, tmp_path: Path) -> None:
+    write_ops(tmp_path)
+    rules = 'EXEC "op://ARCHIVE"\nEXEC "op://EMIT"\nEXEC "op://FAIL"\nSET @lmtp.res.code = 250\n'
+    server = serve(tmp_path, {"acme/_mail/0/all.txcl": rules}, config())
+    for _ in range(3):
+        assert deliver(server, "x@acme.example")[0] == 451
+    assert len(maildir_files(server)) == 1
+    events = server.state_dir / "tenants" / "acme" / "_mail" / "events.jsonl"
+    assert len(events.read_bytes().splitlines()) == 1
+    # Another message, or the same one to other recipients, is another delivery.
+    assert deliver(server, "y@acme.example")[0] == 451
+    assert deliver(server, "x@acme.example", MESSAGE + "more\r\n")[0] == 451
+    assert len(maildir_files(server)) == 3
+
+
+def test_with_the_disk_full_after_archive_accepted_deliveries_leave_one_file_each(
+    serve, tmp_path: Path
+) -> None:
+    write_ops(tmp_path)
+    flag = tmp_path / "disk-full"
+    rules = (
+        'EXEC "op://ARCHIVE"\n'
+        f'EXEC "op://FULL_WHILE_FLAGGED"\nWITH flag = "{flag}"\n'
+        "SET @lmtp.res.code = 250\n"
+    )
+    server = serve(tmp_path, {"acme/_mail/0/all.txcl": rules}, config())
+    messages = [MESSAGE + f"number {i}\r\n" for i in range(2)]
+    flag.touch()
+    assert [deliver(server, "x@acme.example", m)[0] for m in messages] == [451, 451]
+    flag.unlink()
+    assert [deliver(server, "x@acme.example", m)[0] for m in messages] == [250, 250]
+    stored = sorted(p.read_bytes() for p in maildir_files(server))
+    assert len(stored) == 2
+    assert [b"number 0" in stored[0], b"number 1" in stored[1]] == [True, True]

@@ -225,3 +225,18 @@ def test_a_missing_program_is_an_op_failure(tmp_path: Path) -> None:
     with pytest.raises(OpFailure) as err:
         asyncio.run(op({}, {}, context(tmp_path)))  # type: ignore[arg-type]
     assert "cannot start" in str(err.value)
+
+
+def test_a_delivery_key_ignores_recipient_order_and_tells_deliveries_apart() -> None:
+    from txcl.ops import make_delivery_key, message_digest
+
+    digest = message_digest(b"Subject: x\r\n\r\nhi\r\n")
+    key = make_delivery_key(digest, "a@x", ["b@y", "c@y"], "acme/_mail")
+    assert key == make_delivery_key(digest, "a@x", ["c@y", "b@y", "b@y"], "acme/_mail")
+    others = {
+        make_delivery_key(message_digest(b"other"), "a@x", ["b@y", "c@y"], "acme/_mail"),
+        make_delivery_key(digest, "", ["b@y", "c@y"], "acme/_mail"),
+        make_delivery_key(digest, "a@x", ["b@y"], "acme/_mail"),
+        make_delivery_key(digest, "a@x", ["b@y", "c@y"], "acme/other"),
+    }
+    assert key not in others and len(others) == 4

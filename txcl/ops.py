@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
@@ -74,6 +75,10 @@ class OpContext:
     # The message exactly as the source received it, when the source hands it over (the
     # LMTP head does): the same bytes as `_txc.<src>.msg.raw`, without a base64 round trip.
     message: bytes | None = field(default=None, repr=False)
+    # The same for a repeated delivery of the same message to the same stack (a retry after
+    # a 4xx), different otherwise: `make_delivery_key`. "" when the caller gave none. An op
+    # with side effects keys them on it so that a retry does not repeat them.
+    delivery_key: str = ""
 
     def storage(self, *parts: str) -> Path:
         """A folder under `<state_dir>/tenants/<tenant>/<stack-name>/`, created if needed.
@@ -104,6 +109,22 @@ class OpContext:
             _checked_storage.clear()
         _checked_storage[key] = folder
         return folder
+
+
+def message_digest(message: bytes) -> bytes:
+    """The message's part of a delivery key (SHA-256; hashlib lets go of the GIL for it)."""
+    return hashlib.sha256(message).digest()
+
+
+def make_delivery_key(
+    digest: bytes, sender: str, recipients: Iterable[str], stack: str
+) -> str:
+    """`OpContext.delivery_key`: from the message (`message_digest`), the envelope sender,
+    the set of recipients (order and repeats do not count) and the stack."""
+    h = hashlib.sha256(digest)
+    for part in (sender, "\0".join(sorted(set(recipients))), stack):
+        h.update(b"\0" + part.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
 
 
 # (state_dir, tenant, stack, parts) -> the folder that passed storage()'s checks. Bounded:

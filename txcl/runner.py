@@ -170,30 +170,45 @@ class Stack:
         return tuple(rule for stage in self.stages for rule in stage.rules)
 
     def run(
-        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+        self,
+        envelope: Any,
+        policy: RunPolicy = DEFAULT_POLICY,
+        *,
+        message: bytes | None = None,
+        delivery_key: str = "",
     ) -> StackResult:
         """Run the stack synchronously. Without op calls no event loop is involved.
 
         `message`: the raw message the envelope was built from, when the caller has it; ops
-        get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`."""
+        get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`.
+        `delivery_key`: `OpContext.delivery_key` (`txcl.ops.make_delivery_key`)."""
         if not (policy.run_ops and self.ops_used):
-            coro = self._run(envelope, policy, message)
+            coro = self._run(envelope, policy, message, delivery_key)
             try:
                 coro.send(None)
             except StopIteration as done:
                 result: StackResult = done.value
                 return result
             coro.close()  # unreachable by construction: only op calls await
-        return _run_coroutine(self.run_async(envelope, policy, message=message))
+        return _run_coroutine(
+            self.run_async(envelope, policy, message=message, delivery_key=delivery_key)
+        )
 
     async def run_async(
-        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+        self,
+        envelope: Any,
+        policy: RunPolicy = DEFAULT_POLICY,
+        *,
+        message: bytes | None = None,
+        delivery_key: str = "",
     ) -> StackResult:
-        """Run the stack; only op calls await (sync ops in a worker thread). `message` as
-        for `run`."""
-        return await self._run(envelope, policy, message)
+        """Run the stack; only op calls await (sync ops in a worker thread). `message` and
+        `delivery_key` as for `run`."""
+        return await self._run(envelope, policy, message, delivery_key)
 
-    async def _run(self, envelope: Any, policy: RunPolicy, message: bytes | None) -> StackResult:
+    async def _run(
+        self, envelope: Any, policy: RunPolicy, message: bytes | None, delivery_key: str
+    ) -> StackResult:
         started = time.perf_counter()
         fired: list[Fired] = []
         steps: list[Step] = []
@@ -238,7 +253,7 @@ class Stack:
                                 number,
                                 policy,
                                 steps,
-                                message,
+                                (message, delivery_key),
                             )
         except _Failure as failure:
             return StackResult(
@@ -278,7 +293,7 @@ class Stack:
         stage: int,
         policy: RunPolicy,
         steps: list[Step],
-        message: bytes | None,
+        delivery: tuple[bytes | None, str],  # the message and the delivery key
     ) -> dict[str, Any]:
         name = step.op
         args = rule.evaluate_args(env, captures)
@@ -289,7 +304,7 @@ class Stack:
             patch: Any = {} if stub is MISSING else stub
             note = "not executed" if stub is MISSING else "stub"
         else:
-            patch = await self._call_op(env, step, rule, args, policy, message)
+            patch = await self._call_op(env, step, rule, args, policy, delivery)
             executed, note = True, ""
         elapsed = time.perf_counter() - started
         if not isinstance(patch, dict):
@@ -320,7 +335,7 @@ class Stack:
         rule: CompiledRule,
         args: dict[str, Any],
         policy: RunPolicy,
-        message: bytes | None,
+        delivery: tuple[bytes | None, str],
     ) -> Any:
         name = step.op
         registry = policy.registry if policy.registry is not None else _default_registry()
@@ -336,7 +351,8 @@ class Stack:
             state_dir=policy.state_dir,
             deadline_s=deadline,
             op=name,
-            message=message,
+            message=delivery[0],
+            delivery_key=delivery[1],
         )
         try:
             # In the caller's task: wait_for would start a task per call, and its first step

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import fsync_dir, not_base64, raw_base64
+from txcl.builtin_ops.support import fsync_dir, not_base64, once, raw_base64
 from txcl.envelope import SRC_KEY, TXC
 from txcl.ops import OpContext, OpReads, RegisteredOp, StorageError
 
@@ -373,4 +373,6 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
 
 
 # The raw message, and `_txc.src` to find it in the envelope when it does not come with the call.
-OP = RegisteredOp.builtin("ARCHIVE", archive, OpReads.only([(TXC, SRC_KEY)], message=True))
+OP = RegisteredOp.builtin(
+    "ARCHIVE", once("ARCHIVE", archive), OpReads.only([(TXC, SRC_KEY)], message=True)
+)

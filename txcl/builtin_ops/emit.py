@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import event_json, fsync_dir
+from txcl.builtin_ops.support import event_json, fsync_dir, once
 from txcl.ops import ANYTHING, OpContext, RegisteredOp
 
 EVENT_LOG = "events.jsonl"
@@ -46,4 +46,4 @@ def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -
     return {"emit": {"log": str(log), "offset": offset}}
 
 
-OP = RegisteredOp.builtin("EMIT", emit, ANYTHING)  # the whole envelope
+OP = RegisteredOp.builtin("EMIT", once("EMIT", emit), ANYTHING)  # the whole envelope

@@ -7,6 +7,7 @@
   bytes and attachment content unless a rule asks for them;
 - boolean WITH arguments;
 - durable directory entries (`fsync_dir`);
+- acting once per delivery (`once`): a retry after a 4xx gets the first call's patch;
 - the deadline of the network ops: a socket timeout bounds each wait, and a watchdog shuts
   the socket down when the whole budget is spent, so a peer that trickles bytes cannot
   stretch a call past its deadline.
@@ -17,8 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
+import hashlib
+import inspect
 import json
 import os
+import secrets
+import shutil
 import socket
 import threading
 import time
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from txcl.envelope import TXC, section_of, source_of
-from txcl.ops import OpContext, OpFailure
+from txcl.ops import Op, OpContext, OpFailure
 
 B64_PREFIX = "b64:"
 
@@ -134,6 +140,108 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- once per delivery ----------------------------------------------------------------------
+
+ONCE_FOLDER = ".txcl-once"
+ONCE_WINDOW_DAYS = 7  # longer than Postfix's default queue lifetime (5 days)
+_DAY_S = 86400
+# (stack storage) -> the last day whose folder exists; a new day prunes the old ones.
+_once_days: dict[Path, int] = {}
+
+
+def once_key(ctx: OpContext, op: str, args: Mapping[str, Any]) -> str:
+    """What makes a call the same call again: the delivery, the op and its arguments; ""
+    when the caller gave no delivery key (then nothing is remembered)."""
+    if not ctx.delivery_key or ctx.state_dir is None:
+        return ""
+    try:
+        text = json.dumps(args, sort_keys=True, separators=(",", ":"), default=repr)
+    except (TypeError, ValueError):
+        text = repr(sorted(args.items(), key=lambda item: str(item[0])))
+    digest = hashlib.sha256(f"{ctx.delivery_key}\0{op}\0{text}".encode("utf-8", "replace"))
+    return digest.hexdigest()[:40]
+
+
+def recall(ctx: OpContext, key: str) -> dict[str, Any] | None:
+    """The patch a call with this key returned within the window, or None."""
+    if not key:
+        return None
+    folder = ctx.storage(ONCE_FOLDER)
+    today = int(time.time() // _DAY_S)
+    for day in range(today, today - ONCE_WINDOW_DAYS - 1, -1):
+        try:
+            with open(f"{folder}/{day}/{key}", "rb") as file:
+                patch = json.loads(file.read())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None  # unreadable: act again rather than fail the delivery
+        return patch if isinstance(patch, dict) else None
+    return None
+
+
+def remember(ctx: OpContext, key: str, patch: Mapping[str, Any]) -> None:
+    """Keep `patch` as the answer to a later call with `key` (written whole, then renamed
+    into place). Not fsynced: a power cut may forget a key, and the retry then acts again.
+    A day's first key prunes days past the window, in a thread of its own."""
+    if not key:
+        return
+    folder = ctx.storage(ONCE_FOLDER)
+    today = int(time.time() // _DAY_S)
+    day_folder = f"{folder}/{today}"
+    if _once_days.get(folder) != today:
+        os.makedirs(day_folder, mode=0o700, exist_ok=True)
+        if len(_once_days) >= 4096:
+            _once_days.clear()
+        _once_days[folder] = today
+        threading.Thread(target=_prune_once, args=(folder, today), daemon=True).start()
+    tmp = f"{day_folder}/.{key}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, json.dumps(patch, separators=(",", ":")).encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, f"{day_folder}/{key}")
+
+
+def _prune_once(folder: Path, today: int) -> None:
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name.isdigit() and int(entry.name) < today - ONCE_WINDOW_DAYS:
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def once(name: str, op: Op) -> Op:
+    """`op`, acting once per delivery: a repeated call with the same delivery key, op and
+    arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
+    Works for sync and async ops alike."""
+    if inspect.iscoroutinefunction(op):
+
+        async def once_async(
+            envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
+        ) -> dict[str, Any]:
+            key = once_key(ctx, name, args)
+            patch = recall(ctx, key)
+            if patch is None:
+                patch = await op(envelope, args, ctx)  # type: ignore[misc]
+                remember(ctx, key, patch)
+            return patch
+
+        return functools.update_wrapper(once_async, op)
+
+    def once_sync(
+        envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
+    ) -> dict[str, Any]:
+        key = once_key(ctx, name, args)
+        patch = recall(ctx, key)
+        if patch is None:
+            patch = op(envelope, args, ctx)  # type: ignore[assignment]
+            remember(ctx, key, patch)  # type: ignore[arg-type]
+        return patch
+
+    return functools.update_wrapper(once_sync, op)
 
 
 # --- the network ops' deadline --------------------------------------------------------------
