@@ -983,3 +983,24 @@ def test_webhook_sends_an_idempotency_key_the_same_for_a_retry(ctx, hook_url):
     webhook(make_envelope(), {"url": hook_url + "/"}, ctx)
     keys = [headers.get("Idempotency-Key") for _, headers, _ in HookHandler.received]
     assert keys[0] and keys[0] == keys[1] and keys[2] is None
+
+
+def test_emit_cut_short_by_a_full_disk_leaves_no_partial_line(ctx, monkeypatch):
+    from txcl.builtin_ops import emit as emit_module
+
+    emit(make_envelope(), {}, ctx)
+    real_write = os.write
+
+    def half_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data[: len(data) // 2]))
+
+    monkeypatch.setattr(emit_module.os, "write", half_write)
+    with pytest.raises(OSError, match="wrote"):
+        emit(make_envelope(), {}, ctx)
+    monkeypatch.setattr(emit_module.os, "write", real_write)
+    log = stack_dir(ctx) / "events.jsonl"
+    log.write_bytes(log.read_bytes() + b'{"cut":')  # as a power cut could leave it
+    emit(make_envelope(), {}, ctx)
+    lines = log.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and lines[1] == b'{"cut":'
+    assert [json.loads(line)["ticket"] for line in (lines[0], lines[2])] == [{"id": 7}] * 2

@@ -4,9 +4,12 @@ tenants, or multiply its side effects on a retry."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import smtplib
+import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,39 @@ def test_with_the_disk_full_after_archive_accepted_deliveries_leave_one_file_eac
     stored = sorted(p.read_bytes() for p in maildir_files(server))
     assert len(stored) == 2
     assert [b"number 0" in stored[0], b"number 1" in stored[1]] == [True, True]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs (root only; skipped elsewhere)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_emit_on_a_full_disk_leaves_only_whole_json_lines(tiny_disk: Path) -> None:
+    from txcl.builtin_ops.emit import emit
+    from txcl.ops import OpContext
+
+    ctx = OpContext(tenant="acme", stack="acme/_mail", rid="01R", state_dir=tiny_disk,
+                    deadline_s=5.0)
+    envelope = {"_txc": {"src": "lmtp", "lmtp": {"msg": {"subject": "x"}}}, "pad": "y" * 5000}
+    ok = failed = 0
+    for i in range(120):
+        envelope["n"] = i
+        try:
+            emit(envelope, {}, ctx)
+            ok += 1
+        except OSError:
+            failed += 1
+    assert ok and failed
+    lines = (tiny_disk / "tenants" / "acme" / "_mail" / "events.jsonl").read_bytes()
+    assert lines.endswith(b"\n")
+    assert [json.loads(line)["n"] for line in lines.splitlines()] == list(range(ok))

@@ -18,12 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import functools
 import hashlib
 import inspect
 import json
 import os
-import secrets
 import shutil
 import socket
 import threading
@@ -164,8 +164,15 @@ def once_key(ctx: OpContext, op: str, args: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:40]
 
 
+# A key's file is this many spaces while its op acts; the op's patch then overwrites it in
+# place, so recording it after the op acted needs no new disk space (a full disk fails the
+# call before it acts, never between acting and remembering).
+_RESERVED = b" " * 2048
+
+
 def recall(ctx: OpContext, key: str) -> dict[str, Any] | None:
-    """The patch a call with this key returned within the window, or None."""
+    """The patch a call with this key returned within the window, or None (also for a call
+    that was cut off while it acted: that one acts again, at least once)."""
     if not key:
         return None
     folder = ctx.storage(ONCE_FOLDER)
@@ -173,21 +180,22 @@ def recall(ctx: OpContext, key: str) -> dict[str, Any] | None:
     for day in range(today, today - ONCE_WINDOW_DAYS - 1, -1):
         try:
             with open(f"{folder}/{day}/{key}", "rb") as file:
-                patch = json.loads(file.read())
+                text = file.read()
         except FileNotFoundError:
             continue
-        except (OSError, ValueError):
-            return None  # unreadable: act again rather than fail the delivery
-        return patch if isinstance(patch, dict) else None
+        except OSError:
+            return None
+        with contextlib.suppress(ValueError):
+            patch = json.loads(text) if text.strip() else None
+            if isinstance(patch, dict):
+                return patch
+        return None
     return None
 
 
-def remember(ctx: OpContext, key: str, patch: Mapping[str, Any]) -> None:
-    """Keep `patch` as the answer to a later call with `key` (written whole, then renamed
-    into place). Not fsynced: a power cut may forget a key, and the retry then acts again.
-    A day's first key prunes days past the window, in a thread of its own."""
-    if not key:
-        return
+def reserve(ctx: OpContext, key: str) -> str:
+    """Make the key's file before the op acts (spaces: not done yet); its path. A day's
+    first key prunes the days past the window, in a thread of its own."""
     folder = ctx.storage(ONCE_FOLDER)
     today = int(time.time() // _DAY_S)
     day_folder = f"{folder}/{today}"
@@ -197,13 +205,35 @@ def remember(ctx: OpContext, key: str, patch: Mapping[str, Any]) -> None:
             _once_days.clear()
         _once_days[folder] = today
         threading.Thread(target=_prune_once, args=(folder, today), daemon=True).start()
-    tmp = f"{day_folder}/.{key}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path = f"{day_folder}/{key}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(patch, separators=(",", ":")).encode())
-    finally:
+        if os.write(fd, _RESERVED) != len(_RESERVED):
+            raise OSError(errno.ENOSPC, "no room to remember the call", path)
+    except BaseException:
         os.close(fd)
-    os.rename(tmp, f"{day_folder}/{key}")
+        _remove(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def record(path: str, patch: Mapping[str, Any]) -> None:
+    """Write the op's patch over the reserved spaces. Not fsynced, and a patch too large to
+    fit may fail: either way the key reads as not done, and a retry acts again."""
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        data = json.dumps(patch, separators=(",", ":")).encode()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _prune_once(folder: Path, today: int) -> None:
@@ -216,7 +246,7 @@ def _prune_once(folder: Path, today: int) -> None:
 def once(name: str, op: Op) -> Op:
     """`op`, acting once per delivery: a repeated call with the same delivery key, op and
     arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
-    Works for sync and async ops alike."""
+    A call that fails is forgotten. Works for sync and async ops alike."""
     if inspect.iscoroutinefunction(op):
 
         async def once_async(
@@ -224,9 +254,17 @@ def once(name: str, op: Op) -> Op:
         ) -> dict[str, Any]:
             key = once_key(ctx, name, args)
             patch = recall(ctx, key)
-            if patch is None:
+            if patch is not None:
+                return patch
+            path = reserve(ctx, key) if key else ""
+            try:
                 patch = await op(envelope, args, ctx)  # type: ignore[misc]
-                remember(ctx, key, patch)
+            except BaseException:
+                if path:
+                    _remove(path)
+                raise
+            if path:
+                record(path, patch)
             return patch
 
         return functools.update_wrapper(once_async, op)
@@ -236,10 +274,18 @@ def once(name: str, op: Op) -> Op:
     ) -> dict[str, Any]:
         key = once_key(ctx, name, args)
         patch = recall(ctx, key)
-        if patch is None:
+        if patch is not None:
+            return patch
+        path = reserve(ctx, key) if key else ""
+        try:
             patch = op(envelope, args, ctx)  # type: ignore[assignment]
-            remember(ctx, key, patch)  # type: ignore[arg-type]
-        return patch
+        except BaseException:
+            if path:
+                _remove(path)
+            raise
+        if path:
+            record(path, patch)  # type: ignore[arg-type]
+        return patch  # type: ignore[return-value]
 
     return functools.update_wrapper(once_sync, op)
 
