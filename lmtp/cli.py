@@ -103,6 +103,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="delivery to verdict (default: 30s)")
     parser.add_argument("--op-calls-per-tenant", default="8", metavar="N",
                         help="op calls one tenant may have running at once (default 8)")
+    parser.add_argument("--log-repeat-interval", default="10s", metavar="DURATION",
+                        help="log the same error at most once per DURATION (default 10s)")
     parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
                         help="greeting hostname (default: this host's name)")
     _add_routing_flags(parser)
@@ -137,6 +139,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             ops_dir=Path(args.ops),
             op_calls_per_tenant=parse_positive_int(args.op_calls_per_tenant,
                                                    "--op-calls-per-tenant"),
+            log_repeat_interval=parse_duration(args.log_repeat_interval,
+                                               "--log-repeat-interval"),
         )
         if args.lmtp_hostname:
             fields["lmtp_hostname"] = args.lmtp_hostname

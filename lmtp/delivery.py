@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
 from txcl.envelope import for_source
+from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
 
 if TYPE_CHECKING:
@@ -124,6 +126,9 @@ class Deliverer:
         self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         self._traces_everything = trace_sink is not None and (
             getattr(trace_sink, "mode", None) != "off")
+        self._repeats = RepeatLimiter(
+            getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
+        )
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
@@ -143,8 +148,12 @@ class Deliverer:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
         try:
             return await self._deliver(tx)
-        except Exception:
-            log.exception("lmtp delivery failed before any stack ran; answering 451")
+        except Exception as exc:
+            self._log_failure(
+                ("deliver", type(exc).__name__, str(exc)),
+                "lmtp delivery failed before any stack ran; answering 451: %s",
+                traceback.format_exc(),
+            )
             return [RUN_FAILED.line] * len(tx.rcpts)
 
     async def _deliver(self, tx: Transaction) -> list[str]:
@@ -168,7 +177,7 @@ class Deliverer:
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
-                    "; ".join(defects[:MAX_LOGGED_DEFECTS]),
+                    escape_controls("; ".join(defects[:MAX_LOGGED_DEFECTS])),
                 )
             if len(groups) == 1:  # the common case: no tasks to gather
                 results = [await self._run_group(tx, groups[0], msg, stacks, rejected, digest)]
@@ -229,16 +238,24 @@ class Deliverer:
                 )
                 replies = replies_for(result.envelope, len(rcpts), result.error)
         except Exception as exc:
-            log.exception("lmtp rid=%s stack=%s: run raised; answering 451", rid, route.stack)
+            self._log_failure(
+                ("run", route.stack, type(exc).__name__, str(exc)),
+                "lmtp rid=%s stack=%s: run raised; answering 451: %s",
+                rid, route.stack, traceback.format_exc(),
+            )
             replies = [RUN_FAILED] * len(rcpts)
             failure = f"{type(exc).__name__} during the run"
-        log.info(
-            "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms",
-            rid, route.stack, route.ingress, len(rcpts),
-            ",".join(str(r.code) for r in replies),
-            _outcome_note(stack, result, failure),
-            (time.monotonic() - started) * 1000,
-        )
+        note = _outcome_note(stack, result, failure)
+        let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
+        if let_through:
+            log.info(
+                "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms%s",
+                rid, route.stack, route.ingress, len(rcpts),
+                ",".join(str(r.code) for r in replies),
+                escape_controls(note),
+                (time.monotonic() - started) * 1000,
+                f" ({held} more like it held back)" if held else "",
+            )
         self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure)
         return replies
 
@@ -254,8 +271,20 @@ class Deliverer:
                 self.trace_sink(rid, envelope, result, pairs, stack, error=failure)
             else:
                 self.trace_sink(rid, envelope, result, pairs, stack)
-        except Exception:
-            log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
+        except Exception as exc:
+            self._log_failure(
+                ("trace", type(exc).__name__, str(exc)),
+                "lmtp rid=%s: trace sink failed (replies unaffected): %s",
+                rid, traceback.format_exc(),
+            )
+
+    def _log_failure(self, key: tuple[str, ...], message: str, *args: Any) -> None:
+        """An error line, its data escaped (a traceback becomes one line), and held back
+        when the same failure was logged within --log-repeat-interval."""
+        let_through, held = self._repeats.allow(key)
+        if let_through:
+            suffix = f" ({held} more like it held back)" if held else ""
+            log.error(message + "%s", *map(escape_controls, args), suffix)
 
 
 async def _parse(data: bytes, needs: MessageNeeds) -> tuple[dict[str, Any], list[str]]:

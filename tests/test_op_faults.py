@@ -231,3 +231,25 @@ def test_emit_on_a_full_disk_leaves_only_whole_json_lines(tiny_disk: Path) -> No
     lines = (tiny_disk / "tenants" / "acme" / "_mail" / "events.jsonl").read_bytes()
     assert lines.endswith(b"\n")
     assert [json.loads(line)["n"] for line in lines.splitlines()] == list(range(ok))
+
+
+def test_an_op_error_with_crlf_cannot_forge_a_log_line_and_repeats_are_held_back(
+    serve, tmp_path: Path
+) -> None:
+    write_ops(tmp_path)
+    forged = "boom\\r\\n2026-01-01 00:00:00,000 txco INFO lmtp delivery replies=250 FORGED\\u001b[2J"
+    rules = accept_after("FAIL", f'message = "{forged}"')
+    server = serve(
+        tmp_path, {"acme/_mail/0/all.txcl": rules}, config(), "--log-repeat-interval=1h"
+    )
+    for i in range(3):
+        assert deliver(server, f"x{i}@acme.example")[0] == 451
+    deliver_lines = lambda: [line for line in server.log if "lmtp delivery client" in line]  # noqa: E731
+    deadline = time.monotonic() + 10
+    while len(deliver_lines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    errors = [line for line in server.log if "op FAIL failed" in line]
+    assert len(errors) == 1, server.stderr()
+    assert "boom\\x0d\\x0a2026-01-01" in errors[0] and "\\x1b[2J" in errors[0]
+    assert not [line for line in server.log if line.startswith("2026-01-01")]
+    assert not [line for line in server.log if "\x1b" in line or "\r" in line]
