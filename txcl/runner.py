@@ -6,6 +6,10 @@ were given (paths.compile_setter and merge_patch copy only the containers on the
 path), so the stage-start envelope *is* the snapshot: nothing is copied to keep it, and the
 caller's envelope is never changed.
 
+`run_async` of a stack of more than SLICED_RULES rules, or over a message of more than
+SLICED_MESSAGE_BYTES, gives the event loop a turn every SLICE_S between rules (the
+stage-start snapshot makes that safe); ordinary stacks run without a clock check.
+
 A run never raises for what rules and ops do: a failing op, a timeout, a write to a
 read-only path or an invalid verdict stops the run and comes back as `StackResult.error`
 (txcl_run_error), with the envelope as it was at that point.
@@ -63,6 +67,11 @@ __all__ = [
 ]
 
 RUN_ERROR: Final = "txcl_run_error"
+# A run that may take long (a stack of many rules, or a large message) gives the event loop
+# a turn whenever it has held it this long, so other sessions are still answered.
+SLICE_S: Final = 0.005
+SLICED_RULES: Final = 64  # stacks with more rules than this run in slices
+SLICED_MESSAGE_BYTES: Final = 1024 * 1024  # and so does a run over a message this large
 
 
 # --- data --------------------------------------------------------------------------------
@@ -144,6 +153,7 @@ class Stack:
     _plan: tuple[tuple[int, tuple[_RulePlan, ...]], ...] = field(
         init=False, repr=False, compare=False
     )
+    _long: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stages = tuple(sorted(self.stages, key=lambda s: s.number))
@@ -164,6 +174,7 @@ class Stack:
             for stage in stages
         )
         object.__setattr__(self, "_plan", plan)
+        object.__setattr__(self, "_long", len(rules) > SLICED_RULES)
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
@@ -183,7 +194,7 @@ class Stack:
         get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`.
         `delivery_key`: `OpContext.delivery_key` (`txcl.ops.make_delivery_key`)."""
         if not (policy.run_ops and self.ops_used):
-            coro = self._run(envelope, policy, message, delivery_key)
+            coro = self._run(envelope, policy, message, delivery_key, sliced=False)
             try:
                 coro.send(None)
             except StopIteration as done:
@@ -204,10 +215,17 @@ class Stack:
     ) -> StackResult:
         """Run the stack; only op calls await (sync ops in a worker thread). `message` and
         `delivery_key` as for `run`."""
-        return await self._run(envelope, policy, message, delivery_key)
+        sliced = self._long or (message is not None and len(message) > SLICED_MESSAGE_BYTES)
+        return await self._run(envelope, policy, message, delivery_key, sliced=sliced)
 
     async def _run(
-        self, envelope: Any, policy: RunPolicy, message: bytes | None, delivery_key: str
+        self,
+        envelope: Any,
+        policy: RunPolicy,
+        message: bytes | None,
+        delivery_key: str,
+        *,
+        sliced: bool,  # give the loop a turn every SLICE_S (run_async only)
     ) -> StackResult:
         started = time.perf_counter()
         fired: list[Fired] = []
@@ -219,6 +237,7 @@ class Stack:
             return StackResult(envelope, (), (), problem, time.perf_counter() - started)
         env: dict[str, Any] = envelope
         pos: Pos | None = None
+        turn_ends = started + SLICE_S
         try:
             src = source_of(env)
             entry = self._entry_stage(env)
@@ -228,6 +247,9 @@ class Stack:
                 snapshot = env
                 hits = []
                 for plan in plans:
+                    if sliced and time.perf_counter() >= turn_ends:
+                        await asyncio.sleep(0)
+                        turn_ends = time.perf_counter() + SLICE_S
                     captures = plan.rule.test(snapshot)
                     if captures is not None:
                         hits.append((plan, captures))
@@ -239,6 +261,9 @@ class Stack:
                                 Fired(number, template.pos, template.file, template.whens, captures)
                             )
                 for plan, captures in hits:
+                    if sliced and time.perf_counter() >= turn_ends:
+                        await asyncio.sleep(0)
+                        turn_ends = time.perf_counter() + SLICE_S
                     for step, written in plan.steps:
                         pos = step.pos
                         if step.__class__ is SetStep:
