@@ -1004,3 +1004,11 @@ def test_emit_cut_short_by_a_full_disk_leaves_no_partial_line(ctx, monkeypatch):
     lines = log.read_bytes().split(b"\n")
     assert lines[-1] == b"" and lines[1] == b'{"cut":'
     assert [json.loads(line)["ticket"] for line in (lines[0], lines[2])] == [{"id": 7}] * 2
+
+
+def test_emit_writes_a_header_with_8bit_bytes_kept_as_surrogates(ctx):
+    envelope = make_envelope()
+    envelope["_txc"]["lmtp"]["msg"]["from"] = [{"name": "J\udce9r\udcf4me", "addr": "a@x"}]
+    emit(envelope, {}, ctx)
+    (line,) = (stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()
+    assert json.loads(line)["_txc"]["lmtp"]["msg"]["from"][0]["name"] == "J\udce9r\udcf4me"

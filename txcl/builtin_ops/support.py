@@ -127,7 +127,12 @@ def event_json(envelope: Mapping[str, Any], args: Mapping[str, Any], op: str) ->
         text = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise OpFailure(f"{op}: the envelope cannot be written as JSON: {exc}") from None
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (8-bit header bytes kept by surrogateescape) has no UTF-8 form;
+        # as a JSON \u escape the line is still JSON, and the message is not refused for it.
+        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -243,6 +248,28 @@ def _prune_once(folder: Path, today: int) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
+class _OnceCall:
+    """One call of an op under `once`: what an earlier call returned (`remembered`), else a
+    reserved key that the `with` block's success records and its failure removes."""
+
+    def __init__(self, ctx: OpContext, name: str, args: Mapping[str, Any]) -> None:
+        key = once_key(ctx, name, args)
+        self.remembered = recall(ctx, key)
+        self._path = reserve(ctx, key) if key and self.remembered is None else ""
+
+    def __enter__(self) -> _OnceCall:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None and self._path:
+            _remove(self._path)
+
+    def done(self, patch: Any) -> Any:
+        if self._path:
+            record(self._path, patch)
+        return patch
+
+
 def once(name: str, op: Op) -> Op:
     """`op`, acting once per delivery: a repeated call with the same delivery key, op and
     arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
@@ -251,41 +278,21 @@ def once(name: str, op: Op) -> Op:
 
         async def once_async(
             envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
-        ) -> dict[str, Any]:
-            key = once_key(ctx, name, args)
-            patch = recall(ctx, key)
-            if patch is not None:
-                return patch
-            path = reserve(ctx, key) if key else ""
-            try:
-                patch = await op(envelope, args, ctx)  # type: ignore[misc]
-            except BaseException:
-                if path:
-                    _remove(path)
-                raise
-            if path:
-                record(path, patch)
-            return patch
+        ) -> Any:
+            call = _OnceCall(ctx, name, args)
+            if call.remembered is not None:
+                return call.remembered
+            with call:
+                return call.done(await op(envelope, args, ctx))
 
         return functools.update_wrapper(once_async, op)
 
-    def once_sync(
-        envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
-    ) -> dict[str, Any]:
-        key = once_key(ctx, name, args)
-        patch = recall(ctx, key)
-        if patch is not None:
-            return patch
-        path = reserve(ctx, key) if key else ""
-        try:
-            patch = op(envelope, args, ctx)  # type: ignore[assignment]
-        except BaseException:
-            if path:
-                _remove(path)
-            raise
-        if path:
-            record(path, patch)  # type: ignore[arg-type]
-        return patch  # type: ignore[return-value]
+    def once_sync(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> Any:
+        call = _OnceCall(ctx, name, args)
+        if call.remembered is not None:
+            return call.remembered
+        with call:
+            return call.done(op(envelope, args, ctx))
 
     return functools.update_wrapper(once_sync, op)
 
