@@ -1012,3 +1012,21 @@ def test_emit_writes_a_header_with_8bit_bytes_kept_as_surrogates(ctx):
     emit(envelope, {}, ctx)
     (line,) = (stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()
     assert json.loads(line)["_txc"]["lmtp"]["msg"]["from"][0]["name"] == "J\udce9r\udcf4me"
+
+
+def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
+    from txcl.builtin_ops import support
+
+    keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
+    first = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
+    keys = [p for p in (stack_dir(ctx) / support.ONCE_FOLDER).rglob("*") if p.is_file()]
+    assert len(keys) == 1
+    keys[0].write_bytes(b" " * 2048)  # reserved, never recorded: killed after storing
+    again = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
+    assert again == first
+    assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
+    keys[0].write_bytes(b" " * 2048)
+    Path(first["archive"]["path"]).unlink()  # cut off before it stored anything
+    third = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
+    assert third["archive"]["path"] != first["archive"]["path"]
+    assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -175,11 +176,12 @@ def once_key(ctx: OpContext, op: str, args: Mapping[str, Any]) -> str:
 _RESERVED = b" " * 2048
 
 
-def recall(ctx: OpContext, key: str) -> dict[str, Any] | None:
-    """The patch a call with this key returned within the window, or None (also for a call
-    that was cut off while it acted: that one acts again, at least once)."""
+def recall(ctx: OpContext, key: str) -> tuple[dict[str, Any] | None, bool]:
+    """The patch a call with this key returned within the window (or None), and whether a
+    call with it was cut off while it acted (a crash, kill -9): its key was reserved but
+    never recorded, so it may or may not have acted."""
     if not key:
-        return None
+        return None, False
     folder = ctx.storage(ONCE_FOLDER)
     today = int(time.time() // _DAY_S)
     for day in range(today, today - ONCE_WINDOW_DAYS - 1, -1):
@@ -189,13 +191,13 @@ def recall(ctx: OpContext, key: str) -> dict[str, Any] | None:
         except FileNotFoundError:
             continue
         except OSError:
-            return None
+            return None, False
         with contextlib.suppress(ValueError):
             patch = json.loads(text) if text.strip() else None
             if isinstance(patch, dict):
-                return patch
-        return None
-    return None
+                return patch, False
+        return None, True
+    return None, False
 
 
 def reserve(ctx: OpContext, key: str) -> str:
@@ -248,14 +250,19 @@ def _prune_once(folder: Path, today: int) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
+Recover = Callable[[Mapping[str, Any], Mapping[str, Any], OpContext, str], "dict[str, Any] | None"]
+"""`recover(envelope, args, ctx, key)`: for a call cut off while it acted, the patch of
+what it did, if the op can find it (ARCHIVE looks for its file by the key), else None."""
+
+
 class _OnceCall:
     """One call of an op under `once`: what an earlier call returned (`remembered`), else a
     reserved key that the `with` block's success records and its failure removes."""
 
     def __init__(self, ctx: OpContext, name: str, args: Mapping[str, Any]) -> None:
-        key = once_key(ctx, name, args)
-        self.remembered = recall(ctx, key)
-        self._path = reserve(ctx, key) if key and self.remembered is None else ""
+        self.key = once_key(ctx, name, args)
+        self.remembered, self.cut_off = recall(ctx, self.key)
+        self._path = reserve(ctx, self.key) if self.key and self.remembered is None else ""
 
     def __enter__(self) -> _OnceCall:
         return self
@@ -270,10 +277,11 @@ class _OnceCall:
         return patch
 
 
-def once(name: str, op: Op) -> Op:
+def once(name: str, op: Op, *, recover: Recover | None = None) -> Op:
     """`op`, acting once per delivery: a repeated call with the same delivery key, op and
     arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
-    A call that fails is forgotten. Works for sync and async ops alike."""
+    A call that fails is forgotten; one cut off while it acted is looked for with
+    `recover`, else acts again. Works for sync and async ops alike."""
     if inspect.iscoroutinefunction(op):
 
         async def once_async(
@@ -283,6 +291,12 @@ def once(name: str, op: Op) -> Op:
             if call.remembered is not None:
                 return call.remembered
             with call:
+                if call.cut_off and recover is not None:
+                    found = await asyncio.get_running_loop().run_in_executor(
+                        None, recover, envelope, args, ctx, call.key
+                    )
+                    if found is not None:
+                        return call.done(found)
                 return call.done(await op(envelope, args, ctx))
 
         return functools.update_wrapper(once_async, op)
@@ -292,7 +306,8 @@ def once(name: str, op: Op) -> Op:
         if call.remembered is not None:
             return call.remembered
         with call:
-            return call.done(op(envelope, args, ctx))
+            found = recover(envelope, args, ctx, call.key) if call.cut_off and recover else None
+            return call.done(found if found is not None else op(envelope, args, ctx))
 
     return functools.update_wrapper(once_sync, op)
 
