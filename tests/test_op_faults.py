@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 import smtplib
 import subprocess
 import textwrap
@@ -255,32 +254,3 @@ def test_an_op_error_with_crlf_cannot_forge_a_log_line_and_repeats_are_held_back
     assert not [line for line in server.log if line.startswith("2026-01-01")]
     assert not [line for line in server.log if "\x1b" in line or "\r" in line]
 
-
-def test_the_examples_poison_message_is_stored_once_with_its_event(
-    serve, tmp_path: Path
-) -> None:
-    """8-bit bytes in a display name to the example's support@ once made EMIT fail on every
-    retry, and ARCHIVE (before it) store one more copy each time."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
-    for name in ("OPS", "ops", "txco.yaml"):
-        source = example / name
-        if source.is_dir():
-            shutil.copytree(source, tmp_path / name)
-        else:
-            shutil.copy(source, tmp_path / name)
-    server = serve(tmp_path, tmp_path / "OPS", "", "--lmtp-default-hosts=chassis.example")
-    poison = (b"From: J\xe9r\xf4me <jerome@example.org>\r\nSubject: invoice charged twice\r\n"
-              b"Message-ID: <poison@example.org>\r\n\r\nplease refund\r\n")
-    codes = []
-    for _ in range(3):
-        with server.lmtp() as client:
-            client.ehlo("mx.acme.example")
-            client.mail("jerome@example.org")
-            client.rcpt("support@acme.example")
-            codes.append(client.data(poison)[0])
-    store = server.state_dir / "tenants" / "acme" / "support"
-    stored = [p for p in store.rglob("*") if p.is_file() and p.parent.name == "new"]
-    assert codes == [250, 250, 250], server.stderr()
-    assert len(stored) == 1
-    (event,) = (store / "events.jsonl").read_bytes().splitlines()
-    assert json.loads(event)["ticket"]["id"] == 1
