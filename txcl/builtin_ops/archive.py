@@ -265,8 +265,7 @@ async def deliver(
     deliveries of this turn of the loop (`CommitQueue`); anything else is written and
     fsynced in a worker thread, which owns the file descriptor from then on.
     """
-    # Plain strings, not Path joins: this runs once per message, and pathlib's were about
-    # as much Python time as the rest of the op.
+    # Plain strings, not Path joins: this runs once per message.
     name = unique_name(tag)
     tmp_path = f"{maildir}/tmp/{name}"
     new_dir = f"{maildir}/new"
