@@ -151,7 +151,8 @@ SCRIPT = textwrap.dedent(
         print("not json")
         sys.exit(0)
     print(json.dumps({"seen": {"rcpt": env["rcpt"], "op": os.environ["TXCL_OP"],
-                               "stack": os.environ["TXCL_STACK"]}}))
+                               "stack": os.environ["TXCL_STACK"],
+                               "key": os.environ["TXCL_DELIVERY_KEY"]}}))
     """
 )
 
@@ -170,9 +171,11 @@ def test_command_op_reads_envelope_and_prints_a_patch(
     script_registry: OpRegistry, tmp_path: Path
 ) -> None:
     patch = asyncio.run(
-        script_registry.call("CHECK", {"rcpt": ["a@x"]}, {}, context(tmp_path, op="CHECK"))
+        script_registry.call(
+            "CHECK", {"rcpt": ["a@x"]}, {}, context(tmp_path, op="CHECK", delivery_key="k1")
+        )
     )
-    assert patch == {"seen": {"rcpt": ["a@x"], "op": "CHECK", "stack": "acme/_mail"}}
+    assert patch == {"seen": {"rcpt": ["a@x"], "op": "CHECK", "stack": "acme/_mail", "key": "k1"}}
 
 
 @pytest.mark.parametrize(

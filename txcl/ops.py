@@ -470,7 +470,7 @@ def command_op(argv: list[str], *, cwd: Path | None = None) -> Op:
     """An op that runs `argv`: envelope JSON on stdin, a JSON merge patch expected on stdout.
 
     The arguments and context reach it as environment variables: TXCL_OP, TXCL_ARGS (JSON),
-    TXCL_TENANT, TXCL_STACK, TXCL_RID, TXCL_DEADLINE_S. It runs in its own process group,
+    TXCL_TENANT, TXCL_STACK, TXCL_RID, TXCL_DEADLINE_S, TXCL_DELIVERY_KEY. It runs in its own process group,
     which is killed when the call's deadline passes.
     """
     command = tuple(argv)
@@ -486,6 +486,7 @@ def command_op(argv: list[str], *, cwd: Path | None = None) -> Op:
             TXCL_STACK=ctx.stack,
             TXCL_RID=ctx.rid,
             TXCL_DEADLINE_S=str(ctx.deadline_s),
+            TXCL_DELIVERY_KEY=ctx.delivery_key,
         )
         try:
             proc = await asyncio.create_subprocess_exec(
