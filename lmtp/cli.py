@@ -99,6 +99,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmtp-max-commands", default="1000", metavar="N",
                         help="commands a session may send between deliveries; then 421 "
                         "(default: 1000)")
+    parser.add_argument("--op-calls-per-tenant", default="8", metavar="N",
+                        help="op calls one tenant may have running at once (default 8)")
+    parser.add_argument("--log-repeat-interval", default="10s", metavar="DURATION",
+                        help="log the same error at most once per DURATION (default 10s)")
     parser.add_argument("--lmtp-hostname", default=None, metavar="NAME",
                         help="greeting hostname (default: this host's name)")
     _add_routing_flags(parser)
@@ -136,6 +140,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                                                            "--lmtp-max-connections-per-ip"),
             lmtp_max_commands=parse_positive_int(args.lmtp_max_commands, "--lmtp-max-commands"),
             ops_dir=Path(args.ops),
+            op_calls_per_tenant=parse_positive_int(args.op_calls_per_tenant,
+                                                   "--op-calls-per-tenant"),
+            log_repeat_interval=parse_duration(args.log_repeat_interval,
+                                               "--log-repeat-interval"),
         )
         if args.lmtp_hostname:
             fields["lmtp_hostname"] = args.lmtp_hostname

@@ -126,6 +126,8 @@ class Settings:
     lmtp_read_timeout: float = 30.0
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
+    op_calls_per_tenant: int = 8  # ops one tenant may have running at once
+    log_repeat_interval: float = 10.0  # the same error is logged once per interval
     lmtp_hostname: str = field(default_factory=socket.gethostname)
     # Limits on clients: docs/lmtp.md, "Limits, timeouts and the replies they produce".
     lmtp_max_connections: int = 500

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,6 +43,8 @@ from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
 from txcl.envelope import for_source
+from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
+from txcl.ops import make_delivery_key, message_digest
 
 if TYPE_CHECKING:
     from lmtp.config import Settings
@@ -80,7 +83,8 @@ class RunnableStack(Protocol):
     """What delivery needs of a compiled stack (a `txcl.runner.Stack`)."""
 
     async def run_async(
-        self, envelope: Any, policy: RunPolicy = ..., *, message: bytes | None = None
+        self, envelope: Any, policy: RunPolicy = ..., *, message: bytes | None = None,
+        delivery_key: str = "",
     ) -> StackResult: ...
 
 
@@ -137,7 +141,13 @@ def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[
 def default_policy(settings: Settings, registry: OpRegistry | None) -> RunPolicy:
     from txcl.runner import RunPolicy  # the engine is imported when a server is built
 
-    return RunPolicy(registry=registry, state_dir=getattr(settings, "state_dir", None))
+    return RunPolicy(
+        registry=registry,
+        state_dir=getattr(settings, "state_dir", None),
+        # No op may outlive the reply it is part of.
+        op_timeout_max_s=getattr(settings, "lmtp_resp_timeout", None),
+        op_calls_per_tenant=getattr(settings, "op_calls_per_tenant", None),
+    )
 
 
 class Deliverer:
@@ -169,6 +179,9 @@ class Deliverer:
             max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
             max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
                                      DEFAULT_LIMITS.max_header_lines))
+        self._repeats = RepeatLimiter(
+            getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
+        )
         # id(stack) -> (stack, its needs); the stack is kept so its id is not reused.
         self._needs: dict[int, tuple[Any, MessageNeeds]] = {}
 
@@ -190,8 +203,12 @@ class Deliverer:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
         try:
             return await self._deliver(tx)
-        except Exception:
-            log.exception("lmtp delivery failed before any stack ran; answering 451")
+        except Exception as exc:
+            self._log_failure(
+                ("deliver", type(exc).__name__, str(exc)),
+                "lmtp delivery failed before any stack ran; answering 451: %s",
+                traceback.format_exc(),
+            )
             return [RUN_FAILED.line] * len(tx.rcpts)
 
     async def _deliver(self, tx: Transaction) -> list[str]:
@@ -209,16 +226,22 @@ class Deliverer:
                 if stack is not None:
                     needs = needs | self.needs_of(stack)
             msg, defects = await _parse(tx.data, needs, self._mime_limits)
+            # Ops key their side effects on the delivery, so a retry does not repeat them.
+            uses_ops = any(getattr(stacks.get(g.route.stack), "ops_used", ()) for g in groups)
+            digest = await _digest(tx.data) if uses_ops else b""
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
-                    "; ".join(defects[:MAX_LOGGED_DEFECTS]),
+                    escape_controls("; ".join(defects[:MAX_LOGGED_DEFECTS])),
                 )
             if len(groups) == 1:  # the common case: no tasks to gather
-                results = [await self._run_group(tx, groups[0], msg, stacks, rejected)]
+                results = [await self._run_group(tx, groups[0], msg, stacks, rejected, digest)]
             else:
                 results = await asyncio.gather(
-                    *(self._run_group(tx, group, msg, stacks, rejected) for group in groups)
+                    *(
+                        self._run_group(tx, group, msg, stacks, rejected, digest)
+                        for group in groups
+                    )
                 )
             for group, group_replies in zip(groups, results, strict=True):
                 for index, reply in zip(group.indices, group_replies, strict=True):
@@ -232,6 +255,7 @@ class Deliverer:
         msg: Mapping[str, Any],
         stacks: Mapping[str, Any],
         rejected: frozenset[str],
+        digest: bytes,  # the message's, when a stack uses ops
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -263,19 +287,30 @@ class Deliverer:
                 # A routed stack the tree does not have: no rule can accept (default-deny).
                 replies = [DEFAULT_DENY] * len(rcpts)
             else:
-                result = await stack.run_async(envelope, self.policy, message=tx.data)
+                key = make_delivery_key(digest, tx.mail_from, rcpts, route.stack) if digest else ""
+                result = await stack.run_async(
+                    envelope, self.policy, message=tx.data, delivery_key=key
+                )
                 replies = replies_for(result.envelope, len(rcpts), result.error)
         except Exception as exc:
-            log.exception("lmtp rid=%s stack=%s: run raised; answering 451", rid, route.stack)
+            self._log_failure(
+                ("run", route.stack, type(exc).__name__, str(exc)),
+                "lmtp rid=%s stack=%s: run raised; answering 451: %s",
+                rid, route.stack, traceback.format_exc(),
+            )
             replies = [RUN_FAILED] * len(rcpts)
             failure = f"{type(exc).__name__} during the run"
-        log.info(
-            "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms",
-            rid, route.stack, route.ingress, len(rcpts),
-            ",".join(str(r.code) for r in replies),
-            _outcome_note(stack, result, failure),
-            (time.monotonic() - started) * 1000,
-        )
+        note = _outcome_note(stack, result, failure)
+        let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
+        if let_through:
+            log.info(
+                "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms%s",
+                rid, route.stack, route.ingress, len(rcpts),
+                ",".join(str(r.code) for r in replies),
+                escape_controls(note),
+                (time.monotonic() - started) * 1000,
+                f" ({held} more like it held back)" if held else "",
+            )
         self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure, tx.data)
         return replies
 
@@ -288,8 +323,20 @@ class Deliverer:
         pairs = [(rcpt, reply.line) for rcpt, reply in zip(rcpts, replies, strict=True)]
         try:
             self.trace_sink(rid, envelope, result, pairs, stack, error=failure, message=data)
-        except Exception:
-            log.exception("lmtp rid=%s: trace sink failed (replies unaffected)", rid)
+        except Exception as exc:
+            self._log_failure(
+                ("trace", type(exc).__name__, str(exc)),
+                "lmtp rid=%s: trace sink failed (replies unaffected): %s",
+                rid, traceback.format_exc(),
+            )
+
+    def _log_failure(self, key: tuple[str, ...], message: str, *args: Any) -> None:
+        """An error line, its data escaped (a traceback becomes one line), and held back
+        when the same failure was logged within --log-repeat-interval."""
+        let_through, held = self._repeats.allow(key)
+        if let_through:
+            suffix = f" ({held} more like it held back)" if held else ""
+            log.error(message + "%s", *map(escape_controls, args), suffix)
 
 
 async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
@@ -309,6 +356,12 @@ async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
     except asyncio.CancelledError:
         cancel.set()  # the delivery was answered (or the server stops): free the thread
         raise
+
+
+async def _digest(data: bytes) -> bytes:
+    if len(data) <= INLINE_PARSE_BYTES:
+        return message_digest(data)
+    return await asyncio.to_thread(message_digest, data)
 
 
 def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:

@@ -64,7 +64,9 @@ class FakeStack:
     seen: list[dict] = field(default_factory=list)
     messages: list[bytes | None] = field(default_factory=list)
 
-    async def run_async(self, envelope: dict, policy: Any, *, message: bytes | None = None) -> Result:
+    async def run_async(
+        self, envelope: dict, policy: Any, *, message: bytes | None = None, delivery_key: str = ""
+    ) -> Result:
         self.seen.append(envelope)
         self.messages.append(message)
         await asyncio.sleep(0)
@@ -128,7 +130,7 @@ def test_groups_run_concurrently():
     running = []
 
     class Waiting(FakeStack):
-        async def run_async(self, envelope, policy, *, message=None):
+        async def run_async(self, envelope, policy, *, message=None, delivery_key=""):
             running.append(self.name)
             if len(running) == 2:
                 both_started.set()
@@ -164,7 +166,7 @@ def test_unrouted_and_missing_routes_are_denied_not_accepted():
 
 def test_run_error_tempfails_only_its_group():
     class Failing(FakeStack):
-        async def run_async(self, envelope, policy, *, message=None):
+        async def run_async(self, envelope, policy, *, message=None, delivery_key=""):
             result = await super().run_async(envelope, policy)
             return Result(result.envelope, Problem("txcl_run_error", "op ARCHIVE timed out"))
 
@@ -178,7 +180,7 @@ def test_run_error_tempfails_only_its_group():
 
 def test_a_raising_stack_is_451_for_its_group_and_traced_with_the_error():
     class Raising(FakeStack):
-        async def run_async(self, envelope, policy, *, message=None):
+        async def run_async(self, envelope, policy, *, message=None, delivery_key=""):
             raise RuntimeError("engine bug")
 
     calls = []

@@ -464,9 +464,9 @@ def test_a_retried_delivery_gets_the_same_ticket(serve: Callable[..., Any], tmp_
     assert _deliver(server, "billing.eml", rcpts) == ["250 2.0.0 ticket #1"]
     assert _deliver(server, "billing.eml", rcpts) == ["250 2.0.0 ticket #1"]
     assert _ticket_messages(server) == [(1, 1, _message_id("billing.eml"))]
+    # EMIT acts once per delivery: the repeat finds the first one's event, not a second.
     assert [e["ticket"] for e in _events(server)] == [
         {"id": 1, "new": True, "ref": "#1", "repeat": False},
-        {"id": 1, "new": True, "ref": "#1", "repeat": True},
     ]
 
 
@@ -515,3 +515,24 @@ def test_traces_leave_out_the_raw_message_and_attachments(
                            capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert "acme/support" in shown.stdout and "ticket #1" in shown.stdout
+
+
+def test_the_poison_message_is_stored_once_with_its_event(
+    serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    """8-bit bytes in a display name to support@ once made EMIT fail on every retry (451),
+    and ARCHIVE, before it, store one more copy each time (issue 13)."""
+    server = _start(serve, tmp_path)
+    poison = (b"From: J\xe9r\xf4me <jerome@example.org>\r\nSubject: invoice charged twice\r\n"
+              b"Message-ID: <poison@example.org>\r\n\r\nplease refund\r\n")
+    codes = []
+    for _ in range(3):
+        with server.lmtp() as client:
+            client.ehlo("mx.acme.example")
+            client.mail("jerome@example.org")
+            client.rcpt("support@acme.example")
+            codes.append(client.data(poison)[0])
+    stored = [p for p in _store(server).rglob("*") if p.is_file() and p.parent.name == "new"]
+    assert codes == [250, 250, 250], server.stderr()
+    assert len(stored) == 1
+    assert [e["ticket"]["id"] for e in _events(server)] == [1]

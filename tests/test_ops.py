@@ -165,7 +165,8 @@ SCRIPT = textwrap.dedent(
         print("not json")
         sys.exit(0)
     print(json.dumps({"seen": {"rcpt": env["rcpt"], "op": os.environ["TXCL_OP"],
-                               "stack": os.environ["TXCL_STACK"]}}))
+                               "stack": os.environ["TXCL_STACK"],
+                               "key": os.environ["TXCL_DELIVERY_KEY"]}}))
     """
 )
 
@@ -184,9 +185,11 @@ def test_command_op_reads_envelope_and_prints_a_patch(
     script_registry: OpRegistry, tmp_path: Path
 ) -> None:
     patch = asyncio.run(
-        script_registry.call("CHECK", {"rcpt": ["a@x"]}, {}, context(tmp_path, op="CHECK"))
+        script_registry.call(
+            "CHECK", {"rcpt": ["a@x"]}, {}, context(tmp_path, op="CHECK", delivery_key="k1")
+        )
     )
-    assert patch == {"seen": {"rcpt": ["a@x"], "op": "CHECK", "stack": "acme/_mail"}}
+    assert patch == {"seen": {"rcpt": ["a@x"], "op": "CHECK", "stack": "acme/_mail", "key": "k1"}}
 
 
 @pytest.mark.parametrize(
@@ -239,3 +242,18 @@ def test_a_missing_program_is_an_op_failure(tmp_path: Path) -> None:
     with pytest.raises(OpFailure) as err:
         asyncio.run(op({}, {}, context(tmp_path)))  # type: ignore[arg-type]
     assert "cannot start" in str(err.value)
+
+
+def test_a_delivery_key_ignores_recipient_order_and_tells_deliveries_apart() -> None:
+    from txcl.ops import make_delivery_key, message_digest
+
+    digest = message_digest(b"Subject: x\r\n\r\nhi\r\n")
+    key = make_delivery_key(digest, "a@x", ["b@y", "c@y"], "acme/_mail")
+    assert key == make_delivery_key(digest, "a@x", ["c@y", "b@y", "b@y"], "acme/_mail")
+    others = {
+        make_delivery_key(message_digest(b"other"), "a@x", ["b@y", "c@y"], "acme/_mail"),
+        make_delivery_key(digest, "", ["b@y", "c@y"], "acme/_mail"),
+        make_delivery_key(digest, "a@x", ["b@y"], "acme/_mail"),
+        make_delivery_key(digest, "a@x", ["b@y", "c@y"], "acme/other"),
+    }
+    assert key not in others and len(others) == 4

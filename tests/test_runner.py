@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from txcl import ops as ops_module
 from txcl.compiler import compile_file
 from txcl.envelope import patch_read_only_reason, read_only_reason, verdict_problem
 from txcl.ops import OpContext, OpRegistry
@@ -54,6 +55,12 @@ def res(result: StackResult) -> Any:
 
 def ops_policy(**ops: Any) -> RunPolicy:
     return RunPolicy(registry=OpRegistry(ops))
+
+
+def wait_for_no_op_calls(tenant: str) -> None:
+    deadline = time.monotonic() + 5
+    while ops_module.TENANT_CALLS.running(tenant) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 class TestStages:
@@ -326,6 +333,40 @@ class TestOps:
         result = stack('EXEC "op://SLOW"\n').run(envelope(), policy)
         assert result.error is not None
         assert result.error.message == "op SLOW timed out after 0.05s"
+
+    def test_the_policy_cap_shortens_a_longer_with_timeout(self) -> None:
+        async def slow(env: Any, args: Any, ctx: Any) -> dict[str, Any]:
+            await asyncio.sleep(10)
+            return {}
+
+        policy = RunPolicy(registry=OpRegistry({"SLOW": slow}), op_timeout_max_s=0.05)
+        result = stack('WITH timeout = "1h"\nEXEC "op://SLOW"\n').run(envelope(), policy)
+        assert result.error is not None
+        assert result.error.message == "op SLOW timed out after 0.05s"
+
+    def test_a_tenant_past_its_op_budget_fails_at_once(self) -> None:
+        release = threading.Event()
+        entered = threading.Barrier(3)
+
+        def hold(env: Any, args: Any, ctx: Any) -> dict[str, Any]:
+            if not release.is_set():
+                entered.wait(5)
+                release.wait(10)
+            return {}
+
+        policy = RunPolicy(
+            registry=OpRegistry({"HOLD": hold}), op_timeout_s=0.05, op_calls_per_tenant=2
+        )
+        s = stack('EXEC "op://HOLD"\n')
+        wait_for_no_op_calls(s.tenant)  # threads of earlier tests count too
+        first = [s.run(envelope(), policy) for _ in range(2)]  # time out, threads still held
+        entered.wait(5)
+        assert [r.error.message for r in first if r.error] == ["op HOLD timed out after 0.05s"] * 2
+        third = s.run(envelope(), policy)
+        assert third.error is not None and "OpBusy" in third.error.message
+        release.set()
+        wait_for_no_op_calls(s.tenant)
+        assert s.run(envelope(), policy).error is None
 
     def test_an_unknown_op_fails_the_run(self) -> None:
         result = stack('EXEC "op://NOPE"\n').run(envelope(), ops_policy())

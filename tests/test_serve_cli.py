@@ -417,5 +417,5 @@ def test_sigterm_ends_the_process_while_an_op_thread_still_sleeps(
     assert replies and replies[0][0][0] == 451, replies  # answered, never a false 250
     assert took < 10, f"{took:.1f}s after SIGTERM:\n{server.stderr()}"
     assert "lmtp stopped" in server.stderr()
-    assert "worker thread(s) still busy" in server.stderr()  # said, not hidden
+    # The op sleeps on a daemon thread of its own (txcl.ops.OpThreads): it holds no exit.
     assert "Traceback" not in server.stderr()

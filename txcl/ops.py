@@ -24,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import inspect
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,10 @@ class OpFailure(Exception):
     """An op could not do its work (a command exited non-zero, printed no JSON object, ...)."""
 
 
+class OpBusy(OpFailure):
+    """A tenant already has as many op calls running as its budget allows."""
+
+
 class StorageError(ValueError):
     """An op asked for storage outside its tenant's own folder, or without a state dir."""
 
@@ -69,6 +76,10 @@ class OpContext:
     # The message exactly as the source received it, when the source hands it over (the
     # LMTP head does): the same bytes as `_txc.<src>.msg.raw`, without a base64 round trip.
     message: bytes | None = field(default=None, repr=False)
+    # The same for a repeated delivery of the same message to the same stack (a retry after
+    # a 4xx), different otherwise: `make_delivery_key`. "" when the caller gave none. An op
+    # with side effects keys them on it so that a retry does not repeat them.
+    delivery_key: str = ""
 
     def storage(self, *parts: str) -> Path:
         """A folder under `<state_dir>/tenants/<tenant>/<stack-name>/`, created if needed.
@@ -99,6 +110,22 @@ class OpContext:
             _checked_storage.clear()
         _checked_storage[key] = folder
         return folder
+
+
+def message_digest(message: bytes) -> bytes:
+    """The message's part of a delivery key (SHA-256; hashlib lets go of the GIL for it)."""
+    return hashlib.sha256(message).digest()
+
+
+def make_delivery_key(
+    digest: bytes, sender: str, recipients: Iterable[str], stack: str
+) -> str:
+    """`OpContext.delivery_key`: from the message (`message_digest`), the envelope sender,
+    the set of recipients (order and repeats do not count) and the stack."""
+    h = hashlib.sha256(digest)
+    for part in (sender, "\0".join(sorted(set(recipients))), stack):
+        h.update(b"\0" + part.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
 
 
 # (state_dir, tenant, stack, parts) -> the folder that passed storage()'s checks. Bounded:
@@ -215,13 +242,29 @@ class OpRegistry:
         return name in self._ops
 
     async def call(
-        self, name: str, envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
+        self,
+        name: str,
+        envelope: Mapping[str, Any],
+        args: Mapping[str, Any],
+        ctx: OpContext,
+        *,
+        budget: int | None = None,
     ) -> Any:
-        """Call an op without blocking the loop (sync ones in a thread). KeyError if unknown."""
+        """Call an op without blocking the loop (sync ones in a thread). KeyError if unknown.
+
+        `budget`: how many op calls `ctx.tenant` may have running at once; past it the call
+        fails at once (OpBusy). A sync op holds its place until its thread returns, also
+        after the caller stopped waiting for it (a thread cannot be stopped)."""
         entry = self._ops[name]
+        TENANT_CALLS.take(ctx.tenant, budget)
         if entry.is_async:
-            return await entry.fn(envelope, args, ctx)  # type: ignore[misc]
-        result = await asyncio.to_thread(entry.fn, envelope, args, ctx)
+            try:
+                return await entry.fn(envelope, args, ctx)  # type: ignore[misc]
+            finally:
+                TENANT_CALLS.give(ctx.tenant)
+        result = await OP_THREADS.run(
+            entry.fn, (envelope, args, ctx), done=lambda: TENANT_CALLS.give(ctx.tenant)
+        )
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -249,6 +292,103 @@ class OpRegistry:
                     problems.append(
                         _problem(f"entry point {entry_point.value}: {name} is not callable")
                     )
+
+
+class TenantCalls:
+    """Op calls running per tenant, process-wide: a thread outlives a reload and its caller's
+    timeout, so the count must too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+
+    def take(self, tenant: str, budget: int | None) -> None:
+        with self._lock:
+            running = self._running.get(tenant, 0)
+            if budget is not None and running >= budget:
+                raise OpBusy(
+                    f"tenant {tenant} has {running} op calls running, its budget; try later"
+                )
+            self._running[tenant] = running + 1
+
+    def give(self, tenant: str) -> None:
+        with self._lock:
+            running = self._running.get(tenant, 1) - 1
+            if running:
+                self._running[tenant] = running
+            else:
+                self._running.pop(tenant, None)
+
+    def running(self, tenant: str) -> int:
+        return self._running.get(tenant, 0)
+
+
+class OpThreads:
+    """Daemon worker threads for sync ops, apart from the loop's default executor (MIME
+    parsing, file writes), so ops that hang cannot take the threads others need, nor keep
+    the process from exiting. Threads are made on demand (the tenant budgets bound how many
+    can be busy) and end after a minute idle."""
+
+    IDLE_S: Final = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], *, done: Callable[[], None]
+    ) -> asyncio.Future[Any]:
+        """`fn(*args)` in a worker thread; `done()` runs in that thread when it returns."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def work() -> None:
+            try:
+                outcome, failed = fn(*args), False
+            except BaseException as err:  # handed to the caller, like an Exception
+                outcome, failed = err, True
+            finally:
+                done()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future, outcome, failed)
+
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._work.put(work)
+        if start:
+            threading.Thread(target=self._worker, name="txcl-op", daemon=True).start()
+        return future
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                work = self._work.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle and self._work.empty():
+                        self._idle -= 1
+                        return
+                continue
+            work()
+            del work
+            with self._lock:
+                self._idle += 1
+
+
+def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
+    if future.cancelled():
+        return
+    if failed:
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+TENANT_CALLS: Final = TenantCalls()
+OP_THREADS: Final = OpThreads()
 
 
 def _problem(message: str) -> Problem:
@@ -330,7 +470,7 @@ def command_op(argv: list[str], *, cwd: Path | None = None) -> Op:
     """An op that runs `argv`: envelope JSON on stdin, a JSON merge patch expected on stdout.
 
     The arguments and context reach it as environment variables: TXCL_OP, TXCL_ARGS (JSON),
-    TXCL_TENANT, TXCL_STACK, TXCL_RID, TXCL_DEADLINE_S. It runs in its own process group,
+    TXCL_TENANT, TXCL_STACK, TXCL_RID, TXCL_DEADLINE_S, TXCL_DELIVERY_KEY. It runs in its own process group,
     which is killed when the call's deadline passes.
     """
     command = tuple(argv)
@@ -346,6 +486,7 @@ def command_op(argv: list[str], *, cwd: Path | None = None) -> Op:
             TXCL_STACK=ctx.stack,
             TXCL_RID=ctx.rid,
             TXCL_DEADLINE_S=str(ctx.deadline_s),
+            TXCL_DELIVERY_KEY=ctx.delivery_key,
         )
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -6,6 +6,10 @@ were given (paths.compile_setter and merge_patch copy only the containers on the
 path), so the stage-start envelope *is* the snapshot: nothing is copied to keep it, and the
 caller's envelope is never changed.
 
+`run_async` of a stack of more than SLICED_RULES rules, or over a message of more than
+SLICED_MESSAGE_BYTES, gives the event loop a turn every SLICE_S between rules (the
+stage-start snapshot makes that safe); ordinary stacks run without a clock check.
+
 A run never raises for what rules and ops do: a failing op, a timeout, a write to a
 read-only path or an invalid verdict stops the run and comes back as `StackResult.error`
 (txcl_run_error), with the envelope as it was at that point.
@@ -63,6 +67,11 @@ __all__ = [
 ]
 
 RUN_ERROR: Final = "txcl_run_error"
+# A run that may take long (a stack of many rules, or a large message) gives the event loop
+# a turn whenever it has held it this long, so other sessions are still answered.
+SLICE_S: Final = 0.005
+SLICED_RULES: Final = 64  # stacks with more rules than this run in slices
+SLICED_MESSAGE_BYTES: Final = 1024 * 1024  # and so does a run over a message this large
 
 
 # --- data --------------------------------------------------------------------------------
@@ -77,6 +86,8 @@ class RunPolicy:
     registry: OpRegistry | None = None  # None: built-ins and entry points
     op_stubs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     state_dir: Path | None = None  # ops' storage lives under it
+    op_timeout_max_s: float | None = None  # caps every op's deadline, WITH timeout too
+    op_calls_per_tenant: int | None = None  # op calls a tenant may have running; None: any
 
 
 DEFAULT_POLICY: Final = RunPolicy()
@@ -142,6 +153,7 @@ class Stack:
     _plan: tuple[tuple[int, tuple[_RulePlan, ...]], ...] = field(
         init=False, repr=False, compare=False
     )
+    _long: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stages = tuple(sorted(self.stages, key=lambda s: s.number))
@@ -162,36 +174,59 @@ class Stack:
             for stage in stages
         )
         object.__setattr__(self, "_plan", plan)
+        object.__setattr__(self, "_long", len(rules) > SLICED_RULES)
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
         return tuple(rule for stage in self.stages for rule in stage.rules)
 
     def run(
-        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+        self,
+        envelope: Any,
+        policy: RunPolicy = DEFAULT_POLICY,
+        *,
+        message: bytes | None = None,
+        delivery_key: str = "",
     ) -> StackResult:
         """Run the stack synchronously. Without op calls no event loop is involved.
 
         `message`: the raw message the envelope was built from, when the caller has it; ops
-        get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`."""
+        get it as `OpContext.message` instead of decoding `_txc.<src>.msg.raw`.
+        `delivery_key`: `OpContext.delivery_key` (`txcl.ops.make_delivery_key`)."""
         if not (policy.run_ops and self.ops_used):
-            coro = self._run(envelope, policy, message)
+            coro = self._run(envelope, policy, message, delivery_key, sliced=False)
             try:
                 coro.send(None)
             except StopIteration as done:
                 result: StackResult = done.value
                 return result
             coro.close()  # unreachable by construction: only op calls await
-        return _run_coroutine(self.run_async(envelope, policy, message=message))
+        return _run_coroutine(
+            self.run_async(envelope, policy, message=message, delivery_key=delivery_key)
+        )
 
     async def run_async(
-        self, envelope: Any, policy: RunPolicy = DEFAULT_POLICY, *, message: bytes | None = None
+        self,
+        envelope: Any,
+        policy: RunPolicy = DEFAULT_POLICY,
+        *,
+        message: bytes | None = None,
+        delivery_key: str = "",
     ) -> StackResult:
-        """Run the stack; only op calls await (sync ops in a worker thread). `message` as
-        for `run`."""
-        return await self._run(envelope, policy, message)
+        """Run the stack; only op calls await (sync ops in a worker thread). `message` and
+        `delivery_key` as for `run`."""
+        sliced = self._long or (message is not None and len(message) > SLICED_MESSAGE_BYTES)
+        return await self._run(envelope, policy, message, delivery_key, sliced=sliced)
 
-    async def _run(self, envelope: Any, policy: RunPolicy, message: bytes | None) -> StackResult:
+    async def _run(
+        self,
+        envelope: Any,
+        policy: RunPolicy,
+        message: bytes | None,
+        delivery_key: str,
+        *,
+        sliced: bool,  # give the loop a turn every SLICE_S (run_async only)
+    ) -> StackResult:
         started = time.perf_counter()
         fired: list[Fired] = []
         steps: list[Step] = []
@@ -202,6 +237,7 @@ class Stack:
             return StackResult(envelope, (), (), problem, time.perf_counter() - started)
         env: dict[str, Any] = envelope
         pos: Pos | None = None
+        turn_ends = started + SLICE_S
         try:
             src = source_of(env)
             entry = self._entry_stage(env)
@@ -211,6 +247,9 @@ class Stack:
                 snapshot = env
                 hits = []
                 for plan in plans:
+                    if sliced and time.perf_counter() >= turn_ends:
+                        await asyncio.sleep(0)
+                        turn_ends = time.perf_counter() + SLICE_S
                     captures = plan.rule.test(snapshot)
                     if captures is not None:
                         hits.append((plan, captures))
@@ -222,6 +261,9 @@ class Stack:
                                 Fired(number, template.pos, template.file, template.whens, captures)
                             )
                 for plan, captures in hits:
+                    if sliced and time.perf_counter() >= turn_ends:
+                        await asyncio.sleep(0)
+                        turn_ends = time.perf_counter() + SLICE_S
                     for step, written in plan.steps:
                         pos = step.pos
                         if step.__class__ is SetStep:
@@ -236,7 +278,7 @@ class Stack:
                                 number,
                                 policy,
                                 steps,
-                                message,
+                                (message, delivery_key),
                             )
         except _Failure as failure:
             return StackResult(
@@ -276,7 +318,7 @@ class Stack:
         stage: int,
         policy: RunPolicy,
         steps: list[Step],
-        message: bytes | None,
+        delivery: tuple[bytes | None, str],  # the message and the delivery key
     ) -> dict[str, Any]:
         name = step.op
         args = rule.evaluate_args(env, captures)
@@ -287,7 +329,7 @@ class Stack:
             patch: Any = {} if stub is MISSING else stub
             note = "not executed" if stub is MISSING else "stub"
         else:
-            patch = await self._call_op(env, step, rule, args, policy, message)
+            patch = await self._call_op(env, step, rule, args, policy, delivery)
             executed, note = True, ""
         elapsed = time.perf_counter() - started
         if not isinstance(patch, dict):
@@ -318,13 +360,15 @@ class Stack:
         rule: CompiledRule,
         args: dict[str, Any],
         policy: RunPolicy,
-        message: bytes | None,
+        delivery: tuple[bytes | None, str],
     ) -> Any:
         name = step.op
         registry = policy.registry if policy.registry is not None else _default_registry()
         if name not in registry:
             raise _Failure(f"unknown op {name!r} (EXEC {step.uri})", step.pos)
         deadline = rule.timeout_s if rule.timeout_s is not None else policy.op_timeout_s
+        if policy.op_timeout_max_s is not None:
+            deadline = min(deadline, policy.op_timeout_max_s)
         ctx = OpContext(
             tenant=self.tenant,
             stack=self.name,
@@ -332,16 +376,21 @@ class Stack:
             state_dir=policy.state_dir,
             deadline_s=deadline,
             op=name,
-            message=message,
+            message=delivery[0],
+            delivery_key=delivery[1],
         )
         try:
             # In the caller's task: wait_for would start a task per call, and its first step
             # and its result would each wait a turn of a busy event loop.
             async with asyncio.timeout(deadline):
-                return await registry.call(name, env, args, ctx)
+                return await registry.call(
+                    name, env, args, ctx, budget=policy.op_calls_per_tenant
+                )
         except TimeoutError:
             raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
-        except Exception as err:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # SystemExit, KeyboardInterrupt: the op's end, not ours
             raise _Failure(f"op {name} failed: {type(err).__name__}: {err}", step.pos) from None
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import fsync_dir, not_base64, raw_base64
+from txcl.builtin_ops.support import fsync_dir, not_base64, once, once_key, raw_base64
 from txcl.envelope import SRC_KEY, TXC
 from txcl.ops import OpContext, OpReads, RegisteredOp, StorageError
 
@@ -43,6 +43,7 @@ SUBDIRS = ("tmp", "new", "cur")
 # so neither ".." nor a leading or trailing dot can make a path outside the Maildir.
 FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 FOLDER_MAX_LEN = 200
+TAG_LEN = 20  # characters of the once-key in a file name
 # Messages up to this size are written and fsynced from the event loop (a page-cache copy
 # taking microseconds); larger ones, and base64 text to decode, in a worker thread.
 INLINE_WRITE_BYTES = 256 * 1024
@@ -121,12 +122,14 @@ def _host_part() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 
 
-def unique_name() -> str:
-    """`<sec>.M<usec>P<pid>R<random>.<host>`: unique across processes, threads and hosts."""
+def unique_name(tag: str = "") -> str:
+    """`<sec>.M<usec>P<pid>R<random>[K<tag>].<host>`: unique across processes, threads and
+    hosts; `tag` (the call's once-key) lets a retry find a file its cut-off call stored."""
     now = time.time()
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}.{_host_part()}"
+    keyed = f"K{tag}" if tag else ""
+    return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}{keyed}.{_host_part()}"
 
 
 class CommitQueue:
@@ -252,7 +255,9 @@ def ensure_maildir(path: Path, *, subfolder: bool, durable_up_to: Path) -> None:
             break
 
 
-async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple[str, int]:
+async def deliver(
+    maildir: Path, content: bytes | Callable[[int], int], tag: str = ""
+) -> tuple[str, int]:
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
@@ -261,7 +266,7 @@ async def deliver(maildir: Path, content: bytes | Callable[[int], int]) -> tuple
     fsynced in a worker thread, which owns the file descriptor from then on.
     """
     # Plain strings, not Path joins: this runs once per message.
-    name = unique_name()
+    name = unique_name(tag)
     tmp_path = f"{maildir}/tmp/{name}"
     new_dir = f"{maildir}/new"
     new_path = f"{new_dir}/{name}"
@@ -345,21 +350,25 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
                 raise not_base64(envelope, "ARCHIVE", exc) from None
 
     key = (ctx.state_dir, ctx.tenant, ctx.stack, folder)
+    tag = once_key(ctx, "ARCHIVE", args)[:TAG_LEN]
     known = place = _places.get(key)
     try:
         if place is None:
             place = await _prepare(ctx, folder)
-        path, size = await deliver(place[1], content)
+        path, size = await deliver(place[1], content, tag)
     except FileNotFoundError:
         # A Maildir this process knew was deleted under it: recreate it, once.
         _places.pop(key, None)
         place = await _prepare(ctx, folder)
-        path, size = await deliver(place[1], content)
+        path, size = await deliver(place[1], content, tag)
     if place is not known:
         if len(_places) >= _PLACES_MAX:
             _places.clear()
         _places[key] = place
-    root = place[0]
+    return _result(place[0], folder, path, size)
+
+
+def _result(root: Path, folder: str, path: str, size: int) -> dict[str, Any]:
     return {
         "archive": {
             "maildir": str(root),
@@ -371,5 +380,26 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
     }
 
 
+def find_archived(
+    envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext, key: str
+) -> dict[str, Any] | None:
+    """For an ARCHIVE call cut off after it stored the message (kill -9 before its key was
+    recorded): the file it stored, found by the tag in its name, in new/ or cur/."""
+    folder = folder_argument(args)
+    root = ctx.storage(MAILDIR)
+    target = ctx.storage(MAILDIR, "." + folder) if folder else root
+    mark = f"K{key[:TAG_LEN]}."
+    for sub in ("new", "cur"):
+        with contextlib.suppress(OSError), os.scandir(target / sub) as entries:
+            for entry in entries:
+                if mark in entry.name:
+                    return _result(root, folder, entry.path, entry.stat().st_size)
+    return None
+
+
 # The raw message, and `_txc.src` to find it in the envelope when it does not come with the call.
-OP = RegisteredOp.builtin("ARCHIVE", archive, OpReads.only([(TXC, SRC_KEY)], message=True))
+OP = RegisteredOp.builtin(
+    "ARCHIVE",
+    once("ARCHIVE", archive, recover=find_archived),
+    OpReads.only([(TXC, SRC_KEY)], message=True),
+)

@@ -8,34 +8,50 @@ The line is the envelope as an event (`support.event_json`, what WEBHOOK posts t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import event_json, fsync_dir
+from txcl.builtin_ops.support import event_json, fsync_dir, once
 from txcl.ops import ANYTHING, OpContext, RegisteredOp
 
 EVENT_LOG = "events.jsonl"
 
 
 def append_line(path: Path, line: bytes) -> int:
-    """Append `line` durably and return the byte offset at which it starts."""
+    """Append `line` (ending in a newline) durably and return the byte offset at which it
+    starts.
+
+    Whole or not at all: one write(); on a short write or any error (a full disk, a failed
+    fsync) the file is cut back to its size before, so a half line never stays for the
+    next one to be appended to. A log that ends in a partial line all the same (a power
+    cut) gets a newline before the next line, so that line is whole JSON."""
     new_file = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-        os.fsync(fd)
+        before = offset = os.fstat(fd).st_size
+        if before and os.pread(fd, 1, before - 1) != b"\n":
+            line = b"\n" + line
+            offset += 1
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes", str(path))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, before)
+            raise
     finally:
         os.close(fd)  # also releases the flock
     if new_file:  # the log's directory entry must be as durable as its first line
         fsync_dir(path.parent)
-    return end - len(line)
+    return offset
 
 
 def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
@@ -46,4 +62,4 @@ def emit(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -
     return {"emit": {"log": str(log), "offset": offset}}
 
 
-OP = RegisteredOp.builtin("EMIT", emit, ANYTHING)  # the whole envelope
+OP = RegisteredOp.builtin("EMIT", once("EMIT", emit), ANYTHING)  # the whole envelope

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from txcl.builtin_ops.support import raw_message, socket_deadline, source_section
+from txcl.builtin_ops.support import once, raw_message, socket_deadline, source_section
 from txcl.envelope import ANY_SOURCE, SRC_KEY, TXC
 from txcl.ops import OpContext, OpFailure, OpReads, RegisteredOp
 
@@ -153,6 +153,6 @@ def forward(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
 # The raw message, and the envelope sender when no WITH from is given.
 OP = RegisteredOp.builtin(
     "FORWARD",
-    forward,
+    once("FORWARD", forward),
     OpReads.only([(TXC, SRC_KEY), (TXC, ANY_SOURCE, "mail", "from")], message=True),
 )

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from txcl.builtin_ops.support import event_json, socket_deadline
+from txcl.builtin_ops.support import event_json, once, once_key, socket_deadline
 from txcl.ops import ANYTHING, OpContext, OpFailure, RegisteredOp
 
 SCHEMES = frozenset({"http", "https"})
@@ -93,10 +93,13 @@ def webhook(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
         "X-Txcl-Rid": ctx.rid,
         "X-Txcl-Stack": ctx.stack,
     }
+    key = once_key(ctx, "WEBHOOK", args)
+    if key:  # the same for every retry of this delivery: the receiver can drop repeats
+        headers["Idempotency-Key"] = key
     status, reason = post(target, body, headers, seconds)
     if not 200 <= status < 300:
         raise OpFailure(f"WEBHOOK: POST {target.shown} answered {status} {reason}")
     return {"webhook": {"status": status}}
 
 
-OP = RegisteredOp.builtin("WEBHOOK", webhook, ANYTHING)  # the whole envelope
+OP = RegisteredOp.builtin("WEBHOOK", once("WEBHOOK", webhook), ANYTHING)  # the whole envelope
