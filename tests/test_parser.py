@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -10,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txcl import ast
+from txcl import ast, lark_fast
+from txcl import parser as txcl_parser
 from txcl.errors import Pos, TxclSyntaxError
 from txcl.parser import (
     MAX_NESTING,
@@ -25,6 +27,20 @@ from txcl.parser import (
 )
 
 X = Pos("", 0, 0)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["fast", "stock"])
+def file_parse(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module runs twice: whole files parsed by txcl/lark_fast.py, and by
+    stock lark, as when the fast path cannot be set up (here: lark outside its range)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "stock":
+            patch.setattr(lark_fast, "VERIFIED_LARK", ((0, 0), (0, 1)))
+        txcl_parser._file_parse.cache_clear()
+        fast = isinstance(getattr(txcl_parser._file_parse(), "__self__", None), lark_fast.FileParser)
+        assert fast == (request.param == "fast")
+        yield request.param
+    txcl_parser._file_parse.cache_clear()
 
 
 def expr(text: str) -> ast.Expr:
