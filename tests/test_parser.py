@@ -196,6 +196,11 @@ class TestPrecedence:
     def test_in_is_a_comparison(self) -> None:
         assert expr("@a in [1]") == ast.Compare("IN", self.a, ast.ListLit((lit(1),), X), X)
 
+    def test_not_in_is_one_comparison(self) -> None:
+        assert expr("@a not in [1]") == ast.Compare("NOT IN", path("_txc", "a"), ast.ListLit((lit(1),), X), X)
+        assert expr("NOT @a NOT IN [1]") == ast.Not(expr("@a NOT IN [1]"), X)
+        assert expr("@a NOT IN [1] AND @b") == ast.And(expr("@a NOT IN [1]"), path("_txc", "b"), X)
+
     def test_keywords_are_whole_words(self) -> None:
         # `ORx.y` is a path, so this is a missing operator, not `@a OR x.y`
         assert first_lines("WHEN @a ORx.y\nSET @a = 1\n")[0].startswith(

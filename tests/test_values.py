@@ -13,6 +13,7 @@ from txcl.values import (
     contained_in,
     equals,
     json_problem,
+    not_contained_in,
     not_equals,
     same,
     to_json,
@@ -105,10 +106,33 @@ def test_ordering(op: str, left: object, right: object, expected: bool) -> None:
         ("a", "abc", False),  # IN is list membership, not substring
         (("x", "b"), ["a", "b"], True),
         ("b", ("a", "b"), True),
+        # a list on the left is existential, as with ==
+        (["x", "b"], ["a", "b"], True),
+        (["x", "y"], ["a", "b"], False),
+        ([], ["a", "b"], False),  # an empty list has no element in anything
+        ([], [[]], True),  # ... but it equals an empty list, as [] == [] does
+        ([1, 2], [[1, 2]], True),
+        (MISSING, ["a"], False),
+        (MISSING, [], False),
+        ("a", [], False),
+        ("a", MISSING, False),
     ],
 )
 def test_in(left: object, right: object, expected: bool) -> None:
     assert contained_in(left, right) is expected
+    assert not_contained_in(left, right) is not expected
+
+
+@given(any_value, any_value)
+def test_in_a_one_item_list_is_equality(left: object, right: object) -> None:
+    assert contained_in(left, [right]) is equals(left, right)
+    assert not_contained_in(left, [right]) is not_equals(left, right)
+
+
+@given(any_value, st.lists(any_value, max_size=3))
+def test_in_is_equality_with_some_item(left: object, items: list[object]) -> None:
+    assert contained_in(left, items) is any(equals(left, item) for item in items)
+    assert contained_in(left, tuple(items)) is contained_in(left, items)
 
 
 @pytest.mark.parametrize(

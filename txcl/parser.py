@@ -91,6 +91,7 @@ SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
         "WHEN @a.b ==",
         "WHEN @a.b <",
         "WHEN @a.b IN",
+        "WHEN @a.b NOT IN",
         "WHEN NOT",
         "WHEN @a.b AND",
         "WHEN @a.b OR",
@@ -135,9 +136,15 @@ SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
         "SET @a.b = 1 2",
         "WHEN @a.b true",
         "WHEN @a.b x.y",
-        "WHEN @a.b NOT",
         'EXEC "op://A" 1',
         'EXEC "op://A" "x"',
+    ],
+    "NOT after a value starts NOT IN; to negate a comparison, put NOT first (NOT @a == 1)": [
+        "WHEN @a.b NOT",
+        "WHEN @a.b NOT 1",
+        "WHEN @a.b NOT == 1",
+        "WHEN @a.b NOT =~ /x/",
+        "WHEN @a.b NOT NOT",
     ],
     "a regex cannot stand alone; match it with =~ or !=~": [
         "WHEN /x/",
@@ -179,7 +186,9 @@ _VALUE_STARTS: Final = frozenset(
     {"AT_PATH", "BARE_PATH", "JSONPATH", "STRING", "NUMBER", "TRUE", "FALSE", "NULL"}
     | {"LSQB", "_LPAR", "NAME", "NOT"}
 )
-_OPERATORS: Final = frozenset({"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN"})
+_OPERATORS: Final = frozenset(
+    {"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN", "NOT IN"}
+)
 
 _SEGMENT = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"')
 _REGEX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
@@ -293,7 +302,7 @@ _SAMPLE: Final = """\
 
 WHEN @a.b == 1 AND NOT x.y != "s" OR $.c < 2.5
 WHEN @a <= [1, true, false, null] AND f(@a, 1) > 0 AND @a >= 1 + 2  # trailing
-WHEN @a IN [] AND @a =~ /x/i AND @a !=~ /y/ AND (@a == -1e3) AND g()
+WHEN @a IN [] AND @a NOT IN [2] AND @a =~ /x/i AND @a !=~ /y/ AND (@a == -1e3) AND g()
 SET @a."b.c".0 = 1
 WITH timeout = "5s"
 EXEC "op://ARCHIVE"
@@ -467,6 +476,11 @@ def _comparison(op: str) -> Callable[[Children], ast.Compare]:
     return build
 
 
+def _not_member(children: Children) -> ast.Compare:
+    left, _keyword, right = children
+    return _nested(ast.Compare("NOT IN", left, right, left.pos), left, right)
+
+
 def _match(children: Children) -> ast.Match:
     left, regex = children
     return _nested(ast.Match(left, _regex(regex), False, left.pos), left)
@@ -552,6 +566,7 @@ _BUILDERS: Final[dict[str, Callable[[Children], Any]]] = {
     "gt": _comparison(">"),
     "ge": _comparison(">="),
     "member": _comparison("IN"),
+    "not_member": _not_member,
     "match": _match,
     "not_match": _not_match,
     "add": _add,
@@ -671,6 +686,9 @@ def _friendly(names: set[str] | frozenset[str]) -> str:
         words.append("a value")
     terminals = {t.name: t for t in parser().terminals}
     shown = []
+    if {"_IN", "NOT"} <= names:  # after a value, NOT can only start NOT IN
+        names.discard("NOT")
+        shown.append("NOT IN")
     for name in names:
         term = terminals.get(name)
         if name in _FRIENDLY:
