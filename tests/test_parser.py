@@ -13,11 +13,10 @@ from hypothesis import strategies as st
 
 from txcl import ast, lark_fast
 from txcl import parser as txcl_parser
-from txcl.errors import Pos, TxclSyntaxError
+from txcl.errors import Pos, TxclSyntaxError, source_lines
 from txcl.parser import (
     MAX_NESTING,
     SYNTAX_EXAMPLES,
-    _lines,
     _LineScan,
     _parse_by_line,
     _parse_file,
@@ -560,7 +559,7 @@ def test_whole_file_parse_agrees_with_the_line_by_line_parse(
 ) -> None:
     source = newline.join(pieces) + (newline if final_newline else "")
     try:
-        expected: object = _parse_by_line(_lines(source), "f.txcl")
+        expected: object = _parse_by_line(source_lines(source), "f.txcl")
     except TxclSyntaxError as err:
         expected = err.problems
     try:
@@ -569,4 +568,4 @@ def test_whole_file_parse_agrees_with_the_line_by_line_parse(
         found = err.problems
     assert found == expected
     if isinstance(expected, ast.File):  # a file without errors takes the one-parse path
-        assert _parse_file(_LineScan("f.txcl", 1), "\n".join(_lines(source))) is not None
+        assert _parse_file(_LineScan("f.txcl", 1), "\n".join(source_lines(source))) is not None

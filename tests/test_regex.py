@@ -76,30 +76,42 @@ def test_named_groups() -> None:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "message"),
+    ("pattern", "column", "message"),
     [
         (
             r"(a)\1",
+            31,  # the regex starts at 27; the caret goes under the \1 RE2 names
             r"RE2 cannot compile /(a)\1/: invalid escape sequence: \1 "
             "(backreferences are not supported by RE2; TXCL regexes run in linear time)",
         ),
         (
             "foo(?=bar)",
+            31,
             "RE2 cannot compile /foo(?=bar)/: invalid perl operator: (?= "
             "(look-ahead is not supported by RE2; TXCL regexes run in linear time)",
         ),
         (
             "(?<!x)y",
+            28,
             "RE2 cannot compile /(?<!x)y/: invalid perl operator: (?<! "
             "(look-behind is not supported by RE2; TXCL regexes run in linear time)",
         ),
-        ("(", "RE2 cannot compile /(/: missing ): ("),
+        ("(", 27, "RE2 cannot compile /(/: missing ): ("),  # RE2 names the whole regex
+        ("a/b**", 32, "RE2 cannot compile /a\\/b**/: bad repetition operator: **"),
     ],
 )
-def test_refused_patterns_are_compile_errors_at_the_regex(pattern: str, message: str) -> None:
+def test_refused_patterns_are_compile_errors_at_the_regex(
+    pattern: str, column: int, message: str
+) -> None:
     with pytest.raises(TxclCompileError) as err:
         compile_regex(rx(pattern))
-    assert str(err.value) == f"r.txcl:1:27: txcl_compile_error: {message}"
+    assert str(err.value) == f"r.txcl:1:{column}: txcl_compile_error: {message}"
+
+
+def test_refusals_speak_of_the_regex_as_written_with_its_flags() -> None:
+    with pytest.raises(TxclCompileError) as err:
+        compile_regex(rx("x(a", "is"))
+    assert err.value.problem.message == "RE2 cannot compile /x(a/is: missing ): x(a"
 
 
 def test_unknown_flags_are_refused() -> None:

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import yaml
 
 from txcl import cases, fmt, lint
-from txcl.errors import Problem, TxclError
+from txcl.errors import Problem, TxclError, source_lines, with_context
 from txcl.loader import Tree, load_target
 from txcl.ops import OpRegistry
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
@@ -398,8 +398,15 @@ RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
 
 
 def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
+    """Each problem with the line of its file and a caret under it, as lint shows them."""
+    sources: dict[str, list[str]] = {}
     for p in problems:
-        out.write(f"{p}\n")
+        if p.pos is not None and p.pos.file not in sources:
+            try:
+                sources[p.pos.file] = source_lines(Path(p.pos.file).read_text("utf-8", "replace"))
+            except OSError:
+                sources[p.pos.file] = []
+        out.write(f"{with_context(p, sources[p.pos.file]) if p.pos else p}\n")
 
 
 # --- txcl fmt ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ Nothing after this module sees a lark Tree: the transformer below builds ast nod
 from __future__ import annotations
 
 import contextvars
+import difflib
 import functools
 import importlib.resources
 import json
@@ -29,7 +30,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from lark.lexer import PatternStr
 
 from txcl import ast, lark_fast
-from txcl.errors import Pos, Problem, TxclSyntaxError
+from txcl.errors import Pos, Problem, TxclSyntaxError, caret_context, source_lines
 from txcl.lark_fast import Scanned
 
 __all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "caret_context", "parse", "parse_expression"]
@@ -182,6 +183,7 @@ _FRIENDLY: Final[dict[str, str]] = {
     "LSQB": "'['",
     "_RSQB": "']'",
 }
+_KEYWORDS: Final = frozenset({"WHEN", "SET", "EXEC", "WITH", "_OR", "_AND", "NOT", "_IN"})
 _VALUE_STARTS: Final = frozenset(
     {"AT_PATH", "BARE_PATH", "JSONPATH", "STRING", "NUMBER", "TRUE", "FALSE", "NULL"}
     | {"LSQB", "_LPAR", "NAME", "NOT"}
@@ -193,7 +195,6 @@ _OPERATORS: Final = frozenset(
 _SEGMENT = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"')
 _REGEX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTEXT_WIDTH: Final = 100
 _CHARACTER_HINTS: Final = {
     "&": "; write AND",
     "|": "; write OR",
@@ -664,18 +665,6 @@ def _path_segments(path: str, skip: int) -> tuple[ast.Segment, ...]:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def caret_context(text: str, column: int) -> str:
-    """The source line (clipped around the column when long) and a caret under the column."""
-    start = 0
-    if len(text) > _CONTEXT_WIDTH:
-        start = max(0, min(column - 1 - _CONTEXT_WIDTH // 2, len(text) - _CONTEXT_WIDTH))
-    shown = text[start : start + _CONTEXT_WIDTH]
-    # Control characters would garble the terminal; keep one cell each so the caret lines up.
-    shown = "".join(c if c == "\t" or c.isprintable() else "\ufffd" for c in shown)
-    lead = "".join("\t" if c == "\t" else " " for c in shown[: max(0, column - 1 - start)])
-    return f"    {shown}\n    {lead}^"
-
-
 def _friendly(names: set[str] | frozenset[str]) -> str:
     if not names:
         return "nothing more"
@@ -732,12 +721,25 @@ def _describe(err: UnexpectedInput, text: str) -> tuple[str, int]:
     column = token.column or 1
     if token.type == "$END":
         column = token.end_column or len(text.rstrip(" \t")) + 1
-    label = _label(err)
-    expected = _friendly(_accepts(err))
+    accepts = _accepts(err)
+    expected = _friendly(accepts)
     found = _found(token)
+    keyword = _did_you_mean(token, accepts)
+    if keyword:
+        return f"{found} is not a keyword (did you mean {keyword}?); expected {expected}", column
+    label = _label(err)
     if label is None:
         return f"unexpected {found}; expected {expected}", column
     return f"{label}; expected {expected}, found {found}", column
+
+
+def _did_you_mean(token: Token, accepts: frozenset[str]) -> str:
+    """For a word where a keyword would do (`WHN`, `ADN`), the closest such keyword, else ""."""
+    if token.type != "NAME":
+        return ""
+    keywords = [_FRIENDLY[name] for name in accepts & _KEYWORDS]
+    close = difflib.get_close_matches(str(token).upper(), keywords, n=1, cutoff=0.5)
+    return close[0] if close else ""
 
 
 # --- the public entry points ----------------------------------------------------------------
@@ -751,17 +753,9 @@ def _statement(scan: _LineScan, text: str) -> ast.Stmt | None:
         raise _Refused(*_describe(err, text)) from None
 
 
-def _lines(source: str) -> list[str]:
-    """Physical lines: split at LF only, with a CR before it dropped (CRLF files)."""
-    return [line[:-1] if line.endswith("\r") else line for line in source.split("\n")]
-
-
 def parse(source: str, name: str) -> ast.File:
-    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found.
-
-    A leading byte order mark is skipped (editors do not show it, nor count it in columns).
-    """
-    lines = _lines(source.removeprefix("\ufeff"))
+    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found."""
+    lines = source_lines(source)
     scan = _LineScan(name, 1)
     statements = _parse_file(scan, "\n".join(lines))
     if statements is None:

@@ -189,14 +189,7 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
     try:
         names, search, groups = _compiled(regex.pattern, regex.flags)
     except re2.error as err:
-        reason = err.args[0] if err.args else str(err)
-        if isinstance(reason, bytes):
-            reason = reason.decode("utf-8", "replace")
-        hint = next((h for prefix_, h in _HINTS if str(reason).startswith(prefix_)), "")
-        message = f"RE2 cannot compile /{regex.pattern}/: {reason}"
-        if hint:
-            message += f" ({hint}; TXCL regexes run in linear time)"
-        raise TxclCompileError(Problem("txcl_compile_error", message, regex.pos)) from None
+        raise TxclCompileError(_refusal(regex, err)) from None
     return CompiledRegex(
         pattern=regex.pattern,
         flags=regex.flags,
@@ -207,12 +200,43 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
     )
 
 
+def _written(regex: ast.Regex) -> str:
+    return "/" + regex.pattern.replace("/", "\\/") + "/" + regex.flags
+
+
+def _refusal(regex: ast.Regex, err: re2.error) -> Problem:
+    """RE2's reason in TXCL's terms: about the regex as written (not the flag prefix
+    _compiled adds), at the character RE2 names when it names one."""
+    reason = err.args[0] if err.args else str(err)
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    what, _, fragment = str(reason).partition(": ")
+    fragment = fragment.removeprefix(_flag_prefix(regex.flags))
+    index = regex.pattern.find(fragment) if fragment and fragment != regex.pattern else -1
+    if what == "trailing \\":
+        index = len(regex.pattern) - 1
+    pos = regex.pos
+    if index >= 0:  # the column of that character in the source, where `/` is written `\/`
+        offset = 1 + index + regex.pattern.count("/", 0, index)
+        pos = Pos(pos.file, pos.line, pos.column + offset)
+    message = f"RE2 cannot compile {_written(regex)}: {what}"
+    if fragment:
+        message += f": {fragment}"
+    hint = next((h for start, h in _HINTS if f"{what}: {fragment}".startswith(start)), "")
+    if hint:
+        message += f" ({hint}; TXCL regexes run in linear time)"
+    return Problem("txcl_compile_error", message, pos)
+
+
+def _flag_prefix(flags: str) -> str:
+    return f"(?{''.join(sorted(flags))})" if flags else ""
+
+
 @functools.lru_cache(maxsize=4096)
 def _compiled(pattern: str, flags: str) -> tuple[tuple[str, ...], Search, Groups]:
     """The named groups and matchers of a pattern, compiled once per (pattern, flags): an
     RE2 object is immutable, and the same regex recurs across the files of a tree."""
-    prefix = f"(?{''.join(sorted(flags))})" if flags else ""
-    compiled = re2.compile(prefix + pattern, _options())
+    compiled = re2.compile(_flag_prefix(flags) + pattern, _options())
     names = tuple(sorted(compiled.groupindex))
     search, groups = _matchers(compiled)
     return names, _literal_search(pattern, flags, search), groups
