@@ -60,10 +60,10 @@ def first_lines(source: str, name: str = "r.txcl") -> list[str]:
     return [str(p).splitlines()[0] for p in err.value.problems]
 
 
-class TestSeedExamples:
-    """Every rule of the product spec parses unchanged."""
+class TestProductSpecExamples:
+    """Every rule of the product spec (the examples of docs/lmtp.md) parses unchanged."""
 
-    SEED = [
+    SPEC_RULES = [
         "WHEN @lmtp.rcpt.0 =~ /support@/\nSET @lmtp.res.recipients.0.code = 250\n"
         'SET @lmtp.res.recipients.0.msg = "queued"\n',
         'WHEN @lmtp.msg.subject =~ /unsubscribe/\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "noted"\n',
@@ -81,14 +81,14 @@ class TestSeedExamples:
         'SET @lmtp.res.recipients.0.msg = "queued"\nEXEC "op://CLASSIFY"\n',
     ]
 
-    @pytest.mark.parametrize("source", SEED)
-    def test_seed_rule_parses_to_one_rule(self, source: str) -> None:
-        file = parse(source, "seed.txcl")
+    @pytest.mark.parametrize("source", SPEC_RULES)
+    def test_spec_rule_parses_to_one_rule(self, source: str) -> None:
+        file = parse(source, "spec.txcl")
         assert len(file.rules) == 1
         assert file.rules[0].body
 
     def test_spf_gate_is_a_negated_match_on_a_hyphenated_header(self) -> None:
-        file = parse(self.SEED[2], "spf.txcl")
+        file = parse(self.SPEC_RULES[2], "spf.txcl")
         when = ast.strip_pos(file.rules[0].whens[0])
         assert when.expr == ast.Match(
             path("_txc", "lmtp", "msg", "headers", "authentication-results", 0),
@@ -98,7 +98,7 @@ class TestSeedExamples:
         )
 
     def test_statements_keep_their_positions(self) -> None:
-        file = parse(self.SEED[0], "s.txcl")
+        file = parse(self.SPEC_RULES[0], "s.txcl")
         rule = file.rules[0]
         assert rule.pos == Pos("s.txcl", 1, 1)
         assert rule.whens[0].expr.regex.pos == Pos("s.txcl", 1, 22)  # type: ignore[union-attr]
@@ -107,7 +107,7 @@ class TestSeedExamples:
         assert rule.body[1].target.pos == Pos("s.txcl", 3, 5)  # type: ignore[union-attr]
 
     def test_with_and_exec_bodies(self) -> None:
-        body = ast.strip_pos(parse(self.SEED[4], "w.txcl").rules[0].body)
+        body = ast.strip_pos(parse(self.SPEC_RULES[4], "w.txcl").rules[0].body)
         assert body == (
             ast.With("omit", lit("_txc.lmtp.msg.attachments, _txc.lmtp.msg.raw"), X),
             ast.With("redact", lit("_txc.lmtp.msg.headers.authorization"), X),

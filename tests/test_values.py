@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from txcl.compiler import compile_file
+from txcl.parser import parse
 from txcl.values import (
     COMPARISONS,
     MISSING,
@@ -17,7 +19,6 @@ from txcl.values import (
     not_equals,
     same,
     to_json,
-    truth,
 )
 
 json_scalars = st.one_of(
@@ -151,10 +152,18 @@ def test_add(left: object, right: object, expected: object) -> None:
     assert add(left, right) == expected if expected is not MISSING else add(left, right) is MISSING
 
 
-def test_only_true_is_true() -> None:
-    assert truth(True)
-    for value in (1, "true", [True], MISSING, None, False):
-        assert not truth(value)
+@pytest.mark.parametrize(
+    ("value", "holds"),
+    [(True, True), (1, False), ("true", False), ([True], False), (None, False), (False, False)],
+)
+def test_only_true_is_true(value: object, holds: bool) -> None:
+    """A WHEN (the compiler's `is True`) holds only on the boolean true; NOT of anything
+    else holds."""
+    (rule,) = compile_file(parse("WHEN s.v\nWHEN NOT NOT s.v\nSET x.y = 1\n", "t.txcl"))
+    assert (rule.test({"s": {"v": value}}) is not None) is holds
+    (negated,) = compile_file(parse("WHEN NOT s.v\nSET x.y = 1\n", "t.txcl"))
+    assert (negated.test({"s": {"v": value}}) is not None) is not holds
+    assert negated.test({"s": {}}) is not None  # missing
 
 
 def test_to_json_turns_multi_into_list() -> None:

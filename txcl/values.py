@@ -1,4 +1,4 @@
-"""Values of TXCL expressions: the MISSING sentinel and the comparison and truth rules.
+"""Values of TXCL expressions: the MISSING sentinel and the comparison rules.
 
 A value is JSON data (dict, list, str, int, float, bool, None) or MISSING (the path is
 not there). A `$`-JSONPath yields a `Multi`: a tuple of the values it found, so that it
@@ -151,11 +151,6 @@ def add(left: Any, right: Any) -> Any:
     if isinstance(left, str) and isinstance(right, str):
         return left + right
     return MISSING
-
-
-def truth(value: Any) -> bool:
-    """Whether a WHEN (or an operand of AND, OR, NOT) holds: only the boolean true does."""
-    return value is True
 
 
 def to_json(value: Any) -> Any:
