@@ -13,7 +13,7 @@ instance that parser.py builds anyway and takes from it:
 Anything surprising at setup (an import that fails, a lark outside VERIFIED_LARK, a table of
 another shape, a rule without a builder) raises Unavailable, and parser.py parses with the
 stock lark instance instead. parser.py also checks that both agree on a sample file before
-it uses this module. bench/txcl_bench.py measures what the fast path is worth.
+it uses this module.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """TXCL text -> ast.File, with labelled, positioned syntax errors.
 
 The grammar lives in grammar/txcl.lark. A file is parsed in one go with the grammar's
-`file` rule. Statements are one per line, so a file with any error is parsed again line by
-line with the `line` rule: a bad line is reported and the next line is parsed afresh, so one
-mistake never hides the next, and every message comes from that one path. Either way the
-cost stays linear in the size of the file. The statements are then grouped into rules here
+`file` rule, by txcl/lark_fast.py when it sets up, else by stock lark. Statements are one
+per line, so a file with any error is parsed again line by line with the `line` rule: a bad
+line is reported and the next line is parsed afresh, so one mistake never hides the next,
+and every message comes from that one path. Either way the cost stays linear in the size
+of the file. The statements are then grouped into rules here
 (WHENs, then a body).
 
 Nothing after this module sees a lark Tree: the transformer below builds ast nodes.

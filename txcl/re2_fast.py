@@ -6,7 +6,7 @@ groups, which the RE2 object under the wrapper (`_Regexp._regexp`, `_re2.RE2.Mat
 `NamedCapturingGroups`) answers directly. This is the one module that reaches inside
 google-re2. matchers() raises Unavailable when that cannot be done (a google-re2 outside
 VERIFIED_RE2, internals that moved), and txcl/regex.py then matches through the documented
-API. bench/txcl_bench.py measures what the fast path is worth.
+API.
 """
 
 from __future__ import annotations
