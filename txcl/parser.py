@@ -5,8 +5,7 @@ The grammar lives in grammar/txcl.lark. A file is parsed in one go with the gram
 per line, so a file with any error is parsed again line by line with the `line` rule: a bad
 line is reported and the next line is parsed afresh, so one mistake never hides the next,
 and every message comes from that one path. Either way the cost stays linear in the size
-of the file. The statements are then grouped into rules here
-(WHENs, then a body).
+of the file. The statements are then grouped into rules here (WHENs, then a body).
 
 Nothing after this module sees a lark Tree: the transformer below builds ast nodes.
 """
@@ -310,11 +309,11 @@ WITH timeout = "5s"
 EXEC "op://ARCHIVE"
 """
 
-FileParse = Callable[[str], list[ast.Stmt] | None]
+_FileParse = Callable[[str], list[ast.Stmt] | None]
 
 
 @functools.cache
-def _file_parse() -> FileParse:
+def _file_parse() -> _FileParse:
     """How a whole file is parsed: by txcl/lark_fast.py when it sets up against the installed
     lark and builds what stock lark builds from _SAMPLE, else by stock lark."""
     stock = _lark("file")
@@ -327,7 +326,7 @@ def _file_parse() -> FileParse:
     except lark_fast.Unavailable as err:
         _log.info("parsing with stock lark: %s", err)
         return parse_stock
-    parse_fast: FileParse = fast.parse
+    parse_fast: _FileParse = fast.parse
     expected = _sample_parse(parse_stock)
     if not isinstance(expected[0], list) or _sample_parse(parse_fast) != expected:
         _log.warning("parsing with stock lark: txcl/lark_fast.py disagrees with it on a sample")
@@ -335,7 +334,7 @@ def _file_parse() -> FileParse:
     return parse_fast
 
 
-def _sample_parse(parse: FileParse) -> tuple[object, list[tuple[str, int, int]]]:
+def _sample_parse(parse: _FileParse) -> tuple[object, list[tuple[str, int, int]]]:
     scan = _LineScan("<sample>", 1)
     reset = _SCAN.set(scan)
     try:
