@@ -186,7 +186,7 @@ def test_every_problem_of_a_file_is_reported_with_its_position() -> None:
         "localpart, lower, upper",
         "r.txcl:2:6: len() takes exactly one argument, 2 given",
         'r.txcl:3:13: exists() takes a path (such as @lmtp.rcpt or $..type), not "x"',
-        "r.txcl:4:12: RE2 cannot compile /(a)\\1/: invalid escape sequence: \\1 "
+        "r.txcl:4:16: RE2 cannot compile /(a)\\1/: invalid escape sequence: \\1 "
         "(backreferences are not supported by RE2; TXCL regexes run in linear time)",
         "r.txcl:5:5: SET match.num: match.* holds the WHENs' regex groups and is read-only",
         'r.txcl:6:1: WITH timeout = "soon": give a duration such as "5s", "500ms" or a '

@@ -81,7 +81,7 @@ def test_problems_of_every_file_are_reported(tmp_path: Path) -> None:
     assert tree.stacks == {}
     heads = [p.split(": ")[0:2] for p in messages(tree.problems)]
     assert heads == [
-        [f"{ops}/acme/_mail/0/a.txcl:1:12", "txcl_compile_error"],
+        [f"{ops}/acme/_mail/0/a.txcl:1:13", "txcl_compile_error"],  # at the (?=
         [f"{ops}/acme/_mail/0/b.txcl:1:6", "txcl_compile_error"],
         [f"{ops}/acme/_mail/1/c.txcl:1:5", "txcl_parse_error"],
     ]

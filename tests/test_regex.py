@@ -4,17 +4,39 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import re2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from txcl import ast
+from txcl import ast, re2_fast, regex
 from txcl.errors import Pos, TxclCompileError
 from txcl.regex import compile_regex
 
 AT = Pos("r.txcl", 1, 27)
+VERIFIED_RE2 = re2_fast.VERIFIED_RE2
+
+
+def _clear_caches() -> None:
+    regex._compiled.cache_clear()
+    regex._use_fast_path.cache_clear()
+    re2_fast._unanchored.cache_clear()
+
+
+@pytest.fixture(scope="module", autouse=True, params=["fast", "stock"])
+def match_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module runs twice: matching through txcl/re2_fast.py, and through
+    google-re2's documented API, as when the fast path cannot be set up (here: google-re2
+    outside its range)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "stock":
+            patch.setattr(re2_fast, "VERIFIED_RE2", ((0, 0), (0, 1)))
+        _clear_caches()
+        assert regex._use_fast_path() == (request.param == "fast")
+        yield request.param
+    _clear_caches()
 
 
 def rx(pattern: str, flags: str = "") -> ast.Regex:
@@ -54,30 +76,42 @@ def test_named_groups() -> None:
 
 
 @pytest.mark.parametrize(
-    ("pattern", "message"),
+    ("pattern", "column", "message"),
     [
         (
             r"(a)\1",
+            31,  # the regex starts at 27; the caret goes under the \1 RE2 names
             r"RE2 cannot compile /(a)\1/: invalid escape sequence: \1 "
             "(backreferences are not supported by RE2; TXCL regexes run in linear time)",
         ),
         (
             "foo(?=bar)",
+            31,
             "RE2 cannot compile /foo(?=bar)/: invalid perl operator: (?= "
             "(look-ahead is not supported by RE2; TXCL regexes run in linear time)",
         ),
         (
             "(?<!x)y",
+            28,
             "RE2 cannot compile /(?<!x)y/: invalid perl operator: (?<! "
             "(look-behind is not supported by RE2; TXCL regexes run in linear time)",
         ),
-        ("(", "RE2 cannot compile /(/: missing ): ("),
+        ("(", 27, "RE2 cannot compile /(/: missing ): ("),  # RE2 names the whole regex
+        ("a/b**", 32, "RE2 cannot compile /a\\/b**/: bad repetition operator: **"),
     ],
 )
-def test_refused_patterns_are_compile_errors_at_the_regex(pattern: str, message: str) -> None:
+def test_refused_patterns_are_compile_errors_at_the_regex(
+    pattern: str, column: int, message: str
+) -> None:
     with pytest.raises(TxclCompileError) as err:
         compile_regex(rx(pattern))
-    assert str(err.value) == f"r.txcl:1:27: txcl_compile_error: {message}"
+    assert str(err.value) == f"r.txcl:1:{column}: txcl_compile_error: {message}"
+
+
+def test_refusals_speak_of_the_regex_as_written_with_its_flags() -> None:
+    with pytest.raises(TxclCompileError) as err:
+        compile_regex(rx("x(a", "is"))
+    assert err.value.problem.message == "RE2 cannot compile /x(a/is: missing ): x(a"
 
 
 def test_unknown_flags_are_refused() -> None:
@@ -130,3 +164,58 @@ def test_search_agrees_with_re2(pattern: str, flags: str, text: str) -> None:
         return
     expected = reference.search(text) is not None
     assert compile_regex(rx(pattern, flags)).search(text) is expected
+
+
+# --- the fast path answers what google-re2's documented API answers --------------------------
+
+patterns = st.builds(
+    "".join,
+    st.lists(
+        st.sampled_from(["a", "b", "é", ".", "^", "$", "(?P<x>a*)", "(?P<y>é|b)?", "[ab]", "\\b"]),
+        max_size=5,
+    ),
+)
+
+
+@given(patterns, st.sampled_from(["", "i", "m", "s", "ims"]), st.text(alphabet="abAÉé\n\ud800 ", max_size=8))
+def test_fast_path_and_documented_api_agree(pattern: str, flags: str, text: str) -> None:
+    compiled = _reference(pattern, flags)
+    if not regex._use_fast_path():
+        return  # this round has no fast path to compare (the suite runs again with it)
+    fast = re2_fast.matchers(compiled)
+    stock = regex.stock_matchers(compiled)
+    assert fast[0](text) == stock[0](text)
+    assert fast[1](text) == stock[1](text)
+
+
+def test_a_google_re2_outside_the_verified_range_matches_through_its_api(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(re2_fast, "VERIFIED_RE2", ((9, 0), (9, 1)))
+    _clear_caches()
+    caplog.set_level("INFO", logger="txcl.regex")
+    assert not regex._use_fast_path()
+    assert "outside" in caplog.text
+    assert compile_regex(rx("(?P<n>x+)", "i")).groups("aXx") == {"n": "Xx"}
+    _clear_caches()
+
+
+def test_google_re2_internals_that_moved_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(re2_fast, "VERIFIED_RE2", VERIFIED_RE2)
+    monkeypatch.setitem(sys.modules, "re2._re2", None)  # the import fails
+    _clear_caches()
+    with pytest.raises(re2_fast.Unavailable, match="internals moved"):
+        re2_fast.matchers(_reference("a", ""))
+    assert not regex._use_fast_path()
+    _clear_caches()
+
+
+def test_a_fast_path_that_disagrees_on_the_samples_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(re2_fast, "VERIFIED_RE2", VERIFIED_RE2)
+    monkeypatch.setattr(re2_fast, "matchers", lambda compiled: (lambda t: True, lambda t: {}))
+    _clear_caches()
+    assert not regex._use_fast_path()
+    assert "disagrees" in caplog.text
+    _clear_caches()

@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from txcl.compiler import compile_file
+from txcl.parser import parse
 from txcl.values import (
     COMPARISONS,
     MISSING,
@@ -13,10 +15,10 @@ from txcl.values import (
     contained_in,
     equals,
     json_problem,
+    not_contained_in,
     not_equals,
     same,
     to_json,
-    truth,
 )
 
 json_scalars = st.one_of(
@@ -105,10 +107,33 @@ def test_ordering(op: str, left: object, right: object, expected: bool) -> None:
         ("a", "abc", False),  # IN is list membership, not substring
         (("x", "b"), ["a", "b"], True),
         ("b", ("a", "b"), True),
+        # a list on the left is existential, as with ==
+        (["x", "b"], ["a", "b"], True),
+        (["x", "y"], ["a", "b"], False),
+        ([], ["a", "b"], False),  # an empty list has no element in anything
+        ([], [[]], True),  # ... but it equals an empty list, as [] == [] does
+        ([1, 2], [[1, 2]], True),
+        (MISSING, ["a"], False),
+        (MISSING, [], False),
+        ("a", [], False),
+        ("a", MISSING, False),
     ],
 )
 def test_in(left: object, right: object, expected: bool) -> None:
     assert contained_in(left, right) is expected
+    assert not_contained_in(left, right) is not expected
+
+
+@given(any_value, any_value)
+def test_in_a_one_item_list_is_equality(left: object, right: object) -> None:
+    assert contained_in(left, [right]) is equals(left, right)
+    assert not_contained_in(left, [right]) is not_equals(left, right)
+
+
+@given(any_value, st.lists(any_value, max_size=3))
+def test_in_is_equality_with_some_item(left: object, items: list[object]) -> None:
+    assert contained_in(left, items) is any(equals(left, item) for item in items)
+    assert contained_in(left, tuple(items)) is contained_in(left, items)
 
 
 @pytest.mark.parametrize(
@@ -127,10 +152,18 @@ def test_add(left: object, right: object, expected: object) -> None:
     assert add(left, right) == expected if expected is not MISSING else add(left, right) is MISSING
 
 
-def test_only_true_is_true() -> None:
-    assert truth(True)
-    for value in (1, "true", [True], MISSING, None, False):
-        assert not truth(value)
+@pytest.mark.parametrize(
+    ("value", "holds"),
+    [(True, True), (1, False), ("true", False), ([True], False), (None, False), (False, False)],
+)
+def test_only_true_is_true(value: object, holds: bool) -> None:
+    """A WHEN (the compiler's `is True`) holds only on the boolean true; NOT of anything
+    else holds."""
+    (rule,) = compile_file(parse("WHEN s.v\nWHEN NOT NOT s.v\nSET x.y = 1\n", "t.txcl"))
+    assert (rule.test({"s": {"v": value}}) is not None) is holds
+    (negated,) = compile_file(parse("WHEN NOT s.v\nSET x.y = 1\n", "t.txcl"))
+    assert (negated.test({"s": {"v": value}}) is not None) is not holds
+    assert negated.test({"s": {}}) is not None  # missing
 
 
 def test_to_json_turns_multi_into_list() -> None:

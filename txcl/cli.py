@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from txcl import cases, fmt, inputs, lint
 from txcl.envelope import path_text, result_of, route_of, source_of
-from txcl.errors import Problem, TxclError
+from txcl.errors import Problem, TxclError, source_lines, with_context
 from txcl.loader import Tree, load_target, read_rule_source
 from txcl.ops import OpRegistry
 from txcl.records import SetRecord, run_json
@@ -362,8 +362,16 @@ RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
 
 
 def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
+    """Each problem with the line of its file and a caret under it, as lint shows them."""
+    sources: dict[str, list[str]] = {}
     for p in problems:
-        out.write(inputs.terminal_text(f"{p}\n"))
+        if p.pos is not None and p.pos.file not in sources:
+            try:
+                sources[p.pos.file] = source_lines(Path(p.pos.file).read_text("utf-8", "replace"))
+            except OSError:
+                sources[p.pos.file] = []
+        shown = with_context(p, sources[p.pos.file]) if p.pos else str(p)
+        out.write(inputs.terminal_text(f"{shown}\n"))
 
 
 # --- txcl fmt ---------------------------------------------------------------------------------

@@ -249,12 +249,12 @@ class _RuleCompiler:
         if isinstance(node.right, ast.Literal):
             return _compare_constant(op, compare, left, node.right.value)
         if (
-            op == "IN"
+            op in ("IN", "NOT IN")
             and isinstance(node.right, ast.ListLit)
             and all(isinstance(item, ast.Literal) for item in node.right.items)
         ):
             items = tuple(item.value for item in node.right.items if isinstance(item, ast.Literal))
-            return _member_of_constants(compare, left, items)
+            return _member_of_constants(compare, left, items, op == "NOT IN")
         right = self.expr(node.right)
         return lambda envelope, match: compare(left(envelope, match), right(envelope, match))
 
@@ -357,17 +357,17 @@ def _compare_constant(
 
 
 def _member_of_constants(
-    compare: Callable[[Any, Any], bool], left: Eval, items: tuple[Any, ...]
+    compare: Callable[[Any, Any], bool], left: Eval, items: tuple[Any, ...], negated: bool
 ) -> Eval:
-    """`left IN [constants]`: a string is looked up in a set of the list's strings (a string
-    equals nothing else); anything else takes the general rule."""
+    """`left IN [constants]` (or NOT IN): a string is looked up in a set of the list's strings
+    (a string equals nothing else); anything else takes the general rule."""
     strings = frozenset(item for item in items if item.__class__ is str)
     as_list = list(items)
 
     def member(envelope: Any, match: Any) -> bool:
         value = left(envelope, match)
         if value.__class__ is str:
-            return value in strings
+            return (value in strings) is not negated
         return compare(value, as_list)
 
     return member

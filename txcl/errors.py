@@ -6,7 +6,11 @@ Text and JSON output are two renderings of the same record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+_CONTEXT_WIDTH: Final = 100
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -62,6 +66,33 @@ class Problem:
                 "column": self.pos.column,
             }
         return out
+
+
+def caret_context(text: str, column: int) -> str:
+    """The source line (clipped around the column when long) and a caret under the column."""
+    start = 0
+    if len(text) > _CONTEXT_WIDTH:
+        start = max(0, min(column - 1 - _CONTEXT_WIDTH // 2, len(text) - _CONTEXT_WIDTH))
+    shown = text[start : start + _CONTEXT_WIDTH]
+    # Control characters would garble the terminal; keep one cell each so the caret lines up.
+    shown = "".join(c if c == "\t" or c.isprintable() else "\ufffd" for c in shown)
+    lead = "".join("\t" if c == "\t" else " " for c in shown[: max(0, column - 1 - start)])
+    return f"    {shown}\n    {lead}^"
+
+
+def source_lines(source: str) -> list[str]:
+    """The lines of a rule file as positions count them: a leading byte order mark skipped
+    (editors neither show nor count it), split at LF only, a CR before it dropped."""
+    return [line.removesuffix("\r") for line in source.removeprefix("\ufeff").split("\n")]
+
+
+def with_context(problem: Problem, lines: Sequence[str]) -> Problem:
+    """The problem with the source line and caret of its position in `lines` (the lines of
+    its file), unless it has them already or its position is not in them."""
+    pos = problem.pos
+    if problem.context or pos is None or not 0 < pos.line <= len(lines):
+        return problem
+    return replace(problem, context=caret_context(lines[pos.line - 1], pos.column))
 
 
 class TxclError(Exception):

@@ -1,11 +1,11 @@
 """TXCL text -> ast.File, with labelled, positioned syntax errors.
 
 The grammar lives in grammar/txcl.lark. A file is parsed in one go with the grammar's
-`file` rule. Statements are one per line, so a file with any error is parsed again line by
-line with the `line` rule: a bad line is reported and the next line is parsed afresh, so one
-mistake never hides the next, and every message comes from that one path. Either way the
-cost stays linear in the size of the file. The statements are then grouped into rules here
-(WHENs, then a body).
+`file` rule, by txcl/lark_fast.py when it sets up, else by stock lark. Statements are one
+per line, so a file with any error is parsed again line by line with the `line` rule: a bad
+line is reported and the next line is parsed afresh, so one mistake never hides the next,
+and every message comes from that one path. Either way the cost stays linear in the size
+of the file. The statements are then grouped into rules here (WHENs, then a body).
 
 Nothing after this module sees a lark Tree: the transformer below builds ast nodes.
 """
@@ -13,32 +13,31 @@ Nothing after this module sees a lark Tree: the transformer below builds ast nod
 from __future__ import annotations
 
 import contextvars
+import difflib
 import functools
 import importlib.resources
 import json
+import logging
 import math
-import operator
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from types import SimpleNamespace
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
-from lark.grammar import Rule, Symbol
-from lark.lexer import Lexer, PatternStr
-from lark.parsers.lalr_analysis import ParseTableBase, Reduce
-from lark.parsers.lalr_parser_state import ParseConf, ParserState
+from lark.lexer import PatternStr
 
-from txcl import ast
-from txcl.errors import Pos, Problem, TxclSyntaxError
+from txcl import ast, lark_fast
+from txcl.errors import Pos, Problem, TxclSyntaxError, caret_context, source_lines
+from txcl.lark_fast import Scanned
 
 __all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "caret_context", "parse", "parse_expression"]
 
 CODE: Final = "txcl_parse_error"
 _N = TypeVar("_N")
+_log = logging.getLogger(__name__)
 
 # Brackets and operators may nest this deep; deeper input is refused with a position
 # instead of exhausting the stack of the transformer, the formatter or the compiler.
@@ -93,6 +92,7 @@ SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
         "WHEN @a.b ==",
         "WHEN @a.b <",
         "WHEN @a.b IN",
+        "WHEN @a.b NOT IN",
         "WHEN NOT",
         "WHEN @a.b AND",
         "WHEN @a.b OR",
@@ -137,9 +137,15 @@ SYNTAX_EXAMPLES: Final[dict[str, list[str]]] = {
         "SET @a.b = 1 2",
         "WHEN @a.b true",
         "WHEN @a.b x.y",
-        "WHEN @a.b NOT",
         'EXEC "op://A" 1',
         'EXEC "op://A" "x"',
+    ],
+    "NOT after a value starts NOT IN; to negate a comparison, put NOT first (NOT @a == 1)": [
+        "WHEN @a.b NOT",
+        "WHEN @a.b NOT 1",
+        "WHEN @a.b NOT == 1",
+        "WHEN @a.b NOT =~ /x/",
+        "WHEN @a.b NOT NOT",
     ],
     "a regex cannot stand alone; match it with =~ or !=~": [
         "WHEN /x/",
@@ -177,16 +183,18 @@ _FRIENDLY: Final[dict[str, str]] = {
     "LSQB": "'['",
     "_RSQB": "']'",
 }
+_KEYWORDS: Final = frozenset({"WHEN", "SET", "EXEC", "WITH", "_OR", "_AND", "NOT", "_IN"})
 _VALUE_STARTS: Final = frozenset(
     {"AT_PATH", "BARE_PATH", "JSONPATH", "STRING", "NUMBER", "TRUE", "FALSE", "NULL"}
     | {"LSQB", "_LPAR", "NAME", "NOT"}
 )
-_OPERATORS: Final = frozenset({"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN"})
+_OPERATORS: Final = frozenset(
+    {"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN", "NOT IN"}
+)
 
 _SEGMENT = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"')
 _REGEX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_CONTEXT_WIDTH: Final = 100
 _CHARACTER_HINTS: Final = {
     "&": "; write AND",
     "|": "; write OR",
@@ -225,7 +233,7 @@ class _LineScan:
     name: str
     lineno: int  # of the text's first line (a token's own line counts from 1)
     column_shift: int = 0  # parse_expression parses its text behind a "WHEN "
-    comments: list[Token | _Scanned] = field(default_factory=list)
+    comments: list[Token | Scanned] = field(default_factory=list)
     brackets: int = 0
     depths: dict[int, int] = field(default_factory=dict)  # id(node) -> nesting depth
 
@@ -234,7 +242,7 @@ _SCAN: contextvars.ContextVar[_LineScan] = contextvars.ContextVar("txcl_line_sca
 _TOO_DEEP: Final = f"expression nested too deeply (more than {MAX_NESTING} levels)"
 
 
-def _on_comment(token: Token) -> Token:
+def _on_comment(token: Token | Scanned) -> Token | Scanned:
     _SCAN.get().comments.append(token)
     return token
 
@@ -252,25 +260,33 @@ def _on_close(token: Token) -> Token:
     return token
 
 
-@functools.cache
-def parser() -> Lark:
-    """The LALR parser of one line, built on first use. It runs the transformer as it
+_LEXER_CALLBACKS: Final = {
+    "COMMENT": _on_comment,
+    "_LPAR": _on_open,
+    "LSQB": _on_open,
+    "_RPAR": _on_close,
+    "_RSQB": _on_close,
+}
+
+
+def _lark(start: str) -> Lark:
+    """A stock LALR parser of the grammar from `start`. It runs the transformer as it
     reduces, so no parse tree is built and nothing recurses, however deeply the input nests."""
     return Lark(
         grammar_text(),
-        start="line",
+        start=start,
         parser="lalr",
         lexer="basic",
         transformer=_ToAst(),
         maybe_placeholders=False,
-        lexer_callbacks={
-            "COMMENT": _on_comment,
-            "_LPAR": _on_open,
-            "LSQB": _on_open,
-            "_RPAR": _on_close,
-            "_RSQB": _on_close,
-        },
+        lexer_callbacks=_LEXER_CALLBACKS,
     )
+
+
+@functools.cache
+def parser() -> Lark:
+    """The parser of one line, built on first use."""
+    return _lark("line")
 
 
 def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
@@ -281,204 +297,64 @@ def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
         _SCAN.reset(reset)
 
 
-class _Tokens(Lexer):
-    """Hands lark the tokens _tokenize found (lark's custom lexer interface, version 2)."""
+# A file that uses every rule of the grammar: the fast path must build what lark builds.
+_SAMPLE: Final = """\
+# every rule once
 
-    __future_interface__ = 2
+WHEN @a.b == 1 AND NOT x.y != "s" OR $.c < 2.5
+WHEN @a <= [1, true, false, null] AND f(@a, 1) > 0 AND @a >= 1 + 2  # trailing
+WHEN @a IN [] AND @a NOT IN [2] AND @a =~ /x/i AND @a !=~ /y/ AND (@a == -1e3) AND g()
+SET @a."b.c".0 = 1
+WITH timeout = "5s"
+EXEC "op://ARCHIVE"
+"""
 
-    def __init__(self, lexer_conf: object) -> None:
-        pass
-
-    def lex(self, lexer_state: Any, parser_state: Any) -> Iterator[Token]:
-        return iter(lexer_state.text)
-
-
-@functools.cache
-def _file_parser() -> Lark:
-    """The LALR parser of a whole file, fed by _tokenize."""
-    return Lark(
-        grammar_text(),
-        start="file",
-        parser="lalr",
-        lexer=_Tokens,
-        transformer=_ToAst(),
-        maybe_placeholders=False,
-    )
+_FileParse = Callable[[str], list[ast.Stmt] | None]
 
 
 @functools.cache
-def _token_pattern() -> re.Pattern[str]:
-    """The grammar's terminals as one regex, in the order lark's basic lexer tries them
-    (priority, then longest possible match, then longest pattern, then name), behind the
-    blanks lark ignores: one match per token. An ignored terminal other than the blanks
-    (a comment) keeps its group; with no terminal after the blanks the match is blanks only."""
-    grammar = _file_parser()
-    terminals = sorted(
-        grammar.terminals,
-        key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
-    )
-    blanks = "|".join(
-        t.pattern.to_regexp()
-        for t in terminals
-        if t.name in grammar.ignore_tokens and t.name != "COMMENT"
-    )
-    alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
-    return re.compile(f"(?:{blanks})*+(?:{alternatives})?")
+def _file_parse() -> _FileParse:
+    """How a whole file is parsed: by txcl/lark_fast.py when it sets up against the installed
+    lark and builds what stock lark builds from _SAMPLE, else by stock lark."""
+    stock = _lark("file")
+
+    def parse_stock(text: str) -> list[ast.Stmt] | None:
+        return stock.parse(text)  # type: ignore[return-value]
+
+    try:
+        fast = lark_fast.FileParser(stock, _BUILDERS, _on_comment, MAX_NESTING)
+    except lark_fast.Unavailable as err:
+        _log.info("parsing with stock lark: %s", err)
+        return parse_stock
+    parse_fast: _FileParse = fast.parse
+    expected = _sample_parse(parse_stock)
+    if not isinstance(expected[0], list) or _sample_parse(parse_fast) != expected:
+        _log.warning("parsing with stock lark: txcl/lark_fast.py disagrees with it on a sample")
+        return parse_stock
+    return parse_fast
 
 
-class _Scanned(NamedTuple):
-    """A token of the whole-file scan: what lark's LALR loop (type) and the builders (value,
-    line, column) read of a lark Token, without the cost of lark's Token constructor."""
-
-    type: str
-    value: str
-    line: int
-    column: int
-
-
-_OPENERS: Final = frozenset({"_LPAR", "LSQB"})
-_CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
-
-
-def _tokenize(scan: _LineScan, text: str) -> list[_Scanned] | None:
-    """The tokens of a whole file, comments recorded in `scan`; None where lark's own lexer
-    would stop (an unexpected character, brackets nested too deeply): the line-by-line
-    parse then says why. Lark's lexer does the same work with much more bookkeeping."""
-    match = _token_pattern().match
-    tokens: list[_Scanned] = []
-    pos, end, line, line_start, depth = 0, len(text), 1, 0, 0
-    while pos < end:
-        found = match(text, pos)
-        stop = found.end()  # type: ignore[union-attr]  # the pattern also matches nothing
-        kind = found.lastgroup  # type: ignore[union-attr]
-        if kind is None:
-            if stop == pos:
-                return None  # a character no terminal takes
-            pos = stop  # blanks at the end of the text
-            continue
-        value = found[kind]  # type: ignore[index]
-        column = stop - len(value) - line_start + 1
-        if kind == "_NL":
-            tokens.append(_Scanned(kind, value, line, column))
-            line += 1
-            line_start = stop
-        elif kind == "COMMENT":
-            scan.comments.append(_Scanned(kind, value, line, column))
-        else:
-            if kind in _OPENERS:
-                depth += 1
-                if depth > MAX_NESTING:
-                    return None
-            elif kind in _CLOSERS:
-                depth -= 1
-            tokens.append(_Scanned(kind, value, line, column))
-        pos = stop
-    return tokens
-
-
-class _Reduction:
-    """A rule of the file parser's table as lark's LALR loop reads it: its length and its
-    origin's name. lark's own Rule compares and hashes in Python and names its origin with a
-    Token, which compares through Token.__eq__ on every goto; this one compares by identity
-    and names it with a plain str."""
-
-    __slots__ = ("expansion", "origin")
-
-    def __init__(self, rule: Rule) -> None:
-        self.expansion = rule.expansion
-        self.origin = SimpleNamespace(name=str(rule.origin.name))
-
-
-def _inlined(symbol: Symbol) -> bool:
-    """A helper rule lark made up (`("," expr)*`): its children belong to its parent."""
-    return not symbol.is_term and symbol.name.startswith("_")
-
-
-def _reduce_callback(rule: Rule) -> Callable[[list[Any]], Any]:
-    """What a reduction of `rule` pushes, given the values it pops: what lark's tree builder
-    with the builders as a Transformer would push, without its layers of wrappers."""
-    kept = [
-        i
-        for i, symbol in enumerate(rule.expansion)
-        if not (symbol.is_term and symbol.filter_out)  # type: ignore[attr-defined]
-    ]
-    spliced = frozenset(i for i in kept if _inlined(rule.expansion[i]))
-    name = str(rule.alias or rule.origin.name)
-    build = _BUILDERS.get(name)
-    if build is None and rule.options.expand1 and len(kept) == 1 and not spliced:
-        return operator.itemgetter(kept[0])  # `?rule`: passes its one child up
-    if build is None and not name.startswith("_"):
-        raise LookupError(f"grammar rule {name} has no builder in txcl/parser.py")
-    if spliced:
-
-        def gather(values: list[Any]) -> list[Any]:
-            children: list[Any] = []
-            for i in kept:
-                if i in spliced:
-                    children.extend(values[i])
-                else:
-                    children.append(values[i])
-            return children
-
-        return gather if build is None else lambda values: build(gather(values))
-    if build is None:
-        return lambda values: [values[i] for i in kept]
-    if len(kept) == len(rule.expansion):
-        return build
-    return lambda values: build([values[i] for i in kept])
-
-
-@functools.cache
-def _file_parse_conf() -> ParseConf[Any]:
-    """The file parser's LALR table with _Reduction rules and a callback for each."""
-    table = _file_parser().parse_interactive(None).parser_state.parse_conf.parse_table
-    reductions: dict[int, _Reduction] = {}
-    callbacks: dict[Any, Callable[[list[Any]], Any]] = {}
-
-    def reduction(rule: Rule) -> _Reduction:
-        found = reductions.get(id(rule))
-        if found is None:
-            found = reductions[id(rule)] = _Reduction(rule)
-            callbacks[found] = _reduce_callback(rule)
-        return found
-
-    states = {
-        state: {
-            kind: (action, reduction(arg) if action is Reduce else arg)
-            for kind, (action, arg) in actions.items()
-        }
-        for state, actions in table.states.items()
-    }
-    view = ParseTableBase(states, table.start_states, table.end_states)
-    return ParseConf(view, callbacks, "file")
-
-
-_END: Final = Token("$END", "")
+def _sample_parse(parse: _FileParse) -> tuple[object, list[tuple[str, int, int]]]:
+    scan = _LineScan("<sample>", 1)
+    reset = _SCAN.set(scan)
+    try:
+        statements: object = parse(_SAMPLE)
+    except Exception as err:  # a disagreement to report, not to raise
+        statements = repr(err)
+    finally:
+        _SCAN.reset(reset)
+    return statements, [(t.value, t.line or 0, t.column or 0) for t in scan.comments]
 
 
 def _parse_file(scan: _LineScan, text: str) -> list[ast.Stmt] | None:
-    """The statements of a whole file; None if it has an error. lark's LALR parser state
-    machine is fed the tokens one by one, as its own parse loop would feed them."""
-    tokens = _tokenize(scan, text)
-    if tokens is None:
-        return None
+    """The statements of a whole file; None if it has an error."""
     reset = _SCAN.set(scan)
     try:
-        feed = ParserState(_file_parse_conf(), None).feed_token
-        for token in tokens:
-            feed(token)
-        return feed(_END, True)  # type: ignore[no-any-return]
+        return _file_parse()(text)
     except (UnexpectedInput, _Refused):
         return None
     finally:
         _SCAN.reset(reset)
-
-
-def _error_state(err: UnexpectedInput) -> int | None:
-    """The LALR state an error happened in. A lexer error carries a ParserState where a
-    parser error carries the state's number; lark's own match_examples trips over the mix."""
-    state = err.state
-    return state.position if isinstance(state, ParserState) else state
 
 
 def _accepts(err: UnexpectedInput) -> frozenset[str]:
@@ -489,7 +365,7 @@ def _accepts(err: UnexpectedInput) -> frozenset[str]:
 
 
 @functools.cache
-def _example_errors() -> tuple[tuple[str, int | None, frozenset[str], str, str], ...]:
+def _example_errors() -> tuple[tuple[str, object, frozenset[str], str, str], ...]:
     """(label, state, accepts, token type, token text) of every example, parsed once."""
     found = []
     for label, examples in SYNTAX_EXAMPLES.items():
@@ -501,14 +377,15 @@ def _example_errors() -> tuple[tuple[str, int | None, frozenset[str], str, str],
             except UnexpectedInput as err:
                 token = getattr(err, "token", None)
                 kind, text = (token.type, str(token)) if token is not None else ("", "")
-                found.append((label, _error_state(err), _accepts(err), kind, text))
+                found.append((label, err.state, _accepts(err), kind, text))
     return tuple(found)
 
 
 def _label(err: UnexpectedInput) -> str | None:
-    """The label of the example failing like `err`, as lark's match_examples picks it:
-    same state and accepted set; then the same token, else the same token type, else any."""
-    state, accepts = _error_state(err), _accepts(err)
+    """The label of the example failing like `err`, as lark's match_examples picks it (states
+    compared with ==, as it does; their type is lark's business): same state and accepted
+    set; then the same token, else the same token type, else any."""
+    state, accepts = err.state, _accepts(err)
     token = getattr(err, "token", None)
     by_type = by_state = None
     for label, example_state, example_accepts, kind, text in _example_errors():
@@ -525,7 +402,7 @@ def _label(err: UnexpectedInput) -> str | None:
 # --- tree -> ast -------------------------------------------------------------------------------
 
 
-def _pos(token: Token | _Scanned) -> Pos:
+def _pos(token: Token | Scanned) -> Pos:
     scan = _SCAN.get()
     line = scan.lineno + (token.line or 1) - 1
     return Pos(scan.name, line, (token.column or 1) + scan.column_shift)
@@ -598,6 +475,11 @@ def _comparison(op: str) -> Callable[[Children], ast.Compare]:
         return _nested(ast.Compare(op, left, right, left.pos), left, right)
 
     return build
+
+
+def _not_member(children: Children) -> ast.Compare:
+    left, _keyword, right = children
+    return _nested(ast.Compare("NOT IN", left, right, left.pos), left, right)
 
 
 def _match(children: Children) -> ast.Match:
@@ -685,6 +567,7 @@ _BUILDERS: Final[dict[str, Callable[[Children], Any]]] = {
     "gt": _comparison(">"),
     "ge": _comparison(">="),
     "member": _comparison("IN"),
+    "not_member": _not_member,
     "match": _match,
     "not_match": _not_match,
     "add": _add,
@@ -708,7 +591,7 @@ _ToAst: Final = type(
 )
 
 
-def _regex(token: Token | _Scanned) -> ast.Regex:
+def _regex(token: Token | Scanned) -> ast.Regex:
     text = token.value
     close = text.rindex("/")
     flags = text[close + 1 :]
@@ -741,7 +624,7 @@ def _string(text: str, column: int | None) -> str:
     return value
 
 
-def _number(token: Token | _Scanned) -> int | float:
+def _number(token: Token | Scanned) -> int | float:
     text = token.value
     if "." in text or "e" in text or "E" in text:
         value = float(text)
@@ -753,7 +636,7 @@ def _number(token: Token | _Scanned) -> int | float:
     return int(text)
 
 
-def _segments(token: Token | _Scanned, skip: int) -> tuple[ast.Segment, ...]:
+def _segments(token: Token | Scanned, skip: int) -> tuple[ast.Segment, ...]:
     try:
         return _path_segments(token.value, skip)
     except _Refused as err:
@@ -782,18 +665,6 @@ def _path_segments(path: str, skip: int) -> tuple[ast.Segment, ...]:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def caret_context(text: str, column: int) -> str:
-    """The source line (clipped around the column when long) and a caret under the column."""
-    start = 0
-    if len(text) > _CONTEXT_WIDTH:
-        start = max(0, min(column - 1 - _CONTEXT_WIDTH // 2, len(text) - _CONTEXT_WIDTH))
-    shown = text[start : start + _CONTEXT_WIDTH]
-    # Control characters would garble the terminal; keep one cell each so the caret lines up.
-    shown = "".join(c if c == "\t" or c.isprintable() else "\ufffd" for c in shown)
-    lead = "".join("\t" if c == "\t" else " " for c in shown[: max(0, column - 1 - start)])
-    return f"    {shown}\n    {lead}^"
-
-
 def _friendly(names: set[str] | frozenset[str]) -> str:
     if not names:
         return "nothing more"
@@ -804,6 +675,9 @@ def _friendly(names: set[str] | frozenset[str]) -> str:
         words.append("a value")
     terminals = {t.name: t for t in parser().terminals}
     shown = []
+    if {"_IN", "NOT"} <= names:  # after a value, NOT can only start NOT IN
+        names.discard("NOT")
+        shown.append("NOT IN")
     for name in names:
         term = terminals.get(name)
         if name in _FRIENDLY:
@@ -830,7 +704,8 @@ def _found(token: Token) -> str:
 def _describe(err: UnexpectedInput, text: str) -> tuple[str, int]:
     """A plain-words message and the column it points at."""
     if isinstance(err, UnexpectedCharacters):
-        char = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        pos = err.pos_in_stream or 0
+        char = text[pos] if pos < len(text) else ""
         if char == '"':
             return "unterminated string", err.column
         if char == "/":
@@ -846,12 +721,25 @@ def _describe(err: UnexpectedInput, text: str) -> tuple[str, int]:
     column = token.column or 1
     if token.type == "$END":
         column = token.end_column or len(text.rstrip(" \t")) + 1
-    label = _label(err)
-    expected = _friendly(_accepts(err))
+    accepts = _accepts(err)
+    expected = _friendly(accepts)
     found = _found(token)
+    keyword = _did_you_mean(token, accepts)
+    if keyword:
+        return f"{found} is not a keyword (did you mean {keyword}?); expected {expected}", column
+    label = _label(err)
     if label is None:
         return f"unexpected {found}; expected {expected}", column
     return f"{label}; expected {expected}, found {found}", column
+
+
+def _did_you_mean(token: Token, accepts: frozenset[str]) -> str:
+    """For a word where a keyword would do (`WHN`, `ADN`), the closest such keyword, else ""."""
+    if token.type != "NAME":
+        return ""
+    keywords = [_FRIENDLY[name] for name in accepts & _KEYWORDS]
+    close = difflib.get_close_matches(str(token).upper(), keywords, n=1, cutoff=0.5)
+    return close[0] if close else ""
 
 
 # --- the public entry points ----------------------------------------------------------------
@@ -865,17 +753,9 @@ def _statement(scan: _LineScan, text: str) -> ast.Stmt | None:
         raise _Refused(*_describe(err, text)) from None
 
 
-def _lines(source: str) -> list[str]:
-    """Physical lines: split at LF only, with a CR before it dropped (CRLF files)."""
-    return [line[:-1] if line.endswith("\r") else line for line in source.split("\n")]
-
-
 def parse(source: str, name: str) -> ast.File:
-    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found.
-
-    A leading byte order mark is skipped (editors do not show it, nor count it in columns).
-    """
-    lines = _lines(source.removeprefix("\ufeff"))
+    """Parse a TXCL file. Raises TxclSyntaxError carrying every problem it found."""
+    lines = source_lines(source)
     scan = _LineScan(name, 1)
     statements = _parse_file(scan, "\n".join(lines))
     if statements is None:

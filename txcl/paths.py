@@ -17,12 +17,10 @@ import functools
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
-from jsonpath_ng import jsonpath as _jsonpath
-from jsonpath_ng.ext.filter import Expression as _FilterExpression
 from jsonpath_ng.ext.parser import ExtendedJsonPathParser
-from jsonpath_ng.jsonpath import Child, Fields, JSONPath, Root, Slice
+from jsonpath_ng.jsonpath import JSONPath
 
-from txcl import ast
+from txcl import ast, jsonpath_fast
 from txcl.envelope import path_text
 from txcl.errors import Problem, TxclCompileError
 from txcl.values import MISSING, Multi, kind_of
@@ -94,23 +92,6 @@ def _parse_jsonpath(text: str) -> JSONPath:
     return _jsonpath_parser().parse(text)
 
 
-def _uses_python_regex(node: object, depth: int = 0) -> bool:
-    """Whether a parsed JSONPath holds a `=~` filter (jsonpath-ng runs those with `re`)."""
-    if depth > 64:
-        return False
-    if isinstance(node, _FilterExpression) and node.op == "=~":
-        return True
-    children = getattr(node, "__dict__", {}).values()
-    for child in children:
-        items = child if isinstance(child, list | tuple) else (child,)
-        for item in items:
-            if isinstance(item, JSONPath | _FilterExpression) and _uses_python_regex(
-                item, depth + 1
-            ):
-                return True
-    return False
-
-
 def compile_jsonpath(path: ast.JsonPath) -> MultiGetter:
     """A closure yielding every value `path` finds, as a tuple; raises TxclCompileError."""
     try:
@@ -119,7 +100,7 @@ def compile_jsonpath(path: ast.JsonPath) -> MultiGetter:
         raise TxclCompileError(
             Problem("txcl_compile_error", f"invalid JSONPath {path.text!r}: {err}", path.pos)
         ) from None
-    if _uses_python_regex(parsed):
+    if jsonpath_fast.uses_python_regex(parsed, path.text):
         raise TxclCompileError(
             Problem(
                 "txcl_compile_error",
@@ -137,70 +118,7 @@ def compile_jsonpath(path: ast.JsonPath) -> MultiGetter:
         except Exception:  # a filter comparing unrelated types inside jsonpath-ng
             return ()
 
-    steps = _plain_steps(parsed)
-    if steps is None:
-        return get_all
-    return _plain_getter(steps, get_all)
-
-
-_ALL: Final = None  # `[*]` among the steps of a plain JSONPath
-_ABSENT: Final = object()
-
-
-def _plain_steps(parsed: JSONPath) -> tuple[str | None, ...] | None:
-    """The steps of a JSONPath made only of `$`, `.name` and `[*]` (_ALL), else None.
-
-    Such paths, the common ones, are evaluated here (_plain_getter) without building
-    jsonpath-ng's match objects, with the same values in the same order.
-    """
-    if _jsonpath.auto_id_field is not None:
-        return None
-    steps: list[str | None] = []
-    node = parsed
-    while type(node) is Child:
-        right = node.right
-        if type(right) is Fields and len(right.fields) == 1 and right.fields[0] != "*":
-            steps.append(right.fields[0])
-        elif type(right) is Slice and right.start is None and right.end is None and right.step is None:
-            steps.append(_ALL)
-        else:
-            return None
-        node = node.left
-    if type(node) is not Root:
-        return None
-    return tuple(reversed(steps))
-
-
-def _plain_getter(steps: tuple[str | None, ...], general: MultiGetter) -> MultiGetter:
-    """jsonpath-ng's results for a plain path. `.name` finds the key of an object (nothing
-    on anything else); `[*]` finds the items of a list, the value itself for an object, a
-    string, a number or a boolean (jsonpath-ng's "slice of one"), nothing for null. Data
-    that is not JSON goes to jsonpath-ng itself (`general`)."""
-
-    def get_all(doc: Any) -> Multi:
-        values = [doc]
-        for step in steps:
-            found: list[Any] = []
-            if step is _ALL:
-                for value in values:
-                    if value.__class__ is list:
-                        found.extend(value)
-                    elif isinstance(value, dict | str | int | float):  # bool is an int
-                        found.append(value)
-                    elif value is not None:
-                        return general(doc)
-            else:
-                for value in values:
-                    if isinstance(value, dict):
-                        item = value.get(step, _ABSENT)
-                        if item is not _ABSENT:
-                            found.append(item)
-                    elif not isinstance(value, list | str | int | float) and value is not None:
-                        return general(doc)
-            values = found
-        return tuple(values)
-
-    return get_all
+    return jsonpath_fast.plain_getter(parsed, get_all)
 
 
 _KIND_NAMES: Final = {

@@ -4,28 +4,29 @@ RE2 runs in time linear in the input whatever a tenant writes. A pattern RE2 ref
 (backreferences, look-around) is a TxclCompileError at the regex's position; there is no
 fallback to Python's backtracking `re`.
 
-Matching goes straight to the RE2 object under google-re2's `re`-style wrapper: the
-wrapper re-maps byte offsets to str offsets on every call, which costs four times the
-match itself; TXCL only needs whether it matched and the text of the named groups.
+Matching goes through txcl/re2_fast.py (the RE2 object under google-re2's `re`-style
+wrapper, called directly) when it can be set up, else through the wrapper's documented
+`search` and `groupdict`, with the text passed as UTF-8 bytes; literal patterns are answered
+with plain string operations (_literal_search).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import re2
 
-from txcl import ast
+from txcl import ast, re2_fast
 from txcl.errors import Pos, Problem, TxclCompileError
+from txcl.re2_fast import Groups, Matchers, Search, encode
 
 FLAGS: Final = frozenset("ims")
 
-_UNANCHORED: Final = re2._re2.RE2.Anchor.UNANCHORED
-_NO_MATCH: Final = (-1, -1)
 _META: Final = frozenset("\\.^$|?*+()[]{}")
+_log = logging.getLogger(__name__)
 
 _HINTS: Final = (
     ("invalid escape sequence: \\1", "backreferences are not supported by RE2"),
@@ -44,13 +45,6 @@ def _options() -> re2.Options:
     return options
 
 
-def _encode(text: str) -> bytes:
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # lone surrogates, e.g. from surrogateescape'd headers
-        return text.encode("utf-8", "surrogatepass")
-
-
 @dataclass(frozen=True, slots=True)
 class CompiledRegex:
     """A regex ready to match.
@@ -63,42 +57,64 @@ class CompiledRegex:
     flags: str
     pos: Pos
     group_names: tuple[str, ...]
-    search: Callable[[str], bool] = field(repr=False, compare=False)
-    groups: Callable[[str], dict[str, str] | None] = field(repr=False, compare=False)
+    search: Search = field(repr=False, compare=False)
+    groups: Groups = field(repr=False, compare=False)
 
     def __str__(self) -> str:
         return "/" + self.pattern.replace("/", "\\/") + "/" + self.flags
 
 
-def _re2_search(raw: Any) -> Callable[[str], bool]:
-    match = raw.Match
+def stock_matchers(compiled: Any) -> Matchers:
+    """search and groups through google-re2's documented API. A str pattern matches bytes
+    text as UTF-8, which keeps lone surrogates matchable and skips the offset re-mapping."""
+    find = compiled.search
 
     def search(text: str) -> bool:
-        data = _encode(text)
-        return match(_UNANCHORED, data, 0, len(data))[0] != _NO_MATCH
-
-    return search
-
-
-def _re2_groups(raw: Any) -> Callable[[str], dict[str, str] | None]:
-    match = raw.Match
-    index = tuple(
-        (n.decode() if isinstance(n, bytes) else n, i) for n, i in raw.NamedCapturingGroups()
-    )
+        return find(encode(text)) is not None
 
     def groups(text: str) -> dict[str, str] | None:
-        data = _encode(text)
-        spans = match(_UNANCHORED, data, 0, len(data))
-        if spans[0] == _NO_MATCH:
+        found = find(encode(text))
+        if found is None:
             return None
-        found: dict[str, str] = {}
-        for name, number in index:
-            start, end = spans[number]
-            if start >= 0:
-                found[name] = data[start:end].decode("utf-8", "replace")
-        return found
+        return {
+            name: value.decode("utf-8", "replace")
+            for name, value in found.groupdict().items()
+            if value is not None
+        }
 
-    return groups
+    return search, groups
+
+
+# Patterns and texts on which the fast path must answer what the documented API answers.
+_SAMPLE_PATTERNS: Final = ("(?i)b(?P<x>é+)?(?P<y>z)?", "^$", "(?P<n>a*)")
+_SAMPLE_TEXTS: Final = ("", "abÉÉc", "B", "\ud800b", "aa")
+
+
+@functools.cache
+def _use_fast_path() -> bool:
+    """Whether txcl/re2_fast.py sets up against the installed google-re2 and agrees with
+    the documented API on the samples."""
+    try:
+        for pattern in _SAMPLE_PATTERNS:
+            compiled = re2.compile(pattern, _options())
+            fast, stock = re2_fast.matchers(compiled), stock_matchers(compiled)
+            for text in _SAMPLE_TEXTS:
+                if any(f(text) != s(text) for f, s in zip(fast, stock, strict=True)):
+                    _log.warning("matching through google-re2's API: re2_fast disagrees on %r", text)
+                    return False
+    except re2_fast.Unavailable as err:
+        _log.info("matching through google-re2's API: %s", err)
+        return False
+    return True
+
+
+def _matchers(compiled: Any) -> Matchers:
+    if _use_fast_path():
+        try:
+            return re2_fast.matchers(compiled)
+        except re2_fast.Unavailable:
+            pass
+    return stock_matchers(compiled)
 
 
 def _literal(pattern: str) -> str | None:
@@ -120,12 +136,10 @@ def _literal(pattern: str) -> str | None:
     return None if escaped else "".join(out)
 
 
-def _literal_search(
-    pattern: str, flags: str, fallback: Callable[[str], bool]
-) -> Callable[[str], bool]:
+def _literal_search(pattern: str, flags: str, fallback: Search) -> Search:
     """A plain-string search for `lit`, `^lit`, `lit$` and `^lit$`, where RE2 is not needed.
 
-    Calling into RE2 costs about two microseconds whatever the input; most rule regexes are
+    A call into RE2 has a fixed cost whatever the input; most rule regexes are
     literals, and `in`, startswith and endswith answer those exactly, in linear time. Without
     the m flag RE2's ^ and $ match only at the ends of the text. Case-insensitive literals
     take this path only for ASCII text (RE2's Unicode case folding is not Python's lower()).
@@ -175,14 +189,7 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
     try:
         names, search, groups = _compiled(regex.pattern, regex.flags)
     except re2.error as err:
-        reason = err.args[0] if err.args else str(err)
-        if isinstance(reason, bytes):
-            reason = reason.decode("utf-8", "replace")
-        hint = next((h for prefix_, h in _HINTS if str(reason).startswith(prefix_)), "")
-        message = f"RE2 cannot compile /{regex.pattern}/: {reason}"
-        if hint:
-            message += f" ({hint}; TXCL regexes run in linear time)"
-        raise TxclCompileError(Problem("txcl_compile_error", message, regex.pos)) from None
+        raise TxclCompileError(_refusal(regex, err)) from None
     return CompiledRegex(
         pattern=regex.pattern,
         flags=regex.flags,
@@ -193,16 +200,43 @@ def compile_regex(regex: ast.Regex) -> CompiledRegex:
     )
 
 
+def _written(regex: ast.Regex) -> str:
+    return "/" + regex.pattern.replace("/", "\\/") + "/" + regex.flags
+
+
+def _refusal(regex: ast.Regex, err: re2.error) -> Problem:
+    """RE2's reason in TXCL's terms: about the regex as written (not the flag prefix
+    _compiled adds), at the character RE2 names when it names one."""
+    reason = err.args[0] if err.args else str(err)
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    what, _, fragment = str(reason).partition(": ")
+    fragment = fragment.removeprefix(_flag_prefix(regex.flags))
+    index = regex.pattern.find(fragment) if fragment and fragment != regex.pattern else -1
+    if what == "trailing \\":
+        index = len(regex.pattern) - 1
+    pos = regex.pos
+    if index >= 0:  # the column of that character in the source, where `/` is written `\/`
+        offset = 1 + index + regex.pattern.count("/", 0, index)
+        pos = Pos(pos.file, pos.line, pos.column + offset)
+    message = f"RE2 cannot compile {_written(regex)}: {what}"
+    if fragment:
+        message += f": {fragment}"
+    hint = next((h for start, h in _HINTS if f"{what}: {fragment}".startswith(start)), "")
+    if hint:
+        message += f" ({hint}; TXCL regexes run in linear time)"
+    return Problem("txcl_compile_error", message, pos)
+
+
+def _flag_prefix(flags: str) -> str:
+    return f"(?{''.join(sorted(flags))})" if flags else ""
+
+
 @functools.lru_cache(maxsize=4096)
-def _compiled(
-    pattern: str, flags: str
-) -> tuple[tuple[str, ...], Callable[[str], bool], Callable[[str], dict[str, str] | None]]:
+def _compiled(pattern: str, flags: str) -> tuple[tuple[str, ...], Search, Groups]:
     """The named groups and matchers of a pattern, compiled once per (pattern, flags): an
     RE2 object is immutable, and the same regex recurs across the files of a tree."""
-    prefix = f"(?{''.join(sorted(flags))})" if flags else ""
-    compiled = re2.compile(prefix + pattern, _options())
-    raw = compiled._regexp
-    names = tuple(
-        sorted(n.decode() if isinstance(n, bytes) else n for n, _ in raw.NamedCapturingGroups())
-    )
-    return names, _literal_search(pattern, flags, _re2_search(raw)), _re2_groups(raw)
+    compiled = re2.compile(_flag_prefix(flags) + pattern, _options())
+    names = tuple(sorted(compiled.groupindex))
+    search, groups = _matchers(compiled)
+    return names, _literal_search(pattern, flags, search), groups

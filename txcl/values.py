@@ -1,4 +1,4 @@
-"""Values of TXCL expressions: the MISSING sentinel and the comparison and truth rules.
+"""Values of TXCL expressions: the MISSING sentinel and the comparison rules.
 
 A value is JSON data (dict, list, str, int, float, bool, None) or MISSING (the path is
 not there). A `$`-JSONPath yields a `Multi`: a tuple of the values it found, so that it
@@ -11,6 +11,8 @@ The rules, as docs/txcl.md states them:
   bool is not a number (`1 == true` is false), int and float are both numbers;
 - a JSON list (or a Multi) on the left of `==` against a scalar is existential: true if
   any element is equal; a Multi is existential against anything;
+- `a IN list` is `a == item` for some item of the list, so it is existential exactly where
+  `==` is; `NOT IN` is its exact negation;
 - ordering only holds between two numbers or two strings.
 """
 
@@ -119,14 +121,15 @@ greater_equal = _ordered(lambda a, b: a >= b)
 
 
 def contained_in(left: Any, right: Any) -> bool:
-    """`left IN right`: left equals an element of the list right (any value of a Multi left)."""
-    if left is MISSING or right is MISSING:
-        return False
-    if isinstance(left, tuple):
-        return any(contained_in(item, right) for item in left)
+    """`left IN right`: `left == item` for some item of the list (or Multi) right."""
     if not isinstance(right, list | tuple):
         return False
-    return any(same(left, item) for item in right)
+    return any(equals(left, item) for item in right)
+
+
+def not_contained_in(left: Any, right: Any) -> bool:
+    """`left NOT IN right`: the exact negation of IN, so true when either side is missing."""
+    return not contained_in(left, right)
 
 
 COMPARISONS: Final[dict[str, Callable[[Any, Any], bool]]] = {
@@ -137,6 +140,7 @@ COMPARISONS: Final[dict[str, Callable[[Any, Any], bool]]] = {
     ">": greater,
     ">=": greater_equal,
     "IN": contained_in,
+    "NOT IN": not_contained_in,
 }
 
 
@@ -147,11 +151,6 @@ def add(left: Any, right: Any) -> Any:
     if isinstance(left, str) and isinstance(right, str):
         return left + right
     return MISSING
-
-
-def truth(value: Any) -> bool:
-    """Whether a WHEN (or an operand of AND, OR, NOT) holds: only the boolean true does."""
-    return value is True
 
 
 def to_json(value: Any) -> Any:

@@ -1,0 +1,238 @@
+"""The whole-file fast path of the TXCL parser: lark's LALR table driven without lark's lexer
+and tree builder.
+
+This is the one module that reaches inside lark. It reads a stock `Lark(..., parser="lalr")`
+instance that parser.py builds anyway and takes from it:
+
+- the terminals, ordered as lark's basic lexer tries them, to tokenize a file with one regex
+  match per token into small NamedTuples instead of lark Tokens;
+- the LALR table (`lark.parsers.lalr_analysis`), rebuilt with light stand-in rules, and lark's
+  own state machine (`lark.parsers.lalr_parser_state.ParserState`) fed token by token, with a
+  reduce callback per rule that calls parser.py's builders directly.
+
+Anything surprising at setup (an import that fails, a lark outside VERIFIED_LARK, a table of
+another shape, a rule without a builder) raises Unavailable, and parser.py parses with the
+stock lark instance instead. parser.py also checks that both agree on a sample file before
+it uses this module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any, Final, NamedTuple
+
+from lark import Lark, Token
+
+__all__ = ["VERIFIED_LARK", "FileParser", "Scanned", "Unavailable"]
+
+# The lark releases this module was checked against, [lowest, first unverified): the same range
+# as the lark dependency in pyproject.toml.
+VERIFIED_LARK: Final[tuple[tuple[int, int], tuple[int, int]]] = ((1, 3), (1, 4))
+
+Builder = Callable[[Sequence[Any]], Any]
+
+
+class Unavailable(Exception):
+    """The fast path cannot be set up against the installed lark; use stock lark."""
+
+
+class Scanned(NamedTuple):
+    """A token of the fast scan: what lark's LALR loop (type) and the builders (value, line,
+    column) read of a lark Token, without the cost of lark's Token constructor."""
+
+    type: str
+    value: str
+    line: int
+    column: int
+
+
+_END: Final = Token("$END", "")
+
+
+def _lark_version() -> tuple[int, int]:
+    try:
+        major, minor = importlib.metadata.version("lark").split(".")[:2]
+        return int(major), int(minor)
+    except (importlib.metadata.PackageNotFoundError, ValueError) as err:
+        raise Unavailable(f"cannot tell which lark is installed: {err}") from None
+
+
+class _Reduction:
+    """A rule of the table as lark's LALR loop reads it: its length and its origin's name.
+    lark's own Rule compares and hashes in Python and names its origin with a Token, which
+    compares through Token.__eq__ on every goto; this one compares by identity and names it
+    with a plain str."""
+
+    __slots__ = ("expansion", "origin")
+
+    def __init__(self, rule: Any) -> None:
+        self.expansion = rule.expansion
+        self.origin = SimpleNamespace(name=str(rule.origin.name))
+
+
+def _inlined(symbol: Any) -> bool:
+    """A helper rule lark made up (`("," expr)*`): its children belong to its parent."""
+    return not symbol.is_term and str(symbol.name).startswith("_")
+
+
+def _reduce_callback(rule: Any, builders: Mapping[str, Builder]) -> Callable[[list[Any]], Any]:
+    """What a reduction of `rule` pushes, given the values it pops: what lark's tree builder
+    with the builders as a Transformer would push, without its layers of wrappers."""
+    kept = [
+        i for i, symbol in enumerate(rule.expansion) if not (symbol.is_term and symbol.filter_out)
+    ]
+    spliced = frozenset(i for i in kept if _inlined(rule.expansion[i]))
+    name = str(rule.alias or rule.origin.name)
+    build = builders.get(name)
+    if build is None and rule.options.expand1 and len(kept) == 1 and not spliced:
+        return operator.itemgetter(kept[0])  # `?rule`: passes its one child up
+    if build is None and not name.startswith("_"):
+        raise Unavailable(f"grammar rule {name} has no builder")
+    if spliced:
+
+        def gather(values: list[Any]) -> list[Any]:
+            children: list[Any] = []
+            for i in kept:
+                if i in spliced:
+                    children.extend(values[i])
+                else:
+                    children.append(values[i])
+            return children
+
+        return gather if build is None else lambda values: build(gather(values))
+    if build is None:
+        return lambda values: [values[i] for i in kept]
+    if len(kept) == len(rule.expansion):
+        return build
+    return lambda values: build([values[i] for i in kept])
+
+
+class FileParser:
+    """Parses with `grammar`'s table and `builders`, the way the stock instance would.
+
+    grammar:     a `Lark(..., parser="lalr", lexer="basic")` with one start symbol
+    builders:    the transformer's callbacks by rule name (alias, else rule name)
+    on_comment:  called with each COMMENT token, as the stock lexer callback is
+    max_nesting: brackets nested deeper than this make parse() give up (return None)
+    """
+
+    def __init__(
+        self,
+        grammar: Lark,
+        builders: Mapping[str, Builder],
+        on_comment: Callable[[Scanned], object],
+        max_nesting: int,
+    ) -> None:
+        low, high = VERIFIED_LARK
+        if not low <= _lark_version() < high:
+            raise Unavailable(f"lark {_lark_version()} is outside {low}..{high}")
+        try:
+            from lark.parsers.lalr_analysis import ParseTableBase, Reduce
+            from lark.parsers.lalr_parser_state import ParseConf, ParserState
+        except ImportError as err:
+            raise Unavailable(f"lark's LALR internals moved: {err}") from None
+        try:
+            (start,) = grammar.options.start
+            self._pattern = _token_pattern(grammar)
+            table = grammar.parse_interactive("").parser_state.parse_conf.parse_table
+            reductions: dict[int, _Reduction] = {}
+            callbacks: dict[Any, Callable[[list[Any]], Any]] = {}
+
+            def reduction(rule: Any) -> _Reduction:
+                found = reductions.get(id(rule))
+                if found is None:
+                    found = reductions[id(rule)] = _Reduction(rule)
+                    callbacks[found] = _reduce_callback(rule, builders)
+                return found
+
+            states = {
+                state: {
+                    kind: (action, reduction(arg) if action is Reduce else arg)
+                    for kind, (action, arg) in actions.items()
+                }
+                for state, actions in table.states.items()
+            }
+            view: ParseTableBase[Any] = ParseTableBase(states, table.start_states, table.end_states)
+            conf: ParseConf[Any] = ParseConf(view, callbacks, start)
+        except (AttributeError, TypeError, ValueError, KeyError) as err:
+            raise Unavailable(f"lark's table is not what this module expects: {err!r}") from None
+        terminals = {kind for actions in states.values() for kind in actions if kind.isupper()}
+        unknown = set(self._pattern.groupindex) - terminals - set(grammar.ignore_tokens)
+        if unknown:
+            raise Unavailable(f"terminals the table never takes: {sorted(unknown)}")
+        # No lexer thread: parse() feeds the state its tokens itself.
+        self._new_state: Callable[[], Any] = lambda: ParserState(conf, None)  # type: ignore[arg-type]
+        self._on_comment = on_comment
+        self._max_nesting = max_nesting
+
+    def parse(self, text: str) -> Any:
+        """The builders' result for `text`; None where lark's lexer would stop (a character no
+        terminal takes, brackets nested too deeply). A syntax error raises lark's
+        UnexpectedToken, and whatever a builder raises passes through."""
+        tokens = self._tokenize(text)
+        if tokens is None:
+            return None
+        feed = self._new_state().feed_token
+        for token in tokens:
+            feed(token)
+        return feed(_END, True)
+
+    def _tokenize(self, text: str) -> list[Scanned] | None:
+        match = self._pattern.match
+        tokens: list[Scanned] = []
+        pos, end, line, line_start, depth = 0, len(text), 1, 0, 0
+        while pos < end:
+            found = match(text, pos)
+            if found is None:
+                return None  # cannot happen: the pattern also matches nothing
+            stop = found.end()
+            kind = found.lastgroup
+            if kind is None:
+                if stop == pos:
+                    return None  # a character no terminal takes
+                pos = stop  # blanks at the end of the text
+                continue
+            value = found[kind]
+            column = stop - len(value) - line_start + 1
+            if kind == "_NL":
+                tokens.append(Scanned(kind, value, line, column))
+                line += 1
+                line_start = stop
+            elif kind == "COMMENT":
+                self._on_comment(Scanned(kind, value, line, column))
+            else:
+                if kind in _OPENERS:
+                    depth += 1
+                    if depth > self._max_nesting:
+                        return None
+                elif kind in _CLOSERS:
+                    depth -= 1
+                tokens.append(Scanned(kind, value, line, column))
+            pos = stop
+        return tokens
+
+
+_OPENERS: Final = frozenset({"_LPAR", "LSQB"})
+_CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
+
+
+def _token_pattern(grammar: Lark) -> re.Pattern[str]:
+    """The grammar's terminals as one regex, in the order lark's basic lexer tries them
+    (priority, then longest possible match, then longest pattern, then name), behind the
+    blanks lark ignores: one match per token. An ignored terminal other than the blanks
+    (a comment) keeps its group; with no terminal after the blanks the match is blanks only."""
+    terminals = sorted(
+        grammar.terminals,
+        key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
+    )
+    blanks = "|".join(
+        t.pattern.to_regexp()
+        for t in terminals
+        if t.name in grammar.ignore_tokens and t.name != "COMMENT"
+    )
+    alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
+    return re.compile(f"(?:{blanks})*+(?:{alternatives})?")
