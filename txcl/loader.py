@@ -18,9 +18,10 @@ the syntax tree and problems of every file checked before, so an unchanged file 
 parsed again. And a load given the tree it replaces (`previous=`, as a reload does) takes
 over each served stack whose folder did not change, the same Stack object, without
 reading its files: a stack's signature is the (name, inode, size, mtime, ctime) of every
-entry of its folder and stage folders, and a signature is trusted only when all its times
-are older than the previous load by RACY_MARGIN_NS (as git's index does, so a write in the
-same clock tick as that load is not missed).
+entry of its folder and stage folders (ctime, which no tool sets back, sees an edit whose
+mtime was restored), and a signature is trusted only when all its mtimes are older than
+the previous load by RACY_MARGIN_NS (as git's index does, so a write in the same clock tick
+as that load is not missed).
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ def _reusable(previous: Tree | None, name: str, signature: StackSignature) -> St
     if previous is None or previous.signatures.get(name) != signature:
         return None
     trusted_before = previous.started_ns - RACY_MARGIN_NS
-    if any(entry[3] >= trusted_before or entry[4] >= trusted_before for entry in signature):
+    if any(entry[3] >= trusted_before for entry in signature):  # mtimes; ctime: see above
         return None
     return previous.stacks.get(name)
 

@@ -28,7 +28,7 @@ from txcl.chassis.head import Head
 from txcl.chassis.runtime import Fingerprint, Places, ReloadFailed, Runtime, build_runtime
 from txcl.chassis.status import STATUS_FILE, iso_time, problem_json, write_json_atomically
 from txcl.errors import Problem
-from txcl.loader import no_cyclic_gc
+from txcl.loader import Tree, no_cyclic_gc
 
 log = logging.getLogger("txco.reload")
 
@@ -119,7 +119,7 @@ class RuntimeHolder:
     def __init__(
         self,
         initial: Runtime,
-        rebuild: Callable[[int, Fingerprint], Runtime],
+        rebuild: Callable[[int, Fingerprint, Runtime], Runtime],
         paths: tuple[Path, ...] = (),
         status_file: Path | None = None,
     ) -> None:
@@ -148,18 +148,23 @@ class RuntimeHolder:
         heads: Sequence[Head],
         *,
         trace_sink: Callable[..., Any] | None = None,
+        compile_cache: bool = True,
+        preloaded: Tree | None = None,
     ) -> RuntimeHolder:
         """Build the first runtime now and a holder around it.
 
         ReloadFailed if the config or the ops cannot be loaded; problems in the OPS tree
-        only keep their stacks out (reported in the log and status.json).
+        only keep their stacks out (reported in the log and status.json). `preloaded` is a
+        tree loaded before (by the parent of --workers): its stacks are taken over.
+        Each reload builds over the serving runtime's tree, compiling only what changed.
         """
         paths = watched_paths(settings)
         status_file = Path(settings.state_dir) / STATUS_FILE
 
-        def rebuild(version: int, seen: Fingerprint) -> Runtime:
+        def rebuild(version: int, seen: Fingerprint, serving: Runtime) -> Runtime:
             return build_runtime(
-                settings, version, heads, trace_sink=trace_sink, fingerprint=seen
+                settings, version, heads, trace_sink=trace_sink, fingerprint=seen,
+                previous=serving.tree, compile_cache=compile_cache,
             )
 
         started = time.monotonic()
@@ -170,6 +175,8 @@ class RuntimeHolder:
             trace_sink=trace_sink,
             fingerprint=fingerprint(paths),
             strict=False,
+            previous=preloaded,
+            compile_cache=compile_cache,
         )
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
@@ -202,7 +209,7 @@ class RuntimeHolder:
         self._seen = seen
         try:
             with no_cyclic_gc():
-                runtime: Runtime | None = self._rebuild(serving + 1, seen)
+                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current)
             problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
             runtime = None
@@ -231,10 +238,14 @@ class RuntimeHolder:
         )
         if runtime is not None:
             log.info(
-                "reload (%s): now serving version %d (built in %.3fs)",
+                "reload (%s): now serving version %d (built in %.3fs; %d of %d rule files "
+                "compiled, %d parsed)",
                 trigger,
                 runtime.version,
                 outcome.duration_s,
+                runtime.tree.compiled,
+                runtime.tree.files,
+                runtime.tree.parsed,
             )
         self.last = outcome
         return outcome
@@ -299,6 +310,8 @@ class RuntimeHolder:
             if current.settings.config_file is None
             else str(current.settings.config_file),
             "stacks": len(current.tree.stacks),
+            "rule_files": {"total": current.tree.files, "compiled": current.tree.compiled,
+                           "parsed": current.tree.parsed},
             "warnings": [problem_json(p) for p in current.problems],
             "last_reload": self.last.to_json(),
         }

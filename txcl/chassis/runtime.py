@@ -1,6 +1,11 @@
 """One runtime: the config, the op registry, the compiled OPS tree and every head's parts
 over them, built together and never changed after. A reload builds the next one aside
 (txcl.chassis.reload); a head's work keeps the runtime it started with.
+
+The next runtime is built over the serving one's tree: stacks whose folders did not change
+are the same objects in both (txcl.loader), so a reload compiles what changed and the
+memory of the rest is not duplicated. Rule files are checked through the compile cache
+under `<state-dir>/cache/` unless it is turned off (`txco serve --no-cache`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from typing import Any, Protocol
 
 from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_config
 from txcl.chassis.head import Engine, Head
+from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
 from txcl.loader import Tree, load_tree
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
 Fingerprint = tuple[tuple[str, int, int], ...]
+
+CACHE_DIR = "cache"  # under the state dir
 
 
 class Places(Protocol):
@@ -66,13 +74,16 @@ def build_runtime(
     trace_sink: Callable[..., Any] | None = None,
     fingerprint: Fingerprint = (),
     strict: bool = True,
+    previous: Tree | None = None,
+    compile_cache: bool = True,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
     Config and ops problems are reported together with the tree's, so one failed reload
     shows the operator everything that needs fixing. `strict` (every reload) refuses a tree
     with any error; at start (`strict=False`) there is no last good version to keep, so the
-    stacks that compiled are served and the others' problems are reported.
+    stacks that compiled are served and the others' problems are reported. `previous` is
+    the tree this runtime replaces: its unchanged stacks are taken over, not compiled again.
     """
     problems: list[Problem] = []
     try:
@@ -86,8 +97,11 @@ def build_runtime(
         problems.extend(err.problems)
         registry = OpRegistry.default()
     tree: Tree | None
+    cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
     try:
-        tree = load_tree(settings.ops_dir, registry)
+        tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
+        if cache is not None:
+            cache.flush()
     except TxclError as err:
         problems.extend(err.problems)
         tree = None

@@ -45,6 +45,7 @@ class ServeOptions:
     # A trace writer per serving process (opened after the fork); `.close()` at the end.
     open_trace_writer: Callable[[], Any]
     watch_interval: float | None = None
+    compile_cache: bool = True  # `--no-cache`: False
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def _runtime_holder(options: ServeOptions, trace_sink: Any) -> RuntimeHolder:
     versions are compiled on SIGHUP or a file change (txcl.chassis.reload)."""
     settings = options.settings
     try:
-        return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink)
+        return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink,
+                                   compile_cache=options.compile_cache)
     except ReloadFailed as err:
         raise CannotStart(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
                           ) from None
@@ -172,6 +174,8 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         log.info("%s listening on %s", name, ", ".join(server.bound))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if holder.current.tree.parsed == 0:  # all from the cache: the first edit need not wait
+        loop.run_in_executor(None, _build_parser)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     holder.install_sighup(loop)
@@ -187,6 +191,13 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         await server.close(grace=server.grace_s)
         log.info("%s stopped", name)
     return OK
+
+
+def _build_parser() -> None:
+    """Build the rule parser's tables (a start that parsed nothing has not built them)."""
+    from txcl.parser import parse
+
+    parse("", "<warm-up>")
 
 
 async def _end_of_file(fd: int) -> None:
