@@ -178,6 +178,10 @@ class RuntimeHolder:
             previous=preloaded,
             compile_cache=compile_cache,
         )
+        tree = initial.tree
+        log.info("loaded version 1: %d stacks, %d rule files (%d compiled, %d parsed) in %.3fs",
+                 len(tree.stacks), tree.files, tree.compiled, tree.parsed,
+                 time.monotonic() - started)
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
             log.error("not served: %s", str(problem).replace("\n", "\n  "))

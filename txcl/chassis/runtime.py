@@ -66,6 +66,21 @@ class ReloadFailed(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def load_ops_tree(
+    settings: Places,
+    registry: OpRegistry | None,
+    *,
+    previous: Tree | None = None,
+    compile_cache: bool = True,
+) -> Tree:
+    """The `--ops` tree through the compile cache under the state dir (unless turned off)."""
+    cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
+    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
+    if cache is not None:
+        cache.flush()
+    return tree
+
+
 def build_runtime(
     settings: Places,
     version: int,
@@ -97,11 +112,8 @@ def build_runtime(
         problems.extend(err.problems)
         registry = OpRegistry.default()
     tree: Tree | None
-    cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
     try:
-        tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
-        if cache is not None:
-            cache.flush()
+        tree = load_ops_tree(settings, registry, previous=previous, compile_cache=compile_cache)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None
