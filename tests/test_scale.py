@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scale_tree import domain_of, generate  # noqa: E402
 
@@ -48,3 +50,120 @@ def test_workers_take_over_the_tree_the_parent_compiled(
         code, reply = client.data(b"Subject: hi\r\n\r\nhello\r\n")
     assert (code, reply) == (250, f"2.0.0 queued for {tenants[1]}".encode())
     assert server.stop() == 0
+
+
+# --- routing: a dict lookup per recipient, however many tenants ---------------------------------
+
+
+class CountingRows(dict):  # type: ignore[type-arg]
+    """A tenant_hostnames snapshot that counts how it is read."""
+
+    lookups = 0
+    scans = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        CountingRows.lookups += 1
+        return super().get(key, default)
+
+    def __iter__(self) -> Any:
+        CountingRows.scans += 1
+        return super().__iter__()
+
+
+def lines_run(call: Callable[[], object]) -> int:
+    """How many Python lines `call` runs: a loop over the tenants would show."""
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def router_for(tenants: int) -> Any:
+    from lmtp.hostnames import HostnameRow
+    from lmtp.routing import Router
+
+    domains = {f"t{i}.example": {"tenant": f"t{i}"} for i in range(tenants)}
+    rows = CountingRows({f"h{i}.example": HostnameRow(f"h{i}.example", f"h{i}", None, True,
+                                                      0.0, 0.0) for i in range(tenants)})
+
+    class Store:
+        def snapshot(self) -> CountingRows:
+            return rows
+
+    settings = {"lmtp_default_hosts": ["chassis.example"]}
+    router = Router({"verified_domains": domains}, settings, Store())
+    router.refresh_hostnames()
+    return router
+
+
+@pytest.mark.parametrize("address", ["a@t7.example", "a@h7.example", "a@nowhere.example",
+                                     "t7.support@chassis.example"])
+def test_routing_runs_the_same_lines_for_ten_tenants_and_25000(address: str) -> None:
+    small, large = router_for(10), router_for(25_000)
+    assert small.route(address) == large.route(address)
+    assert lines_run(lambda: large.route(address)) == lines_run(lambda: small.route(address))
+
+
+def test_a_tenant_hostnames_lookup_is_one_get_and_no_scan() -> None:
+    router = router_for(25_000)
+    CountingRows.lookups = CountingRows.scans = 0
+    for i in (0, 12_345, 24_999):
+        route = router.route(f"someone@h{i}.example")
+        assert route is not None and route.tenant == f"h{i}"
+    assert (CountingRows.lookups, CountingRows.scans) == (3, 0)
+
+
+# --- memory per loaded stack -------------------------------------------------------------------
+
+
+def test_status_reports_the_memory_per_loaded_stack(tmp_path: Path) -> None:
+    from lmtp.config import Settings
+    from lmtp.personality import LmtpPersonality
+    from txcl.chassis.reload import RuntimeHolder
+    from txcl.chassis.status import format_status, read_status
+
+    ops, config, tenants = generate(tmp_path, 12)
+    bigger = ops / tenants[0] / "_mail" / "2"
+    bigger.mkdir()
+    for i in range(8):
+        (bigger / f"{i}.txcl").write_text(f"WHEN @lmtp.msg.subject =~ /x{i}/\nSET a.b{i} = 1\n")
+    settings = Settings(ops_dir=ops, config_file=config, state_dir=tmp_path / "var",
+                        lmtp_hostname="test")
+    RuntimeHolder.start(settings, [LmtpPersonality(settings)])
+    memory = read_status(tmp_path / "var")["memory"]
+    assert memory["stacks"] == memory["sampled"] == 3
+    assert 0 < memory["bytes_per_stack"] < memory["max_bytes"]
+    assert memory["estimated_bytes"] == 3 * memory["bytes_per_stack"]
+    assert "KiB per loaded stack (weighed 3 of 3" in format_status(read_status(tmp_path / "var"))
+
+
+def test_the_weight_of_a_stack_is_near_what_it_allocates(tmp_path: Path) -> None:
+    import gc
+    import tracemalloc
+
+    from txcl.chassis.status import stack_memory
+    from txcl.loader import load_tree
+
+    allocated, weighed = [], []
+    for files in (40, 200):
+        ops, _, _ = generate(tmp_path / str(files), files)
+        load_tree(ops)  # imports and parser tables first
+        gc.collect()
+        tracemalloc.start()
+        tree = load_tree(ops)
+        allocated.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        weighed.append(stack_memory(tree.stacks)["bytes_per_stack"])
+    per_stack = (allocated[1] - allocated[0]) / 40
+    assert weighed[0] == pytest.approx(weighed[1], rel=0.01)  # every stack has the same shape
+    assert 0.6 * per_stack < weighed[1] < 1.2 * per_stack

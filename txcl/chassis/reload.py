@@ -26,7 +26,13 @@ from typing import Any
 
 from txcl.chassis.head import Head
 from txcl.chassis.runtime import Fingerprint, Places, ReloadFailed, Runtime, build_runtime
-from txcl.chassis.status import STATUS_FILE, iso_time, problem_json, write_json_atomically
+from txcl.chassis.status import (
+    STATUS_FILE,
+    iso_time,
+    problem_json,
+    stack_memory,
+    write_json_atomically,
+)
 from txcl.errors import Problem
 from txcl.loader import Tree, no_cyclic_gc
 
@@ -139,6 +145,7 @@ class RuntimeHolder:
         self._lock = asyncio.Lock()
         self._pending: str | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self._memory: tuple[Runtime, dict[str, Any]] | None = None
         self.write_status()
 
     @classmethod
@@ -316,9 +323,16 @@ class RuntimeHolder:
             "stacks": len(current.tree.stacks),
             "rule_files": {"total": current.tree.files, "compiled": current.tree.compiled,
                            "parsed": current.tree.parsed},
+            "memory": self._memory_of(current),
             "warnings": [problem_json(p) for p in current.problems],
             "last_reload": self.last.to_json(),
         }
+
+    def _memory_of(self, runtime: Runtime) -> dict[str, Any]:
+        """stack_memory of a runtime, weighed once per version."""
+        if self._memory is None or self._memory[0] is not runtime:
+            self._memory = (runtime, stack_memory(runtime.tree.stacks))
+        return self._memory[1]
 
     def write_status(self) -> None:
         """status.json, replaced atomically; failure to write is logged, never raised."""
