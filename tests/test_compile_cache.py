@@ -28,6 +28,16 @@ def write_tree(ops: Path) -> None:
             path.write_text(text)
 
 
+def filled_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A tree under tmp_path/OPS, loaded once through a cache in tmp_path/cache."""
+    ops, folder = tmp_path / "OPS", tmp_path / "cache"
+    write_tree(ops)
+    cache = CompileCache(folder)
+    load_tree(ops, cache=cache)
+    cache.flush()
+    return ops, folder
+
+
 def run(tree: object, name: str) -> object:
     stack = tree.stacks[name]  # type: ignore[attr-defined]
     envelope = {"_txc": {"src": "lmtp", "route": {"to": f"{name}/0"}}}
@@ -66,11 +76,7 @@ def test_problems_come_from_the_cache_with_their_positions(tmp_path: Path) -> No
 
 
 def test_an_edited_or_renamed_file_is_parsed_again(tmp_path: Path) -> None:
-    ops, folder = tmp_path / "OPS", tmp_path / "cache"
-    write_tree(ops)
-    cache = CompileCache(folder)
-    load_tree(ops, cache=cache)
-    cache.flush()
+    ops, folder = filled_cache(tmp_path)
     (ops / "acme/_mail/0/10-a.txcl").write_text("SET seen.a = 2\n")
     (ops / "beta/_mail/0/10-a.txcl").rename(ops / "beta/_mail/0/20-a.txcl")
     cache = CompileCache(folder)
@@ -82,11 +88,7 @@ def test_an_edited_or_renamed_file_is_parsed_again(tmp_path: Path) -> None:
 def test_entries_of_another_engine_are_ignored_with_a_log_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ops, folder = tmp_path / "OPS", tmp_path / "cache"
-    write_tree(ops)
-    cache = CompileCache(folder)
-    load_tree(ops, cache=cache)
-    cache.flush()
+    ops, folder = filled_cache(tmp_path)
     monkeypatch.setattr(compile_cache, "engine_key", lambda: b"another grammar".ljust(32, b"."))
     with caplog.at_level(logging.WARNING, "txcl.cache"):
         tree = load_tree(ops, cache=CompileCache(folder))
@@ -98,11 +100,7 @@ def test_entries_of_another_engine_are_ignored_with_a_log_line(
 def test_a_corrupt_shard_is_ignored_with_a_log_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    ops, folder = tmp_path / "OPS", tmp_path / "cache"
-    write_tree(ops)
-    cache = CompileCache(folder)
-    load_tree(ops, cache=cache)
-    cache.flush()
+    ops, folder = filled_cache(tmp_path)
     for shard in shards(folder):
         data = shard.read_bytes()
         if damage == "garbage":
@@ -177,11 +175,7 @@ def test_a_folder_others_could_write_to_is_not_used(
 
 
 def test_shards_are_private_and_written_whole(tmp_path: Path) -> None:
-    ops, folder = tmp_path / "OPS", tmp_path / "cache"
-    write_tree(ops)
-    cache = CompileCache(folder)
-    load_tree(ops, cache=cache)
-    cache.flush()
+    ops, folder = filled_cache(tmp_path)
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert shards(folder)
     assert {stat.S_IMODE(os.stat(s).st_mode) for s in shards(folder)} == {0o600}
@@ -189,11 +183,7 @@ def test_shards_are_private_and_written_whole(tmp_path: Path) -> None:
 
 
 def test_a_cached_syntax_tree_is_decoded_only_when_used(tmp_path: Path) -> None:
-    ops, folder = tmp_path / "OPS", tmp_path / "cache"
-    write_tree(ops)
-    cache = CompileCache(folder)
-    load_tree(ops, cache=cache)
-    cache.flush()
+    ops, folder = filled_cache(tmp_path)
     checked = load_target(ops, keep_files=True, cache=CompileCache(folder), check_only=True)
     assert checked.stacks == {} and checked.parsed == 0
     read = checked.read[str(ops / "acme/_mail/1/10-accept.txcl")]

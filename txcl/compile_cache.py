@@ -7,7 +7,7 @@ shard files by the first byte of their key: creating a file costs far more than 
 one on a busy disk, and a reload that recompiles one stack reads a few shards, not all.
 
 Each shard starts with the engine key (a hash of the Python version, the grammar and the
-source of every module whose output is cached) and a digest of its payload: a shard of
+source of the txcl modules) and a digest of its payload: a shard of
 another engine, a torn or corrupt one is ignored with a log line and replaced, never
 trusted. Compiling a cached syntax tree again (regexes, getters) is the loader's job; it is
 deterministic, so what compiled before compiles again.
@@ -43,11 +43,7 @@ MAGIC: Final = b"TXCLC1\n"
 SHARD_SUFFIX: Final = ".shard"
 _DIGEST_BYTES: Final = 16
 _KEY_BYTES: Final = 32
-# The modules whose output an entry holds: a change to any of them makes every entry stale.
-_ENGINE_MODULES: Final = (
-    "txcl.ast", "txcl.errors", "txcl.parser", "txcl.compiler", "txcl.paths", "txcl.regex",
-    "txcl.functions", "txcl.values", "txcl.lint", "txcl.compile_cache",
-)
+_ENGINE_PACKAGE: Final = "txcl"
 
 
 class CachedFile:
@@ -87,17 +83,16 @@ class CachedFile:
 
 @functools.cache
 def engine_key() -> bytes:
-    """A digest of everything that shapes a cached entry (see the module docstring)."""
-    import importlib
-
+    """A digest of everything that shapes a cached entry: the Python version, the grammar and
+    the source of every module of the txcl package (not its subpackages: the chassis), so
+    any change to the engine, even one not released, makes the cache stale."""
     from txcl.parser import grammar_text
 
     digest = hashlib.sha256()
     digest.update(f"{sys.version_info[:2]}|pickle {pickle.HIGHEST_PROTOCOL}".encode())
     digest.update(grammar_text().encode("utf-8"))
-    for name in _ENGINE_MODULES:
-        origin = importlib.import_module(name).__file__
-        digest.update(Path(origin).read_bytes() if origin else name.encode())
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
     return digest.digest()
 
 
@@ -265,7 +260,7 @@ def _field_names(cls: type) -> tuple[str, ...]:
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         cls = type(obj)
-        if not (dataclasses.is_dataclass(cls) and cls.__module__ in _ENGINE_MODULES):
+        if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + ".")):
             return NotImplemented
         return cls, tuple(getattr(obj, name) for name in _field_names(cls))
 

@@ -110,8 +110,11 @@ def format_status(status: Mapping[str, Any]) -> str:
         f" (pid {status.get('pid')}, {status.get('stacks')} stacks)",
         f"ops: {status.get('ops_dir')}   config: {status.get('config_file') or '-'}",
     ]
-    memory = status.get("memory") or {}
-    if memory.get("stacks"):
+    memory = status.get("memory")
+    if isinstance(memory, dict) and memory.get("stacks") and all(
+        isinstance(memory.get(key), int)
+        for key in ("bytes_per_stack", "sampled", "stacks", "max_bytes", "estimated_bytes")
+    ):
         lines.append(
             f"memory: about {memory['bytes_per_stack'] / 1024:,.0f} KiB per loaded stack "
             f"(weighed {memory['sampled']} of {memory['stacks']}; largest "
