@@ -167,3 +167,35 @@ def test_the_weight_of_a_stack_is_near_what_it_allocates(tmp_path: Path) -> None
     per_stack = (allocated[1] - allocated[0]) / 40
     assert weighed[0] == pytest.approx(weighed[1], rel=0.01)  # every stack has the same shape
     assert 0.6 * per_stack < weighed[1] < 1.2 * per_stack
+
+
+def test_a_delivery_in_flight_keeps_its_version_through_an_incremental_reload(
+    serve: Callable[..., Any], tmp_path: Path
+) -> None:
+    import json
+    import signal
+
+    ops, config, tenants = generate(tmp_path / "tree", 12)
+    backdate(ops)
+    server = serve(tmp_path, ops, config.read_text(), "--no-watch")
+    status = tmp_path / "var" / "status.json"
+    verdict = ops / tenants[1] / "_mail" / "1" / "20-verdict.txcl"
+    with server.lmtp() as client:
+        client.ehlo("client.example")
+        client.mail("a@example.com")
+        assert client.rcpt(f"support@{domain_of(tenants[1])}")[0] == 250  # takes version 1
+        verdict.write_text(verdict.read_text().replace("queued for", "edited for"))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"now serving version 2 \(built in [0-9.]+s; 4 of 12 rule files "
+                            r"compiled, 1 parsed\)", timeout=60)
+        deadline = time.monotonic() + 30  # status.json is written just after the log line
+        while json.loads(status.read_text())["version"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads(status.read_text())["rule_files"]["compiled"] == 4
+        code, reply = client.data(b"Subject: hi\r\n\r\nhello\r\n")
+        assert (code, reply) == (250, f"2.0.0 queued for {tenants[1]}".encode())
+        client.mail("a@example.com")
+        client.rcpt(f"support@{domain_of(tenants[1])}")
+        assert client.data(b"Subject: hi\r\n\r\nhello\r\n") == (
+            250, f"2.0.0 edited for {tenants[1]}".encode())
+    assert server.stop() == 0
