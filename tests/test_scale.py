@@ -199,3 +199,19 @@ def test_a_delivery_in_flight_keeps_its_version_through_an_incremental_reload(
         assert client.data(b"Subject: hi\r\n\r\nhello\r\n") == (
             250, f"2.0.0 edited for {tenants[1]}".encode())
     assert server.stop() == 0
+
+
+def test_a_preloaded_tree_is_checked_against_the_workers_ops(tmp_path: Path) -> None:
+    from txcl.loader import load_tree, with_registry
+    from txcl.ops import OpRegistry
+
+    ops, _, tenants = generate(tmp_path, 12)
+    (ops / tenants[2] / "_mail" / "0" / "30-op.txcl").write_text('EXEC "op://CLASSIFY"\n')
+    preloaded = load_tree(ops)  # as the parent of --workers loads it: no ops known
+    assert len(preloaded.stacks) == 3 and preloaded.exec_ops[f"{tenants[2]}/_mail"] == {
+        "CLASSIFY"}
+    checked = with_registry(preloaded, OpRegistry.default())
+    assert sorted(checked.stacks) == [f"{tenants[0]}/_mail", f"{tenants[1]}/_mail"]
+    assert checked.stacks[f"{tenants[0]}/_mail"] is preloaded.stacks[f"{tenants[0]}/_mail"]
+    assert [p.message for p in checked.problems] == ["unknown op 'CLASSIFY' (EXEC op://CLASSIFY)"]
+    assert checked.rejected == {f"{tenants[2]}/_mail"}

@@ -26,12 +26,13 @@ as that load is not missed).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class Tree:
     compiled: int = 0  # files compiled by this load (not taken over from `previous`)
     signatures: Mapping[str, StackSignature] = field(default_factory=dict)  # served stacks
     op_names: frozenset[str] | None = None  # the ops EXECs were checked against
+    exec_ops: Mapping[str, frozenset[str]] = field(default_factory=dict)  # stack -> ops it EXECs
     started_ns: int = 0  # wall clock when this load began
 
     @property
@@ -239,14 +241,8 @@ class _Walker:
 
     def check_ops(self, rules: tuple[CompiledRule, ...], problems: list[Problem]) -> None:
         """An EXEC of an op the registry does not know is a problem."""
-        if self.registry is None:
-            return
-        for rule in rules:
-            for step in rule.steps:
-                if isinstance(step, ExecStep) and step.op not in self.registry:
-                    problems.append(
-                        _problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
-                    )
+        if self.registry is not None:
+            problems.extend(unknown_ops(rules, self.registry))
 
     def keep(self, read: ReadFile) -> None:
         if self.read is not None:
@@ -332,6 +328,47 @@ def _byte_pos(path: str, data: bytes, offset: int) -> Pos:
     return Pos(path, line, column)
 
 
+def _exec_steps(rules: Iterable[CompiledRule]) -> Iterator[ExecStep]:
+    for rule in rules:
+        for step in rule.steps:
+            if isinstance(step, ExecStep):
+                yield step
+
+
+def unknown_ops(rules: Iterable[CompiledRule], registry: OpRegistry) -> list[Problem]:
+    """A problem for each EXEC of an op the registry does not know."""
+    return [_problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
+            for step in _exec_steps(rules) if step.op not in registry]
+
+
+def stack_rules(stack: Stack) -> Iterator[CompiledRule]:
+    for stage in stack.stages:
+        yield from stage.rules
+
+
+def with_registry(tree: Tree, registry: OpRegistry) -> Tree:
+    """`tree` with its EXECs checked against `registry` (it was loaded without one, or with
+    another): a stack that EXECs an unknown op is taken out, with its problems. The stacks
+    are not walked unless their EXECs (`Tree.exec_ops`) name an unknown op."""
+    names = registry.names()
+    bad = {name for name, ops in tree.exec_ops.items() if not ops <= names}
+    if not bad:  # nothing parsed or compiled for it: the counts are of this load
+        return dataclasses.replace(tree, op_names=names, parsed=0, compiled=0)
+    problems = [p for name in sorted(bad)
+                for p in unknown_ops(stack_rules(tree.stacks[name]), registry)]
+
+    def served(table: Mapping[str, _Value]) -> dict[str, _Value]:
+        return {name: value for name, value in table.items() if name not in bad}
+
+    return dataclasses.replace(
+        tree, stacks=served(tree.stacks), problems=(*tree.problems, *problems),
+        rejected=tree.rejected | bad, signatures=served(tree.signatures),
+        exec_ops=served(tree.exec_ops), op_names=names, parsed=0, compiled=0)
+
+
+_Value = TypeVar("_Value")
+
+
 def stack_signature(folder: str) -> StackSignature:
     """What identifies a stack folder's content without reading it: (name, inode, size,
     mtime_ns, ctime_ns) of each entry of the folder and of its subfolders, sorted. A
@@ -402,6 +439,7 @@ def load_tree(
     cases: dict[str, tuple[Path, ...]] = {}
     rejected: set[str] = set()
     signatures: dict[str, StackSignature] = {}
+    exec_ops: dict[str, frozenset[str]] = {}
     if not root.is_dir():
         problems.append(_problem(f"{root}: not a folder"))
         return Tree(root, stacks, tuple(problems), 0)
@@ -424,11 +462,12 @@ def load_tree(
             if kept is not None and previous is not None:
                 stack, case_files = kept, previous.case_files.get(name, ())
                 walker.files += sum(len(stage.files) for stage in stack.stages)
-                if walker.op_names != previous.op_names:
-                    for stage in stack.stages:
-                        walker.check_ops(stage.rules, stack_problems)
+                ops = previous.exec_ops.get(name, frozenset())
+                if registry is not None and not ops <= (walker.op_names or frozenset()):
+                    stack_problems.extend(unknown_ops(stack_rules(stack), registry))
             else:
                 stack, case_files = walker.stack(name, stack_entry.path, stack_problems)
+                ops = frozenset(step.op for step in _exec_steps(stack_rules(stack)))
             cases[name] = case_files
             problems.extend(stack_problems)
             if stack_problems:
@@ -436,6 +475,7 @@ def load_tree(
             elif not check_only:
                 stacks[name] = stack
                 signatures[name] = signature
+                exec_ops[name] = ops
     return Tree(
         root,
         stacks,
@@ -447,6 +487,7 @@ def load_tree(
         parsed=walker.parsed,
         compiled=walker.compiled,
         signatures=signatures,
+        exec_ops=exec_ops,
         op_names=walker.op_names,
         started_ns=started_ns,
     )

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from txcl.chassis.head import Head
-from txcl.chassis.runtime import Fingerprint, Places, ReloadFailed, Runtime, build_runtime
+from txcl.chassis.runtime import (
+    Fingerprint,
+    Places,
+    Preloaded,
+    ReloadFailed,
+    Runtime,
+    build_runtime,
+)
 from txcl.chassis.status import (
     STATUS_FILE,
     iso_time,
@@ -34,7 +41,7 @@ from txcl.chassis.status import (
     write_json_atomically,
 )
 from txcl.errors import Problem
-from txcl.loader import Tree, no_cyclic_gc
+from txcl.loader import no_cyclic_gc
 
 log = logging.getLogger("txco.reload")
 
@@ -156,13 +163,14 @@ class RuntimeHolder:
         *,
         trace_sink: Callable[..., Any] | None = None,
         compile_cache: bool = True,
-        preloaded: Tree | None = None,
+        preloaded: Preloaded | None = None,
     ) -> RuntimeHolder:
         """Build the first runtime now and a holder around it.
 
         ReloadFailed if the config or the ops cannot be loaded; problems in the OPS tree
         only keep their stacks out (reported in the log and status.json). `preloaded` is a
-        tree loaded before (by the parent of --workers): its stacks are taken over.
+        tree loaded before (by the parent of --workers): it is served as it is, and the
+        first change since its fingerprint reloads.
         Each reload builds over the serving runtime's tree, compiling only what changed.
         """
         paths = watched_paths(settings)
@@ -180,9 +188,9 @@ class RuntimeHolder:
             1,
             heads,
             trace_sink=trace_sink,
-            fingerprint=fingerprint(paths),
+            fingerprint=fingerprint(paths) if preloaded is None else preloaded.fingerprint,
             strict=False,
-            previous=preloaded,
+            preloaded=None if preloaded is None else preloaded.tree,
             compile_cache=compile_cache,
         )
         tree = initial.tree

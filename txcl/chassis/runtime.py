@@ -21,13 +21,22 @@ from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_co
 from txcl.chassis.head import Engine, Head
 from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_tree
+from txcl.loader import Tree, load_tree, with_registry
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
 Fingerprint = tuple[tuple[str, int, int], ...]
 
 CACHE_DIR = "cache"  # under the state dir
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """An OPS tree loaded before the serving process started (by the parent of --workers),
+    and the fingerprint of the watched files taken just before that load."""
+
+    tree: Tree
+    fingerprint: Fingerprint
 
 
 class Places(Protocol):
@@ -91,6 +100,7 @@ def build_runtime(
     strict: bool = True,
     previous: Tree | None = None,
     compile_cache: bool = True,
+    preloaded: Tree | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
@@ -99,6 +109,9 @@ def build_runtime(
     with any error; at start (`strict=False`) there is no last good version to keep, so the
     stacks that compiled are served and the others' problems are reported. `previous` is
     the tree this runtime replaces: its unchanged stacks are taken over, not compiled again.
+    `preloaded` is a tree loaded just before (by the parent of --workers, before the fork):
+    it is used as it is, only its EXECs checked against this registry, so that a worker
+    does not touch (and so copy) the pages it shares with the parent and its siblings.
     """
     problems: list[Problem] = []
     try:
@@ -113,7 +126,11 @@ def build_runtime(
         registry = OpRegistry.default()
     tree: Tree | None
     try:
-        tree = load_ops_tree(settings, registry, previous=previous, compile_cache=compile_cache)
+        if preloaded is not None:
+            tree = with_registry(preloaded, registry)
+        else:
+            tree = load_ops_tree(settings, registry, previous=previous,
+                                 compile_cache=compile_cache)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None

@@ -43,41 +43,32 @@ _NOT_OWNED = (type, types.ModuleType, types.CodeType, types.BuiltinFunctionType)
 def stack_memory(stacks: Mapping[str, object], sample: int = MEMORY_SAMPLE) -> dict[str, Any]:
     """What the loaded stacks weigh: the bytes of the Python objects each holds (its rules,
     compiled paths and regexes, plans), weighed on up to `sample` stacks spread over the
-    tree, and that mean times the number of stacks. Modules, classes, code and module-level
-    functions are shared by all stacks and not counted; the closures a compiled rule made
-    are. Memory inside a C library (RE2's programs) is not seen."""
+    tree, and that mean times the number of stacks. Modules, classes, code and functions
+    that are not closures are shared by all stacks and not counted; the closures a compiled
+    rule made are. Memory inside a C library (RE2's programs) is not seen."""
     names = sorted(stacks)
     if not names:
         return {"stacks": 0, "sampled": 0, "bytes_per_stack": 0, "max_bytes": 0,
                 "estimated_bytes": 0}
     step = max(1, len(names) // sample)
     picked = names[::step][:sample]
-    shared = _module_level_ids()
-    weights = [_weigh(stacks[name], shared) for name in picked]
+    weights = [_weigh(stacks[name]) for name in picked]
     mean = sum(weights) // len(weights)
     return {"stacks": len(names), "sampled": len(weights), "bytes_per_stack": mean,
             "max_bytes": max(weights), "estimated_bytes": mean * len(names)}
 
 
-def _module_level_ids() -> set[int]:
-    shared: set[int] = set()
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if isinstance(namespace, dict):
-            shared.add(id(namespace))
-            shared.update(id(value) for value in list(namespace.values()))
-    return shared
-
-
-def _weigh(root: object, shared: set[int]) -> int:
+def _weigh(root: object) -> int:
     """sys.getsizeof over everything reachable from `root`, each object once, but for what
-    is shared with the rest of the process (see stack_memory)."""
+    is shared with the rest of the process (see stack_memory). Module namespaces are not
+    scanned for it: in a worker of --workers that would touch, and so copy, every page of
+    every module the parent imported."""
     seen: set[int] = set()
     pending = [root]
     total = 0
     while pending:
         obj = pending.pop()
-        if id(obj) in seen or id(obj) in shared:
+        if id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, types.FunctionType):

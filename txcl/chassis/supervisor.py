@@ -25,9 +25,9 @@ from typing import Any
 
 from txcl.chassis.balance import SessionCounts, WorkerSlot
 from txcl.chassis.head import BindError, Head, HeadServer
-from txcl.chassis.reload import ReloadFailed, RuntimeHolder
-from txcl.chassis.runtime import Places, load_ops_tree
-from txcl.loader import Tree, no_cyclic_gc
+from txcl.chassis.reload import ReloadFailed, RuntimeHolder, fingerprint, watched_paths
+from txcl.chassis.runtime import Places, Preloaded, load_ops_tree
+from txcl.loader import no_cyclic_gc
 
 OK, FAILURE, USAGE = 0, 1, 2
 
@@ -48,8 +48,8 @@ class ServeOptions:
     open_trace_writer: Callable[[], Any]
     watch_interval: float | None = None
     compile_cache: bool = True  # `--no-cache`: False
-    # The tree the parent of --workers loaded before it forked: each worker takes it over.
-    preloaded: Tree | None = None
+    # The tree the parent of --workers loaded before it forked: each first worker serves it.
+    preloaded: Preloaded | None = None
 
 
 @dataclass(frozen=True)
@@ -301,8 +301,9 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
             log.error("worker %d exited (status %d); starting another", pid, code)
             if time.monotonic() - started < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
-            if not stopping:
-                pid = _fork_worker(options, listeners, StartGate(None, go_read),
+            if not stopping:  # it loads the tree as it is now, not as the first workers did
+                fresh = dataclasses.replace(options, preloaded=None)
+                pid = _fork_worker(fresh, listeners, StartGate(None, go_read),
                                    WorkerSlot(sessions, slot), ())
                 children[pid] = (time.monotonic(), slot)
         return status
@@ -311,11 +312,12 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
         _release(options.heads, listeners)
 
 
-def _preload(options: ServeOptions) -> Tree | None:
-    """The OPS tree, compiled once in the parent so the workers share it instead of each
-    compiling its own (ops are checked, and a worker's own runtime built, in the worker)."""
+def _preload(options: ServeOptions) -> Preloaded | None:
+    """The OPS tree, compiled once in the parent so the workers share its pages instead of
+    each compiling its own (ops are checked, and each worker's runtime built, in the worker)."""
     started = time.monotonic()
     try:
+        seen = fingerprint(watched_paths(options.settings))
         with no_cyclic_gc():
             tree = load_ops_tree(options.settings, None, compile_cache=options.compile_cache)
     except Exception:  # the workers load it themselves and report what is wrong
@@ -324,7 +326,7 @@ def _preload(options: ServeOptions) -> Tree | None:
     log.info("loaded for the workers: %d stacks, %d rule files (%d compiled, %d parsed) in "
              "%.3fs", len(tree.stacks), tree.files, tree.compiled, tree.parsed,
              time.monotonic() - started)
-    return tree
+    return Preloaded(tree, seen)
 
 
 def _release(heads: Sequence[Head], listeners: Mapping[str, object]) -> None:
