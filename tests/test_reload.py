@@ -486,3 +486,14 @@ def test_a_transaction_in_flight_keeps_its_runtime_through_an_incremental_reload
 
     assert deliver(taken)[0].endswith("beta v1")
     assert deliver(holder.current)[0].endswith("v2")
+
+
+def test_a_stage_folder_that_loops_fails_the_reload_and_does_not_crash_it(
+    tmp_path: Path,
+) -> None:
+    holder = start(multi_tenant(tmp_path))
+    loop = tmp_path / "OPS/gamma/_mail/2"
+    loop.symlink_to(loop)
+    outcome = reload_now(holder)
+    assert not outcome.ok and holder.current.version == 1
+    assert any("symbolic links" in str(p) and str(loop) in str(p) for p in outcome.problems)

@@ -31,6 +31,7 @@ import functools
 import gc
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -393,7 +394,7 @@ def stack_signature(folder: str) -> StackSignature:
                 except OSError:
                     continue
             out.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-            if not prefix and entry.is_dir():
+            if not prefix and stat.S_ISDIR(st.st_mode):  # a link that loops is not followed
                 pending.append((name + "/", entry.path))
     out.sort()
     return tuple(out)
