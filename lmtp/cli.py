@@ -97,8 +97,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", metavar="DIR", default="OPS",
                         help="the OPS tree (default: ./OPS)")
     parser.add_argument("--workers", default="1", metavar="N",
-                        help="worker processes sharing the listeners, each with its own copy "
-                        "of the rules; SIGHUP and SIGTERM reach them all (default: 1)")
+                        help="worker processes sharing the listeners and the rules compiled "
+                        "before they fork; SIGHUP and SIGTERM reach them all (default: 1)")
     parser.add_argument("--no-cache", dest="compile_cache", action="store_false",
                         help="parse every rule file; neither read nor write the compile cache "
                         "(<state-dir>/cache/)")
