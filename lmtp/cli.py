@@ -109,8 +109,11 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", metavar="DIR", default="OPS",
                         help="the OPS tree (default: ./OPS)")
     parser.add_argument("--workers", default="1", metavar="N",
-                        help="worker processes sharing the listeners, each with its own copy "
-                        "of the rules; SIGHUP and SIGTERM reach them all (default: 1)")
+                        help="worker processes sharing the listeners and the rules compiled "
+                        "before they fork; SIGHUP and SIGTERM reach them all (default: 1)")
+    parser.add_argument("--no-cache", dest="compile_cache", action="store_false",
+                        help="parse every rule file; neither read nor write the compile cache "
+                        "(<state-dir>/cache/)")
     _add_place_flags(parser)
     add_serve_trace_arguments(parser)
 
@@ -190,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings=settings,
         open_trace_writer=lambda: trace_writer_from_args(args, settings.state_dir),
         watch_interval=args.watch_interval if args.watch else None,
+        compile_cache=args.compile_cache,
     ), workers)
 
 

@@ -306,3 +306,196 @@ def test_status_json_is_replaced_atomically_and_readable(tmp_path: Path) -> None
     doc = json.loads(path.read_text())
     assert doc["version"] == 2 and doc["pid"] == os.getpid()
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- incremental reload: what changed is compiled, the rest is shared --------------------------
+
+TENANTS = ("acme", "beta", "gamma")
+
+
+def multi_tenant(tmp_path: Path, config: str = "") -> Settings:
+    """Three tenants of two files each, every file dated a minute back (so that none is too
+    recent for its stack to be taken over)."""
+    for tenant in TENANTS:
+        for name, text in (("0/10-a.txcl", f"SET seen.{tenant} = 1\n"),
+                           ("1/10-accept.txcl", ACCEPT.replace("v1", f"{tenant} v1"))):
+            path = tmp_path / "OPS" / tenant / "_mail" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    domains = "".join(f"      {t}.example: {{tenant: {t}}}\n" for t in TENANTS)
+    (tmp_path / "txco.yaml").write_text(
+        config or f"ingress:\n  lmtp:\n    verified_domains:\n{domains}")
+    backdate(tmp_path / "OPS")
+    return Settings(ops_dir=tmp_path / "OPS", config_file=tmp_path / "txco.yaml",
+                    state_dir=tmp_path / "var", lmtp_hostname="test")
+
+
+def backdate(root: Path, seconds: float = 60) -> None:
+    when = time.time() - seconds
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (when, when), follow_symlinks=False)
+
+
+def stacks_of(holder: RuntimeHolder) -> dict[str, Any]:
+    return dict(holder.current.tree.stacks)
+
+
+def shared(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    return {name for name in before if after.get(name) is before[name]}
+
+
+def msg_of(holder: RuntimeHolder, tenant: str) -> str:
+    stack = holder.current.tree.stacks[f"{tenant}/_mail"]
+    envelope = {"_txc": {"src": "lmtp", "route": {"to": f"{tenant}/_mail/0"},
+                         "lmtp": {"rcpt": ["a"]}}}
+    return stack.run(envelope).envelope["_txc"]["lmtp"]["res"]["msg"]
+
+
+def test_an_edit_compiles_only_its_stack_and_shares_the_others(tmp_path: Path) -> None:
+    holder = start(multi_tenant(tmp_path))
+    assert holder.current.tree.compiled == 6
+    before = stacks_of(holder)
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    assert reload_now(holder).ok
+    tree = holder.current.tree
+    assert (tree.compiled, tree.parsed, tree.files) == (2, 1, 6)  # one file new to the cache
+    assert shared(before, stacks_of(holder)) == {"acme/_mail", "gamma/_mail"}
+    assert msg_of(holder, "beta") == "v2" and msg_of(holder, "acme") == "acme v1"
+    # nothing changed since: taken over again, but for beta, written too recently to trust
+    before = stacks_of(holder)
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 2
+    assert shared(before, stacks_of(holder)) == {"acme/_mail", "gamma/_mail"}
+
+
+def test_a_rename_a_deleted_stack_and_a_new_tenant_each_compile_only_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the steps follow each other within the margin: trust what a step's load saw
+    monkeypatch.setattr("txcl.loader.RACY_MARGIN_NS", 0)
+    holder = start(multi_tenant(tmp_path))
+    before = stacks_of(holder)
+    stage = tmp_path / "OPS/acme/_mail/0"
+    (stage / "10-a.txcl").rename(stage / "20-a.txcl")
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 2
+    assert shared(before, stacks_of(holder)) == {"beta/_mail", "gamma/_mail"}
+    assert [Path(f).name for f in holder.current.tree.stacks["acme/_mail"].stages[0].files] == [
+        "20-a.txcl"]
+
+    before = stacks_of(holder)
+    for path in sorted((tmp_path / "OPS/gamma").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (tmp_path / "OPS/gamma").rmdir()
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 0
+    assert set(stacks_of(holder)) == {"acme/_mail", "beta/_mail"}
+    assert shared(before, stacks_of(holder)) >= {"beta/_mail"}
+
+    before = stacks_of(holder)
+    new = tmp_path / "OPS/delta/_mail/0/10-accept.txcl"
+    new.parent.mkdir(parents=True)
+    new.write_text(ACCEPT.replace("v1", "delta v1"))
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 1
+    assert set(stacks_of(holder)) == {"acme/_mail", "beta/_mail", "delta/_mail"}
+    assert shared(before, stacks_of(holder)) >= {"beta/_mail"}
+    assert msg_of(holder, "delta") == "delta v1"
+
+
+def test_a_config_change_that_reroutes_compiles_no_stack(tmp_path: Path) -> None:
+    settings = multi_tenant(tmp_path)
+    holder = start(settings)
+    before = stacks_of(holder)
+    router = holder.current.heads["lmtp"].router
+    assert router.route("x@acme.example").stack == "acme/_mail"
+    edit(tmp_path / "txco.yaml",
+         "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: beta}\n")
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 0
+    assert shared(before, stacks_of(holder)) == set(before)
+    router = holder.current.heads["lmtp"].router
+    assert router.route("x@acme.example").stack == "beta/_mail"
+    assert router.route("x@gamma.example") is None
+
+
+def test_a_taken_over_stack_is_checked_against_the_new_ops(tmp_path: Path) -> None:
+    ops = 'ops:\n  CLASSIFY: {python: "json:loads"}\n'
+    settings = multi_tenant(tmp_path, ops)
+    (tmp_path / "OPS/acme/_mail/0/20-exec.txcl").write_text('EXEC "op://CLASSIFY"\n')
+    backdate(tmp_path / "OPS")
+    holder = start(settings)
+    assert "acme/_mail" in holder.current.tree.stacks
+    edit(tmp_path / "txco.yaml", "ops: {}\n")
+    outcome = reload_now(holder)
+    assert not outcome.ok and holder.current.version == 1
+    assert any("CLASSIFY" in str(p) for p in outcome.problems)
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_still_seen(tmp_path: Path) -> None:
+    holder = start(multi_tenant(tmp_path))
+    path = tmp_path / "OPS/beta/_mail/1/10-accept.txcl"
+    st = path.stat()
+    path.write_text(path.read_text().replace("v1", "v9"))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # what `cp -p` or a sync tool does
+    assert path.stat().st_size == st.st_size
+    assert reload_now(holder).ok
+    assert msg_of(holder, "beta") == "beta v9"
+
+
+def test_a_file_written_just_before_a_load_is_not_trusted_by_the_next(tmp_path: Path) -> None:
+    settings = multi_tenant(tmp_path)
+    fresh = tmp_path / "OPS/acme/_mail/0/10-a.txcl"
+    fresh.write_text("SET seen.acme = 2\n")  # in the same clock tick as the load, maybe
+    holder = start(settings)
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 2  # acme's folder is too recent to take over
+
+
+def test_without_the_cache_every_start_parses_and_nothing_is_written(tmp_path: Path) -> None:
+    settings = multi_tenant(tmp_path)
+    holder = RuntimeHolder.start(settings, [LmtpPersonality(settings)], compile_cache=False)
+    assert holder.current.tree.parsed == 6
+    assert not (tmp_path / "var" / "cache").exists()
+    warm = start(settings)
+    assert warm.current.tree.parsed == 6
+    assert start(settings).current.tree.parsed == 0
+
+
+def test_a_transaction_in_flight_keeps_its_runtime_through_an_incremental_reload(
+    tmp_path: Path,
+) -> None:
+    from lmtp.delivery import Transaction
+
+    holder = start(multi_tenant(tmp_path))
+    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
+    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
+    asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@beta.example", []))
+    first = holder.current
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    assert reload_now(holder).ok
+    assert holder.current.tree.compiled == 2
+    taken = handler.runtime_of(in_flight)
+    assert taken is first and taken.version == 1
+
+    def deliver(runtime: Any) -> list[str]:
+        transaction = Transaction("default", "127.0.0.1", "client", "a@example.com",
+                                  ("a@beta.example",), tuple(in_flight.routes),
+                                  b"Subject: hi\r\n\r\nhello\r\n", time.time())
+        return asyncio.run(runtime.heads["lmtp"].deliverer.deliver(transaction))
+
+    assert deliver(taken)[0].endswith("beta v1")
+    assert deliver(holder.current)[0].endswith("v2")
+
+
+def test_a_stage_folder_that_loops_fails_the_reload_and_does_not_crash_it(
+    tmp_path: Path,
+) -> None:
+    holder = start(multi_tenant(tmp_path))
+    loop = tmp_path / "OPS/gamma/_mail/2"
+    loop.symlink_to("3")  # a stage folder and a sibling that lead to each other
+    (tmp_path / "OPS/gamma/_mail/3").symlink_to("2")
+    outcome = reload_now(holder)
+    assert not outcome.ok and holder.current.version == 1
+    assert [p.code for p in outcome.problems] == ["txcl_load_error", "txcl_load_error"]
+    assert all("a symlink loop" in p.message for p in outcome.problems)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from txcl import cases, fmt, inputs, lint
+from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
 from txcl.loader import Tree, load_target, read_rule_source
@@ -27,6 +28,7 @@ from txcl.values import MISSING
 
 OK, FAILED, USAGE = 0, 1, 2
 CONFIG_NAME = "txco.yaml"
+NO_CACHE_HELP = "parse every file; leave the compile cache ($XDG_CACHE_HOME/txcl) alone"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--state-dir", type=Path, help="where executed ops write (with --exec)")
     t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
     t.add_argument("--json", action="store_true", help="print one JSON document")
+    t.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
     lt.add_argument("targets", nargs="+", type=Path)
     lt.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` name the known ops")
     lt.add_argument("--format", choices=("text", "json", "github"), default="text")
+    lt.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     f = sub.add_parser("fmt", help="print rules in canonical form")
     f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders")
@@ -91,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     registry = _registry(args.config, args.target)
-    tree = load_target(args.target)
+    cache = _compile_cache(args)
+    tree = load_target(args.target, cache=cache)
+    if cache is not None:
+        cache.flush()
     if tree.problems:
         _print_problems(tree.problems, sys.stderr)
     if args.envelope is None:
@@ -313,13 +320,16 @@ def cmd_lint(args: argparse.Namespace) -> int:
     # Without a config, ops are still checked: against the built-ins and installed plug-ins.
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
+    cache = _compile_cache(args)
     for target in args.targets:
         if os.path.lexists(target) and not target.is_dir():
             inputs.require_regular(target)
         if not target.exists():
             print(f"txcl lint: {target}: no such file or folder", file=sys.stderr)
             return USAGE
-        problems.extend(lint.lint_target(target, registry))
+        problems.extend(lint.lint_target(target, registry, cache=cache))
+    if cache is not None:
+        cache.flush()
     RENDERERS[args.format](problems, sys.stdout)
     if configured is None and any(p.check == "unknown-op" for p in problems):
         print(
@@ -328,6 +338,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return FAILED if any(p.severity == "error" for p in problems) else OK
+
+
+def _compile_cache(args: argparse.Namespace) -> CompileCache | None:
+    return None if args.no_cache else CompileCache(user_cache_dir())
 
 
 def _render_text(problems: Sequence[Problem], out: TextIO) -> None:

@@ -44,6 +44,7 @@ from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
+    from txcl.compile_cache import CompileCache
     from txcl.loader import ReadFile
     from txcl.ops import OpRegistry
 
@@ -372,7 +373,9 @@ def _recipient_gaps(verdicts: Iterable[_Verdict]) -> list[Problem]:
 # --- trees ----------------------------------------------------------------------------------
 
 
-def lint_tree(root: str | Path, registry: OpRegistry | None = None) -> list[Problem]:
+def lint_tree(
+    root: str | Path, registry: OpRegistry | None = None, *, cache: CompileCache | None = None
+) -> list[Problem]:
     """Lint a whole OPS tree: the loader's layout problems, then every rule file, with the
     recipient-slot check taken over each stack."""
     from txcl.loader import load_tree, no_cyclic_gc
@@ -381,15 +384,17 @@ def lint_tree(root: str | Path, registry: OpRegistry | None = None) -> list[Prob
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
-        loaded = load_tree(root, keep_files=True)
+        loaded = load_tree(root, keep_files=True, cache=cache, check_only=True)
         problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
         for stack_files in _stacks(root):
-            problems.extend(_lint_stack(stack_files, registry, loaded.read))
+            problems.extend(_lint_stack(stack_files, registry, loaded.read, cache))
         del loaded  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
 
-def lint_target(path: str | Path, registry: OpRegistry | None = None) -> list[Problem]:
+def lint_target(
+    path: str | Path, registry: OpRegistry | None = None, *, cache: CompileCache | None = None
+) -> list[Problem]:
     """Lint what a person points `txcl lint` at: a file, a stage, a stack or an OPS root."""
     from txcl.loader import RULE_SUFFIX, STAGE_NAME, load_target, no_cyclic_gc
 
@@ -405,27 +410,38 @@ def lint_target(path: str | Path, registry: OpRegistry | None = None) -> list[Pr
     elif _holds_stages(path):
         files = list(_stage_files(path, path))
     else:
-        return lint_tree(path, registry)
+        return lint_tree(path, registry, cache=cache)
     with no_cyclic_gc():
-        loaded = load_target(path, keep_files=True)
+        loaded = load_target(path, keep_files=True, cache=cache, check_only=True)
         layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        problems = [*layout, *_lint_stack(files, registry, loaded.read)]
+        problems = [*layout, *_lint_stack(files, registry, loaded.read, cache)]
         del loaded
     return _sorted(problems)
 
 
 def _lint_stack(
-    files: list[Path], registry: OpRegistry | None, read: Mapping[str, ReadFile]
+    files: list[Path],
+    registry: OpRegistry | None,
+    read: Mapping[str, ReadFile],
+    cache: CompileCache | None = None,
 ) -> list[Problem]:
-    """The files' findings; a file the loader has read (`read`, by path) is not read again."""
+    """The files' findings; a file the loader has read (`read`, by path) is not read again,
+    and one whose findings are in the cache is not looked at again."""
     problems: list[Problem] = []
     verdicts: list[_Verdict] = []
+    ops = "" if registry is None else ",".join(sorted(registry.names()))
     for file in files:
         known = read.get(str(file))
         if known is None:
             found = _lint_path(file, registry)
+        elif (cached := known.checked.findings) and cached[0] == ops and isinstance(
+            cached[1], _FileLint
+        ):
+            found = cached[1]
         else:
             found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
+            if cache is not None:
+                cache.put(known.path, known.source, known.checked.with_findings(ops, found))
         problems.extend(p for p in found.problems if p.check != "layout")
         verdicts.extend(found.verdicts)
     return [*problems, *_recipient_gaps(verdicts)]

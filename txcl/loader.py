@@ -12,21 +12,35 @@ Every file is parsed and compiled, so one load reports the problems of all of th
 with any problem is not served (it is absent from `Tree.stacks`); the other stacks load.
 Asked to (`keep_files=True`, as `txcl lint` does), a load also keeps what it read of every
 rule file (`Tree.read`), so a tool can look further without parsing the files again.
+
+Two things keep a load's cost to what changed. A compile cache (txcl.compile_cache) holds
+the syntax tree and problems of every file checked before, so an unchanged file is not
+parsed again. And a load given the tree it replaces (`previous=`, as a reload does) takes
+over each served stack whose folder did not change, the same Stack object, without
+reading its files: a stack's signature is the (name, inode, size, mtime, ctime) of every
+entry of its folder and stage folders (ctime, which no tool sets back, sees an edit whose
+mtime was restored), and a signature is trusted only when all its mtimes are older than
+the previous load by RACY_MARGIN_NS (as git's index does, so a write in the same clock tick
+as that load is not missed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+import stat
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
 from txcl import ast, inputs
+from txcl.compile_cache import CachedFile, CompileCache
 from txcl.compiler import CompiledRule, ExecStep, compile_file
 from txcl.envelope import STACK_NAME, TENANT_NAME
 from txcl.errors import Pos, Problem, TxclError, TxclLoadError
@@ -46,16 +60,29 @@ STAGE_NAME: Final = re.compile(r"0|[1-9][0-9]{0,8}")
 # gigabytes to parse.
 MAX_RULE_FILE_BYTES: Final = 1 << 20
 
+RACY_MARGIN_NS: Final = 2_000_000_000
+
+# (name relative to the stack folder, inode, size, mtime_ns, ctime_ns) of every entry.
+StackSignature = tuple[tuple[str, int, int, int, int], ...]
+
 
 @dataclass(frozen=True)
 class ReadFile:
     """One rule file as a load read it: its text, its syntax tree (None if it does not
-    parse) and its parse or compile problems."""
+    parse; decoded on first use when it came from the compile cache) and its parse or
+    compile problems."""
 
     path: str
     source: str
-    file: ast.File | None
-    problems: tuple[Problem, ...]
+    checked: CachedFile
+
+    @property
+    def file(self) -> ast.File | None:
+        return self.checked.file
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        return self.checked.problems
 
 
 @dataclass(frozen=True)
@@ -67,6 +94,12 @@ class Tree:
     case_files: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     rejected: frozenset[str] = frozenset()  # stacks not served because of their problems
     read: Mapping[str, ReadFile] = field(default_factory=dict)  # path -> file, if kept
+    parsed: int = 0  # files parsed by this load (not found in the compile cache)
+    compiled: int = 0  # files compiled by this load (not taken over from `previous`)
+    signatures: Mapping[str, StackSignature] = field(default_factory=dict)  # served stacks
+    op_names: frozenset[str] | None = None  # the ops EXECs were checked against
+    exec_ops: Mapping[str, frozenset[str]] = field(default_factory=dict)  # stack -> ops it EXECs
+    started_ns: int = 0  # wall clock when this load began
 
     @property
     def ok(self) -> bool:
@@ -114,12 +147,24 @@ def _byte_order(name: str) -> bytes:
 class _Walker:
     """One load: the root's real path for escape checks, the registry, counters."""
 
-    def __init__(self, root: Path, registry: OpRegistry | None, keep_files: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: OpRegistry | None,
+        keep_files: bool = False,
+        cache: CompileCache | None = None,
+        check_only: bool = False,
+    ) -> None:
         self.root = root
         self.real_root = os.path.realpath(root)
         self.registry = registry
+        self.op_names = registry.names() if registry is not None else None
         self.files = 0
+        self.parsed = 0
+        self.compiled = 0
         self.read: dict[str, ReadFile] | None = {} if keep_files else None
+        self.cache = cache
+        self.check_only = check_only
 
     def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
         """The folder's entries in byte-wise name order, without symlinks that escape, loop
@@ -154,25 +199,48 @@ class _Walker:
         except TxclLoadError as err:
             problems.extend(err.problems)
             return ()
+        checked, rules = self.check(path, text)
+        self.keep(ReadFile(path, text, checked))
+        if checked.problems:
+            problems.extend(checked.problems)
+            return ()
+        if self.check_only:
+            return ()
+        if rules is None:  # found in the cache: compiling again gives what it gave then
+            tree = checked.file
+            assert tree is not None, "a file without problems has parsed"
+            self.compiled += 1
+            rules = compile_file(tree)
+        self.check_ops(rules, problems)
+        return rules
+
+    def check(self, path: str, text: str) -> tuple[CachedFile, tuple[CompiledRule, ...] | None]:
+        """The file's syntax tree and problems, from the cache or by parsing and compiling
+        it (then also its compiled rules, if it compiled)."""
+        if self.cache is not None:
+            cached = self.cache.get(path, text)
+            if cached is not None:
+                return cached, None
         from txcl.parser import parse  # the parser builds its tables on first use
 
+        self.parsed += 1
         tree: ast.File | None = None
+        rules = None
         try:
             tree = parse(text, path)
+            self.compiled += 1
             rules = compile_file(tree)
+            checked = CachedFile(tree, ())
         except TxclError as err:
-            problems.extend(err.problems)
-            self.keep(ReadFile(path, text, tree, err.problems))
-            return ()
-        self.keep(ReadFile(path, text, tree, ()))
+            checked = CachedFile(tree, err.problems)
+        if self.cache is not None and not self.check_only:  # see load_tree's check_only
+            self.cache.put(path, text, checked)
+        return checked, rules
+
+    def check_ops(self, rules: tuple[CompiledRule, ...], problems: list[Problem]) -> None:
+        """An EXEC of an op the registry does not know is a problem."""
         if self.registry is not None:
-            for rule in rules:
-                for step in rule.steps:
-                    if isinstance(step, ExecStep) and step.op not in self.registry:
-                        problems.append(
-                            _problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
-                        )
-        return rules
+            problems.extend(unknown_ops(rules, self.registry))
 
     def keep(self, read: ReadFile) -> None:
         if self.read is not None:
@@ -237,21 +305,118 @@ def _too_big(path: str, size: int) -> Problem:
     return _problem(message, Pos(path, 1, 1))
 
 
+def _exec_steps(rules: Iterable[CompiledRule]) -> Iterator[ExecStep]:
+    for rule in rules:
+        for step in rule.steps:
+            if isinstance(step, ExecStep):
+                yield step
+
+
+def unknown_ops(rules: Iterable[CompiledRule], registry: OpRegistry) -> list[Problem]:
+    """A problem for each EXEC of an op the registry does not know."""
+    return [_problem(f"unknown op {step.op!r} (EXEC {step.uri})", step.pos)
+            for step in _exec_steps(rules) if step.op not in registry]
+
+
+def stack_rules(stack: Stack) -> Iterator[CompiledRule]:
+    for stage in stack.stages:
+        yield from stage.rules
+
+
+def with_registry(tree: Tree, registry: OpRegistry) -> Tree:
+    """`tree` with its EXECs checked against `registry` (it was loaded without one, or with
+    another): a stack that EXECs an unknown op is taken out, with its problems. The stacks
+    are not walked unless their EXECs (`Tree.exec_ops`) name an unknown op."""
+    names = registry.names()
+    bad = {name for name, ops in tree.exec_ops.items() if not ops <= names}
+    if not bad:  # nothing parsed or compiled for it: the counts are of this load
+        return dataclasses.replace(tree, op_names=names, parsed=0, compiled=0)
+    problems = [p for name in sorted(bad)
+                for p in unknown_ops(stack_rules(tree.stacks[name]), registry)]
+
+    def served(table: Mapping[str, _Value]) -> dict[str, _Value]:
+        return {name: value for name, value in table.items() if name not in bad}
+
+    return dataclasses.replace(
+        tree, stacks=served(tree.stacks), problems=(*tree.problems, *problems),
+        rejected=tree.rejected | bad, signatures=served(tree.signatures),
+        exec_ops=served(tree.exec_ops), op_names=names, parsed=0, compiled=0)
+
+
+_Value = TypeVar("_Value")
+
+
+def stack_signature(folder: str) -> StackSignature:
+    """What identifies a stack folder's content without reading it: (name, inode, size,
+    mtime_ns, ctime_ns) of each entry of the folder and of its subfolders, sorted. A
+    symlink counts as what it leads to (itself, if it leads nowhere)."""
+    out: list[tuple[str, int, int, int, int]] = []
+    pending = [("", folder)]
+    while pending:
+        prefix, path = pending.pop()
+        try:
+            with os.scandir(path) as it:
+                found = list(it)
+        except OSError:
+            out.append((prefix, -1, -1, -1, -1))
+            continue
+        for entry in found:
+            name = prefix + entry.name
+            try:
+                st = entry.stat()
+            except OSError:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            if not prefix and stat.S_ISDIR(st.st_mode):  # a link that loops is not followed
+                pending.append((name + "/", entry.path))
+    out.sort()
+    return tuple(out)
+
+
+def _reusable(previous: Tree | None, name: str, signature: StackSignature) -> Stack | None:
+    """The previous load's Stack `name`, if its folder is as that load found it."""
+    if previous is None or previous.signatures.get(name) != signature:
+        return None
+    trusted_before = previous.started_ns - RACY_MARGIN_NS
+    if any(entry[3] >= trusted_before for entry in signature):  # mtimes; ctime: see above
+        return None
+    return previous.stacks.get(name)
+
+
 @without_cyclic_gc
 def load_tree(
-    root: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
+    root: Path | str,
+    registry: OpRegistry | None = None,
+    *,
+    keep_files: bool = False,
+    cache: CompileCache | None = None,
+    previous: Tree | None = None,
+    check_only: bool = False,
 ) -> Tree:
     """Load `OPS/`: every tenant, stack, stage and file. Never raises for bad content.
 
     With a registry, an EXEC of an op it does not know is a problem of that stack. With
-    keep_files, `Tree.read` holds every rule file read, by path.
+    keep_files, `Tree.read` holds every rule file read, by path. With a cache, files
+    checked before are not parsed again. With `previous` (the tree this load replaces),
+    its stacks whose folders did not change are taken over as they are. `check_only`
+    checks every file (problems, `Tree.read`) but builds no stack (`Tree.stacks` is empty)
+    and writes nothing to the cache: its caller (`txcl lint`) writes each entry once, with
+    the findings it adds.
     """
+    started_ns = time.time_ns()
     root = Path(root)
-    walker = _Walker(root, registry, keep_files)
+    if previous is not None and previous.root != root:
+        previous = None
+    walker = _Walker(root, registry, keep_files, cache, check_only)
     problems: list[Problem] = []
     stacks: dict[str, Stack] = {}
     cases: dict[str, tuple[Path, ...]] = {}
     rejected: set[str] = set()
+    signatures: dict[str, StackSignature] = {}
+    exec_ops: dict[str, frozenset[str]] = {}
     if not root.is_dir():
         problems.append(_problem(f"{root}: not a folder"))
         return Tree(root, stacks, tuple(problems), 0)
@@ -269,13 +434,25 @@ def load_tree(
                 continue
             name = f"{tenant.name}/{stack_entry.name}"
             stack_problems: list[Problem] = []
-            stack, case_files = walker.stack(name, stack_entry.path, stack_problems)
+            signature = () if check_only else stack_signature(stack_entry.path)
+            kept = _reusable(previous, name, signature) if previous is not None else None
+            if kept is not None and previous is not None:
+                stack, case_files = kept, previous.case_files.get(name, ())
+                walker.files += sum(len(stage.files) for stage in stack.stages)
+                ops = previous.exec_ops.get(name, frozenset())
+                if registry is not None and not ops <= (walker.op_names or frozenset()):
+                    stack_problems.extend(unknown_ops(stack_rules(stack), registry))
+            else:
+                stack, case_files = walker.stack(name, stack_entry.path, stack_problems)
+                ops = frozenset(step.op for step in _exec_steps(stack_rules(stack)))
             cases[name] = case_files
             problems.extend(stack_problems)
             if stack_problems:
                 rejected.add(name)
-            else:
+            elif not check_only:
                 stacks[name] = stack
+                signatures[name] = signature
+                exec_ops[name] = ops
     return Tree(
         root,
         stacks,
@@ -284,6 +461,12 @@ def load_tree(
         cases,
         frozenset(rejected),
         walker.read or {},
+        parsed=walker.parsed,
+        compiled=walker.compiled,
+        signatures=signatures,
+        exec_ops=exec_ops,
+        op_names=walker.op_names,
+        started_ns=started_ns,
     )
 
 
@@ -307,7 +490,12 @@ def _is_stack_folder(folder: Path) -> bool:
 
 @without_cyclic_gc
 def load_target(
-    path: Path | str, registry: OpRegistry | None = None, *, keep_files: bool = False
+    path: Path | str,
+    registry: OpRegistry | None = None,
+    *,
+    keep_files: bool = False,
+    cache: CompileCache | None = None,
+    check_only: bool = False,
 ) -> Tree:
     """Load what a person points `txcl test` or `txcl lint` at.
 
@@ -316,11 +504,11 @@ def load_target(
     - a stack folder (holds stage folders or tests/): that stack;
     - anything else: an OPS root, as load_tree().
     Stacks loaded from a folder outside a valid tenant/stack layout are named "test/_file".
-    keep_files is as for load_tree().
+    keep_files, cache and check_only are as for load_tree().
     """
     path = Path(path)
     if os.path.lexists(path) and not path.is_dir():  # read_rules refuses a FIFO, a loop...
-        walker = _Walker(path.parent, registry, keep_files)
+        walker = _Walker(path.parent, registry, keep_files, cache, check_only)
         problems: list[Problem] = []
         if not path.name.endswith(RULE_SUFFIX):
             problems.append(_problem(f"{path}: not a {RULE_SUFFIX} file"))
@@ -329,24 +517,23 @@ def load_target(
         stack = Stack(SINGLE_FILE_STACK, (Stage(0, rules, (str(path),)),))
         return _single(path, stack, problems, walker, ())
     if path.is_dir() and STAGE_NAME.fullmatch(path.name):
-        walker = _Walker(path.parent, registry, keep_files)
+        walker = _Walker(path.parent, registry, keep_files, cache, check_only)
         problems = []
         stage = walker.stage(int(path.name), str(path), problems)
         stack = Stack(_stack_name_from(path.parent), (stage,))
         return _single(path, stack, problems, walker, ())
     if path.is_dir() and _is_stack_folder(path):
-        walker = _Walker(path, registry, keep_files)
+        walker = _Walker(path, registry, keep_files, cache, check_only)
         problems = []
         stack, case_files = walker.stack(_stack_name_from(path), str(path), problems)
         return _single(path, stack, problems, walker, case_files)
-    return load_tree(path, registry, keep_files=keep_files)
+    return load_tree(path, registry, keep_files=keep_files, cache=cache, check_only=check_only)
 
 
 def _single(
     root: Path, stack: Stack, problems: list[Problem], walker: _Walker, cases: tuple[Path, ...]
 ) -> Tree:
     read = walker.read or {}
-    if problems:
-        rejected = frozenset({stack.name})
-        return Tree(root, {}, tuple(problems), walker.files, {stack.name: cases}, rejected, read)
-    return Tree(root, {stack.name: stack}, (), walker.files, {stack.name: cases}, read=read)
+    served, rejected = ({}, frozenset({stack.name})) if problems else ({stack.name: stack}, frozenset())
+    return Tree(root, served, tuple(problems), walker.files, {stack.name: cases}, rejected, read,
+                parsed=walker.parsed, compiled=walker.compiled, op_names=walker.op_names)

@@ -25,8 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from txcl.chassis.head import Head
-from txcl.chassis.runtime import Fingerprint, Places, ReloadFailed, Runtime, build_runtime
-from txcl.chassis.status import STATUS_FILE, iso_time, problem_json, write_json_atomically
+from txcl.chassis.runtime import (
+    Fingerprint,
+    Places,
+    Preloaded,
+    ReloadFailed,
+    Runtime,
+    build_runtime,
+)
+from txcl.chassis.status import (
+    STATUS_FILE,
+    iso_time,
+    problem_json,
+    stack_memory,
+    write_json_atomically,
+)
 from txcl.errors import Problem
 from txcl.loader import no_cyclic_gc
 
@@ -119,7 +132,7 @@ class RuntimeHolder:
     def __init__(
         self,
         initial: Runtime,
-        rebuild: Callable[[int, Fingerprint], Runtime],
+        rebuild: Callable[[int, Fingerprint, Runtime], Runtime],
         paths: tuple[Path, ...] = (),
         status_file: Path | None = None,
     ) -> None:
@@ -139,6 +152,7 @@ class RuntimeHolder:
         self._lock = asyncio.Lock()
         self._pending: str | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self._memory: tuple[Runtime, dict[str, Any]] | None = None
         self.write_status()
 
     @classmethod
@@ -148,18 +162,24 @@ class RuntimeHolder:
         heads: Sequence[Head],
         *,
         trace_sink: Callable[..., Any] | None = None,
+        compile_cache: bool = True,
+        preloaded: Preloaded | None = None,
     ) -> RuntimeHolder:
         """Build the first runtime now and a holder around it.
 
         ReloadFailed if the config or the ops cannot be loaded; problems in the OPS tree
-        only keep their stacks out (reported in the log and status.json).
+        only keep their stacks out (reported in the log and status.json). `preloaded` is a
+        tree loaded before (by the parent of --workers): it is served as it is, and the
+        first change since its fingerprint reloads.
+        Each reload builds over the serving runtime's tree, compiling only what changed.
         """
         paths = watched_paths(settings)
         status_file = Path(settings.state_dir) / STATUS_FILE
 
-        def rebuild(version: int, seen: Fingerprint) -> Runtime:
+        def rebuild(version: int, seen: Fingerprint, serving: Runtime) -> Runtime:
             return build_runtime(
-                settings, version, heads, trace_sink=trace_sink, fingerprint=seen
+                settings, version, heads, trace_sink=trace_sink, fingerprint=seen,
+                previous=serving.tree, compile_cache=compile_cache,
             )
 
         started = time.monotonic()
@@ -168,9 +188,15 @@ class RuntimeHolder:
             1,
             heads,
             trace_sink=trace_sink,
-            fingerprint=fingerprint(paths),
+            fingerprint=fingerprint(paths) if preloaded is None else preloaded.fingerprint,
             strict=False,
+            preloaded=None if preloaded is None else preloaded.tree,
+            compile_cache=compile_cache,
         )
+        tree = initial.tree
+        log.info("loaded version 1: %d stacks, %d rule files (%d compiled, %d parsed) in %.3fs",
+                 len(tree.stacks), tree.files, tree.compiled, tree.parsed,
+                 time.monotonic() - started)
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
             log.error("not served: %s", str(problem).replace("\n", "\n  "))
@@ -202,7 +228,7 @@ class RuntimeHolder:
         self._seen = seen
         try:
             with no_cyclic_gc():
-                runtime: Runtime | None = self._rebuild(serving + 1, seen)
+                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current)
             problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
             runtime = None
@@ -231,10 +257,14 @@ class RuntimeHolder:
         )
         if runtime is not None:
             log.info(
-                "reload (%s): now serving version %d (built in %.3fs)",
+                "reload (%s): now serving version %d (built in %.3fs; %d of %d rule files "
+                "compiled, %d parsed)",
                 trigger,
                 runtime.version,
                 outcome.duration_s,
+                runtime.tree.compiled,
+                runtime.tree.files,
+                runtime.tree.parsed,
             )
         self.last = outcome
         return outcome
@@ -299,9 +329,18 @@ class RuntimeHolder:
             if current.settings.config_file is None
             else str(current.settings.config_file),
             "stacks": len(current.tree.stacks),
+            "rule_files": {"total": current.tree.files, "compiled": current.tree.compiled,
+                           "parsed": current.tree.parsed},
+            "memory": self._memory_of(current),
             "warnings": [problem_json(p) for p in current.problems],
             "last_reload": self.last.to_json(),
         }
+
+    def _memory_of(self, runtime: Runtime) -> dict[str, Any]:
+        """stack_memory of a runtime, weighed once per version."""
+        if self._memory is None or self._memory[0] is not runtime:
+            self._memory = (runtime, stack_memory(runtime.tree.stacks))
+        return self._memory[1]
 
     def write_status(self) -> None:
         """status.json, replaced atomically; failure to write is logged, never raised."""

@@ -1,6 +1,11 @@
 """One runtime: the config, the op registry, the compiled OPS tree and every head's parts
 over them, built together and never changed after. A reload builds the next one aside
 (txcl.chassis.reload); a head's work keeps the runtime it started with.
+
+The next runtime is built over the serving one's tree: stacks whose folders did not change
+are the same objects in both (txcl.loader), so a reload compiles what changed and the
+memory of the rest is not duplicated. Rule files are checked through the compile cache
+under `<state-dir>/cache/` unless it is turned off (`txco serve --no-cache`).
 """
 
 from __future__ import annotations
@@ -14,12 +19,24 @@ from typing import Any, Protocol
 
 from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_config
 from txcl.chassis.head import Engine, Head
+from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_tree
+from txcl.loader import Tree, load_tree, with_registry
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
 Fingerprint = tuple[tuple[str, int, int], ...]
+
+CACHE_DIR = "cache"  # under the state dir
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """An OPS tree loaded before the serving process started (by the parent of --workers),
+    and the fingerprint of the watched files taken just before that load."""
+
+    tree: Tree
+    fingerprint: Fingerprint
 
 
 class Places(Protocol):
@@ -58,6 +75,21 @@ class ReloadFailed(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def load_ops_tree(
+    settings: Places,
+    registry: OpRegistry | None,
+    *,
+    previous: Tree | None = None,
+    compile_cache: bool = True,
+) -> Tree:
+    """The `--ops` tree through the compile cache under the state dir (unless turned off)."""
+    cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
+    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
+    if cache is not None:
+        cache.flush()
+    return tree
+
+
 def build_runtime(
     settings: Places,
     version: int,
@@ -66,13 +98,20 @@ def build_runtime(
     trace_sink: Callable[..., Any] | None = None,
     fingerprint: Fingerprint = (),
     strict: bool = True,
+    previous: Tree | None = None,
+    compile_cache: bool = True,
+    preloaded: Tree | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
     Config and ops problems are reported together with the tree's, so one failed reload
     shows the operator everything that needs fixing. `strict` (every reload) refuses a tree
     with any error; at start (`strict=False`) there is no last good version to keep, so the
-    stacks that compiled are served and the others' problems are reported.
+    stacks that compiled are served and the others' problems are reported. `previous` is
+    the tree this runtime replaces: its unchanged stacks are taken over, not compiled again.
+    `preloaded` is a tree loaded just before (by the parent of --workers, before the fork):
+    it is used as it is, only its EXECs checked against this registry, so that a worker
+    does not touch (and so copy) the pages it shares with the parent and its siblings.
     """
     problems: list[Problem] = []
     try:
@@ -87,7 +126,11 @@ def build_runtime(
         registry = OpRegistry.default()
     tree: Tree | None
     try:
-        tree = load_tree(settings.ops_dir, registry)
+        if preloaded is not None:
+            tree = with_registry(preloaded, registry)
+        else:
+            tree = load_ops_tree(settings, registry, previous=previous,
+                                 compile_cache=compile_cache)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None

@@ -1,12 +1,15 @@
 """`<state-dir>/status.json`, which a serving process keeps current, and `txco status`,
-which prints it: the serving version of the rules, the last reload and its problems."""
+which prints it: the serving version of the rules, the last reload and its problems, and
+what the loaded stacks weigh."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import types
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +36,55 @@ def write_json_atomically(path: Path, doc: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# How many stacks, spread over the tree, are weighed for the memory figure of status.json.
+MEMORY_SAMPLE = 32
+_NOT_OWNED = (type, types.ModuleType, types.CodeType, types.BuiltinFunctionType)
+
+
+def stack_memory(stacks: Mapping[str, object], sample: int = MEMORY_SAMPLE) -> dict[str, Any]:
+    """What the loaded stacks weigh: the bytes of the Python objects each holds (its rules,
+    compiled paths and regexes, plans), weighed on up to `sample` stacks spread over the
+    tree, and that mean times the number of stacks. Modules, classes, code and functions
+    that are not closures are shared by all stacks and not counted; the closures a compiled
+    rule made are. Memory inside a C library (RE2's programs) is not seen."""
+    names = sorted(stacks)
+    if not names:
+        return {"stacks": 0, "sampled": 0, "bytes_per_stack": 0, "max_bytes": 0,
+                "estimated_bytes": 0}
+    step = max(1, len(names) // sample)
+    picked = names[::step][:sample]
+    weights = [_weigh(stacks[name]) for name in picked]
+    mean = sum(weights) // len(weights)
+    return {"stacks": len(names), "sampled": len(weights), "bytes_per_stack": mean,
+            "max_bytes": max(weights), "estimated_bytes": mean * len(names)}
+
+
+def _weigh(root: object) -> int:
+    """sys.getsizeof over everything reachable from `root`, each object once, but for what
+    is shared with the rest of the process (see stack_memory). Module namespaces are not
+    scanned for it: in a worker of --workers that would touch, and so copy, every page of
+    every module the parent imported."""
+    seen: set[int] = set()
+    pending = [root]
+    total = 0
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            if obj.__closure__ is not None:  # made for this stack: it and its cells
+                total += sys.getsizeof(obj)
+                pending.extend(obj.__closure__)
+                pending.extend(obj.__defaults__ or ())
+            continue
+        if isinstance(obj, _NOT_OWNED):
+            continue
+        total += sys.getsizeof(obj)
+        pending.extend(gc.get_referents(obj))
+    return total
+
+
 def read_status(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The status.json a running `txco serve` keeps. FileNotFoundError if there is none,
     InputError (a ValueError) if it is not a bounded JSON object."""
@@ -49,6 +101,17 @@ def format_status(status: Mapping[str, Any]) -> str:
         f" (pid {status.get('pid')}, {status.get('stacks')} stacks)",
         f"ops: {status.get('ops_dir')}   config: {status.get('config_file') or '-'}",
     ]
+    memory = status.get("memory")
+    if isinstance(memory, dict) and memory.get("stacks") and all(
+        isinstance(memory.get(key), int)
+        for key in ("bytes_per_stack", "sampled", "stacks", "max_bytes", "estimated_bytes")
+    ):
+        lines.append(
+            f"memory: about {memory['bytes_per_stack'] / 1024:,.0f} KiB per loaded stack "
+            f"(weighed {memory['sampled']} of {memory['stacks']}; largest "
+            f"{memory['max_bytes'] / 1024:,.0f} KiB), about "
+            f"{memory['estimated_bytes'] / (1 << 20):,.1f} MiB for all"
+        )
     verdict = "ok" if last.get("ok") else "FAILED, still serving the version above"
     lines.append(
         f"last reload: {verdict} ({last.get('trigger')}, {last.get('at')}, "

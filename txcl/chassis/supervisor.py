@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -24,8 +25,9 @@ from typing import Any
 
 from txcl.chassis.balance import SessionCounts, WorkerSlot
 from txcl.chassis.head import BindError, Head, HeadServer
-from txcl.chassis.reload import ReloadFailed, RuntimeHolder
-from txcl.chassis.runtime import Places
+from txcl.chassis.reload import ReloadFailed, RuntimeHolder, fingerprint, watched_paths
+from txcl.chassis.runtime import Places, Preloaded, load_ops_tree
+from txcl.loader import no_cyclic_gc
 
 OK, FAILURE, USAGE = 0, 1, 2
 
@@ -45,6 +47,9 @@ class ServeOptions:
     # A trace writer per serving process (opened after the fork); `.close()` at the end.
     open_trace_writer: Callable[[], Any]
     watch_interval: float | None = None
+    compile_cache: bool = True  # `--no-cache`: False
+    # The tree the parent of --workers loaded before it forked: each first worker serves it.
+    preloaded: Preloaded | None = None
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,8 @@ def _serve_process(options: ServeOptions, inherited: Mapping[str, object] | None
         holder = _runtime_holder(options, writer)
         # What start-up built (modules, grammar, the first tree) lives as long as the process:
         # keep it out of the cyclic collector's scans, so a full collection (one follows each
-        # reload) costs what changed since, not everything.
-        gc.collect()
+        # reload) costs what changed since, not everything. No collection first: it would
+        # scan the whole tree (seconds at 10,000 files) to free a few dozen objects.
         gc.freeze()
         code = _run_without_waiting_for_threads(_serve(options, holder, inherited, gate, slot))
     finally:
@@ -141,7 +146,9 @@ def _runtime_holder(options: ServeOptions, trace_sink: Any) -> RuntimeHolder:
     versions are compiled on SIGHUP or a file change (txcl.chassis.reload)."""
     settings = options.settings
     try:
-        return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink)
+        return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink,
+                                   compile_cache=options.compile_cache,
+                                   preloaded=options.preloaded)
     except ReloadFailed as err:
         raise CannotStart(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
                           ) from None
@@ -172,6 +179,8 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         log.info("%s listening on %s", name, ", ".join(server.bound))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if holder.current.tree.parsed == 0:  # all from the cache: the first edit need not wait
+        loop.run_in_executor(None, _build_parser)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     holder.install_sighup(loop)
@@ -187,6 +196,13 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         await server.close(grace=server.grace_s)
         log.info("%s stopped", name)
     return OK
+
+
+def _build_parser() -> None:
+    """Build the rule parser's tables (a start that parsed nothing has not built them)."""
+    from txcl.parser import parse
+
+    parse("", "<warm-up>")
 
 
 async def _end_of_file(fd: int) -> None:
@@ -244,9 +260,10 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    # What the parent imported is shared with every worker until written to: keep the
-    # workers' cyclic collector from writing to it (Instagram's gc.freeze-before-fork).
-    gc.collect()
+    options = dataclasses.replace(options, preloaded=_preload(options))
+    # What the parent imported (and the tree it loaded) is shared with every worker until
+    # written to: keep the workers' cyclic collector from writing to it (Instagram's
+    # gc.freeze-before-fork; no collection first, as in _serve_process).
     gc.freeze()
     ready_read, ready_write = os.pipe()
     go_read, go_write = os.pipe()
@@ -284,14 +301,32 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
             log.error("worker %d exited (status %d); starting another", pid, code)
             if time.monotonic() - started < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
-            if not stopping:
-                pid = _fork_worker(options, listeners, StartGate(None, go_read),
+            if not stopping:  # it loads the tree as it is now, not as the first workers did
+                fresh = dataclasses.replace(options, preloaded=None)
+                pid = _fork_worker(fresh, listeners, StartGate(None, go_read),
                                    WorkerSlot(sessions, slot), ())
                 children[pid] = (time.monotonic(), slot)
         return status
     finally:
         os.close(go_read)
         _release(options.heads, listeners)
+
+
+def _preload(options: ServeOptions) -> Preloaded | None:
+    """The OPS tree, compiled once in the parent so the workers share its pages instead of
+    each compiling its own (ops are checked, and each worker's runtime built, in the worker)."""
+    started = time.monotonic()
+    try:
+        seen = fingerprint(watched_paths(options.settings))
+        with no_cyclic_gc():
+            tree = load_ops_tree(options.settings, None, compile_cache=options.compile_cache)
+    except Exception:  # the workers load it themselves and report what is wrong
+        log.exception("loading %s before starting the workers failed", options.settings.ops_dir)
+        return None
+    log.info("loaded for the workers: %d stacks, %d rule files (%d compiled, %d parsed) in "
+             "%.3fs", len(tree.stacks), tree.files, tree.compiled, tree.parsed,
+             time.monotonic() - started)
+    return Preloaded(tree, seen)
 
 
 def _release(heads: Sequence[Head], listeners: Mapping[str, object]) -> None:

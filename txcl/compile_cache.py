@@ -1,0 +1,271 @@
+"""Parsed and checked rule files kept on disk, so an unchanged file is not parsed again.
+
+Like CPython's `.pyc` files: one entry per rule file, keyed by a hash of the file's path and
+text, holding its syntax tree (None if it does not parse) and its parse and compile problems;
+`txcl lint` adds its findings, with the ops it checked them against. Entries live in 256
+shard files by the first byte of their key: creating a file costs far more than reading
+one on a busy disk, and a reload that recompiles one stack reads a few shards, not all.
+
+Each shard starts with the engine key (a hash of the Python version, the grammar and the
+source of the txcl modules) and a digest of its payload: a shard of
+another engine, a torn or corrupt one is ignored with a log line and replaced, never
+trusted. Compiling a cached syntax tree again (regexes, getters) is the loader's job; it is
+deterministic, so what compiled before compiles again.
+
+Where: `txco serve` uses `<state-dir>/cache/`; `txcl lint` and `txcl test` use
+`$XDG_CACHE_HOME/txcl` (else `~/.cache/txcl`). The folder is created 0700 and shards are
+written 0600 through a temporary file and a rename; a folder another user could write to
+(the entries are pickles) or that cannot be written is not used, with one log line. The
+cache only grows (an edited file adds an entry); removing the folder is always safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import logging
+import os
+import pickle
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+from txcl import ast
+from txcl.errors import Problem
+
+log = logging.getLogger("txcl.cache")
+
+MAGIC: Final = b"TXCLC1\n"
+SHARD_SUFFIX: Final = ".shard"
+_DIGEST_BYTES: Final = 16
+_KEY_BYTES: Final = 32
+_ENGINE_PACKAGE: Final = "txcl"
+
+
+class CachedFile:
+    """What checking one rule file found: its parse and compile problems (none: it compiles),
+    its syntax tree (None: it does not parse) and, once `txcl lint` looked at it, the lint
+    findings with what they depend on (`findings`: (salt, findings)). A tree read from the
+    cache is decoded on first use: linting an unchanged file needs only its findings."""
+
+    __slots__ = ("problems", "findings", "_file", "_encoded")
+
+    def __init__(
+        self,
+        file: ast.File | None,
+        problems: tuple[Problem, ...],
+        encoded: bytes | None = None,
+        findings: tuple[str, object] | None = None,
+    ) -> None:
+        self.problems = problems
+        self.findings = findings
+        self._file = file
+        self._encoded = encoded
+
+    def with_findings(self, salt: str, findings: object) -> CachedFile:
+        return CachedFile(self._file, self.problems, self._encoded, (salt, findings))
+
+    @property
+    def file(self) -> ast.File | None:
+        if self._file is None and self._encoded is not None:
+            self._file = pickle.loads(self._encoded)
+            self._encoded = None
+        return self._file
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        encoded = self._encoded if self._file is None else _dumps(self._file)
+        return CachedFile, (None, self.problems, encoded, self.findings)
+
+
+@functools.cache
+def engine_key() -> bytes:
+    """A digest of everything that shapes a cached entry: the Python version, the grammar and
+    the source of every module of the txcl package (not its subpackages: the chassis), so
+    any change to the engine, even one not released, makes the cache stale."""
+    from txcl.parser import grammar_text
+
+    digest = hashlib.sha256()
+    digest.update(f"{sys.version_info[:2]}|pickle {pickle.HIGHEST_PROTOCOL}".encode())
+    digest.update(grammar_text().encode("utf-8"))
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
+    return digest.digest()
+
+
+def user_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/txcl`, else `~/.cache/txcl`: where `txcl lint` and `txcl test` cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "txcl"
+
+
+class CompileCache:
+    """Entries under one folder, in SHARDS files by the first byte of their key, each read
+    when first needed; put() keeps an entry and flush() writes the shards that got one.
+    Never raises for a bad folder, shard or entry: it logs and misses.
+
+    `hits`, `misses` and `written` count this object's lookups and new entries."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self._root = str(self.folder)
+        self.hits = 0
+        self.misses = 0
+        self.written = 0
+        self._said: set[str] = set()
+        self._readable = self._writable = self._prepare()
+        self._shards: dict[int, dict[bytes, bytes]] = {}  # first key byte -> key -> entry
+        self._dirty: set[int] = set()
+
+    def _prepare(self) -> bool:
+        try:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(self.folder)
+        except OSError as err:
+            log.warning("compile cache %s not used: %s", self.folder, err.strerror or err)
+            return False
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning("compile cache %s not used: others could write to it (owner uid %d, "
+                        "mode %o)", self.folder, st.st_uid, stat.S_IMODE(st.st_mode))
+            return False
+        return True
+
+    def _say(self, kind: str, message: str, *args: object) -> None:
+        """One warning per kind of trouble per cache (a stale cache would say it 10,000 times)."""
+        if kind in self._said:
+            log.debug(message, *args)
+            return
+        self._said.add(kind)
+        log.warning(message + " (ignored; further ones are logged at debug level)", *args)
+
+    def get(self, path: str, text: str) -> CachedFile | None:
+        """The entry for this file's path and text, if there is a sound one of this engine."""
+        key = _key(path, text)
+        encoded = self._shard(key[0]).get(key)
+        found = None if encoded is None else self._decode_entry(encoded, key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, path: str, text: str, entry: CachedFile) -> None:
+        """Keep the entry; flush() writes it."""
+        key = _key(path, text)
+        self._shard(key[0])[key] = _dumps(entry)
+        self._dirty.add(key[0])
+        self.written += 1
+
+    def flush(self) -> None:
+        """Write every shard that got entries (a temporary file, then a rename; 0600). A
+        failure is logged once and turns writing off for this cache."""
+        dirty, self._dirty = sorted(self._dirty), set()
+        for number in dirty:
+            if not self._writable:
+                return
+            self._write_shard(number)
+
+    # -- shards ---------------------------------------------------------------------------
+
+    def _shard_path(self, number: int) -> str:
+        return os.path.join(self._root, f"{number:02x}{SHARD_SUFFIX}")
+
+    def _shard(self, number: int) -> dict[bytes, bytes]:
+        shard = self._shards.get(number)
+        if shard is None:
+            shard = self._shards[number] = self._read_shard(number) if self._readable else {}
+        return shard
+
+    def _read_shard(self, number: int) -> dict[bytes, bytes]:
+        where = self._shard_path(number)
+        try:
+            with open(where, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            self._say("unreadable", "compile cache %s cannot be read: %s", where, err)
+            return {}
+        head = len(MAGIC) + _KEY_BYTES + _DIGEST_BYTES
+        if len(data) < head or not data.startswith(MAGIC):
+            self._say("corrupt", "compile cache %s is corrupt (no header)", where)
+            return {}
+        digest, payload = data[head - _DIGEST_BYTES:head], data[head:]
+        if data[len(MAGIC):len(MAGIC) + _KEY_BYTES] != engine_key():
+            self._say("stale", "compile cache %s is of another engine version", where)
+            return {}
+        if hashlib.blake2b(payload, digest_size=_DIGEST_BYTES).digest() != digest:
+            self._say("corrupt", "compile cache %s is corrupt (digest mismatch)", where)
+            return {}
+        try:
+            shard = pickle.loads(payload)
+        except Exception as err:  # a sound digest over a bad pickle: a bug, still not trusted
+            self._say("corrupt", "compile cache %s cannot be loaded: %s", where, err)
+            return {}
+        if not isinstance(shard, dict):
+            self._say("corrupt", "compile cache %s holds a %s", where, type(shard).__name__)
+            return {}
+        return shard
+
+    def _decode_entry(self, encoded: bytes, key: bytes) -> CachedFile | None:
+        try:
+            found = pickle.loads(encoded)
+        except Exception as err:
+            self._say("corrupt", "compile cache entry %s cannot be loaded: %s", key.hex(), err)
+            return None
+        if not isinstance(found, CachedFile):
+            self._say("corrupt", "compile cache entry %s holds a %s", key.hex(),
+                      type(found).__name__)
+            return None
+        return found
+
+    def _write_shard(self, number: int) -> None:
+        payload = pickle.dumps(self._shards[number], protocol=pickle.HIGHEST_PROTOCOL)
+        digest = hashlib.blake2b(payload, digest_size=_DIGEST_BYTES).digest()
+        where = self._shard_path(number)
+        temporary = f"{where}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"".join((MAGIC, engine_key(), digest, payload)))
+            finally:
+                os.close(fd)
+            os.replace(temporary, where)
+        except OSError as err:
+            self._writable = False
+            self._say("unwritable", "compile cache %s cannot be written: %s; not writing to it "
+                      "any more", self.folder, err.strerror or err)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def _key(path: str, text: str) -> bytes:
+    return hashlib.sha256(f"{path}\0{text}".encode("utf-8", "surrogatepass")).digest()
+
+
+# --- the encoding ----------------------------------------------------------------------------
+# The syntax tree is frozen slotted dataclasses; pickle's default for them sets each field on
+# load through object.__setattr__. Reducing each to (class, field values) instead calls the
+# constructor once per node: loading takes about half the time.
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        cls = type(obj)
+        if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + ".")):
+            return NotImplemented
+        return cls, tuple(getattr(obj, name) for name in _field_names(cls))
+
+
+def _dumps(entry: CachedFile | ast.File) -> bytes:
+    out = io.BytesIO()
+    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(entry)
+    return out.getvalue()
