@@ -36,6 +36,7 @@ from txcl.values import MISSING
 log = logging.getLogger("lmtp.verdicts")
 
 MAX_TEXT_LEN = 200
+SCHEMA_FILE = "schemas/lmtp.schema.json"
 
 ENHANCED: Mapping[int, str] = {
     250: "2.0.0",  # OK
@@ -180,6 +181,13 @@ class LmtpSource:
     """The `txcl.sources` hook: `txcl test` shows the verdict table the head would send."""
 
     name: str = SRC
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of `_txc.lmtp` (txcl.schema), shipped as package data."""
+        import json
+        from importlib.resources import files
+
+        return json.loads(files("lmtp").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
     def replies(
         self, envelope: Mapping[str, Any], error: Problem | None = None
