@@ -43,7 +43,7 @@ def test_findings_share_one_code_and_name_their_check() -> None:
         p for case in CASES for p in lint_source(case.read_text("utf-8"), case.name, REGISTRY)
     ]
     assert {p.code for p in problems} == {LINT_CODE}
-    assert {p.check for p in problems} == set(CHECKS) - {"layout"}
+    assert {p.check for p in problems} == set(CHECKS) - {"layout", "schema"}
     assert all(p.severity == CHECKS[p.check] for p in problems)
 
 
@@ -153,3 +153,32 @@ def test_lint_target_takes_a_file_a_stage_a_stack_or_a_root(tmp_path: Path) -> N
     assert [p.message for p in lint_target(tmp_path / "missing")] == [
         f"{tmp_path / 'missing'}: no such file or folder"
     ]
+
+
+def test_a_schema_that_cannot_load_is_one_clear_finding(monkeypatch) -> None:
+    from txcl import schema
+
+    class Broken:
+        name = "lmtp"
+
+        def schema(self) -> dict:
+            raise ValueError("Expecting ',' delimiter: line 3 column 5")
+
+    monkeypatch.setattr("txcl.sources.sources", lambda: {"lmtp": Broken()})
+    schema.section_schema.cache_clear()
+    try:
+        rules = "WHEN @lmtp.msg.subjet == 1\nWHEN @lmtp.x == 2\nSET tag.x = 1\n"
+        problems = lint_source(rules, "r.txcl")
+    finally:
+        schema.section_schema.cache_clear()
+    (problem,) = problems
+    assert (problem.check, problem.severity) == ("schema", "error")
+    assert problem.pos == Pos("r.txcl", 1, 6)
+    assert "lmtp" in problem.message and "line 3 column 5" in problem.message
+
+
+def test_a_hundred_segment_path_is_one_clear_finding() -> None:
+    deep = ".".join(f"k{i}" for i in range(100))
+    (problem,) = lint_source(f"WHEN @lmtp.msg.{deep} == 1\nSET tag.x = 1\n", "r.txcl")
+    assert problem.check == "unknown-path" and "@lmtp.msg.k0" in problem.message
+    assert lint_source(f"WHEN @lmtp.res.{deep} == 1\nSET tag.x = 1\n", "r.txcl") == []

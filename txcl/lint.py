@@ -11,12 +11,20 @@ and a stable `check` id:
 | unknown-op       | error    | EXEC of an op the registry does not know                       |
 | read-only-write  | error    | SET to _txc.src, _txc.rid, _txc.route.*, _txc.<src>.* but res  |
 | verdict-code     | error    | a literal verdict code outside 200-299 and 400-599             |
+| unknown-path     | error    | a path under _txc.<src> its source's schema does not have      |
+| type-mismatch    | error    | a path of known type compared with a literal of another type   |
+| in-not-list      | error    | IN / NOT IN whose right side can never be a list               |
+| match-not-string | error    | =~ / !=~ on a path that can never hold a string                |
+| schema           | error    | a source schema that cannot be loaded                          |
+| unwritten-path   | warning  | a stack path read but written by no SET of the stack (no EXEC) |
 | recipient-gap    | warning  | recipients.N.code set in a stack that never sets a slot below N |
 | never-fires      | warning  | a WHEN that can never be true                                  |
 | unknown-with-key | warning  | a WITH key that looks like a misspelt reserved key             |
 | unused-with      | warning  | an op argument in a rule that EXECs no op                      |
 | empty-file       | warning  | a rule file without rules                                      |
 
+The schema checks (txcl.schema) know `_txc.<src>` from the schema its source registers; open
+maps (message headers, `res` extras) take any key. They run at load, never per delivery.
 Rendering (text, JSON, GitHub annotations) belongs to the CLI.
 """
 
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
     from txcl.compile_cache import CompileCache
     from txcl.loader import ReadFile
     from txcl.ops import OpRegistry
+    from txcl.schema import Lookup
 
 __all__ = ["CHECKS", "LINT_CODE", "lint_file", "lint_source", "lint_target", "lint_tree"]
 
@@ -59,6 +68,12 @@ CHECKS: Final[dict[str, str]] = {
     "unknown-op": "error",
     "read-only-write": "error",
     "verdict-code": "error",
+    "unknown-path": "error",
+    "type-mismatch": "error",
+    "in-not-list": "error",
+    "match-not-string": "error",
+    "schema": "error",
+    "unwritten-path": "warning",
     "recipient-gap": "warning",
     "never-fires": "warning",
     "unknown-with-key": "warning",
@@ -108,9 +123,21 @@ class _Verdict:
 
 
 @dataclass(frozen=True)
+class _LocalRead:
+    """A read of a stack path (not under `_txc`, not a regex group), for the stack-wide check."""
+
+    segments: tuple[ast.Segment, ...]
+    pos: Pos
+    context: str
+
+
+@dataclass(frozen=True)
 class _FileLint:
     problems: tuple[Problem, ...]
     verdicts: tuple[_Verdict, ...]
+    local_reads: tuple[_LocalRead, ...] = ()
+    local_writes: frozenset[tuple[ast.Segment, ...]] = frozenset()
+    execs: bool = False
 
 
 def _lines(source: str) -> list[str]:
@@ -150,19 +177,25 @@ def _lint_parsed(
     for rule in tree.rules:
         checker.rule(rule)
     problems.extend(checker.problems)
-    return _FileLint(tuple(problems), tuple(checker.verdicts))
+    return _FileLint(
+        tuple(problems),
+        tuple(checker.verdicts),
+        tuple(checker.local_reads),
+        frozenset(checker.local_writes),
+        checker.execs,
+    )
 
 
 def lint_source(source: str, name: str, registry: OpRegistry | None = None) -> list[Problem]:
     """Lint the text of one rule file; the file is taken as a stack of its own."""
     found = _lint_text(source, name, registry)
-    return _sorted([*found.problems, *_recipient_gaps(found.verdicts)])
+    return _sorted([*found.problems, *_stack_findings([found])])
 
 
 def lint_file(path: str | Path, registry: OpRegistry | None = None) -> list[Problem]:
     """Lint one `.txcl` file; the file is taken as a stack of its own."""
     found = _lint_path(Path(path), registry)
-    return _sorted([*found.problems, *_recipient_gaps(found.verdicts)])
+    return _sorted([*found.problems, *_stack_findings([found])])
 
 
 def _lint_path(path: Path, registry: OpRegistry | None) -> _FileLint:
@@ -183,12 +216,17 @@ class _RuleChecks:
         self.op_names = registry.names() if registry is not None else None
         self.problems: list[Problem] = []
         self.verdicts: list[_Verdict] = []
+        self.local_reads: list[_LocalRead] = []
+        self.local_writes: set[tuple[ast.Segment, ...]] = set()
+        self.execs = False
+        self.schema_failed = False
 
     def report(self, check: str, message: str, pos: Pos) -> None:
         self.problems.append(_finding(check, message, pos, self.lines))
 
     def rule(self, rule: ast.Rule) -> None:
         for when in rule.whens:
+            self.expr(when.expr)
             reason = _never_true(when.expr)
             if reason:
                 self.report(
@@ -199,14 +237,18 @@ class _RuleChecks:
         execs = [s for s in rule.body if isinstance(s, ast.Exec)]
         for stmt in rule.body:
             if isinstance(stmt, ast.Set):
+                self.expr(stmt.value)
                 self.set(stmt)
             elif isinstance(stmt, ast.Exec):
+                self.execs = True
                 self.exec(stmt)
             elif isinstance(stmt, ast.With):
                 self.with_(stmt, bool(execs))
 
     def set(self, stmt: ast.Set) -> None:
         segments = stmt.target.segments
+        if segments and segments[0] != TXC:
+            self.local_writes.add(segments)
         reason = _read_only(segments)
         if reason:
             self.report("read-only-write", f"SET {_dotted(segments)}: {reason}", stmt.target.pos)
@@ -225,6 +267,124 @@ class _RuleChecks:
             pos = stmt.target.pos
             context = caret_context(self.lines[pos.line - 1], pos.column)
             self.verdicts.append(_Verdict(slot, pos, context))
+
+    # -- the schema checks ----------------------------------------------------------------
+
+    def expr(self, node: ast.Expr) -> None:
+        """The schema checks of every path an expression reads, and of how it compares them."""
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if isinstance(current, ast.Path):
+                self.path(current)
+            elif isinstance(current, ast.Compare):
+                self.compare(current)
+            elif isinstance(current, ast.Match):
+                self.match(current)
+            stack.extend(_children(current))
+
+    def lookup(self, path: ast.Path) -> Lookup | None:
+        from txcl.schema import SchemaError, lookup
+
+        try:
+            return lookup(path.segments)
+        except SchemaError as err:
+            if not self.schema_failed:
+                self.schema_failed = True
+                self.report("schema", f"{err}; the paths under it are not checked", path.pos)
+            return None
+
+    def path(self, path: ast.Path) -> None:
+        segments = path.segments
+        if segments and segments[0] != TXC and segments[0] != _MATCH_ROOT:
+            line = self.lines[path.pos.line - 1] if 0 < path.pos.line <= len(self.lines) else ""
+            self.local_reads.append(
+                _LocalRead(segments, path.pos, caret_context(line, path.pos.column))
+            )
+            return
+        found = self.lookup(path)
+        if found is None or found.unknown is None:
+            return
+        hint = f"; did you mean {found.suggestion}?" if found.suggestion else ""
+        where = _dotted(segments[: found.unknown + 1])
+        below = "" if where == _dotted(segments) else f" (there is no {where})"
+        self.report(
+            "unknown-path",
+            f"{_dotted(segments)} is not in the {segments[1]} envelope{below}: it is always "
+            f"missing{hint}",
+            path.pos,
+        )
+
+    def compare(self, node: ast.Compare) -> None:
+        if node.op in ("IN", "NOT IN"):
+            self.membership(node)
+            return
+        for path, other in ((node.left, node.right), (node.right, node.left)):
+            if not isinstance(path, ast.Path) or not isinstance(other, ast.Literal):
+                continue
+            kinds = self.value_types(path)
+            literal = _literal_type(other.value)
+            if not kinds or literal == "null" or literal in kinds:
+                continue
+            self.report(
+                "type-mismatch",
+                f"{_dotted(path.segments)} is {_kinds_text(kinds)}, never equal to or ordered "
+                f"with {_literal_text(other.value)} ({literal}): this comparison is never true"
+                if node.op != "!=" else
+                f"{_dotted(path.segments)} is {_kinds_text(kinds)}, so != "
+                f"{_literal_text(other.value)} ({literal}) is always true",
+                node.pos,
+            )
+
+    def membership(self, node: ast.Compare) -> None:
+        right = node.right
+        if isinstance(right, ast.Literal):
+            kind = _kinds_text(frozenset({_literal_type(right.value)}))
+        elif isinstance(right, ast.Path):
+            found = self.lookup(right)
+            kinds = found.types if found is not None and found.unknown is None else frozenset()
+            if not kinds or "array" in kinds:
+                return
+            kind = _kinds_text(kinds)
+        else:
+            return
+        self.report(
+            "in-not-list",
+            f"{node.op} needs a list on its right, and this is {kind}: the membership is "
+            f"never true; write [..] around the values, or == to compare",
+            right.pos,
+        )
+
+    def match(self, node: ast.Match) -> None:
+        if not isinstance(node.left, ast.Path):
+            return
+        kinds = self.value_types(node.left)
+        if not kinds or "string" in kinds:
+            return
+        op = "!=~" if node.negated else "=~"
+        outcome = "always true" if node.negated else "never true"
+        self.report(
+            "match-not-string",
+            f"{_dotted(node.left.segments)} is {_kinds_text(kinds)}, never a string: "
+            f"{op} is {outcome}",
+            node.pos,
+        )
+
+    def value_types(self, path: ast.Path) -> frozenset[str]:
+        """The types a comparison meets at `path`: its own, and its items' (comparisons are
+        existential over a list); empty when not known."""
+        found = self.lookup(path)
+        if found is None or found.unknown is not None or found.node is None:
+            return frozenset()
+        kinds = found.types
+        if "array" in kinds:
+            from txcl.schema import item_types
+
+            items = item_types(found.node)
+            if not items:
+                return frozenset()
+            kinds = kinds | items
+        return kinds
 
     def exec(self, stmt: ast.Exec) -> None:
         if self.op_names is None or not stmt.uri.startswith(_OP_SCHEME):
@@ -283,6 +443,25 @@ def _verdict_slot(segments: tuple[ast.Segment, ...]) -> int | str | None:
     ):
         return rest[1]
     return None
+
+
+_MATCH_ROOT: Final = "match"  # `match.<name>`: a named group of the rule's regexes
+
+
+def _literal_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return "number" if isinstance(value, float) else "string"
+
+
+def _kinds_text(kinds: frozenset[str]) -> str:
+    shown = sorted(kinds - {"number"} if "integer" in kinds else kinds)
+    text = " or ".join(shown) if len(shown) < 3 else "one of " + ", ".join(shown)
+    return ("an " if text[0] in "aeiou" else "a ") + text if len(shown) < 3 else text
 
 
 def _literal_text(value: object) -> str:
@@ -348,6 +527,34 @@ def _constant_holds(expr: ast.Expr) -> bool | None:
     if problems:
         return None
     return compiled.test({}) is not None
+
+
+def _stack_findings(files: Iterable[_FileLint]) -> list[Problem]:
+    """The checks taken over a whole stack: recipient gaps and unwritten stack paths."""
+    files = list(files)
+    found = _recipient_gaps(v for f in files for v in f.verdicts)
+    if any(f.execs for f in files):
+        return found  # an op may write any path: what is never SET may still be there
+    writes = {w for f in files for w in f.local_writes}
+    texts = sorted({_dotted(w) for w in writes})
+    for read in (r for f in files for r in f.local_reads):
+        if any(_covers(w, read.segments) for w in writes):
+            continue
+        close = difflib.get_close_matches(_dotted(read.segments), texts, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        message = (
+            f"{_dotted(read.segments)} is read, but no rule of this stack SETs it: it is "
+            f"always missing{hint}"
+        )
+        finding = _finding("unwritten-path", message, read.pos, None)
+        found.append(replace(finding, context=read.context))
+    return found
+
+
+def _covers(written: tuple[ast.Segment, ...], read: tuple[ast.Segment, ...]) -> bool:
+    """Whether a SET of `written` can give `read` a value (one is a prefix of the other)."""
+    depth = min(len(written), len(read))
+    return written[:depth] == read[:depth]
 
 
 def _recipient_gaps(verdicts: Iterable[_Verdict]) -> list[Problem]:
@@ -428,8 +635,8 @@ def _lint_stack(
     """The files' findings; a file the loader has read (`read`, by path) is not read again,
     and one whose findings are in the cache is not looked at again."""
     problems: list[Problem] = []
-    verdicts: list[_Verdict] = []
-    ops = "" if registry is None else ",".join(sorted(registry.names()))
+    linted: list[_FileLint] = []
+    ops = ("" if registry is None else ",".join(sorted(registry.names()))) + _schemas_key()
     for file in files:
         known = read.get(str(file))
         if known is None:
@@ -443,8 +650,16 @@ def _lint_stack(
             if cache is not None:
                 cache.put(known.path, known.source, known.checked.with_findings(ops, found))
         problems.extend(p for p in found.problems if p.check != "layout")
-        verdicts.extend(found.verdicts)
-    return [*problems, *_recipient_gaps(verdicts)]
+        linted.append(found)
+    return [*problems, *_stack_findings(linted)]
+
+
+def _schemas_key() -> str:
+    """What of the installed schemas cached findings depend on (the engine key does not
+    cover a source's schema file)."""
+    from txcl.schema import schemas_digest
+
+    return "|" + schemas_digest()
 
 
 def _inside(root: Path, entry: os.DirEntry[str]) -> bool:

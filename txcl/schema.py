@@ -38,6 +38,7 @@ def register_schema(src: str, schema: Mapping[str, Any]) -> None:
     _registered[src] = schema
     section_schema.cache_clear()
     envelope_validator.cache_clear()
+    schemas_digest.cache_clear()
 
 
 def _checked(src: str, schema: object) -> Mapping[str, Any]:
@@ -249,6 +250,39 @@ def _walk(root: Mapping[str, Any], segments: tuple[Segment, ...], start: int) ->
             read_only = flags[0] is True
     node: Mapping[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
     return Lookup(node, read_only)
+
+
+def item_types(node: Mapping[str, Any]) -> frozenset[str]:
+    """The types of a list's items (empty: not known)."""
+    found: set[str] = set()
+    for branch in _branches(node, node):
+        items = branch.get("items")
+        if not isinstance(items, Mapping):
+            return frozenset()
+        kinds = types_of(items, node)
+        if not kinds:
+            return frozenset()
+        found |= kinds
+    return frozenset(found)
+
+
+@functools.cache
+def schemas_digest() -> str:
+    """A digest of every installed source's schema (a schema that cannot load counts as
+    its error), for caches of what was checked against them."""
+    import hashlib
+    import json
+
+    from txcl.sources import sources
+
+    digest = hashlib.sha256()
+    for src in sorted({*sources(), *_registered}):
+        try:
+            text = json.dumps(section_schema(src), sort_keys=True, default=str)
+        except SchemaError as err:
+            text = str(err)
+        digest.update(f"{src}\0{text}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 def is_open(node: Mapping[str, Any] | None) -> bool:
