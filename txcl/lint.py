@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from txcl.ops import OpRegistry
     from txcl.schema import Lookup
 
-__all__ = ["CHECKS", "LINT_CODE", "lint_file", "lint_source", "lint_target", "lint_tree"]
+__all__ = ["CHECKS", "LINT_CODE", "gate_problems", "lint_file", "lint_source", "lint_target", "lint_tree"]
 
 LINT_CODE: Final = "txcl_lint_error"
 
@@ -184,6 +184,16 @@ def _lint_parsed(
         frozenset(checker.local_writes),
         checker.execs,
     )
+
+
+def gate_problems(tree: ast.File, source: str) -> list[Problem]:
+    """The error-level findings of one parsed and compiled file that lint alone finds (the
+    per-file checks: read-only writes, verdict codes, the schema checks): what keeps its
+    stack from going live. Unknown ops are the loader's own check."""
+    checker = _RuleChecks(_lines(source), None)
+    for rule in tree.rules:
+        checker.rule(rule)
+    return [p for p in checker.problems if p.severity == "error"]
 
 
 def lint_source(source: str, name: str, registry: OpRegistry | None = None) -> list[Problem]:

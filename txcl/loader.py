@@ -206,6 +206,13 @@ class _Walker:
             return ()
         if self.check_only:
             return ()
+        from txcl.lint import gate_problems  # what lint calls an error never goes live
+
+        assert checked.file is not None, "a file without problems has parsed"
+        gate = gate_problems(checked.file, text)
+        if gate:
+            problems.extend(gate)
+            return ()
         if rules is None:  # found in the cache: compiling again gives what it gave then
             tree = checked.file
             assert tree is not None, "a file without problems has parsed"
