@@ -133,7 +133,7 @@ class TestTestOnAnEnvelope:
 
     def test_a_run_error_exits_one_and_shows_the_tempfail(self, capsys, tmp_path):
         rule = tmp_path / "bad.txcl"
-        rule.write_text("SET @lmtp.res.code = 999\n")
+        rule.write_text("SET @lmtp.res.code = 990 + 9\n")
         env = tmp_path / "env.json"
         env.write_text(json.dumps(ENVELOPE))
         code, out, _ = run(capsys, "test", str(rule), str(env))

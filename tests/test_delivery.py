@@ -274,7 +274,7 @@ RULES = {
         "SET @lmtp.res.code = 250\n"
         'SET @lmtp.res.msg = "noted\\r\\n250 injected"\n'
     ),
-    "gamma/_mail/0/bad-code.txcl": "SET @lmtp.res.code = 999\n",
+    "gamma/_mail/0/bad-code.txcl": "SET @lmtp.res.code = 990 + 9\n",
     "delta/_mail/0/broken.txcl": "WHEN @lmtp.msg.subject =~ /unterminated\n",
     "epsilon/_mail/0/silent.txcl": 'SET ticket.note = "saw it"\n',
 }

@@ -149,7 +149,7 @@ def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
 def test_trace_errors_mode_skips_good_runs_and_keep_prunes(
     serve: Callable[..., Server], tmp_path: Path
 ) -> None:
-    invalid_verdict = "WHEN @lmtp.rcpt.0 =~ /^fail@/\nSET @lmtp.res.code = 999\n"  # run error: 451
+    invalid_verdict = "WHEN @lmtp.rcpt.0 =~ /^fail@/\nSET @lmtp.res.code = 990 + 9\n"  # run error: 451
     ops = {**OPS, "acme/_mail/0/20-fail.txcl": invalid_verdict}
     server = serve(tmp_path, ops, CONFIG, "--trace=errors", "--trace-keep=2")
     assert deliver(server) == ["250 2.0.0 v1"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from txcl import ast, inputs
-from txcl.envelope import SRC_KEY, TXC, parse_path, route_of, txc_of
+from txcl.envelope import SRC_KEY, TXC, parse_path, route_of, source_of, txc_of
 from txcl.errors import Pos, Problem, TxclError
 from txcl.paths import compile_getter
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
@@ -71,10 +71,13 @@ def case_files(stack_dir: Path) -> list[Path]:
     return sorted(p for p in tests.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def run_case_file(path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY) -> list[CaseResult]:
-    """Every case of one file, against one compiled stack."""
+def run_case_file(
+    path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY, *, schema: bool = True
+) -> list[CaseResult]:
+    """Every case of one file, against one compiled stack (`schema`: hand-written envelopes
+    are checked against their source's schema first)."""
     try:
-        cases = load_cases(path, stack)
+        cases = load_cases(path, stack, schema=schema)
     except TxclError as err:
         return [CaseResult(str(path), "(file)", stack.name, problem=err.problem)]
     return [run_case(case, stack, policy) for case in cases]
@@ -159,7 +162,7 @@ def _path(text: str, pos: Pos) -> ast.Path:
 # --- reading case files -----------------------------------------------------------------
 
 
-def load_cases(path: Path, stack: Stack) -> list[Case]:
+def load_cases(path: Path, stack: Stack, *, schema: bool = True) -> list[Case]:
     try:
         doc = inputs.load_yaml(path)
     except inputs.InputError as err:
@@ -170,7 +173,7 @@ def load_cases(path: Path, stack: Stack) -> list[Case]:
     names: set[str] = set()
     cases = []
     for index, entry in enumerate(entries):
-        case = _case(path, index, entry, stack)
+        case = _case(path, index, entry, stack, schema)
         if case.name in names:
             raise _bad(path, 1, f"two cases are named {case.name!r}")
         names.add(case.name)
@@ -178,7 +181,7 @@ def load_cases(path: Path, stack: Stack) -> list[Case]:
     return cases
 
 
-def _case(path: Path, index: int, entry: Any, stack: Stack) -> Case:
+def _case(path: Path, index: int, entry: Any, stack: Stack, schema: bool = True) -> Case:
     where = f"case {index + 1}"
     if not isinstance(entry, dict):
         raise _bad(path, 1, f"{where}: a case is a mapping with name, input, ops, expect")
@@ -190,7 +193,7 @@ def _case(path: Path, index: int, entry: Any, stack: Stack) -> Case:
         raise _bad(path, 1, f"{where}: every case needs a `name`")
     where = f"case {name!r}"
     pos = Pos(str(path), 1, 1)
-    envelope = _input(path, where, entry.get("input"), stack)
+    envelope = _input(path, where, entry.get("input"), stack, schema)
     stubs = entry.get("ops") or {}
     if not isinstance(stubs, dict) or not all(isinstance(v, dict) for v in stubs.values()):
         raise _bad(path, 1, f"{where}: `ops` maps op names to the merge patch each returns")
@@ -208,7 +211,7 @@ def _case(path: Path, index: int, entry: Any, stack: Stack) -> Case:
     return Case(path, name, envelope, stubs, expect, pos)
 
 
-def _input(path: Path, where: str, spec: Any, stack: Stack) -> dict[str, Any]:
+def _input(path: Path, where: str, spec: Any, stack: Stack, schema: bool = True) -> dict[str, Any]:
     if not isinstance(spec, dict) or sum(k in spec for k in _INPUT_KEYS) != 1:
         raise _bad(path, 1, f"{where}: `input` needs exactly one of {', '.join(_INPUT_KEYS)}")
     if "envelope" in spec:
@@ -231,6 +234,9 @@ def _input(path: Path, where: str, spec: Any, stack: Stack) -> dict[str, Any]:
         )
     if not isinstance(envelope, dict):
         raise _bad(path, 1, f"{where}: the envelope must be a JSON object")
+    problems = envelope_schema_problems(envelope) if schema and "eml" not in spec else []
+    if problems:
+        raise _bad(path, 1, f"{where}: {_schema_text(problems)}")
     return aim_at(envelope, stack)
 
 
@@ -245,6 +251,40 @@ def message_envelope(
         raw, rcpts=list(rcpts), mail_from=mail_from, stack=stack.name, stage=first_stage(stack)
     )
     return envelope
+
+
+def envelope_schema_problems(envelope: Any) -> list[str]:
+    """What is wrong with a hand-written envelope, by its source's schema (txcl.schema):
+    fields of the wrong type, unknown fields, a forgotten `_txc` wrapper. Missing fields are
+    fine (a fixture gives what its rules read)."""
+    from txcl.schema import SchemaError, envelope_problems, section_schema
+
+    if not isinstance(envelope, dict):
+        return []
+    src = source_of(envelope)
+    if src is None:
+        if TXC not in envelope and (SRC_KEY in envelope or "lmtp" in envelope):
+            return ["it has no `_txc`: the source's fields go under `_txc` "
+                    '(`{"_txc": {"src": "lmtp", "lmtp": {...}}}`)']
+        return []
+    try:
+        if section_schema(src) is None:
+            return []
+        return envelope_problems(envelope, src, partial=True)
+    except SchemaError as err:
+        return [str(err)]
+
+
+def _schema_text(problems: list[str]) -> str:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return f"the envelope does not fit its source's schema (--no-schema skips this): {shown}"
+
+
+def schema_problem(envelope: Any, where: str) -> Problem | None:
+    """The schema check of an envelope given to `txcl test` (from `where`), as one problem
+    (None: fine)."""
+    problems = envelope_schema_problems(envelope)
+    return Problem(CASE_ERROR, f"{where}: {_schema_text(problems)}") if problems else None
 
 
 def first_stage(stack: Stack) -> int:

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
     t.add_argument("--json", action="store_true", help="print one JSON document")
     t.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
+    t.add_argument("--no-schema", action="store_true",
+                   help="do not check hand-written envelopes against their source's schema")
 
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
     lt.add_argument("targets", nargs="+", type=Path)
@@ -110,6 +112,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         return FAILED if tree.problems else USAGE
     if is_message:
         envelope = _message_envelope(args, stack)
+    elif not args.no_schema and (problem := cases.schema_problem(envelope, args.envelope)):
+        _print_problems((problem,), sys.stderr)
+        return FAILED
     policy = RunPolicy(run_ops=args.exec, registry=registry, state_dir=args.state_dir)
     result = stack.run(cases.aim_at(envelope, stack) if isinstance(envelope, dict) else envelope, policy)
     if args.json:
@@ -163,7 +168,7 @@ def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
         for path in files:
             if stack is None:
                 continue  # its load problems are printed above and fail the run
-            results.extend(cases.run_case_file(path, stack, TEST_POLICY))
+            results.extend(cases.run_case_file(path, stack, TEST_POLICY, schema=not args.no_schema))
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
     if args.json:
