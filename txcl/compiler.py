@@ -39,6 +39,11 @@ Captures = Mapping[str, str]
 
 NO_CAPTURES: Final[Captures] = MappingProxyType({})
 MATCH_ROOT: Final = "match"
+# `@lmtp.rcpt.*` in a WHEN binds the indices whose item holds; a SET target with `*` writes
+# at each of them. The bound indices travel with the captures under this key.
+WILDCARD: Final = "*"
+BOUND: Final = "\0bound"
+_ITEM: Final = "\0item"
 OP_SCHEME: Final = "op://"
 MAX_TIMEOUT_S: Final = 3600.0
 
@@ -69,6 +74,16 @@ class SetStep:
     # The value when it is a scalar literal (`SET flags.x = true`), else MISSING: the
     # runner builds the record of such a write once.
     constant: Any = MISSING
+    wildcard: bool = False  # the target has a `*`: written at each index the WHENs bound
+    # index -> this step at that index, built on first use (compiled once per index)
+    bound: dict[int, SetStep] = field(default_factory=dict, repr=False, compare=False)
+
+    def at(self, index: int) -> SetStep:
+        """This wildcard step with its `*` replaced by `index`."""
+        step = self.bound.get(index)
+        if step is None:
+            step = self.bound[index] = _bound_step(self, index)
+        return step
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +187,7 @@ class _RuleCompiler:
         self.reads: set[tuple[ast.Segment, ...]] = set()
         self.jsonpaths: set[str] = set()
         self.captures: set[str] = set()
+        self.binds = False  # a WHEN binds `*`
 
     def problem(self, message: str, pos: Pos) -> Eval:
         self.problems.append(Problem("txcl_compile_error", message, pos))
@@ -188,6 +204,13 @@ class _RuleCompiler:
         segments = node.segments
         if not segments:
             return self.problem("empty path", node.pos)
+        if WILDCARD in segments:
+            return self.problem(
+                f"{segments_text(segments)}: a `*` segment binds list indices only on the left "
+                "of a comparison or =~ in a WHEN (`WHEN @lmtp.rcpt.* =~ /^billing@/`), and is "
+                "reused by a SET target (`SET @lmtp.res.recipients.*.code = 250`)",
+                node.pos,
+            )
         if segments[0] == MATCH_ROOT:
             return _capture_reader(segments)
         self.reads.add(segments)
@@ -240,7 +263,49 @@ class _RuleCompiler:
         apply = function.apply
         return lambda envelope, match: apply(value(envelope, match))
 
+    def _wildcard(self, node: ast.Compare | ast.Match) -> Eval | None:
+        """`node` with a `*` path on its left: true when it holds for some index of the list,
+        binding those indices (with those bound by the rule's other WHENs: both must hold)."""
+        left = node.left
+        if not isinstance(left, ast.Path) or WILDCARD not in left.segments:
+            return None
+        segments = left.segments
+        if segments.count(WILDCARD) > 1:
+            return self.problem(f"{segments_text(segments)}: one `*` per path", left.pos)
+        cut = segments.index(WILDCARD)
+        if cut == 0:
+            return self.problem(f"{segments_text(segments)}: `*` needs a list before it", left.pos)
+        prefix, suffix = segments[:cut], segments[cut + 1 :]
+        self.reads.add(prefix)
+        self.binds = True
+        get_list = compile_getter(ast.Path(prefix, left.pos))
+        get_item = compile_getter(ast.Path(suffix, left.pos)) if suffix else None
+        inner = self.expr(replace(node, left=ast.Path((MATCH_ROOT, _ITEM), left.pos)))
+
+        def bound(envelope: Any, match: Any) -> bool:
+            items = get_list(envelope)
+            if not isinstance(items, list):
+                return False
+            before = match.get(BOUND)
+            hits = []
+            for index, item in enumerate(items):
+                if before is not None and index not in before:
+                    continue
+                value = item if get_item is None else get_item(item)
+                if inner(envelope, {_ITEM: value}) is True:
+                    hits.append(index)
+            if not hits:
+                return False
+            if isinstance(match, dict):
+                match[BOUND] = tuple(hits)
+            return True
+
+        return bound
+
     def _compare(self, node: ast.Compare) -> Eval:
+        bound = self._wildcard(node)
+        if bound is not None:
+            return bound
         op = node.op.upper()
         compare = COMPARISONS.get(op)
         if compare is None:
@@ -259,6 +324,9 @@ class _RuleCompiler:
         return lambda envelope, match: compare(left(envelope, match), right(envelope, match))
 
     def _match(self, node: ast.Match) -> Eval:
+        bound = self._wildcard(node)
+        if bound is not None:
+            return bound
         left = self.expr(node.left)
         try:
             regex = compile_regex(node.regex)
@@ -492,6 +560,12 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
                 )
                 continue
             value = rc.expr(stmt.value)
+            if WILDCARD in target.segments:
+                steps_or_problem = _wildcard_step(stmt, target, value, rc)
+                if steps_or_problem is not None:
+                    writes.add(target.segments)
+                    steps.append(steps_or_problem)
+                continue
             try:
                 write = compile_setter(target)
             except TxclCompileError as err:
@@ -551,6 +625,9 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
             rc.problem(f"not a body statement: {type(stmt).__name__}", _pos_of(stmt))
 
     captures = tuple(sorted(rc.captures))
+    if any(isinstance(step, SetStep) and step.wildcard for step in steps) and not rc.binds:
+        rc.problem("a SET target with `*` needs a WHEN that binds it (`WHEN @lmtp.rcpt.* ...`)",
+                   rule.pos)
     return CompiledRule(
         file=file,
         pos=rule.pos,
@@ -565,7 +642,47 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
         jsonpaths=frozenset(rc.jsonpaths),
         writes=frozenset(writes),
         captures=captures,
-        test=_rule_test(whens, bool(captures)),
+        test=_rule_test(whens, bool(captures) or rc.binds),
+    )
+
+
+def _wildcard_step(
+    stmt: ast.Set, target: ast.Path, value: Eval, rc: _RuleCompiler
+) -> SetStep | None:
+    if target.segments.count(WILDCARD) > 1:
+        rc.problem(f"SET {segments_text(target.segments)}: one `*` per path", target.pos)
+        return None
+    return SetStep(
+        stmt.pos,
+        target.segments,
+        path_text(target.segments),
+        value,
+        _no_write,
+        _no_read,
+        _scalar_literal(stmt.value),
+        wildcard=True,
+    )
+
+
+def _no_write(envelope: Any, value: Any) -> Any:
+    raise AssertionError("a wildcard SET writes through SetStep.at")
+
+
+def _no_read(envelope: Any) -> Any:
+    return MISSING
+
+
+def _bound_step(step: SetStep, index: int) -> SetStep:
+    segments = tuple(index if s == WILDCARD else s for s in step.target)
+    path = ast.Path(segments, step.pos)
+    return replace(
+        step,
+        target=segments,
+        target_text=path_text(segments),
+        write=compile_setter(path),
+        read=compile_getter(path),
+        wildcard=False,
+        bound={},
     )
 
 

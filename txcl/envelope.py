@@ -182,6 +182,8 @@ def segment_text(segment: Segment) -> str:
     with dots or spaces, ...); an int is a list index."""
     if isinstance(segment, int):
         return str(segment)
+    if segment == _WILDCARD:  # a rule's bound index (`@lmtp.rcpt.*`)
+        return segment
     if _PLAIN_SEGMENT.fullmatch(segment) and not segment.isdigit():
         return segment
     return json.dumps(segment, ensure_ascii=False)

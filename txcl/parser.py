@@ -192,7 +192,7 @@ _OPERATORS: Final = frozenset(
     {"==", "!=", "<", "<=", ">", ">=", "=~", "!=~", "+", "IN", "NOT IN"}
 )
 
-_SEGMENT = re.compile(r'[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"')
+_SEGMENT = re.compile(r'[A-Za-z0-9_-]+|\*|"(?:[^"\\]|\\.)*"')
 _REGEX_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CHARACTER_HINTS: Final = {

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from txcl.compiler import NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
+from txcl.compiler import BOUND, NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
 from txcl.envelope import (
     TXC,
     patch_read_only_reason,
@@ -403,6 +403,10 @@ def _set(
     stage: int,
     steps: list[Step],
 ) -> dict[str, Any]:
+    if step.wildcard:  # written at each index the rule's WHENs bound
+        for index in captures.get(BOUND, ()):
+            env = _set(env, step.at(index), None, captures, src, stage, steps)
+        return env
     target = step.target
     if target[0] == TXC:
         reason = read_only_reason(target, src)

@@ -228,7 +228,7 @@ def _walk(root: Mapping[str, Any], segments: tuple[Segment, ...], start: int) ->
         for branch in branches:
             if branch.get(OPEN) is True:
                 open_below = True
-            if isinstance(segment, int):
+            if isinstance(segment, int) or segment == "*":  # `*`: any index a WHEN binds
                 items = branch.get("items")
                 if isinstance(items, Mapping):
                     following.extend(_branches(items, root))
