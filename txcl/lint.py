@@ -459,13 +459,9 @@ _MATCH_ROOT: Final = "match"  # `match.<name>`: a named group of the rule's rege
 
 
 def _literal_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    return "number" if isinstance(value, float) else "string"
+    from txcl.schema import json_type
+
+    return json_type(value)
 
 
 def _kinds_text(kinds: frozenset[str]) -> str:

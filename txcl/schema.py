@@ -181,7 +181,7 @@ def types_of(node: Mapping[str, Any], root: Mapping[str, Any] | None = None) -> 
         elif isinstance(kind, list):
             found.update(k for k in kind if isinstance(k, str))
         elif "const" in branch:
-            found.add(_json_type(branch["const"]))
+            found.add(json_type(branch["const"]))
         else:
             return frozenset()  # a branch of any type
     if "integer" in found:
@@ -189,7 +189,8 @@ def types_of(node: Mapping[str, Any], root: Mapping[str, Any] | None = None) -> 
     return frozenset(found)
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """A JSON value's type by JSON Schema's names (txcl.values.kind_of has the engine's)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
