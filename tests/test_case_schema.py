@@ -71,3 +71,17 @@ def test_a_case_file_with_a_bad_envelope_fails_with_what_is_wrong(tmp_path):
     assert "has no `_txc`" in done.stdout + done.stderr
     done = txcl("test", "--no-schema", str(stack))
     assert "has no `_txc`" not in done.stdout + done.stderr
+
+
+def test_a_cyclic_envelope_is_the_runs_clear_error_not_a_crash(tmp_path):
+    cyclic: dict = {"_txc": {"src": "lmtp", "lmtp": {"rcpt": ["a@acme.example"]}}}
+    cyclic["_txc"]["lmtp"]["msg"] = cyclic
+    assert envelope_schema_problems(cyclic) == []  # left to run_case's input check
+    stack = make_stack(tmp_path)
+    (stack / "tests").mkdir()
+    (stack / "tests/cycle.yaml").write_text(
+        "name: cycle\ninput: {envelope: &e {_txc: {src: lmtp, lmtp: {rcpt: [a@acme.example],"
+        " msg: {subject: x, headers: *e}}}}}\n")
+    done = txcl("test", str(stack))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr

@@ -261,6 +261,10 @@ def envelope_schema_problems(envelope: Any) -> list[str]:
 
     if not isinstance(envelope, dict):
         return []
+    try:  # a cycle or an enormous tree is the run's to report (run_case), not the schema's
+        inputs.check_tree(envelope, Path("<envelope>"))
+    except inputs.InputError:
+        return []
     src = source_of(envelope)
     if src is None:
         if TXC not in envelope and (SRC_KEY in envelope or "lmtp" in envelope):
