@@ -668,8 +668,8 @@ def _no_write(envelope: Any, value: Any) -> Any:
     raise AssertionError("a wildcard SET writes through SetStep.at")
 
 
-def _no_read(envelope: Any) -> Any:
-    return MISSING
+def _no_read(envelope: Any, default: Any = MISSING, /) -> Any:
+    return default
 
 
 def _bound_step(step: SetStep, index: int) -> SetStep:

@@ -404,7 +404,8 @@ def _set(
     steps: list[Step],
 ) -> dict[str, Any]:
     if step.wildcard:  # written at each index the rule's WHENs bound
-        for index in captures.get(BOUND, ()):
+        indices: Any = captures.get(BOUND, ())  # ints, beside the string captures
+        for index in indices:
             env = _set(env, step.at(index), None, captures, src, stage, steps)
         return env
     target = step.target
