@@ -38,7 +38,7 @@ from txcl.envelope import (
     verdict_problem,
 )
 from txcl.errors import Pos, Problem, TxclError
-from txcl.ops import OpContext, OpRegistry
+from txcl.ops import WAITING_FOR_PLACE, OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
 from txcl.records import (
     ExecRecord,
@@ -387,7 +387,11 @@ class Stack:
                     name, env, args, ctx, budget=policy.op_calls_per_tenant
                 )
         except TimeoutError:
-            raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
+            waited = WAITING_FOR_PLACE.get()
+            WAITING_FOR_PLACE.set(False)
+            note = (f" waiting for a place (tenant {self.tenant} had "
+                    f"{policy.op_calls_per_tenant} op calls running, its budget)" if waited else "")
+            raise _Failure(f"op {name} timed out after {deadline:g}s{note}", step.pos) from None
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # SystemExit, KeyboardInterrupt: the op's end, not ours
