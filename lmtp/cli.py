@@ -19,6 +19,7 @@ from typing import Any
 from lmtp.config import (
     DEFAULT_LISTEN_ADDRS,
     DEFAULT_PERSONALITIES,
+    TRANSACTION_RCPT_SCOPES,
     ConfigError,
     IngressConfig,
     Settings,
@@ -99,6 +100,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmtp-max-commands", default="1000", metavar="N",
                         help="commands a session may send between deliveries; then 421 "
                         "(default: 1000)")
+    parser.add_argument("--lmtp-transaction-rcpt", default="all", choices=TRANSACTION_RCPT_SCOPES,
+                        help="what _txc.lmtp.transaction_rcpt lists: every recipient of the "
+                        "transaction, or only those of the stack's own tenant (default: all)")
     parser.add_argument("--op-calls-per-tenant", default="8", metavar="N",
                         help="op calls one tenant may have running at once (default 8)")
     parser.add_argument("--log-repeat-interval", default="10s", metavar="DURATION",
@@ -145,6 +149,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             ops_dir=Path(args.ops),
             op_calls_per_tenant=parse_positive_int(args.op_calls_per_tenant,
                                                    "--op-calls-per-tenant"),
+            lmtp_transaction_rcpt=args.lmtp_transaction_rcpt,
             log_repeat_interval=parse_duration(args.log_repeat_interval,
                                                "--log-repeat-interval"),
         )

@@ -33,6 +33,8 @@ DEFAULT_LISTEN_ADDRS = ":2424"
 # Every listen address belongs to the listener of this name: the key `ingress.lmtp.listeners`
 # uses for its catch-all, and the value of `_txc.lmtp.listener`.
 LISTENER_NAME = "default"
+# `--lmtp-transaction-rcpt`: "all" (docs/lmtp.md's default) or "tenant" (a tenant's own).
+TRANSACTION_RCPT_SCOPES = ("all", "tenant")
 
 TENANT_SLUG = TENANT_NAME
 STACK_SLUG = STACK_NAME
@@ -128,6 +130,8 @@ class Settings:
     lmtp_resp_timeout: float = 30.0
     op_calls_per_tenant: int = 8  # ops one tenant may have running at once
     log_repeat_interval: float = 10.0  # the same error is logged once per interval
+    # What `_txc.lmtp.transaction_rcpt` shows a stack: every recipient, or its tenant's only.
+    lmtp_transaction_rcpt: str = "all"
     lmtp_hostname: str = field(default_factory=socket.gethostname)
     # Limits on clients: docs/lmtp.md, "Limits, timeouts and the replies they produce".
     lmtp_max_connections: int = 500

@@ -248,6 +248,14 @@ class Deliverer:
                     replies[index] = reply
         return [reply.line for reply in replies]
 
+    def _transaction_rcpt(self, tx: Transaction, tenant: str) -> Sequence[str]:
+        """Every recipient of the transaction, or with `--lmtp-transaction-rcpt=tenant` only
+        those routed to `tenant`: a tenant's rules need not see who else got the mail."""
+        if getattr(self.settings, "lmtp_transaction_rcpt", "all") != "tenant":
+            return tx.rcpts
+        return [rcpt for rcpt, route in zip(tx.rcpts, _aligned_routes(tx), strict=True)
+                if route is not None and route.tenant == tenant]
+
     async def _run_group(
         self,
         tx: Transaction,
@@ -275,7 +283,7 @@ class Deliverer:
                 mail_from=tx.mail_from,
                 size=len(tx.data),
                 rcpt=rcpts,
-                transaction_rcpt=tx.rcpts,
+                transaction_rcpt=self._transaction_rcpt(tx, route.tenant),
                 msg=msg,
             )
             if stack is None and route.stack in rejected:

@@ -192,3 +192,14 @@ def test_config_errors_name_the_key(yaml_text: str, message: str) -> None:
 def test_an_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing.yaml: cannot read config file"):
         load_ingress_config(tmp_path / "missing.yaml")
+
+
+def test_transaction_rcpt_scope_is_a_flag_with_all_as_default() -> None:
+    from lmtp.cli import build_parser, settings_from_args
+
+    parse = build_parser().parse_args
+    assert settings_from_args(parse(["serve"])).lmtp_transaction_rcpt == "all"
+    chosen = parse(["serve", "--lmtp-transaction-rcpt=tenant"])
+    assert settings_from_args(chosen).lmtp_transaction_rcpt == "tenant"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--lmtp-transaction-rcpt=nobody"])
