@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -195,7 +195,8 @@ def ingress_config(config: ConfigFile) -> IngressConfig:
     )
 
 
-def _targets(lmtp: Mapping[str, Any], section: str, name: str, check_key, *, stack_required: bool
+def _targets(lmtp: Mapping[str, Any], section: str, name: str,
+             check_key: Callable[[str, str, str], str], *, stack_required: bool
              ) -> Mapping[str, Target]:
     entries = lmtp.get(section) or {}
     expect_mapping(entries, name, f"ingress.lmtp.{section}")
