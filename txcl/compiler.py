@@ -206,7 +206,7 @@ class _RuleCompiler:
 
     def _listlit(self, node: ast.ListLit) -> Eval:
         if all(isinstance(item, ast.Literal) for item in node.items):
-            return _constant([item.value for item in node.items])  # type: ignore[union-attr]
+            return _constant([item.value for item in node.items if isinstance(item, ast.Literal)])
         items = tuple(self.expr(item) for item in node.items)
 
         def build(envelope: Any, match: Any) -> list[Any]:
