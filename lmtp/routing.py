@@ -1,4 +1,4 @@
-"""RCPT TO -> (tenant, stack): the seed's six-step resolution order, first match wins.
+"""RCPT TO -> (tenant, stack): the six-step resolution order of docs/lmtp.md, first match wins.
 
 1. `ingress.lmtp.recipients[<address>]`        operator exact override
 2. `ingress.lmtp.recipients["@" + domain]`     operator domain wildcard
