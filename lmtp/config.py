@@ -22,7 +22,6 @@ from txcl.chassis.config import (
     ConfigFile,
     expect_mapping,
     load_config,
-    parse_config,
     reject_unknown,
 )
 from txcl.envelope import STACK_NAME, TENANT_NAME
@@ -139,10 +138,6 @@ class Settings:
     config_file: Path | None = None
     state_dir: Path = Path("var")
 
-    @property
-    def lmtp_enabled(self) -> bool:
-        return "lmtp" in self.personalities and bool(self.lmtp_listen_addrs)
-
 
 # --- the YAML file -----------------------------------------------------------------------
 
@@ -176,10 +171,6 @@ _LMTP_KEYS = ("recipients", "verified_domains", "listeners")
 def load_ingress_config(path: Path | None) -> IngressConfig:
     """Read `txco.yaml` and validate its `ingress.lmtp`; None gives the empty configuration."""
     return ingress_config(load_config(path, heads=(HEAD,)))
-
-
-def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
-    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
 
 
 def ingress_config(config: ConfigFile) -> IngressConfig:

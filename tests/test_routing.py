@@ -8,9 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmtp.config import Settings, parse_ingress_config
+from lmtp.config import HEAD, IngressConfig, Settings, ingress_config
 from lmtp.hostnames import HostnameStore
 from lmtp.routing import Route, Router, split_address
+from txcl.chassis.config import parse_config
+
+
+def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
+    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
+
 
 CONFIG = parse_ingress_config(
     """
