@@ -52,11 +52,6 @@ class CompiledWhen:
     pos: Pos
     evaluate: Eval = field(repr=False, compare=False)
 
-    def predicate(self, envelope: Any) -> tuple[bool, dict[str, str]]:
-        """Whether this WHEN alone holds on envelope, and the named groups it captured."""
-        captures: dict[str, str] = {}
-        return self.evaluate(envelope, captures) is True, captures
-
 
 @dataclass(frozen=True, slots=True)
 class SetStep:
