@@ -170,13 +170,6 @@ def test_named_listener_falls_back_to_default():
     assert router.route("a@b.example", listener="other").ingress == "listener:default"
 
 
-def test_works_with_plain_mappings():
-    config = {"verified_domains": {"Acme.Example": {"tenant": "acme"}}}
-    router = Router(config, {"lmtp_default_hosts": ["chassis.example"]})
-    assert router.route("a@acme.example").stack == "acme/_mail"
-    assert router.route("acme.x@chassis.example").stack == "acme/x"
-
-
 class CountingStore:
     def __init__(self, store: HostnameStore) -> None:
         self.store, self.reads = store, 0
