@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,7 +22,6 @@ from txcl.chassis.config import (
     ConfigFile,
     expect_mapping,
     load_config,
-    parse_config,
     reject_unknown,
 )
 from txcl.envelope import STACK_NAME, TENANT_NAME
@@ -143,10 +142,6 @@ class Settings:
     config_file: Path | None = None
     state_dir: Path = Path("var")
 
-    @property
-    def lmtp_enabled(self) -> bool:
-        return "lmtp" in self.personalities and bool(self.lmtp_listen_addrs)
-
 
 # --- the YAML file -----------------------------------------------------------------------
 
@@ -182,10 +177,6 @@ def load_ingress_config(path: Path | None) -> IngressConfig:
     return ingress_config(load_config(path, heads=(HEAD,)))
 
 
-def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
-    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
-
-
 def ingress_config(config: ConfigFile) -> IngressConfig:
     """The `ingress.lmtp` section of a read `txco.yaml`, validated."""
     name = config.name
@@ -199,7 +190,8 @@ def ingress_config(config: ConfigFile) -> IngressConfig:
     )
 
 
-def _targets(lmtp: Mapping[str, Any], section: str, name: str, check_key, *, stack_required: bool
+def _targets(lmtp: Mapping[str, Any], section: str, name: str,
+             check_key: Callable[[str, str, str], str], *, stack_required: bool
              ) -> Mapping[str, Target]:
     entries = lmtp.get(section) or {}
     expect_mapping(entries, name, f"ingress.lmtp.{section}")

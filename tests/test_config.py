@@ -11,18 +11,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmtp.config import (
+    HEAD,
     ConfigError,
     IngressConfig,
     ListenAddress,
     Settings,
     Target,
+    ingress_config,
     load_ingress_config,
     parse_duration,
-    parse_ingress_config,
     parse_listen_addrs,
     parse_positive_int,
 )
-from txcl.chassis.config import load_config
+from txcl.chassis.config import load_config, parse_config
+
+
+def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
+    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
 
 
 def test_defaults_are_the_seeds_quick_reference_table() -> None:
@@ -39,7 +44,7 @@ def test_defaults_are_the_seeds_quick_reference_table() -> None:
     assert settings.require_hostname_verification is False
     assert (settings.ops_dir, settings.config_file, settings.state_dir) == (
         Path("OPS"), None, Path("var"))
-    assert not settings.lmtp_enabled  # lmtp is not a default personality
+    assert "lmtp" not in settings.personalities  # lmtp is not a default personality
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

@@ -52,11 +52,6 @@ class CompiledWhen:
     pos: Pos
     evaluate: Eval = field(repr=False, compare=False)
 
-    def predicate(self, envelope: Any) -> tuple[bool, dict[str, str]]:
-        """Whether this WHEN alone holds on envelope, and the named groups it captured."""
-        captures: dict[str, str] = {}
-        return self.evaluate(envelope, captures) is True, captures
-
 
 @dataclass(frozen=True, slots=True)
 class SetStep:
@@ -206,7 +201,7 @@ class _RuleCompiler:
 
     def _listlit(self, node: ast.ListLit) -> Eval:
         if all(isinstance(item, ast.Literal) for item in node.items):
-            return _constant([item.value for item in node.items])  # type: ignore[union-attr]
+            return _constant([item.value for item in node.items if isinstance(item, ast.Literal)])
         items = tuple(self.expr(item) for item in node.items)
 
         def build(envelope: Any, match: Any) -> list[Any]:

@@ -285,10 +285,10 @@ def _verdict_slot(segments: tuple[ast.Segment, ...]) -> int | str | None:
     return None
 
 
-def _literal_text(value: object) -> str:
+def _literal_text(value: str | int | float | bool | None) -> str:
     from txcl.fmt import format_expr
 
-    return format_expr(ast.Literal(value, _NOWHERE))  # type: ignore[arg-type]
+    return format_expr(ast.Literal(value, _NOWHERE))
 
 
 def _dotted(segments: tuple[ast.Segment, ...]) -> str:

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from txcl.ast import Segment
 from txcl.errors import Problem, TxclLoadError
@@ -258,7 +258,7 @@ class OpRegistry:
         await TENANT_CALLS.take(ctx.tenant, budget)
         if entry.is_async:
             try:
-                return await entry.fn(envelope, args, ctx)  # type: ignore[misc]
+                return await cast(Awaitable[dict[str, Any]], entry.fn(envelope, args, ctx))
             finally:
                 TENANT_CALLS.give(ctx.tenant)
         result = await OP_THREADS.run(
