@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl import cases, fmt, inputs, lint
+from txcl import cases, explain, fmt, inputs, lint
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--state-dir", type=Path, help="where executed ops write (with --exec)")
     t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
     t.add_argument("--json", action="store_true", help="print one JSON document")
+    t.add_argument(
+        "--explain",
+        action="store_true",
+        help="show every rule of every stage, fired or not, each WHEN's result and the values it compared",
+    )
     t.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
@@ -110,13 +115,21 @@ def cmd_test(args: argparse.Namespace) -> int:
         return FAILED if tree.problems else USAGE
     if is_message:
         envelope = _message_envelope(args, stack)
-    policy = RunPolicy(run_ops=args.exec, registry=registry, state_dir=args.state_dir)
+    policy = RunPolicy(
+        run_ops=args.exec, registry=registry, state_dir=args.state_dir, explain=args.explain
+    )
     result = stack.run(cases.aim_at(envelope, stack) if isinstance(envelope, dict) else envelope, policy)
+    why = explain.explain_json(explain.explain(stack, result)) if args.explain else None
     if args.json:
-        json.dump(result_json(stack, result), sys.stdout, indent=2, default=_json_default)
+        doc = result_json(stack, result)
+        if why is not None:
+            doc["explain"] = why
+        json.dump(doc, sys.stdout, indent=2, default=_json_default)
         print()
     else:
         inputs.write_terminal(sys.stdout, lambda out: render_result(stack, result, out))
+        if why is not None:
+            inputs.write_terminal(sys.stdout, functools.partial(_render_explain, why))
     return FAILED if result.error else OK
 
 
@@ -237,6 +250,11 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
         out.write(f"replies ({source.name}):\n")
         for rcpt, line in rows:
             out.write(f"  {rcpt.ljust(width)}  {line}\n")
+
+
+def _render_explain(why: list[dict[str, Any]], out: TextIO) -> None:
+    out.write("explain:\n")
+    explain.render_explain(why, out)
 
 
 def _res(envelope: Any) -> tuple[str, Any] | None:
