@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl import cases, explain, fmt, inputs, lint
+from txcl import cases, explain, fmt, inputs, lint, replay
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every rule of every stage, fired or not, each WHEN's result and the values it compared",
     )
     t.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
+
+    r = sub.add_parser(
+        "replay",
+        help="re-run recorded requests against the current rules and diff the verdicts",
+        description="Re-run the envelopes of request traces (a trace folder, a requests/ folder "
+        "or a state dir) against the rules under OPS. No op runs: each is answered with what "
+        "the trace recorded. Prints, per recipient, the recorded verdict and the new one; "
+        "exit 1 when any differ.",
+    )
+    r.add_argument("ops", type=Path, help="the OPS/ tree (or a stack folder) with the rules to try")
+    r.add_argument("traces", nargs="+", type=Path, help="STATE_DIR/requests/ or STATE_DIR/requests/RID")
+    r.add_argument("--format", choices=("text", "json"), default="text")
+    r.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
     lt.add_argument("targets", nargs="+", type=Path)
@@ -330,6 +343,51 @@ def case_json(r: cases.CaseResult) -> dict[str, Any]:
     }
 
 
+# --- txcl replay -------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    cache = _compile_cache(args)
+    tree = load_target(args.ops, cache=cache)
+    if cache is not None:
+        cache.flush()
+    if tree.problems:
+        _print_problems(tree.problems, sys.stderr)
+        if any(p.severity == "error" for p in tree.problems):
+            return USAGE
+    try:
+        report = replay.replay(args.traces, tree)
+    except FileNotFoundError as err:
+        print(f"txcl replay: {err}", file=sys.stderr)
+        return USAGE
+    if args.format == "json":
+        json.dump(replay.replay_json(report), sys.stdout, indent=2)
+        print()
+    else:
+        inputs.write_terminal(sys.stdout, functools.partial(render_replay, report))
+    return FAILED if report.changed else OK
+
+
+def render_replay(report: replay.Report, out: TextIO) -> None:
+    for r in report.replays:
+        out.write(f"{r.rid}  {r.stack or '-'}  {'CHANGED' if r.changed else 'same'}\n")
+        if r.problem:
+            out.write(f"    not replayed: {r.problem}\n")
+        for v in r.verdicts:
+            mark = "≠" if v.changed else "="
+            out.write(f"    {v.rcpt}  {v.recorded or '(none recorded)'}  {mark}  {v.replayed}\n")
+        if r.error:
+            out.write(f"    run error: {r.error}\n")
+        for op in r.unanswered_ops:
+            out.write(f"    op {op}: the trace holds no answer (not executed)\n")
+        for note in r.fidelity:
+            out.write(f"    fidelity: {note}\n")
+    out.write(
+        f"{report.changed} of {report.verdicts} verdicts changed "
+        f"({len(report.replays)} traces replayed)\n"
+    )
+
+
 # --- txcl lint --------------------------------------------------------------------------------
 
 
@@ -488,6 +546,7 @@ def _find_config(target: Path) -> Path | None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "test": cmd_test,
     "lint": cmd_lint,
+    "replay": cmd_replay,
     "fmt": cmd_fmt,
 }
 

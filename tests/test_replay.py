@@ -1,0 +1,102 @@
+"""`txcl replay` over traces a live `txco serve` wrote: recorded verdict -> new verdict, ops
+answered from the trace, and what the trace's scrubbing hides from the replay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import Server
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
+STACK = Path("acme/support")
+# Scrubs the sender, and reads it: every replay of its traces must say so.
+REDACTS_SENDER = """\
+WITH redact = "_txc.lmtp.mail.from"
+WHEN @lmtp.mail.from == "nobody@nowhere.example"
+SET seen.nobody = true
+"""
+
+
+def _deliver(server: Server, rcpts: tuple[str, ...], message: bytes) -> list[str]:
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        client.mail("maria.keller@kellerbau.example")
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(smtplib.quotedata(message.decode()).encode() + b"\r\n.\r\n")
+        return [f"{code} {text.decode()}" for code, text in (client.getreply() for _ in rcpts)]
+
+
+def _replay(ops: Path, *traces: Path, fmt: str = "json") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "txcl.cli", "replay", str(ops), *map(str, traces), "--format", fmt, "--no-cache"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def _wait_for_traces(root: Path, count: int) -> list[Path]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("no traces written")
+
+
+def test_replay_of_live_traces_diffs_verdicts_after_an_edit(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    ops = tmp_path / "OPS"
+    shutil.copytree(EXAMPLE / "OPS", ops)
+    shutil.rmtree(ops / STACK / "tests")
+    shutil.copytree(EXAMPLE / "ops", tmp_path / "ops")
+    (ops / STACK / "0" / "90-redact.txcl").write_text(REDACTS_SENDER)
+    server = serve(tmp_path, ops, (EXAMPLE / "txco.yaml").read_text())
+    sent = _deliver(
+        server, ("support@acme.example", "sales@acme.example"), (EXAMPLE / "samples" / "billing.eml").read_bytes()
+    )
+    assert sent[0].startswith("250 2.0.0 ticket #1") and sent[1].startswith("550 ")
+    [folder] = _wait_for_traces(server.state_dir / "requests", 1)
+    server.stop()
+
+    same = _replay(ops, server.state_dir / "requests")
+    assert same.returncode == 0, same.stdout + same.stderr
+    doc = json.loads(same.stdout)
+    assert (doc["traces"], doc["verdicts"], doc["changed"]) == (1, 2, 0)
+    [one] = doc["replays"]
+    assert one["rid"] == folder.name and one["unanswered_ops"] == []
+    assert [v["replayed"] for v in one["verdicts"]] == [line.split(" (rid")[0] for line in sent]
+    assert any("_txc.lmtp.mail.from, which this trace redacted" in n for n in one["fidelity"])
+
+    # the edit: a new text for accepted mail, a rule reading the omitted attachments, a new op
+    verdicts = ops / STACK / "1" / "40-verdicts.txcl"
+    verdicts.write_text(verdicts.read_text().replace('"ticket " + ticket.ref', '"case " + ticket.ref'))
+    (ops / STACK / "1" / "90-new.txcl").write_text(
+        'WHEN @lmtp.msg.attachments.0.type =~ /pdf/\nEXEC "op://NOTIFY"\n'
+        'WHEN len(@lmtp.rcpt) > 0\nEXEC "op://NOTIFY"\n'
+    )
+    changed = _replay(ops, folder)
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    doc = json.loads(changed.stdout)
+    assert (doc["verdicts"], doc["changed"]) == (2, 1)
+    first = doc["replays"][0]["verdicts"][0]
+    assert first["changed"] and first["replayed"] == "250 2.0.0 case #1"
+    assert first["recorded"].startswith("250 2.0.0 ticket #1")
+    assert doc["replays"][0]["unanswered_ops"] == ["NOTIFY"]
+    assert any("_txc.lmtp.msg.attachments" in n and "omitted" in n for n in doc["replays"][0]["fidelity"])
+
+    text = _replay(ops, folder, fmt="text")
+    assert text.returncode == 1
+    assert "≠  250 2.0.0 case #1" in text.stdout
+    assert "1 of 2 verdicts changed (1 traces replayed)" in text.stdout
+    assert "op NOTIFY: the trace holds no answer" in text.stdout
