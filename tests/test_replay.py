@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import Server
+from conftest import Server, txco_argv
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "inbound-support-mailbox"
 STACK = Path("acme/support")
@@ -77,6 +77,21 @@ def test_replay_of_live_traces_diffs_verdicts_after_an_edit(
     assert one["rid"] == folder.name and one["unanswered_ops"] == []
     assert [v["replayed"] for v in one["verdicts"]] == [line.split(" (rid")[0] for line in sent]
     assert any("_txc.lmtp.mail.from, which this trace redacted" in n for n in one["fidelity"])
+
+    # txco trace --explain: every rule, fired or not, from the recorded envelope and answers
+    explained = subprocess.run(
+        [*txco_argv(), "trace", folder.name, "--explain", "--ops", str(ops),
+         "--state-dir", str(server.state_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert explained.returncode == 0, explained.stderr
+    assert "40-verdicts.txcl:19:1  not fired" in explained.stdout
+    assert "✗ WHEN @lmtp.rcpt.1 =~ /^(support|help" in explained.stdout
+    assert '@lmtp.rcpt.1 = "sales@acme.example"' in explained.stdout
+    assert "40-verdicts.txcl:26:1  fired" in explained.stdout
+    assert '@lmtp.rcpt.2 = missing' in explained.stdout
+    assert '@lmtp.mail.from = "[REDACTED]"' in explained.stdout
+    assert "maria.keller" not in explained.stdout
 
     # the edit: a new text for accepted mail, a rule reading the omitted attachments, a new op
     verdicts = ops / STACK / "1" / "40-verdicts.txcl"

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from txcl import trace_store
 from txcl.envelope import SRC_KEY, TXC, path_text
+from txcl.explain import explain, explain_json
 from txcl.loader import Tree
 from txcl.records import ExecRecord
 from txcl.runner import TEST_POLICY, RunPolicy, Stack
@@ -52,6 +53,7 @@ class Replay:
     fidelity: tuple[str, ...] = ()  # why this replay may differ from what the server saw
     problem: str = ""  # the trace could not be replayed at all
     error: str = ""  # the replayed run failed
+    explain: tuple[dict[str, Any], ...] = ()  # txcl.explain's JSON, under RunPolicy(explain=True)
 
     @property
     def changed(self) -> bool:
@@ -135,6 +137,7 @@ def replay_trace(ref: TraceRef, tree: Tree, policy: RunPolicy = TEST_POLICY) -> 
         tuple(unanswered),
         tuple(fidelity),
         error=run.error.message if run.error else "",
+        explain=tuple(explain_json(explain(stack, run))) if policy.explain else (),
     )
 
 
