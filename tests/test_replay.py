@@ -115,3 +115,17 @@ def test_replay_of_live_traces_diffs_verdicts_after_an_edit(
     assert "≠  250 2.0.0 case #1" in text.stdout
     assert "1 of 2 verdicts changed (1 traces replayed)" in text.stdout
     assert "op NOTIFY: the trace holds no answer" in text.stdout
+
+
+def test_omit_through_a_list_drops_the_content_and_keeps_the_rest(tmp_path: Path) -> None:
+    from txcl.loader import load_target
+    from txcl.trace import scrubber_for
+
+    rule = tmp_path / "OPS" / "acme" / "s" / "0" / "10.txcl"
+    rule.parent.mkdir(parents=True)
+    rule.write_text('WITH omit = "_txc.lmtp.msg.attachments[*].content"\nSET x.y = 1\n')
+    stack = load_target(tmp_path / "OPS").stacks["acme/s"]
+    attachment = {"name": "a.pdf", "type": "application/pdf", "size": 3, "sha256": "ab", "content": "b64:eHh4"}
+    doc = {"_txc": {"lmtp": {"msg": {"attachments": [attachment, dict(attachment, name="b.pdf")]}}}}
+    kept = scrubber_for(stack.hints).document(doc)["_txc"]["lmtp"]["msg"]["attachments"]
+    assert kept == [{k: v for k, v in a.items() if k != "content"} for a in doc["_txc"]["lmtp"]["msg"]["attachments"]]
