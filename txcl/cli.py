@@ -6,16 +6,19 @@ Exit codes: 0 ok · 1 failures or findings · 2 usage or I/O.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import functools
+import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl import cases, explain, fmt, inputs, lint, replay
+from txcl import cases, coverage, explain, fmt, inputs, junit, lint, replay
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -28,6 +31,7 @@ from txcl.values import MISSING
 
 OK, FAILED, USAGE = 0, 1, 2
 CONFIG_NAME = "txco.yaml"
+WATCH_INTERVAL_S = 0.3
 NO_CACHE_HELP = "parse every file; leave the compile cache ($XDG_CACHE_HOME/txcl) alone"
 
 
@@ -53,7 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exec", action="store_true", help="execute ops for real (default: ops are not run)")
     t.add_argument("--state-dir", type=Path, help="where executed ops write (with --exec)")
     t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
-    t.add_argument("--json", action="store_true", help="print one JSON document")
+    t.add_argument("--json", action="store_true", help="print one JSON document (as --format json)")
+    t.add_argument("--format", choices=("text", "json"), default="text", help="how to print the results")
+    t.add_argument("-k", dest="keyword", default="", metavar="NAME", help="only the cases whose name holds NAME")
+    t.add_argument("--junit", type=Path, metavar="FILE", help="also write the case results as JUnit XML")
+    t.add_argument("--watch", action="store_true", help="run again whenever a rule or case file changes")
+    t.add_argument(
+        "--coverage",
+        nargs="?",
+        const="table",
+        choices=("table", "json", "lcov"),
+        help="which rules the cases fired and which WHENs were ever true and false (default: table)",
+    )
+    t.add_argument("--coverage-file", type=Path, metavar="FILE", help="write the coverage report here")
+    t.add_argument(
+        "--fail-under", type=float, metavar="PERCENT", help="fail when rule coverage is below PERCENT"
+    )
     t.add_argument(
         "--explain",
         action="store_true",
@@ -112,15 +131,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    registry = _registry(args.config, args.target)
+    args.json = args.json or args.format == "json"
+    if args.watch:
+        return _watch(args)
+    return _test_once(args)
+
+
+def _test_once(args: argparse.Namespace) -> int:
+    only: Path | None = None
+    target = args.target
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        # one case file: its stack is the folder that holds tests/
+        only, target = target, target.resolve().parent.parent
+    registry = _registry(args.config, target)
     cache = _compile_cache(args)
-    tree = load_target(args.target, cache=cache)
+    tree = load_target(target, cache=cache)
     if cache is not None:
         cache.flush()
     if tree.problems:
         _print_problems(tree.problems, sys.stderr)
     if args.envelope is None:
-        return _run_cases(tree, args)
+        return _run_cases(tree, args, only)
     is_message = Path(args.envelope).suffix == ".eml"
     envelope = None if is_message else cases.read_envelope(Path(args.envelope))
     stack = _pick_stack(tree, args, envelope)
@@ -182,36 +213,116 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return cases.message_envelope(raw, args.rcpt, args.mail_from, stack)
 
 
-def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
+def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -> int:
+    measure = bool(args.coverage or args.fail_under is not None)
+    policy = dataclasses.replace(TEST_POLICY, explain=measure)
     results: list[cases.CaseResult] = []
+    not_run: list[str] = []
+    runs: dict[str, list[StackResult]] = {}
     for name, files in sorted(tree.case_files.items()):
         stack = tree.stacks.get(name)
         for path in files:
-            if stack is None:
-                continue  # its load problems are printed above and fail the run
-            results.extend(cases.run_case_file(path, stack, TEST_POLICY))
+            if only is not None and Path(path).resolve() != only.resolve():
+                continue
+            if stack is None:  # its load problems are printed above and fail the run
+                n = cases.count_cases(path)
+                not_run.extend([f"{path}: stack {name} did not load"] * n)
+                continue
+            ran = cases.run_case_file(path, stack, policy, args.keyword)
+            for r in ran:
+                if r.name == "(file)":
+                    n = cases.count_cases(path)
+                    not_run.extend([f"{path}: {r.problem}"] * max(0, n - 1))
+                if r.result is not None:
+                    runs.setdefault(name, []).append(r.result)
+            results.extend(ran)
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
+    covered = (
+        [coverage.stack_coverage(tree.stacks[n], runs.get(n, [])) for n in sorted(tree.stacks)]
+        if measure
+        else []
+    )
     if args.json:
         doc = {
             "cases": [case_json(r) for r in results],
             "problems": [p.to_json() for p in tree.problems],
             "passed": passed,
             "failed": failed,
+            "not_run": len(not_run),
         }
+        if measure:
+            doc["coverage"] = coverage.coverage_json(covered)
         json.dump(doc, sys.stdout, indent=2, default=_json_default)
         print()
     else:
         for r in results:
             inputs.write_terminal(sys.stdout, functools.partial(render_case, r))
-        if not results and not tree.problems:
+        if not results and not tree.problems and not not_run:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
-        print(f"{passed} passed, {failed} failed")
-    if tree.problems and any(p.severity == "error" for p in tree.problems):
+        tail = f", {len(not_run)} not run (they could not load)" if not_run else ""
+        print(f"{passed} passed, {failed} failed{tail}")
+    if args.junit is not None:
+        args.junit.write_bytes(junit.junit_xml(results, _case_text, not_run))
+    status = _coverage_status(args, covered) if measure else OK
+    if not_run or (tree.problems and any(p.severity == "error" for p in tree.problems)):
         return FAILED
     if not results:
-        return OK
-    return FAILED if failed else OK
+        return status
+    return FAILED if failed else status
+
+
+def _coverage_status(args: argparse.Namespace, covered: list[coverage.StackCoverage]) -> int:
+    render = {"json": None, "lcov": coverage.render_lcov, "table": coverage.render_table}
+    kind = args.coverage or "table"
+    out = io.StringIO()
+    if kind == "json":
+        out.write(json.dumps(coverage.coverage_json(covered), indent=2) + "\n")
+    else:
+        render[kind](covered, out)  # type: ignore[misc]
+    if args.coverage_file is not None:
+        args.coverage_file.write_text(out.getvalue(), encoding="utf-8")
+    elif args.coverage and not (args.json and kind == "json"):
+        sys.stderr.write(out.getvalue()) if args.json else sys.stdout.write(out.getvalue())
+    percent = coverage.total_percent(covered)
+    if args.fail_under is not None and percent < args.fail_under:
+        print(f"txcl test: rule coverage {percent:.1f} % is under {args.fail_under:g} %", file=sys.stderr)
+        return FAILED
+    return OK
+
+
+def _case_text(r: cases.CaseResult) -> str:
+    out = io.StringIO()
+    render_case(r, out)
+    return out.getvalue()
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Run, then again whenever a file under the target changes; until interrupted."""
+    root = args.target if args.target.is_dir() else args.target.resolve().parent.parent
+    seen = _mtimes(root)
+    status = _test_once(args)
+    print("watching for changes (Ctrl-C to stop)", flush=True)
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        now = _mtimes(root)
+        if now != seen:
+            seen = now
+            print(f"--- change under {root}: running again", flush=True)
+            status = _test_once(args)
+            sys.stdout.flush()
+    return status  # pragma: no cover
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    out = {}
+    for path in root.rglob("*"):
+        if path.suffix in (".txcl", ".yaml", ".yml", ".json", ".eml"):
+            try:
+                out[str(path)] = path.stat().st_mtime_ns
+            except OSError:
+                continue
+    return out
 
 
 # --- rendering a run -------------------------------------------------------------------------
