@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl import cases, coverage, explain, fmt, inputs, junit, lint, replay
+from txcl import cases, coverage, explain, fmt, inputs, junit, lint, replay, sarif, suppress
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -94,13 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
-    lt.add_argument("targets", nargs="+", type=Path)
+    lt.add_argument("targets", nargs="+", type=Path, help="files, folders, or - for standard input")
     lt.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` name the known ops")
-    lt.add_argument("--format", choices=("text", "json", "github"), default="text")
+    lt.add_argument("--format", choices=("text", "json", "github", "sarif"), default="text")
+    lt.add_argument(
+        "--stdin-name", default="<stdin>", metavar="NAME", help="the file name findings of `-` (stdin) carry"
+    )
     lt.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     f = sub.add_parser("fmt", help="print rules in canonical form")
-    f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders")
+    f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders, or - for standard input")
     mode = f.add_mutually_exclusive_group()
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
@@ -508,7 +511,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
     cache = _compile_cache(args)
+    stdin_text: str | None = None
     for target in args.targets:
+        if str(target) == "-":  # an editor's buffer
+            stdin_text = inputs.read_text("-")
+            problems.extend(lint.lint_source(stdin_text, args.stdin_name, registry))
+            continue
         if os.path.lexists(target) and not target.is_dir():
             inputs.require_regular(target)
         if not target.exists():
@@ -517,6 +525,9 @@ def cmd_lint(args: argparse.Namespace) -> int:
         problems.extend(lint.lint_target(target, registry, cache=cache))
     if cache is not None:
         cache.flush()
+    problems = suppress.unsuppressed(
+        problems, lambda file: stdin_text if file == args.stdin_name else suppress.read_file(file)
+    )
     RENDERERS[args.format](problems, sys.stdout)
     if configured is None and any(p.check == "unknown-op" for p in problems):
         print(
@@ -555,10 +566,16 @@ def _render_github(problems: Sequence[Problem], out: TextIO) -> None:
         out.write(f"::{level}{where}title={title}::{message}\n")
 
 
+def _render_sarif(problems: Sequence[Problem], out: TextIO) -> None:
+    json.dump(sarif.sarif_doc(problems), out, indent=2)
+    out.write("\n")
+
+
 RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
     "text": _render_text,
     "json": _render_json,
     "github": _render_github,
+    "sarif": _render_sarif,
 }
 
 
@@ -579,6 +596,8 @@ def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
+    if [str(p) for p in args.paths] == ["-"]:
+        return _fmt_stdin(args)
     status = OK
     for path in _txcl_files(args.paths):
         try:
@@ -614,6 +633,30 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(formatted)
     return status
+
+
+def _fmt_stdin(args: argparse.Namespace) -> int:
+    """`txcl fmt -`: standard input formatted to standard output (for editors)."""
+    source = inputs.read_text("-")
+    try:
+        formatted = fmt.format_source(source, "<stdin>")
+    except TxclError as err:
+        _print_problems(err.problems, sys.stderr)
+        return FAILED
+    if args.check or args.list:
+        if formatted != source:
+            print("<stdin>")
+            return FAILED
+        return OK
+    if args.diff:
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                source.splitlines(keepends=True), formatted.splitlines(keepends=True), "<stdin>", "<stdin> (formatted)"
+            )
+        )
+        return OK
+    sys.stdout.write(formatted)
+    return OK
 
 
 def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
