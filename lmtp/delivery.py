@@ -41,7 +41,7 @@ from lmtp.message import (
 from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
-from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
+from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for, with_rid
 from txcl.envelope import for_source
 from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
@@ -179,6 +179,7 @@ class Deliverer:
             max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
             max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
                                      DEFAULT_LIMITS.max_header_lines))
+        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", False)
         self._repeats = RepeatLimiter(
             getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
         )
@@ -300,6 +301,8 @@ class Deliverer:
             )
             replies = [RUN_FAILED] * len(rcpts)
             failure = f"{type(exc).__name__} during the run"
+        if self._reply_rid:
+            replies = [with_rid(reply, rid) for reply in replies]
         note = _outcome_note(stack, result, failure)
         let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
         if let_through:

@@ -129,3 +129,40 @@ def test_omit_through_a_list_drops_the_content_and_keeps_the_rest(tmp_path: Path
     doc = {"_txc": {"lmtp": {"msg": {"attachments": [attachment, dict(attachment, name="b.pdf")]}}}}
     kept = scrubber_for(stack.hints).document(doc)["_txc"]["lmtp"]["msg"]["attachments"]
     assert kept == [{k: v for k, v in a.items() if k != "content"} for a in doc["_txc"]["lmtp"]["msg"]["attachments"]]
+
+
+def test_reply_rid_leads_to_the_trace_and_a_refused_rcpt_is_logged(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    ops = {"acme/_mail/0/10-accept.txcl": 'WHEN @lmtp.rcpt.0 =~ /^support@/\nSET @lmtp.res.code = 250\n'}
+    config = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
+    server = serve(tmp_path, ops, config, "--lmtp-reply-rid")
+    message = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        client.mail("a@example.com")
+        assert client.rcpt("nobody@elsewhere.example")[0] == 550
+        assert client.rcpt("support@acme.example")[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(message + b".\r\n")
+        code, text = client.getreply()
+    assert code == 250
+    line = text.decode()
+    assert line.startswith("2.0.0 OK (rid ") and line.endswith(")")
+    rid = line.removeprefix("2.0.0 OK (rid ").removesuffix(")")
+    [folder] = _wait_for_traces(server.state_dir / "requests", 1)
+    assert folder.name == rid
+    shown = subprocess.run(
+        [*txco_argv(), "trace", rid, "--state-dir", str(server.state_dir)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert shown.returncode == 0 and f"250 2.0.0 OK (rid {rid})" in shown.stdout
+    deadline = time.monotonic() + 10
+    while not any("rcpt refused at RCPT: <nobody@elsewhere.example>" in x for x in server.log):
+        assert time.monotonic() < deadline, server.stderr()
+        time.sleep(0.05)
+    server.stop()
+    same = _replay(tmp_path / "OPS", folder)
+    assert same.returncode == 0, same.stdout
+    assert json.loads(same.stdout)["changed"] == 0
