@@ -233,13 +233,13 @@ class Stack:
         steps: list[Step] = []
         snapshots: list[tuple[int, Any]] | None = [] if policy.explain else None
         if not isinstance(envelope, dict):
-            problem = Problem(
-                RUN_ERROR, f"the envelope must be a JSON object, not {type(envelope).__name__}"
-            )
-            return StackResult(envelope, (), (), problem, time.perf_counter() - started)
+            kind = type(envelope).__name__
+            refused = Problem(RUN_ERROR, f"the envelope must be a JSON object, not {kind}")
+            return StackResult(envelope, (), (), refused, time.perf_counter() - started)
         env: dict[str, Any] = envelope
         pos: Pos | None = None
         turn_ends = started + SLICE_S
+        problem: Problem | None = None
         try:
             src = source_of(env)
             entry = self._entry_stage(env)
@@ -290,8 +290,6 @@ class Stack:
             problem = err.problem
         except Exception as err:  # a bug must still end as a failed run, never an accept
             problem = Problem(RUN_ERROR, f"internal error: {type(err).__name__}: {err}", pos)
-        else:
-            problem = None
         elapsed = time.perf_counter() - started
         if snapshots is None:
             return StackResult(env, tuple(fired), tuple(steps), problem, elapsed)
