@@ -134,7 +134,12 @@ def test_omit_through_a_list_drops_the_content_and_keeps_the_rest(tmp_path: Path
 def test_reply_rid_leads_to_the_trace_and_a_refused_rcpt_is_logged(
     serve: Callable[..., Server], tmp_path: Path
 ) -> None:
-    ops = {"acme/_mail/0/10-accept.txcl": 'WHEN @lmtp.rcpt.0 =~ /^support@/\nSET @lmtp.res.code = 250\n'}
+    # reads the raw message: the replay must put it back from message.eml to agree
+    ops = {
+        "acme/_mail/0/10-accept.txcl": (
+            'WHEN @lmtp.rcpt.0 =~ /^support@/\nWHEN @lmtp.msg.raw =~ /^b64:/\nSET @lmtp.res.code = 250\n'
+        )
+    }
     config = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
     server = serve(tmp_path, ops, config, "--lmtp-reply-rid")
     message = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -152,7 +157,7 @@ def test_reply_rid_leads_to_the_trace_and_a_refused_rcpt_is_logged(
     assert line.startswith("2.0.0 OK (rid ") and line.endswith(")")
     rid = line.removeprefix("2.0.0 OK (rid ").removesuffix(")")
     [folder] = _wait_for_traces(server.state_dir / "requests", 1)
-    assert folder.name == rid
+    assert folder.name == rid and (folder / "message.eml").is_file()
     shown = subprocess.run(
         [*txco_argv(), "trace", rid, "--state-dir", str(server.state_dir)],
         capture_output=True, text=True, timeout=30,
