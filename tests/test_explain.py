@@ -85,3 +85,17 @@ def test_recording_is_off_unless_asked(tmp_path):
     result = stack.run(ENVELOPE, RunPolicy(run_ops=False, explain=True))
     assert [n for n, _ in result.snapshots] == [0, 1]
     assert len(explain(stack, result)) == 3
+
+
+def test_explain_under_test_cases_shows_why_a_case_failed(tmp_path, capsys):
+    stack_dir = _tree(tmp_path)
+    (stack_dir / "tests").mkdir()
+    (stack_dir / "tests" / "t.yaml").write_text(
+        "name: the boss is urgent\n"
+        f"input: {{envelope: {json.dumps(ENVELOPE)}}}\n"
+        "expect: {paths: {flags.urgent: true}}\n"
+    )
+    assert main(["test", str(stack_dir), "--explain", "--no-cache"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  acme/s · t.yaml · the boss is urgent" in out
+    assert "✗ WHEN @lmtp.msg.subject =~ /urgent/   <- first WHEN that did not hold" in out

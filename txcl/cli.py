@@ -218,7 +218,7 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 
 def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -> int:
     measure = bool(args.coverage or args.fail_under is not None)
-    policy = dataclasses.replace(TEST_POLICY, explain=measure)
+    policy = dataclasses.replace(TEST_POLICY, explain=measure or args.explain)
     results: list[cases.CaseResult] = []
     not_run: list[str] = []
     runs: dict[str, list[StackResult]] = {}
@@ -261,6 +261,9 @@ def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -
     else:
         for r in results:
             inputs.write_terminal(sys.stdout, functools.partial(render_case, r))
+            if args.explain and not r.passed and r.result is not None:  # why it failed
+                why = explain.explain_json(explain.explain(tree.stacks[r.stack], r.result))
+                inputs.write_terminal(sys.stdout, functools.partial(_render_explain, why))
         if not results and not tree.problems and not not_run:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
         tail = f", {len(not_run)} not run (they could not load)" if not_run else ""
