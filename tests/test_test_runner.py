@@ -61,6 +61,8 @@ def test_one_file_and_one_case() -> None:
     one_case = txcl("test", str(EXAMPLE_OPS), "-k", "retried delivery")
     assert one_case.returncode == 0
     assert one_case.stdout.splitlines()[-1] == "1 passed, 0 failed"
+    none = txcl("test", str(EXAMPLE_OPS), "-k", "no such case")
+    assert none.returncode == 1 and "no case under" in none.stdout
 
 
 def test_rule_ordinals_survive_comment_and_blank_line_edits(tmp_path: Path) -> None:

@@ -264,7 +264,9 @@ def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -
             if args.explain and not r.passed and r.result is not None:  # why it failed
                 why = explain.explain_json(explain.explain(tree.stacks[r.stack], r.result))
                 inputs.write_terminal(sys.stdout, functools.partial(_render_explain, why))
-        if not results and not tree.problems and not not_run:
+        if not results and args.keyword and not not_run:
+            print(f"no case under {args.target} has {args.keyword!r} in its name")
+        elif not results and not tree.problems and not not_run:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
         tail = f", {len(not_run)} not run (they could not load)" if not_run else ""
         print(f"{passed} passed, {failed} failed{tail}")
@@ -274,7 +276,7 @@ def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -
     if not_run or (tree.problems and any(p.severity == "error" for p in tree.problems)):
         return FAILED
     if not results:
-        return status
+        return FAILED if args.keyword else status
     return FAILED if failed else status
 
 
