@@ -45,6 +45,7 @@ from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for, with_rid
 from txcl.envelope import for_source
 from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
+from txcl.trace import REDACTED, scrubber_for
 
 if TYPE_CHECKING:
     from lmtp.config import Settings
@@ -303,7 +304,7 @@ class Deliverer:
             failure = f"{type(exc).__name__} during the run"
         if self._reply_rid:
             replies = [with_rid(reply, rid) for reply in replies]
-        note = _outcome_note(stack, result, failure)
+        note = _scrubbed(_outcome_note(stack, result, failure), stack, envelope, result)
         let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
         if let_through:
             log.info(
@@ -390,6 +391,17 @@ def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
             needs = needs | needs_of_path(for_source(path, SOURCE))
         out[name] = needs
     return out
+
+
+def _scrubbed(note: str, stack: Any, envelope: Mapping[str, Any], result: Any) -> str:
+    """The note with every value the stack's `WITH omit` / `WITH redact` scrub from its
+    traces scrubbed here too: a log line is no place for what a trace may not keep."""
+    hints = getattr(stack, "hints", None)
+    if not note or not hints:
+        return note
+    taint = scrubber_for(hints).taint(envelope, getattr(result, "envelope", None))
+    clean = taint.clean(note)
+    return clean if isinstance(clean, str) else f" {REDACTED}"
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

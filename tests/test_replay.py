@@ -171,3 +171,32 @@ def test_reply_rid_leads_to_the_trace_and_a_refused_rcpt_is_logged(
     same = _replay(tmp_path / "OPS", folder)
     assert same.returncode == 0, same.stdout
     assert json.loads(same.stdout)["changed"] == 0
+
+
+def test_with_redact_also_scrubs_what_the_server_logs(serve: Callable[..., Server], tmp_path: Path) -> None:
+    secret = "Bearer sk-live-log-0123456789"
+    ops = {
+        "acme/_mail/0/10-bad.txcl": (
+            'WITH redact = "_txc.lmtp.msg.headers.authorization"\n'
+            "SET @lmtp.res.code = @lmtp.msg.headers.authorization\n"
+        )
+    }
+    config = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
+    server = serve(tmp_path, ops, config)
+    message = f"From: a@example.com\r\nAuthorization: {secret}\r\n\r\nhello\r\n".encode()
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        client.mail("a@example.com")
+        assert client.rcpt("support@acme.example")[0] == 250
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        client.send(message + b".\r\n")
+        assert client.getreply()[0] == 451
+    deadline = time.monotonic() + 10
+    while not any("lmtp group rid=" in line and "error=" in line for line in server.log):
+        assert time.monotonic() < deadline, server.stderr()
+        time.sleep(0.05)
+    server.stop()
+    logged = "\n".join(server.log)
+    assert "[REDACTED]" in logged
+    assert "sk-live-log" not in logged
