@@ -91,6 +91,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="per-command idle (default: 30s)")
     parser.add_argument("--lmtp-data-timeout", default="60s", metavar="DURATION",
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
+    parser.add_argument("--lmtp-reply-rid", action="store_true",
+                        help="end each recipient's reply text with (rid <request id>), so a "
+                        "Postfix log line leads to its trace")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
     parser.add_argument("--lmtp-max-connections", default="500", metavar="N",
@@ -141,6 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             lmtp_read_timeout=parse_duration(args.lmtp_read_timeout, "--lmtp-read-timeout"),
             lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
             lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
+            lmtp_reply_rid=args.lmtp_reply_rid,
             lmtp_max_connections=parse_positive_int(args.lmtp_max_connections,
                                                     "--lmtp-max-connections"),
             lmtp_max_connections_per_ip=parse_positive_int(args.lmtp_max_connections_per_ip,

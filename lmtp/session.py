@@ -124,6 +124,8 @@ def accept_recipient(router: Router, listener: str, envelope: Envelope, address:
     """Route `address`; a routed one joins the envelope. The RCPT reply."""
     route = router.route(address, listener)
     if route is None:
+        log.info("lmtp rcpt refused at RCPT: <%s> listener=%s: no route (%s)",
+                 printable(address, 256), listener, R_NO_RULE[:9])
         return R_NO_RULE
     envelope.rcpt_tos.append(address)
     envelope.routes.append(route)

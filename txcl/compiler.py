@@ -138,12 +138,16 @@ def parse_timeout(value: object) -> float | None:
     return seconds
 
 
+_BRACKET_STEP: Final = re.compile(r"\[(\*|[0-9]+)\]")
+
+
 def parse_path_list(text: str) -> tuple[str, ...] | None:
     """`"_txc.a.b, @c.d"` -> ("_txc.a.b", "_txc.c.d"), each in its full text form; None if
-    an item is not a path (`*` stands for any key or index)."""
+    an item is not a path (`*` stands for any key or index; `[*]` and `[0]` step into lists)."""
     out = []
     for item in split_path_list(text):
-        segments = parse_path(item, wildcards=True)
+        # `attachments[*].content`, `rcpt[0]`: list steps written as in JSONPath
+        segments = parse_path(_BRACKET_STEP.sub(r".\1", item), wildcards=True)
         if segments is None:
             return None
         out.append(path_text(segments))
