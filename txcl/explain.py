@@ -67,7 +67,8 @@ def _rule(rule: CompiledRule, stage: int, snapshot: Any, scrubber: Scrubber) -> 
     captures: dict[str, str] = {}
     whens = []
     for when in rule.whens:
-        held, caught = when.predicate(snapshot)
+        caught: dict[str, str] = {}
+        held = when.evaluate(snapshot, caught) is True
         captures.update(caught)
         operands = tuple(
             Operand(text, _shown(path, evaluate(snapshot, captures), scrubber))
