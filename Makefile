@@ -19,6 +19,7 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest
 
 # Figures, not pass/fail: see bench/README.md. bench/lmtp (Postfix's smtp-source against

@@ -19,6 +19,7 @@ from typing import Any
 from lmtp.config import (
     DEFAULT_LISTEN_ADDRS,
     DEFAULT_PERSONALITIES,
+    TRANSACTION_RCPT_SCOPES,
     ConfigError,
     IngressConfig,
     Settings,
@@ -90,6 +91,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="per-command idle (default: 30s)")
     parser.add_argument("--lmtp-data-timeout", default="60s", metavar="DURATION",
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
+    parser.add_argument("--lmtp-reply-rid", action="store_true",
+                        help="end each recipient's reply text with (rid <request id>), so a "
+                        "Postfix log line leads to its trace")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
     parser.add_argument("--lmtp-max-connections", default="500", metavar="N",
@@ -99,6 +103,9 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmtp-max-commands", default="1000", metavar="N",
                         help="commands a session may send between deliveries; then 421 "
                         "(default: 1000)")
+    parser.add_argument("--lmtp-transaction-rcpt", default="all", choices=TRANSACTION_RCPT_SCOPES,
+                        help="what _txc.lmtp.transaction_rcpt lists: every recipient of the "
+                        "transaction, or only those of the stack's own tenant (default: all)")
     parser.add_argument("--op-calls-per-tenant", default="8", metavar="N",
                         help="op calls one tenant may have running at once (default 8)")
     parser.add_argument("--log-repeat-interval", default="10s", metavar="DURATION",
@@ -137,6 +144,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             lmtp_read_timeout=parse_duration(args.lmtp_read_timeout, "--lmtp-read-timeout"),
             lmtp_data_timeout=parse_duration(args.lmtp_data_timeout, "--lmtp-data-timeout"),
             lmtp_resp_timeout=parse_duration(args.lmtp_resp_timeout, "--lmtp-resp-timeout"),
+            lmtp_reply_rid=args.lmtp_reply_rid,
             lmtp_max_connections=parse_positive_int(args.lmtp_max_connections,
                                                     "--lmtp-max-connections"),
             lmtp_max_connections_per_ip=parse_positive_int(args.lmtp_max_connections_per_ip,
@@ -145,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             ops_dir=Path(args.ops),
             op_calls_per_tenant=parse_positive_int(args.op_calls_per_tenant,
                                                    "--op-calls-per-tenant"),
+            lmtp_transaction_rcpt=args.lmtp_transaction_rcpt,
             log_repeat_interval=parse_duration(args.log_repeat_interval,
                                                "--log-repeat-interval"),
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,7 +22,6 @@ from txcl.chassis.config import (
     ConfigFile,
     expect_mapping,
     load_config,
-    parse_config,
     reject_unknown,
 )
 from txcl.envelope import STACK_NAME, TENANT_NAME
@@ -33,6 +32,8 @@ DEFAULT_LISTEN_ADDRS = ":2424"
 # Every listen address belongs to the listener of this name: the key `ingress.lmtp.listeners`
 # uses for its catch-all, and the value of `_txc.lmtp.listener`.
 LISTENER_NAME = "default"
+# `--lmtp-transaction-rcpt`: "all" (docs/lmtp.md's default) or "tenant" (a tenant's own).
+TRANSACTION_RCPT_SCOPES = ("all", "tenant")
 
 TENANT_SLUG = TENANT_NAME
 STACK_SLUG = STACK_NAME
@@ -126,8 +127,11 @@ class Settings:
     lmtp_read_timeout: float = 30.0
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
+    lmtp_reply_rid: bool = False  # each recipient's reply text ends with "(rid <request id>)"
     op_calls_per_tenant: int = 8  # ops one tenant may have running at once
     log_repeat_interval: float = 10.0  # the same error is logged once per interval
+    # What `_txc.lmtp.transaction_rcpt` shows a stack: every recipient, or its tenant's only.
+    lmtp_transaction_rcpt: str = "all"
     lmtp_hostname: str = field(default_factory=socket.gethostname)
     # Limits on clients: docs/lmtp.md, "Limits, timeouts and the replies they produce".
     lmtp_max_connections: int = 500
@@ -138,10 +142,6 @@ class Settings:
     ops_dir: Path = Path("OPS")
     config_file: Path | None = None
     state_dir: Path = Path("var")
-
-    @property
-    def lmtp_enabled(self) -> bool:
-        return "lmtp" in self.personalities and bool(self.lmtp_listen_addrs)
 
 
 # --- the YAML file -----------------------------------------------------------------------
@@ -178,10 +178,6 @@ def load_ingress_config(path: Path | None) -> IngressConfig:
     return ingress_config(load_config(path, heads=(HEAD,)))
 
 
-def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
-    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
-
-
 def ingress_config(config: ConfigFile) -> IngressConfig:
     """The `ingress.lmtp` section of a read `txco.yaml`, validated."""
     name = config.name
@@ -195,7 +191,8 @@ def ingress_config(config: ConfigFile) -> IngressConfig:
     )
 
 
-def _targets(lmtp: Mapping[str, Any], section: str, name: str, check_key, *, stack_required: bool
+def _targets(lmtp: Mapping[str, Any], section: str, name: str,
+             check_key: Callable[[str, str, str], str], *, stack_required: bool
              ) -> Mapping[str, Target]:
     entries = lmtp.get(section) or {}
     expect_mapping(entries, name, f"ingress.lmtp.{section}")

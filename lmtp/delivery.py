@@ -41,10 +41,11 @@ from lmtp.message import (
 from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
-from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for
+from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for, with_rid
 from txcl.envelope import for_source
 from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
+from txcl.trace import REDACTED, scrubber_for
 
 if TYPE_CHECKING:
     from lmtp.config import Settings
@@ -179,6 +180,7 @@ class Deliverer:
             max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
             max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
                                      DEFAULT_LIMITS.max_header_lines))
+        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", False)
         self._repeats = RepeatLimiter(
             getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
         )
@@ -248,6 +250,14 @@ class Deliverer:
                     replies[index] = reply
         return [reply.line for reply in replies]
 
+    def _transaction_rcpt(self, tx: Transaction, tenant: str) -> Sequence[str]:
+        """Every recipient of the transaction, or with `--lmtp-transaction-rcpt=tenant` only
+        those routed to `tenant`: a tenant's rules need not see who else got the mail."""
+        if getattr(self.settings, "lmtp_transaction_rcpt", "all") != "tenant":
+            return tx.rcpts
+        return [rcpt for rcpt, route in zip(tx.rcpts, _aligned_routes(tx), strict=True)
+                if route is not None and route.tenant == tenant]
+
     async def _run_group(
         self,
         tx: Transaction,
@@ -275,7 +285,7 @@ class Deliverer:
                 mail_from=tx.mail_from,
                 size=len(tx.data),
                 rcpt=rcpts,
-                transaction_rcpt=tx.rcpts,
+                transaction_rcpt=self._transaction_rcpt(tx, route.tenant),
                 msg=msg,
             )
             if stack is None and route.stack in rejected:
@@ -300,7 +310,9 @@ class Deliverer:
             )
             replies = [RUN_FAILED] * len(rcpts)
             failure = f"{type(exc).__name__} during the run"
-        note = _outcome_note(stack, result, failure)
+        if self._reply_rid:
+            replies = [with_rid(reply, rid) for reply in replies]
+        note = _scrubbed(_outcome_note(stack, result, failure), stack, envelope, result)
         let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
         if let_through:
             log.info(
@@ -387,6 +399,17 @@ def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
             needs = needs | needs_of_path(for_source(path, SOURCE))
         out[name] = needs
     return out
+
+
+def _scrubbed(note: str, stack: Any, envelope: Mapping[str, Any], result: Any) -> str:
+    """The note with every value the stack's `WITH omit` / `WITH redact` scrub from its
+    traces scrubbed here too: a log line is no place for what a trace may not keep."""
+    hints = getattr(stack, "hints", None)
+    if not note or not hints:
+        return note
+    taint = scrubber_for(hints).taint(envelope, getattr(result, "envelope", None))
+    clean = taint.clean(note)
+    return clean if isinstance(clean, str) else f" {REDACTED}"
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

@@ -200,14 +200,6 @@ class HostnameStore:
         """Every row, ordered by hostname."""
         return self._read(f"SELECT {_COLUMNS} FROM tenant_hostnames ORDER BY hostname")
 
-    def lookup(self, hostname: str) -> HostnameRow | None:
-        """The row for exactly this hostname (case-insensitive), if any."""
-        rows = self._read(
-            f"SELECT {_COLUMNS} FROM tenant_hostnames WHERE hostname = ?",
-            (normalize_hostname(hostname),),
-        )
-        return rows[0] if rows else None
-
     def snapshot(self) -> dict[str, HostnameRow]:
         """All rows keyed by hostname: what the router keeps in memory between refreshes."""
         return {row.hostname: row for row in self.list()}

@@ -1,4 +1,4 @@
-"""RCPT TO -> (tenant, stack): the seed's six-step resolution order, first match wins.
+"""RCPT TO -> (tenant, stack): the six-step resolution order of docs/lmtp.md, first match wins.
 
 1. `ingress.lmtp.recipients[<address>]`        operator exact override
 2. `ingress.lmtp.recipients["@" + domain]`     operator domain wildcard
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
+from lmtp.config import IngressConfig, Target
 from lmtp.hostnames import HostnameRow, normalize_hostname
 from txcl.envelope import TENANT_NAME
 
@@ -106,13 +107,9 @@ def _address_key(address: str) -> str:
     return f"{local.lower()}@{domain_key(domain)}" if at else local.strip().lower()
 
 
-def _target(value: Any) -> tuple[str, str | None]:
-    """(tenant, stack or None) from a config entry: a mapping or an object with attributes."""
-    if isinstance(value, Mapping):
-        tenant, stack = value.get("tenant"), value.get("stack")
-    else:
-        tenant, stack = getattr(value, "tenant", None), getattr(value, "stack", None)
-    return str(tenant or ""), (str(stack) if stack else None)
+def _target(value: Target) -> tuple[str, str | None]:
+    """(tenant, stack or None) from a config entry."""
+    return value.tenant, value.stack or None
 
 
 def _stack_name(tenant: str, stack: str | None) -> str:
@@ -126,42 +123,38 @@ def _route(tenant: str, stack: str | None, ingress: str, listener: str = "") -> 
     return Route(tenant, name, ingress, f"{name}/0", listener)
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
+class RoutingSettings(Protocol):
+    """What routing reads of the settings (an `lmtp.config.Settings`)."""
+
+    @property
+    def lmtp_default_hosts(self) -> Sequence[str]: ...
+
+    @property
+    def require_hostname_verification(self) -> bool: ...
 
 
 class Router:
     """Resolves one RCPT at a time. Build once per config load; cheap to call per RCPT.
 
-    `config` is the `ingress.lmtp` section (`IngressConfig` or a plain mapping with
-    `recipients`, `verified_domains`, `listeners`); `settings` gives `lmtp_default_hosts`
-    and `require_hostname_verification`; `hostnames` is a `HostnameStore` or None.
+    `config` is the `ingress.lmtp` section; `hostnames` is a `HostnameStore` or None.
     """
 
     def __init__(
         self,
-        config: Any,
-        settings: Any,
+        config: IngressConfig,
+        settings: RoutingSettings,
         hostnames: HostnameSource | None = None,
         *,
         hostname_ttl_s: float = DEFAULT_HOSTNAME_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._recipients = {
-            _address_key(k): v for k, v in (_get(config, "recipients") or {}).items()
-        }
+        self._recipients = {_address_key(k): v for k, v in config.recipients.items()}
         self._verified_domains = {
-            domain_key(k): v for k, v in (_get(config, "verified_domains") or {}).items()
+            domain_key(k): v for k, v in config.verified_domains.items()
         }
-        self._listeners = dict(_get(config, "listeners") or {})
-        self._default_hosts = frozenset(
-            domain_key(h) for h in (_get(settings, "lmtp_default_hosts") or ()) if h
-        )
-        self._strict = bool(_get(settings, "require_hostname_verification", False))
+        self._listeners = dict(config.listeners)
+        self._default_hosts = frozenset(domain_key(h) for h in settings.lmtp_default_hosts if h)
+        self._strict = settings.require_hostname_verification
         self._hostnames = hostnames
         self._ttl = hostname_ttl_s
         self._clock = clock
@@ -207,7 +200,7 @@ class Router:
 
     @staticmethod
     def _from_table(
-        step: str, table: Mapping[str, Any], key: str, ingress: str, note: Note | None,
+        step: str, table: Mapping[str, Target], key: str, ingress: str, note: Note | None,
         listener: str = "",
     ) -> Route | None:
         entry = table.get(key)

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmtp.config import LISTENER_NAME, Settings
 from lmtp.wire import (
@@ -39,6 +39,9 @@ from lmtp.wire import (
     printable,
     take_line,
 )
+
+if TYPE_CHECKING:
+    from lmtp.routing import Route
 
 log = logging.getLogger("txco.lmtp")
 
@@ -78,7 +81,7 @@ _UTF8_PATH = _path_grammar(r"|[^\x00-\x9f\s\u2028\u2029\ud800-\udfff]")
 
 
 class Router(Protocol):
-    def route(self, address: str, listener: str = LISTENER_NAME) -> Any: ...
+    def route(self, address: str, listener: str = LISTENER_NAME) -> Route | None: ...
 
 
 class Deliverer(Protocol):
@@ -101,7 +104,7 @@ class Envelope:
     declared_size: int | None = None
     smtputf8: bool = False  # MAIL FROM gave SMTPUTF8: addresses may be UTF-8 (RFC 6531)
     rcpt_tos: list[str] = field(default_factory=list)
-    routes: list[Any] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
     content: bytes = b""
     chunks: ChunkedMessage | None = None  # what BDAT chunks (RFC 3030) have brought so far
     runtime: Any = None  # the rules version a handler chose for this transaction (lmtp.reload)
@@ -121,6 +124,8 @@ def accept_recipient(router: Router, listener: str, envelope: Envelope, address:
     """Route `address`; a routed one joins the envelope. The RCPT reply."""
     route = router.route(address, listener)
     if route is None:
+        log.info("lmtp rcpt refused at RCPT: <%s> listener=%s: no route (%s)",
+                 printable(address, 256), listener, R_NO_RULE[:9])
         return R_NO_RULE
     envelope.rcpt_tos.append(address)
     envelope.routes.append(route)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import io
 import json
 import os
 import re
@@ -24,6 +25,10 @@ from typing import Any, TextIO
 
 from txcl import inputs
 from txcl.envelope import parse_duration
+from txcl.explain import render_explain
+from txcl.loader import load_target
+from txcl.replay import TraceRef, replay_trace
+from txcl.runner import RunPolicy
 from txcl.trace import TRACE_MODES
 from txcl.trace_store import PARTS, read_message, read_summaries, read_trace, trace_names
 from txcl.trace_writer import TraceWriter
@@ -145,6 +150,16 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
         "as it was received",
     )
     parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="every rule of every stage, fired or not, each WHEN's result and the values it "
+        "compared: the recorded envelope run again on the rules under --ops, ops answered "
+        "from the trace",
+    )
+    parser.add_argument(
+        "--ops", default="OPS", metavar="DIR", help="with --explain, the rules (default: ./OPS)"
+    )
+    parser.add_argument(
         "-n",
         "--limit",
         type=int,
@@ -208,12 +223,37 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     folder = state_dir / "requests" / trace["name"]
     if args.message:
         return _write_message(state_dir, trace["name"], out)
+    if args.explain:
+        return _explain(state_dir, trace["name"], Path(args.ops), args.json, out)
     if args.json:
         out.write(inputs.terminal_json(trace_json(trace)) + "\n")
     else:
         if _show(out, lambda: format_trace(trace, folder), folder):
             return 2
     return 2 if _report_unreadable(trace, folder) else 0
+
+
+def _explain(state_dir: Path, name: str, ops: Path, as_json: bool, out: TextIO) -> int:
+    tree = load_target(ops)
+    if any(p.severity == "error" for p in tree.problems):
+        for p in tree.problems:
+            print(f"txco trace: {p}", file=sys.stderr)
+        return 2
+    run = replay_trace(TraceRef(state_dir, name), tree, RunPolicy(run_ops=False, explain=True))
+    if run.problem:
+        print(f"txco trace: {name}: {run.problem}", file=sys.stderr)
+        return 1
+    if as_json:
+        doc = {"rid": run.rid, "stack": run.stack, "explain": list(run.explain), "fidelity": list(run.fidelity)}
+        out.write(inputs.terminal_json(doc) + "\n")
+        return 0
+    text = io.StringIO()
+    text.write(f"{run.rid}  {run.stack}  (rules under {ops}, ops answered from the trace)\n")
+    render_explain(list(run.explain), text)
+    for note in run.fidelity:
+        text.write(f"fidelity: {note}\n")
+    out.write(inputs.terminal_text(text.getvalue()))
+    return 0
 
 
 def _show(out: TextIO, render: Callable[[], str], where: Path) -> int:

@@ -47,11 +47,3 @@ class UlidGenerator:
 
 new_ulid = UlidGenerator()
 """A new 26-character ULID from the process-wide generator."""
-
-
-def ulid_time_ms(ulid: str) -> int:
-    """The millisecond timestamp a ULID carries."""
-    value = 0
-    for char in ulid[:10].upper():
-        value = value * 32 + _ALPHABET.index(char)
-    return value

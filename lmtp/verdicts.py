@@ -72,6 +72,12 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}"
 
 
+def with_rid(reply: Reply, rid: str) -> Reply:
+    """The reply with the request id at the end of its text, as Dovecot's replies carry its
+    session id: a Postfix log line then leads to the trace (`txco trace RID`)."""
+    return Reply(reply.code, reply.enhanced, f"{reply.text} (rid {rid})")
+
+
 DEFAULT_DENY = Reply(550, "5.1.1", "no rule accepted this recipient")
 RUN_FAILED = Reply(451, "4.3.0", "temporary failure processing the message, try again later")
 

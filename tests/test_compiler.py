@@ -127,10 +127,14 @@ def test_named_groups_become_captures() -> None:
     assert step.value(ENVELOPE, captures) == "support-123"
 
 
-def test_when_predicate_reports_truth_and_captures() -> None:
+def test_a_when_reports_truth_and_captures() -> None:
     rule = rule_of("WHEN @lmtp.msg.subject =~ /#(?P<num>\\d+)/\nSET x.y = 1\n")
-    assert rule.whens[0].predicate(ENVELOPE) == (True, {"num": "123"})
-    assert rule.whens[0].predicate({}) == (False, {})
+    captures: dict[str, str] = {}
+    assert rule.whens[0].evaluate(ENVELOPE, captures) is True
+    assert captures == {"num": "123"}
+    captures = {}
+    assert rule.whens[0].evaluate({}, captures) is not True
+    assert captures == {}
     assert rule.whens[0].text == "@lmtp.msg.subject =~ /#(?P<num>\\d+)/"
 
 

@@ -11,18 +11,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmtp.config import (
+    HEAD,
     ConfigError,
     IngressConfig,
     ListenAddress,
     Settings,
     Target,
+    ingress_config,
     load_ingress_config,
     parse_duration,
-    parse_ingress_config,
     parse_listen_addrs,
     parse_positive_int,
 )
-from txcl.chassis.config import load_config
+from txcl.chassis.config import load_config, parse_config
+
+
+def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
+    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
 
 
 def test_defaults_are_the_seeds_quick_reference_table() -> None:
@@ -39,7 +44,7 @@ def test_defaults_are_the_seeds_quick_reference_table() -> None:
     assert settings.require_hostname_verification is False
     assert (settings.ops_dir, settings.config_file, settings.state_dir) == (
         Path("OPS"), None, Path("var"))
-    assert not settings.lmtp_enabled  # lmtp is not a default personality
+    assert "lmtp" not in settings.personalities  # lmtp is not a default personality
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -192,3 +197,14 @@ def test_config_errors_name_the_key(yaml_text: str, message: str) -> None:
 def test_an_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing.yaml: cannot read config file"):
         load_ingress_config(tmp_path / "missing.yaml")
+
+
+def test_transaction_rcpt_scope_is_a_flag_with_all_as_default() -> None:
+    from lmtp.cli import build_parser, settings_from_args
+
+    parse = build_parser().parse_args
+    assert settings_from_args(parse(["serve"])).lmtp_transaction_rcpt == "all"
+    chosen = parse(["serve", "--lmtp-transaction-rcpt=tenant"])
+    assert settings_from_args(chosen).lmtp_transaction_rcpt == "tenant"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--lmtp-transaction-rcpt=nobody"])

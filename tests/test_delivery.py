@@ -90,6 +90,26 @@ def deliver(deliverer: Deliverer, tx: Transaction) -> list[str]:
     return asyncio.run(deliverer.deliver(tx))
 
 
+def test_transaction_rcpt_can_show_a_tenant_only_its_own_recipients():
+    from lmtp.config import Settings
+
+    acme = FakeStack("acme/_mail", accept_support)
+    beta = FakeStack("beta/_mail", lambda env: {"code": 250})
+    tree = Tree({"acme/_mail": acme, "beta/_mail": beta})
+    tx = transaction(
+        ("support@acme.example", ACME), ("bob@beta.example", BETA), ("carol@acme.example", ACME)
+    )
+    own = Settings(lmtp_transaction_rcpt="tenant", lmtp_hostname="test")
+    assert deliver(Deliverer(tree, own, policy=object()), tx)[1] == "250 2.0.0 OK"
+    assert acme.seen[-1]["_txc"]["lmtp"]["transaction_rcpt"] == [
+        "support@acme.example", "carol@acme.example"]
+    assert beta.seen[-1]["_txc"]["lmtp"]["transaction_rcpt"] == ["bob@beta.example"]
+    everyone = Settings(lmtp_hostname="test")  # the default: who else got the mail
+    deliver(Deliverer(tree, everyone, policy=object()), tx)
+    assert beta.seen[-1]["_txc"]["lmtp"]["transaction_rcpt"] == [
+        "support@acme.example", "bob@beta.example", "carol@acme.example"]
+
+
 def test_fan_out_across_two_tenants_stitches_replies_in_rcpt_order():
     acme = FakeStack("acme/_mail", accept_support)
     beta = FakeStack("beta/_mail", lambda env: {"code": 452, "msg": "over quota"})

@@ -8,9 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmtp.config import Settings, parse_ingress_config
+from lmtp.config import HEAD, IngressConfig, Settings, ingress_config
 from lmtp.hostnames import HostnameStore
 from lmtp.routing import Route, Router, split_address
+from txcl.chassis.config import parse_config
+
+
+def parse_ingress_config(text: str, name: str = "txco.yaml") -> IngressConfig:
+    return ingress_config(parse_config(text, heads=(HEAD,), name=name))
+
 
 CONFIG = parse_ingress_config(
     """
@@ -162,13 +168,6 @@ def test_named_listener_falls_back_to_default():
         "ops", "ops/inbox", "listener:internal", "internal"
     )
     assert router.route("a@b.example", listener="other").ingress == "listener:default"
-
-
-def test_works_with_plain_mappings():
-    config = {"verified_domains": {"Acme.Example": {"tenant": "acme"}}}
-    router = Router(config, {"lmtp_default_hosts": ["chassis.example"]})
-    assert router.route("a@acme.example").stack == "acme/_mail"
-    assert router.route("acme.x@chassis.example").stack == "acme/x"
 
 
 class CountingStore:

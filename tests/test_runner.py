@@ -344,7 +344,7 @@ class TestOps:
         assert result.error is not None
         assert result.error.message == "op SLOW timed out after 0.05s"
 
-    def test_a_tenant_past_its_op_budget_fails_at_once(self) -> None:
+    def test_a_tenant_past_its_op_budget_waits_within_its_deadline(self) -> None:
         release = threading.Event()
         entered = threading.Barrier(3)
 
@@ -362,11 +362,47 @@ class TestOps:
         first = [s.run(envelope(), policy) for _ in range(2)]  # time out, threads still held
         entered.wait(5)
         assert [r.error.message for r in first if r.error] == ["op HOLD timed out after 0.05s"] * 2
-        third = s.run(envelope(), policy)
-        assert third.error is not None and "OpBusy" in third.error.message
+        third = s.run(envelope(), policy)  # waits for a place; its deadline comes first
+        assert third.error is not None
+        assert third.error.message == (
+            f"op HOLD timed out after 0.05s waiting for a place (tenant {s.tenant} had 2 op "
+            "calls running, its budget)")
+        assert ops_module.TENANT_CALLS.waiting(s.tenant) == 0
         release.set()
         wait_for_no_op_calls(s.tenant)
         assert s.run(envelope(), policy).error is None
+
+    def test_a_call_past_the_budget_runs_when_a_place_is_free(self) -> None:
+        import concurrent.futures
+
+        release = threading.Event()
+
+        def hold(env: Any, args: Any, ctx: Any) -> dict[str, Any]:
+            release.wait(10)
+            return {}
+
+        policy = RunPolicy(
+            registry=OpRegistry({"HOLD": hold}), op_timeout_s=10, op_calls_per_tenant=1
+        )
+        s = stack('EXEC "op://HOLD"\n')
+        wait_for_no_op_calls(s.tenant)
+        calls = ops_module.TENANT_CALLS
+
+        def until(condition: Any) -> None:
+            deadline = time.monotonic() + 5
+            while not condition():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(s.run, envelope(), policy)
+            until(lambda: calls.running(s.tenant) == 1)
+            second = pool.submit(s.run, envelope(), policy)  # a loop of its own: handed over
+            until(lambda: calls.waiting(s.tenant) == 1)
+            release.set()
+            assert first.result(10).error is None
+            assert second.result(10).error is None
+        wait_for_no_op_calls(s.tenant)
 
     def test_an_unknown_op_fails_the_run(self) -> None:
         result = stack('EXEC "op://NOPE"\n').run(envelope(), ops_policy())

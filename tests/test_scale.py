@@ -89,10 +89,11 @@ def lines_run(call: Callable[[], object]) -> int:
 
 
 def router_for(tenants: int) -> Any:
+    from lmtp.config import IngressConfig, Settings, Target
     from lmtp.hostnames import HostnameRow
     from lmtp.routing import Router
 
-    domains = {f"t{i}.example": {"tenant": f"t{i}"} for i in range(tenants)}
+    domains = {f"t{i}.example": Target(f"t{i}", f"t{i}/_mail") for i in range(tenants)}
     rows = CountingRows({f"h{i}.example": HostnameRow(f"h{i}.example", f"h{i}", None, True,
                                                       0.0, 0.0) for i in range(tenants)})
 
@@ -100,8 +101,8 @@ def router_for(tenants: int) -> Any:
         def snapshot(self) -> CountingRows:
             return rows
 
-    settings = {"lmtp_default_hosts": ["chassis.example"]}
-    router = Router({"verified_domains": domains}, settings, Store())
+    settings = Settings(lmtp_default_hosts=("chassis.example",))
+    router = Router(IngressConfig(verified_domains=domains), settings, Store())
     router.refresh_hostnames()
     return router
 

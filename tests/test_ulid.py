@@ -5,9 +5,18 @@ from __future__ import annotations
 import re
 import time
 
-from lmtp.ulid import UlidGenerator, new_ulid, ulid_time_ms
+from lmtp.ulid import UlidGenerator, new_ulid
 
 ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """The millisecond timestamp a ULID carries: its first 10 characters, base 32."""
+    value = 0
+    for char in ulid[:10]:
+        value = value * 32 + CROCKFORD.index(char)
+    return value
 
 
 def fixed_clock(*times_ms: int) -> UlidGenerator:

@@ -199,5 +199,5 @@ def strip_pos(node: _T) -> _T:
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
             changes[f.name] = _NOWHERE if isinstance(value, Pos) else strip_pos(value)
-        return dataclasses.replace(node, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(node, **changes)
     return node

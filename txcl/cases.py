@@ -72,15 +72,26 @@ def case_files(stack_dir: Path) -> list[Path]:
 
 
 def run_case_file(
-    path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY, *, schema: bool = True
+    path: Path, stack: Stack, policy: RunPolicy = TEST_POLICY, keyword: str = "", *,
+    schema: bool = True,
 ) -> list[CaseResult]:
-    """Every case of one file, against one compiled stack (`schema`: hand-written envelopes
-    are checked against their source's schema first)."""
+    """Every case of one file (those whose name holds `keyword`), against one compiled stack
+    (`schema`: hand-written envelopes are checked against their source's schema first)."""
     try:
         cases = load_cases(path, stack, schema=schema)
     except TxclError as err:
         return [CaseResult(str(path), "(file)", stack.name, problem=err.problem)]
-    return [run_case(case, stack, policy) for case in cases]
+    return [run_case(case, stack, policy) for case in cases if keyword.lower() in case.name.lower()]
+
+
+def count_cases(path: Path) -> int:
+    """How many cases a file holds, without a stack to build them for (1 when unreadable)."""
+    try:
+        doc = inputs.load_yaml(path)
+    except inputs.InputError:
+        return 1
+    entries = doc.get("cases") if isinstance(doc, dict) and "cases" in doc else [doc]
+    return len(entries) if isinstance(entries, list) and entries else 1
 
 
 def run_case(case: Case, stack: Stack, policy: RunPolicy = TEST_POLICY) -> CaseResult:
@@ -91,7 +102,7 @@ def run_case(case: Case, stack: Stack, policy: RunPolicy = TEST_POLICY) -> CaseR
     policy = dataclasses.replace(policy, op_stubs={**policy.op_stubs, **case.stubs})
     result = stack.run(case.envelope, policy)
     source = source_for(case.envelope)
-    mismatches = check(case.expect, result, source, case.pos)
+    mismatches = check(case.expect, result, source, case.pos, stack)
     if isinstance(mismatches, Problem):
         return CaseResult(str(case.file), case.name, stack.name, problem=mismatches, result=result)
     return CaseResult(str(case.file), case.name, stack.name, tuple(mismatches), result=result)
@@ -102,12 +113,48 @@ def fired_labels(result: StackResult) -> list[str]:
     return [f"{f.stage}/{Path(f.file).name}:{f.pos.line}" for f in result.fired]
 
 
+def rule_ordinals(stack: Stack) -> dict[tuple[str, int], int]:
+    """(file, line) -> the rule's ordinal in its file, from 1: a name that survives comment
+    and blank-line edits (`1/20-ticket.txcl#1`)."""
+    out: dict[tuple[str, int], int] = {}
+    for stage in stack.stages:
+        counts: dict[str, int] = {}
+        for rule in stage.rules:
+            counts[rule.file] = counts.get(rule.file, 0) + 1
+            out[(rule.file, rule.pos.line)] = counts[rule.file]
+    return out
+
+
+def stable_labels(result: StackResult, stack: Stack) -> list[str]:
+    """`<stage>/<file name>#<ordinal>` for each rule that fired, in firing order."""
+    ordinals = rule_ordinals(stack)
+    return [
+        f"{f.stage}/{Path(f.file).name}#{ordinals.get((f.file, f.pos.line), 0)}"
+        for f in result.fired
+    ]
+
+
+def _fired_got(expected: list[Any], result: StackResult, stack: Stack | None) -> list[str]:
+    """The fired rules in the form each expected item uses (`#ordinal` or `:line`)."""
+    by_line = fired_labels(result)
+    if stack is None or not any("#" in str(item) for item in expected):
+        return by_line
+    by_ordinal = stable_labels(result, stack)
+    if len(expected) != len(by_line):
+        return by_ordinal
+    return [o if "#" in str(e) else line for e, o, line in zip(expected, by_ordinal, by_line, strict=True)]
+
+
 def check(
-    expect: Mapping[str, Any], result: StackResult, source: Source | None, pos: Pos
+    expect: Mapping[str, Any],
+    result: StackResult,
+    source: Source | None,
+    pos: Pos,
+    stack: Stack | None = None,
 ) -> list[Mismatch] | Problem:
     out: list[Mismatch] = []
     if "fired" in expect:
-        got = fired_labels(result)
+        got = _fired_got(list(expect["fired"]), result, stack)
         if list(expect["fired"]) != got:
             out.append(Mismatch("fired", list(expect["fired"]), got))
     for text, want in (expect.get("paths") or {}).items():

@@ -6,16 +6,19 @@ Exit codes: 0 ok · 1 failures or findings · 2 usage or I/O.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import functools
+import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from txcl import cases, fmt, inputs, lint
+from txcl import cases, coverage, explain, fmt, inputs, junit, lint, replay, sarif, suppress
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -28,6 +31,7 @@ from txcl.values import MISSING
 
 OK, FAILED, USAGE = 0, 1, 2
 CONFIG_NAME = "txco.yaml"
+WATCH_INTERVAL_S = 0.3
 NO_CACHE_HELP = "parse every file; leave the compile cache ($XDG_CACHE_HOME/txcl) alone"
 
 
@@ -53,19 +57,55 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--exec", action="store_true", help="execute ops for real (default: ops are not run)")
     t.add_argument("--state-dir", type=Path, help="where executed ops write (with --exec)")
     t.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` to load")
-    t.add_argument("--json", action="store_true", help="print one JSON document")
+    t.add_argument("--json", action="store_true", help="print one JSON document (as --format json)")
+    t.add_argument("--format", choices=("text", "json"), default="text", help="how to print the results")
+    t.add_argument("-k", dest="keyword", default="", metavar="NAME", help="only the cases whose name holds NAME")
+    t.add_argument("--junit", type=Path, metavar="FILE", help="also write the case results as JUnit XML")
+    t.add_argument("--watch", action="store_true", help="run again whenever a rule or case file changes")
+    t.add_argument(
+        "--coverage",
+        nargs="?",
+        const="table",
+        choices=("table", "json", "lcov"),
+        help="which rules the cases fired and which WHENs were ever true and false (default: table)",
+    )
+    t.add_argument("--coverage-file", type=Path, metavar="FILE", help="write the coverage report here")
+    t.add_argument(
+        "--fail-under", type=float, metavar="PERCENT", help="fail when rule coverage is below PERCENT"
+    )
+    t.add_argument(
+        "--explain",
+        action="store_true",
+        help="show every rule of every stage, fired or not, each WHEN's result and the values it compared",
+    )
     t.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
     t.add_argument("--no-schema", action="store_true",
                    help="do not check hand-written envelopes against their source's schema")
 
+    r = sub.add_parser(
+        "replay",
+        help="re-run recorded requests against the current rules and diff the verdicts",
+        description="Re-run the envelopes of request traces (a trace folder, a requests/ folder "
+        "or a state dir) against the rules under OPS. No op runs: each is answered with what "
+        "the trace recorded. Prints, per recipient, the recorded verdict and the new one; "
+        "exit 1 when any differ.",
+    )
+    r.add_argument("ops", type=Path, help="the OPS/ tree (or a stack folder) with the rules to try")
+    r.add_argument("traces", nargs="+", type=Path, help="STATE_DIR/requests/ or STATE_DIR/requests/RID")
+    r.add_argument("--format", choices=("text", "json"), default="text")
+    r.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
+
     lt = sub.add_parser("lint", help="check a whole OPS tree (or files) without an envelope")
-    lt.add_argument("targets", nargs="+", type=Path)
+    lt.add_argument("targets", nargs="+", type=Path, help="files, folders, or - for standard input")
     lt.add_argument("--config", type=Path, help=f"the {CONFIG_NAME} whose `ops:` name the known ops")
-    lt.add_argument("--format", choices=("text", "json", "github"), default="text")
+    lt.add_argument("--format", choices=("text", "json", "github", "sarif"), default="text")
+    lt.add_argument(
+        "--stdin-name", default="<stdin>", metavar="NAME", help="the file name findings of `-` (stdin) carry"
+    )
     lt.add_argument("--no-cache", action="store_true", help=NO_CACHE_HELP)
 
     f = sub.add_parser("fmt", help="print rules in canonical form")
-    f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders")
+    f.add_argument("paths", nargs="+", type=Path, help=".txcl files or folders, or - for standard input")
     mode = f.add_mutually_exclusive_group()
     mode.add_argument("-w", "--write", action="store_true", help="rewrite files in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
@@ -96,15 +136,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    registry = _registry(args.config, args.target)
+    args.json = args.json or args.format == "json"
+    if args.watch:
+        return _watch(args)
+    return _test_once(args)
+
+
+def _test_once(args: argparse.Namespace) -> int:
+    only: Path | None = None
+    target = args.target
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        # one case file: its stack is the folder that holds tests/
+        only, target = target, target.resolve().parent.parent
+    registry = _registry(args.config, target)
     cache = _compile_cache(args)
-    tree = load_target(args.target, cache=cache)
+    tree = load_target(target, cache=cache)
     if cache is not None:
         cache.flush()
     if tree.problems:
         _print_problems(tree.problems, sys.stderr)
     if args.envelope is None:
-        return _run_cases(tree, args)
+        return _run_cases(tree, args, only)
     is_message = Path(args.envelope).suffix == ".eml"
     envelope = None if is_message else cases.read_envelope(Path(args.envelope))
     stack = _pick_stack(tree, args, envelope)
@@ -115,13 +167,21 @@ def cmd_test(args: argparse.Namespace) -> int:
     elif not args.no_schema and (problem := cases.schema_problem(envelope, args.envelope)):
         _print_problems((problem,), sys.stderr)
         return FAILED
-    policy = RunPolicy(run_ops=args.exec, registry=registry, state_dir=args.state_dir)
+    policy = RunPolicy(
+        run_ops=args.exec, registry=registry, state_dir=args.state_dir, explain=args.explain
+    )
     result = stack.run(cases.aim_at(envelope, stack) if isinstance(envelope, dict) else envelope, policy)
+    why = explain.explain_json(explain.explain(stack, result)) if args.explain else None
     if args.json:
-        json.dump(result_json(stack, result), sys.stdout, indent=2, default=_json_default)
+        doc = result_json(stack, result)
+        if why is not None:
+            doc["explain"] = why
+        json.dump(doc, sys.stdout, indent=2, default=_json_default)
         print()
     else:
         inputs.write_terminal(sys.stdout, lambda out: render_result(stack, result, out))
+        if why is not None:
+            inputs.write_terminal(sys.stdout, functools.partial(_render_explain, why))
     return FAILED if result.error else OK
 
 
@@ -161,36 +221,122 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
     return cases.message_envelope(raw, args.rcpt, args.mail_from, stack)
 
 
-def _run_cases(tree: Tree, args: argparse.Namespace) -> int:
+def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -> int:
+    measure = bool(args.coverage or args.fail_under is not None)
+    policy = dataclasses.replace(TEST_POLICY, explain=measure or args.explain)
     results: list[cases.CaseResult] = []
+    not_run: list[str] = []
+    runs: dict[str, list[StackResult]] = {}
     for name, files in sorted(tree.case_files.items()):
         stack = tree.stacks.get(name)
         for path in files:
-            if stack is None:
-                continue  # its load problems are printed above and fail the run
-            results.extend(cases.run_case_file(path, stack, TEST_POLICY, schema=not args.no_schema))
+            if only is not None and Path(path).resolve() != only.resolve():
+                continue
+            if stack is None:  # its load problems are printed above and fail the run
+                n = cases.count_cases(path)
+                not_run.extend([f"{path}: stack {name} did not load"] * n)
+                continue
+            ran = cases.run_case_file(path, stack, policy, args.keyword,
+                                       schema=not args.no_schema)
+            for r in ran:
+                if r.name == "(file)":
+                    n = cases.count_cases(path)
+                    not_run.extend([f"{path}: {r.problem}"] * max(0, n - 1))
+                if r.result is not None:
+                    runs.setdefault(name, []).append(r.result)
+            results.extend(ran)
     passed = sum(r.passed for r in results)
     failed = len(results) - passed
+    covered = (
+        [coverage.stack_coverage(tree.stacks[n], runs.get(n, [])) for n in sorted(tree.stacks)]
+        if measure
+        else []
+    )
     if args.json:
         doc = {
             "cases": [case_json(r) for r in results],
             "problems": [p.to_json() for p in tree.problems],
             "passed": passed,
             "failed": failed,
+            "not_run": len(not_run),
         }
+        if measure:
+            doc["coverage"] = coverage.coverage_json(covered)
         json.dump(doc, sys.stdout, indent=2, default=_json_default)
         print()
     else:
         for r in results:
             inputs.write_terminal(sys.stdout, functools.partial(render_case, r))
-        if not results and not tree.problems:
+            if args.explain and not r.passed and r.result is not None:  # why it failed
+                why = explain.explain_json(explain.explain(tree.stacks[r.stack], r.result))
+                inputs.write_terminal(sys.stdout, functools.partial(_render_explain, why))
+        if not results and args.keyword and not not_run:
+            print(f"no case under {args.target} has {args.keyword!r} in its name")
+        elif not results and not tree.problems and not not_run:
             print(f"no test cases under {args.target} (they live in <stack>/tests/*.yaml)")
-        print(f"{passed} passed, {failed} failed")
-    if tree.problems and any(p.severity == "error" for p in tree.problems):
+        tail = f", {len(not_run)} not run (they could not load)" if not_run else ""
+        print(f"{passed} passed, {failed} failed{tail}")
+    if args.junit is not None:
+        args.junit.write_bytes(junit.junit_xml(results, _case_text, not_run))
+    status = _coverage_status(args, covered) if measure else OK
+    if not_run or (tree.problems and any(p.severity == "error" for p in tree.problems)):
         return FAILED
     if not results:
-        return OK
-    return FAILED if failed else OK
+        return FAILED if args.keyword else status
+    return FAILED if failed else status
+
+
+def _coverage_status(args: argparse.Namespace, covered: list[coverage.StackCoverage]) -> int:
+    render = {"json": None, "lcov": coverage.render_lcov, "table": coverage.render_table}
+    kind = args.coverage or "table"
+    out = io.StringIO()
+    if kind == "json":
+        out.write(json.dumps(coverage.coverage_json(covered), indent=2) + "\n")
+    else:
+        render[kind](covered, out)  # type: ignore[misc]
+    if args.coverage_file is not None:
+        args.coverage_file.write_text(out.getvalue(), encoding="utf-8")
+    elif args.coverage and not (args.json and kind == "json"):
+        sys.stderr.write(out.getvalue()) if args.json else sys.stdout.write(out.getvalue())
+    percent = coverage.total_percent(covered)
+    if args.fail_under is not None and percent < args.fail_under:
+        print(f"txcl test: rule coverage {percent:.1f} % is under {args.fail_under:g} %", file=sys.stderr)
+        return FAILED
+    return OK
+
+
+def _case_text(r: cases.CaseResult) -> str:
+    out = io.StringIO()
+    render_case(r, out)
+    return out.getvalue()
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Run, then again whenever a file under the target changes; until interrupted."""
+    root = args.target if args.target.is_dir() else args.target.resolve().parent.parent
+    seen = _mtimes(root)
+    status = _test_once(args)
+    print("watching for changes (Ctrl-C to stop)", flush=True)
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        now = _mtimes(root)
+        if now != seen:
+            seen = now
+            print(f"--- change under {root}: running again", flush=True)
+            status = _test_once(args)
+            sys.stdout.flush()
+    return status  # pragma: no cover
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    out = {}
+    for path in root.rglob("*"):
+        if path.suffix in (".txcl", ".yaml", ".yml", ".json", ".eml"):
+            try:
+                out[str(path)] = path.stat().st_mtime_ns
+            except OSError:
+                continue
+    return out
 
 
 # --- rendering a run -------------------------------------------------------------------------
@@ -242,6 +388,11 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
         out.write(f"replies ({source.name}):\n")
         for rcpt, line in rows:
             out.write(f"  {rcpt.ljust(width)}  {line}\n")
+
+
+def _render_explain(why: list[dict[str, Any]], out: TextIO) -> None:
+    out.write("explain:\n")
+    explain.render_explain(why, out)
 
 
 def _res(envelope: Any) -> tuple[str, Any] | None:
@@ -317,6 +468,51 @@ def case_json(r: cases.CaseResult) -> dict[str, Any]:
     }
 
 
+# --- txcl replay -------------------------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    cache = _compile_cache(args)
+    tree = load_target(args.ops, cache=cache)
+    if cache is not None:
+        cache.flush()
+    if tree.problems:
+        _print_problems(tree.problems, sys.stderr)
+        if any(p.severity == "error" for p in tree.problems):
+            return USAGE
+    try:
+        report = replay.replay(args.traces, tree)
+    except FileNotFoundError as err:
+        print(f"txcl replay: {err}", file=sys.stderr)
+        return USAGE
+    if args.format == "json":
+        json.dump(replay.replay_json(report), sys.stdout, indent=2)
+        print()
+    else:
+        inputs.write_terminal(sys.stdout, functools.partial(render_replay, report))
+    return FAILED if report.changed else OK
+
+
+def render_replay(report: replay.Report, out: TextIO) -> None:
+    for r in report.replays:
+        out.write(f"{r.rid}  {r.stack or '-'}  {'CHANGED' if r.changed else 'same'}\n")
+        if r.problem:
+            out.write(f"    not replayed: {r.problem}\n")
+        for v in r.verdicts:
+            mark = "≠" if v.changed else "="
+            out.write(f"    {v.rcpt}  {v.recorded or '(none recorded)'}  {mark}  {v.replayed}\n")
+        if r.error:
+            out.write(f"    run error: {r.error}\n")
+        for op in r.unanswered_ops:
+            out.write(f"    op {op}: the trace holds no answer (not executed)\n")
+        for note in r.fidelity:
+            out.write(f"    fidelity: {note}\n")
+    out.write(
+        f"{report.changed} of {report.verdicts} verdicts changed "
+        f"({len(report.replays)} traces replayed)\n"
+    )
+
+
 # --- txcl lint --------------------------------------------------------------------------------
 
 
@@ -326,7 +522,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
     cache = _compile_cache(args)
+    stdin_text: str | None = None
     for target in args.targets:
+        if str(target) == "-":  # an editor's buffer
+            stdin_text = inputs.read_text("-")
+            problems.extend(lint.lint_source(stdin_text, args.stdin_name, registry))
+            continue
         if os.path.lexists(target) and not target.is_dir():
             inputs.require_regular(target)
         if not target.exists():
@@ -335,6 +536,9 @@ def cmd_lint(args: argparse.Namespace) -> int:
         problems.extend(lint.lint_target(target, registry, cache=cache))
     if cache is not None:
         cache.flush()
+    problems = suppress.unsuppressed(
+        problems, lambda file: stdin_text if file == args.stdin_name else suppress.read_file(file)
+    )
     RENDERERS[args.format](problems, sys.stdout)
     if configured is None and any(p.check == "unknown-op" for p in problems):
         print(
@@ -373,10 +577,16 @@ def _render_github(problems: Sequence[Problem], out: TextIO) -> None:
         out.write(f"::{level}{where}title={title}::{message}\n")
 
 
+def _render_sarif(problems: Sequence[Problem], out: TextIO) -> None:
+    json.dump(sarif.sarif_doc(problems), out, indent=2)
+    out.write("\n")
+
+
 RENDERERS: dict[str, Callable[[Sequence[Problem], TextIO], None]] = {
     "text": _render_text,
     "json": _render_json,
     "github": _render_github,
+    "sarif": _render_sarif,
 }
 
 
@@ -397,6 +607,8 @@ def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
+    if [str(p) for p in args.paths] == ["-"]:
+        return _fmt_stdin(args)
     status = OK
     for path in _txcl_files(args.paths):
         try:
@@ -432,6 +644,30 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(formatted)
     return status
+
+
+def _fmt_stdin(args: argparse.Namespace) -> int:
+    """`txcl fmt -`: standard input formatted to standard output (for editors)."""
+    source = inputs.read_text("-")
+    try:
+        formatted = fmt.format_source(source, "<stdin>")
+    except TxclError as err:
+        _print_problems(err.problems, sys.stderr)
+        return FAILED
+    if args.check or args.list:
+        if formatted != source:
+            print("<stdin>")
+            return FAILED
+        return OK
+    if args.diff:
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                source.splitlines(keepends=True), formatted.splitlines(keepends=True), "<stdin>", "<stdin> (formatted)"
+            )
+        )
+        return OK
+    sys.stdout.write(formatted)
+    return OK
 
 
 def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
@@ -475,6 +711,7 @@ def _find_config(target: Path) -> Path | None:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "test": cmd_test,
     "lint": cmd_lint,
+    "replay": cmd_replay,
     "fmt": cmd_fmt,
 }
 

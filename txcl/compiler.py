@@ -57,11 +57,6 @@ class CompiledWhen:
     pos: Pos
     evaluate: Eval = field(repr=False, compare=False)
 
-    def predicate(self, envelope: Any) -> tuple[bool, dict[str, str]]:
-        """Whether this WHEN alone holds on envelope, and the named groups it captured."""
-        captures: dict[str, str] = {}
-        return self.evaluate(envelope, captures) is True, captures
-
 
 @dataclass(frozen=True, slots=True)
 class SetStep:
@@ -158,12 +153,16 @@ def parse_timeout(value: object) -> float | None:
     return seconds
 
 
+_BRACKET_STEP: Final = re.compile(r"\[(\*|[0-9]+)\]")
+
+
 def parse_path_list(text: str) -> tuple[str, ...] | None:
     """`"_txc.a.b, @c.d"` -> ("_txc.a.b", "_txc.c.d"), each in its full text form; None if
-    an item is not a path (`*` stands for any key or index)."""
+    an item is not a path (`*` stands for any key or index; `[*]` and `[0]` step into lists)."""
     out = []
     for item in split_path_list(text):
-        segments = parse_path(item, wildcards=True)
+        # `attachments[*].content`, `rcpt[0]`: list steps written as in JSONPath
+        segments = parse_path(_BRACKET_STEP.sub(r".\1", item), wildcards=True)
         if segments is None:
             return None
         out.append(path_text(segments))
@@ -229,7 +228,7 @@ class _RuleCompiler:
 
     def _listlit(self, node: ast.ListLit) -> Eval:
         if all(isinstance(item, ast.Literal) for item in node.items):
-            return _constant([item.value for item in node.items])  # type: ignore[union-attr]
+            return _constant([item.value for item in node.items if isinstance(item, ast.Literal)])
         items = tuple(self.expr(item) for item in node.items)
 
         def build(envelope: Any, match: Any) -> list[Any]:

@@ -119,7 +119,3 @@ class TxclCompileError(TxclError):
 
 class TxclLoadError(TxclError):
     """An OPS tree or a file in it cannot be loaded (layout, I/O, encoding)."""
-
-
-class TxclRunError(TxclError):
-    """A stack run failed: an op raised or timed out, a read-only write, a bad verdict."""

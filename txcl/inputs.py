@@ -173,8 +173,9 @@ def _decode_utf8(data: bytes, where: str | os.PathLike[str]) -> str:
 
 
 def read_text(path: str | os.PathLike[str], limit: int = MAX_INPUT_BYTES) -> str:
-    """read_bytes(), decoded as UTF-8."""
-    return _decode_utf8(read_bytes(path, limit), path)
+    """read_bytes(), decoded as UTF-8; `-` is standard input."""
+    data = _read_stdin(limit) if os.fspath(path) == STDIN else read_bytes(path, limit)
+    return _decode_utf8(data, path)
 
 
 # --- documents -------------------------------------------------------------------------------

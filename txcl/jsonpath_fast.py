@@ -65,7 +65,7 @@ def uses_python_regex(parsed: object, text: str) -> bool:
 def _regex_filter_in(node: object, path_node: type, expression: type, depth: int) -> bool:
     if depth > 64:
         return False
-    if isinstance(node, expression) and node.op == "=~":  # type: ignore[attr-defined]
+    if isinstance(node, expression) and getattr(node, "op", None) == "=~":
         return True
     for child in getattr(node, "__dict__", {}).values():
         items = child if isinstance(child, list | tuple) else (child,)

@@ -164,7 +164,7 @@ class FileParser:
         unknown = set(self._pattern.groupindex) - terminals - set(grammar.ignore_tokens)
         if unknown:
             raise Unavailable(f"terminals the table never takes: {sorted(unknown)}")
-        # No lexer thread: parse() feeds the state its tokens itself.
+        # No lexer thread: parse() feeds the state its tokens itself (lark's types want one).
         self._new_state: Callable[[], Any] = lambda: ParserState(conf, None)  # type: ignore[arg-type]
         self._on_comment = on_comment
         self._max_nesting = max_nesting

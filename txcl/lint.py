@@ -1,6 +1,6 @@
 """`txcl lint`: what can be known about rules without an envelope.
 
-Every finding is a Problem with code "txcl_lint_error", a severity ("error" or "warning")
+Every finding is a Problem with code "txcl_lint_error" (an error) or "txcl_lint_warning", a severity ("error" or "warning")
 and a stable `check` id:
 
 | check            | severity | finds                                                          |
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKS", "LINT_CODE", "gate_problems", "lint_file", "lint_source", "lint_target", "lint_tree"]
 
 LINT_CODE: Final = "txcl_lint_error"
+LINT_WARNING_CODE: Final = "txcl_lint_warning"
 
 CHECKS: Final[dict[str, str]] = {
     "syntax": "error",
@@ -92,18 +93,23 @@ _OP_SCHEME: Final = "op://"
 _NOWHERE: Final = Pos("", 0, 0)
 
 
+def code_of(check: str) -> str:
+    """A finding's code: warnings carry their own, so a reader of the code alone can tell."""
+    return LINT_CODE if CHECKS[check] == "error" else LINT_WARNING_CODE
+
+
 def _finding(check: str, message: str, pos: Pos | None, lines: list[str] | None) -> Problem:
     context = ""
     if pos is not None and lines is not None and 0 < pos.line <= len(lines):
         context = caret_context(lines[pos.line - 1], pos.column)
-    return Problem(LINT_CODE, message, pos, CHECKS[check], check, context)
+    return Problem(code_of(check), message, pos, CHECKS[check], check, context)
 
 
 def _as_lint(problem: Problem, lines: list[str] | None = None) -> Problem:
     """A parse, compile or load problem, reported as a lint finding (same words, same place)."""
     check = _CHECK_OF_CODE.get(problem.code, "compile")
     context = problem.context or _finding(check, "", problem.pos, lines).context
-    return replace(problem, code=LINT_CODE, severity=CHECKS[check], check=check, context=context)
+    return replace(problem, code=code_of(check), severity=CHECKS[check], check=check, context=context)
 
 
 def _sorted(problems: Iterable[Problem]) -> list[Problem]:
@@ -470,10 +476,10 @@ def _kinds_text(kinds: frozenset[str]) -> str:
     return ("an " if text[0] in "aeiou" else "a ") + text if len(shown) < 3 else text
 
 
-def _literal_text(value: object) -> str:
+def _literal_text(value: str | int | float | bool | None) -> str:
     from txcl.fmt import format_expr
 
-    return format_expr(ast.Literal(value, _NOWHERE))  # type: ignore[arg-type]
+    return format_expr(ast.Literal(value, _NOWHERE))
 
 
 def _dotted(segments: tuple[ast.Segment, ...]) -> str:

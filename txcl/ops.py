@@ -22,7 +22,9 @@ The registry is filled, later sources overriding earlier ones, from:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import functools
 import hashlib
 import importlib
@@ -37,7 +39,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from txcl.ast import Segment
 from txcl.errors import Problem, TxclLoadError
@@ -53,10 +55,6 @@ _STDERR_TAIL: Final = 400
 
 class OpFailure(Exception):
     """An op could not do its work (a command exited non-zero, printed no JSON object, ...)."""
-
-
-class OpBusy(OpFailure):
-    """A tenant already has as many op calls running as its budget allows."""
 
 
 class StorageError(ValueError):
@@ -253,13 +251,14 @@ class OpRegistry:
         """Call an op without blocking the loop (sync ones in a thread). KeyError if unknown.
 
         `budget`: how many op calls `ctx.tenant` may have running at once; past it the call
-        fails at once (OpBusy). A sync op holds its place until its thread returns, also
-        after the caller stopped waiting for it (a thread cannot be stopped)."""
+        waits for a place, within the deadline its caller puts on the call. A sync op holds
+        its place until its thread returns, also after the caller stopped waiting for it (a
+        thread cannot be stopped)."""
         entry = self._ops[name]
-        TENANT_CALLS.take(ctx.tenant, budget)
+        await TENANT_CALLS.take(ctx.tenant, budget)
         if entry.is_async:
             try:
-                return await entry.fn(envelope, args, ctx)  # type: ignore[misc]
+                return await cast(Awaitable[dict[str, Any]], entry.fn(envelope, args, ctx))
             finally:
                 TENANT_CALLS.give(ctx.tenant)
         result = await OP_THREADS.run(
@@ -296,31 +295,65 @@ class OpRegistry:
 
 class TenantCalls:
     """Op calls running per tenant, process-wide: a thread outlives a reload and its caller's
-    timeout, so the count must too."""
+    timeout, so the count must too. A call past the budget waits for a place (under its own
+    deadline, which the caller sets); a place is handed on in the order calls came."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running: dict[str, int] = {}
+        self._waiting: dict[str, collections.deque[asyncio.Future[None]]] = {}
 
-    def take(self, tenant: str, budget: int | None) -> None:
+    async def take(self, tenant: str, budget: int | None) -> None:
         with self._lock:
             running = self._running.get(tenant, 0)
-            if budget is not None and running >= budget:
-                raise OpBusy(
-                    f"tenant {tenant} has {running} op calls running, its budget; try later"
-                )
-            self._running[tenant] = running + 1
+            if budget is None or running < budget:
+                self._running[tenant] = running + 1
+                return
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(tenant, collections.deque()).append(future)
+        WAITING_FOR_PLACE.set(True)  # read by the caller whose deadline came meanwhile
+        try:
+            await future  # give() hands this call a place: the count stays as it is
+            WAITING_FOR_PLACE.set(False)
+        except BaseException:
+            with self._lock:
+                queue = self._waiting.get(tenant)
+                waiting = queue is not None and future in queue
+                if waiting:
+                    queue.remove(future)  # type: ignore[union-attr]
+            if not waiting and future.done() and not future.cancelled():
+                self.give(tenant)  # handed a place just as the deadline came: hand it on
+            raise
 
     def give(self, tenant: str) -> None:
+        """One call of `tenant` ended (from any thread): its place goes to the first waiter."""
         with self._lock:
-            running = self._running.get(tenant, 1) - 1
-            if running:
-                self._running[tenant] = running
+            queue = self._waiting.get(tenant)
+            if queue:
+                future = queue.popleft()
+                if not queue:
+                    del self._waiting[tenant]
             else:
-                self._running.pop(tenant, None)
+                running = self._running.get(tenant, 1) - 1
+                if running:
+                    self._running[tenant] = running
+                else:
+                    self._running.pop(tenant, None)
+                return
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
+            future.get_loop().call_soon_threadsafe(self._hand, tenant, future)
+
+    def _hand(self, tenant: str, future: asyncio.Future[None]) -> None:
+        if future.done():  # its deadline came first: the place goes to the next one
+            self.give(tenant)
+        else:
+            future.set_result(None)
 
     def running(self, tenant: str) -> int:
         return self._running.get(tenant, 0)
+
+    def waiting(self, tenant: str) -> int:
+        return len(self._waiting.get(tenant, ()))
 
 
 class OpThreads:
@@ -388,6 +421,10 @@ def _settle(future: asyncio.Future[Any], outcome: Any, failed: bool) -> None:
 
 
 TENANT_CALLS: Final = TenantCalls()
+# True in a call's context while it waits for a place in its tenant's budget.
+WAITING_FOR_PLACE: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
+    "WAITING_FOR_PLACE", default=False
+)
 OP_THREADS: Final = OpThreads()
 
 

@@ -36,7 +36,7 @@ from txcl.lark_fast import Scanned
 __all__ = ["MAX_NESTING", "SYNTAX_EXAMPLES", "caret_context", "parse", "parse_expression"]
 
 CODE: Final = "txcl_parse_error"
-_N = TypeVar("_N")
+_N = TypeVar("_N", bound=ast.Expr)
 _log = logging.getLogger(__name__)
 
 # Brackets and operators may nest this deep; deeper input is refused with a position
@@ -292,6 +292,7 @@ def parser() -> Lark:
 def _parse_line(scan: _LineScan, text: str) -> ast.Stmt | None:
     reset = _SCAN.set(scan)
     try:
+        # lark types parse() as returning a Tree, but our transformer returns the statement.
         return parser().parse(text)  # type: ignore[return-value]
     finally:
         _SCAN.reset(reset)
@@ -319,6 +320,7 @@ def _file_parse() -> _FileParse:
     stock = _lark("file")
 
     def parse_stock(text: str) -> list[ast.Stmt] | None:
+        # lark types parse() as returning a Tree, but our transformer returns the statements.
         return stock.parse(text)  # type: ignore[return-value]
 
     try:
@@ -413,7 +415,7 @@ def _nested(node: _N, *children: object) -> _N:
     scan = _SCAN.get()
     depth = 1 + max((scan.depths.get(id(c), 0) for c in children), default=0)
     if depth > MAX_NESTING:
-        raise _Refused(_TOO_DEEP, node.pos.column - scan.column_shift)  # type: ignore[attr-defined]
+        raise _Refused(_TOO_DEEP, node.pos.column - scan.column_shift)
     scan.depths[id(node)] = depth
     return node
 

@@ -76,6 +76,8 @@ class StackResult:
     steps: tuple[Step, ...]
     error: Problem | None = None  # a failed run never yields an accept
     elapsed_s: float = 0.0
+    # (stage, envelope as the stage began) per stage run; only under RunPolicy(explain=True)
+    snapshots: tuple[tuple[int, Any], ...] = ()
 
     @property
     def ok(self) -> bool:

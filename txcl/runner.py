@@ -38,7 +38,7 @@ from txcl.envelope import (
     verdict_problem,
 )
 from txcl.errors import Pos, Problem, TxclError
-from txcl.ops import OpContext, OpRegistry
+from txcl.ops import WAITING_FOR_PLACE, OpContext, OpRegistry
 from txcl.paths import PathWriteError, merge_patch
 from txcl.records import (
     ExecRecord,
@@ -88,6 +88,7 @@ class RunPolicy:
     state_dir: Path | None = None  # ops' storage lives under it
     op_timeout_max_s: float | None = None  # caps every op's deadline, WITH timeout too
     op_calls_per_tenant: int | None = None  # op calls a tenant may have running; None: any
+    explain: bool = False  # keep each stage's start snapshot for txcl.explain (record only when asked)
 
 
 DEFAULT_POLICY: Final = RunPolicy()
@@ -230,14 +231,15 @@ class Stack:
         started = time.perf_counter()
         fired: list[Fired] = []
         steps: list[Step] = []
+        snapshots: list[tuple[int, Any]] | None = [] if policy.explain else None
         if not isinstance(envelope, dict):
-            problem = Problem(
-                RUN_ERROR, f"the envelope must be a JSON object, not {type(envelope).__name__}"
-            )
-            return StackResult(envelope, (), (), problem, time.perf_counter() - started)
+            kind = type(envelope).__name__
+            refused = Problem(RUN_ERROR, f"the envelope must be a JSON object, not {kind}")
+            return StackResult(envelope, (), (), refused, time.perf_counter() - started)
         env: dict[str, Any] = envelope
         pos: Pos | None = None
         turn_ends = started + SLICE_S
+        problem: Problem | None = None
         try:
             src = source_of(env)
             entry = self._entry_stage(env)
@@ -245,6 +247,8 @@ class Stack:
                 if number < entry:
                     continue
                 snapshot = env
+                if snapshots is not None:
+                    snapshots.append((number, snapshot))
                 hits = []
                 for plan in plans:
                     if sliced and time.perf_counter() >= turn_ends:
@@ -281,19 +285,15 @@ class Stack:
                                 (message, delivery_key),
                             )
         except _Failure as failure:
-            return StackResult(
-                env, tuple(fired), tuple(steps), failure.problem, time.perf_counter() - started
-            )
+            problem = failure.problem
         except TxclError as err:
-            return StackResult(
-                env, tuple(fired), tuple(steps), err.problem, time.perf_counter() - started
-            )
+            problem = err.problem
         except Exception as err:  # a bug must still end as a failed run, never an accept
             problem = Problem(RUN_ERROR, f"internal error: {type(err).__name__}: {err}", pos)
-            return StackResult(
-                env, tuple(fired), tuple(steps), problem, time.perf_counter() - started
-            )
-        return StackResult(env, tuple(fired), tuple(steps), None, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if snapshots is None:
+            return StackResult(env, tuple(fired), tuple(steps), problem, elapsed)
+        return StackResult(env, tuple(fired), tuple(steps), problem, elapsed, tuple(snapshots))
 
     def _entry_stage(self, env: dict[str, Any]) -> int:
         to = route_to(env)
@@ -387,7 +387,11 @@ class Stack:
                     name, env, args, ctx, budget=policy.op_calls_per_tenant
                 )
         except TimeoutError:
-            raise _Failure(f"op {name} timed out after {deadline:g}s", step.pos) from None
+            waited = WAITING_FOR_PLACE.get()
+            WAITING_FOR_PLACE.set(False)
+            note = (f" waiting for a place (tenant {self.tenant} had "
+                    f"{policy.op_calls_per_tenant} op calls running, its budget)" if waited else "")
+            raise _Failure(f"op {name} timed out after {deadline:g}s{note}", step.pos) from None
         except asyncio.CancelledError:
             raise
         except BaseException as err:  # SystemExit, KeyboardInterrupt: the op's end, not ours

@@ -141,7 +141,8 @@ def _exit_if_threads_still_busy(code: int) -> None:
     os._exit(code)
 
 
-def _runtime_holder(options: ServeOptions, trace_sink: Any) -> RuntimeHolder:
+def _runtime_holder(options: ServeOptions, trace_sink: Callable[..., Any] | None
+                    ) -> RuntimeHolder:
     """Everything a delivery needs, loaded and compiled before the first connection; later
     versions are compiled on SIGHUP or a file change (txcl.chassis.reload)."""
     settings = options.settings

@@ -1,0 +1,101 @@
+"""`txcl test --explain`: every rule of every stage, each WHEN's result and values, scrubbed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from txcl.cli import main
+from txcl.explain import explain
+from txcl.loader import load_target
+from txcl.runner import TEST_POLICY, RunPolicy
+
+RULES = {
+    "0/10-from.txcl": (
+        'WHEN @lmtp.mail.from == "boss@acme.example"\n'
+        'WHEN @lmtp.msg.subject =~ /urgent/\n'
+        "SET flags.urgent = true\n"
+        'WITH redact = "_txc.lmtp.mail.from"\n'
+    ),
+    "0/20-any.txcl": "WHEN len(@lmtp.rcpt) > 0\nSET flags.seen = true\n",
+    "1/10-late.txcl": "WHEN flags.urgent == true\nSET flags.paged = true\n",
+}
+
+ENVELOPE = {
+    "_txc": {
+        "src": "lmtp",
+        "route": {"tenant": "acme", "stack": "acme/s", "to": "acme/s/0"},
+        "lmtp": {
+            "rcpt": ["a@acme.example"],
+            "mail": {"from": "boss@acme.example"},
+            "msg": {"subject": "lunch?"},
+        },
+    }
+}
+
+
+def _tree(tmp_path: Path) -> Path:
+    for name, text in RULES.items():
+        path = tmp_path / "OPS" / "acme" / "s" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (tmp_path / "env.json").write_text(json.dumps(ENVELOPE))
+    return tmp_path / "OPS" / "acme" / "s"
+
+
+def test_explain_shows_rules_that_did_not_fire_with_values_scrubbed(tmp_path, capsys):
+    stack_dir = _tree(tmp_path)
+    code = main(["test", str(stack_dir), str(tmp_path / "env.json"), "--explain", "--json", "--no-cache"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    rules = doc["explain"]
+    assert [(r["stage"], Path(r["file"]).name, r["fired"]) for r in rules] == [
+        (0, "10-from.txcl", False),
+        (0, "20-any.txcl", True),
+        (1, "10-late.txcl", False),
+    ]
+    first = rules[0]
+    assert first["first_false"] == 1
+    assert [w["held"] for w in first["whens"]] == [True, False]
+    # the sender is redacted by the stack's WITH redact, as the trace shows it
+    assert first["whens"][0]["values"] == {"@lmtp.mail.from": '"[REDACTED]"'}
+    assert first["whens"][1]["values"] == {"@lmtp.msg.subject": '"lunch?"'}
+    assert rules[1]["whens"][0]["values"] == {"len(@lmtp.rcpt)": "1"}
+    assert rules[2]["whens"][0]["values"] == {"flags.urgent": "missing"}
+
+
+def test_explain_text_through_the_cli(tmp_path):
+    stack_dir = _tree(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "txcl.cli", "test", str(stack_dir), str(tmp_path / "env.json"), "--explain", "--no-cache"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "explain:" in out
+    assert "10-from.txcl:1:1  not fired" in out
+    assert '✗ WHEN @lmtp.msg.subject =~ /urgent/   <- first WHEN that did not hold' in out
+    assert '@lmtp.mail.from = "[REDACTED]"' in out
+    assert '@lmtp.msg.subject = "lunch?"' in out
+
+
+def test_recording_is_off_unless_asked(tmp_path):
+    stack = load_target(_tree(tmp_path)).stacks["acme/s"]
+    assert stack.run(ENVELOPE, TEST_POLICY).snapshots == ()
+    result = stack.run(ENVELOPE, RunPolicy(run_ops=False, explain=True))
+    assert [n for n, _ in result.snapshots] == [0, 1]
+    assert len(explain(stack, result)) == 3
+
+
+def test_explain_under_test_cases_shows_why_a_case_failed(tmp_path, capsys):
+    stack_dir = _tree(tmp_path)
+    (stack_dir / "tests").mkdir()
+    (stack_dir / "tests" / "t.yaml").write_text(
+        "name: the boss is urgent\n"
+        f"input: {{envelope: {json.dumps(ENVELOPE)}}}\n"
+        "expect: {paths: {flags.urgent: true}}\n"
+    )
+    assert main(["test", str(stack_dir), "--explain", "--no-cache"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  acme/s · t.yaml · the boss is urgent" in out
+    assert "✗ WHEN @lmtp.msg.subject =~ /urgent/   <- first WHEN that did not hold" in out
