@@ -13,6 +13,7 @@ per invocation and by the router once per refresh (see `lmtp.routing`), never pe
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sqlite3
 import time
@@ -142,7 +143,9 @@ class HostnameStore:
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         with self._unusable_as_error():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Made 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=5.0)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")

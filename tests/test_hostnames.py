@@ -192,3 +192,20 @@ def test_rows_stored_before_validation_can_still_be_removed(tmp_path: Path):
     store = HostnameStore(tmp_path)
     assert [r.hostname for r in store.list()] == ["../bad"]
     assert store.remove("../bad") is True
+
+
+def test_the_hostname_database_and_status_json_are_private_whatever_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    from txcl.chassis.status import write_json_atomically
+
+    old = os.umask(0o022)
+    try:
+        store = HostnameStore(tmp_path / "var")
+        store.add("mail.acme.example", "acme")
+        write_json_atomically(tmp_path / "var" / "status.json", {"version": 1})
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "var").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
