@@ -101,3 +101,9 @@ def test_each_documented_bad_example_trips_its_check_and_the_fix_does_not(check:
     registry = OpRegistry.default()
     assert check in {p.check for p in lint_source(bad, "bad.txcl", registry)}
     assert check not in {p.check for p in lint_source(good, "fixed.txcl", registry)}
+
+
+def test_every_check_has_its_sarif_help_text() -> None:
+    from txcl.lint import CHECK_HELP
+
+    assert sorted(CHECK_HELP) == sorted(CHECKS)

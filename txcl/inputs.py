@@ -293,7 +293,7 @@ def terminal_text(text: str, keep: str = "\n") -> str:
 
 def terminal_json(value: Any) -> str:
     """`value` as indented JSON, non-ASCII text kept, and what terminal_text() escapes written
-    as `\\uXXXX` (json.dumps escapes only C0 itself): the same document, safe to print."""
+    as `\\u` escapes (json.dumps escapes only C0 itself): the same document, safe to print."""
     text = json.dumps(value, indent=2, ensure_ascii=False)
     return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 

@@ -82,6 +82,28 @@ CHECKS: Final[dict[str, str]] = {
     "empty-file": "warning",
 }
 
+# One line a reader can act on per check; docs/txcl.md "Lint checks" has a bad and a fixed
+# example of each.
+CHECK_HELP: Final[dict[str, str]] = {
+    "syntax": "The line does not parse: fix the statement the message names.",
+    "compile": "The rule parses but cannot be compiled (a regex RE2 refuses, an unknown function, a bad WITH value).",
+    "layout": "The OPS tree holds something the loader refuses: names, stray files, links that leave the tree.",
+    "unknown-op": "EXEC names an op the registry does not know: check the spelling and the `ops:` of txco.yaml.",
+    "read-only-write": "SET writes a path the source stamps; only _txc.<src>.res is writable.",
+    "verdict-code": "A verdict code is an integer in 200-299 or 400-599.",
+    "recipient-gap": "A recipient slot is set while a lower one never is: that recipient would be refused.",
+    "never-fires": "A WHEN that reads nothing from the envelope and is not true: the rule never fires.",
+    "unknown-with-key": "A WITH key that looks like a misspelt reserved key (timeout, omit, redact).",
+    "unused-with": "An op argument in a rule that EXECs no op: nothing reads it.",
+    "empty-file": "A rule file without rules.",
+    "unknown-path": "A path under _txc.<src> that the source's envelope schema does not have: it is always missing.",
+    "type-mismatch": "A path of known type compared with a literal of another type: never true.",
+    "in-not-list": "IN needs a list on its right: write [..] around the values, or == to compare.",
+    "match-not-string": "=~ on a path that never holds a string: never true.",
+    "schema": "A source's envelope schema cannot be loaded: reinstall the package that ships it.",
+    "unwritten-path": "A stack path read but SET by no rule of the stack: it is always missing.",
+}
+
 # The phase a problem of another module came from -> the lint check it is reported under.
 _CHECK_OF_CODE: Final = {
     "txcl_parse_error": "syntax",
