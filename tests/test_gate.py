@@ -1,7 +1,8 @@
 """The activation gate (issue 15): what `txcl lint` calls an error never goes live. On a
-reload the last good version keeps answering and the reload is reported FAILED with the
-problem's file:line:col; at a cold start the stack is not served (451 4.3.0, never a bounce);
-other stacks are unaffected and warnings never block."""
+reload that stack's last good version keeps answering while the other stacks' changes go
+live, and the reload is reported FAILED for that stack with the problem's file:line:col; at
+a cold start (or new in a reload) the stack is not served (451 4.3.0, never a bounce); other
+stacks are unaffected and warnings never block."""
 
 from __future__ import annotations
 
@@ -67,32 +68,59 @@ def status(tmp_path: Path) -> tuple[str, dict]:
     return text, json.loads((tmp_path / "var" / "status.json").read_text())
 
 
-def test_a_reload_with_a_lint_error_keeps_the_last_good_version(
+def test_a_reload_with_a_lint_error_keeps_that_stacks_last_good_version_only(
         serve: Callable[..., Server], tmp_path: Path) -> None:
     ops = {"acme/_mail/0/10-accept.txcl": GOOD,
            "beta/_mail/0/reject.txcl": 'SET @lmtp.res.code = 550\n'}
     server = serve(tmp_path, ops, CONFIG, "--no-watch")
     bad_file = tmp_path / "OPS/acme/_mail/0/20-bad.txcl"
+    beta_file = tmp_path / "OPS/beta/_mail/0/reject.txcl"
+    held = "reload (sighup): stack acme/_mail FAILED; still serving its last good version"
     for number, (rule, check, where) in enumerate(BAD, start=1):
-        bad_file.write_text(rule)
+        bad_file.write_text(rule)  # acme broken, and beta edited, in the same reload
+        beta_file.write_text(f'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "beta {number}"\n')
         server.proc.send_signal(signal.SIGHUP)
-        wait_for_count(server, "reload (sighup) failed; still serving version 1", number)
+        wait_for_count(server, held, number)
         with server.lmtp() as client:
             _, replies = deliver(client, ["a@acme.example", "b@beta.example"])
-        assert replies == [(250, b"2.0.0 v1"), (550, b"5.1.1 rejected")], check
+        assert replies == [(250, b"2.0.0 v1"), (250, f"2.0.0 beta {number}".encode())], check
         text, data = status(tmp_path)
-        assert "last reload: FAILED, still serving the version above" in text
+        assert "last reload: FAILED for 1 stack(s); all else in the version above is live" in text
+        assert "stack acme/_mail: FAILED, still serving its last good version" in text
         assert f"{bad_file}:{where}: txcl_lint_error:" in text and f"[{check}]" in text
-        assert data["version"] == 1 and data["last_reload"]["ok"] is False
-        assert f"{bad_file}:{where}" in json.dumps(data["last_reload"]["problems"])
+        assert data["version"] == number + 1 and data["last_reload"]["ok"] is False
+        [failed] = data["last_reload"]["failed_stacks"]
+        assert failed["stack"] == "acme/_mail" and failed["serving"] == "last good version"
+        assert f"{bad_file}:{where}" in json.dumps(failed["problems"])
     assert f"{bad_file}:1:22: txcl_lint_error" in server.stderr()  # logged, not only in status
     bad_file.write_text(LIST_IN)  # the fourth rule of the issue loads and fires
     server.proc.send_signal(signal.SIGHUP)
-    server.wait_for_log(r"reload \(sighup\): now serving version 2", timeout=30)
+    server.wait_for_log(rf"reload \(sighup\): now serving version {len(BAD) + 2}", timeout=30)
     with server.lmtp() as client:
-        _, replies = deliver(client, ["a@acme.example"])
-    assert replies == [(250, b"2.0.0 in")]
+        _, replies = deliver(client, ["a@acme.example", "b@beta.example"])
+    assert replies == [(250, b"2.0.0 in"), (250, f"2.0.0 beta {len(BAD)}".encode())]
+    text, data = status(tmp_path)
+    assert "last reload: ok" in text and data["last_reload"]["failed_stacks"] == []
     assert "Traceback" not in server.stderr()
+
+
+def test_a_stack_new_in_a_reload_with_a_lint_error_is_not_served_and_its_mail_waits(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    server = serve(tmp_path, {"acme/_mail/0/10-accept.txcl": GOOD}, CONFIG, "--no-watch")
+    new = tmp_path / "OPS/gamma/_mail/0/bad.txcl"
+    new.parent.mkdir(parents=True)
+    new.write_text("SET @lmtp.res.code = 999\n")
+    (tmp_path / "OPS/acme/_mail/0/10-accept.txcl").write_text(GOOD.replace("v1", "v2"))
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"reload \(sighup\): stack gamma/_mail FAILED; not served", timeout=30)
+    with server.lmtp() as client:
+        _, replies = deliver(client, ["a@acme.example", "c@gamma.example"])
+    assert replies[0] == (250, b"2.0.0 v2") and replies[1][0] == 451
+    assert replies[1][1].startswith(b"4.3.0")
+    text, data = status(tmp_path)
+    assert "stack gamma/_mail: FAILED, not served (its mail gets 451 4.3.0)" in text
+    assert f"{new}:1:22: txcl_lint_error:" in text and "[verdict-code]" in text
+    assert data["last_reload"]["failed_stacks"][0]["serving"] == "none"
 
 
 def test_at_a_cold_start_a_stack_with_a_lint_error_is_not_served_and_its_mail_waits(

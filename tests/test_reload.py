@@ -18,7 +18,6 @@ from lmtp.personality import LmtpPersonality
 from lmtp.reload import ReloadingHandler
 from lmtp.routing import Route
 from txcl.chassis.reload import ReloadOutcome, RuntimeHolder, fingerprint
-from txcl.chassis.runtime import ReloadFailed, build_runtime
 from txcl.chassis.status import format_status, read_status
 
 ACCEPT = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v1"\n'
@@ -121,11 +120,12 @@ def test_fixing_the_edit_serves_again(tmp_path: Path) -> None:
     assert not reload_now(holder).ok
     edit(rule_file(tmp_path), ACCEPT_V2)
     outcome = reload_now(holder)
-    assert outcome.ok and outcome.version == 2 and verdict_msg(holder) == "v2"
+    assert outcome.ok and outcome.version == 3 and verdict_msg(holder) == "v2"
     assert read_status(tmp_path / "var")["last_reload"]["problems"] == []
+    assert read_status(tmp_path / "var")["last_reload"]["failed_stacks"] == []
 
 
-def test_a_reload_refuses_an_unknown_op_but_start_serves_the_other_stacks(tmp_path: Path) -> None:
+def test_an_unknown_op_keeps_out_only_its_stack_at_start_and_on_reload(tmp_path: Path) -> None:
     settings = layout(tmp_path)
     other = tmp_path / "OPS" / "beta" / "_mail" / "0"
     other.mkdir(parents=True)
@@ -133,9 +133,14 @@ def test_a_reload_refuses_an_unknown_op_but_start_serves_the_other_stacks(tmp_pa
     holder = start(settings)
     assert set(holder.current.tree.stacks) == {"acme/_mail"}
     assert holder.last.ok is False  # start reports the stack it could not serve
-    with pytest.raises(ReloadFailed) as failed:
-        build_runtime(settings, 2, [LmtpPersonality(settings)])
-    assert any("NO_SUCH_OP" in str(p) for p in failed.value.problems)
+    assert [(f.stack, f.serving) for f in holder.last.failed_stacks] == [("beta/_mail", False)]
+    edit(rule_file(tmp_path), ACCEPT_V2)
+    outcome = reload_now(holder)  # beta has no good version: acme's edit goes live alone
+    assert not outcome.ok and outcome.version == 2 and verdict_msg(holder) == "v2"
+    assert set(holder.current.tree.stacks) == {"acme/_mail"}
+    [failure] = outcome.failed_stacks
+    assert failure.stack == "beta/_mail" and not failure.serving
+    assert any("NO_SUCH_OP" in str(p) for p in failure.problems)
 
 
 def test_a_transaction_keeps_the_runtime_it_started_with(tmp_path: Path) -> None:
@@ -488,14 +493,107 @@ def test_a_transaction_in_flight_keeps_its_runtime_through_an_incremental_reload
     assert deliver(holder.current)[0].endswith("v2")
 
 
-def test_a_stage_folder_that_loops_fails_the_reload_and_does_not_crash_it(
+def test_a_stage_folder_that_loops_fails_its_stack_and_does_not_crash_the_reload(
     tmp_path: Path,
 ) -> None:
     holder = start(multi_tenant(tmp_path))
+    before = stacks_of(holder)
     loop = tmp_path / "OPS/gamma/_mail/2"
     loop.symlink_to("3")  # a stage folder and a sibling that lead to each other
     (tmp_path / "OPS/gamma/_mail/3").symlink_to("2")
     outcome = reload_now(holder)
-    assert not outcome.ok and holder.current.version == 1
+    assert not outcome.ok and holder.current.version == 2
+    assert [(f.stack, f.serving) for f in outcome.failed_stacks] == [("gamma/_mail", True)]
+    assert stacks_of(holder)["gamma/_mail"] is before["gamma/_mail"]  # its last good version
     assert [p.code for p in outcome.problems] == ["txcl_load_error", "txcl_load_error"]
     assert all("a symlink loop" in p.message for p in outcome.problems)
+
+
+def test_a_broken_stack_keeps_its_last_good_version_while_the_others_go_live(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = start(multi_tenant(tmp_path))
+    before = stacks_of(holder)
+    signature = holder.current.tree.signatures["acme/_mail"]
+    broken = tmp_path / "OPS/acme/_mail/1/10-accept.txcl"
+    edit(broken, BROKEN)
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    outcome = reload_now(holder)
+    assert not outcome.ok and outcome.version == 2 and holder.current.version == 2
+    assert stacks_of(holder)["acme/_mail"] is before["acme/_mail"]
+    assert msg_of(holder, "acme") == "acme v1" and msg_of(holder, "beta") == "v2"
+    [failure] = outcome.failed_stacks
+    assert failure.stack == "acme/_mail" and failure.serving
+    assert any(str(p).startswith(f"{broken}:2:1: txcl_parse_error") for p in failure.problems)
+    status = read_status(tmp_path / "var")
+    assert status["version"] == 2 and status["last_reload"]["ok"] is False
+    [listed] = status["last_reload"]["failed_stacks"]
+    assert listed["stack"] == "acme/_mail" and listed["serving"] == "last good version"
+    assert f"{broken}:2:1" in json.dumps(listed["problems"])
+    shown = format_status(status)
+    assert "last reload: FAILED for 1 stack(s); all else in the version above is live" in shown
+    assert "stack acme/_mail: FAILED, still serving its last good version" in shown
+    assert f"{broken}:2:1: txcl_parse_error" in shown
+    warned = [r for r in caplog.records if r.name == "txco.reload" and r.levelno >= 30]
+    assert any("stack acme/_mail FAILED; still serving its last good version" in r.getMessage()
+               for r in warned)
+    assert any(f"{broken}:2:1" in r.getMessage() for r in warned)
+    # the held stack keeps the signature it was served with, so every reload tries it again
+    assert holder.current.tree.signatures["acme/_mail"] == signature
+
+    edit(tmp_path / "OPS/gamma/_mail/1/10-accept.txcl", ACCEPT_V2)  # acme still broken
+    outcome = reload_now(holder)
+    assert [f.stack for f in outcome.failed_stacks] == ["acme/_mail"] and outcome.version == 3
+    assert stacks_of(holder)["acme/_mail"] is before["acme/_mail"]
+    assert msg_of(holder, "gamma") == "v2"
+
+    edit(broken, ACCEPT_V2.replace("v2", "acme v2"))
+    outcome = reload_now(holder)
+    assert outcome.ok and outcome.failed_stacks == () and msg_of(holder, "acme") == "acme v2"
+    assert read_status(tmp_path / "var")["last_reload"]["failed_stacks"] == []
+
+
+def test_a_new_stack_with_errors_is_not_served_and_the_rest_goes_live(tmp_path: Path) -> None:
+    holder = start(multi_tenant(tmp_path))
+    new = tmp_path / "OPS/delta/_mail/0/10.txcl"
+    new.parent.mkdir(parents=True)
+    new.write_text("SET @lmtp.res.code = 999\n")
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    outcome = reload_now(holder)
+    assert not outcome.ok and outcome.version == 2 and msg_of(holder, "beta") == "v2"
+    assert "delta/_mail" not in holder.current.tree.stacks
+    [failure] = outcome.failed_stacks
+    assert (failure.stack, failure.serving) == ("delta/_mail", False)
+    assert [f"{p.pos}" for p in failure.problems] == [f"{new}:1:22"]
+    assert failure.problems[0].check == "verdict-code"
+    shown = format_status(read_status(tmp_path / "var"))
+    assert "stack delta/_mail: FAILED, not served (its mail gets 451 4.3.0)" in shown
+
+
+def test_an_error_outside_any_stack_still_fails_the_whole_reload(tmp_path: Path) -> None:
+    holder = start(multi_tenant(tmp_path))
+    first = holder.current
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    (tmp_path / "OPS/Acme").mkdir()  # a tenant folder misnamed: the stacks in it would vanish
+    outcome = reload_now(holder)
+    assert not outcome.ok and outcome.failed_stacks == () and holder.current is first
+    assert any("OPS/Acme: expected a tenant folder" in str(p) for p in outcome.problems)
+    assert "FAILED, still serving the version above" in format_status(
+        read_status(tmp_path / "var"))
+
+
+def test_a_transaction_keeps_its_runtime_through_a_reload_that_holds_a_stack(
+    tmp_path: Path,
+) -> None:
+    holder = start(multi_tenant(tmp_path))
+    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
+    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
+    asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@beta.example", []))
+    first = holder.current
+    edit(tmp_path / "OPS/acme/_mail/1/10-accept.txcl", BROKEN)
+    edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
+    assert reload_now(holder).failed_stacks
+    assert handler.runtime_of(in_flight) is first
+    asyncio.run(handler.handle_RCPT(None, None, in_flight, "b@acme.example", []))
+    assert handler.runtime_of(in_flight) is first  # a later RCPT does not move it
+    assert handler.runtime_of(SimpleNamespace(rcpt_tos=[], routes=[])).version == 2

@@ -10,6 +10,7 @@ ignored; `..` and symlinks that lead out of the root are refused.
 
 Every file is parsed and compiled, so one load reports the problems of all of them. A stack
 with any problem is not served (it is absent from `Tree.stacks`); the other stacks load.
+A reload (`previous=`) keeps serving such a stack's last good version instead (`Tree.held`).
 Asked to (`keep_files=True`, as `txcl lint` does), a load also keeps what it read of every
 rule file (`Tree.read`), so a tool can look further without parsing the files again.
 
@@ -88,11 +89,11 @@ class ReadFile:
 @dataclass(frozen=True)
 class Tree:
     root: Path
-    stacks: Mapping[str, Stack]  # "tenant/stack" -> Stack, only stacks without problems
+    stacks: Mapping[str, Stack]  # "tenant/stack" -> Stack served: without problems, or held
     problems: tuple[Problem, ...]
     files: int  # .txcl files read
     case_files: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
-    rejected: frozenset[str] = frozenset()  # stacks not served because of their problems
+    rejected: frozenset[str] = frozenset()  # stacks whose files have problems
     read: Mapping[str, ReadFile] = field(default_factory=dict)  # path -> file, if kept
     parsed: int = 0  # files parsed by this load (not found in the compile cache)
     compiled: int = 0  # files compiled by this load (not taken over from `previous`)
@@ -100,6 +101,8 @@ class Tree:
     op_names: frozenset[str] | None = None  # the ops EXECs were checked against
     exec_ops: Mapping[str, frozenset[str]] = field(default_factory=dict)  # stack -> ops it EXECs
     started_ns: int = 0  # wall clock when this load began
+    failures: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)  # rejected -> its
+    held: frozenset[str] = frozenset()  # rejected, yet serving `previous`'s version
 
     @property
     def ok(self) -> bool:
@@ -338,15 +341,17 @@ def with_registry(tree: Tree, registry: OpRegistry) -> Tree:
     bad = {name for name, ops in tree.exec_ops.items() if not ops <= names}
     if not bad:  # nothing parsed or compiled for it: the counts are of this load
         return dataclasses.replace(tree, op_names=names, parsed=0, compiled=0)
-    problems = [p for name in sorted(bad)
-                for p in unknown_ops(stack_rules(tree.stacks[name]), registry)]
+    failures = {name: tuple(unknown_ops(stack_rules(tree.stacks[name]), registry))
+                for name in sorted(bad)}
+    problems = [p for found in failures.values() for p in found]
 
     def served(table: Mapping[str, _Value]) -> dict[str, _Value]:
         return {name: value for name, value in table.items() if name not in bad}
 
     return dataclasses.replace(
         tree, stacks=served(tree.stacks), problems=(*tree.problems, *problems),
-        rejected=tree.rejected | bad, signatures=served(tree.signatures),
+        rejected=tree.rejected | bad, failures={**tree.failures, **failures},
+        signatures=served(tree.signatures),
         exec_ops=served(tree.exec_ops), op_names=names, parsed=0, compiled=0)
 
 
@@ -383,6 +388,13 @@ def stack_signature(folder: str) -> StackSignature:
     return tuple(out)
 
 
+def _last_good(previous: Tree | None, name: str, op_names: frozenset[str] | None) -> bool:
+    """Whether the previous load served stack `name` with EXECs all still known."""
+    if previous is None or name not in previous.stacks:
+        return False
+    return op_names is None or previous.exec_ops.get(name, frozenset()) <= op_names
+
+
 def _reusable(previous: Tree | None, name: str, signature: StackSignature) -> Stack | None:
     """The previous load's Stack `name`, if its folder is as that load found it."""
     if previous is None or previous.signatures.get(name) != signature:
@@ -408,7 +420,9 @@ def load_tree(
     With a registry, an EXEC of an op it does not know is a problem of that stack. With
     keep_files, `Tree.read` holds every rule file read, by path. With a cache, files
     checked before are not parsed again. With `previous` (the tree this load replaces),
-    its stacks whose folders did not change are taken over as they are. `check_only`
+    its stacks whose folders did not change are taken over as they are, and a stack that
+    now has problems keeps its previous version served (listed in `Tree.held`) with its
+    previous signature, so that the next load tries its files again. `check_only`
     checks every file (problems, `Tree.read`) but builds no stack (`Tree.stacks` is empty)
     and writes nothing to the cache: its caller (`txcl lint`) writes each entry once, with
     the findings it adds.
@@ -422,6 +436,8 @@ def load_tree(
     stacks: dict[str, Stack] = {}
     cases: dict[str, tuple[Path, ...]] = {}
     rejected: set[str] = set()
+    failures: dict[str, tuple[Problem, ...]] = {}
+    held: set[str] = set()
     signatures: dict[str, StackSignature] = {}
     exec_ops: dict[str, frozenset[str]] = {}
     if not root.is_dir():
@@ -456,6 +472,13 @@ def load_tree(
             problems.extend(stack_problems)
             if stack_problems:
                 rejected.add(name)
+                failures[name] = tuple(stack_problems)
+                if not check_only and _last_good(previous, name, walker.op_names):
+                    assert previous is not None
+                    held.add(name)
+                    stacks[name] = previous.stacks[name]
+                    signatures[name] = previous.signatures[name]
+                    exec_ops[name] = previous.exec_ops.get(name, frozenset())
             elif not check_only:
                 stacks[name] = stack
                 signatures[name] = signature
@@ -468,6 +491,8 @@ def load_tree(
         cases,
         frozenset(rejected),
         walker.read or {},
+        failures=failures,
+        held=frozenset(held),
         parsed=walker.parsed,
         compiled=walker.compiled,
         signatures=signatures,

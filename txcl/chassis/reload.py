@@ -5,9 +5,11 @@
 only if everything compiled. Work keeps the snapshot it took (LMTP: at the first RCPT), so
 in-flight work finishes on the version it started with.
 
-A change that does not compile leaves the last good version serving; every problem goes to
-the log (`file:line:col: code: message`) and to `<state-dir>/status.json`, which
-`txco status` prints. Reloads come from SIGHUP and from a watcher that polls the OPS tree's
+A stack whose change has errors keeps its last good version serving while the other
+stacks' changes go live (a stack new in the change is not served until it is fixed); a
+configuration error keeps the whole last good version. Either way the reload is reported
+as failed, every problem goes to the log (`file:line:col: code: message`) and to
+`<state-dir>/status.json`, which `txco status` prints. Reloads come from SIGHUP and from a watcher that polls the OPS tree's
 and the config file's mtimes and sizes (portable, and cheap for thousands of files), with a
 debounce so an editor saving several files at once causes one reload.
 """
@@ -31,6 +33,7 @@ from txcl.chassis.runtime import (
     Preloaded,
     ReloadFailed,
     Runtime,
+    StackFailure,
     build_runtime,
 )
 from txcl.chassis.status import (
@@ -53,12 +56,13 @@ MAX_DEBOUNCE_WAIT_S = 5.0
 
 @dataclass(frozen=True)
 class ReloadOutcome:
-    ok: bool
+    ok: bool  # everything went live
     trigger: str  # "start" | "sighup" | "watch" | a caller's word
     at: float  # wall clock, when it finished
     duration_s: float  # building aside; the swap itself is one assignment
     version: int  # the version serving after this attempt
-    problems: tuple[Problem, ...] = ()  # every error when it failed; warnings when it worked
+    problems: tuple[Problem, ...] = ()  # every error, and the new version's warnings
+    failed_stacks: tuple[StackFailure, ...] = ()  # in a version that went live
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +72,11 @@ class ReloadOutcome:
             "duration_s": round(self.duration_s, 4),
             "version": self.version,
             "problems": [problem_json(p) for p in self.problems],
+            "failed_stacks": [
+                {"stack": f.stack, "serving": "last good version" if f.serving else "none",
+                 "problems": [problem_json(p) for p in f.problems]}
+                for f in self.failed_stacks
+            ],
         }
 
 
@@ -117,6 +126,12 @@ def fingerprint(paths: Iterable[Path]) -> Fingerprint:
                 out.append((entry.path, st.st_mtime_ns, st.st_size))
     out.sort()
     return tuple(out)
+
+
+def _serving_words(failure: StackFailure) -> str:
+    if failure.serving:
+        return "still serving its last good version"
+    return "not served (its mail gets 451 4.3.0 and waits in the queue)"
 
 
 # --- the holder ----------------------------------------------------------------------------
@@ -208,6 +223,7 @@ class RuntimeHolder:
             duration_s=time.monotonic() - started,
             version=1,
             problems=initial.problems,
+            failed_stacks=initial.failed_stacks,
         )
         holder.write_status()
         return holder
@@ -245,15 +261,17 @@ class RuntimeHolder:
             runtime = None
             problems = (Problem("txco_reload_error", f"{type(err).__name__}: {err}"),)
             log.exception("reload (%s) crashed; still serving version %d", trigger, serving)
+        failed = runtime.failed_stacks if runtime is not None else ()
         if runtime is not None:
             self.current = runtime
         outcome = ReloadOutcome(
-            ok=runtime is not None,
+            ok=runtime is not None and not failed,
             trigger=trigger,
             at=time.time(),
             duration_s=time.monotonic() - started,
             version=self.current.version,
             problems=problems,
+            failed_stacks=failed,
         )
         if runtime is not None:
             log.info(
@@ -266,6 +284,11 @@ class RuntimeHolder:
                 runtime.tree.files,
                 runtime.tree.parsed,
             )
+        for stack in failed:
+            log.error("reload (%s): stack %s FAILED; %s. %d problem(s):", trigger, stack.stack,
+                      _serving_words(stack), len(stack.problems))
+            for problem in stack.problems:
+                log.error("  %s", str(problem).replace("\n", "\n  "))
         self.last = outcome
         return outcome
 

@@ -63,8 +63,25 @@ class Runtime:
     heads: Mapping[str, Any]  # head name -> that head's parts (Head.build)
     version: int
     loaded_at: float  # wall clock
-    problems: tuple[Problem, ...] = ()  # warnings; and at start, errors of stacks not served
+    problems: tuple[Problem, ...] = ()  # warnings, and the errors of the failed stacks
     fingerprint: Fingerprint = field(default=(), repr=False)
+
+    @property
+    def failed_stacks(self) -> tuple[StackFailure, ...]:
+        """The stacks whose files have errors, by name: each still serving its last good
+        version (a reload) or not served at all (at start, or a stack new in this version)."""
+        tree = self.tree
+        return tuple(StackFailure(name, name in tree.held, tree.failures.get(name, ()))
+                     for name in sorted(tree.rejected))
+
+
+@dataclass(frozen=True)
+class StackFailure:
+    """A stack whose new version did not go live, and why."""
+
+    stack: str
+    serving: bool  # its last good version still serves; else its mail gets 451 4.3.0
+    problems: tuple[Problem, ...]
 
 
 class ReloadFailed(Exception):
@@ -105,10 +122,16 @@ def build_runtime(
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
     Config and ops problems are reported together with the tree's, so one failed reload
-    shows the operator everything that needs fixing. `strict` (every reload) refuses a tree
-    with any error; at start (`strict=False`) there is no last good version to keep, so the
-    stacks that compiled are served and the others' problems are reported. `previous` is
-    the tree this runtime replaces: its unchanged stacks are taken over, not compiled again.
+    shows the operator everything that needs fixing. Errors in a stack's files keep that
+    stack's new version out and no more: `previous` (the tree this runtime replaces) goes on
+    serving its version of the stack, and the other stacks' changes go live. `strict`
+    (every reload) refuses, as a whole, a configuration error, an error in the tree outside
+    any stack (a misnamed tenant folder, hiding its stacks), and a failed stack that served
+    until now but whose last good version cannot serve any more (it EXECs an op the new
+    configuration removed), so a reload never takes a served stack out of service. At start
+    (`strict=False`) there is no last good version: a stack with errors is not served and
+    its problems are reported. `previous`'s unchanged stacks are taken over, not compiled
+    again.
     `preloaded` is a tree loaded just before (by the parent of --workers, before the fork):
     it is used as it is, only its EXECs checked against this registry, so that a worker
     does not touch (and so copy) the pages it shares with the parent and its siblings.
@@ -135,8 +158,8 @@ def build_runtime(
         problems.extend(err.problems)
         tree = None
     tree_problems = tree.problems if tree is not None else ()
-    if strict:
-        problems.extend(p for p in tree_problems if p.severity == "error")
+    if strict and tree is not None:
+        problems.extend(_reload_blockers(tree, previous))
     if tree is None:
         raise ReloadFailed(problems)
     engine = Engine(config, registry, tree, trace_sink)
@@ -146,7 +169,8 @@ def build_runtime(
             parts[head.name] = head.build(engine)
         except ConfigError as err:
             problems.append(config_problem(err))
-    if problems:
+    if problems:  # refused as a whole: report what else needs fixing, too
+        problems.extend(p for p in tree_problems if p.severity == "error" and p not in problems)
         raise ReloadFailed(problems)
     return Runtime(
         settings=settings,
@@ -159,3 +183,15 @@ def build_runtime(
         problems=tree_problems,
         fingerprint=fingerprint,
     )
+
+
+def _reload_blockers(tree: Tree, previous: Tree | None) -> list[Problem]:
+    """The errors of `tree` that refuse a reload as a whole: those outside any stack, and
+    those of a stack served until now that has no version left to serve."""
+    in_stacks = {p for found in tree.failures.values() for p in found}
+    blockers = [p for p in tree.problems if p.severity == "error" and p not in in_stacks]
+    was_served = previous.stacks if previous is not None else {}
+    for name in sorted(tree.rejected - tree.held):
+        if name in was_served:
+            blockers.extend(tree.failures.get(name, ()))
+    return blockers

@@ -119,11 +119,22 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{memory['max_bytes'] / 1024:,.0f} KiB), about "
             f"{memory['estimated_bytes'] / (1 << 20):,.1f} MiB for all"
         )
-    verdict = "ok" if last.get("ok") else "FAILED, still serving the version above"
+    failed = [f for f in last.get("failed_stacks") or () if isinstance(f, dict)]
+    if last.get("ok"):
+        verdict = "ok"
+    elif failed:
+        verdict = f"FAILED for {len(failed)} stack(s); all else in the version above is live"
+    else:
+        verdict = "FAILED, still serving the version above"
     lines.append(
         f"last reload: {verdict} ({last.get('trigger')}, {last.get('at')}, "
         f"{last.get('duration_s')}s)"
     )
+    for stack in failed:
+        serving = ("FAILED, still serving its last good version"
+                   if stack.get("serving") == "last good version"
+                   else "FAILED, not served (its mail gets 451 4.3.0)")
+        lines.append(f"  stack {stack.get('stack')}: {serving}")
     for problem in last.get("problems") or ():
         text = problem.get("text") or problem.get("message", "")
         lines.extend("  " + line for line in str(text).splitlines())
