@@ -27,8 +27,12 @@ BAD = [
     ('WHEN @lmtp.rcpt.0 IN "a@acme.example"\nSET @lmtp.res.code = 250\n', "in-not-list", "1:22"),
     ('SET @lmtp.mail.from = "x"\n', "read-only-write", "1:5"),
     ("SET @lmtp.res.code = 999\n", "verdict-code", "1:22"),
+    # a verdict no static value can satisfy: a code from a path that is never a number, a
+    # code where a recipient slot belongs
+    ("SET @lmtp.res.code = @lmtp.mail.from\n", "verdict-code", "1:22"),
+    ("SET @lmtp.res.recipients.0 = 250\n", "verdict-form", "1:30"),
 ]
-IDS = [check for _, check, _ in BAD]
+IDS = [f"{check}-{n}" for n, (_, check, _) in enumerate(BAD)]
 # The fourth silent-false rule of the issue: IN is existential over a list on its left now.
 LIST_IN = 'WHEN @lmtp.rcpt IN ["a@acme.example"]\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "in"\n'
 

@@ -10,7 +10,10 @@ and a stable `check` id:
 | layout           | error    | an OPS tree the loader refuses: names, stray files, escapes     |
 | unknown-op       | error    | EXEC of an op the registry does not know                       |
 | read-only-write  | error    | SET to _txc.src, _txc.rid, _txc.route.*, _txc.<src>.* but res  |
-| verdict-code     | error    | a literal verdict code outside 200-299 and 400-599             |
+| verdict-code     | error    | a verdict code never valid: a literal outside 200-299 and      |
+|                  |          | 400-599, a list, a path of known type that is never a number   |
+| verdict-form     | error    | res, res.recipients or a slot SET to a kind the verdict rules  |
+|                  |          | refuse (a code where a slot or a list of slots belongs, ...)   |
 | unknown-path     | error    | a path under _txc.<src> its source's schema does not have      |
 | type-mismatch    | error    | a path of known type compared with a literal of another type   |
 | in-not-list      | error    | IN / NOT IN whose right side can never be a list               |
@@ -19,6 +22,7 @@ and a stable `check` id:
 | unwritten-path   | warning  | a stack path read but written by no SET of the stack (no EXEC) |
 | recipient-gap    | warning  | recipients.N.code set in a stack that never sets a slot below N |
 | never-fires      | warning  | a WHEN that can never be true                                  |
+| verdict-msg      | warning  | a verdict msg SET to a value that is never a string            |
 | unknown-with-key | warning  | a WITH key that looks like a misspelt reserved key             |
 | unused-with      | warning  | an op argument in a rule that EXECs no op                      |
 | empty-file       | warning  | a rule file without rules                                      |
@@ -69,6 +73,7 @@ CHECKS: Final[dict[str, str]] = {
     "unknown-op": "error",
     "read-only-write": "error",
     "verdict-code": "error",
+    "verdict-form": "error",
     "unknown-path": "error",
     "type-mismatch": "error",
     "in-not-list": "error",
@@ -77,6 +82,7 @@ CHECKS: Final[dict[str, str]] = {
     "unwritten-path": "warning",
     "recipient-gap": "warning",
     "never-fires": "warning",
+    "verdict-msg": "warning",
     "unknown-with-key": "warning",
     "unused-with": "warning",
     "empty-file": "warning",
@@ -91,6 +97,8 @@ CHECK_HELP: Final[dict[str, str]] = {
     "unknown-op": "EXEC names an op the registry does not know: check the spelling and the `ops:` of txco.yaml.",
     "read-only-write": "SET writes a path the source stamps; only _txc.<src>.res is writable.",
     "verdict-code": "A verdict code is an integer in 200-299 or 400-599.",
+    "verdict-form": "res is an object (code, msg or recipients); recipients a list of slots; a slot an object {code, msg} or null.",
+    "verdict-msg": "A verdict message is a string; anything else is shown as its text.",
     "recipient-gap": "A recipient slot is set while a lower one never is: that recipient would be refused.",
     "never-fires": "A WHEN that reads nothing from the envelope and is not true: the rule never fires.",
     "unknown-with-key": "A WITH key that looks like a misspelt reserved key (timeout, omit, redact).",
@@ -216,8 +224,8 @@ def _lint_parsed(
 
 def gate_problems(tree: ast.File, source: str) -> list[Problem]:
     """The error-level findings of one parsed and compiled file that lint alone finds (the
-    per-file checks: read-only writes, verdict codes, the schema checks): what keeps its
-    stack from going live. Unknown ops are the loader's own check."""
+    per-file checks: read-only writes, verdict codes and forms, the schema checks): what
+    keeps its stack from going live. Unknown ops are the loader's own check."""
     checker = _RuleChecks(_lines(source), None)
     for rule in tree.rules:
         checker.rule(rule)
@@ -291,20 +299,118 @@ class _RuleChecks:
         if reason:
             self.report("read-only-write", f"SET {_dotted(segments)}: {reason}", stmt.target.pos)
             return
+        part = _verdict_part(segments)
+        if part is not None:
+            self.verdict_value(segments, part, stmt.value)
         slot = _verdict_slot(segments)
         if slot is None:
             return
-        if isinstance(stmt.value, ast.Literal) and not valid_code(stmt.value.value):
-            self.report(
-                "verdict-code",
-                f"SET {_dotted(segments)} = {_literal_text(stmt.value.value)}: a verdict code is "
-                "an integer in 200-299 or 400-599; anything else fails the run (451)",
-                stmt.value.pos,
-            )
         if isinstance(slot, int):
             pos = stmt.target.pos
             context = caret_context(self.lines[pos.line - 1], pos.column)
             self.verdicts.append(_Verdict(slot, pos, context))
+
+    # -- what a SET under res can never be ---------------------------------------------------
+
+    def verdict_value(self, segments: tuple[ast.Segment, ...], part: str, value: ast.Expr) -> None:
+        """A SET of a verdict's part (`_verdict_part`) whose value is of a kind the verdict
+        rules (txcl.envelope.verdict_problem, the inlet's resolution) can never accept."""
+        target = _dotted(segments)
+        shown = _expr_text(value)
+        if part == "code" and isinstance(value, ast.Literal):
+            if not valid_code(value.value):
+                self.report(
+                    "verdict-code",
+                    f"SET {target} = {shown}: a verdict code is an integer in 200-299 or "
+                    "400-599; anything else fails the run (451)",
+                    value.pos,
+                )
+            return
+        kinds, items = self.set_value_kinds(value)
+        if not kinds:
+            return
+        what = f"{shown} is {_kinds_text(kinds)}"
+        if part == "code" and kinds.isdisjoint(_NUMBERS):
+            hint = (f"; to answer each recipient, SET {_dotted(segments[:3])}.recipients.N.code"
+                    if "array" in kinds else "")
+            self.report(
+                "verdict-code",
+                f"SET {target} = {shown}: {what}, never a verdict code (an integer in "
+                f"200-299 or 400-599): the run fails (451){hint}",
+                value.pos,
+            )
+        elif part == "msg" and "string" not in kinds and kinds != {"null"}:
+            self.report(
+                "verdict-msg",
+                f"SET {target} = {shown}: {what}, not a string: the reply shows it as text",
+                value.pos,
+            )
+        elif part == "res" and kinds.isdisjoint(_SLOT_KINDS):
+            self.report(
+                "verdict-form",
+                f"SET {target} = {shown}: {what}, but {target} is an object (code and msg, or "
+                f"recipients): the run fails (451); write SET {target}.code = ...",
+                value.pos,
+            )
+        elif part == "recipients":
+            self.verdict_slots(target, shown, what, kinds, items, value)
+        elif part == "slot" and kinds.isdisjoint(_SLOT_KINDS):
+            self.report(
+                "verdict-form",
+                f"SET {target} = {shown}: {what}, but a recipient slot is an object "
+                f"{{code, msg}} or null: every recipient gets 451; write SET {target}.code = ...",
+                value.pos,
+            )
+
+    def verdict_slots(self, target: str, shown: str, what: str, kinds: frozenset[str],
+                      items: frozenset[str], value: ast.Expr) -> None:
+        """`res.recipients` is a list of slots, each an object {code, msg} or null."""
+        if kinds.isdisjoint({"array", "null"}):
+            hint = (f"; to answer every recipient alike, SET {target.removesuffix('.recipients')}"
+                    ".code" if kinds & _NUMBERS else "")
+            self.report(
+                "verdict-form",
+                f"SET {target} = {shown}: {what}, but {target} is a list of slots (each "
+                f"{{code, msg}} or null), one per recipient: the run fails (451){hint}",
+                value.pos,
+            )
+            return
+        if isinstance(value, ast.ListLit):
+            for index, item in enumerate(value.items):
+                found, _ = self.set_value_kinds(item)
+                if found and found.isdisjoint(_SLOT_KINDS):
+                    self.report(
+                        "verdict-form",
+                        f"SET {target}: slot {index} is {_expr_text(item)} "
+                        f"({_kinds_text(found)}), but a slot is an object {{code, msg}} or "
+                        f"null: every recipient gets 451; write SET {target}.{index}.code = ...",
+                        item.pos,
+                    )
+        elif items and items.isdisjoint(_SLOT_KINDS):
+            self.report(
+                "verdict-form",
+                f"SET {target} = {shown}: each of its items is {_kinds_text(items)}, but a slot "
+                "is an object {code, msg} or null: every recipient gets 451",
+                value.pos,
+            )
+
+    def set_value_kinds(self, value: ast.Expr) -> tuple[frozenset[str], frozenset[str]]:
+        """The JSON types a SET's value can have, and if a list its items' (empty: not known)."""
+        if isinstance(value, ast.Literal):
+            return frozenset({_literal_type(value.value)}), frozenset()
+        if isinstance(value, ast.ListLit):
+            return frozenset({"array"}), frozenset()
+        if not isinstance(value, ast.Path) or not value.segments or value.segments[0] != TXC:
+            return frozenset(), frozenset()
+        found = self.lookup(value)
+        if found is None or found.unknown is not None or found.node is None:
+            return frozenset(), frozenset()
+        kinds = found.types
+        if "array" not in kinds:
+            return kinds, frozenset()
+        from txcl.schema import item_types
+
+        return kinds, item_types(found.node)
 
     # -- the schema checks ----------------------------------------------------------------
 
@@ -464,6 +570,36 @@ def _read_only(segments: tuple[ast.Segment, ...]) -> str | None:
     every `_txc.<x>` other than src, rid and route is taken as some source's namespace."""
     source = segments[1] if len(segments) > 1 and isinstance(segments[1], str) else None
     return read_only_reason(segments, source)
+
+
+_NUMBERS: Final = frozenset({"integer", "number"})
+_SLOT_KINDS: Final = frozenset({"object", "null"})
+
+
+def _verdict_part(segments: tuple[ast.Segment, ...]) -> str | None:
+    """Which part of a verdict `_txc.<src>.res...` a SET writes: "res", "code", "msg",
+    "recipients" or "slot" (a slot's code and msg are "code" and "msg"); else None."""
+    if len(segments) < 3 or segments[0] != TXC or segments[2] != RESULT_KEY:
+        return None
+    rest = segments[3:]
+    if rest and rest[0] == "recipients" and len(rest) > 1:
+        if not (isinstance(rest[1], int) or rest[1] == "*"):
+            return None
+        rest = rest[2:]
+        if not rest:
+            return "slot"
+    elif rest == ("recipients",):
+        return "recipients"
+    if not rest:
+        return "res"
+    return rest[0] if len(rest) == 1 and rest[0] in ("code", "msg") else None
+
+
+def _expr_text(node: ast.Expr) -> str:
+    from txcl.fmt import format_expr
+
+    text = format_expr(node)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _verdict_slot(segments: tuple[ast.Segment, ...]) -> int | str | None:
