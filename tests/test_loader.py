@@ -210,3 +210,22 @@ def test_many_small_files_all_load(tmp_path: Path) -> None:
     tree = load_tree(ops)
     assert tree.files == count
     assert tree.problems == ()
+
+
+def test_a_load_over_previous_keeps_a_broken_stacks_last_good_version(tmp_path: Path) -> None:
+    write(tmp_path, "acme/_mail/0/a.txcl")
+    write(tmp_path, "beta/_mail/0/b.txcl")
+    first = load_tree(tmp_path)
+    broken = write(tmp_path, "acme/_mail/0/a.txcl", "SET @lmtp.res.code = 999\n")
+    write(tmp_path, "gamma/_mail/0/c.txcl", "SET @lmtp.res = 250\n")
+    second = load_tree(tmp_path, previous=first)
+    assert second.stacks["acme/_mail"] is first.stacks["acme/_mail"]
+    assert second.held == {"acme/_mail"} and "gamma/_mail" not in second.stacks
+    assert second.rejected == {"acme/_mail", "gamma/_mail"}
+    assert [str(p.pos) for p in second.failures["acme/_mail"]] == [f"{broken}:1:22"]
+    assert second.signatures["acme/_mail"] == first.signatures["acme/_mail"]
+    write(tmp_path, "acme/_mail/0/a.txcl", ACCEPT.replace("ok", "fixed"))
+    third = load_tree(tmp_path, previous=second)  # the held stack's files are read again
+    assert third.held == frozenset() and third.rejected == {"gamma/_mail"}
+    assert third.stacks["acme/_mail"] is not first.stacks["acme/_mail"]
+    assert load_tree(tmp_path).held == frozenset()  # without previous nothing is held

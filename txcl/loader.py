@@ -101,7 +101,7 @@ class Tree:
     op_names: frozenset[str] | None = None  # the ops EXECs were checked against
     exec_ops: Mapping[str, frozenset[str]] = field(default_factory=dict)  # stack -> ops it EXECs
     started_ns: int = 0  # wall clock when this load began
-    failures: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)  # rejected -> its
+    failures: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict)  # rejected -> why
     held: frozenset[str] = frozenset()  # rejected, yet serving `previous`'s version
 
     @property
@@ -477,7 +477,7 @@ def load_tree(
                     assert previous is not None
                     held.add(name)
                     stacks[name] = previous.stacks[name]
-                    signatures[name] = previous.signatures[name]
+                    signatures[name] = previous.signatures.get(name, ())
                     exec_ops[name] = previous.exec_ops.get(name, frozenset())
             elif not check_only:
                 stacks[name] = stack
