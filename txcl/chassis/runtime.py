@@ -170,7 +170,8 @@ def build_runtime(
         except ConfigError as err:
             problems.append(config_problem(err))
     if problems:  # refused as a whole: report what else needs fixing, too
-        problems.extend(p for p in tree_problems if p.severity == "error" and p not in problems)
+        listed = set(problems)
+        problems.extend(p for p in tree_problems if p.severity == "error" and p not in listed)
         raise ReloadFailed(problems)
     return Runtime(
         settings=settings,
