@@ -203,20 +203,22 @@ def test_a_broken_edit_keeps_the_old_rules_and_is_reported(
     server = serve(tmp_path, OPS, CONFIG, "--watch-interval=0.1")
     rule = tmp_path / "OPS/acme/_mail/0/10-accept.txcl"
     rule.write_text(BROKEN)
-    server.wait_for_log(r"reload \(watch\) failed; still serving version 1")
+    server.wait_for_log(r"reload \(watch\): stack acme/_mail FAILED; still serving its last good")
     problem_line = server.wait_for_log(rf"{rule}:3:\d+: txcl_parse_error")
     assert "txcl_parse_error" in problem_line
     assert deliver(server) == ["250 2.0.0 v1"]  # still the last good rules
 
     status = txco("status", "--state-dir", str(server.state_dir))
     assert status.returncode == 1
-    assert "last reload: FAILED, still serving the version above" in status.stdout
+    assert "last reload: FAILED for 1 stack(s)" in status.stdout
+    assert "stack acme/_mail: FAILED, still serving its last good version" in status.stdout
     assert f"{rule}:3:" in status.stdout
     as_json = json.loads(txco("status", "--json", "--state-dir", str(server.state_dir)).stdout)
-    assert as_json["version"] == 1 and as_json["last_reload"]["ok"] is False
+    assert as_json["version"] == 2 and as_json["last_reload"]["ok"] is False
+    assert as_json["last_reload"]["failed_stacks"][0]["stack"] == "acme/_mail"
 
     rule.write_text(ACCEPT_V2)
-    server.wait_for_log(r"now serving version 2")
+    server.wait_for_log(r"now serving version 3")
     assert deliver(server) == ["250 2.0.0 v2"]
 
 
