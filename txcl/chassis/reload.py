@@ -261,17 +261,17 @@ class RuntimeHolder:
             runtime = None
             problems = (Problem("txco_reload_error", f"{type(err).__name__}: {err}"),)
             log.exception("reload (%s) crashed; still serving version %d", trigger, serving)
-        failed = runtime.failed_stacks if runtime is not None else ()
+        held_back = runtime.failed_stacks if runtime is not None else ()
         if runtime is not None:
             self.current = runtime
         outcome = ReloadOutcome(
-            ok=runtime is not None and not failed,
+            ok=runtime is not None and not held_back,
             trigger=trigger,
             at=time.time(),
             duration_s=time.monotonic() - started,
             version=self.current.version,
             problems=problems,
-            failed_stacks=failed,
+            failed_stacks=held_back,
         )
         if runtime is not None:
             log.info(
@@ -284,7 +284,7 @@ class RuntimeHolder:
                 runtime.tree.files,
                 runtime.tree.parsed,
             )
-        for stack in failed:
+        for stack in held_back:
             log.error("reload (%s): stack %s FAILED; %s. %d problem(s):", trigger, stack.stack,
                       _serving_words(stack), len(stack.problems))
             for problem in stack.problems:
