@@ -180,7 +180,7 @@ class Deliverer:
             max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
             max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
                                      DEFAULT_LIMITS.max_header_lines))
-        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", False)
+        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", True)
         self._repeats = RepeatLimiter(
             getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
         )

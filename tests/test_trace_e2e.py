@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, txco_argv
+from conftest import Server, rid_of, txco_argv, unrid
 
 CONFIG = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
 SECRET = "Bearer sk-live-e2e-0123456789"
@@ -48,6 +48,14 @@ OPS = {
 
 
 def deliver(
+    server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
+) -> list[str]:
+    """One LMTP transaction; the reply line of every recipient, in RCPT order, without the
+    request id each ends with."""
+    return unrid(deliver_raw(server, rcpts, message))
+
+
+def deliver_raw(
     server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
 ) -> list[str]:
     """One LMTP transaction; the reply line of every recipient, in RCPT order."""
@@ -101,8 +109,10 @@ def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
         server = serve(tmp_path, OPS, CONFIG)
     finally:
         os.umask(old_umask)
-    assert deliver(server) == ["250 2.0.0 v1"]
+    (line,) = deliver_raw(server)
+    assert unrid(line) == "250 2.0.0 v1"
     folder = wait_for(lambda: traces(server))[0]
+    assert folder.name == rid_of(line)  # the reply Postfix logs leads to the trace
     files = {p.name for p in folder.iterdir()}
     assert files == {"trace.jsonl"}  # raw omitted: no message stored beside it
     assert folder.parent.stat().st_mode & 0o777 == 0o700
@@ -116,7 +126,7 @@ def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
     assert envelope["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
     response = stored_part(folder, "response")
     assert response["replies"] == [
-        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 v1"}
+        {"rcpt": "support@acme.example", "code": 250, "line": line}
     ]
 
     state = ["--state-dir", str(server.state_dir)]
