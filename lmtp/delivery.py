@@ -42,6 +42,7 @@ from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for, with_rid
+from lmtp.wire import printable
 from txcl.envelope import for_source
 from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
@@ -103,6 +104,7 @@ class ServedTree(Protocol):
 # the fields its summary names. The address lists (a full header parse) and the bodies are
 # in the message bytes, which are handed over as they are.
 TRACED_FIELDS = MessageNeeds(frozenset({"id", "date", "subject", "headers"}))
+MAIL_FROM_PATH = ("_txc", SOURCE, "mail", "from")  # where the envelope keeps the sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,12 +314,13 @@ class Deliverer:
             failure = f"{type(exc).__name__} during the run"
         if self._reply_rid:
             replies = [with_rid(reply, rid) for reply in replies]
-        note = _scrubbed(_outcome_note(stack, result, failure), stack, envelope, result)
+        note, sender = _scrubbed(_outcome_note(stack, result, failure), tx.mail_from, stack,
+                                 envelope, result)
         let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
         if let_through:
             log.info(
-                "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms%s",
-                rid, route.stack, route.ingress, len(rcpts),
+                "lmtp group rid=%s stack=%s ingress=%s from=<%s> rcpts=%d codes=%s%s %.0fms%s",
+                rid, route.stack, route.ingress, printable(sender, 256), len(rcpts),
                 ",".join(str(r.code) for r in replies),
                 escape_controls(note),
                 (time.monotonic() - started) * 1000,
@@ -401,15 +404,20 @@ def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
     return out
 
 
-def _scrubbed(note: str, stack: Any, envelope: Mapping[str, Any], result: Any) -> str:
-    """The note with every value the stack's `WITH omit` / `WITH redact` scrub from its
-    traces scrubbed here too: a log line is no place for what a trace may not keep."""
+def _scrubbed(note: str, sender: str, stack: Any, envelope: Mapping[str, Any], result: Any
+              ) -> tuple[str, str]:
+    """The note and the sender (`MAIL FROM`) of a group's log line, with every value the
+    stack's `WITH omit` / `WITH redact` scrub from its traces scrubbed here too, by the
+    trace's own scrubber: a log line is no place for what a trace may not keep."""
     hints = getattr(stack, "hints", None)
-    if not note or not hints:
-        return note
-    taint = scrubber_for(hints).taint(envelope, getattr(result, "envelope", None))
-    clean = taint.clean(note)
-    return clean if isinstance(clean, str) else f" {REDACTED}"
+    if not hints:
+        return note, sender
+    scrubber = scrubber_for(hints)
+    taint = scrubber.taint(envelope, getattr(result, "envelope", None))
+    clean_sender = taint.clean(scrubber.at(MAIL_FROM_PATH, sender))
+    clean_note = taint.clean(note) if note else note
+    return (clean_note if isinstance(clean_note, str) else f" {REDACTED}",
+            clean_sender if isinstance(clean_sender, str) else REDACTED)
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

@@ -62,8 +62,9 @@ def test_each_recipient_gets_its_own_verdict_over_tcp_and_unix_socket(
         assert data_replies[0][1].endswith(b"queued")
         assert data_replies[1][1].endswith(b"no such user")
         assert data_replies[2] == (550, b"5.1.1 no rule accepted this recipient")
-    server.wait_for_log(r"lmtp delivery client=unix from=<alice@example.com> rcpts=4 "
-                        r"size=\d+ replies=250,550,550,250")
+    server.wait_for_log(r"lmtp delivery client=unix rcpts=4 size=\d+ replies=250,550,550,250")
+    server.wait_for_log(r"lmtp group rid=\w+ stack=acme/_mail ingress=domain:acme.example "
+                        r"from=<alice@example.com> rcpts=2 codes=250,250")
     assert len([line for line in server.log if "lmtp delivery " in line]) == 2
 
 

@@ -318,3 +318,39 @@ def test_the_trace_byte_limits_are_served_flags(
         assert {p.name for p in folder.iterdir()} == {"trace.jsonl"}
         summary = stored_part(folder, "summary")
         assert summary["cut"][0].startswith("message (") and summary["recipients"][0]["code"] == 250
+
+
+def test_with_redact_of_the_sender_scrubs_the_servers_log_lines_as_the_trace(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    sender = "hidden.sender@example.org"
+    ops = {
+        "acme/_mail/0/10-accept.txcl": ACCEPT,
+        "acme/_mail/0/90-scrub.txcl": 'WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/\n'
+                                      'WITH redact = "_txc.lmtp.mail.from"\n'
+                                      'SET @lmtp.res.code = 550\n',
+        "beta/_mail/0/10-accept.txcl": ACCEPT,  # scrubs nothing
+    }
+    config = CONFIG + "      beta.example: {tenant: beta}\n"
+    server = serve(tmp_path, ops, config)
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt("support@acme.example")[0] == 250
+        assert client.rcpt("support@beta.example")[0] == 250
+        replies = [client.data(MESSAGE.encode())] + [client.getreply()]
+    assert [code for code, _ in replies] == [250, 250]
+    acme_rid, beta_rid = (rid_of(reply) for reply in replies)
+    server.wait_for_log(rf"lmtp group rid={acme_rid} stack=acme/_mail ingress=\S+ "
+                        r"from=<\[REDACTED\]> rcpts=1 codes=250")
+    server.wait_for_log(rf"lmtp group rid={beta_rid} stack=beta/_mail ingress=\S+ "
+                        rf"from=<{sender}> rcpts=1 codes=250")
+    server.wait_for_log(r"lmtp delivery client=\S+ rcpts=2 size=\d+ replies=250,250")
+    assert [line for line in server.log if sender in line] == [
+        line for line in server.log if f"rid={beta_rid}" in line]  # beta's line, nothing else
+    state = ["--state-dir", str(server.state_dir)]
+    listed = wait_for(lambda: len(json.loads(
+        txco("trace", "--list", "--json", *state).stdout)) == 2 and json.loads(
+        txco("trace", "--list", "--json", *state).stdout))
+    assert {t["name"]: t["sender"] for t in listed} == {acme_rid: "[REDACTED]",
+                                                        beta_rid: sender}
