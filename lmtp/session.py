@@ -39,6 +39,7 @@ from lmtp.wire import (
     printable,
     take_line,
 )
+from txcl.chassis.status import COUNTERS
 
 if TYPE_CHECKING:
     from lmtp.routing import Route
@@ -120,13 +121,35 @@ class Handler(Protocol):
                           envelope: Envelope) -> list[str]: ...
 
 
+# Why a recipient is refused at RCPT: the name of its counter (status.json `counters`,
+# `rcpt_refused`) and the words of its log line.
+REFUSALS = {
+    "no_route": "no route",
+    "hostname_unverified": "hostname not verified",
+    "too_many_recipients": "too many recipients",
+    "needs_smtputf8": "non-ASCII address without SMTPUTF8",
+    "unsupported_parameter": "parameter not supported",
+    "syntax": "not an address",
+    "routing_failed": "routing failed",
+}
+_REFUSED = {reason: COUNTERS.counter("rcpt_refused", reason) for reason in REFUSALS}
+
+
+def refuse_recipient(address: str, where: str, reason: str, reply: str) -> str:
+    """Count and log a recipient refused at RCPT time; the reply."""
+    COUNTERS.add(_REFUSED[reason])
+    log.info("lmtp rcpt refused at RCPT: <%s> %s: %s (%s)",
+             printable(address, 256), where, REFUSALS[reason], reply[:9])
+    return reply
+
+
 def accept_recipient(router: Router, listener: str, envelope: Envelope, address: str) -> str:
     """Route `address`; a routed one joins the envelope. The RCPT reply."""
     route = router.route(address, listener)
     if route is None:
-        log.info("lmtp rcpt refused at RCPT: <%s> listener=%s: no route (%s)",
-                 printable(address, 256), listener, R_NO_RULE[:9])
-        return R_NO_RULE
+        refusal = getattr(router, "refusal", None)
+        reason = refusal(address) if refusal is not None else "no_route"
+        return refuse_recipient(address, f"listener={listener}", reason, R_NO_RULE)
     envelope.rcpt_tos.append(address)
     envelope.routes.append(route)
     return "250 2.1.5 OK"
@@ -490,24 +513,29 @@ class LMTPSession(asyncio.Protocol):
             return
         rest = _after_keyword("TO:", arg)
         parsed = None if rest is None else _path(rest, null_ok=False)
+        client = f"client={client_ip(self.session.peer)}"
         if parsed is None:
-            self._reply("501 5.5.4 syntax: RCPT TO:<address>")
+            self._reply(refuse_recipient(arg, client, "syntax", "501 5.5.4 syntax: RCPT TO:<address>"))
             return
         address, params = parsed
         if not (self.envelope.smtputf8 or address.isascii()):
-            self._reply(R_NEEDS_SMTPUTF8)
+            self._reply(refuse_recipient(address, client, "needs_smtputf8", R_NEEDS_SMTPUTF8))
             return
         if params:
-            self._reply(f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}")
+            self._reply(refuse_recipient(
+                address, client, "unsupported_parameter",
+                f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}"))
             return
         if len(self.envelope.rcpt_tos) >= self.settings.lmtp_max_recipients:
-            self._reply(R_TOO_MANY_RCPTS)
+            self._reply(refuse_recipient(address, client, "too_many_recipients",
+                                         R_TOO_MANY_RCPTS))
             return
         try:
             status = await self.handler.handle_RCPT(self, self.session, self.envelope, address, [])
         except Exception:
             log.exception("lmtp: routing <%s> failed", printable(address, 256))
-            status = "451 4.3.0 routing failed, try again later"
+            status = refuse_recipient(address, client, "routing_failed",
+                                      "451 4.3.0 routing failed, try again later")
         self._reply(status)
 
     async def data(self, arg: str) -> None:
