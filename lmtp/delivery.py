@@ -406,18 +406,19 @@ def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
 
 def _scrubbed(note: str, sender: str, stack: Any, envelope: Mapping[str, Any], result: Any
               ) -> tuple[str, str]:
-    """The note and the sender (`MAIL FROM`) of a group's log line, with every value the
-    stack's `WITH omit` / `WITH redact` scrub from its traces scrubbed here too, by the
-    trace's own scrubber: a log line is no place for what a trace may not keep."""
+    """The note and the sender (`MAIL FROM`) of a group's log line, scrubbed by the stack's
+    `WITH omit` / `WITH redact` with the trace's own scrubber: the sender as the trace's
+    envelope shows it, the note (an error quoting values) as the trace scrubs loose text.
+    A log line is no place for what a trace may not keep."""
     hints = getattr(stack, "hints", None)
     if not hints:
         return note, sender
     scrubber = scrubber_for(hints)
-    taint = scrubber.taint(envelope, getattr(result, "envelope", None))
-    clean_sender = taint.clean(scrubber.at(MAIL_FROM_PATH, sender))
-    clean_note = taint.clean(note) if note else note
-    return (clean_note if isinstance(clean_note, str) else f" {REDACTED}",
-            clean_sender if isinstance(clean_sender, str) else REDACTED)
+    clean_sender = scrubber.at(MAIL_FROM_PATH, sender)
+    if note:  # the taint walks the envelope: only for the rare line that quotes values
+        clean = scrubber.taint(envelope, getattr(result, "envelope", None)).clean(note)
+        note = clean if isinstance(clean, str) else f" {REDACTED}"
+    return note, clean_sender if isinstance(clean_sender, str) else REDACTED
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

@@ -513,30 +513,32 @@ class LMTPSession(asyncio.Protocol):
             return
         rest = _after_keyword("TO:", arg)
         parsed = None if rest is None else _path(rest, null_ok=False)
-        client = f"client={client_ip(self.session.peer)}"
         if parsed is None:
-            self._reply(refuse_recipient(arg, client, "syntax", "501 5.5.4 syntax: RCPT TO:<address>"))
+            self._refuse(arg, "syntax", "501 5.5.4 syntax: RCPT TO:<address>")
             return
         address, params = parsed
         if not (self.envelope.smtputf8 or address.isascii()):
-            self._reply(refuse_recipient(address, client, "needs_smtputf8", R_NEEDS_SMTPUTF8))
+            self._refuse(address, "needs_smtputf8", R_NEEDS_SMTPUTF8)
             return
         if params:
-            self._reply(refuse_recipient(
-                address, client, "unsupported_parameter",
-                f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}"))
+            self._refuse(address, "unsupported_parameter",
+                         f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}")
             return
         if len(self.envelope.rcpt_tos) >= self.settings.lmtp_max_recipients:
-            self._reply(refuse_recipient(address, client, "too_many_recipients",
-                                         R_TOO_MANY_RCPTS))
+            self._refuse(address, "too_many_recipients", R_TOO_MANY_RCPTS)
             return
         try:
             status = await self.handler.handle_RCPT(self, self.session, self.envelope, address, [])
         except Exception:
             log.exception("lmtp: routing <%s> failed", printable(address, 256))
-            status = refuse_recipient(address, client, "routing_failed",
-                                      "451 4.3.0 routing failed, try again later")
+            self._refuse(address, "routing_failed", "451 4.3.0 routing failed, try again later")
+            return
         self._reply(status)
+
+    def _refuse(self, address: str, reason: str, reply: str) -> None:
+        """A RCPT refused before routing (or when routing fails): counted, logged, said."""
+        where = f"client={client_ip(self.session.peer)}"
+        self._reply(refuse_recipient(address, where, reason, reply))
 
     async def data(self, arg: str) -> None:
         if self.envelope.mail_from is None:

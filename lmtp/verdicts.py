@@ -59,7 +59,7 @@ DEFAULT_TEXT: Mapping[int, str] = {2: "OK", 4: "temporary failure", 5: "rejected
 
 _ENHANCED_PREFIX = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_RID = re.compile(r"[0-9A-Za-z]{1,64}")  # a ULID (lmtp.ulid); nothing that could break a line
+MAX_RID_LEN = 64  # a ULID (lmtp.ulid) has 26 letters and digits; nothing else is sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +80,15 @@ def with_rid(reply: Reply, rid: str) -> Reply:
     session id: a Postfix log line then leads to the trace (`txco trace RID`). The line stays
     one valid reply line (MAX_REPLY_LINE): the text is shortened, never the id; an id that
     is not a bare token is left out rather than sent."""
-    if not _RID.fullmatch(rid):
+    if not (rid.isascii() and rid.isalnum() and len(rid) <= MAX_RID_LEN):
         return reply
-    suffix = f" (rid {rid})"
     text = reply.text
     if not (text.isascii() and text.isprintable()):  # a Reply not made by make_reply
         text = sanitize_text(text, reply.code)
-    room = MAX_REPLY_LINE - len(f"{reply.code} {reply.enhanced} ") - len(suffix)
+    room = MAX_REPLY_LINE - len(reply.enhanced) - len(rid) - 12  # "250 " " " " (rid " ")"
     if len(text) > room:
         text = text[: room - 3].rstrip() + "..."
-    return Reply(reply.code, reply.enhanced, text + suffix)
+    return Reply(reply.code, reply.enhanced, f"{text} (rid {rid})")
 
 
 DEFAULT_DENY = Reply(550, "5.1.1", "no rule accepted this recipient")

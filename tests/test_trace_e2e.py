@@ -349,8 +349,10 @@ def test_with_redact_of_the_sender_scrubs_the_servers_log_lines_as_the_trace(
     assert [line for line in server.log if sender in line] == [
         line for line in server.log if f"rid={beta_rid}" in line]  # beta's line, nothing else
     state = ["--state-dir", str(server.state_dir)]
-    listed = wait_for(lambda: len(json.loads(
-        txco("trace", "--list", "--json", *state).stdout)) == 2 and json.loads(
-        txco("trace", "--list", "--json", *state).stdout))
+    def both_traced() -> list[dict[str, Any]]:
+        listed = json.loads(txco("trace", "--list", "--json", *state).stdout or "[]")
+        return listed if len(listed) == 2 else []
+
+    listed = wait_for(both_traced, timeout=30)
     assert {t["name"]: t["sender"] for t in listed} == {acme_rid: "[REDACTED]",
                                                         beta_rid: sender}

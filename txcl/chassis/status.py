@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 import types
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -102,7 +103,8 @@ def problem_json(problem: Problem) -> dict[str, Any]:
 def write_json_atomically(path: Path, doc: Mapping[str, Any]) -> None:
     """Replace `path` whole, private to the server's user whatever the umask (0600)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per process and thread: a reload and the counters' refresh may write at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
