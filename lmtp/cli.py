@@ -91,9 +91,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="per-command idle (default: 30s)")
     parser.add_argument("--lmtp-data-timeout", default="60s", metavar="DURATION",
                         help="the whole DATA phase, 354 to the final dot (default: 60s)")
-    parser.add_argument("--lmtp-reply-rid", action="store_true",
+    parser.add_argument("--lmtp-reply-rid", nargs="?", const=True, default=True,
+                        type=_parse_bool, metavar="BOOL",
                         help="end each recipient's reply text with (rid <request id>), so a "
-                        "Postfix log line leads to its trace")
+                        "Postfix log line leads to its trace; =off leaves it out (default: on)")
     parser.add_argument("--lmtp-resp-timeout", default="30s", metavar="DURATION",
                         help="delivery to verdict (default: 30s)")
     parser.add_argument("--lmtp-max-connections", default="500", metavar="N",

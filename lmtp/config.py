@@ -127,7 +127,7 @@ class Settings:
     lmtp_read_timeout: float = 30.0
     lmtp_data_timeout: float = 60.0
     lmtp_resp_timeout: float = 30.0
-    lmtp_reply_rid: bool = False  # each recipient's reply text ends with "(rid <request id>)"
+    lmtp_reply_rid: bool = True  # each recipient's reply text ends with "(rid <request id>)"
     op_calls_per_tenant: int = 8  # ops one tenant may have running at once
     log_repeat_interval: float = 10.0  # the same error is logged once per interval
     # What `_txc.lmtp.transaction_rcpt` shows a stack: every recipient, or its tenant's only.

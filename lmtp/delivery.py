@@ -42,6 +42,7 @@ from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
 from lmtp.ulid import new_ulid
 from lmtp.verdicts import DEFAULT_DENY, RUN_FAILED, Reply, replies_for, with_rid
+from lmtp.wire import printable
 from txcl.envelope import for_source
 from txcl.logsafe import DEFAULT_REPEAT_INTERVAL_S, RepeatLimiter, escape_controls
 from txcl.ops import make_delivery_key, message_digest
@@ -103,6 +104,7 @@ class ServedTree(Protocol):
 # the fields its summary names. The address lists (a full header parse) and the bodies are
 # in the message bytes, which are handed over as they are.
 TRACED_FIELDS = MessageNeeds(frozenset({"id", "date", "subject", "headers"}))
+MAIL_FROM_PATH = ("_txc", SOURCE, "mail", "from")  # where the envelope keeps the sender
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,7 @@ class Deliverer:
             max_depth=getattr(settings, "lmtp_mime_max_depth", DEFAULT_LIMITS.max_depth),
             max_header_lines=getattr(settings, "lmtp_mime_max_header_lines",
                                      DEFAULT_LIMITS.max_header_lines))
-        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", False)
+        self._reply_rid: bool = getattr(settings, "lmtp_reply_rid", True)
         self._repeats = RepeatLimiter(
             getattr(settings, "log_repeat_interval", DEFAULT_REPEAT_INTERVAL_S)
         )
@@ -312,12 +314,13 @@ class Deliverer:
             failure = f"{type(exc).__name__} during the run"
         if self._reply_rid:
             replies = [with_rid(reply, rid) for reply in replies]
-        note = _scrubbed(_outcome_note(stack, result, failure), stack, envelope, result)
+        note, sender = _scrubbed(_outcome_note(stack, result, failure), tx.mail_from, stack,
+                                 envelope, result)
         let_through, held = self._repeats.allow((route.stack, note)) if note else (True, 0)
         if let_through:
             log.info(
-                "lmtp group rid=%s stack=%s ingress=%s rcpts=%d codes=%s%s %.0fms%s",
-                rid, route.stack, route.ingress, len(rcpts),
+                "lmtp group rid=%s stack=%s ingress=%s from=<%s> rcpts=%d codes=%s%s %.0fms%s",
+                rid, route.stack, route.ingress, printable(sender, 256), len(rcpts),
                 ",".join(str(r.code) for r in replies),
                 escape_controls(note),
                 (time.monotonic() - started) * 1000,
@@ -401,15 +404,21 @@ def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:
     return out
 
 
-def _scrubbed(note: str, stack: Any, envelope: Mapping[str, Any], result: Any) -> str:
-    """The note with every value the stack's `WITH omit` / `WITH redact` scrub from its
-    traces scrubbed here too: a log line is no place for what a trace may not keep."""
+def _scrubbed(note: str, sender: str, stack: Any, envelope: Mapping[str, Any], result: Any
+              ) -> tuple[str, str]:
+    """The note and the sender (`MAIL FROM`) of a group's log line, scrubbed by the stack's
+    `WITH omit` / `WITH redact` with the trace's own scrubber: the sender as the trace's
+    envelope shows it, the note (an error quoting values) as the trace scrubs loose text.
+    A log line is no place for what a trace may not keep."""
     hints = getattr(stack, "hints", None)
-    if not note or not hints:
-        return note
-    taint = scrubber_for(hints).taint(envelope, getattr(result, "envelope", None))
-    clean = taint.clean(note)
-    return clean if isinstance(clean, str) else f" {REDACTED}"
+    if not hints:
+        return note, sender
+    scrubber = scrubber_for(hints)
+    clean_sender = scrubber.at(MAIL_FROM_PATH, sender)
+    if note:  # the taint walks the envelope: only for the rare line that quotes values
+        clean = scrubber.taint(envelope, getattr(result, "envelope", None)).clean(note)
+        note = clean if isinstance(clean, str) else f" {REDACTED}"
+    return note, clean_sender if isinstance(clean_sender, str) else REDACTED
 
 
 def _outcome_note(stack: Any, result: Any, failure: str) -> str:

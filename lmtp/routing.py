@@ -165,6 +165,16 @@ class Router:
         """The route for one RCPT TO address, or None (the caller answers 550 5.1.1)."""
         return self._walk(address, listener, None)
 
+    def refusal(self, address: str) -> str:
+        """Why `route` found nothing for `address`: `hostname_unverified` when its domain
+        has a tenant_hostnames row that --require-hostname-verification keeps out, else
+        `no_route` (the names of lmtp.session's refusal counters)."""
+        domain = split_address(address)[1]
+        row = self._hostname_rows().get(domain) if domain else None
+        if self._strict and row is not None and not row.verified:
+            return "hostname_unverified"
+        return "no_route"
+
     def explain(self, address: str, listener: str = DEFAULT_LISTENER) -> Explanation:
         """The same walk as `route`, recording what each step found."""
         trail: list[tuple[str, str]] = []

@@ -39,6 +39,7 @@ from lmtp.wire import (
     printable,
     take_line,
 )
+from txcl.chassis.status import COUNTERS
 
 if TYPE_CHECKING:
     from lmtp.routing import Route
@@ -120,13 +121,35 @@ class Handler(Protocol):
                           envelope: Envelope) -> list[str]: ...
 
 
+# Why a recipient is refused at RCPT: the name of its counter (status.json `counters`,
+# `rcpt_refused`) and the words of its log line.
+REFUSALS = {
+    "no_route": "no route",
+    "hostname_unverified": "hostname not verified",
+    "too_many_recipients": "too many recipients",
+    "needs_smtputf8": "non-ASCII address without SMTPUTF8",
+    "unsupported_parameter": "parameter not supported",
+    "syntax": "not an address",
+    "routing_failed": "routing failed",
+}
+_REFUSED = {reason: COUNTERS.counter("rcpt_refused", reason) for reason in REFUSALS}
+
+
+def refuse_recipient(address: str, where: str, reason: str, reply: str) -> str:
+    """Count and log a recipient refused at RCPT time; the reply."""
+    COUNTERS.add(_REFUSED[reason])
+    log.info("lmtp rcpt refused at RCPT: <%s> %s: %s (%s)",
+             printable(address, 256), where, REFUSALS[reason], reply[:9])
+    return reply
+
+
 def accept_recipient(router: Router, listener: str, envelope: Envelope, address: str) -> str:
     """Route `address`; a routed one joins the envelope. The RCPT reply."""
     route = router.route(address, listener)
     if route is None:
-        log.info("lmtp rcpt refused at RCPT: <%s> listener=%s: no route (%s)",
-                 printable(address, 256), listener, R_NO_RULE[:9])
-        return R_NO_RULE
+        refusal = getattr(router, "refusal", None)
+        reason = refusal(address) if refusal is not None else "no_route"
+        return refuse_recipient(address, f"listener={listener}", reason, R_NO_RULE)
     envelope.rcpt_tos.append(address)
     envelope.routes.append(route)
     return "250 2.1.5 OK"
@@ -491,24 +514,31 @@ class LMTPSession(asyncio.Protocol):
         rest = _after_keyword("TO:", arg)
         parsed = None if rest is None else _path(rest, null_ok=False)
         if parsed is None:
-            self._reply("501 5.5.4 syntax: RCPT TO:<address>")
+            self._refuse(arg, "syntax", "501 5.5.4 syntax: RCPT TO:<address>")
             return
         address, params = parsed
         if not (self.envelope.smtputf8 or address.isascii()):
-            self._reply(R_NEEDS_SMTPUTF8)
+            self._refuse(address, "needs_smtputf8", R_NEEDS_SMTPUTF8)
             return
         if params:
-            self._reply(f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}")
+            self._refuse(address, "unsupported_parameter",
+                         f"555 5.5.4 RCPT TO parameter not supported: {printable(params[0], 40)}")
             return
         if len(self.envelope.rcpt_tos) >= self.settings.lmtp_max_recipients:
-            self._reply(R_TOO_MANY_RCPTS)
+            self._refuse(address, "too_many_recipients", R_TOO_MANY_RCPTS)
             return
         try:
             status = await self.handler.handle_RCPT(self, self.session, self.envelope, address, [])
         except Exception:
             log.exception("lmtp: routing <%s> failed", printable(address, 256))
-            status = "451 4.3.0 routing failed, try again later"
+            self._refuse(address, "routing_failed", "451 4.3.0 routing failed, try again later")
+            return
         self._reply(status)
+
+    def _refuse(self, address: str, reason: str, reply: str) -> None:
+        """A RCPT refused before routing (or when routing fails): counted, logged, said."""
+        where = f"client={client_ip(self.session.peer)}"
+        self._reply(refuse_recipient(address, where, reason, reply))
 
     async def data(self, arg: str) -> None:
         if self.envelope.mail_from is None:
@@ -599,8 +629,9 @@ class LMTPSession(asyncio.Protocol):
         self._commands = 0
         for line in replies:
             self._reply(line)
-        log.info("lmtp delivery client=%s from=<%s> rcpts=%d size=%d replies=%s %.0fms",
-                 client_ip(self.session.peer), printable(envelope.mail_from or "", 256), count,
+        # The sender goes on each group's line, scrubbed by that stack's WITH omit/redact.
+        log.info("lmtp delivery client=%s rcpts=%d size=%d replies=%s %.0fms",
+                 client_ip(self.session.peer), count,
                  size, ",".join(line[:3] for line in replies),
                  (time.monotonic() - started) * 1000)
 

@@ -36,6 +36,8 @@ from txcl.values import MISSING
 log = logging.getLogger("lmtp.verdicts")
 
 MAX_TEXT_LEN = 200
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, its CRLF included.
+MAX_REPLY_LINE = 510
 SCHEMA_FILE = "schemas/lmtp.schema.json"
 
 ENHANCED: Mapping[int, str] = {
@@ -57,6 +59,7 @@ DEFAULT_TEXT: Mapping[int, str] = {2: "OK", 4: "temporary failure", 5: "rejected
 
 _ENHANCED_PREFIX = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_RID_LEN = 64  # a ULID (lmtp.ulid) has 26 letters and digits; nothing else is sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +77,18 @@ class Reply:
 
 def with_rid(reply: Reply, rid: str) -> Reply:
     """The reply with the request id at the end of its text, as Dovecot's replies carry its
-    session id: a Postfix log line then leads to the trace (`txco trace RID`)."""
-    return Reply(reply.code, reply.enhanced, f"{reply.text} (rid {rid})")
+    session id: a Postfix log line then leads to the trace (`txco trace RID`). The line stays
+    one valid reply line (MAX_REPLY_LINE): the text is shortened, never the id; an id that
+    is not a bare token is left out rather than sent."""
+    if not (rid.isascii() and rid.isalnum() and len(rid) <= MAX_RID_LEN):
+        return reply
+    text = reply.text
+    if not (text.isascii() and text.isprintable()):  # a Reply not made by make_reply
+        text = sanitize_text(text, reply.code)
+    room = MAX_REPLY_LINE - len(reply.enhanced) - len(rid) - 12  # "250 " " " " (rid " ")"
+    if len(text) > room:
+        text = text[: room - 3].rstrip() + "..."
+    return Reply(reply.code, reply.enhanced, f"{text} (rid {rid})")
 
 
 DEFAULT_DENY = Reply(550, "5.1.1", "no rule accepted this recipient")

@@ -35,8 +35,41 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# --- the request id in reply texts ----------------------------------------------------------
+
+# A recipient's reply after DATA ends with " (rid <ULID>)" (--lmtp-reply-rid, on by default).
+RID_SUFFIX = re.compile(r" \(rid ([0-9A-HJKMNP-TV-Z]{26})\)\Z")
+
+Reply = str | bytes | tuple[int, bytes] | tuple[int, str]
+
+
+def rid_of(reply: Reply) -> str:
+    """The request id a reply line (or smtplib's (code, text)) ends with; fails if none."""
+    text = reply[1] if isinstance(reply, tuple) else reply
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    found = RID_SUFFIX.search(text)
+    assert found, f"no (rid ...) at the end of {reply!r}"
+    return found.group(1)
+
+
+def unrid(reply: Any) -> Any:
+    """The reply (a line, smtplib's (code, text), or a list of either) without the request
+    id it must end with: what the rules decided, for comparing with an expected text."""
+    if isinstance(reply, list):
+        return [unrid(r) for r in reply]
+    rid_of(reply)
+    if isinstance(reply, tuple):
+        return (reply[0], unrid(reply[1]))
+    if isinstance(reply, bytes):
+        return RID_SUFFIX.sub("", reply.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape")
+    return RID_SUFFIX.sub("", reply)
+
 
 # --- tests that need other programs ---------------------------------------------------------
 

@@ -150,3 +150,29 @@ def _ask(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(b"ping\n")
         return conn.makefile("rb").readline()
+
+
+def test_counters_are_summed_over_workers_that_each_count_in_their_own_row() -> None:
+    import os
+
+    from txcl.chassis.status import Counters
+
+    counters = Counters()
+    refused = counters.counter("rcpt_refused", "no_route")
+    assert counters.counter("rcpt_refused", "no_route") == refused  # registered once
+    other = counters.counter("rcpt_refused", "syntax")
+    counters.add(refused)
+    assert counters.snapshot() == {"rcpt_refused": {"no_route": 1, "syntax": 0}}
+    counters.share(3)  # the parent of --workers, before forking
+    pids = []
+    for row in (1, 2):
+        pid = os.fork()
+        if pid == 0:  # a worker: counts in its own row, seen by every process
+            counters.use_row(row)
+            counters.add(refused, row)
+            counters.add(other)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    assert counters.snapshot() == {"rcpt_refused": {"no_route": 3, "syntax": 2}}

@@ -45,6 +45,20 @@ def test_defaults_are_the_seeds_quick_reference_table() -> None:
     assert (settings.ops_dir, settings.config_file, settings.state_dir) == (
         Path("OPS"), None, Path("var"))
     assert "lmtp" not in settings.personalities  # lmtp is not a default personality
+    assert settings.lmtp_reply_rid is True  # a Postfix log line leads to its trace
+
+
+@pytest.mark.parametrize(("flags", "on"), [
+    ((), True), (("--lmtp-reply-rid",), True), (("--lmtp-reply-rid=on",), True),
+    (("--lmtp-reply-rid=off",), False), (("--lmtp-reply-rid=false",), False),
+    (("--lmtp-reply-rid=0",), False),
+])
+def test_the_request_id_in_replies_is_on_unless_turned_off(flags: tuple[str, ...], on: bool
+                                                          ) -> None:
+    from lmtp.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", "--personalities=lmtp", *flags])
+    assert settings_from_args(args).lmtp_reply_rid is on
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

@@ -13,6 +13,7 @@ import pytest
 
 from lmtp.delivery import Deliverer, Transaction, group_recipients
 from lmtp.routing import Route
+from tests.conftest import RID_SUFFIX, rid_of
 from txcl.errors import Problem
 
 DENY = "550 5.1.1 no rule accepted this recipient"
@@ -87,6 +88,12 @@ def accept_support(envelope: dict) -> dict:
 
 
 def deliver(deliverer: Deliverer, tx: Transaction) -> list[str]:
+    """The reply lines, each without the request id a group's reply ends with (the tests
+    of the id itself read `deliver_raw`)."""
+    return [RID_SUFFIX.sub("", line) for line in deliver_raw(deliverer, tx)]
+
+
+def deliver_raw(deliverer: Deliverer, tx: Transaction) -> list[str]:
     return asyncio.run(deliverer.deliver(tx))
 
 
@@ -171,7 +178,8 @@ def test_stack_missing_from_tree_is_default_deny_without_error():
     ((rid, envelope, result, replies, stack), kwargs), = calls
     assert result is None and not kwargs.get("error")
     assert stack == "acme/_mail"
-    assert replies == [("x@acme.example", DENY), ("y@acme.example", DENY)]
+    assert replies == [("x@acme.example", f"{DENY} (rid {rid})"),
+                       ("y@acme.example", f"{DENY} (rid {rid})")]
     assert envelope["_txc"]["rid"] == rid
 
 
@@ -233,9 +241,48 @@ def test_trace_sink_gets_input_envelope_result_replies_and_stack():
     assert envelope_in is stack.seen[0]
     assert "res" not in envelope_in["_txc"]["lmtp"]
     assert result.envelope["_txc"]["lmtp"]["res"] == {"code": 250}
-    assert replies == [("a@acme.example", "250 2.0.0 OK")]
+    assert replies == [("a@acme.example", f"250 2.0.0 OK (rid {rid})")]  # the lines sent
     assert traced_stack is stack
     assert rid == envelope_in["_txc"]["rid"]
+
+
+def test_every_reply_of_a_group_ends_with_its_request_id_the_one_its_trace_has():
+    traced: dict[str, list[tuple[str, str]]] = {}
+    acme = FakeStack("acme/_mail", accept_support)
+
+    class Raising(FakeStack):
+        async def run_async(self, envelope, policy, *, message=None, delivery_key=""):
+            raise RuntimeError("engine bug")
+
+    tree = Tree({"acme/_mail": acme, "beta/_mail": Raising("beta/_mail", dict)})
+    deliverer = Deliverer(tree, None, policy=object(),
+                          trace_sink=lambda rid, env, res, replies, *a, **k: traced.update(
+                              {rid: replies}))
+    gamma = route("gamma", "_mail", "domain:gamma.example")  # routed, but no such stack
+    lines = deliver_raw(deliverer, transaction(
+        ("support@acme.example", ACME), ("b@beta.example", BETA), ("carol@acme.example", ACME),
+        ("g@gamma.example", gamma), ("nobody@x.example", None)))
+    acme_rid = acme.seen[0]["_txc"]["rid"]
+    assert [rid_of(line) for line in lines[:4]] == [acme_rid, rid_of(lines[1]), acme_rid,
+                                                    rid_of(lines[3])]
+    assert len({rid_of(line) for line in lines[:4]}) == 3  # one per group
+    assert lines[:4] == [f"250 2.0.0 queued (rid {acme_rid})",
+                         f"{TEMPFAIL} (rid {rid_of(lines[1])})",  # the run raised
+                         f"{DENY} (rid {acme_rid})",  # its slot never written
+                         f"{DENY} (rid {rid_of(lines[3])})"]  # default-deny: no stack
+    assert lines[4] == DENY  # no group ran for it: no trace to lead to
+    assert traced[acme_rid] == [("support@acme.example", lines[0]),
+                                ("carol@acme.example", lines[2])]
+
+
+def test_the_request_id_can_be_left_out_of_the_replies():
+    from lmtp.config import Settings
+
+    stack = FakeStack("acme/_mail", lambda env: {"code": 250, "msg": "queued"})
+    off = Settings(lmtp_hostname="test", lmtp_reply_rid=False)
+    tx = transaction(("a@acme.example", ACME))
+    assert deliver_raw(Deliverer(Tree({"acme/_mail": stack}), off, policy=object()), tx) == [
+        "250 2.0.0 queued"]
 
 
 def test_the_input_envelope_is_not_mutated_by_resolution():

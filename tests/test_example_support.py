@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import txco_argv
+from conftest import txco_argv, unrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -364,7 +364,8 @@ def _start(serve: Callable[..., Any], tmp_path: Path) -> Any:
 
 def _deliver(server: Any, sample: str, rcpts: list[str], mail_from: str = "sender@example.org"
              ) -> list[str]:
-    """One LMTP transaction; the reply line of each recipient, in RCPT order."""
+    """One LMTP transaction; the reply line of each recipient, in RCPT order, without the
+    request id it ends with."""
     with server.lmtp() as client:
         client.ehlo("mx.acme.example")
         assert client.mail(mail_from)[0] == 250
@@ -372,7 +373,7 @@ def _deliver(server: Any, sample: str, rcpts: list[str], mail_from: str = "sende
             assert client.rcpt(rcpt)[0] == 250, rcpt
         replies = [client.data(_sample_bytes(sample))]
         replies += [client.getreply() for _ in rcpts[1:]]
-    return [f"{code} {text.decode()}" for code, text in replies]
+    return unrid([f"{code} {text.decode()}" for code, text in replies])
 
 
 def _store(server: Any) -> Path:

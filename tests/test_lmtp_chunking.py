@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server
+from conftest import Server, unrid
 
 OPS = {
     "acme/_mail/0/accept.txcl": 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "queued"\n',
@@ -67,14 +67,15 @@ def test_chunks_then_last_get_one_reply_each_then_one_per_recipient(client: Clie
     assert client.send(b"BDAT 12\r\nSubject: a\r\n") == [b"250 2.0.0 12 octets received"]
     # a chunk's bytes are data, whatever they look like: a dot line, a command
     body = b"\r\n.\r\nQUIT\r\n"
-    assert client.send(b"BDAT %d LAST\r\n" % len(body) + body, 2) == [QUEUED, REFUSED]
+    assert unrid(client.send(b"BDAT %d LAST\r\n" % len(body) + body, 2)) == [QUEUED, REFUSED]
     assert client.send(b"NOOP\r\n") == [b"250 2.0.0 OK"]  # the session goes on
 
 
 def test_pipelined_chunks_in_one_write(client: Client) -> None:
     transaction(client, [b"x@acme.example"])
     replies = client.send(b"BDAT 3\r\nabcBDAT 0 LAST\r\nNOOP\r\n", 3)
-    assert replies == [b"250 2.0.0 3 octets received", QUEUED, b"250 2.0.0 OK"]
+    assert replies[0::2] == [b"250 2.0.0 3 octets received", b"250 2.0.0 OK"]
+    assert unrid(replies[1]) == QUEUED
 
 
 def test_a_message_over_the_limit_gets_552_and_nothing_is_delivered(
@@ -84,7 +85,7 @@ def test_a_message_over_the_limit_gets_552_and_nothing_is_delivered(
     assert client.send(b"BDAT 200\r\n" + b"y" * 200) == [b"552 5.3.4 message too large"]
     assert client.send(b"BDAT 5 LAST\r\nzzzzz", 2) == [b"552 5.3.4 message too large"] * 2
     transaction(client, [b"x@acme.example"])  # a new transaction is fine
-    assert client.send(b"BDAT 4 LAST\r\nok\r\n") == [QUEUED]
+    assert unrid(client.send(b"BDAT 4 LAST\r\nok\r\n")) == [QUEUED]
     assert server.wait_for_log(r"lmtp delivery .* size=4 replies=250")
 
 

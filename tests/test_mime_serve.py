@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+from conftest import unrid
+
 YAML = "ingress: {lmtp: {verified_domains: {acme.example: {tenant: acme}}}}\n"
 # A stack that reads the text body (so every message gets its MIME walk) and the bound.
 STACK = {
@@ -29,7 +31,7 @@ def send(server, message: bytes, timeout: float) -> tuple[int, bytes]:
         client.ehlo_or_helo_if_needed()
         assert client.mail("a@client.example")[0] == 250
         assert client.rcpt("support@acme.example")[0] == 250
-        return client.data(message)
+        return unrid(client.data(message))
 
 
 def test_tiny_part_floods_are_bounded_and_other_mail_is_answered_meanwhile(serve, tmp_path):
@@ -46,7 +48,7 @@ def test_tiny_part_floods_are_bounded_and_other_mail_is_answered_meanwhile(serve
             assert client.docmd("DATA")[0] == 354
             client.send(FLOOD + b".\r\n")  # no line starts with a dot: nothing to stuff
             all_sent.wait()
-            flood_replies.append(client.getreply())
+            flood_replies.append(unrid(client.getreply()))
 
     threads = [threading.Thread(target=flood) for _ in range(8)]
     for thread in threads:

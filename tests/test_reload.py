@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import unrid
 
 from lmtp.config import Settings
 from lmtp.personality import LmtpPersonality
@@ -487,7 +488,7 @@ def test_a_transaction_in_flight_keeps_its_runtime_through_an_incremental_reload
         transaction = Transaction("default", "127.0.0.1", "client", "a@example.com",
                                   ("a@beta.example",), tuple(in_flight.routes),
                                   b"Subject: hi\r\n\r\nhello\r\n", time.time())
-        return asyncio.run(runtime.heads["lmtp"].deliverer.deliver(transaction))
+        return unrid(asyncio.run(runtime.heads["lmtp"].deliverer.deliver(transaction)))
 
     assert deliver(taken)[0].endswith("beta v1")
     assert deliver(holder.current)[0].endswith("v2")

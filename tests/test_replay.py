@@ -140,7 +140,7 @@ def test_reply_rid_leads_to_the_trace_and_a_refused_rcpt_is_logged(
         )
     }
     config = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
-    server = serve(tmp_path, ops, config, "--lmtp-reply-rid")
+    server = serve(tmp_path, ops, config)  # the request id in replies is on by default
     message = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
     with server.lmtp() as client:
         client.ehlo_or_helo_if_needed()

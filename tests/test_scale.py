@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from conftest import unrid  # noqa: E402
 from scale_tree import domain_of, generate  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_workers_take_over_the_tree_the_parent_compiled(
         client.ehlo("client.example")
         client.mail("a@example.com")
         client.rcpt(f"support@{domain_of(tenants[1])}")
-        code, reply = client.data(b"Subject: hi\r\n\r\nhello\r\n")
+        code, reply = unrid(client.data(b"Subject: hi\r\n\r\nhello\r\n"))
     assert (code, reply) == (250, f"2.0.0 queued for {tenants[1]}".encode())
     assert server.stop() == 0
 
@@ -195,11 +196,11 @@ def test_a_delivery_in_flight_keeps_its_version_through_an_incremental_reload(
         while json.loads(status.read_text())["version"] != 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert json.loads(status.read_text())["rule_files"]["compiled"] == 4
-        code, reply = client.data(b"Subject: hi\r\n\r\nhello\r\n")
+        code, reply = unrid(client.data(b"Subject: hi\r\n\r\nhello\r\n"))
         assert (code, reply) == (250, f"2.0.0 queued for {tenants[1]}".encode())
         client.mail("a@example.com")
         client.rcpt(f"support@{domain_of(tenants[1])}")
-        assert client.data(b"Subject: hi\r\n\r\nhello\r\n") == (
+        assert unrid(client.data(b"Subject: hi\r\n\r\nhello\r\n")) == (
             250, f"2.0.0 edited for {tenants[1]}".encode())
     assert server.stop() == 0
 

@@ -4,6 +4,7 @@ real rules, real clients (smtplib.LMTP over TCP and a Unix socket, and swaks).""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Server, txco_argv
+from conftest import Server, txco_argv, unrid
 
 OPS = {
     "acme/_mail/0/accept.txcl": 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "queued"\n',
@@ -36,15 +37,17 @@ def run_txco(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-def deliver(client: smtplib.LMTP, rcpts: list[str], body: bytes = MESSAGE
+def deliver(client: smtplib.LMTP, rcpts: list[str], body: bytes = MESSAGE, *, ran: bool = True
             ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
-    """(RCPT replies, DATA replies): one DATA reply per accepted RCPT."""
+    """(RCPT replies, DATA replies): one DATA reply per accepted RCPT, each without the
+    request id it ends with (`ran=False`: replies as they came, for deliveries that no
+    stack answered)."""
     client.ehlo("client.example")
     assert client.mail("alice@example.com")[0] == 250
     rcpt_replies = [client.rcpt(r) for r in rcpts]
     accepted = sum(1 for code, _ in rcpt_replies if code == 250)
     data_replies = [client.data(body)] + [client.getreply() for _ in range(accepted - 1)]
-    return rcpt_replies, data_replies
+    return rcpt_replies, unrid(data_replies) if ran else data_replies
 
 
 def test_each_recipient_gets_its_own_verdict_over_tcp_and_unix_socket(
@@ -60,8 +63,9 @@ def test_each_recipient_gets_its_own_verdict_over_tcp_and_unix_socket(
         assert data_replies[0][1].endswith(b"queued")
         assert data_replies[1][1].endswith(b"no such user")
         assert data_replies[2] == (550, b"5.1.1 no rule accepted this recipient")
-    server.wait_for_log(r"lmtp delivery client=unix from=<alice@example.com> rcpts=4 "
-                        r"size=\d+ replies=250,550,550,250")
+    server.wait_for_log(r"lmtp delivery client=unix rcpts=4 size=\d+ replies=250,550,550,250")
+    server.wait_for_log(r"lmtp group rid=\w+ stack=acme/_mail ingress=domain:acme.example "
+                        r"from=<alice@example.com> rcpts=2 codes=250,250")
     assert len([line for line in server.log if "lmtp delivery " in line]) == 2
 
 
@@ -401,7 +405,7 @@ def test_sigterm_ends_the_process_while_an_op_thread_still_sleeps(
     def client() -> None:
         lmtp = server.lmtp(timeout=30)
         try:
-            replies.append(deliver(lmtp, ["support@acme.example"])[1])
+            replies.append(deliver(lmtp, ["support@acme.example"], ran=False)[1])
         finally:
             lmtp.close()  # no QUIT: the server says 421 and closes after the reply
 
@@ -416,7 +420,57 @@ def test_sigterm_ends_the_process_while_an_op_thread_still_sleeps(
     took = time.monotonic() - stopped_at
     sender.join(10)
     assert replies and replies[0][0][0] == 451, replies  # answered, never a false 250
+    assert b"(rid " not in replies[0][0][1]  # cut before its stack answered: no trace
     assert took < 10, f"{took:.1f}s after SIGTERM:\n{server.stderr()}"
     assert "lmtp stopped" in server.stderr()
     # The op sleeps on a daemon thread of its own (txcl.ops.OpThreads): it holds no exit.
     assert "Traceback" not in server.stderr()
+
+
+@pytest.mark.parametrize("workers", ["--workers=1", "--workers=2"])
+def test_recipients_refused_at_rcpt_are_logged_and_counted_by_reason_in_status(
+        serve: Callable[..., Server], tmp_path: Path, workers: str) -> None:
+    import json
+
+    assert run_txco("hostnames", "--state-dir", str(tmp_path / "var"), "add",
+                    "mail.delta.example", "delta", cwd=tmp_path).returncode == 0  # unverified
+    server = serve(tmp_path, OPS, CONFIG, workers, "--lmtp-max-recipients=2",
+                   "--require-hostname-verification")
+    refusals = [  # (RCPT argument, reply code, reason)
+        ("<who@nowhere.example>", 550, "no_route"),
+        ("<x@mail.delta.example>", 550, "hostname_unverified"),
+        ("<not an address>", 501, "syntax"),
+        ("<j\u00f6se@acme.example>", 553, "needs_smtputf8"),
+        ("<a@acme.example> NOTIFY=NEVER", 555, "unsupported_parameter"),
+        ("<c@acme.example>", 452, "too_many_recipients"),  # last: after two accepted
+    ]
+    clients = [server.lmtp(unix=unix) for unix in (False, True)]  # open at once: one each
+    for client in clients:
+        with client:
+            client.ehlo("client.example")
+            assert client.mail("alice@example.com")[0] == 250
+            for argument, code, _ in refusals:
+                if code == 452:  # the limit is reached
+                    for address in ("support@acme.example", "dave@acme.example"):
+                        assert client.rcpt(address)[0] == 250
+                client.send(f"RCPT TO:{argument}\r\n".encode())
+                assert client.getreply()[0] == code, argument
+    from lmtp.session import REFUSALS
+
+    for _, code, reason in refusals:  # a line for each, with why and the reply's code
+        pattern = re.compile(rf"lmtp rcpt refused at RCPT: <.*> \S+: {REFUSALS[reason]} "
+                             rf"\({code} \d\.\d\.\d\)$")
+        lines = [line for line in server.log if pattern.search(line)]
+        assert len(lines) == 2, (reason, server.stderr())
+    expected = {reason: 2 for _, _, reason in refusals} | {"routing_failed": 0}
+    status = tmp_path / "var" / "status.json"
+    deadline = time.monotonic() + 15  # rewritten within seconds of a change
+    while json.loads(status.read_text()).get("counters", {}).get("rcpt_refused") != expected:
+        assert time.monotonic() < deadline, status.read_text()
+        time.sleep(0.1)
+    shown = run_txco("status", "--state-dir", str(tmp_path / "var"), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert ("rcpt refused: hostname_unverified 2, needs_smtputf8 2, no_route 2, "
+            "routing_failed 0, syntax 2, too_many_recipients 2, unsupported_parameter 2"
+            ) in shown.stdout
+    assert server.stop() == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import unrid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -468,7 +469,7 @@ def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) ->
         0.0,
     )
     replies = asyncio.run(deliverer.deliver(tx))
-    assert replies == ["250 2.0.0 queued"]
+    assert unrid(replies) == ["250 2.0.0 queued"]
     assert writer.flush()
     writer.close()
 
@@ -486,7 +487,7 @@ def test_a_rule_that_never_fires_still_scrubs_a_real_delivery(tmp_path: Path) ->
     title = [s for s in trace["steps"]["steps"] if s.get("path") == "ticket.title"]
     assert title[0]["after"] == "re: " + REDACTED
     assert trace["response"]["replies"] == [
-        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 queued"}
+        {"rcpt": "support@acme.example", "code": 250, "line": replies[0]}  # the id and all
     ]
     assert trace["summary"]["route"]["to"] == "acme/_mail/0"
     assert trace["result"]["res"] == {"code": 250, "msg": "queued"}
@@ -600,7 +601,7 @@ def deliver_with(tmp_path: Path, rules: str, data: bytes, writer: TraceWriter) -
         "default", "10.0.0.7", "mx", "alice@example.com", ("support@acme.example",),
         (route,), data, 0.0,
     )
-    return asyncio.run(deliverer.deliver(tx))
+    return unrid(asyncio.run(deliverer.deliver(tx)))
 
 
 class RecordingWriter(TraceWriter):

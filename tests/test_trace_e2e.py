@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import Server, txco_argv
+from conftest import Server, rid_of, txco_argv, unrid
 
 CONFIG = "ingress:\n  lmtp:\n    verified_domains:\n      acme.example: {tenant: acme}\n"
 SECRET = "Bearer sk-live-e2e-0123456789"
@@ -48,6 +48,14 @@ OPS = {
 
 
 def deliver(
+    server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
+) -> list[str]:
+    """One LMTP transaction; the reply line of every recipient, in RCPT order, without the
+    request id each ends with."""
+    return unrid(deliver_raw(server, rcpts, message))
+
+
+def deliver_raw(
     server: Server, rcpts: tuple[str, ...] = ("support@acme.example",), message: str = MESSAGE
 ) -> list[str]:
     """One LMTP transaction; the reply line of every recipient, in RCPT order."""
@@ -101,8 +109,10 @@ def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
         server = serve(tmp_path, OPS, CONFIG)
     finally:
         os.umask(old_umask)
-    assert deliver(server) == ["250 2.0.0 v1"]
+    (line,) = deliver_raw(server)
+    assert unrid(line) == "250 2.0.0 v1"
     folder = wait_for(lambda: traces(server))[0]
+    assert folder.name == rid_of(line)  # the reply Postfix logs leads to the trace
     files = {p.name for p in folder.iterdir()}
     assert files == {"trace.jsonl"}  # raw omitted: no message stored beside it
     assert folder.parent.stat().st_mode & 0o777 == 0o700
@@ -116,7 +126,7 @@ def test_a_delivery_leaves_a_scrubbed_trace_that_txco_trace_shows(
     assert envelope["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
     response = stored_part(folder, "response")
     assert response["replies"] == [
-        {"rcpt": "support@acme.example", "code": 250, "line": "250 2.0.0 v1"}
+        {"rcpt": "support@acme.example", "code": 250, "line": line}
     ]
 
     state = ["--state-dir", str(server.state_dir)]
@@ -310,3 +320,41 @@ def test_the_trace_byte_limits_are_served_flags(
         assert {p.name for p in folder.iterdir()} == {"trace.jsonl"}
         summary = stored_part(folder, "summary")
         assert summary["cut"][0].startswith("message (") and summary["recipients"][0]["code"] == 250
+
+
+def test_with_redact_of_the_sender_scrubs_the_servers_log_lines_as_the_trace(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    sender = "hidden.sender@example.org"
+    ops = {
+        "acme/_mail/0/10-accept.txcl": ACCEPT,
+        "acme/_mail/0/90-scrub.txcl": 'WHEN @lmtp.rcpt.0 =~ /^nobody-ever@/\n'
+                                      'WITH redact = "_txc.lmtp.mail.from"\n'
+                                      'SET @lmtp.res.code = 550\n',
+        "beta/_mail/0/10-accept.txcl": ACCEPT,  # scrubs nothing
+    }
+    config = CONFIG + "      beta.example: {tenant: beta}\n"
+    server = serve(tmp_path, ops, config)
+    with server.lmtp() as client:
+        client.ehlo_or_helo_if_needed()
+        assert client.mail(sender)[0] == 250
+        assert client.rcpt("support@acme.example")[0] == 250
+        assert client.rcpt("support@beta.example")[0] == 250
+        replies = [client.data(MESSAGE.encode())] + [client.getreply()]
+    assert [code for code, _ in replies] == [250, 250]
+    acme_rid, beta_rid = (rid_of(reply) for reply in replies)
+    server.wait_for_log(rf"lmtp group rid={acme_rid} stack=acme/_mail ingress=\S+ "
+                        r"from=<\[REDACTED\]> rcpts=1 codes=250")
+    server.wait_for_log(rf"lmtp group rid={beta_rid} stack=beta/_mail ingress=\S+ "
+                        rf"from=<{sender}> rcpts=1 codes=250")
+    server.wait_for_log(r"lmtp delivery client=\S+ rcpts=2 size=\d+ replies=250,250")
+    assert [line for line in server.log if sender in line] == [
+        line for line in server.log if f"rid={beta_rid}" in line]  # beta's line, nothing else
+    state = ["--state-dir", str(server.state_dir)]
+    def both_traced() -> list[dict[str, Any]]:
+        listed = json.loads(txco("trace", "--list", "--json", *state).stdout or "[]")
+        return listed if len(listed) == 2 else []
+
+    listed = wait_for(both_traced, timeout=30)
+    assert {t["name"]: t["sender"] for t in listed} == {acme_rid: "[REDACTED]",
+                                                        beta_rid: sender}

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from lmtp.verdicts import (
     DEFAULT_DENY,
+    MAX_REPLY_LINE,
     MAX_TEXT_LEN,
     RUN_FAILED,
     SOURCE,
@@ -15,6 +16,7 @@ from lmtp.verdicts import (
     make_reply,
     replies_for,
     sanitize_text,
+    with_rid,
 )
 from txcl.errors import Problem
 
@@ -209,6 +211,32 @@ def test_any_message_gives_one_printable_ascii_line(msg, code):
     assert line.isascii() and line.isprintable()
     assert len(line) <= MAX_TEXT_LEN + 10
     assert line.startswith(str(code))
+
+
+RID = "01M8TT0000000000000000000A"
+
+
+@given(st.text(), st.sampled_from([250, 251, 451, 452, 550, 554]))
+def test_the_request_id_ends_any_reply_and_leaves_its_codes_alone(msg, code):
+    plain = make_reply(code, msg)
+    reply = with_rid(plain, RID)
+    assert (reply.code, reply.enhanced) == (plain.code, plain.enhanced)
+    assert reply.line == f"{plain.line} (rid {RID})"
+    assert reply.line.isascii() and reply.line.isprintable()
+    assert len(reply.line) + 2 <= 512  # RFC 5321 4.5.3.1.5, CRLF included
+
+
+@given(st.text(min_size=400, max_size=2000))
+def test_a_long_text_is_shortened_to_keep_the_request_id_on_a_valid_line(text):
+    reply = with_rid(Reply(250, "2.0.0", text), RID)
+    assert reply.line.endswith(f" (rid {RID})")
+    assert len(reply.line) <= MAX_REPLY_LINE
+    assert reply.line.isprintable()  # controls in a text built by hand become spaces
+
+
+@pytest.mark.parametrize("rid", ["", "01M8\r\n250 2.0.0 forged", "rid with spaces", "x" * 65])
+def test_an_id_that_is_not_a_bare_token_is_never_sent(rid):
+    assert with_rid(make_reply(250, "queued"), rid) == make_reply(250, "queued")
 
 
 def test_source_gives_the_verdict_table_by_recipient():

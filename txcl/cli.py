@@ -500,7 +500,8 @@ def render_replay(report: replay.Report, out: TextIO) -> None:
             out.write(f"    not replayed: {r.problem}\n")
         for v in r.verdicts:
             mark = "≠" if v.changed else "="
-            out.write(f"    {v.rcpt}  {v.recorded or '(none recorded)'}  {mark}  {v.replayed}\n")
+            recorded = replay.verdict_of(v.recorded) if v.recorded else "(none recorded)"
+            out.write(f"    {v.rcpt}  {recorded}  {mark}  {v.replayed}\n")
         if r.error:
             out.write(f"    run error: {r.error}\n")
         for op in r.unanswered_ops:

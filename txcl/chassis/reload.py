@@ -37,6 +37,7 @@ from txcl.chassis.runtime import (
     build_runtime,
 )
 from txcl.chassis.status import (
+    COUNTERS,
     STATUS_FILE,
     iso_time,
     problem_json,
@@ -357,6 +358,7 @@ class RuntimeHolder:
             "memory": self._memory_of(current),
             "warnings": [problem_json(p) for p in current.problems],
             "last_reload": self.last.to_json(),
+            "counters": COUNTERS.snapshot(),  # since the server started, all workers
         }
 
     def _memory_of(self, runtime: Runtime) -> dict[str, Any]:

@@ -5,12 +5,15 @@ what the loaded stacks weigh."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
+import mmap
 import os
 import sys
+import threading
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +22,74 @@ from txcl import inputs
 from txcl.errors import Problem
 
 STATUS_FILE = "status.json"
+# How often a serving process rewrites status.json while its counters move (never when idle).
+COUNTERS_REFRESH_S = 2.0
+
+
+class Counters:
+    """Named event counts of the server (`rcpt_refused` by reason, ...), for status.json.
+
+    Counters are registered by name at import time, before `--workers` fork; `share(n)`
+    (the parent, before forking) moves them into memory every worker shares, one row per
+    worker written only by its owner (`use_row`), so status.json shows the sum over all
+    workers whichever writes it, and a replaced worker goes on from its row. Counting is an
+    add to a memoryview: cheap enough for the paths that count (refusals)."""
+
+    CAPACITY = 64  # registered counters at most
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[str, str], int] = {}
+        self._rows = 1
+        self._cells = memoryview(bytearray(8 * self.CAPACITY)).cast("q")
+        self._mine = self._cells  # this process's row
+        self._memory: mmap.mmap | None = None
+
+    def counter(self, group: str, name: str) -> int:
+        """The index of counter `group`/`name` (registered once, at import)."""
+        key = (group, name)
+        index = self._index.get(key)
+        if index is None:
+            if len(self._index) >= self.CAPACITY:
+                raise ValueError(f"more than {self.CAPACITY} counters")
+            index = self._index[key] = len(self._index)
+        return index
+
+    def add(self, index: int, amount: int = 1) -> None:
+        self._mine[index] += amount
+
+    def share(self, workers: int) -> None:
+        """Counts from now on live in memory shared with processes forked later."""
+        self._memory = mmap.mmap(-1, 8 * self.CAPACITY * workers)  # MAP_SHARED | ANONYMOUS
+        self._cells = memoryview(self._memory).cast("q")
+        self._rows = workers
+        self._mine = self._cells[: self.CAPACITY]
+
+    def use_row(self, row: int) -> None:
+        """In a forked worker: count in row `row` (its worker slot)."""
+        self._mine = self._cells[row * self.CAPACITY : (row + 1) * self.CAPACITY]
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """{group: {name: count}} summed over every worker, each registered counter shown."""
+        out: dict[str, dict[str, int]] = {}
+        for (group, name), index in self._index.items():
+            total = sum(self._cells[row * self.CAPACITY + index] for row in range(self._rows))
+            out.setdefault(group, {})[name] = total
+        return out
+
+
+COUNTERS = Counters()
+
+
+async def keep_counters_current(write_status: Callable[[], None],
+                                interval_s: float = COUNTERS_REFRESH_S) -> None:
+    """Rewrite status.json (in a thread) every `interval_s` in which the counters moved."""
+    written = COUNTERS.snapshot()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = COUNTERS.snapshot()
+        if now != written:
+            await asyncio.to_thread(write_status)
+            written = now
 
 
 def iso_time(ts: float) -> str:
@@ -32,7 +103,8 @@ def problem_json(problem: Problem) -> dict[str, Any]:
 def write_json_atomically(path: Path, doc: Mapping[str, Any]) -> None:
     """Replace `path` whole, private to the server's user whatever the umask (0600)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Per process and thread: a reload and the counters' refresh may write at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -119,6 +191,12 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{memory['max_bytes'] / 1024:,.0f} KiB), about "
             f"{memory['estimated_bytes'] / (1 << 20):,.1f} MiB for all"
         )
+    counters = status.get("counters")
+    if isinstance(counters, dict):
+        for group, counts in sorted(counters.items()):
+            if isinstance(counts, dict):
+                shown = ", ".join(f"{name} {count}" for name, count in sorted(counts.items()))
+                lines.append(f"{group.replace('_', ' ')}: {shown or '-'}")
     failed = [f for f in last.get("failed_stacks") or () if isinstance(f, dict)]
     if last.get("ok"):
         verdict = "ok"

@@ -27,6 +27,7 @@ from txcl.chassis.balance import SessionCounts, WorkerSlot
 from txcl.chassis.head import BindError, Head, HeadServer
 from txcl.chassis.reload import ReloadFailed, RuntimeHolder, fingerprint, watched_paths
 from txcl.chassis.runtime import Places, Preloaded, load_ops_tree
+from txcl.chassis.status import COUNTERS, keep_counters_current
 from txcl.loader import no_cyclic_gc
 
 OK, FAILURE, USAGE = 0, 1, 2
@@ -78,6 +79,8 @@ def _serve_process(options: ServeOptions, inherited: Mapping[str, object] | None
     # Until the loop's SIGHUP handler is installed, a HUP (a reload asked for while a large
     # tree still compiles at start) must not kill the chassis.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if slot is not None:
+        COUNTERS.use_row(slot.slot)
     writer = options.open_trace_writer()
     try:
         holder = _runtime_holder(options, writer)
@@ -188,7 +191,12 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
     watcher = None
     if options.watch_interval:
         watcher = loop.create_task(holder.watch(options.watch_interval))
+    # One process keeps the shared counters in status.json current.
+    counting = None if slot is not None and slot.slot else loop.create_task(
+        keep_counters_current(holder.write_status))
     await stop.wait()
+    if counting is not None:
+        counting.cancel()
     if watcher is not None:
         watcher.cancel()
     for name, server in servers.items():
@@ -249,6 +257,7 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
         return FAILURE
     children: dict[int, tuple[float, int]] = {}  # pid -> (when it started, its slot)
     sessions = SessionCounts(count)
+    COUNTERS.share(count)
     stopping = False
 
     def forward(signum: int, frame: Any) -> None:
