@@ -304,6 +304,33 @@ def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
     assert writer.stats().pruned == 3
 
 
+def test_retention_by_count_reuses_the_pruned_folder_for_the_new_trace(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, keep_count=2)
+    env = envelope()
+    keeps, omits = FakeStack("acme/_mail", None), FakeStack("acme/_mail", HINTS)
+    root = tmp_path / "requests"
+    inodes = {}
+    for rid, stack in (("r0", keeps), ("r1", omits), ("r2", omits), ("r3", keeps)):
+        writer(rid, env, result_for(env), [], stack, message=f"message of {rid}\r\n".encode())
+        writer.flush()
+        inodes[rid] = (root / rid).stat().st_ino
+    writer.close()
+    assert trace_names(tmp_path) == ["r2", "r3"]
+    assert writer.stats().pruned == 2
+    assert (inodes["r2"], inodes["r3"]) == (inodes["r0"], inodes["r1"])  # the same folders
+    assert [p.name for p in (root / "r2").iterdir()] == ["trace.jsonl"]  # r0's message went
+    assert (root / "r3" / "message.eml").read_bytes() == b"message of r3\r\n"
+    assert (root / "r3" / "message.eml").stat().st_mode & 0o777 == 0o600
+    fresh = TraceWriter(tmp_path / "fresh")
+    fresh("r3", env, result_for(env), [], keeps, message=b"message of r3\r\n")
+    fresh.flush()
+    fresh.close()
+    reused, written = read_trace(tmp_path, "r3"), read_trace(tmp_path / "fresh", "r3")
+    for part in (reused, written):
+        part["summary"].pop("time")
+    assert reused == written
+
+
 def test_retention_by_count_counts_traces_already_on_disk(tmp_path: Path) -> None:
     for i in range(3):
         writer = TraceWriter(tmp_path, keep_count=4)

@@ -14,6 +14,7 @@ logged at most once per interval.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -43,6 +44,7 @@ from txcl.trace_store import (
     private_folder,
     remove_trace,
     requests_root,
+    reuse_trace,
     safe_rid,
     scan,
     write_trace,
@@ -158,6 +160,7 @@ class TraceWriter:
         # Stored traces, oldest first, as (folder name, bytes); loaded lazily.
         self._known: deque[tuple[str, int]] | None = None
         self._known_bytes = 0
+        self._mine: set[str] = set()  # the known traces this writer wrote (reusable folders)
         self._root_ready = False
         self._last_prune = 0.0
         self._last_log = -1e18
@@ -319,23 +322,43 @@ class TraceWriter:
         if not self._root_ready:
             private_folder(self.root)
             self._root_ready = True
-        self._known_traces()  # before the folder exists, so a first scan does not count it
-        folder, size = write_trace(self.root, safe_rid(record.rid), lines, message)
+        known = self._known_traces()  # before the folder exists: a first scan does not count it
+        spare = self._spare(known)
+        folder: Path | None = None
+        size = 0
+        if spare is not None:
+            with contextlib.suppress(FileNotFoundError):  # gone: write a new folder instead
+                folder, size = reuse_trace(self.root, spare, safe_rid(record.rid), lines, message)
+        if folder is None:
+            folder, size = write_trace(self.root, safe_rid(record.rid), lines, message)
         self._count("written")
         if cut:
             self._count("cut")
         self._remember(folder.name, size)
         return folder
 
+    def _spare(self, known: deque[tuple[str, int]]) -> str | None:
+        """The oldest trace, when the count limit removes it on this write and this writer
+        wrote it (so it holds only the files a trace has): its folder is reused."""
+        if len(known) < self.keep_count or known[0][0] not in self._mine:
+            return None
+        name, size = known.popleft()
+        self._known_bytes -= size
+        self._mine.discard(name)
+        self._count("pruned")
+        return name
+
     def _remember(self, name: str, size: int) -> None:
         known = self._known_traces()
         known.append((name, size))
+        self._mine.add(name)
         self._known_bytes += size
         while len(known) > self.keep_count or (
             self._known_bytes > self.keep_bytes and len(known) > 1
         ):
             old, old_size = known.popleft()
             self._known_bytes -= old_size
+            self._mine.discard(old)
             self._remove(old)
 
     def _known_traces(self) -> deque[tuple[str, int]]:
@@ -379,4 +402,5 @@ class TraceWriter:
         for name in gone:
             self._remove(name)
         self._known, self._known_bytes = keep, total
+        self._mine.intersection_update(name for name, _ in keep)
         return len(gone)
