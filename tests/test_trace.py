@@ -272,7 +272,7 @@ def stalled_writer(tmp_path: Path, **kw: Any) -> tuple[TraceWriter, threading.Ev
     gate = threading.Event()
     real_write = writer.write
 
-    def slow_write(record: TraceRecord) -> Path:
+    def slow_write(record: TraceRecord) -> str:
         gate.wait(5)
         return real_write(record)
 
@@ -637,7 +637,7 @@ class RecordingWriter(TraceWriter):
         self.records: list[TraceRecord] = []
         super().__init__(*args, **kw)
 
-    def write(self, record: TraceRecord) -> Path:
+    def write(self, record: TraceRecord) -> str:
         self.records.append(record)
         return super().write(record)
 
@@ -959,3 +959,14 @@ def test_errors_mode_keeps_the_full_detail_of_a_failure(tmp_path: Path) -> None:
     assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
     assert [s["kind"] for s in trace["steps"]["steps"]] == ["set", "exec", "set"]
     assert trace["steps"]["fired"] and trace["result"]["error"]["message"] == "op ARCHIVE timed out"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_summary_times_are_isoformat_in_milliseconds(ts: float) -> None:
+    from datetime import UTC, datetime
+
+    from txcl.trace import _iso
+
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    assert _iso(ts) == expected.replace("+00:00", "Z")

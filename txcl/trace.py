@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -307,7 +308,9 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
     if not isinstance(doc, dict):
         return {"value": taint.clean(doc)}
     segs = None
-    for name in _STEP_PATH_FIELDS:
+    if isinstance(step, SetRecord) and isinstance(step.path, tuple):
+        segs = step.path  # step_json wrote its text already
+    for name in () if segs is not None else _STEP_PATH_FIELDS:
         source = raw.get(name) if raw is not None else getattr(step, name, None)
         segs = path_segments(source)
         if segs is not None:
@@ -354,8 +357,18 @@ def reply_code(line: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+@lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`2026-05-25T14:00:02.123Z`: what `datetime.fromtimestamp(ts, UTC).isoformat(
+    timespec="milliseconds")` gives (microseconds rounded half to even, then cut)."""
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    second = int(whole) + micros // 1_000_000
+    return f"{_iso_second(second)}.{micros % 1_000_000 // 1000:03d}Z"
 
 
 def _get(doc: Any, *segs: str) -> Any:

@@ -121,10 +121,10 @@ def remove_trace(folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[Path, int]:
+def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[str, int]:
     """One trace's files, written into a private temporary folder that is then renamed to
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
-    appears whole or not at all. Returns the folder and the bytes written."""
+    appears whole or not at all. Returns the folder's name and the bytes written."""
     base = os.fspath(root)
     tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
     os.mkdir(tmp, FOLDER_MODE)
@@ -157,7 +157,7 @@ def _overwrite_private(path: str, data: bytes) -> int:
 
 
 def reuse_trace(root: Path, old: str, name: str, lines: list[bytes], message: bytes | None
-                ) -> tuple[Path, int]:
+                ) -> tuple[str, int]:
     """`write_trace`, in the folder of the trace `old` (one this writer wrote, and that
     retention removes now): its files are overwritten in place, so a trace at the retention
     limit neither allocates nor frees an inode, which costs ext4 far more than the writes
@@ -180,14 +180,15 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes], message: by
         raise
 
 
-def _publish(base: str, tmp: str, name: str) -> Path:
-    """Rename the finished folder `tmp` to `base/<name>` (or `<name>.1`, `<name>.2`…)."""
+def _publish(base: str, tmp: str, name: str) -> str:
+    """Rename the finished folder `tmp` to `base/<name>` (or `<name>.1`, `<name>.2`…);
+    returns the name it got."""
     n = 0
     while True:
-        final = f"{base}/{name}" if n == 0 else f"{base}/{name}.{n}"
+        final = name if n == 0 else f"{name}.{n}"
         try:
-            os.rename(tmp, final)  # fails on an existing trace: it is never empty
-            return Path(final)
+            os.rename(tmp, f"{base}/{final}")  # fails on an existing trace: it is never empty
+            return final
         except OSError as err:
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise

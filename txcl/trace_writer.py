@@ -24,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from txcl.trace import (
@@ -313,8 +312,9 @@ class TraceWriter:
             if time.monotonic() - self._last_prune >= self.prune_interval_s:
                 self._prune_safely()
 
-    def write(self, record: TraceRecord) -> Path:
-        """Scrub, encode and write one record now (the worker calls this; so may tests)."""
+    def write(self, record: TraceRecord) -> str:
+        """Scrub, encode and write one record now (the worker calls this; so may tests).
+        Returns the name of its folder under `root`."""
         artifacts = build_artifacts(record)
         lines, message, cut = fit(
             artifacts.parts, artifacts.message, self.max_trace_bytes, record.cut
@@ -324,7 +324,7 @@ class TraceWriter:
             self._root_ready = True
         known = self._known_traces()  # before the folder exists: a first scan does not count it
         spare = self._spare(known)
-        folder: Path | None = None
+        folder: str | None = None
         size = 0
         if spare is not None:
             with contextlib.suppress(FileNotFoundError):  # gone: write a new folder instead
@@ -334,7 +334,7 @@ class TraceWriter:
         self._count("written")
         if cut:
             self._count("cut")
-        self._remember(folder.name, size)
+        self._remember(folder, size)
         return folder
 
     def _spare(self, known: deque[tuple[str, int]]) -> str | None:
