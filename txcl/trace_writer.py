@@ -57,6 +57,8 @@ DEFAULT_KEEP_BYTES: Final = 1 << 30
 DEFAULT_MAX_TRACE_BYTES: Final = 32 << 20
 DEFAULT_QUEUE_SIZE: Final = 1024
 DEFAULT_QUEUE_BYTES: Final = 64 << 20
+# How long the writer lets records gather once it has written all it had.
+DEFAULT_BATCH_WAIT_S: Final = 0.02
 # What a queued record holds alive besides its message: the envelope, result and replies.
 RECORD_OVERHEAD: Final = 16 << 10
 # A temporary folder this old is the leftover of an interrupted write.
@@ -140,6 +142,7 @@ class TraceWriter:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         prune_interval_s: float = 60.0,
         log_interval_s: float = 60.0,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
     ) -> None:
         if mode not in TRACE_MODES:
             raise ValueError(f"trace mode must be one of {', '.join(TRACE_MODES)}, not {mode!r}")
@@ -152,6 +155,7 @@ class TraceWriter:
         self.queue_bytes = max(1, int(queue_bytes))
         self.prune_interval_s = prune_interval_s
         self.log_interval_s = log_interval_s
+        self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[TraceRecord | threading.Event | None] = queue.Queue(queue_size)
         self._queued_bytes = 0
         self._counts = dict.fromkeys(("written", "dropped", "skipped", "failed", "pruned", "cut"), 0)
@@ -311,6 +315,10 @@ class TraceWriter:
             del item  # let the message go before waiting for the next record
             if time.monotonic() - self._last_prune >= self.prune_interval_s:
                 self._prune_safely()
+            if self._queue.empty():
+                # Let the next records gather: a thread waiting on the queue is woken for
+                # every record, and the waking preempts the event loop while it holds the GIL.
+                time.sleep(self.batch_wait_s)
 
     def write(self, record: TraceRecord) -> str:
         """Scrub, encode and write one record now (the worker calls this; so may tests).
