@@ -21,6 +21,7 @@ from email.headerregistry import (
     MessageIDHeader,
     UnstructuredHeader,
 )
+from functools import lru_cache
 from typing import Final, Literal
 
 HeaderKind = Literal["unstructured", "address", "date", "message-id", "other"]
@@ -93,10 +94,16 @@ def plain_decoded(name: str, value: str) -> str | None:
     if kind == "message-id":
         return value if _MESSAGE_ID.fullmatch(value) else None
     if kind == "date" and value:
-        try:
-            return email.utils.format_datetime(email.utils.parsedate_to_datetime(value))
-        except ValueError:  # the policy keeps an unparseable date as it is
-            return value
-        except Exception:
-            return None
+        return _plain_date(value)
     return None
+
+
+@lru_cache(maxsize=64)
+def _plain_date(value: str) -> str | None:
+    # Cached: the messages of one sending (a list's fan-out, a burst) share their Date.
+    try:
+        return email.utils.format_datetime(email.utils.parsedate_to_datetime(value))
+    except ValueError:  # the policy keeps an unparseable date as it is
+        return value
+    except Exception:
+        return None

@@ -28,7 +28,7 @@ from email import policy
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
 from lmtp.header_fast import plain_addresses, plain_decoded
@@ -372,6 +372,7 @@ def _scrub(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+@lru_cache(maxsize=64)
 def _iso_date(value: str) -> str:
     if not value:
         return ""
