@@ -317,6 +317,9 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
             doc[name] = dotted(segs)
             break
     unused = _UNUSED_BY_KIND.get(str(doc.get("kind")), ())
+    if not scrubber and not taint:  # nothing to scrub: only the fields the kind uses
+        return {key: value for key, value in doc.items()
+                if key not in unused and (value or key != "note")}
     out: dict[str, Any] = {}
     for key, value in doc.items():
         if key in unused or (key == "note" and not value):
