@@ -253,7 +253,7 @@ def plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, Problem):
         return {**value.to_json(), "text": str(value)}
-    if isinstance(value, Mapping):
+    if value.__class__ is dict or isinstance(value, Mapping):
         return {
             str(k): v for k, v in ((k, plain(v)) for k, v in value.items()) if v is not _OMITTED
         }
@@ -303,8 +303,9 @@ _UNUSED_BY_KIND: Final = {
 def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
     """One SET or EXEC step: values at its path are scrubbed by path, a patch by the
     envelope's paths, and everything else (op args, results) for copies of secrets."""
-    raw = step if isinstance(step, Mapping) else None
-    doc = step_json(step) if isinstance(step, SetRecord | ExecRecord) else plain(step)
+    is_record = step.__class__ is SetRecord or step.__class__ is ExecRecord
+    raw = None if is_record or not isinstance(step, Mapping) else step
+    doc = step_json(step) if is_record or isinstance(step, SetRecord | ExecRecord) else plain(step)
     if not isinstance(doc, dict):
         return {"value": taint.clean(doc)}
     segs = None
@@ -377,7 +378,7 @@ def _iso(ts: float) -> str:
 def _get(doc: Any, *segs: str) -> Any:
     """The value at a path of plain keys, or None."""
     for seg in segs:
-        if not isinstance(doc, Mapping) or seg not in doc:
+        if not (doc.__class__ is dict or isinstance(doc, Mapping)) or seg not in doc:
             return None
         doc = doc[seg]
     return doc
@@ -421,6 +422,8 @@ def _summary_field(
     envelope: Mapping[str, Any], path: PathSegs, scrubber: Scrubber, taint: Taint
 ) -> Any:
     """A value of the envelope for the summary, scrubbed as it is everywhere else."""
+    if not scrubber and not taint:
+        return _get(envelope, *map(str, path))
     value = scrubber.at(path, _get(envelope, *map(str, path)))
     return None if value is _OMITTED else taint.clean(value)
 
