@@ -970,3 +970,19 @@ def test_summary_times_are_isoformat_in_milliseconds(ts: float) -> None:
 
     expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
     assert _iso(ts) == expected.replace("+00:00", "Z")
+
+
+def test_the_writer_waits_for_more_records_but_not_with_a_big_message(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, batch_wait_s=30.0)
+    env = envelope()
+    keeps = FakeStack("acme/_mail", None)
+    try:
+        writer("small", env, result_for(env), [], keeps, message=b"x" * 100)
+        started = time.monotonic()
+        assert writer.flush(timeout=10)  # a flush does not wait out the batch
+        writer("big", env, result_for(env), [], keeps, message=b"y" * (2 << 20))
+        while "big" not in trace_names(tmp_path) and time.monotonic() - started < 20:
+            time.sleep(0.01)
+        assert time.monotonic() - started < 20 and trace_names(tmp_path) == ["small", "big"]
+    finally:
+        writer.close()

@@ -59,6 +59,8 @@ DEFAULT_QUEUE_SIZE: Final = 1024
 DEFAULT_QUEUE_BYTES: Final = 64 << 20
 # How long the writer lets records gather once it has written all it had.
 DEFAULT_BATCH_WAIT_S: Final = 0.02
+# A record with a message above this is written at once, not after the wait.
+HURRY_MESSAGE_BYTES: Final = 1 << 20
 # What a queued record holds alive besides its message: the envelope, result and replies.
 RECORD_OVERHEAD: Final = 16 << 10
 # A temporary folder this old is the leftover of an interrupted write.
@@ -156,6 +158,7 @@ class TraceWriter:
         self.prune_interval_s = prune_interval_s
         self.log_interval_s = log_interval_s
         self.batch_wait_s = batch_wait_s
+        self._hurry = threading.Event()  # ends the writer's wait for more records early
         self._queue: queue.Queue[TraceRecord | threading.Event | None] = queue.Queue(queue_size)
         self._queued_bytes = 0
         self._counts = dict.fromkeys(("written", "dropped", "skipped", "failed", "pruned", "cut"), 0)
@@ -219,6 +222,8 @@ class TraceWriter:
             )
             try:
                 self._queue.put_nowait(record)
+                if message is not None and len(message) > HURRY_MESSAGE_BYTES:
+                    self._hurry.set()  # a big message is not held alive a moment longer
             except queue.Full:
                 self._release(weight)
                 raise
@@ -243,6 +248,7 @@ class TraceWriter:
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout)
+            self._hurry.set()
         except queue.Full:
             return False
         return done.wait(timeout)
@@ -254,6 +260,7 @@ class TraceWriter:
             return
         try:
             self._queue.put(None, timeout=timeout)
+            self._hurry.set()
         except queue.Full:
             return
         self._thread.join(timeout)
@@ -318,7 +325,8 @@ class TraceWriter:
             if self._queue.empty():
                 # Let the next records gather: a thread waiting on the queue is woken for
                 # every record, and the waking preempts the event loop while it holds the GIL.
-                time.sleep(self.batch_wait_s)
+                self._hurry.wait(self.batch_wait_s)
+                self._hurry.clear()
 
     def write(self, record: TraceRecord) -> str:
         """Scrub, encode and write one record now (the worker calls this; so may tests).
