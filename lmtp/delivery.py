@@ -196,12 +196,13 @@ class Deliverer:
             return EVERYTHING
         cached = self._needs.get(id(stack))
         if cached is not None and cached[0] is stack:
-            needs = cached[1]
-        else:
-            rules = getattr(stack, "rules", None)
-            needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
-            self._needs[id(stack)] = (stack, needs)
-        return needs | self._trace_needs if self._traced else needs
+            return cached[1]
+        rules = getattr(stack, "rules", None)
+        needs = EVERYTHING if rules is None else needs_of_rules(rules, self._op_needs)
+        if self._traced:
+            needs = needs | self._trace_needs
+        self._needs[id(stack)] = (stack, needs)  # with the trace's needs: one lookup per run
+        return needs
 
     async def deliver(self, tx: Transaction) -> list[str]:
         """One reply line per RCPT, in RCPT order. Never raises (cancellation aside)."""
@@ -228,7 +229,8 @@ class Deliverer:
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
-                    needs = needs | self.needs_of(stack)
+                    needs = self.needs_of(stack) if needs is self._trace_needs else (
+                        needs | self.needs_of(stack))
             msg, defects = await _parse(tx.data, needs, self._mime_limits)
             # Ops key their side effects on the delivery, so a retry does not repeat them.
             uses_ops = any(getattr(stacks.get(g.route.stack), "ops_used", ()) for g in groups)

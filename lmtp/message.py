@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from datetime import UTC
 from email import policy
 from email.header import decode_header, make_header
-from email.headerregistry import HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from functools import partial
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
+from lmtp.header_fast import plain_addresses, plain_decoded
 from lmtp.mime import (
     DEFAULT_LIMITS,
     MimeLimits,
@@ -192,10 +192,7 @@ def _parse_head(data: bytes, needs: MessageNeeds, limits: MimeLimits
                 items = list(parsed.raw_items())
             except Exception as exc:
                 defects.append(f"message: unparseable ({type(exc).__name__})")
-        names = set(needs.header_names or ()) if "headers" in fields else set()
-        names.update(_HEADER_FIELDS[name] for name in fields if name in _HEADER_FIELDS)
-        names.update(name for name in ("from", "to", "cc") if name in fields)
-        wanted = None if "headers" in fields and needs.header_names is None else names
+        wanted = _wanted_headers(needs)
         headers: dict[str, list[str]] = {}
         if items is not None:
             try:
@@ -227,6 +224,17 @@ def _parse_head(data: bytes, needs: MessageNeeds, limits: MimeLimits
     if "raw" in fields:
         msg["raw"] = b64(data)
     return msg, defects
+
+
+def _wanted_headers(needs: MessageNeeds) -> set[str] | None:
+    """The header names the needed fields read (None: every header)."""
+    fields = needs.fields
+    if "headers" in fields and needs.header_names is None:
+        return None
+    names = set(needs.header_names or ()) if "headers" in fields else set()
+    names.update(_HEADER_FIELDS[name] for name in fields if name in _HEADER_FIELDS)
+    names.update(name for name in ("from", "to", "cc") if name in fields)
+    return names
 
 
 def _build_field(msg: dict[str, Any], defects: list[str], name: str,
@@ -277,7 +285,8 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
     items = list(parsed.raw_items())
-    field("headers", lambda: _headers_from(items, None))
+    wanted = _wanted_headers(needs)  # decoding a header is costly: only the ones read
+    field("headers", lambda: _headers_from(items, wanted))
     headers: dict[str, list[str]] = msg["headers"]
     field("id", lambda: _first(headers, "message-id").strip())
     field("date", lambda: _iso_date(_first(headers, "date")))
@@ -322,29 +331,10 @@ def _headers_from(items: Iterable[tuple[str, str]], wanted: set[str] | None
     return dict(sorted(by_name.items()))
 
 
-# Lower-case header name -> whether the email policy parses it as unstructured text.
-_UNSTRUCTURED: dict[str, bool] = {}
-_UNSTRUCTURED_MAX = 1024
-_PLAIN_TEXT = re.compile(r"[\t -~]*\Z")
-
-
-def _is_unstructured(name: str) -> bool:
-    key = name.lower()
-    known = _UNSTRUCTURED.get(key)
-    if known is None:
-        registry = policy.default.header_factory
-        known = isinstance(registry, HeaderRegistry) and issubclass(
-            registry[key], UnstructuredHeader)
-        if len(_UNSTRUCTURED) < _UNSTRUCTURED_MAX:
-            _UNSTRUCTURED[key] = known
-    return known
-
-
 def _decoded_header(name: str, raw_value: str) -> str:
-    # Plain printable ASCII on one line, without an encoded word, is its own decoding for
-    # an unstructured header (Subject, X-*, ...): skip the policy's tokenizer.
-    if "=?" not in raw_value and _PLAIN_TEXT.match(raw_value) and _is_unstructured(name):
-        return raw_value
+    plain = plain_decoded(name, raw_value)  # the common plain forms: skip the tokenizer
+    if plain is not None:
+        return plain
     raw_value = _eight_bit(raw_value)
     try:
         return _scrub(_unfold(str(policy.default.header_fetch_parse(name, raw_value))))
@@ -382,6 +372,7 @@ def _scrub(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+@lru_cache(maxsize=64)
 def _iso_date(value: str) -> str:
     if not value:
         return ""
@@ -404,9 +395,7 @@ def _addresses(
     the raw items with their 8-bit bytes decoded."""
     try:
         pairs = [
-            (a.display_name, a.addr_spec)
-            for key, value in items if key.lower() == name
-            for a in policy.default.header_fetch_parse(key, _eight_bit(value)).addresses
+            pair for key, value in items if key.lower() == name for pair in _mailboxes(key, value)
         ]
     except Exception:  # structured parse failed: fall back to the lenient classic parser
         pairs = email.utils.getaddresses(headers.get(name, []))
@@ -416,6 +405,14 @@ def _addresses(
         if addr or display:
             out.append({"name": _scrub(_unfold(display)), "addr": _scrub(addr)})
     return out
+
+
+def _mailboxes(name: str, raw_value: str) -> list[tuple[str, str]]:
+    plain = plain_addresses(raw_value)
+    if plain is not None:
+        return plain
+    return [(a.display_name, a.addr_spec)
+            for a in policy.default.header_fetch_parse(name, _eight_bit(raw_value)).addresses]
 
 
 def _text_content(tree: MimeTree, part: Message | None) -> str:

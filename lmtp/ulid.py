@@ -17,12 +17,16 @@ _RANDOM_BITS = 80
 _RANDOM_LIMIT = 1 << _RANDOM_BITS
 
 
-def _encode(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        value, digit = divmod(value, 32)
-        chars.append(_ALPHABET[digit])
-    return "".join(reversed(chars))
+_RANDOM_POOL_BYTES = 4096
+# Every 10-bit value as its two base32 digits: a ULID is 13 lookups.
+_DIGIT_PAIRS = tuple(_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024))
+_PAIR_SHIFTS = tuple(range(120, -1, -10))
+
+
+def _encode_ulid(ms: int, rnd: int) -> str:
+    """The low 50 bits of `ms` then `rnd` (80 bits): 26 base32 digits, most significant first."""
+    value = (ms & ((1 << 50) - 1)) << _RANDOM_BITS | rnd
+    return "".join([_DIGIT_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
 
 class UlidGenerator:
@@ -33,6 +37,18 @@ class UlidGenerator:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_random = 0
+        self._pool = b""  # random bytes drawn ahead: one system call per few hundred ids
+        self._used = 0
+        os.register_at_fork(after_in_child=self._forget_pool)
+
+    def _forget_pool(self) -> None:
+        self._pool = b""  # a forked worker must not repeat its parent's random parts
+
+    def _random(self) -> int:
+        if self._used + 10 > len(self._pool):
+            self._pool, self._used = os.urandom(_RANDOM_POOL_BYTES), 0
+        start, self._used = self._used, self._used + 10
+        return int.from_bytes(self._pool[start : start + 10], "big")
 
     def __call__(self) -> str:
         ms = self._clock_ms()
@@ -40,9 +56,9 @@ class UlidGenerator:
             if ms <= self._last_ms and self._last_random + 1 < _RANDOM_LIMIT:
                 ms, rnd = self._last_ms, self._last_random + 1
             else:
-                rnd = int.from_bytes(os.urandom(10), "big")
+                rnd = self._random()
             self._last_ms, self._last_random = ms, rnd
-        return _encode(ms, 10) + _encode(rnd, 16)
+        return _encode_ulid(ms, rnd)
 
 
 new_ulid = UlidGenerator()

@@ -273,7 +273,7 @@ def stalled_writer(tmp_path: Path, **kw: Any) -> tuple[TraceWriter, threading.Ev
     gate = threading.Event()
     real_write = writer.write
 
-    def slow_write(record: TraceRecord) -> Path:
+    def slow_write(record: TraceRecord) -> str:
         gate.wait(5)
         return real_write(record)
 
@@ -303,6 +303,33 @@ def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
     writer.close()
     assert trace_names(tmp_path) == ["r3", "r4", "r5"]
     assert writer.stats().pruned == 3
+
+
+def test_retention_by_count_reuses_the_pruned_folder_for_the_new_trace(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, keep_count=2)
+    env = envelope()
+    keeps, omits = FakeStack("acme/_mail", None), FakeStack("acme/_mail", HINTS)
+    root = tmp_path / "requests"
+    inodes = {}
+    for rid, stack in (("r0", keeps), ("r1", omits), ("r2", omits), ("r3", keeps)):
+        writer(rid, env, result_for(env), [], stack, message=f"message of {rid}\r\n".encode())
+        writer.flush()
+        inodes[rid] = (root / rid).stat().st_ino
+    writer.close()
+    assert trace_names(tmp_path) == ["r2", "r3"]
+    assert writer.stats().pruned == 2
+    assert (inodes["r2"], inodes["r3"]) == (inodes["r0"], inodes["r1"])  # the same folders
+    assert [p.name for p in (root / "r2").iterdir()] == ["trace.jsonl"]  # r0's message went
+    assert (root / "r3" / "message.eml").read_bytes() == b"message of r3\r\n"
+    assert (root / "r3" / "message.eml").stat().st_mode & 0o777 == 0o600
+    fresh = TraceWriter(tmp_path / "fresh")
+    fresh("r3", env, result_for(env), [], keeps, message=b"message of r3\r\n")
+    fresh.flush()
+    fresh.close()
+    reused, written = read_trace(tmp_path, "r3"), read_trace(tmp_path / "fresh", "r3")
+    for part in (reused, written):
+        part["summary"].pop("time")
+    assert reused == written
 
 
 def test_retention_by_count_counts_traces_already_on_disk(tmp_path: Path) -> None:
@@ -611,7 +638,7 @@ class RecordingWriter(TraceWriter):
         self.records: list[TraceRecord] = []
         super().__init__(*args, **kw)
 
-    def write(self, record: TraceRecord) -> Path:
+    def write(self, record: TraceRecord) -> str:
         self.records.append(record)
         return super().write(record)
 
@@ -933,3 +960,30 @@ def test_errors_mode_keeps_the_full_detail_of_a_failure(tmp_path: Path) -> None:
     assert trace["envelope"]["_txc"]["lmtp"]["msg"]["subject"] == "wifi keeps dropping"
     assert [s["kind"] for s in trace["steps"]["steps"]] == ["set", "exec", "set"]
     assert trace["steps"]["fired"] and trace["result"]["error"]["message"] == "op ARCHIVE timed out"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_summary_times_are_isoformat_in_milliseconds(ts: float) -> None:
+    from datetime import UTC, datetime
+
+    from txcl.trace import _iso
+
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    assert _iso(ts) == expected.replace("+00:00", "Z")
+
+
+def test_the_writer_waits_for_more_records_but_not_with_a_big_message(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, batch_wait_s=30.0)
+    env = envelope()
+    keeps = FakeStack("acme/_mail", None)
+    try:
+        writer("small", env, result_for(env), [], keeps, message=b"x" * 100)
+        started = time.monotonic()
+        assert writer.flush(timeout=10)  # a flush does not wait out the batch
+        writer("big", env, result_for(env), [], keeps, message=b"y" * (2 << 20))
+        while "big" not in trace_names(tmp_path) and time.monotonic() - started < 20:
+            time.sleep(0.01)
+        assert time.monotonic() - started < 20 and trace_names(tmp_path) == ["small", "big"]
+    finally:
+        writer.close()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
-from lmtp.ulid import UlidGenerator, new_ulid
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmtp.ulid import UlidGenerator, _encode_ulid, new_ulid
 
 ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -55,3 +59,32 @@ def test_a_clock_that_steps_back_does_not_break_the_order():
     make = fixed_clock(2_000_000_000_000, 1_999_999_999_000)
     first, second = make(), make()
     assert first < second
+
+
+def reference_encoding(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        value, digit = divmod(value, 32)
+        chars.append(CROCKFORD[digit])
+    return "".join(reversed(chars))
+
+
+@given(st.integers(0, (1 << 50) - 1), st.integers(0, (1 << 80) - 1))
+def test_the_one_pass_encoding_is_base32_digit_by_digit(ms: int, rnd: int) -> None:
+    assert _encode_ulid(ms, rnd) == reference_encoding(ms, 10) + reference_encoding(rnd, 16)
+
+
+def test_a_forked_worker_draws_random_parts_of_its_own() -> None:
+    make = UlidGenerator(clock_ms=lambda: 1_800_000_000_000 + time.monotonic_ns())
+    make()  # the parent's pool is filled now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id's random part, and leave at once
+        os.write(write, make()[10:].encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    parent = make()[10:]
+    assert len(child) == 16 and child != parent

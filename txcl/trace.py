@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -252,7 +253,7 @@ def plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, Problem):
         return {**value.to_json(), "text": str(value)}
-    if isinstance(value, Mapping):
+    if value.__class__ is dict or isinstance(value, Mapping):
         return {
             str(k): v for k, v in ((k, plain(v)) for k, v in value.items()) if v is not _OMITTED
         }
@@ -302,18 +303,24 @@ _UNUSED_BY_KIND: Final = {
 def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
     """One SET or EXEC step: values at its path are scrubbed by path, a patch by the
     envelope's paths, and everything else (op args, results) for copies of secrets."""
-    raw = step if isinstance(step, Mapping) else None
-    doc = step_json(step) if isinstance(step, SetRecord | ExecRecord) else plain(step)
+    is_record = step.__class__ is SetRecord or step.__class__ is ExecRecord
+    raw = None if is_record or not isinstance(step, Mapping) else step
+    doc = step_json(step) if is_record or isinstance(step, SetRecord | ExecRecord) else plain(step)
     if not isinstance(doc, dict):
         return {"value": taint.clean(doc)}
     segs = None
-    for name in _STEP_PATH_FIELDS:
+    if isinstance(step, SetRecord) and isinstance(step.path, tuple):
+        segs = step.path  # step_json wrote its text already
+    for name in () if segs is not None else _STEP_PATH_FIELDS:
         source = raw.get(name) if raw is not None else getattr(step, name, None)
         segs = path_segments(source)
         if segs is not None:
             doc[name] = dotted(segs)
             break
     unused = _UNUSED_BY_KIND.get(str(doc.get("kind")), ())
+    if not scrubber and not taint:  # nothing to scrub: only the fields the kind uses
+        return {key: value for key, value in doc.items()
+                if key not in unused and (value or key != "note")}
     out: dict[str, Any] = {}
     for key, value in doc.items():
         if key in unused or (key == "note" and not value):
@@ -354,14 +361,24 @@ def reply_code(line: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+@lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`2026-05-25T14:00:02.123Z`: what `datetime.fromtimestamp(ts, UTC).isoformat(
+    timespec="milliseconds")` gives (microseconds rounded half to even, then cut)."""
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    second = int(whole) + micros // 1_000_000
+    return f"{_iso_second(second)}.{micros % 1_000_000 // 1000:03d}Z"
 
 
 def _get(doc: Any, *segs: str) -> Any:
     """The value at a path of plain keys, or None."""
     for seg in segs:
-        if not isinstance(doc, Mapping) or seg not in doc:
+        if not (doc.__class__ is dict or isinstance(doc, Mapping)) or seg not in doc:
             return None
         doc = doc[seg]
     return doc
@@ -405,6 +422,8 @@ def _summary_field(
     envelope: Mapping[str, Any], path: PathSegs, scrubber: Scrubber, taint: Taint
 ) -> Any:
     """A value of the envelope for the summary, scrubbed as it is everywhere else."""
+    if not scrubber and not taint:
+        return _get(envelope, *map(str, path))
     value = scrubber.at(path, _get(envelope, *map(str, path)))
     return None if value is _OMITTED else taint.clean(value)
 

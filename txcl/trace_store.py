@@ -22,6 +22,7 @@ the standard library, so a trace is never lost to its encoder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -120,10 +121,10 @@ def remove_trace(folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[Path, int]:
+def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[str, int]:
     """One trace's files, written into a private temporary folder that is then renamed to
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
-    appears whole or not at all. Returns the folder and the bytes written."""
+    appears whole or not at all. Returns the folder's name and the bytes written."""
     base = os.fspath(root)
     tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
     os.mkdir(tmp, FOLDER_MODE)
@@ -132,19 +133,66 @@ def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None
         size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
         if message is not None:
             size += write_private(f"{tmp}/{MESSAGE_FILE}", message)
-        n = 0
-        while True:
-            final = f"{base}/{name}" if n == 0 else f"{base}/{name}.{n}"
-            try:
-                os.rename(tmp, final)  # fails on an existing trace: it is never empty
-                return Path(final), size
-            except OSError as err:
-                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                n += 1
+        return _publish(base, tmp, name), size
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _overwrite_private(path: str, data: bytes) -> int:
+    """Write `data` over an existing file (a new private one if missing), cutting what is
+    left of the old content."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return write_private(path, data)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    return len(data)
+
+
+def reuse_trace(root: Path, old: str, name: str, lines: list[bytes], message: bytes | None
+                ) -> tuple[str, int]:
+    """`write_trace`, in the folder of the trace `old` (one this writer wrote, and that
+    retention removes now): its files are overwritten in place, so a trace at the retention
+    limit neither allocates nor frees an inode, which costs ext4 far more than the writes
+    once many have been freed recently. `old` leaves its name before it changes, so no
+    reader sees a mixture; FileNotFoundError if `old` is gone."""
+    base = os.fspath(root)
+    tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
+    os.utime(f"{base}/{old}")  # a fresh mtime: not a stale leftover, and ordered as new
+    os.rename(f"{base}/{old}", tmp)
+    try:
+        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
+        if message is not None:
+            size += _overwrite_private(f"{tmp}/{MESSAGE_FILE}", message)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp}/{MESSAGE_FILE}")
+        return _publish(base, tmp, name), size
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(base: str, tmp: str, name: str) -> str:
+    """Rename the finished folder `tmp` to `base/<name>` (or `<name>.1`, `<name>.2`…);
+    returns the name it got."""
+    n = 0
+    while True:
+        final = name if n == 0 else f"{name}.{n}"
+        try:
+            os.rename(tmp, f"{base}/{final}")  # fails on an existing trace: it is never empty
+            return final
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            n += 1
 
 
 # --- reading traces back -----------------------------------------------------------------

@@ -14,6 +14,7 @@ logged at most once per interval.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -23,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from txcl.trace import (
@@ -43,6 +43,7 @@ from txcl.trace_store import (
     private_folder,
     remove_trace,
     requests_root,
+    reuse_trace,
     safe_rid,
     scan,
     write_trace,
@@ -56,6 +57,10 @@ DEFAULT_KEEP_BYTES: Final = 1 << 30
 DEFAULT_MAX_TRACE_BYTES: Final = 32 << 20
 DEFAULT_QUEUE_SIZE: Final = 1024
 DEFAULT_QUEUE_BYTES: Final = 64 << 20
+# How long the writer lets records gather once it has written all it had.
+DEFAULT_BATCH_WAIT_S: Final = 0.02
+# A record with a message above this is written at once, not after the wait.
+HURRY_MESSAGE_BYTES: Final = 1 << 20
 # What a queued record holds alive besides its message: the envelope, result and replies.
 RECORD_OVERHEAD: Final = 16 << 10
 # A temporary folder this old is the leftover of an interrupted write.
@@ -139,6 +144,7 @@ class TraceWriter:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         prune_interval_s: float = 60.0,
         log_interval_s: float = 60.0,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
     ) -> None:
         if mode not in TRACE_MODES:
             raise ValueError(f"trace mode must be one of {', '.join(TRACE_MODES)}, not {mode!r}")
@@ -151,6 +157,8 @@ class TraceWriter:
         self.queue_bytes = max(1, int(queue_bytes))
         self.prune_interval_s = prune_interval_s
         self.log_interval_s = log_interval_s
+        self.batch_wait_s = batch_wait_s
+        self._hurry = threading.Event()  # ends the writer's wait for more records early
         self._queue: queue.Queue[TraceRecord | threading.Event | None] = queue.Queue(queue_size)
         self._queued_bytes = 0
         self._counts = dict.fromkeys(("written", "dropped", "skipped", "failed", "pruned", "cut"), 0)
@@ -158,6 +166,7 @@ class TraceWriter:
         # Stored traces, oldest first, as (folder name, bytes); loaded lazily.
         self._known: deque[tuple[str, int]] | None = None
         self._known_bytes = 0
+        self._mine: set[str] = set()  # the known traces this writer wrote (reusable folders)
         self._root_ready = False
         self._last_prune = 0.0
         self._last_log = -1e18
@@ -213,6 +222,8 @@ class TraceWriter:
             )
             try:
                 self._queue.put_nowait(record)
+                if message is not None and len(message) > HURRY_MESSAGE_BYTES:
+                    self._hurry.set()  # a big message is not held alive a moment longer
             except queue.Full:
                 self._release(weight)
                 raise
@@ -237,6 +248,7 @@ class TraceWriter:
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout)
+            self._hurry.set()
         except queue.Full:
             return False
         return done.wait(timeout)
@@ -248,6 +260,7 @@ class TraceWriter:
             return
         try:
             self._queue.put(None, timeout=timeout)
+            self._hurry.set()
         except queue.Full:
             return
         self._thread.join(timeout)
@@ -309,9 +322,15 @@ class TraceWriter:
             del item  # let the message go before waiting for the next record
             if time.monotonic() - self._last_prune >= self.prune_interval_s:
                 self._prune_safely()
+            if self._queue.empty():
+                # Let the next records gather: a thread waiting on the queue is woken for
+                # every record, and the waking preempts the event loop while it holds the GIL.
+                self._hurry.wait(self.batch_wait_s)
+                self._hurry.clear()
 
-    def write(self, record: TraceRecord) -> Path:
-        """Scrub, encode and write one record now (the worker calls this; so may tests)."""
+    def write(self, record: TraceRecord) -> str:
+        """Scrub, encode and write one record now (the worker calls this; so may tests).
+        Returns the name of its folder under `root`."""
         artifacts = build_artifacts(record)
         lines, message, cut = fit(
             artifacts.parts, artifacts.message, self.max_trace_bytes, record.cut
@@ -319,23 +338,43 @@ class TraceWriter:
         if not self._root_ready:
             private_folder(self.root)
             self._root_ready = True
-        self._known_traces()  # before the folder exists, so a first scan does not count it
-        folder, size = write_trace(self.root, safe_rid(record.rid), lines, message)
+        known = self._known_traces()  # before the folder exists: a first scan does not count it
+        spare = self._spare(known)
+        folder: str | None = None
+        size = 0
+        if spare is not None:
+            with contextlib.suppress(FileNotFoundError):  # gone: write a new folder instead
+                folder, size = reuse_trace(self.root, spare, safe_rid(record.rid), lines, message)
+        if folder is None:
+            folder, size = write_trace(self.root, safe_rid(record.rid), lines, message)
         self._count("written")
         if cut:
             self._count("cut")
-        self._remember(folder.name, size)
+        self._remember(folder, size)
         return folder
+
+    def _spare(self, known: deque[tuple[str, int]]) -> str | None:
+        """The oldest trace, when the count limit removes it on this write and this writer
+        wrote it (so it holds only the files a trace has): its folder is reused."""
+        if len(known) < self.keep_count or known[0][0] not in self._mine:
+            return None
+        name, size = known.popleft()
+        self._known_bytes -= size
+        self._mine.discard(name)
+        self._count("pruned")
+        return name
 
     def _remember(self, name: str, size: int) -> None:
         known = self._known_traces()
         known.append((name, size))
+        self._mine.add(name)
         self._known_bytes += size
         while len(known) > self.keep_count or (
             self._known_bytes > self.keep_bytes and len(known) > 1
         ):
             old, old_size = known.popleft()
             self._known_bytes -= old_size
+            self._mine.discard(old)
             self._remove(old)
 
     def _known_traces(self) -> deque[tuple[str, int]]:
@@ -379,4 +418,5 @@ class TraceWriter:
         for name in gone:
             self._remove(name)
         self._known, self._known_bytes = keep, total
+        self._mine.intersection_update(name for name, _ in keep)
         return len(gone)
