@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, Final
 from txcl import ast, inputs
 from txcl.envelope import (
     RESULT_KEY,
-    STACK_NAME,
-    TENANT_NAME,
     TXC,
     path_text,
     read_only_reason,
@@ -627,8 +625,9 @@ def lint_tree(
     with no_cyclic_gc():
         loaded = load_tree(root, keep_files=True, cache=cache, check_only=True)
         problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        for stack_files in _stacks(root):
-            problems.extend(_lint_stack(stack_files, registry, loaded.read, cache))
+        salt = _findings_salt(registry)
+        for stack_files in _stacks_read(loaded.read):
+            problems.extend(_lint_stack(stack_files, registry, loaded.read, cache, salt))
         del loaded  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
@@ -647,53 +646,83 @@ def lint_target(
     if not path.is_dir():
         return [_finding("layout", f"{path}: no such file or folder", None, None)]
     if STAGE_NAME.fullmatch(path.name):
-        files = list(_rule_files(path, path))
+        files = [str(p) for p in _rule_files(path, path)]
     elif _holds_stages(path):
-        files = list(_stage_files(path, path))
+        files = [str(p) for p in _stage_files(path, path)]
     else:
         return lint_tree(path, registry, cache=cache)
     with no_cyclic_gc():
         loaded = load_target(path, keep_files=True, cache=cache, check_only=True)
         layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        problems = [*layout, *_lint_stack(files, registry, loaded.read, cache)]
+        salt = _findings_salt(registry)
+        problems = [*layout, *_lint_stack(files, registry, loaded.read, cache, salt)]
         del loaded
     return _sorted(problems)
 
 
+def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
+    """The rule files a load of an OPS tree read (`OPS/<tenant>/<stack>/<stage>/<name>`),
+    one list per stack: the loader reads every rule file of every well-named stack."""
+    stacks: dict[str, list[str]] = {}
+    for path in read:
+        stacks.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
+    return list(stacks.values())
+
+
 def _lint_stack(
-    files: list[Path],
+    files: list[str],
     registry: OpRegistry | None,
     read: Mapping[str, ReadFile],
-    cache: CompileCache | None = None,
+    cache: CompileCache | None,
+    salt: str,
 ) -> list[Problem]:
     """The files' findings; a file the loader has read (`read`, by path) is not read again,
-    and one whose findings are in the cache is not looked at again."""
+    a stack whose findings are in the cache is not looked at again, nor is a file whose
+    own findings are."""
+    known = [read.get(file) for file in files]
+    key = None
+    if cache is not None and all(k is not None for k in known):
+        from txcl.compile_cache import stack_key
+
+        key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
+        cached = cache.get_findings(key)
+        if cached is not None:
+            return list(cached)
     problems: list[Problem] = []
     linted: list[_FileLint] = []
-    ops = ("" if registry is None else ",".join(sorted(registry.names()))) + _schemas_key()
-    for file in files:
-        known = read.get(str(file))
-        if known is None:
-            found = _lint_path(file, registry)
-        elif (cached := known.checked.findings) and cached[0] == ops and isinstance(
-            cached[1], _FileLint
-        ):
-            found = cached[1]
+    for file, found_read in zip(files, known, strict=True):
+        if found_read is None:
+            found = _lint_path(Path(file), registry)
         else:
-            found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
-            if cache is not None:
-                cache.put(known.path, known.source, known.checked.with_findings(ops, found))
+            found = _file_findings(found_read, registry, cache, salt)
         problems.extend(p for p in found.problems if p.check != "layout")
         linted.append(found)
-    return [*problems, *_stack_findings(linted)]
+    problems.extend(_stack_findings(linted))
+    if key is not None and cache is not None:
+        cache.put_findings(key, tuple(problems))
+    return problems
 
 
-def _schemas_key() -> str:
-    """What of the installed schemas cached findings depend on (the engine key does not
-    cover a source's schema file)."""
+def _file_findings(
+    known: ReadFile, registry: OpRegistry | None, cache: CompileCache | None, salt: str
+) -> _FileLint:
+    """One read file's findings: from its cache entry if they were found with `salt`."""
+    cached = known.checked.findings
+    if cached is not None and cached[0] == salt and isinstance(cached[1], _FileLint):
+        return cached[1]
+    found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
+    if cache is not None:
+        cache.put(known.path, known.source, known.checked.with_findings(salt, found))
+    return found
+
+
+def _findings_salt(registry: OpRegistry | None) -> str:
+    """What cached findings depend on besides the files and the engine: the ops known and
+    the installed schemas (the engine key does not cover a source's schema file)."""
     from txcl.schema import schemas_digest
 
-    return "|" + schemas_digest()
+    ops = "" if registry is None else ",".join(sorted(registry.names()))
+    return f"{ops}|{schemas_digest()}"
 
 
 def _inside(root: Path, entry: os.DirEntry[str]) -> bool:
@@ -746,10 +775,3 @@ def _holds_stages(folder: Path) -> bool:
         )
     except OSError:
         return False
-
-
-def _stacks(root: Path) -> Iterator[list[Path]]:
-    """The rule files of every well-named stack of an OPS tree, one list per stack."""
-    for tenant in _subfolders(root, root, TENANT_NAME):
-        for stack in _subfolders(tenant, root, STACK_NAME):
-            yield list(_stage_files(stack, root))

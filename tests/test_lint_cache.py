@@ -1,0 +1,152 @@
+"""`txcl lint` and the compile cache: a stack whose files are unchanged is not looked at again
+(its cross-file checks included); what its findings depend on invalidates them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from txcl import lint, schema
+from txcl.cli import main
+from txcl.compile_cache import CompileCache, stack_key
+from txcl.ops import OpRegistry
+
+READER = "WHEN tag.seen == 1\nSET @lmtp.res.code = 250\n"
+WRITER = "SET tag.seen = 1\n"
+
+
+def write_tree(ops: Path, tenants: tuple[str, ...] = ("acme", "beta")) -> None:
+    for tenant in tenants:
+        for name, text in (("0/10-writer.txcl", WRITER), ("1/10-reader.txcl", READER)):
+            path = ops / tenant / "_mail" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def lint_out(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["lint", *args])
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "txcl"
+
+
+class Calls:
+    """Counts the calls of a lint function while it still does its work."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        self.count = 0
+        real = getattr(lint, name)
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lint, name, counted)
+
+
+@pytest.mark.parametrize("form", ["text", "json", "sarif", "github"])
+def test_a_warm_lint_looks_at_no_file_and_says_the_same(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], form: str,
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    (ops / "beta/_mail/1/10-reader.txcl").write_text(
+        'WHEN tag.sen == 1\nEXEC "op://NOPE"\nWITH timout = 1\n'
+    )
+    expected = lint_out(capsys, str(ops), "--format", form, "--no-cache")
+    assert "NOPE" in expected[1]
+    assert lint_out(capsys, str(ops), "--format", form) == expected  # fills the cache
+
+    def not_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unchanged stack was looked at again")
+
+    with monkeypatch.context() as patch:
+        for name in ("_lint_parsed", "_stack_findings", "_lint_path", "_file_findings"):
+            patch.setattr(lint, name, not_again)
+        patch.setattr("txcl.parser.parse", not_again)
+        assert lint_out(capsys, str(ops), "--format", form) == expected
+    cache = CompileCache(xdg)
+    salt = lint._findings_salt(OpRegistry.default())
+    files = sorted(str(p) for p in (ops / "acme").rglob("*.txcl"))
+    assert cache.get_findings(stack_key(((f, Path(f).read_text()) for f in files), salt)) == ()
+
+
+def test_an_edit_relints_its_file_and_the_stack_checks_of_the_files_around_it(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
+    # the writer stops writing: the unchanged reader's read becomes an unwritten-path warning
+    (ops / "acme/_mail/0/10-writer.txcl").write_text("SET tag.other = 1\n")
+    code, out = lint_out(capsys, str(ops), "--no-cache")
+    parsed = Calls(monkeypatch, "_lint_parsed")
+    assert lint_out(capsys, str(ops)) == (code, out)
+    assert parsed.count == 1  # the edited file; the reader's own findings come from the cache
+    assert "10-reader.txcl:1:6: txcl_lint_warning: tag.seen is read, but no rule" in out
+    assert "beta" not in out
+    (ops / "acme/_mail/0/10-writer.txcl").write_text(WRITER)
+    assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
+    assert parsed.count == 1  # that text's findings were cached before
+
+
+def test_a_config_with_other_ops_gets_findings_of_its_own(
+    tmp_path: Path, xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops, ("acme",))
+    (ops / "acme/_mail/0/10-writer.txcl").write_text('SET tag.seen = 1\nEXEC "op://NOPE"\n')
+    config = tmp_path / "txco.yaml"
+    config.write_text("ops: {}\n")
+    code, out = lint_out(capsys, str(ops), "--config", str(config))
+    assert code == 1 and "unknown op 'NOPE'" in out
+    assert lint_out(capsys, str(ops), "--config", str(config)) == (code, out)
+    config.write_text('ops:\n  NOPE: {python: "json:loads"}\n')
+    assert lint_out(capsys, str(ops), "--config", str(config)) == (
+        0, "0 error(s), 0 warning(s)\n"
+    )
+    config.write_text("ops: {}\n")
+    assert lint_out(capsys, str(ops), "--config", str(config)) == (code, out)
+
+
+def test_another_schema_gets_findings_of_its_own(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ops = tmp_path / "OPS"
+    (ops / "acme/_mail/0").mkdir(parents=True)
+    (ops / "acme/_mail/0/10-a.txcl").write_text("WHEN @demo.size == 1\nSET tag.x = 1\n")
+    assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
+    monkeypatch.setattr(schema, "_registered", {
+        "demo": {"type": "object", "properties": {"sizes": {"type": "integer"}}},
+    })
+    schema.schemas_digest.cache_clear()
+    schema.section_schema.cache_clear()
+    try:
+        code, out = lint_out(capsys, str(ops))
+    finally:
+        monkeypatch.undo()
+        schema.schemas_digest.cache_clear()
+        schema.section_schema.cache_clear()
+    assert code == 1 and "did you mean @demo.sizes?" in out
+
+
+def test_a_stage_or_stack_target_is_cached_apart_from_the_tree(
+    tmp_path: Path, xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops, ("acme",))
+    stage = ops / "acme/_mail/1"
+    alone = lint_out(capsys, str(stage), "--no-cache")
+    assert "tag.seen is read, but no rule" in alone[1]  # the stage alone: nothing writes it
+    for _ in range(2):
+        assert lint_out(capsys, str(stage)) == alone
+        assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
+        assert lint_out(capsys, str(ops / "acme/_mail")) == (0, "0 error(s), 0 warning(s)\n")
