@@ -36,15 +36,18 @@ def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class Calls:
-    """Counts the calls of a lint function while it still does its work."""
+    """Counts the calls of a lint function, and keeps what it returns, while it still does
+    its work."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         self.count = 0
+        self.results: list[object] = []
         real = getattr(lint, name)
 
         def counted(*args: object, **kwargs: object) -> object:
             self.count += 1
-            return real(*args, **kwargs)
+            self.results.append(real(*args, **kwargs))
+            return self.results[-1]
 
         monkeypatch.setattr(lint, name, counted)
 
@@ -150,3 +153,59 @@ def test_a_stage_or_stack_target_is_cached_apart_from_the_tree(
         assert lint_out(capsys, str(stage)) == alone
         assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
         assert lint_out(capsys, str(ops / "acme/_mail")) == (0, "0 error(s), 0 warning(s)\n")
+
+
+# --- a pool of processes for many files --------------------------------------------------------
+
+
+def test_a_pool_is_used_only_for_many_files_on_several_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert lint.pool_workers(lint.POOL_MIN_FILES - 1) == 0
+    assert lint.pool_workers(lint.POOL_MIN_FILES) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert lint.pool_workers(100_000) == 0
+
+
+def test_no_pool_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert lint.pool_workers(100_000) == 3
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert lint.pool_workers(100_000) == 0
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_files_checked_by_a_pool_give_what_one_process_gives(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))
+    (ops / "t03/_mail/1/10-reader.txcl").write_text("WHEN tag.seen ==\nSET @lmtp.res.code = 99\n")
+    (ops / "t07/_mail/1/10-reader.txcl").write_text('WHEN tag.sen =~ /(/\nEXEC "op://NOPE"\n')
+    (ops / "t09/_mail/0/20-empty.txcl").write_text("# nothing\n")
+    expected = {form: lint_out(capsys, str(ops), "--format", form, "--no-cache")
+                for form in ("text", "json")}
+    monkeypatch.setattr(lint, "POOL_MIN_FILES", 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert lint.pool_workers(25) == 2
+    pools = Calls(monkeypatch, "pool_workers")
+    assert lint_out(capsys, str(ops), "--format", "text") == expected["text"]  # the pool
+    assert lint_out(capsys, str(ops), "--format", "json") == expected["json"]  # the cache
+    assert lint_out(capsys, str(ops / "t07/_mail"), "--no-cache") == lint_out(
+        capsys, str(ops / "t07/_mail")
+    )
+    assert pools.results == [2, 0, 0]  # the tree's 25 files; then none: all in the cache
+    assert "syntax" in expected["text"][1] and "unknown-op" in expected["text"][1]
+    cache = CompileCache(xdg)
+    for path in sorted(ops.rglob("*.txcl")):
+        entry = cache.get(str(path), path.read_text())
+        assert entry is not None and entry.findings is not None

@@ -23,16 +23,18 @@ cache only grows (an edited file adds an entry); removing the folder is always s
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import dataclasses
 import functools
 import hashlib
 import io
 import logging
+import operator
 import os
 import pickle
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -172,6 +174,7 @@ class CompileCache:
         self._readable = self._writable = self._prepare()
         self._shards: dict[int, dict[bytes, bytes]] = {}  # first key byte -> key -> entry
         self._dirty: set[int] = set()
+        self._deferred: list[str] | None = None
 
     def _prepare(self) -> bool:
         try:
@@ -201,9 +204,31 @@ class CompileCache:
         found = None if encoded is None else self._decode(encoded, key, CachedFile)
         if found is None:
             self.misses += 1
+            if self._deferred is not None:
+                self._deferred.append(path)
+                return CachedFile(None, ())
         else:
             self.hits += 1
         return found
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[list[str]]:
+        """Within it, get() answers a miss with an empty entry (no tree, no problems) and
+        adds the path to the list it yields: a walk that only gathers files (the loader's
+        check_only load, for `txcl lint`) leaves the parsing of those to its caller."""
+        deferred: list[str] = []
+        self._deferred = deferred
+        try:
+            yield deferred
+        finally:
+            self._deferred = None
+
+    def put_encoded(self, path: str, text: str, encoded: bytes) -> None:
+        """Keep an entry already encoded (encode_entry); flush() writes it."""
+        key = _key(path, text)
+        self._shard(key[0])[key] = encoded
+        self._dirty.add(key[0])
+        self.written += 1
 
     def put(self, path: str, text: str, entry: CachedFile) -> None:
         """Keep the entry; flush() writes it."""
@@ -325,15 +350,51 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        cls = type(obj)
+class _Reducers(dict[type, Callable[[Any], Any]]):
+    """How pickle reduces each class it meets (a Pickler's dispatch_table): an engine
+    dataclass to (class, field values), found once per class; other classes as copyreg says.
+    Unlike a reducer_override, it is not called for the tuples, lists and dicts between."""
+
+    def __missing__(self, cls: type) -> Callable[[Any], Any]:
         if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + ".")):
-            return NotImplemented
-        return cls, tuple(getattr(obj, name) for name in _field_names(cls))
+            return copyreg.dispatch_table[cls]  # a KeyError: pickle's default reduction
+        names = _field_names(cls)
+        if len(names) == 1:
+            (name,) = names
+            reduce = functools.partial(_reduce_one, cls, name)
+        else:
+            fields = operator.attrgetter(*names) if names else lambda obj: ()
+            reduce = functools.partial(_reduce_many, cls, fields)
+        self[cls] = reduce
+        return reduce
+
+
+def _reduce_one(cls: type, name: str, obj: Any) -> tuple[type, tuple[Any]]:
+    return cls, (getattr(obj, name),)
+
+
+def _reduce_many(cls: type, fields: Callable[[Any], tuple[Any, ...]], obj: Any) -> tuple[Any, ...]:
+    return cls, fields(obj)
+
+
+_REDUCERS: Final = _Reducers()
+
+
+def encode_entry(entry: CachedFile) -> bytes:
+    """An entry as the cache keeps it (put_encoded)."""
+    return _dumps(entry)
+
+
+def decode_entry(encoded: bytes) -> CachedFile:
+    """An entry encode_entry() gave, in this process (trusted: not read from disk)."""
+    entry = pickle.loads(encoded)
+    assert isinstance(entry, CachedFile)
+    return entry
 
 
 def _dumps(entry: object) -> bytes:
     out = io.BytesIO()
-    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(entry)
+    pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = _REDUCERS
+    pickler.dump(entry)
     return out.getvalue()

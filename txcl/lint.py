@@ -33,7 +33,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -50,8 +50,8 @@ from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
-    from txcl.compile_cache import CompileCache
-    from txcl.loader import ReadFile
+    from txcl.compile_cache import CachedFile, CompileCache
+    from txcl.loader import ReadFile, Tree
     from txcl.ops import OpRegistry
     from txcl.schema import Lookup
 
@@ -171,17 +171,25 @@ def _lines(source: str) -> list[str]:
 
 
 def _lint_text(source: str, name: str, registry: OpRegistry | None) -> _FileLint:
+    return _check_text(source, name, registry)[2]
+
+
+def _check_text(
+    source: str, name: str, registry: OpRegistry | None
+) -> tuple[ast.File | None, tuple[Problem, ...], _FileLint]:
+    """Parse, compile and lint one file's text: its tree (None: it does not parse), its
+    parse or compile problems, and its findings."""
     try:
         tree = parse(source, name)
     except TxclSyntaxError as err:
-        return _lint_parsed(source, name, None, err.problems, registry)
+        return None, err.problems, _lint_parsed(source, name, None, err.problems, registry)
     from txcl.compiler import compile_file  # the compiler pulls in RE2 and the ops' helpers
 
     try:
         compile_file(tree)
     except TxclError as err:
-        return _lint_parsed(source, name, tree, err.problems, registry)
-    return _lint_parsed(source, name, tree, (), registry)
+        return tree, err.problems, _lint_parsed(source, name, tree, err.problems, registry)
+    return tree, (), _lint_parsed(source, name, tree, (), registry)
 
 
 def _lint_parsed(
@@ -320,10 +328,10 @@ class _RuleChecks:
             stack.extend(_children(current))
 
     def lookup(self, path: ast.Path) -> Lookup | None:
-        from txcl.schema import SchemaError, lookup
+        from txcl.schema import SchemaError
 
         try:
-            return lookup(path.segments)
+            return _schema_lookup(path.segments)
         except SchemaError as err:
             if not self.schema_failed:
                 self.schema_failed = True
@@ -455,6 +463,28 @@ class _RuleChecks:
 
 
 # --- what the checks know about paths and values ---------------------------------------------
+
+# segments -> (the schema of their source when looked up, what it says): the same envelope
+# paths recur in every file of a tree.
+_LOOKUPS: dict[tuple[ast.Segment, ...], tuple[object, Lookup | None]] = {}
+_MAX_LOOKUPS: Final = 10_000
+
+
+def _schema_lookup(segments: tuple[ast.Segment, ...]) -> Lookup | None:
+    """schema.lookup(segments), remembered while their source's schema stays the same."""
+    from txcl.schema import lookup, section_schema
+
+    if len(segments) < 2 or segments[0] != TXC or not isinstance(segments[1], str):
+        return lookup(segments)
+    known = _LOOKUPS.get(segments)
+    if known is not None and section_schema(segments[1]) is known[0]:
+        return known[1]
+    found = lookup(segments)  # a SchemaError passes through, and is not remembered
+    if len(_LOOKUPS) >= _MAX_LOOKUPS:
+        _LOOKUPS.clear()
+    _LOOKUPS[segments] = (section_schema(segments[1]), found)
+    return found
+
 
 
 def _read_only(segments: tuple[ast.Segment, ...]) -> str | None:
@@ -620,15 +650,16 @@ def lint_tree(
     from txcl.loader import load_tree, no_cyclic_gc
 
     root = Path(root)
+    salt = _findings_salt(registry)
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
-        loaded = load_tree(root, keep_files=True, cache=cache, check_only=True)
-        problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        salt = _findings_salt(registry)
-        for stack_files in _stacks_read(loaded.read):
-            problems.extend(_lint_stack(stack_files, registry, loaded.read, cache, salt))
-        del loaded  # freed before the collector is back, so it has nothing to scan
+        layout, read = _load(lambda: load_tree(root, keep_files=True, cache=cache,
+                                               check_only=True), registry, cache, salt)
+        problems = layout
+        for stack_files in _stacks_read(read):
+            problems.extend(_lint_stack(stack_files, registry, read, cache, salt))
+        del read  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
 
@@ -651,13 +682,111 @@ def lint_target(
         files = [str(p) for p in _stage_files(path, path)]
     else:
         return lint_tree(path, registry, cache=cache)
+    salt = _findings_salt(registry)
     with no_cyclic_gc():
-        loaded = load_target(path, keep_files=True, cache=cache, check_only=True)
-        layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        salt = _findings_salt(registry)
-        problems = [*layout, *_lint_stack(files, registry, loaded.read, cache, salt)]
-        del loaded
+        layout, read = _load(lambda: load_target(path, keep_files=True, cache=cache,
+                                                 check_only=True), registry, cache, salt)
+        problems = [*layout, *_lint_stack(files, registry, read, cache, salt)]
+        del read
     return _sorted(problems)
+
+
+def _load(
+    load: Callable[[], Tree], registry: OpRegistry | None, cache: CompileCache | None, salt: str
+) -> tuple[list[Problem], dict[str, ReadFile]]:
+    """The layout problems of a check_only load and the rule files it read. With a cache,
+    the load's walk parses nothing: the files not in the cache are checked after it, by a
+    pool of processes when there are many, and their entries (with findings) cached."""
+    if cache is None:
+        loaded = load()
+        read = dict(loaded.read)
+    else:
+        with cache.deferring() as deferred:
+            loaded = load()
+        read = dict(loaded.read)
+        for path, entry in _checked(deferred, read, registry, cache, salt):
+            read[path] = replace(read[path], checked=entry)
+    layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
+    return layout, read
+
+
+# --- checking many files at once ------------------------------------------------------------
+
+# Fewer files than this are checked in this process: a pool costs its start.
+POOL_MIN_FILES: Final = 200
+_POOL_MAX_WORKERS: Final = 8
+_pool_job: tuple[OpRegistry | None, str] = (None, "")  # what the workers check against
+
+
+def _checked(
+    paths: list[str],
+    read: Mapping[str, ReadFile],
+    registry: OpRegistry | None,
+    cache: CompileCache,
+    salt: str,
+) -> Iterator[tuple[str, CachedFile]]:
+    """(path, entry) of each file, parsed, compiled and linted, in the order given; each
+    entry is kept in the cache."""
+    from txcl.compile_cache import decode_entry
+
+    workers = pool_workers(len(paths))
+    if not workers:
+        for path in paths:
+            entry = _entry(read[path].source, path, registry, salt)
+            cache.put(path, read[path].source, entry)
+            yield path, entry
+        return
+    global _pool_job
+    import multiprocessing
+
+    tasks = [(path, read[path].source) for path in paths]
+    _pool_job = (registry, salt)  # the workers are forked: they inherit it
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            chunk = max(8, len(tasks) // (workers * 16))
+            for (path, text), encoded in zip(
+                tasks, pool.imap(_encoded_entry, tasks, chunk), strict=True
+            ):
+                cache.put_encoded(path, text, encoded)
+                yield path, decode_entry(encoded)
+    finally:
+        _pool_job = (None, "")
+
+
+def pool_workers(files: int) -> int:
+    """How many processes check `files` files: none (this one does) for a few files, on one
+    core, or where forking is not safe (another thread runs, or no fork)."""
+    import multiprocessing
+    import threading
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if (
+        files < POOL_MIN_FILES
+        or cores < 2
+        or threading.active_count() > 1
+        or "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        return 0
+    return min(cores, _POOL_MAX_WORKERS)
+
+
+def _entry(source: str, path: str, registry: OpRegistry | None, salt: str) -> CachedFile:
+    from txcl.compile_cache import CachedFile
+
+    tree, problems, found = _check_text(source, path, registry)
+    return CachedFile(tree, problems).with_findings(salt, found)
+
+
+def _encoded_entry(task: tuple[str, str]) -> bytes:
+    """In a pool worker: one file's cache entry, encoded for the trip back."""
+    from txcl.compile_cache import encode_entry
+
+    path, source = task
+    registry, salt = _pool_job
+    return encode_entry(_entry(source, path, registry, salt))
 
 
 def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
