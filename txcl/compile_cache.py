@@ -385,13 +385,6 @@ def encode_entry(entry: CachedFile) -> bytes:
     return _dumps(entry)
 
 
-def decode_entry(encoded: bytes) -> CachedFile:
-    """An entry encode_entry() gave, in this process (trusted: not read from disk)."""
-    entry = pickle.loads(encoded)
-    assert isinstance(entry, CachedFile)
-    return entry
-
-
 def _dumps(entry: object) -> bytes:
     out = io.BytesIO()
     pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)

@@ -598,10 +598,12 @@ def _stack_findings(files: Iterable[_FileLint]) -> list[Problem]:
     if any(f.execs for f in files):
         return found  # an op may write any path: what is never SET may still be there
     writes = {w for f in files for w in f.local_writes}
-    texts = sorted({_dotted(w) for w in writes})
+    texts: list[str] | None = None
     for read in (r for f in files for r in f.local_reads):
         if any(_covers(w, read.segments) for w in writes):
             continue
+        if texts is None:
+            texts = sorted({_dotted(w) for w in writes})
         close = difflib.get_close_matches(_dotted(read.segments), texts, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         message = (
@@ -654,11 +656,11 @@ def lint_tree(
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
-        layout, read = _load(lambda: load_tree(root, keep_files=True, cache=cache,
-                                               check_only=True), registry, cache, salt)
-        problems = layout
-        for stack_files in _stacks_read(read):
-            problems.extend(_lint_stack(stack_files, registry, read, cache, salt))
+        layout, read, deferred = _load(
+            lambda: load_tree(root, keep_files=True, cache=cache, check_only=True), cache
+        )
+        stacks = _stacks_read(read)
+        problems = [*layout, *_lint_stacks(stacks, registry, read, deferred, cache, salt)]
         del read  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
@@ -684,77 +686,161 @@ def lint_target(
         return lint_tree(path, registry, cache=cache)
     salt = _findings_salt(registry)
     with no_cyclic_gc():
-        layout, read = _load(lambda: load_target(path, keep_files=True, cache=cache,
-                                                 check_only=True), registry, cache, salt)
-        problems = [*layout, *_lint_stack(files, registry, read, cache, salt)]
+        layout, read, deferred = _load(
+            lambda: load_target(path, keep_files=True, cache=cache, check_only=True), cache
+        )
+        problems = [*layout, *_lint_stacks([files], registry, read, deferred, cache, salt)]
         del read
     return _sorted(problems)
 
 
 def _load(
-    load: Callable[[], Tree], registry: OpRegistry | None, cache: CompileCache | None, salt: str
-) -> tuple[list[Problem], dict[str, ReadFile]]:
-    """The layout problems of a check_only load and the rule files it read. With a cache,
-    the load's walk parses nothing: the files not in the cache are checked after it, by a
-    pool of processes when there are many, and their entries (with findings) cached."""
+    load: Callable[[], Tree], cache: CompileCache | None
+) -> tuple[list[Problem], Mapping[str, ReadFile], frozenset[str]]:
+    """The layout problems of a check_only load, the rule files it read, and which of them
+    are not in the cache: with a cache the load's walk parses nothing, and their entries
+    are empty (_lint_stacks checks them)."""
     if cache is None:
-        loaded = load()
-        read = dict(loaded.read)
+        loaded, deferred = load(), []
     else:
         with cache.deferring() as deferred:
             loaded = load()
-        read = dict(loaded.read)
-        for path, entry in _checked(deferred, read, registry, cache, salt):
-            read[path] = replace(read[path], checked=entry)
     layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-    return layout, read
+    return layout, loaded.read, frozenset(deferred)
+
+
+def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
+    """The rule files a load of an OPS tree read (`OPS/<tenant>/<stack>/<stage>/<name>`),
+    one list per stack: the loader reads every rule file of every well-named stack."""
+    stacks: dict[str, list[str]] = {}
+    for path in read:
+        stacks.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
+    return list(stacks.values())
+
+
+# (path, text, entry) of a file of a stack to check: text None if the loader could not read
+# it (lint reports nothing more of it), entry None if it is not in the cache.
+_FileJob = tuple[str, "str | None", "CachedFile | None"]
+
+
+def _lint_stacks(
+    stacks: list[list[str]],
+    registry: OpRegistry | None,
+    read: Mapping[str, ReadFile],
+    deferred: frozenset[str],
+    cache: CompileCache | None,
+    salt: str,
+) -> list[Problem]:
+    """The findings of each stack (its rule files, by path). A file the loader has read
+    (`read`) is not read again; a stack whose findings are in the cache is not looked at
+    again, nor is a file whose own findings are; the files not in the cache (`deferred`)
+    are parsed, compiled and linted, by a pool of processes when there are many. What is
+    found is kept in the cache."""
+    from txcl.compile_cache import stack_key
+
+    problems: list[Problem] = []
+    jobs: list[tuple[bytes | None, list[_FileJob]]] = []
+    for files in stacks:
+        known = [read.get(file) for file in files]
+        key = None
+        if cache is not None and all(k is not None for k in known):
+            key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
+            cached = cache.get_findings(key)
+            if cached is not None:
+                problems.extend(cached)
+                continue
+        jobs.append((key, [
+            (file, None, None) if k is None else
+            (file, k.source, None if file in deferred else k.checked)
+            for file, k in zip(files, known, strict=True)
+        ]))
+    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred))
+    for (key, job), (entries, found) in zip(jobs, done, strict=True):
+        if cache is not None:
+            for (path, text, _), entry in zip(job, entries, strict=True):
+                if isinstance(entry, bytes):
+                    cache.put_encoded(path, text or "", entry)
+                elif entry is not None:
+                    cache.put(path, text or "", entry)
+            if key is not None:
+                cache.put_findings(key, found)
+        problems.extend(found)
+    return problems
+
+
+def _check_stack(
+    files: list[_FileJob], registry: OpRegistry | None, salt: str
+) -> tuple[list[CachedFile | None], tuple[Problem, ...]]:
+    """A stack's findings, and each file's new cache entry (None: as it was)."""
+    from txcl.compile_cache import CachedFile
+
+    problems: list[Problem] = []
+    linted: list[_FileLint] = []
+    entries: list[CachedFile | None] = []
+    for path, text, checked in files:
+        entry = None
+        if text is None:
+            found = _lint_path(Path(path), registry)
+        elif checked is None:
+            tree, parse_problems, found = _check_text(text, path, registry)
+            entry = CachedFile(tree, parse_problems).with_findings(salt, found)
+        elif (cached := checked.findings) and cached[0] == salt and isinstance(
+            cached[1], _FileLint
+        ):
+            found = cached[1]
+        else:
+            found = _lint_parsed(text, path, checked.file, checked.problems, registry)
+            entry = checked.with_findings(salt, found)
+        problems.extend(p for p in found.problems if p.check != "layout")
+        linted.append(found)
+        entries.append(entry)
+    problems.extend(_stack_findings(linted))
+    return entries, tuple(problems)
 
 
 # --- checking many files at once ------------------------------------------------------------
 
-# Fewer files than this are checked in this process: a pool costs its start.
+# Fewer files to parse than this are parsed in this process: a pool costs its start.
 POOL_MIN_FILES: Final = 200
 _POOL_MAX_WORKERS: Final = 8
 _pool_job: tuple[OpRegistry | None, str] = (None, "")  # what the workers check against
 
+_Done = tuple[list["CachedFile | bytes | None"], tuple[Problem, ...]]
 
-def _checked(
-    paths: list[str],
-    read: Mapping[str, ReadFile],
-    registry: OpRegistry | None,
-    cache: CompileCache,
-    salt: str,
-) -> Iterator[tuple[str, CachedFile]]:
-    """(path, entry) of each file, parsed, compiled and linted, in the order given; each
-    entry is kept in the cache."""
-    from txcl.compile_cache import decode_entry
 
-    workers = pool_workers(len(paths))
+def _run_jobs(
+    jobs: list[list[_FileJob]], registry: OpRegistry | None, salt: str, to_parse: int
+) -> Iterator[_Done]:
+    """_check_stack() of each job, in order: in this process, or by a pool of forked
+    processes (pool_workers) that send each new entry back encoded."""
+    workers = pool_workers(to_parse)
     if not workers:
-        for path in paths:
-            entry = _entry(read[path].source, path, registry, salt)
-            cache.put(path, read[path].source, entry)
-            yield path, entry
+        for files in jobs:
+            entries, found = _check_stack(files, registry, salt)
+            yield list(entries), found
         return
     global _pool_job
     import multiprocessing
 
-    tasks = [(path, read[path].source) for path in paths]
     _pool_job = (registry, salt)  # the workers are forked: they inherit it
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            chunk = max(8, len(tasks) // (workers * 16))
-            for (path, text), encoded in zip(
-                tasks, pool.imap(_encoded_entry, tasks, chunk), strict=True
-            ):
-                cache.put_encoded(path, text, encoded)
-                yield path, decode_entry(encoded)
+            yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
     finally:
         _pool_job = (None, "")
 
 
+def _pooled_stack(files: list[_FileJob]) -> _Done:
+    """In a pool worker: _check_stack(), its new entries encoded for the trip back."""
+    from txcl.compile_cache import encode_entry
+
+    registry, salt = _pool_job
+    entries, found = _check_stack(files, registry, salt)
+    return [None if e is None else encode_entry(e) for e in entries], found
+
+
 def pool_workers(files: int) -> int:
-    """How many processes check `files` files: none (this one does) for a few files, on one
+    """How many processes parse `files` files: none (this one does) for a few files, on one
     core, or where forking is not safe (another thread runs, or no fork)."""
     import multiprocessing
     import threading
@@ -771,78 +857,6 @@ def pool_workers(files: int) -> int:
     ):
         return 0
     return min(cores, _POOL_MAX_WORKERS)
-
-
-def _entry(source: str, path: str, registry: OpRegistry | None, salt: str) -> CachedFile:
-    from txcl.compile_cache import CachedFile
-
-    tree, problems, found = _check_text(source, path, registry)
-    return CachedFile(tree, problems).with_findings(salt, found)
-
-
-def _encoded_entry(task: tuple[str, str]) -> bytes:
-    """In a pool worker: one file's cache entry, encoded for the trip back."""
-    from txcl.compile_cache import encode_entry
-
-    path, source = task
-    registry, salt = _pool_job
-    return encode_entry(_entry(source, path, registry, salt))
-
-
-def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
-    """The rule files a load of an OPS tree read (`OPS/<tenant>/<stack>/<stage>/<name>`),
-    one list per stack: the loader reads every rule file of every well-named stack."""
-    stacks: dict[str, list[str]] = {}
-    for path in read:
-        stacks.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
-    return list(stacks.values())
-
-
-def _lint_stack(
-    files: list[str],
-    registry: OpRegistry | None,
-    read: Mapping[str, ReadFile],
-    cache: CompileCache | None,
-    salt: str,
-) -> list[Problem]:
-    """The files' findings; a file the loader has read (`read`, by path) is not read again,
-    a stack whose findings are in the cache is not looked at again, nor is a file whose
-    own findings are."""
-    known = [read.get(file) for file in files]
-    key = None
-    if cache is not None and all(k is not None for k in known):
-        from txcl.compile_cache import stack_key
-
-        key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
-        cached = cache.get_findings(key)
-        if cached is not None:
-            return list(cached)
-    problems: list[Problem] = []
-    linted: list[_FileLint] = []
-    for file, found_read in zip(files, known, strict=True):
-        if found_read is None:
-            found = _lint_path(Path(file), registry)
-        else:
-            found = _file_findings(found_read, registry, cache, salt)
-        problems.extend(p for p in found.problems if p.check != "layout")
-        linted.append(found)
-    problems.extend(_stack_findings(linted))
-    if key is not None and cache is not None:
-        cache.put_findings(key, tuple(problems))
-    return problems
-
-
-def _file_findings(
-    known: ReadFile, registry: OpRegistry | None, cache: CompileCache | None, salt: str
-) -> _FileLint:
-    """One read file's findings: from its cache entry if they were found with `salt`."""
-    cached = known.checked.findings
-    if cached is not None and cached[0] == salt and isinstance(cached[1], _FileLint):
-        return cached[1]
-    found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
-    if cache is not None:
-        cache.put(known.path, known.source, known.checked.with_findings(salt, found))
-    return found
 
 
 def _findings_salt(registry: OpRegistry | None) -> str:
