@@ -209,3 +209,24 @@ def test_files_checked_by_a_pool_give_what_one_process_gives(
     for path in sorted(ops.rglob("*.txcl")):
         entry = cache.get(str(path), path.read_text())
         assert entry is not None and entry.findings is not None
+
+
+def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
+    tmp_path: Path, xdg: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from txcl.loader import load_tree
+    from txcl.parser import parse
+    from txcl.runner import TEST_POLICY
+
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    assert lint_out(capsys, str(ops))[0] == 0
+    reader = ops / "acme/_mail/1/10-reader.txcl"
+    entry = CompileCache(xdg).get(str(reader), READER)
+    assert entry is not None and not entry.tree_kept and entry.findings is not None
+    assert entry.file == parse(READER, str(reader))  # parsed again from the text
+    cached, fresh = load_tree(ops, cache=CompileCache(xdg)), load_tree(ops)
+    assert cached.problems == fresh.problems == ()
+    envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}}}
+    runs = [t.stacks["acme/_mail"].run(envelope, TEST_POLICY).envelope for t in (cached, fresh)]
+    assert runs[0] == runs[1] and runs[0]["_txc"]["lmtp"]["res"]["code"] == 250

@@ -57,9 +57,11 @@ class CachedFile:
     its syntax tree (None: it does not parse) and, once `txcl lint` looked at it, the lint
     findings with what they depend on (`findings`: (salt, findings)). A tree and findings
     read from the cache are decoded on first use: a file whose stack is unchanged needs
-    neither."""
+    neither. An entry `txcl lint` wrote keeps no tree (without_tree): lint needs only the
+    findings, so the tree of such an entry is parsed again from the file's text if asked for
+    (the entry says it parses; the engine is the same)."""
 
-    __slots__ = ("problems", "_findings", "_file", "_encoded")
+    __slots__ = ("problems", "_findings", "_file", "_encoded", "_source")
 
     def __init__(
         self,
@@ -71,16 +73,34 @@ class CachedFile:
         self.problems = problems
         self._findings: tuple[str, object] | None = findings
         self._file = file
-        self._encoded = encoded
+        self._encoded = encoded  # the pickled tree; _NO_TREE: not kept
+        self._source: tuple[str, str] | None = None  # (path, text) to parse a tree not kept
 
     def with_findings(self, salt: str, findings: object) -> CachedFile:
         return CachedFile(self._file, self.problems, self._encoded, (salt, findings))
 
+    def without_tree(self) -> CachedFile:
+        """This entry as `txcl lint` keeps it: without its syntax tree, if it has one."""
+        if self._file is None and not self._encoded:
+            return self
+        return CachedFile(None, self.problems, _NO_TREE, self._findings)
+
+    @property
+    def tree_kept(self) -> bool:
+        """False for an entry without_tree() whose tree is not parsed again yet."""
+        return self._encoded != _NO_TREE
+
     @property
     def file(self) -> ast.File | None:
-        if self._file is None and self._encoded is not None:
+        if self._file is None and self._encoded:
             self._file = pickle.loads(self._encoded)
             self._encoded = None
+        elif self._encoded == _NO_TREE and self._source is not None:
+            from txcl.parser import parse
+
+            path, text = self._source
+            self._file = parse(text, path)
+            self._encoded = self._source = None
         return self._file
 
     @property
@@ -96,6 +116,9 @@ class CachedFile:
         if findings is not None and not isinstance(findings[1], _Encoded):
             findings = (findings[0], _Encoded(_dumps(findings[1])))
         return CachedFile, (None, self.problems, encoded, findings)
+
+
+_NO_TREE: Final = b""
 
 
 class _Encoded:
@@ -202,6 +225,8 @@ class CompileCache:
         key = _key(path, text)
         encoded = self._shard(key[0]).get(key)
         found = None if encoded is None else self._decode(encoded, key, CachedFile)
+        if found is not None and not found.tree_kept:
+            found._source = (path, text)
         if found is None:
             self.misses += 1
             if self._deferred is not None:

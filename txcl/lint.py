@@ -771,7 +771,8 @@ def _lint_stacks(
 def _check_stack(
     files: list[_FileJob], registry: OpRegistry | None, salt: str
 ) -> tuple[list[CachedFile | None], tuple[Problem, ...]]:
-    """A stack's findings, and each file's new cache entry (None: as it was)."""
+    """A stack's findings, and each file's new cache entry (None: as it was), kept without
+    its syntax tree: what lint needs again is the findings."""
     from txcl.compile_cache import CachedFile
 
     problems: list[Problem] = []
@@ -783,14 +784,14 @@ def _check_stack(
             found = _lint_path(Path(path), registry)
         elif checked is None:
             tree, parse_problems, found = _check_text(text, path, registry)
-            entry = CachedFile(tree, parse_problems).with_findings(salt, found)
+            entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
         elif (cached := checked.findings) and cached[0] == salt and isinstance(
             cached[1], _FileLint
         ):
             found = cached[1]
         else:
             found = _lint_parsed(text, path, checked.file, checked.problems, registry)
-            entry = checked.with_findings(salt, found)
+            entry = checked.with_findings(salt, found).without_tree()
         problems.extend(p for p in found.problems if p.check != "layout")
         linted.append(found)
         entries.append(entry)
