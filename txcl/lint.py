@@ -486,7 +486,6 @@ def _schema_lookup(segments: tuple[ast.Segment, ...]) -> Lookup | None:
     return found
 
 
-
 def _read_only(segments: tuple[ast.Segment, ...]) -> str | None:
     """Why a rule may not write there. The envelope's source is not known before a run, so
     every `_txc.<x>` other than src, rid and route is taken as some source's namespace."""
