@@ -33,6 +33,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -823,11 +825,18 @@ def _run_jobs(
     import multiprocessing
 
     _pool_job = (registry, salt)  # the workers are forked: they inherit it
+    for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
+        stream.flush()
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, _quiet_worker) as pool:
             yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
     finally:
         _pool_job = (None, "")
+
+
+def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pooled_stack(files: list[_FileJob]) -> _Done:
