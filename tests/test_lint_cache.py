@@ -212,7 +212,8 @@ def test_files_checked_by_a_pool_give_what_one_process_gives(
 
 
 def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
-    tmp_path: Path, xdg: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from txcl.loader import load_tree
     from txcl.parser import parse
@@ -225,8 +226,20 @@ def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
     entry = CompileCache(xdg).get(str(reader), READER)
     assert entry is not None and not entry.tree_kept and entry.findings is not None
     assert entry.file == parse(READER, str(reader))  # parsed again from the text
-    cached, fresh = load_tree(ops, cache=CompileCache(xdg)), load_tree(ops)
+    cache = CompileCache(xdg)
+    cached, fresh = load_tree(ops, cache=cache), load_tree(ops)
     assert cached.problems == fresh.problems == ()
+    cache.flush()  # the trees parsed again are kept now, with lint's findings
+    again = CompileCache(xdg).get(str(reader), READER)
+    assert again is not None and again.tree_kept and again.findings == entry.findings
+
+    def not_again(*args: object) -> None:
+        raise AssertionError("a kept tree was parsed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("txcl.parser.parse", not_again)
+        third = load_tree(ops, cache=CompileCache(xdg))
+    assert third.problems == () and sorted(third.stacks) == sorted(fresh.stacks)
     envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}}}
     runs = [t.stacks["acme/_mail"].run(envelope, TEST_POLICY).envelope for t in (cached, fresh)]
     assert runs[0] == runs[1] and runs[0]["_txc"]["lmtp"]["res"]["code"] == 250

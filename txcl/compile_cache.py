@@ -59,7 +59,8 @@ class CachedFile:
     read from the cache are decoded on first use: a file whose stack is unchanged needs
     neither. An entry `txcl lint` wrote keeps no tree (without_tree): lint needs only the
     findings, so the tree of such an entry is parsed again from the file's text if asked for
-    (the entry says it parses; the engine is the same)."""
+    (the entry says it parses; the engine is the same), and the entry is then put back into
+    the cache it came from with its tree."""
 
     __slots__ = ("problems", "_findings", "_file", "_encoded", "_source")
 
@@ -74,7 +75,8 @@ class CachedFile:
         self._findings: tuple[str, object] | None = findings
         self._file = file
         self._encoded = encoded  # the pickled tree; _NO_TREE: not kept
-        self._source: tuple[str, str] | None = None  # (path, text) to parse a tree not kept
+        # where a tree not kept is parsed from and then kept: (cache, path, text)
+        self._source: tuple[CompileCache, str, str] | None = None
 
     def with_findings(self, salt: str, findings: object) -> CachedFile:
         return CachedFile(self._file, self.problems, self._encoded, (salt, findings))
@@ -98,9 +100,10 @@ class CachedFile:
         elif self._encoded == _NO_TREE and self._source is not None:
             from txcl.parser import parse
 
-            path, text = self._source
+            cache, path, text = self._source
             self._file = parse(text, path)
             self._encoded = self._source = None
+            cache.put(path, text, self)  # the tree, with the findings: not parsed again
         return self._file
 
     @property
@@ -226,7 +229,7 @@ class CompileCache:
         encoded = self._shard(key[0]).get(key)
         found = None if encoded is None else self._decode(encoded, key, CachedFile)
         if found is not None and not found.tree_kept:
-            found._source = (path, text)
+            found._source = (self, path, text)
         if found is None:
             self.misses += 1
             if self._deferred is not None:
