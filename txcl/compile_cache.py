@@ -2,7 +2,8 @@
 
 Like CPython's `.pyc` files: one entry per rule file, keyed by a hash of the file's path and
 text, holding its syntax tree (None if it does not parse) and its parse and compile problems;
-`txcl lint` adds its findings, with the ops it checked them against. Entries live in 256
+`txcl lint` adds its findings, with the ops it checked them against, and keeps the findings
+of each whole stack under a key of its files (stack_key). Entries live in 256
 shard files by the first byte of their key: creating a file costs far more than reading
 one on a busy disk, and a reload that recompiles one stack reads a few shards, not all.
 
@@ -22,22 +23,27 @@ cache only grows (an edited file adds an entry); removing the folder is always s
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import dataclasses
 import functools
 import hashlib
 import io
 import logging
+import operator
 import os
 import pickle
 import stat
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from txcl import ast
 from txcl.errors import Problem
 
 log = logging.getLogger("txcl.cache")
+
+_Entry = TypeVar("_Entry", "CachedFile", "CachedFindings")
 
 MAGIC: Final = b"TXCLC1\n"
 SHARD_SUFFIX: Final = ".shard"
@@ -49,10 +55,14 @@ _ENGINE_PACKAGE: Final = "txcl"
 class CachedFile:
     """What checking one rule file found: its parse and compile problems (none: it compiles),
     its syntax tree (None: it does not parse) and, once `txcl lint` looked at it, the lint
-    findings with what they depend on (`findings`: (salt, findings)). A tree read from the
-    cache is decoded on first use: linting an unchanged file needs only its findings."""
+    findings with what they depend on (`findings`: (salt, findings)). A tree and findings
+    read from the cache are decoded on first use: a file whose stack is unchanged needs
+    neither. An entry `txcl lint` wrote keeps no tree (without_tree): lint needs only the
+    findings, so the tree of such an entry is parsed again from the file's text if asked for
+    (the entry says it parses; the engine is the same), and the entry is then put back into
+    the cache it came from with its tree."""
 
-    __slots__ = ("problems", "findings", "_file", "_encoded")
+    __slots__ = ("problems", "_findings", "_file", "_encoded", "_source")
 
     def __init__(
         self,
@@ -62,23 +72,91 @@ class CachedFile:
         findings: tuple[str, object] | None = None,
     ) -> None:
         self.problems = problems
-        self.findings = findings
+        self._findings: tuple[str, object] | None = findings
         self._file = file
-        self._encoded = encoded
+        self._encoded = encoded  # the pickled tree; _NO_TREE: not kept
+        # where a tree not kept is parsed from and then kept: (cache, path, text)
+        self._source: tuple[CompileCache, str, str] | None = None
 
     def with_findings(self, salt: str, findings: object) -> CachedFile:
         return CachedFile(self._file, self.problems, self._encoded, (salt, findings))
 
+    def without_tree(self) -> CachedFile:
+        """This entry as `txcl lint` keeps it: without its syntax tree, if it has one."""
+        if self._file is None and not self._encoded:
+            return self
+        return CachedFile(None, self.problems, _NO_TREE, self._findings)
+
+    @property
+    def tree_kept(self) -> bool:
+        """False for an entry without_tree() whose tree is not parsed again yet."""
+        return self._encoded != _NO_TREE
+
     @property
     def file(self) -> ast.File | None:
-        if self._file is None and self._encoded is not None:
+        if self._file is None and self._encoded:
             self._file = pickle.loads(self._encoded)
             self._encoded = None
+        elif self._encoded == _NO_TREE and self._source is not None:
+            from txcl.parser import parse
+
+            cache, path, text = self._source
+            self._file = parse(text, path)
+            self._encoded = self._source = None
+            cache.put(path, text, self)  # the tree, with the findings: not parsed again
         return self._file
+
+    @property
+    def findings(self) -> tuple[str, object] | None:
+        found = self._findings
+        if found is not None and isinstance(found[1], _Encoded):
+            found = self._findings = (found[0], pickle.loads(found[1].data))
+        return found
 
     def __reduce__(self) -> tuple[Any, ...]:
         encoded = self._encoded if self._file is None else _dumps(self._file)
-        return CachedFile, (None, self.problems, encoded, self.findings)
+        findings = self._findings
+        if findings is not None and not isinstance(findings[1], _Encoded):
+            findings = (findings[0], _Encoded(_dumps(findings[1])))
+        return CachedFile, (None, self.problems, encoded, findings)
+
+
+_NO_TREE: Final = b""
+
+
+class _Encoded:
+    """Pickled bytes inside an entry, unpickled only when asked for."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Encoded, (self.data,)
+
+
+class CachedFindings:
+    """The lint findings of a whole stack (`txcl lint`): kept under a key of its files'
+    paths and texts and of what the findings depend on (stack_key), so a stack whose files
+    are unchanged is not looked at again, its cross-file checks included."""
+
+    __slots__ = ("findings",)
+
+    def __init__(self, findings: tuple[Problem, ...]) -> None:
+        self.findings = findings
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return CachedFindings, (self.findings,)
+
+
+def stack_key(files: Iterable[tuple[str, str]], salt: str) -> bytes:
+    """The key of a stack's findings: its files' (path, text) in order, and `salt` (what
+    else the findings depend on: the ops known, the schemas)."""
+    digest = hashlib.sha256(b"stack\0" + salt.encode("utf-8", "surrogatepass") + b"\0")
+    for path, text in files:
+        digest.update(_key(path, text))
+    return digest.digest()
 
 
 @functools.cache
@@ -107,7 +185,8 @@ class CompileCache:
     when first needed; put() keeps an entry and flush() writes the shards that got one.
     Never raises for a bad folder, shard or entry: it logs and misses.
 
-    `hits`, `misses` and `written` count this object's lookups and new entries."""
+    `hits`, `misses` and `written` count this object's lookups of files and new file
+    entries; `stack_hits` and `stack_misses` its lookups of stacks' findings."""
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
@@ -115,10 +194,13 @@ class CompileCache:
         self.hits = 0
         self.misses = 0
         self.written = 0
+        self.stack_hits = 0
+        self.stack_misses = 0
         self._said: set[str] = set()
         self._readable = self._writable = self._prepare()
         self._shards: dict[int, dict[bytes, bytes]] = {}  # first key byte -> key -> entry
         self._dirty: set[int] = set()
+        self._deferred: list[str] | None = None
 
     def _prepare(self) -> bool:
         try:
@@ -145,12 +227,36 @@ class CompileCache:
         """The entry for this file's path and text, if there is a sound one of this engine."""
         key = _key(path, text)
         encoded = self._shard(key[0]).get(key)
-        found = None if encoded is None else self._decode_entry(encoded, key)
+        found = None if encoded is None else self._decode(encoded, key, CachedFile)
+        if found is not None and not found.tree_kept:
+            found._source = (self, path, text)
         if found is None:
             self.misses += 1
+            if self._deferred is not None:
+                self._deferred.append(path)
+                return CachedFile(None, ())
         else:
             self.hits += 1
         return found
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[list[str]]:
+        """Within it, get() answers a miss with an empty entry (no tree, no problems) and
+        adds the path to the list it yields: a walk that only gathers files (the loader's
+        check_only load, for `txcl lint`) leaves the parsing of those to its caller."""
+        deferred: list[str] = []
+        self._deferred = deferred
+        try:
+            yield deferred
+        finally:
+            self._deferred = None
+
+    def put_encoded(self, path: str, text: str, encoded: bytes) -> None:
+        """Keep an entry already encoded (encode_entry); flush() writes it."""
+        key = _key(path, text)
+        self._shard(key[0])[key] = encoded
+        self._dirty.add(key[0])
+        self.written += 1
 
     def put(self, path: str, text: str, entry: CachedFile) -> None:
         """Keep the entry; flush() writes it."""
@@ -158,6 +264,21 @@ class CompileCache:
         self._shard(key[0])[key] = _dumps(entry)
         self._dirty.add(key[0])
         self.written += 1
+
+    def get_findings(self, key: bytes) -> tuple[Problem, ...] | None:
+        """A stack's findings kept under `key` (stack_key), if there is a sound entry."""
+        encoded = self._shard(key[0]).get(key)
+        found = None if encoded is None else self._decode(encoded, key, CachedFindings)
+        if found is None:
+            self.stack_misses += 1
+            return None
+        self.stack_hits += 1
+        return found.findings
+
+    def put_findings(self, key: bytes, findings: tuple[Problem, ...]) -> None:
+        """Keep a stack's findings under `key`; flush() writes them."""
+        self._shard(key[0])[key] = _dumps(CachedFindings(findings))
+        self._dirty.add(key[0])
 
     def flush(self) -> None:
         """Write every shard that got entries (a temporary file, then a rename; 0600). A
@@ -210,13 +331,13 @@ class CompileCache:
             return {}
         return shard
 
-    def _decode_entry(self, encoded: bytes, key: bytes) -> CachedFile | None:
+    def _decode(self, encoded: bytes, key: bytes, kind: type[_Entry]) -> _Entry | None:
         try:
             found = pickle.loads(encoded)
         except Exception as err:
             self._say("corrupt", "compile cache entry %s cannot be loaded: %s", key.hex(), err)
             return None
-        if not isinstance(found, CachedFile):
+        if not isinstance(found, kind):
             self._say("corrupt", "compile cache entry %s holds a %s", key.hex(),
                       type(found).__name__)
             return None
@@ -257,15 +378,44 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        cls = type(obj)
+class _Reducers(dict[type, Callable[[Any], Any]]):
+    """How pickle reduces each class it meets (a Pickler's dispatch_table): an engine
+    dataclass to (class, field values), found once per class; other classes as copyreg says.
+    Unlike a reducer_override, it is not called for the tuples, lists and dicts between."""
+
+    def __missing__(self, cls: type) -> Callable[[Any], Any]:
         if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + ".")):
-            return NotImplemented
-        return cls, tuple(getattr(obj, name) for name in _field_names(cls))
+            return copyreg.dispatch_table[cls]  # a KeyError: pickle's default reduction
+        names = _field_names(cls)
+        if len(names) == 1:
+            (name,) = names
+            reduce = functools.partial(_reduce_one, cls, name)
+        else:
+            fields = operator.attrgetter(*names) if names else lambda obj: ()
+            reduce = functools.partial(_reduce_many, cls, fields)
+        self[cls] = reduce
+        return reduce
 
 
-def _dumps(entry: CachedFile | ast.File) -> bytes:
+def _reduce_one(cls: type, name: str, obj: Any) -> tuple[type, tuple[Any]]:
+    return cls, (getattr(obj, name),)
+
+
+def _reduce_many(cls: type, fields: Callable[[Any], tuple[Any, ...]], obj: Any) -> tuple[Any, ...]:
+    return cls, fields(obj)
+
+
+_REDUCERS: Final = _Reducers()
+
+
+def encode_entry(entry: CachedFile) -> bytes:
+    """An entry as the cache keeps it (put_encoded)."""
+    return _dumps(entry)
+
+
+def _dumps(entry: object) -> bytes:
     out = io.BytesIO()
-    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(entry)
+    pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = _REDUCERS
+    pickler.dump(entry)
     return out.getvalue()

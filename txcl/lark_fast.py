@@ -6,9 +6,11 @@ instance that parser.py builds anyway and takes from it:
 
 - the terminals, ordered as lark's basic lexer tries them, to tokenize a file with one regex
   match per token into small NamedTuples instead of lark Tokens;
-- the LALR table (`lark.parsers.lalr_analysis`), rebuilt with light stand-in rules, and lark's
-  own state machine (`lark.parsers.lalr_parser_state.ParserState`) fed token by token, with a
-  reduce callback per rule that calls parser.py's builders directly.
+- the LALR table (`lark.parsers.lalr_analysis`) of its parser state
+  (`lark.parsers.lalr_parser_state.ParserState`), laid out again with each reduction's length,
+  origin and callback, and driven by lark's own LALR loop rewritten over that layout (one
+  dict lookup per action), with a reduce callback per rule that calls parser.py's builders
+  directly.
 
 Anything surprising at setup (an import that fails, a lark outside VERIFIED_LARK, a table of
 another shape, a rule without a builder) raises Unavailable, and parser.py parses with the
@@ -22,10 +24,10 @@ import importlib.metadata
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any, Final, NamedTuple
 
 from lark import Lark, Token
+from lark.exceptions import UnexpectedToken
 
 __all__ = ["VERIFIED_LARK", "FileParser", "Scanned", "Unavailable"]
 
@@ -61,17 +63,45 @@ def _lark_version() -> tuple[int, int]:
         raise Unavailable(f"cannot tell which lark is installed: {err}") from None
 
 
-class _Reduction:
-    """A rule of the table as lark's LALR loop reads it: its length and its origin's name.
-    lark's own Rule compares and hashes in Python and names its origin with a Token, which
-    compares through Token.__eq__ on every goto; this one compares by identity and names it
-    with a plain str."""
+_PASS_ONE: Final = operator.itemgetter(0)
+_SHIFT: Final = "shift"
+_REDUCE: Final = "reduce"
+# A table entry: (_SHIFT, next state) or (_REDUCE, values popped, builder, rule's origin); the
+# builder is None for a rule of one symbol that passes its value up as it is.
+_Action = tuple[Any, ...]
 
-    __slots__ = ("expansion", "origin")
 
-    def __init__(self, rule: Any) -> None:
-        self.expansion = rule.expansion
-        self.origin = SimpleNamespace(name=str(rule.origin.name))
+def _actions(
+    states: Mapping[Any, Mapping[str, tuple[Any, Any]]],
+    builders: Mapping[str, Builder],
+    shift: Any,
+    reduce: Any,
+) -> dict[Any, dict[str, _Action]]:
+    """lark's table with each reduction's length, builder and origin looked up once."""
+    built: dict[int, _Action] = {}
+
+    def reduction(rule: Any) -> _Action:
+        found = built.get(id(rule))
+        if found is None:
+            callback: Callable[[list[Any]], Any] | None = _reduce_callback(rule, builders)
+            size = len(rule.expansion)
+            if size == 1 and callback is _PASS_ONE:
+                callback = None
+            found = built[id(rule)] = (_REDUCE, size, callback, str(rule.origin.name))
+        return found
+
+    out: dict[Any, dict[str, _Action]] = {}
+    for state, actions in states.items():
+        row: dict[str, _Action] = {}
+        for kind, (action, arg) in actions.items():
+            if action is shift:
+                row[str(kind)] = (_SHIFT, arg)
+            elif action is reduce:
+                row[str(kind)] = reduction(arg)
+            else:
+                raise TypeError(f"an action {action!r}")
+        out[state] = row
+    return out
 
 
 def _inlined(symbol: Any) -> bool:
@@ -89,7 +119,7 @@ def _reduce_callback(rule: Any, builders: Mapping[str, Builder]) -> Callable[[li
     name = str(rule.alias or rule.origin.name)
     build = builders.get(name)
     if build is None and rule.options.expand1 and len(kept) == 1 and not spliced:
-        return operator.itemgetter(kept[0])  # `?rule`: passes its one child up
+        return _PASS_ONE if kept[0] == 0 else operator.itemgetter(kept[0])  # `?rule`: its child
     if build is None and not name.startswith("_"):
         raise Unavailable(f"grammar rule {name} has no builder")
     if spliced:
@@ -131,41 +161,26 @@ class FileParser:
         if not low <= _lark_version() < high:
             raise Unavailable(f"lark {_lark_version()} is outside {low}..{high}")
         try:
-            from lark.parsers.lalr_analysis import ParseTableBase, Reduce
-            from lark.parsers.lalr_parser_state import ParseConf, ParserState
+            from lark.parsers.lalr_analysis import Reduce, Shift
+            from lark.parsers.lalr_parser_state import ParserState
         except ImportError as err:
             raise Unavailable(f"lark's LALR internals moved: {err}") from None
         try:
             (start,) = grammar.options.start
             self._pattern = _token_pattern(grammar)
-            table = grammar.parse_interactive("").parser_state.parse_conf.parse_table
-            reductions: dict[int, _Reduction] = {}
-            callbacks: dict[Any, Callable[[list[Any]], Any]] = {}
-
-            def reduction(rule: Any) -> _Reduction:
-                found = reductions.get(id(rule))
-                if found is None:
-                    found = reductions[id(rule)] = _Reduction(rule)
-                    callbacks[found] = _reduce_callback(rule, builders)
-                return found
-
-            states = {
-                state: {
-                    kind: (action, reduction(arg) if action is Reduce else arg)
-                    for kind, (action, arg) in actions.items()
-                }
-                for state, actions in table.states.items()
-            }
-            view: ParseTableBase[Any] = ParseTableBase(states, table.start_states, table.end_states)
-            conf: ParseConf[Any] = ParseConf(view, callbacks, start)
+            state = grammar.parse_interactive("").parser_state
+            if not isinstance(state, ParserState):
+                raise TypeError(f"a parser state of type {type(state).__name__}")
+            table = state.parse_conf.parse_table
+            self._start = table.start_states[start]
+            self._end = table.end_states[start]
+            self._actions = _actions(table.states, builders, Shift, Reduce)
         except (AttributeError, TypeError, ValueError, KeyError) as err:
             raise Unavailable(f"lark's table is not what this module expects: {err!r}") from None
-        terminals = {kind for actions in states.values() for kind in actions if kind.isupper()}
+        terminals = {kind for actions in self._actions.values() for kind in actions if kind.isupper()}
         unknown = set(self._pattern.groupindex) - terminals - set(grammar.ignore_tokens)
         if unknown:
             raise Unavailable(f"terminals the table never takes: {sorted(unknown)}")
-        # No lexer thread: parse() feeds the state its tokens itself (lark's types want one).
-        self._new_state: Callable[[], Any] = lambda: ParserState(conf, None)  # type: ignore[arg-type]
         self._on_comment = on_comment
         self._max_nesting = max_nesting
 
@@ -173,13 +188,39 @@ class FileParser:
         """The builders' result for `text`; None where lark's lexer would stop (a character no
         terminal takes, brackets nested too deeply). A syntax error raises lark's
         UnexpectedToken, and whatever a builder raises passes through."""
-        tokens = self._tokenize(text)
-        if tokens is None:
+        scanned = self._tokenize(text)
+        if scanned is None:
             return None
-        feed = self._new_state().feed_token
+        tokens: list[Any] = [*scanned, _END]
+        # lark's LALR loop (ParserState.feed_token), over the table as _actions() lays it out
+        actions, end = self._actions, self._end
+        states: list[Any] = [self._start]
+        values: list[Any] = []
         for token in tokens:
-            feed(token)
-        return feed(_END, True)
+            while True:
+                action = actions[states[-1]].get(token.type)
+                if action is None:
+                    expected = {k for k in actions[states[-1]] if k.isupper()}
+                    raise UnexpectedToken(token, expected)
+                if action[0] is _SHIFT:
+                    states.append(action[1])
+                    values.append(token)
+                    break
+                _, size, build, origin = action
+                if build is None:  # `?rule` passing its one value up: only the state changes
+                    states[-1] = actions[states[-2]][origin][1]
+                    continue
+                if size:
+                    popped = values[-size:]
+                    del states[-size:]
+                    del values[-size:]
+                else:
+                    popped = []
+                states.append(actions[states[-1]][origin][1])
+                values.append(build(popped))
+                if token is _END and states[-1] == end:
+                    return values[-1]
+        raise UnexpectedToken(_END, set())  # cannot happen: $END reduces to the end state
 
     def _tokenize(self, text: str) -> list[Scanned] | None:
         match = self._pattern.match

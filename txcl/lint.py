@@ -37,7 +37,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -45,8 +47,6 @@ from typing import TYPE_CHECKING, Final
 from txcl import ast, inputs
 from txcl.envelope import (
     RESULT_KEY,
-    STACK_NAME,
-    TENANT_NAME,
     TXC,
     path_text,
     read_only_reason,
@@ -56,8 +56,8 @@ from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
-    from txcl.compile_cache import CompileCache
-    from txcl.loader import ReadFile
+    from txcl.compile_cache import CachedFile, CompileCache
+    from txcl.loader import ReadFile, Tree
     from txcl.ops import OpRegistry
     from txcl.schema import Lookup
 
@@ -181,17 +181,25 @@ def _lines(source: str) -> list[str]:
 
 
 def _lint_text(source: str, name: str, registry: OpRegistry | None) -> _FileLint:
+    return _check_text(source, name, registry)[2]
+
+
+def _check_text(
+    source: str, name: str, registry: OpRegistry | None
+) -> tuple[ast.File | None, tuple[Problem, ...], _FileLint]:
+    """Parse, compile and lint one file's text: its tree (None: it does not parse), its
+    parse or compile problems, and its findings."""
     try:
         tree = parse(source, name)
     except TxclSyntaxError as err:
-        return _lint_parsed(source, name, None, err.problems, registry)
+        return None, err.problems, _lint_parsed(source, name, None, err.problems, registry)
     from txcl.compiler import compile_file  # the compiler pulls in RE2 and the ops' helpers
 
     try:
         compile_file(tree)
     except TxclError as err:
-        return _lint_parsed(source, name, tree, err.problems, registry)
-    return _lint_parsed(source, name, tree, (), registry)
+        return tree, err.problems, _lint_parsed(source, name, tree, err.problems, registry)
+    return tree, (), _lint_parsed(source, name, tree, (), registry)
 
 
 def _lint_parsed(
@@ -428,10 +436,10 @@ class _RuleChecks:
             stack.extend(_children(current))
 
     def lookup(self, path: ast.Path) -> Lookup | None:
-        from txcl.schema import SchemaError, lookup
+        from txcl.schema import SchemaError
 
         try:
-            return lookup(path.segments)
+            return _schema_lookup(path.segments)
         except SchemaError as err:
             if not self.schema_failed:
                 self.schema_failed = True
@@ -563,6 +571,27 @@ class _RuleChecks:
 
 
 # --- what the checks know about paths and values ---------------------------------------------
+
+# segments -> (the schema of their source when looked up, what it says): the same envelope
+# paths recur in every file of a tree.
+_LOOKUPS: dict[tuple[ast.Segment, ...], tuple[object, Lookup | None]] = {}
+_MAX_LOOKUPS: Final = 10_000
+
+
+def _schema_lookup(segments: tuple[ast.Segment, ...]) -> Lookup | None:
+    """schema.lookup(segments), remembered while their source's schema stays the same."""
+    from txcl.schema import lookup, section_schema
+
+    if len(segments) < 2 or segments[0] != TXC or not isinstance(segments[1], str):
+        return lookup(segments)
+    known = _LOOKUPS.get(segments)
+    if known is not None and section_schema(segments[1]) is known[0]:
+        return known[1]
+    found = lookup(segments)  # a SchemaError passes through, and is not remembered
+    if len(_LOOKUPS) >= _MAX_LOOKUPS:
+        _LOOKUPS.clear()
+    _LOOKUPS[segments] = (section_schema(segments[1]), found)
+    return found
 
 
 def _read_only(segments: tuple[ast.Segment, ...]) -> str | None:
@@ -706,10 +735,12 @@ def _stack_findings(files: Iterable[_FileLint]) -> list[Problem]:
     if any(f.execs for f in files):
         return found  # an op may write any path: what is never SET may still be there
     writes = {w for f in files for w in f.local_writes}
-    texts = sorted({_dotted(w) for w in writes})
+    texts: list[str] | None = None
     for read in (r for f in files for r in f.local_reads):
         if any(_covers(w, read.segments) for w in writes):
             continue
+        if texts is None:
+            texts = sorted({_dotted(w) for w in writes})
         close = difflib.get_close_matches(_dotted(read.segments), texts, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         message = (
@@ -758,14 +789,16 @@ def lint_tree(
     from txcl.loader import load_tree, no_cyclic_gc
 
     root = Path(root)
+    salt = _findings_salt(registry)
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
-        loaded = load_tree(root, keep_files=True, cache=cache, check_only=True)
-        problems = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        for stack_files in _stacks(root):
-            problems.extend(_lint_stack(stack_files, registry, loaded.read, cache))
-        del loaded  # freed before the collector is back, so it has nothing to scan
+        layout, read, deferred = _load(
+            lambda: load_tree(root, keep_files=True, cache=cache, check_only=True), cache
+        )
+        stacks = _stacks_read(read)
+        problems = [*layout, *_lint_stacks(stacks, registry, read, deferred, cache, salt)]
+        del read  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
 
 
@@ -783,53 +816,201 @@ def lint_target(
     if not path.is_dir():
         return [_finding("layout", f"{path}: no such file or folder", None, None)]
     if STAGE_NAME.fullmatch(path.name):
-        files = list(_rule_files(path, path))
+        files = [str(p) for p in _rule_files(path, path)]
     elif _holds_stages(path):
-        files = list(_stage_files(path, path))
+        files = [str(p) for p in _stage_files(path, path)]
     else:
         return lint_tree(path, registry, cache=cache)
+    salt = _findings_salt(registry)
     with no_cyclic_gc():
-        loaded = load_target(path, keep_files=True, cache=cache, check_only=True)
-        layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-        problems = [*layout, *_lint_stack(files, registry, loaded.read, cache)]
-        del loaded
+        layout, read, deferred = _load(
+            lambda: load_target(path, keep_files=True, cache=cache, check_only=True), cache
+        )
+        problems = [*layout, *_lint_stacks([files], registry, read, deferred, cache, salt)]
+        del read
     return _sorted(problems)
 
 
-def _lint_stack(
-    files: list[Path],
+def _load(
+    load: Callable[[], Tree], cache: CompileCache | None
+) -> tuple[list[Problem], Mapping[str, ReadFile], frozenset[str]]:
+    """The layout problems of a check_only load, the rule files it read, and which of them
+    are not in the cache: with a cache the load's walk parses nothing, and their entries
+    are empty (_lint_stacks checks them)."""
+    if cache is None:
+        loaded, deferred = load(), []
+    else:
+        with cache.deferring() as deferred:
+            loaded = load()
+    layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
+    return layout, loaded.read, frozenset(deferred)
+
+
+def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
+    """The rule files a load of an OPS tree read (`OPS/<tenant>/<stack>/<stage>/<name>`),
+    one list per stack: the loader reads every rule file of every well-named stack."""
+    stacks: dict[str, list[str]] = {}
+    for path in read:
+        stacks.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
+    return list(stacks.values())
+
+
+# (path, text, entry) of a file of a stack to check: text None if the loader could not read
+# it (lint reports nothing more of it), entry None if it is not in the cache.
+_FileJob = tuple[str, "str | None", "CachedFile | None"]
+
+
+def _lint_stacks(
+    stacks: list[list[str]],
     registry: OpRegistry | None,
     read: Mapping[str, ReadFile],
-    cache: CompileCache | None = None,
+    deferred: frozenset[str],
+    cache: CompileCache | None,
+    salt: str,
 ) -> list[Problem]:
-    """The files' findings; a file the loader has read (`read`, by path) is not read again,
-    and one whose findings are in the cache is not looked at again."""
+    """The findings of each stack (its rule files, by path). A file the loader has read
+    (`read`) is not read again; a stack whose findings are in the cache is not looked at
+    again, nor is a file whose own findings are; the files not in the cache (`deferred`)
+    are parsed, compiled and linted, by a pool of processes when there are many. What is
+    found is kept in the cache."""
+    from txcl.compile_cache import stack_key
+
+    problems: list[Problem] = []
+    jobs: list[tuple[bytes | None, list[_FileJob]]] = []
+    for files in stacks:
+        known = [read.get(file) for file in files]
+        key = None
+        if cache is not None and all(k is not None for k in known):
+            key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
+            cached = cache.get_findings(key)
+            if cached is not None:
+                problems.extend(cached)
+                continue
+        jobs.append((key, [
+            (file, None, None) if k is None else
+            (file, k.source, None if file in deferred else k.checked)
+            for file, k in zip(files, known, strict=True)
+        ]))
+    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred))
+    for (key, job), (entries, found) in zip(jobs, done, strict=True):
+        if cache is not None:
+            for (path, text, _), entry in zip(job, entries, strict=True):
+                if isinstance(entry, bytes):
+                    cache.put_encoded(path, text or "", entry)
+                elif entry is not None:
+                    cache.put(path, text or "", entry)
+            if key is not None:
+                cache.put_findings(key, found)
+        problems.extend(found)
+    return problems
+
+
+def _check_stack(
+    files: list[_FileJob], registry: OpRegistry | None, salt: str
+) -> tuple[list[CachedFile | None], tuple[Problem, ...]]:
+    """A stack's findings, and each file's new cache entry (None: as it was), kept without
+    its syntax tree: what lint needs again is the findings."""
+    from txcl.compile_cache import CachedFile
+
     problems: list[Problem] = []
     linted: list[_FileLint] = []
-    ops = ("" if registry is None else ",".join(sorted(registry.names()))) + _schemas_key()
-    for file in files:
-        known = read.get(str(file))
-        if known is None:
-            found = _lint_path(file, registry)
-        elif (cached := known.checked.findings) and cached[0] == ops and isinstance(
+    entries: list[CachedFile | None] = []
+    for path, text, checked in files:
+        entry = None
+        if text is None:
+            found = _lint_path(Path(path), registry)
+        elif checked is None:
+            tree, parse_problems, found = _check_text(text, path, registry)
+            entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
+        elif (cached := checked.findings) and cached[0] == salt and isinstance(
             cached[1], _FileLint
         ):
             found = cached[1]
         else:
-            found = _lint_parsed(known.source, known.path, known.file, known.problems, registry)
-            if cache is not None:
-                cache.put(known.path, known.source, known.checked.with_findings(ops, found))
+            found = _lint_parsed(text, path, checked.file, checked.problems, registry)
+            entry = checked.with_findings(salt, found).without_tree()
         problems.extend(p for p in found.problems if p.check != "layout")
         linted.append(found)
-    return [*problems, *_stack_findings(linted)]
+        entries.append(entry)
+    problems.extend(_stack_findings(linted))
+    return entries, tuple(problems)
 
 
-def _schemas_key() -> str:
-    """What of the installed schemas cached findings depend on (the engine key does not
-    cover a source's schema file)."""
+# --- checking many files at once ------------------------------------------------------------
+
+# Fewer files to parse than this are parsed in this process: a pool costs its start.
+POOL_MIN_FILES: Final = 200
+_POOL_MAX_WORKERS: Final = 8
+_pool_job: tuple[OpRegistry | None, str] = (None, "")  # what the workers check against
+
+_Done = tuple[list["CachedFile | bytes | None"], tuple[Problem, ...]]
+
+
+def _run_jobs(
+    jobs: list[list[_FileJob]], registry: OpRegistry | None, salt: str, to_parse: int
+) -> Iterator[_Done]:
+    """_check_stack() of each job, in order: in this process, or by a pool of forked
+    processes (pool_workers) that send each new entry back encoded."""
+    workers = pool_workers(to_parse)
+    if not workers:
+        for files in jobs:
+            entries, found = _check_stack(files, registry, salt)
+            yield list(entries), found
+        return
+    global _pool_job
+    import multiprocessing
+
+    _pool_job = (registry, salt)  # the workers are forked: they inherit it
+    for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
+        stream.flush()
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, _quiet_worker) as pool:
+            yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
+    finally:
+        _pool_job = (None, "")
+
+
+def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the parent, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pooled_stack(files: list[_FileJob]) -> _Done:
+    """In a pool worker: _check_stack(), its new entries encoded for the trip back."""
+    from txcl.compile_cache import encode_entry
+
+    registry, salt = _pool_job
+    entries, found = _check_stack(files, registry, salt)
+    return [None if e is None else encode_entry(e) for e in entries], found
+
+
+def pool_workers(files: int) -> int:
+    """How many processes parse `files` files: none (this one does) for a few files, on one
+    core, or where forking is not safe (another thread runs, or no fork)."""
+    import multiprocessing
+    import threading
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if (
+        files < POOL_MIN_FILES
+        or cores < 2
+        or threading.active_count() > 1
+        or "fork" not in multiprocessing.get_all_start_methods()
+    ):
+        return 0
+    return min(cores, _POOL_MAX_WORKERS)
+
+
+def _findings_salt(registry: OpRegistry | None) -> str:
+    """What cached findings depend on besides the files and the engine: the ops known and
+    the installed schemas (the engine key does not cover a source's schema file)."""
     from txcl.schema import schemas_digest
 
-    return "|" + schemas_digest()
+    ops = "" if registry is None else ",".join(sorted(registry.names()))
+    return f"{ops}|{schemas_digest()}"
 
 
 def _inside(root: Path, entry: os.DirEntry[str]) -> bool:
@@ -882,10 +1063,3 @@ def _holds_stages(folder: Path) -> bool:
         )
     except OSError:
         return False
-
-
-def _stacks(root: Path) -> Iterator[list[Path]]:
-    """The rule files of every well-named stack of an OPS tree, one list per stack."""
-    for tenant in _subfolders(root, root, TENANT_NAME):
-        for stack in _subfolders(tenant, root, STACK_NAME):
-            yield list(_stage_files(stack, root))
