@@ -10,6 +10,8 @@ under `<state-dir>/cache/` unless it is turned off (`txco serve --no-cache`).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_co
 from txcl.chassis.head import Engine, Head
 from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_tree, with_registry
+from txcl.loader import LazyStacks, Scan, Tree, load_tree, with_registry
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
@@ -81,11 +83,15 @@ def load_ops_tree(
     *,
     previous: Tree | None = None,
     compile_cache: bool = True,
+    lazy: bool = False,
+    scan: Scan | None = None,
 ) -> Tree:
-    """The `--ops` tree through the compile cache under the state dir (unless turned off)."""
+    """The `--ops` tree through the compile cache under the state dir (unless turned off).
+    `lazy` and `scan` are as for load_tree (a lazy tree writes its cache when completed)."""
     cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
-    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
-    if cache is not None:
+    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous, lazy=lazy,
+                     scan=scan)
+    if cache is not None and not lazy:
         cache.flush()
     return tree
 
@@ -101,6 +107,8 @@ def build_runtime(
     previous: Tree | None = None,
     compile_cache: bool = True,
     preloaded: Tree | None = None,
+    lazy: bool = False,
+    scan: Scan | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
@@ -112,6 +120,8 @@ def build_runtime(
     `preloaded` is a tree loaded just before (by the parent of --workers, before the fork):
     it is used as it is, only its EXECs checked against this registry, so that a worker
     does not touch (and so copy) the pages it shares with the parent and its siblings.
+    `lazy` compiles each stack when first needed (txcl.loader.LazyStacks; `over_tree` swaps
+    in the completed tree); `scan` is a walk of `--ops` taken just before.
     """
     problems: list[Problem] = []
     try:
@@ -130,7 +140,7 @@ def build_runtime(
             tree = with_registry(preloaded, registry)
         else:
             tree = load_ops_tree(settings, registry, previous=previous,
-                                 compile_cache=compile_cache)
+                                 compile_cache=compile_cache, lazy=lazy, scan=scan)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None
@@ -139,13 +149,7 @@ def build_runtime(
         problems.extend(p for p in tree_problems if p.severity == "error")
     if tree is None:
         raise ReloadFailed(problems)
-    engine = Engine(config, registry, tree, trace_sink)
-    parts: dict[str, Any] = {}
-    for head in heads:
-        try:
-            parts[head.name] = head.build(engine)
-        except ConfigError as err:
-            problems.append(config_problem(err))
+    parts = _build_heads(heads, Engine(config, registry, tree, trace_sink), problems)
     if problems:
         raise ReloadFailed(problems)
     return Runtime(
@@ -159,3 +163,36 @@ def build_runtime(
         problems=tree_problems,
         fingerprint=fingerprint,
     )
+
+
+def _build_heads(heads: Sequence[Head], engine: Engine, problems: list[Problem]
+                 ) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    for head in heads:
+        try:
+            parts[head.name] = head.build(engine)
+        except ConfigError as err:
+            problems.append(config_problem(err))
+    return parts
+
+
+def over_tree(runtime: Runtime, tree: Tree, heads: Sequence[Head],
+              trace_sink: Callable[..., Any] | None = None) -> Runtime:
+    """`runtime` (same config, registry and version) serving `tree` instead: the completed
+    form of its lazily loaded tree. ReloadFailed if a head cannot be built over it."""
+    problems: list[Problem] = []
+    parts = _build_heads(heads, Engine(runtime.config, runtime.registry, tree, trace_sink),
+                         problems)
+    if problems:
+        raise ReloadFailed(problems)
+    return dataclasses.replace(runtime, tree=tree, heads=MappingProxyType(parts),
+                               problems=tree.problems)
+
+
+async def compile_if_pending(tree: Tree, stack: str) -> None:
+    """Compile the stack `stack` of a lazily loaded tree now, in a worker thread, if it is not
+    yet: a transaction routed to it runs it as its files are at its RCPT, and the event loop
+    does not wait for the compile."""
+    stacks = tree.stacks
+    if isinstance(stacks, LazyStacks) and stacks.pending(stack):
+        await asyncio.to_thread(stacks.load, stack)
