@@ -193,7 +193,7 @@ class RuntimeHolder:
                     ) -> Runtime:
             return build_runtime(
                 settings, version, heads, trace_sink=trace_sink, fingerprint=seen,
-                previous=serving.tree, compile_cache=compile_cache, scan=scan,
+                previous=serving.tree, compile_cache=compile_cache, scan=scan, serving=serving,
             )
 
         started = time.monotonic()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +24,16 @@ from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_co
 from txcl.chassis.head import Engine, Head
 from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
-from txcl.loader import LazyStacks, Scan, Tree, load_tree, with_registry
+from txcl.loader import RACY_MARGIN_NS, LazyStacks, Scan, Tree, load_tree, with_registry
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
 Fingerprint = tuple[tuple[str, int, int], ...]
 
 CACHE_DIR = "cache"  # under the state dir
+
+# (inode, size, mtime_ns, ctime_ns) of the config file a runtime read, if it had settled.
+ConfigKey = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Runtime:
     loaded_at: float  # wall clock
     problems: tuple[Problem, ...] = ()  # warnings; and at start, errors of stacks not served
     fingerprint: Fingerprint = field(default=(), repr=False)
+    config_key: ConfigKey | None = field(default=None, repr=False)  # see config_key()
 
 
 class ReloadFailed(Exception):
@@ -96,6 +101,20 @@ def load_ops_tree(
     return tree
 
 
+def config_key(path: Path | None) -> ConfigKey | None:
+    """What identifies the config file's content without reading it, if it was last written
+    long enough ago (RACY_MARGIN_NS, as the loader trusts a stack folder); else None."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_mtime_ns >= time.time_ns() - RACY_MARGIN_NS:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def build_runtime(
     settings: Places,
     version: int,
@@ -109,6 +128,7 @@ def build_runtime(
     preloaded: Tree | None = None,
     lazy: bool = False,
     scan: Scan | None = None,
+    serving: Runtime | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
@@ -121,14 +141,20 @@ def build_runtime(
     it is used as it is, only its EXECs checked against this registry, so that a worker
     does not touch (and so copy) the pages it shares with the parent and its siblings.
     `lazy` compiles each stack when first needed (txcl.loader.LazyStacks; `over_tree` swaps
-    in the completed tree); `scan` is a walk of `--ops` taken just before.
+    in the completed tree); `scan` is a walk of `--ops` taken just before. The config of
+    `serving` (the runtime this one replaces) is taken over if its file did not change.
     """
     problems: list[Problem] = []
-    try:
-        config = load_config(settings.config_file, [head.name for head in heads])
-    except ConfigError as err:
-        problems.append(config_problem(err))
-        config = ConfigFile()
+    key = config_key(settings.config_file)
+    if serving is not None and key is not None and serving.config_key == key:
+        config = serving.config
+    else:
+        try:
+            config = load_config(settings.config_file, [head.name for head in heads])
+        except ConfigError as err:
+            problems.append(config_problem(err))
+            config = ConfigFile()
+            key = None
     try:
         registry = OpRegistry.from_config(config.ops, config.base_dir)
     except TxclError as err:
@@ -162,6 +188,7 @@ def build_runtime(
         loaded_at=time.time(),
         problems=tree_problems,
         fingerprint=fingerprint,
+        config_key=key,
     )
 
 
