@@ -535,7 +535,7 @@ def load_tree(
     if lazy:
         stacks = LazyStacks(walker, folders, problems)
         found = tuple(p for p in problems if isinstance(p, Problem))
-        return Tree(root, stacks, found, 0, rejected=stacks.rejected,
+        return Tree(root, stacks, found, 0, rejected=_LazyRejected(stacks),
                     op_names=walker.op_names, started_ns=started_ns)
     loads = {name: _load_stack(walker, name, folder, previous, scan)
              for name, folder in folders.items()}
@@ -575,7 +575,6 @@ class LazyStacks(Mapping[str, Stack]):
         self._layout = layout
         self._loads: dict[str, _StackLoad] = {}
         self._lock = threading.Lock()
-        self.rejected = _LazyRejected(self)
 
     def load(self, name: str) -> _StackLoad:
         found = self._loads.get(name)
@@ -649,7 +648,9 @@ def complete(tree: Tree, pause: Callable[[], None] | None = None) -> Tree:
     if walker.cache is not None:
         walker.cache.flush()
     loads = {name: stacks._loads[name] for name in stacks._folders}
-    return _tree_of(walker, tree.root, stacks._layout, loads, tree.started_ns)
+    done = _tree_of(walker, tree.root, stacks._layout, loads, tree.started_ns)
+    walker.cache = None  # nothing is compiled any more: its shards need not stay in memory
+    return done
 
 
 def _stack_name_from(folder: Path) -> str:

@@ -267,11 +267,11 @@ class RuntimeHolder:
         seen = fingerprint(self.paths)
         with no_cyclic_gc():
             runtime = self._complete_with(self.current)
+            self._seen = seen
+            self.current = dataclasses.replace(runtime, fingerprint=seen)
             # What the start compiled lives as long as the process: out of the collector's
             # scans (as the supervisor does for an eager start), before it scans it once.
             gc.freeze()
-        self._seen = seen
-        self.current = dataclasses.replace(runtime, fingerprint=seen)
         tree = runtime.tree
         log.info("compiled version %d: %d stacks, %d rule files (%d compiled, %d parsed) in "
                  "%.3fs", runtime.version, len(tree.stacks), tree.files, tree.compiled,
