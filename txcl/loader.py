@@ -574,6 +574,7 @@ class LazyStacks(Mapping[str, Stack]):
         self._folders = folders
         self._layout = layout
         self._loads: dict[str, _StackLoad] = {}
+        self._rejected: set[str] = set()  # loaded, with problems
         self._lock = threading.Lock()
 
     def load(self, name: str) -> _StackLoad:
@@ -583,6 +584,8 @@ class LazyStacks(Mapping[str, Stack]):
                 found = self._loads.get(name)
                 if found is None:
                     found = _load_stack(self._walker, name, self._folders[name], None)
+                    if found.stack is None:
+                        self._rejected.add(name)
                     self._loads[name] = found
         return found
 
@@ -625,11 +628,10 @@ class _LazyRejected(AbstractSet[str]):
             stacks.load(name).stack is None)
 
     def __iter__(self) -> Iterator[str]:
-        return iter([name for name, load in list(self._stacks._loads.items())
-                     if load.stack is None])
+        return iter(list(self._stacks._rejected))
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        return len(self._stacks._rejected)
 
 
 @without_cyclic_gc
