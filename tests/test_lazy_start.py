@@ -132,6 +132,8 @@ def test_a_broken_stack_gets_451_and_is_reported_once_compiled(tmp_path: Path) -
         replies = await data(handler, envelope)
         assert replies[0].startswith("451 4.3.0") and replies[1].startswith("250")
         assert f"{tenants[2]}/_mail" in holder.current.tree.rejected
+        stacks = holder.current.tree.stacks
+        assert len(stacks) == 2 and len(list(stacks)) == 2  # the rejected one is out
         task = holder.complete_start()
         assert task is not None
         await task
