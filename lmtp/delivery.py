@@ -224,13 +224,14 @@ class Deliverer:
         if groups:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
-            rejected = frozenset(getattr(tree, "rejected", None) or ())
             needs = self._trace_needs if self._traced else NOTHING
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
                     needs = self.needs_of(stack) if needs is self._trace_needs else (
                         needs | self.needs_of(stack))
+            # after the lookups: a lazily compiled stack is known to be rejected once looked up
+            rejected = frozenset(getattr(tree, "rejected", None) or ())
             msg, defects = await _parse(tx.data, needs, self._mime_limits)
             # Ops key their side effects on the delivery, so a retry does not repeat them.
             uses_ops = any(getattr(stacks.get(g.route.stack), "ops_used", ()) for g in groups)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from lmtp.config import HEAD, Settings, ingress_config
+from lmtp.config import HEAD, IngressConfig, Settings, ingress_config
 from lmtp.delivery import Deliverer, Transaction
 from lmtp.hostnames import HostnameStore
 from lmtp.reload import LmtpParts, ReloadingHandler
@@ -22,14 +22,20 @@ class LmtpPersonality:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._hostnames: HostnameStore | None = None
+        self._routing: tuple[object, IngressConfig, Router] | None = None  # of the last config
 
     def build(self, engine: Engine) -> LmtpParts:
-        ingress = ingress_config(engine.config)
         if self._hostnames is None:  # opened in the serving process, not before a fork
             self._hostnames = HostnameStore(self.settings.state_dir)
+        if self._routing is not None and self._routing[0] is engine.config:  # a rules reload
+            ingress, router = self._routing[1:]
+        else:
+            ingress = ingress_config(engine.config)
+            router = Router(ingress, self.settings, self._hostnames)
+            self._routing = (engine.config, ingress, router)
         return LmtpParts(
             ingress=ingress,
-            router=Router(ingress, self.settings, self._hostnames),
+            router=router,
             deliverer=Deliverer(engine.tree, self.settings, registry=engine.registry,
                                 trace_sink=engine.trace_sink),
         )

@@ -13,7 +13,7 @@ from lmtp.delivery import Deliverer
 from lmtp.routing import Router
 from lmtp.session import Envelope, Session, accept_recipient, deliver_envelope
 from txcl.chassis.reload import RuntimeHolder
-from txcl.chassis.runtime import Runtime
+from txcl.chassis.runtime import Runtime, compile_if_pending
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,13 @@ class ReloadingHandler:
         self, server: Any, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        parts: LmtpParts = self.runtime_of(envelope).heads[HEAD]
-        return accept_recipient(parts.router, self.listener, envelope, address)
+        runtime = self.runtime_of(envelope)
+        parts: LmtpParts = runtime.heads[HEAD]
+        routed = len(envelope.routes)
+        reply = accept_recipient(parts.router, self.listener, envelope, address)
+        if len(envelope.routes) > routed:  # a lazy start: the stack as its files are now
+            await compile_if_pending(runtime.tree, envelope.routes[-1].stack)
+        return reply
 
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> list[str]:
         deliverer = self.runtime_of(envelope).heads[HEAD].deliverer

@@ -25,10 +25,6 @@ from typing import Any, TextIO
 
 from txcl import inputs
 from txcl.envelope import parse_duration
-from txcl.explain import render_explain
-from txcl.loader import load_target
-from txcl.replay import TraceRef, replay_trace
-from txcl.runner import RunPolicy
 from txcl.trace import TRACE_MODES
 from txcl.trace_store import PARTS, read_message, read_summaries, read_trace, trace_names
 from txcl.trace_writer import TraceWriter
@@ -234,6 +230,12 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _explain(state_dir: Path, name: str, ops: Path, as_json: bool, out: TextIO) -> int:
+    # the rule engine, imported here: `txco serve` (which imports this module) starts without
+    from txcl.explain import render_explain
+    from txcl.loader import load_target
+    from txcl.replay import TraceRef, replay_trace
+    from txcl.runner import RunPolicy
+
     tree = load_target(ops)
     if any(p.severity == "error" for p in tree.problems):
         for p in tree.problems:

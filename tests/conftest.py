@@ -248,6 +248,8 @@ def start_server(tmp_path: Path, ops_tree: dict[str, str] | Path | str, config_y
         server.stop()
         raise RuntimeError(f"txco serve did not start (exit {proc.poll()}):\n{server.stderr()}")
     _wait_for_greeting(server)
+    if any("found version 1" in line for line in list(server.log)):  # it listens, then compiles:
+        server.wait_for_log("compiled version 1", START_TIMEOUT_S)  # an edit now is a reload's
     return server
 
 

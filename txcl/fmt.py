@@ -19,7 +19,6 @@ from typing import Final
 from txcl import ast
 from txcl.envelope import path_text
 from txcl.errors import Problem, TxclError
-from txcl.parser import parse
 
 __all__ = ["InternalFormatError", "format_expr", "format_file", "format_path", "format_source"]
 
@@ -39,6 +38,8 @@ class InternalFormatError(TxclError):
 
 def format_source(source: str, name: str) -> str:
     """The canonical text of a TXCL file. Raises TxclSyntaxError when it does not parse."""
+    from txcl.parser import parse  # not at import: the compiler imports this module
+
     tree = parse(source, name)
     text = format_file(tree)
     if ast.strip_pos(parse(text, name)) != ast.strip_pos(tree):

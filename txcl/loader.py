@@ -33,8 +33,10 @@ import gc
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +95,7 @@ class Tree:
     problems: tuple[Problem, ...]
     files: int  # .txcl files read
     case_files: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
-    rejected: frozenset[str] = frozenset()  # stacks whose files have problems
+    rejected: AbstractSet[str] = frozenset()  # stacks whose files have problems
     read: Mapping[str, ReadFile] = field(default_factory=dict)  # path -> file, if kept
     parsed: int = 0  # files parsed by this load (not found in the compile cache)
     compiled: int = 0  # files compiled by this load (not taken over from `previous`)
@@ -157,8 +159,10 @@ class _Walker:
         keep_files: bool = False,
         cache: CompileCache | None = None,
         check_only: bool = False,
+        scan: Scan | None = None,
     ) -> None:
         self.root = root
+        self.scan = scan
         self.real_root = os.path.realpath(root)
         self.registry = registry
         self.op_names = registry.names() if registry is not None else None
@@ -172,12 +176,15 @@ class _Walker:
     def entries(self, folder: str, problems: list[Problem]) -> list[os.DirEntry[str]]:
         """The folder's entries in byte-wise name order, without symlinks that escape, loop
         or lead nowhere (each a problem naming its path)."""
+        scanned = None if self.scan is None else self.scan.entries.get(folder)
         try:
-            with os.scandir(folder) as it:
-                found = sorted(it, key=lambda e: _byte_order(e.name))
+            if scanned is None:
+                with os.scandir(folder) as it:
+                    scanned = list(it)
         except OSError as err:
             problems.append(_problem(f"{folder}: cannot be read: {err.strerror or err}"))
             return []
+        found = sorted(scanned, key=lambda e: _byte_order(e.name))
         kept = []
         for entry in found:
             if entry.is_symlink():
@@ -358,17 +365,52 @@ def with_registry(tree: Tree, registry: OpRegistry) -> Tree:
 _Value = TypeVar("_Value")
 
 
-def stack_signature(folder: str) -> StackSignature:
+@dataclass(frozen=True)
+class Scan:
+    """One walk of a folder: the entries of each folder under it (symlinked folders are not
+    entered), as os.scandir gave them; an entry keeps the stat it was asked for, so a load
+    over the scan (load_tree's `scan`) stats nothing the walk stat'ed."""
+
+    entries: Mapping[str, list[os.DirEntry[str]]]  # folder path -> its entries
+    started_ns: int = 0  # wall clock when the walk began
+
+
+def scan_tree(root: str) -> Scan:
+    """Every folder under `root` read once. A folder that cannot be read is left out (a load
+    reads it again, and reports why it cannot)."""
+    started_ns = time.time_ns()
+    entries: dict[str, list[os.DirEntry[str]]] = {}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                found = entries[folder] = list(it)
+        except OSError:
+            continue
+        for entry in found:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+            except OSError:
+                continue
+    return Scan(entries, started_ns)
+
+
+def stack_signature(folder: str, scan: Scan | None = None) -> StackSignature:
     """What identifies a stack folder's content without reading it: (name, inode, size,
     mtime_ns, ctime_ns) of each entry of the folder and of its subfolders, sorted. A
-    symlink counts as what it leads to (itself, if it leads nowhere)."""
+    symlink counts as what it leads to (itself, if it leads nowhere). Entries found in
+    `scan` are not read again."""
     out: list[tuple[str, int, int, int, int]] = []
     pending = [("", folder)]
     while pending:
         prefix, path = pending.pop()
+        found = None if scan is None else scan.entries.get(path)
         try:
-            with os.scandir(path) as it:
-                found = list(it)
+            if found is None:
+                with os.scandir(path) as it:
+                    found = list(it)
         except OSError:
             out.append((prefix, -1, -1, -1, -1))
             continue
@@ -405,6 +447,75 @@ def _reusable(previous: Tree | None, name: str, signature: StackSignature) -> St
     return previous.stacks.get(name)
 
 
+@dataclass(frozen=True)
+class _StackLoad:
+    """What loading one stack folder found."""
+
+    stack: Stack | None  # None: not served (its problems say why)
+    problems: tuple[Problem, ...]
+    cases: tuple[Path, ...]
+    signature: StackSignature
+    ops: frozenset[str]  # the ops its EXECs name
+    held: bool = False  # has problems, yet serves `previous`'s version (its old signature)
+
+
+def _load_stack(walker: _Walker, name: str, folder: str, previous: Tree | None,
+                scan: Scan | None = None) -> _StackLoad:
+    """One stack: taken over from `previous` if its folder did not change, else compiled."""
+    problems: list[Problem] = []
+    signature = () if walker.check_only else stack_signature(folder, scan)
+    kept = _reusable(previous, name, signature) if previous is not None else None
+    if kept is not None and previous is not None:
+        stack, cases = kept, previous.case_files.get(name, ())
+        walker.files += sum(len(stage.files) for stage in stack.stages)
+        ops = previous.exec_ops.get(name, frozenset())
+        if walker.registry is not None and not ops <= (walker.op_names or frozenset()):
+            problems.extend(unknown_ops(stack_rules(stack), walker.registry))
+    else:
+        stack, cases = walker.stack(name, folder, problems)
+        ops = frozenset(step.op for step in _exec_steps(stack_rules(stack)))
+    if problems and not walker.check_only and _last_good(previous, name, walker.op_names):
+        assert previous is not None
+        return _StackLoad(previous.stacks[name], tuple(problems), cases,
+                          previous.signatures.get(name, ()),
+                          previous.exec_ops.get(name, frozenset()), held=True)
+    served = None if problems or walker.check_only else stack
+    return _StackLoad(served, tuple(problems), cases, signature, ops)
+
+
+# What a walk found, in order: a problem, or the name of a stack whose problems go there.
+_Layout = list[Problem | str]
+
+
+def _stack_folders(walker: _Walker, root: Path, problems: _Layout) -> dict[str, str]:
+    """"tenant/stack" -> its folder, in walk order; what is not a tenant or stack folder is a
+    problem. `problems` gets each problem, and each stack's name, in walk order."""
+    folders: dict[str, str] = {}
+
+    def entries(folder: str) -> list[os.DirEntry[str]]:
+        found: list[Problem] = []
+        kept = walker.entries(folder, found)
+        problems.extend(found)
+        return kept
+
+    for tenant in entries(str(root)):
+        if not (TENANT_NAME.fullmatch(tenant.name) and tenant.is_dir()):
+            problems.append(
+                _problem(f"{tenant.path}: expected a tenant folder named [a-z][a-z0-9-]*")
+            )
+            continue
+        for stack_entry in entries(tenant.path):
+            if not (STACK_NAME.fullmatch(stack_entry.name) and stack_entry.is_dir()):
+                problems.append(
+                    _problem(f"{stack_entry.path}: expected a stack folder named [a-z_][a-z0-9_-]*")
+                )
+                continue
+            name = f"{tenant.name}/{stack_entry.name}"
+            folders[name] = stack_entry.path
+            problems.append(name)
+    return folders
+
+
 @without_cyclic_gc
 def load_tree(
     root: Path | str,
@@ -414,6 +525,8 @@ def load_tree(
     cache: CompileCache | None = None,
     previous: Tree | None = None,
     check_only: bool = False,
+    lazy: bool = False,
+    scan: Scan | None = None,
 ) -> Tree:
     """Load `OPS/`: every tenant, stack, stage and file. Never raises for bad content.
 
@@ -425,81 +538,143 @@ def load_tree(
     previous signature, so that the next load tries its files again. `check_only`
     checks every file (problems, `Tree.read`) but builds no stack (`Tree.stacks` is empty)
     and writes nothing to the cache: its caller (`txcl lint`) writes each entry once, with
-    the findings it adds.
+    the findings it adds. `lazy` only finds the stack folders: each stack is compiled when
+    first asked for (`LazyStacks`), and `complete()` compiles the rest. `scan` is a walk of
+    the root taken just before (`scan_tree`): its entries are used instead of reading the
+    folders again.
     """
-    started_ns = time.time_ns()
+    started_ns = time.time_ns() if scan is None else scan.started_ns
     root = Path(root)
     if previous is not None and previous.root != root:
         previous = None
-    walker = _Walker(root, registry, keep_files, cache, check_only)
-    problems: list[Problem] = []
-    stacks: dict[str, Stack] = {}
-    cases: dict[str, tuple[Path, ...]] = {}
-    rejected: set[str] = set()
-    failures: dict[str, tuple[Problem, ...]] = {}
-    held: set[str] = set()
-    signatures: dict[str, StackSignature] = {}
-    exec_ops: dict[str, frozenset[str]] = {}
+    walker = _Walker(root, registry, keep_files, cache, check_only, scan)
     if not root.is_dir():
-        problems.append(_problem(f"{root}: not a folder"))
-        return Tree(root, stacks, tuple(problems), 0)
-    for tenant in walker.entries(str(root), problems):
-        if not (TENANT_NAME.fullmatch(tenant.name) and tenant.is_dir()):
-            problems.append(
-                _problem(f"{tenant.path}: expected a tenant folder named [a-z][a-z0-9-]*")
-            )
-            continue
-        for stack_entry in walker.entries(tenant.path, problems):
-            if not (STACK_NAME.fullmatch(stack_entry.name) and stack_entry.is_dir()):
-                problems.append(
-                    _problem(f"{stack_entry.path}: expected a stack folder named [a-z_][a-z0-9_-]*")
-                )
-                continue
-            name = f"{tenant.name}/{stack_entry.name}"
-            stack_problems: list[Problem] = []
-            signature = () if check_only else stack_signature(stack_entry.path)
-            kept = _reusable(previous, name, signature) if previous is not None else None
-            if kept is not None and previous is not None:
-                stack, case_files = kept, previous.case_files.get(name, ())
-                walker.files += sum(len(stage.files) for stage in stack.stages)
-                ops = previous.exec_ops.get(name, frozenset())
-                if registry is not None and not ops <= (walker.op_names or frozenset()):
-                    stack_problems.extend(unknown_ops(stack_rules(stack), registry))
-            else:
-                stack, case_files = walker.stack(name, stack_entry.path, stack_problems)
-                ops = frozenset(step.op for step in _exec_steps(stack_rules(stack)))
-            cases[name] = case_files
-            problems.extend(stack_problems)
-            if stack_problems:
-                rejected.add(name)
-                failures[name] = tuple(stack_problems)
-                if not check_only and _last_good(previous, name, walker.op_names):
-                    assert previous is not None
-                    held.add(name)
-                    stacks[name] = previous.stacks[name]
-                    signatures[name] = previous.signatures.get(name, ())
-                    exec_ops[name] = previous.exec_ops.get(name, frozenset())
-            elif not check_only:
-                stacks[name] = stack
-                signatures[name] = signature
-                exec_ops[name] = ops
+        return Tree(root, {}, (_problem(f"{root}: not a folder"),), 0)
+    problems: _Layout = []
+    folders = _stack_folders(walker, root, problems)
+    if lazy:
+        stacks = LazyStacks(walker, folders, problems)
+        found = tuple(p for p in problems if isinstance(p, Problem))
+        return Tree(root, stacks, found, 0, rejected=_LazyRejected(stacks),
+                    op_names=walker.op_names, started_ns=started_ns)
+    loads = {name: _load_stack(walker, name, folder, previous, scan)
+             for name, folder in folders.items()}
+    return _tree_of(walker, root, problems, loads, started_ns)
+
+
+def _tree_of(walker: _Walker, root: Path, layout: _Layout, loads: Mapping[str, _StackLoad],
+             started_ns: int) -> Tree:
+    served = {name: load for name, load in loads.items() if load.stack is not None}
+    problems = [p for item in layout
+                for p in ((item,) if isinstance(item, Problem) else loads[item].problems)]
     return Tree(
         root,
-        stacks,
+        {name: load.stack for name, load in served.items() if load.stack is not None},
         tuple(problems),
         walker.files,
-        cases,
-        frozenset(rejected),
+        {name: load.cases for name, load in loads.items()},
+        frozenset(name for name, load in loads.items() if load.problems),
         walker.read or {},
-        failures=failures,
-        held=frozenset(held),
+        failures={name: load.problems for name, load in loads.items() if load.problems},
+        held=frozenset(name for name, load in loads.items() if load.held),
         parsed=walker.parsed,
         compiled=walker.compiled,
-        signatures=signatures,
-        exec_ops=exec_ops,
+        signatures={name: load.signature for name, load in served.items()},
+        exec_ops={name: load.ops for name, load in served.items()},
         op_names=walker.op_names,
         started_ns=started_ns,
     )
+
+
+class LazyStacks(Mapping[str, Stack]):
+    """The stacks of a tree loaded with `lazy=True`, each compiled when first asked for (one
+    at a time, then kept). A stack whose files have problems is then absent, and in
+    `rejected`; iterating names every stack not known to have problems."""
+
+    def __init__(self, walker: _Walker, folders: dict[str, str], layout: _Layout) -> None:
+        self._walker = walker
+        self._folders = folders
+        self._layout = layout
+        self._loads: dict[str, _StackLoad] = {}
+        self._rejected: set[str] = set()  # loaded, with problems
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> _StackLoad:
+        found = self._loads.get(name)
+        if found is None:
+            with self._lock:
+                found = self._loads.get(name)
+                if found is None:
+                    found = _load_stack(self._walker, name, self._folders[name], None)
+                    if found.stack is None:
+                        self._rejected.add(name)
+                    self._loads[name] = found
+        return found
+
+    def pending(self, name: str) -> bool:
+        """Whether `name` is a stack of this tree not compiled yet."""
+        return name in self._folders and name not in self._loads
+
+    def __getitem__(self, name: str) -> Stack:
+        if name not in self._folders:
+            raise KeyError(name)
+        stack = self.load(name).stack
+        if stack is None:
+            raise KeyError(name)
+        return stack
+
+    def __iter__(self) -> Iterator[str]:
+        loads = self._loads
+        return iter([name for name in self._folders
+                     if (found := loads.get(name)) is None or found.stack is not None])
+
+    def __len__(self) -> int:  # O(1): a delivery asks (`stacks or {}`)
+        return len(self._folders) - len(self._rejected)
+
+    def compiled(self) -> dict[str, Stack]:
+        """The stacks compiled so far, without compiling any."""
+        return {name: load.stack for name, load in list(self._loads.items())
+                if load.stack is not None}
+
+
+class _LazyRejected(AbstractSet[str]):
+    """The stacks of a LazyStacks not served: asking about one compiles it; iterating names
+    those known so far."""
+
+    def __init__(self, stacks: LazyStacks) -> None:
+        self._stacks = stacks
+
+    def __contains__(self, name: object) -> bool:
+        stacks = self._stacks
+        return isinstance(name, str) and name in stacks._folders and (
+            stacks.load(name).stack is None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._stacks._rejected))
+
+    def __len__(self) -> int:
+        return len(self._stacks._rejected)
+
+
+@without_cyclic_gc
+def complete(tree: Tree, pause: Callable[[], None] | None = None) -> Tree:
+    """A lazily loaded tree with every stack compiled, as load_tree would have returned it
+    (the same Stack objects); its compile cache is written. Any other tree as it is.
+    `pause` runs between two stacks (to let other threads in)."""
+    stacks = tree.stacks
+    if not isinstance(stacks, LazyStacks):
+        return tree
+    for name in stacks._folders:
+        stacks.load(name)
+        if pause is not None:
+            pause()
+    walker = stacks._walker
+    if walker.cache is not None:
+        walker.cache.flush()
+    loads = {name: stacks._loads[name] for name in stacks._folders}
+    done = _tree_of(walker, tree.root, stacks._layout, loads, tree.started_ns)
+    walker.cache = None  # nothing is compiled any more: its shards need not stay in memory
+    return done
 
 
 def _stack_name_from(folder: Path) -> str:

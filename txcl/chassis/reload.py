@@ -17,6 +17,8 @@ debounce so an editor saving several files at once causes one reload.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -35,6 +37,7 @@ from txcl.chassis.runtime import (
     Runtime,
     StackFailure,
     build_runtime,
+    over_tree,
 )
 from txcl.chassis.status import (
     COUNTERS,
@@ -45,7 +48,7 @@ from txcl.chassis.status import (
     write_json_atomically,
 )
 from txcl.errors import Problem
-from txcl.loader import no_cyclic_gc
+from txcl.loader import LazyStacks, Scan, complete, no_cyclic_gc, scan_tree
 
 log = logging.getLogger("txco.reload")
 
@@ -96,8 +99,15 @@ def fingerprint(paths: Iterable[Path]) -> Fingerprint:
     cannot be followed counts as itself, so creating or removing a loop is a change; a
     missing path is recorded as missing, so creating it counts as a change.
     """
+    return survey(paths)[0]
+
+
+def survey(paths: Iterable[Path]) -> tuple[Fingerprint, Scan | None]:
+    """The fingerprint of these paths, and the walk of the first one if it is a folder (the
+    OPS tree), which the load that follows reads instead of walking it again."""
     out: list[tuple[str, int, int]] = []
-    for root in paths:
+    first: Scan | None = None
+    for number, root in enumerate(paths):
         try:
             st = os.stat(root)
         except OSError:
@@ -106,17 +116,13 @@ def fingerprint(paths: Iterable[Path]) -> Fingerprint:
         if not os.path.isdir(root):
             out.append((str(root), st.st_mtime_ns, st.st_size))
             continue
-        stack = [str(root)]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = list(os.scandir(folder))
-            except OSError:
-                continue
+        scan = scan_tree(str(root))
+        if number == 0:
+            first = scan
+        for entries in scan.entries.values():
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
                         continue
                     st = entry.stat()
                 except OSError:  # a symlink that loops or leads nowhere: watch the link
@@ -126,7 +132,7 @@ def fingerprint(paths: Iterable[Path]) -> Fingerprint:
                         continue
                 out.append((entry.path, st.st_mtime_ns, st.st_size))
     out.sort()
-    return tuple(out)
+    return tuple(out), first
 
 
 def _serving_words(failure: StackFailure) -> str:
@@ -148,7 +154,7 @@ class RuntimeHolder:
     def __init__(
         self,
         initial: Runtime,
-        rebuild: Callable[[int, Fingerprint, Runtime], Runtime],
+        rebuild: Callable[[int, Fingerprint, Runtime, Scan | None], Runtime],
         paths: tuple[Path, ...] = (),
         status_file: Path | None = None,
     ) -> None:
@@ -169,6 +175,9 @@ class RuntimeHolder:
         self._pending: str | None = None
         self._drainer: asyncio.Task[None] | None = None
         self._memory: tuple[Runtime, dict[str, Any]] | None = None
+        # A lazily loaded start: how to complete it, and the task doing so (see complete_start)
+        self._complete_with: Callable[[Runtime], Runtime] | None = None
+        self._completing: asyncio.Task[None] | None = None
         self.write_status()
 
     @classmethod
@@ -180,43 +189,58 @@ class RuntimeHolder:
         trace_sink: Callable[..., Any] | None = None,
         compile_cache: bool = True,
         preloaded: Preloaded | None = None,
+        lazy: bool = False,
     ) -> RuntimeHolder:
         """Build the first runtime now and a holder around it.
 
         ReloadFailed if the config or the ops cannot be loaded; problems in the OPS tree
         only keep their stacks out (reported in the log and status.json). `preloaded` is a
         tree loaded before (by the parent of --workers): it is served as it is, and the
-        first change since its fingerprint reloads.
+        first change since its fingerprint reloads. `lazy` only finds the stacks: each is
+        compiled when a delivery first needs it, and complete_start() compiles the rest
+        (then reports problems); until it is done, reloads and the watcher wait.
         Each reload builds over the serving runtime's tree, compiling only what changed.
         """
         paths = watched_paths(settings)
         status_file = Path(settings.state_dir) / STATUS_FILE
+        lazy = lazy and preloaded is None
 
-        def rebuild(version: int, seen: Fingerprint, serving: Runtime) -> Runtime:
+        def rebuild(version: int, seen: Fingerprint, serving: Runtime, scan: Scan | None
+                    ) -> Runtime:
             return build_runtime(
                 settings, version, heads, trace_sink=trace_sink, fingerprint=seen,
-                previous=serving.tree, compile_cache=compile_cache,
+                previous=serving.tree, compile_cache=compile_cache, scan=scan, serving=serving,
             )
 
         started = time.monotonic()
+        seen, scan = ((), None) if lazy or preloaded is not None else survey(paths)
         initial = build_runtime(
             settings,
             1,
             heads,
             trace_sink=trace_sink,
-            fingerprint=fingerprint(paths) if preloaded is None else preloaded.fingerprint,
+            fingerprint=seen if preloaded is None else preloaded.fingerprint,
             strict=False,
             preloaded=None if preloaded is None else preloaded.tree,
             compile_cache=compile_cache,
+            lazy=lazy,
+            scan=scan,
         )
         tree = initial.tree
-        log.info("loaded version 1: %d stacks, %d rule files (%d compiled, %d parsed) in %.3fs",
-                 len(tree.stacks), tree.files, tree.compiled, tree.parsed,
-                 time.monotonic() - started)
+        if lazy:
+            log.info("found version 1: %d stacks in %.3fs; each is compiled when first needed, "
+                     "all of them from now on", len(tree.stacks), time.monotonic() - started)
+        else:
+            log.info("loaded version 1: %d stacks, %d rule files (%d compiled, %d parsed) in "
+                     "%.3fs", len(tree.stacks), tree.files, tree.compiled, tree.parsed,
+                     time.monotonic() - started)
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
             log.error("not served: %s", str(problem).replace("\n", "\n  "))
         holder = cls(initial, rebuild, paths, status_file)
+        if lazy:
+            holder._complete_with = lambda runtime: over_tree(
+                runtime, complete(runtime.tree, _let_others_run), heads, trace_sink)
         holder.last = ReloadOutcome(
             ok=not errors,
             trigger="start",
@@ -229,23 +253,74 @@ class RuntimeHolder:
         holder.write_status()
         return holder
 
+    # -- a lazy start -----------------------------------------------------------------------
+
+    def complete_start(self) -> asyncio.Task[None] | None:
+        """Compile, in a worker thread, every stack of a lazily loaded start not compiled yet,
+        then serve the completed tree (the same version; the stacks already compiled are
+        the same objects) and report its problems as start's. Reloads wait for it. The task,
+        or None if the start was not lazy."""
+        if self._complete_with is None:
+            return None
+        if self._completing is None:
+            self._completing = asyncio.get_running_loop().create_task(self._complete())
+        return self._completing
+
+    async def _complete(self) -> None:
+        async with self._lock:
+            logged = set(self.last.problems)  # at start
+            try:
+                await asyncio.to_thread(self._complete_now)
+            except Exception:  # the lazy tree keeps serving: each stack compiles when needed
+                log.exception("compiling the stacks of version %d failed", self.current.version)
+            await asyncio.to_thread(self.write_status)
+            for problem in self.last.problems:
+                if problem.severity == "error" and problem not in logged:
+                    log.error("not served: %s", str(problem).replace("\n", "\n  "))
+
+    def _complete_now(self) -> None:
+        assert self._complete_with is not None
+        started = time.monotonic()
+        seen = fingerprint(self.paths)
+        with no_cyclic_gc():
+            runtime = self._complete_with(self.current)
+            self._seen = seen
+            self.current = dataclasses.replace(runtime, fingerprint=seen)
+            # What the start compiled lives as long as the process: out of the collector's
+            # scans (as the supervisor does for an eager start), before it scans it once.
+            gc.freeze()
+        tree = runtime.tree
+        log.info("compiled version %d: %d stacks, %d rule files (%d compiled, %d parsed) in "
+                 "%.3fs", runtime.version, len(tree.stacks), tree.files, tree.compiled,
+                 tree.parsed, time.monotonic() - started)
+        self.last = dataclasses.replace(
+            self.last, ok=not any(p.severity == "error" for p in tree.problems),
+            duration_s=self.last.duration_s + time.monotonic() - started,
+            problems=tree.problems)
+
+    async def _started(self) -> None:
+        if self._completing is not None:
+            await asyncio.shield(self._completing)
+
     # -- reloading --------------------------------------------------------------------------
 
     async def reload(self, trigger: str = "manual") -> ReloadOutcome:
         """Build the next runtime aside and swap it in if it compiled. Never raises."""
+        await self._started()
         async with self._lock:
-            seen = await asyncio.to_thread(fingerprint, self.paths)
-            outcome = await asyncio.to_thread(self._reload_now, trigger, seen)
+            seen, scan = await asyncio.to_thread(survey, self.paths)
+            outcome = await asyncio.to_thread(self._reload_now, trigger, seen, scan)
             await asyncio.to_thread(self.write_status)
             return outcome
 
-    def _reload_now(self, trigger: str, seen: Fingerprint) -> ReloadOutcome:
+    def _reload_now(self, trigger: str, seen: Fingerprint, scan: Scan | None = None
+                    ) -> ReloadOutcome:
         started = time.monotonic()
         serving = self.current.version
         self._seen = seen
         try:
             with no_cyclic_gc():
-                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current)
+                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current, scan)
             problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
             runtime = None
@@ -316,6 +391,7 @@ class RuntimeHolder:
     ) -> None:
         """Poll the watched files forever; reload once they changed and then held still for
         `debounce_s` (or after MAX_DEBOUNCE_WAIT_S of continuous writing)."""
+        await self._started()
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -364,7 +440,10 @@ class RuntimeHolder:
     def _memory_of(self, runtime: Runtime) -> dict[str, Any]:
         """stack_memory of a runtime, weighed once per version."""
         if self._memory is None or self._memory[0] is not runtime:
-            self._memory = (runtime, stack_memory(runtime.tree.stacks))
+            stacks = runtime.tree.stacks
+            if isinstance(stacks, LazyStacks):  # weighing must not compile
+                stacks = stacks.compiled()
+            self._memory = (runtime, stack_memory(stacks))
         return self._memory[1]
 
     def write_status(self) -> None:
@@ -375,3 +454,8 @@ class RuntimeHolder:
             write_json_atomically(self.status_file, self.status())
         except OSError as err:
             log.warning("cannot write %s: %s", self.status_file, err)
+
+
+def _let_others_run() -> None:
+    """Between two stacks of a long compile: the GIL to a thread that waits for it."""
+    time.sleep(0)

@@ -10,6 +10,9 @@ under `<state-dir>/cache/` unless it is turned off (`txco serve --no-cache`).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +24,16 @@ from txcl.chassis.config import ConfigError, ConfigFile, config_problem, load_co
 from txcl.chassis.head import Engine, Head
 from txcl.compile_cache import CompileCache
 from txcl.errors import Problem, TxclError
-from txcl.loader import Tree, load_tree, with_registry
+from txcl.loader import RACY_MARGIN_NS, LazyStacks, Scan, Tree, load_tree, with_registry
 from txcl.ops import OpRegistry
 
 # What the watcher compares: (path, mtime in ns, size) of every file it watches.
 Fingerprint = tuple[tuple[str, int, int], ...]
 
 CACHE_DIR = "cache"  # under the state dir
+
+# (inode, size, mtime_ns, ctime_ns) of the config file a runtime read, if it had settled.
+ConfigKey = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Runtime:
     loaded_at: float  # wall clock
     problems: tuple[Problem, ...] = ()  # warnings, and the errors of the failed stacks
     fingerprint: Fingerprint = field(default=(), repr=False)
+    config_key: ConfigKey | None = field(default=None, repr=False)  # see config_key()
 
     @property
     def failed_stacks(self) -> tuple[StackFailure, ...]:
@@ -98,13 +105,31 @@ def load_ops_tree(
     *,
     previous: Tree | None = None,
     compile_cache: bool = True,
+    lazy: bool = False,
+    scan: Scan | None = None,
 ) -> Tree:
-    """The `--ops` tree through the compile cache under the state dir (unless turned off)."""
+    """The `--ops` tree through the compile cache under the state dir (unless turned off).
+    `lazy` and `scan` are as for load_tree (a lazy tree writes its cache when completed)."""
     cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
-    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous)
-    if cache is not None:
+    tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous, lazy=lazy,
+                     scan=scan)
+    if cache is not None and not lazy:
         cache.flush()
     return tree
+
+
+def config_key(path: Path | None) -> ConfigKey | None:
+    """What identifies the config file's content without reading it, if it was last written
+    long enough ago (RACY_MARGIN_NS, as the loader trusts a stack folder); else None."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_mtime_ns >= time.time_ns() - RACY_MARGIN_NS:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def build_runtime(
@@ -118,6 +143,9 @@ def build_runtime(
     previous: Tree | None = None,
     compile_cache: bool = True,
     preloaded: Tree | None = None,
+    lazy: bool = False,
+    scan: Scan | None = None,
+    serving: Runtime | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
@@ -135,13 +163,21 @@ def build_runtime(
     `preloaded` is a tree loaded just before (by the parent of --workers, before the fork):
     it is used as it is, only its EXECs checked against this registry, so that a worker
     does not touch (and so copy) the pages it shares with the parent and its siblings.
+    `lazy` compiles each stack when first needed (txcl.loader.LazyStacks; `over_tree` swaps
+    in the completed tree); `scan` is a walk of `--ops` taken just before. The config of
+    `serving` (the runtime this one replaces) is taken over if its file did not change.
     """
     problems: list[Problem] = []
-    try:
-        config = load_config(settings.config_file, [head.name for head in heads])
-    except ConfigError as err:
-        problems.append(config_problem(err))
-        config = ConfigFile()
+    key = config_key(settings.config_file)
+    if serving is not None and key is not None and serving.config_key == key:
+        config = serving.config
+    else:
+        try:
+            config = load_config(settings.config_file, [head.name for head in heads])
+        except ConfigError as err:
+            problems.append(config_problem(err))
+            config = ConfigFile()
+            key = None
     try:
         registry = OpRegistry.from_config(config.ops, config.base_dir)
     except TxclError as err:
@@ -153,7 +189,7 @@ def build_runtime(
             tree = with_registry(preloaded, registry)
         else:
             tree = load_ops_tree(settings, registry, previous=previous,
-                                 compile_cache=compile_cache)
+                                 compile_cache=compile_cache, lazy=lazy, scan=scan)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None
@@ -162,15 +198,9 @@ def build_runtime(
         problems.extend(_reload_blockers(tree, previous))
     if tree is None:
         raise ReloadFailed(problems)
-    engine = Engine(config, registry, tree, trace_sink)
-    parts: dict[str, Any] = {}
-    for head in heads:
-        try:
-            parts[head.name] = head.build(engine)
-        except ConfigError as err:
-            problems.append(config_problem(err))
-    if problems:  # refused as a whole: report what else needs fixing, too
-        listed = set(problems)
+    parts = _build_heads(heads, Engine(config, registry, tree, trace_sink), problems)
+    if problems:
+        listed = set(problems)  # refused as a whole: report what else needs fixing, too
         problems.extend(p for p in tree_problems if p.severity == "error" and p not in listed)
         raise ReloadFailed(problems)
     return Runtime(
@@ -183,6 +213,7 @@ def build_runtime(
         loaded_at=time.time(),
         problems=tree_problems,
         fingerprint=fingerprint,
+        config_key=key,
     )
 
 
@@ -196,3 +227,36 @@ def _reload_blockers(tree: Tree, previous: Tree | None) -> list[Problem]:
         if name in was_served:
             blockers.extend(tree.failures.get(name, ()))
     return blockers
+
+
+def _build_heads(heads: Sequence[Head], engine: Engine, problems: list[Problem]
+                 ) -> dict[str, Any]:
+    parts: dict[str, Any] = {}
+    for head in heads:
+        try:
+            parts[head.name] = head.build(engine)
+        except ConfigError as err:
+            problems.append(config_problem(err))
+    return parts
+
+
+def over_tree(runtime: Runtime, tree: Tree, heads: Sequence[Head],
+              trace_sink: Callable[..., Any] | None = None) -> Runtime:
+    """`runtime` (same config, registry and version) serving `tree` instead: the completed
+    form of its lazily loaded tree. ReloadFailed if a head cannot be built over it."""
+    problems: list[Problem] = []
+    parts = _build_heads(heads, Engine(runtime.config, runtime.registry, tree, trace_sink),
+                         problems)
+    if problems:
+        raise ReloadFailed(problems)
+    return dataclasses.replace(runtime, tree=tree, heads=MappingProxyType(parts),
+                               problems=tree.problems)
+
+
+async def compile_if_pending(tree: Tree, stack: str) -> None:
+    """Compile the stack `stack` of a lazily loaded tree now, in a worker thread, if it is not
+    yet: a transaction routed to it runs it as its files are at its RCPT, and the event loop
+    does not wait for the compile."""
+    stacks = tree.stacks
+    if isinstance(stacks, LazyStacks) and stacks.pending(stack):
+        await asyncio.to_thread(stacks.load, stack)

@@ -51,6 +51,9 @@ class ServeOptions:
     compile_cache: bool = True  # `--no-cache`: False
     # The tree the parent of --workers loaded before it forked: each first worker serves it.
     preloaded: Preloaded | None = None
+    # Listen before compiling: each stack compiles when first needed, the rest right after
+    # (RuntimeHolder.start's `lazy`); a preloaded tree is compiled already.
+    lazy: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,14 @@ def _serve_process(options: ServeOptions, inherited: Mapping[str, object] | None
         COUNTERS.use_row(slot.slot)
     writer = options.open_trace_writer()
     try:
-        holder = _runtime_holder(options, writer)
         # What start-up built (modules, grammar, the first tree) lives as long as the process:
         # keep it out of the cyclic collector's scans, so a full collection (one follows each
-        # reload) costs what changed since, not everything. No collection first: it would
-        # scan the whole tree (seconds at 10,000 files) to free a few dozen objects.
-        gc.freeze()
+        # reload) costs what changed since, not everything. No collection first (the
+        # collector stays off until the freeze): it would scan the whole tree (seconds at
+        # 10,000 files) to free a few dozen objects.
+        with no_cyclic_gc():
+            holder = _runtime_holder(options, writer)
+            gc.freeze()
         code = _run_without_waiting_for_threads(_serve(options, holder, inherited, gate, slot))
     finally:
         writer.close()
@@ -152,7 +157,7 @@ def _runtime_holder(options: ServeOptions, trace_sink: Callable[..., Any] | None
     try:
         return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink,
                                    compile_cache=options.compile_cache,
-                                   preloaded=options.preloaded)
+                                   preloaded=options.preloaded, lazy=options.lazy)
     except ReloadFailed as err:
         raise CannotStart(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
                           ) from None
@@ -183,8 +188,7 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         log.info("%s listening on %s", name, ", ".join(server.bound))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    if holder.current.tree.parsed == 0:  # all from the cache: the first edit need not wait
-        loop.run_in_executor(None, _build_parser)
+    warm_up = loop.create_task(_warm_up(holder))  # reloads wait for the start it completes
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     holder.install_sighup(loop)
@@ -195,6 +199,7 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
     counting = None if slot is not None and slot.slot else loop.create_task(
         keep_counters_current(holder.write_status))
     await stop.wait()
+    warm_up.cancel()
     if counting is not None:
         counting.cancel()
     if watcher is not None:
@@ -205,6 +210,15 @@ async def _serve(options: ServeOptions, holder: RuntimeHolder,
         await server.close(grace=server.grace_s)
         log.info("%s stopped", name)
     return OK
+
+
+async def _warm_up(holder: RuntimeHolder) -> None:
+    """Compile the stacks a lazy start left, then build the parser if nothing needed it."""
+    completing = holder.complete_start()
+    if completing is not None:
+        await completing
+    if holder.current.tree.parsed == 0:  # all from the cache: the first edit need not wait
+        await asyncio.get_running_loop().run_in_executor(None, _build_parser)
 
 
 def _build_parser() -> None:
@@ -270,11 +284,12 @@ def _serve_workers(options: ServeOptions, count: int) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
-    options = dataclasses.replace(options, preloaded=_preload(options))
     # What the parent imported (and the tree it loaded) is shared with every worker until
     # written to: keep the workers' cyclic collector from writing to it (Instagram's
     # gc.freeze-before-fork; no collection first, as in _serve_process).
-    gc.freeze()
+    with no_cyclic_gc():
+        options = dataclasses.replace(options, preloaded=_preload(options))
+        gc.freeze()
     ready_read, ready_write = os.pipe()
     go_read, go_write = os.pipe()
     try:
