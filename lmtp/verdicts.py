@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmtp.message import SOURCE as SRC
-from txcl.envelope import result_of, section_of, valid_code
+from txcl.envelope import result_of, rid_suffix, section_of, valid_code
 from txcl.errors import Problem
 from txcl.values import MISSING
 
@@ -85,10 +85,11 @@ def with_rid(reply: Reply, rid: str) -> Reply:
     text = reply.text
     if not (text.isascii() and text.isprintable()):  # a Reply not made by make_reply
         text = sanitize_text(text, reply.code)
-    room = MAX_REPLY_LINE - len(reply.enhanced) - len(rid) - 12  # "250 " " " " (rid " ")"
+    suffix = rid_suffix(rid)
+    room = MAX_REPLY_LINE - len(reply.enhanced) - len(suffix) - 5  # "250 " and " "
     if len(text) > room:
         text = text[: room - 3].rstrip() + "..."
-    return Reply(reply.code, reply.enhanced, f"{text} (rid {rid})")
+    return Reply(reply.code, reply.enhanced, text + suffix)
 
 
 DEFAULT_DENY = Reply(550, "5.1.1", "no rule accepted this recipient")

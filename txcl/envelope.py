@@ -25,6 +25,18 @@ RID_KEY: Final = "rid"
 ROUTE_KEY: Final = "route"
 RESULT_KEY: Final = "res"  # the one writable part of `_txc.<src>`
 READ_ONLY_TXC_KEYS: Final = frozenset({SRC_KEY, RID_KEY, ROUTE_KEY})
+# The request id a reply text carries at its end (a Postfix log line leads to its trace).
+RID_SUFFIX: Final = re.compile(r" \(rid [0-9A-Za-z]+\)$")
+
+
+def rid_suffix(rid: str) -> str:
+    """What a reply text ends with to carry the request id `rid` (RID_SUFFIX reads it)."""
+    return f" (rid {rid})"
+
+
+def without_rid(text: str) -> str:
+    """A reply line or text without the request id at its end, if it has one."""
+    return RID_SUFFIX.sub("", text)
 
 # Envelopes are dicts when they come from JSON: `isinstance` tries the exact type first.
 _MAPPING: Final = (dict, Mapping)

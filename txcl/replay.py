@@ -14,13 +14,12 @@ the server saw.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from txcl import trace_store
-from txcl.envelope import SRC_KEY, TXC, path_text
+from txcl.envelope import SRC_KEY, TXC, path_text, without_rid
 from txcl.explain import explain, explain_json
 from txcl.loader import Tree
 from txcl.records import ExecRecord
@@ -28,9 +27,6 @@ from txcl.runner import TEST_POLICY, RunPolicy, Stack
 from txcl.sources import source_for
 from txcl.trace import REDACTED, parse_hint_path
 from txcl.values import MISSING
-
-# The request id a reply line carries at its end (lmtp.verdicts), not part of the verdict.
-_RID_SUFFIX: Final = re.compile(r" \(rid [0-9A-Za-z]+\)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +77,7 @@ class Report:
 
 def verdict_of(line: str) -> str:
     """A reply line without the request id it carries: what a rule decided."""
-    return _RID_SUFFIX.sub("", line)
+    return without_rid(line)
 
 
 def trace_refs(path: Path) -> list[TraceRef]:
