@@ -81,9 +81,10 @@ def test_explain_text_through_the_cli(tmp_path):
 
 def test_recording_is_off_unless_asked(tmp_path):
     stack = load_target(_tree(tmp_path)).stacks["acme/s"]
-    assert stack.run(ENVELOPE, TEST_POLICY).snapshots == ()
+    assert stack.run(ENVELOPE, TEST_POLICY).snapshots is None
     result = stack.run(ENVELOPE, RunPolicy(run_ops=False, explain=True))
-    assert [n for n, _ in result.snapshots] == [0, 1]
+    assert [s.stage for s in result.snapshots] == [0, 1]
+    assert result.snapshots[0].envelope is ENVELOPE  # a reference, not a copy
     assert len(explain(stack, result)) == 3
 
 
