@@ -383,7 +383,10 @@ def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
     if len(matches) > 1:
         raise LookupError(f"{rid!r} matches {len(matches)} traces: {', '.join(matches[:5])}")
     if not matches:
-        raise FileNotFoundError(f"no trace {rid!r} under {state_dir / 'requests'}")
+        raise FileNotFoundError(
+            f"no trace {rid!r} under {state_dir / 'requests'} (pruned, or never kept: "
+            "--trace=errors keeps only failed runs and tempfails, --trace=off none)"
+        )
     return matches[0]
 
 

@@ -100,3 +100,46 @@ def test_explain_under_test_cases_shows_why_a_case_failed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAIL  acme/s · t.yaml · the boss is urgent" in out
     assert "✗ WHEN @lmtp.msg.subject =~ /urgent/   <- first WHEN that did not hold" in out
+
+
+SCRUBBED_STACK = {
+    "0/10-reads.txcl": (
+        "WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\n"
+        "WHEN lower(@lmtp.msg.headers.authorization.0) =~ /bearer/\n"
+        "WHEN @lmtp.msg.text =~ /nothing like this/\n"
+        "SET flags.x = true\n"
+        'WITH omit = "_txc.lmtp.msg.attachments"\n'
+        'WITH redact = "_txc.lmtp.msg.headers.authorization"\n'
+    ),
+}
+TOKEN = "Bearer sk-live-0123456789abcdef"
+
+
+def test_values_computed_from_scrubbed_paths_are_scrubbed_whole_and_long_ones_cut(tmp_path):
+    for name, text in SCRUBBED_STACK.items():
+        path = tmp_path / "OPS" / "acme" / "s" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    stack = load_target(tmp_path / "OPS").stacks["acme/s"]
+    # the body quotes the token just where the shown text is cut
+    body = "x" * 60 + TOKEN + "y" * 10_000
+    envelope = {
+        "_txc": {
+            "src": "lmtp",
+            "route": {"tenant": "acme", "stack": "acme/s", "to": "acme/s/0"},
+            "lmtp": {
+                "msg": {
+                    "attachments": [{"type": "application/pdf", "name": "secret-plan.pdf"}],
+                    "headers": {"authorization": [TOKEN]},
+                    "text": body,
+                },
+            },
+        }
+    }
+    [rule] = explain(stack, stack.run(envelope, RunPolicy(run_ops=False, explain=True)))
+    values = [w.operands[0].value for w in rule.whens]
+    assert values[0] == '"[OMITTED]"'  # a JSONPath into omitted attachments
+    assert values[1] == '"[REDACTED]"'  # a function of a redacted header
+    assert values[2].startswith('"' + "x" * 60 + "[REDACTED]yyy") and values[2].endswith("…")
+    assert len(values[2]) == 80 and "sk-live" not in values[2]
+    assert [w.held for w in rule.whens] == [True, True, False] and rule.first_false == 2
