@@ -6,13 +6,17 @@
    (target: at least 10,000 runs/s, one core). The baseline measured in the same run is
    a hand-written Python function doing the same checks, so the ratio says what the
    rule engine costs over code written by hand.
+3. With --explain: the same runs with explain recording on (as a server with traces on runs
+   them: each stage's rules and starting envelope kept by reference), and the trace
+   writer's work per run on top (explaining it into what the trace stores).
 
-    python bench/txcl_bench.py [--files 10000] [--runs 20000]
+    python bench/txcl_bench.py [--files 10000] [--runs 20000] [--explain]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from lmtp.message import build_envelope, parse_message
 from lmtp.routing import Route
+from txcl.explain import explain_record
 from txcl.lint import lint_target
 from txcl.loader import load_target
 from txcl.runner import RunPolicy, Stack
@@ -193,10 +198,21 @@ def bench_runs(runs: int) -> tuple[float, float, int]:
     return ours, baseline, len(result.fired)
 
 
+def bench_explain(runs: int) -> tuple[float, float, float]:
+    """Runs/s with recording off, on, and on with the writer's explain of each run."""
+    stack, env, policy = bench_stack()
+    on = dataclasses.replace(policy, explain=True)
+    off_rate = rate(lambda e: stack.run(e, policy), env, runs)
+    on_rate = rate(lambda e: stack.run(e, on), env, runs)
+    written = rate(lambda e: explain_record(stack.run(e, on), stack.hints), env, runs // 10 or 1)
+    return off_rate, on_rate, written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--runs", type=int, default=20_000)
+    ap.add_argument("--explain", action="store_true", help="also measure explain recording")
     args = ap.parse_args()
 
     lint_s = bench_lint(args.files)
@@ -207,6 +223,13 @@ def main() -> None:
     print(f"{'same checks by hand in Python, runs/s':44} {baseline:12,.0f}  baseline")
     print(f"{'engine / by-hand ratio':44} {ours / baseline:12.2f}")
     print(f"{'microseconds per run':44} {1e6 / ours:12.1f}")
+    if args.explain:
+        off, on, written = bench_explain(args.runs)
+        print(f"{'runs/s, explain recording off':44} {off:12,.0f}")
+        print(f"{'runs/s, explain recording on':44} {on:12,.0f}  >= 0.90 x off")
+        print(f"{'on / off':44} {on / off:12.3f}")
+        print(f"{'runs/s, on + the writer explaining each':44} {written:12,.0f}")
+        print(f"{'writer: microseconds of explain per run':44} {1e6 / written - 1e6 / on:12.1f}")
 
 
 if __name__ == "__main__":

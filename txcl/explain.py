@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
+import orjson
+
 from txcl import ast
 from txcl.compiler import MATCH_ROOT, CompiledRule, _RuleCompiler, expr_text
 from txcl.errors import Pos, TxclError
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 SHOWN_CHARS: Final = 80
 OMITTED_TEXT: Final = "[OMITTED]"
 MISSING_TEXT: Final = "missing"
+_OMITTED_JSON: Final = json.dumps(OMITTED_TEXT)
 RESULTS: Final = ("true", "false", "missing")  # a WHEN's result: held, did not, read nothing
 
 
@@ -79,49 +82,117 @@ def explain_run(
     """`explain` from the run alone: the rules are those that ran (kept with each stage
     start). `taint`: the copies of scrubbed values to scrub too (built here when None)."""
     starts = result.snapshots or ()
-    if not starts:
-        return []
-    scrubber = scrubber_for(hints)
-    if taint is None:
-        taint = (
-            scrubber.taint(*(s.envelope for s in starts), result.envelope) if scrubber else Taint()
-        )
-    shown = _Shown(scrubber, taint)
-    return [_rule(rule, start.stage, start.envelope, shown) for start in starts for rule in start.rules]
+    shown = _shown_for(result, hints, taint)
+    out = []
+    for start in starts:
+        for rule in start.rules:
+            doc = _rule_json(_plan_of(rule), start.stage, start.envelope, shown)
+            whens = tuple(
+                WhenExplain(
+                    when.text,
+                    when.pos,
+                    w["held"],
+                    tuple(Operand(text, value) for text, value in w["values"].items()),
+                    w["result"],
+                    w["reached"],
+                )
+                for when, w in zip(rule.whens, doc["whens"], strict=True)
+            )
+            out.append(
+                RuleExplain(start.stage, rule.file, rule.pos, doc["fired"], whens, doc["first_false"])
+            )
+    return out
 
 
 def explain_record(
     result: Any, hints: ScrubHints, taint: Taint | None = None
 ) -> list[dict[str, Any]] | None:
-    """What a trace stores of a run (`steps.explain`): `explain_json`, scrubbed as the rest
-    of the trace; None when the run kept no stage starts (recording off, or no run)."""
-    if getattr(result, "snapshots", None) is None:
+    """What a trace stores of a run (`steps.explain`): the `explain_json` form, scrubbed as
+    the rest of the trace; None when the run kept no stage starts (recording off, no run)."""
+    starts = getattr(result, "snapshots", None)
+    if starts is None:
         return None
-    doc = explain_json(explain_run(result, hints, taint))
-    return taint.clean(doc) if taint else doc  # a WHEN's text may quote a scrubbed value
+    shown = _shown_for(result, hints, taint)
+    doc = [
+        _rule_json(_plan_of(rule), start.stage, start.envelope, shown)
+        for start in starts
+        for rule in start.rules
+    ]
+    return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
 
 
-def _rule(rule: CompiledRule, stage: int, snapshot: Any, shown: _Shown) -> RuleExplain:
-    captures: dict[str, Any] = {}  # as the runner's test of a capturing rule accumulates them
+def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _Shown:
+    scrubber = scrubber_for(hints)
+    if taint is None:
+        envelopes = [s.envelope for s in result.snapshots or ()]
+        taint = scrubber.taint(*envelopes, result.envelope) if scrubber else Taint()
+    return _Shown(scrubber, taint)
+
+
+def _rule_json(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
+    """One rule explained, in the JSON form: each WHEN evaluated in order on the stage's
+    starting envelope, with the captures accumulating as the runner's test of it does."""
+    captures: dict[str, Any] = {}
     whens = []
     first_false: int | None = None
-    for index, when in enumerate(rule.whens):
-        outcome = when.evaluate(snapshot, captures)
-        values = [
-            (text, evaluate(snapshot, captures), scrub) for text, evaluate, scrub in _operands(when.text)
-        ]
+    for index, (evaluate_when, text, pos, operands) in enumerate(plan.whens):
+        outcome = evaluate_when(snapshot, captures)
         held = outcome is True
-        if held:
-            result = "true"
-        elif outcome is MISSING or any(value is MISSING for _, value, _ in values):
-            result = "missing"
-        else:
-            result = "false"
-        operands = tuple(Operand(text, shown(value, scrub)) for text, value, scrub in values)
-        whens.append(WhenExplain(when.text, when.pos, held, operands, result, first_false is None))
+        missing = outcome is MISSING
+        values: dict[str, str] = {}
+        for operand, evaluate, scrub in operands:
+            value = evaluate(snapshot, captures)
+            if value is MISSING:
+                missing = True
+                values[operand] = MISSING_TEXT
+            else:
+                values[operand] = shown(value, scrub)
+        whens.append(
+            {
+                "text": text,
+                "pos": pos,
+                "held": held,
+                "result": "true" if held else "missing" if missing else "false",
+                "reached": first_false is None,
+                "values": values,
+            }
+        )
         if not held and first_false is None:
             first_false = index
-    return RuleExplain(stage, rule.file, rule.pos, first_false is None, tuple(whens), first_false)
+    return {
+        "stage": stage,
+        "file": plan.file,
+        "pos": plan.pos,
+        "fired": first_false is None,
+        "first_false": first_false,  # index into whens, None when the rule fired
+        "whens": whens,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What explaining a rule needs that does not depend on the envelope, built once."""
+
+    file: str
+    pos: str
+    whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
+
+
+# id(rule) -> (rule, its plan); the rule is kept so its id is not reused while cached.
+_PLANS: dict[int, tuple[CompiledRule, _Plan]] = {}
+_MAX_PLANS: Final = 65536
+
+
+def _plan_of(rule: CompiledRule) -> _Plan:
+    cached = _PLANS.get(id(rule))
+    if cached is not None and cached[0] is rule:
+        return cached[1]
+    if len(_PLANS) >= _MAX_PLANS:  # rules of many reloads ago: start again
+        _PLANS.clear()
+    whens = tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens)
+    plan = _Plan(rule.file, str(rule.pos), whens)
+    _PLANS[id(rule)] = (rule, plan)
+    return plan
 
 
 # --- the operands of a WHEN, compiled once per WHEN text ---------------------------------
@@ -209,14 +280,24 @@ class _Shown:
         self.keep = SHOWN_CHARS + longest
 
     def __call__(self, value: Any, scrub: _Scrub | None) -> str:
-        if value is MISSING:
-            return MISSING_TEXT
+        """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
         if scrub is not None and self.scrubber:
             value = self._scrubbed(value, scrub)
-        value = self.taint.clean(_trimmed(value, self.keep))
-        if not _is_json(value):
-            return json.dumps(OMITTED_TEXT)
-        text = json.dumps(_trimmed(value, SHOWN_CHARS), ensure_ascii=False, default=repr)
+        if self.taint:
+            value = self.taint.clean(_trimmed(value, self.keep))
+        kind = value.__class__
+        if kind is str:
+            text = _json_text(value[:SHOWN_CHARS])
+        elif kind is bool:
+            return "true" if value else "false"
+        elif kind is int:
+            text = str(value)
+        elif value is None:
+            return "null"
+        elif not _is_json(value):  # the scrubber's mark of a value omitted entirely
+            return _OMITTED_JSON
+        else:
+            text = json.dumps(_trimmed(value, SHOWN_CHARS), ensure_ascii=False, default=repr)
         return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
     def _scrubbed(self, value: Any, scrub: _Scrub) -> Any:
@@ -258,6 +339,13 @@ def _trimmed(value: Any, keep: int) -> Any:
     if isinstance(value, Mapping):
         return {key: _trimmed(item, keep) for key, item in itertools.islice(value.items(), keep)}
     return value
+
+
+def _json_text(text: str) -> str:
+    try:
+        return orjson.dumps(text).decode()
+    except TypeError:  # a lone surrogate: orjson refuses it, json escapes it
+        return json.dumps(text, ensure_ascii=False)
 
 
 def _is_json(value: Any) -> bool:
