@@ -193,3 +193,24 @@ def test_only_traced_servers_record(tmp_path: Path) -> None:
     finally:
         on.close()
     assert not os.path.exists(tmp_path / "off" / "requests")
+
+
+def test_a_failed_run_is_explained_up_to_where_it_stopped(tmp_path: Path) -> None:
+    ops = tmp_path / "OPS"
+    for name, text in {
+        "acme/_mail/0/10-mark.txcl": "SET flags.marked = true\n",
+        "acme/_mail/1/10-bad.txcl": "WHEN flags.marked == true\nSET @lmtp.res.code = len(@lmtp.rcpt) + 998\n",
+        "acme/_mail/2/10-never.txcl": "SET flags.late = true\n",
+    }.items():
+        (ops / name).parent.mkdir(parents=True, exist_ok=True)
+        (ops / name).write_text(text)
+    stack = load_target(ops).stacks["acme/_mail"]
+    result = stack.run(ENVELOPE, RunPolicy(run_ops=False, explain=True))
+    assert result.error is not None
+    _write(TraceWriter(tmp_path / "var", mode="off"), stack, result, "01JFAILED")
+    out = io.StringIO()
+    assert run_trace(_args(tmp_path / "var", "01JFAILED", "--explain"), out) == 0
+    text = out.getvalue()
+    assert "stage 1\n" in text and "✓ WHEN flags.marked == true" in text
+    assert "flags.marked = true" in text  # the value as stage 1 began, after stage 0's SET
+    assert "stage 2" not in text and "(the run stopped there)" in text

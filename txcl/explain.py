@@ -20,6 +20,8 @@ import functools
 import itertools
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TextIO
@@ -178,20 +180,27 @@ class _Plan:
     whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
 
 
-# id(rule) -> (rule, its plan); the rule is kept so its id is not reused while cached.
-_PLANS: dict[int, tuple[CompiledRule, _Plan]] = {}
-_MAX_PLANS: Final = 65536
+# id(rule) -> (rule, its plan), the least recently explained first; the rule is kept so its
+# id is not reused while cached, and the bound lets the rules of old reloads go.
+_PLANS: OrderedDict[int, tuple[CompiledRule, _Plan]] = OrderedDict()
+_MAX_PLANS: Final = 4096
+
+
+_PLANS_LOCK: Final = threading.Lock()  # trace writer threads and the caller's may explain
 
 
 def _plan_of(rule: CompiledRule) -> _Plan:
-    cached = _PLANS.get(id(rule))
-    if cached is not None and cached[0] is rule:
-        return cached[1]
-    if len(_PLANS) >= _MAX_PLANS:  # rules of many reloads ago: start again
-        _PLANS.clear()
+    with _PLANS_LOCK:
+        cached = _PLANS.get(id(rule))
+        if cached is not None and cached[0] is rule:
+            _PLANS.move_to_end(id(rule))
+            return cached[1]
     whens = tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens)
     plan = _Plan(rule.file, str(rule.pos), whens)
-    _PLANS[id(rule)] = (rule, plan)
+    with _PLANS_LOCK:
+        _PLANS[id(rule)] = (rule, plan)
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
     return plan
 
 
