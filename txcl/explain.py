@@ -87,8 +87,8 @@ def explain_run(
     shown = _shown_for(result, hints, taint)
     out = []
     for start in starts:
-        for rule in start.rules:
-            doc = _rule_json(_plan_of(rule), start.stage, start.envelope, shown)
+        for rule, plan in zip(start.rules, _plans_of(start.rules), strict=True):
+            doc = _rule_json(plan, start.stage, start.envelope, shown)
             whens = tuple(
                 WhenExplain(
                     when.text,
@@ -116,9 +116,9 @@ def explain_record(
         return None
     shown = _shown_for(result, hints, taint)
     doc = [
-        _rule_json(_plan_of(rule), start.stage, start.envelope, shown)
+        _rule_json(plan, start.stage, start.envelope, shown)
         for start in starts
-        for rule in start.rules
+        for plan in _plans_of(start.rules)
     ]
     return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
 
@@ -180,28 +180,33 @@ class _Plan:
     whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
 
 
-# id(rule) -> (rule, its plan), the least recently explained first; the rule is kept so its
-# id is not reused while cached, and the bound lets the rules of old reloads go.
-_PLANS: OrderedDict[int, tuple[CompiledRule, _Plan]] = OrderedDict()
-_MAX_PLANS: Final = 4096
-
-
+# id(a stage's rules) -> (those rules, their plans), the least recently explained first;
+# the rules are kept so their id is not reused while cached, and the bound lets the stages
+# of old reloads go.
+_PLANS: OrderedDict[int, tuple[tuple[CompiledRule, ...], tuple[_Plan, ...]]] = OrderedDict()
+_MAX_STAGES: Final = 1024
 _PLANS_LOCK: Final = threading.Lock()  # trace writer threads and the caller's may explain
 
 
-def _plan_of(rule: CompiledRule) -> _Plan:
+def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
     with _PLANS_LOCK:
-        cached = _PLANS.get(id(rule))
-        if cached is not None and cached[0] is rule:
-            _PLANS.move_to_end(id(rule))
+        cached = _PLANS.get(id(rules))
+        if cached is not None and cached[0] is rules:
+            _PLANS.move_to_end(id(rules))
             return cached[1]
-    whens = tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens)
-    plan = _Plan(rule.file, str(rule.pos), whens)
+    plans = tuple(
+        _Plan(
+            rule.file,
+            str(rule.pos),
+            tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens),
+        )
+        for rule in rules
+    )
     with _PLANS_LOCK:
-        _PLANS[id(rule)] = (rule, plan)
-        while len(_PLANS) > _MAX_PLANS:
+        _PLANS[id(rules)] = (rules, plans)
+        while len(_PLANS) > _MAX_STAGES:
             _PLANS.popitem(last=False)
-    return plan
+    return plans
 
 
 # --- the operands of a WHEN, compiled once per WHEN text ---------------------------------
