@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from txcl.cli import main
-from txcl.explain import explain
+from txcl.explain import _Shown, explain
 from txcl.loader import load_target
+from txcl.records import ScrubHints
 from txcl.runner import TEST_POLICY, RunPolicy
+from txcl.trace import scrubber_for
 
 RULES = {
     "0/10-from.txcl": (
@@ -143,3 +148,21 @@ def test_values_computed_from_scrubbed_paths_are_scrubbed_whole_and_long_ones_cu
     assert values[2].startswith('"' + "x" * 60 + "[REDACTED]yyy") and values[2].endswith("…")
     assert len(values[2]) == 80 and "sk-live" not in values[2]
     assert [w.held for w in rule.whens] == [True, True, False] and rule.first_false == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.text(max_size=200),
+    after=st.text(max_size=200),
+    secret=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=8, max_size=120),
+)
+def test_a_shown_value_is_short_and_never_holds_a_scrubbed_value(before, after, secret):
+    """Whatever surrounds a redacted value, and wherever the cut falls, it does not show."""
+    hints = ScrubHints(redact=("_txc.lmtp.mail.from",))
+    scrubber = scrubber_for(hints)
+    envelope = {"_txc": {"lmtp": {"mail": {"from": secret}, "msg": {"text": before + secret + after}}}}
+    shown = _Shown(scrubber, scrubber.taint(envelope))
+    text = shown(before + secret + after, ("path", ("_txc", "lmtp", "msg", "text")))
+    assert len(text) <= 80
+    assert secret not in text
+    assert shown(secret, ("path", ("_txc", "lmtp", "mail", "from"))) == '"[REDACTED]"'
