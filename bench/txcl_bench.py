@@ -6,19 +6,23 @@
    (target: at least 10,000 runs/s, one core). The baseline measured in the same run is
    a hand-written Python function doing the same checks, so the ratio says what the
    rule engine costs over code written by hand.
+3. With --explain: the same runs with explain recording on (as a server with traces on runs
+   them: each stage's rules and starting envelope kept by reference), and the trace
+   writer's work per run on top (explaining it into what the trace stores).
 
-3. With `--base REV`: the same 20-rule stage's CPU per run under this tree and under the
+4. With `--base REV`: the same 20-rule stage's CPU per run under this tree and under the
    source of commit REV (`git archive`, imported first through PYTHONPATH), in child
    processes taking turns (`--rounds` each), so that the machine's load falls on both
    alike; issue 15's target: this tree within 5 % of the code before the schema checks
    (which run at load, never per delivery).
 
-    python bench/txcl_bench.py [--files 10000] [--runs 20000] [--base REV [--rounds 7]]
+    python bench/txcl_bench.py [--files 10000] [--runs 20000] [--base REV [--rounds 7]] [--explain]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from lmtp.message import build_envelope, parse_message
 from lmtp.routing import Route
+from txcl.explain import explain_record
 from txcl.lint import lint_target
 from txcl.loader import load_target
 from txcl.runner import RunPolicy, Stack
@@ -255,6 +260,34 @@ def bench_against(rev: str, runs: int, rounds: int) -> tuple[list[float], list[f
     return ours, theirs
 
 
+def cpu_rates(fns: list, env: dict, runs: int, rounds: int = 7) -> list[float]:
+    """Runs per CPU second of each of `fns`, taking turns round by round, the best round of
+    each: on a shared machine CPU time and alternation keep A/B comparisons fair."""
+    best = [0.0] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            started = time.process_time()
+            for _ in range(runs):
+                fn(env)
+            best[i] = max(best[i], runs / (time.process_time() - started))
+    return best
+
+
+def bench_explain(runs: int) -> list[float]:
+    """Runs per CPU second with recording off, on, and on with the writer's explain of each."""
+    stack, env, policy = bench_stack()
+    on = dataclasses.replace(policy, explain=True)
+    return cpu_rates(
+        [
+            lambda e: stack.run(e, policy),
+            lambda e: stack.run(e, on),
+            lambda e: explain_record(stack.run(e, on), stack.hints),
+        ],
+        env,
+        runs // 4 or 1,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=10_000)
@@ -262,6 +295,7 @@ def main() -> None:
     ap.add_argument("--base", metavar="REV", help="compare runs with the source of commit REV")
     ap.add_argument("--rounds", type=int, default=7, help="turns each side takes with --base")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--explain", action="store_true", help="also measure explain recording")
     args = ap.parse_args()
     if args.child:
         import txcl
@@ -286,6 +320,13 @@ def main() -> None:
         print(f"{'CPU us per run, ' + args.base[:12] + ' (median)':44} {then:12.1f}  "
               f"{' '.join(f'{x:.1f}' for x in theirs)}")
         print(f"{'runs/s change against ' + args.base[:12]:44} {then / now - 1:+12.1%}  >= -5 %")
+    if args.explain:
+        off, on, written = bench_explain(args.runs)
+        print(f"{'runs per CPU s, explain recording off':44} {off:12,.0f}")
+        print(f"{'runs per CPU s, explain recording on':44} {on:12,.0f}  >= 0.90 x off")
+        print(f"{'on / off':44} {on / off:12.3f}")
+        print(f"{'runs per CPU s, on + the writer explaining':44} {written:12,.0f}")
+        print(f"{'writer: CPU microseconds of explain per run':44} {1e6 / written - 1e6 / on:12.1f}")
 
 
 if __name__ == "__main__":

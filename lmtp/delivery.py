@@ -141,7 +141,9 @@ def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[
     return [Group(route, tuple(indices)) for route, indices in by_key.values()], unrouted
 
 
-def default_policy(settings: Settings, registry: OpRegistry | None) -> RunPolicy:
+def default_policy(
+    settings: Settings, registry: OpRegistry | None, explain: bool = False
+) -> RunPolicy:
     from txcl.runner import RunPolicy  # the engine is imported when a server is built
 
     return RunPolicy(
@@ -150,6 +152,7 @@ def default_policy(settings: Settings, registry: OpRegistry | None) -> RunPolicy
         # No op may outlive the reply it is part of.
         op_timeout_max_s=getattr(settings, "lmtp_resp_timeout", None),
         op_calls_per_tenant=getattr(settings, "op_calls_per_tenant", None),
+        explain=explain,
     )
 
 
@@ -171,9 +174,12 @@ class Deliverer:
         self.tree = tree
         self.settings = settings
         self.trace_sink = trace_sink
-        self.policy = policy if policy is not None else default_policy(settings, registry)
-        self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         self._traced = trace_sink is not None and getattr(trace_sink, "mode", None) != "off"
+        # Traced runs keep their stage starts: the trace writer explains them.
+        self.policy = (
+            policy if policy is not None else default_policy(settings, registry, self._traced)
+        )
+        self._op_needs = op_needs(getattr(self.policy, "registry", registry))
         # What a trace sink stores of the message beyond what the stacks read (it may take
         # `raw` from the bytes); a sink that does not say gets the fields a trace shows.
         self._trace_needs: MessageNeeds = getattr(trace_sink, "message_needs", TRACED_FIELDS)

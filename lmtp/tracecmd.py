@@ -8,6 +8,7 @@ txcl.chassis.status.)
                             (--rcpt, --message-id, --tenant, --stack, --verdict filter it)
     txco trace --json       the same data as JSON, for jq
     txco trace --message    the message stored with it, as received (scrubbed)
+    txco trace --explain    every rule of every stage, fired or not, as the run recorded it
 """
 
 from __future__ import annotations
@@ -149,11 +150,7 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
         "--explain",
         action="store_true",
         help="every rule of every stage, fired or not, each WHEN's result and the values it "
-        "compared: the recorded envelope run again on the rules under --ops, ops answered "
-        "from the trace",
-    )
-    parser.add_argument(
-        "--ops", default="OPS", metavar="DIR", help="with --explain, the rules (default: ./OPS)"
+        "compared, as the server recorded them when it ran (the rules as they were then)",
     )
     parser.add_argument(
         "-n",
@@ -220,7 +217,7 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.message:
         return _write_message(state_dir, trace["name"], out)
     if args.explain:
-        return _explain(state_dir, trace["name"], Path(args.ops), args.json, out)
+        return _explain(trace, args.json, out)
     if args.json:
         out.write(inputs.terminal_json(trace_json(trace)) + "\n")
     else:
@@ -229,33 +226,56 @@ def run_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 2 if _report_unreadable(trace, folder) else 0
 
 
-def _explain(state_dir: Path, name: str, ops: Path, as_json: bool, out: TextIO) -> int:
-    # the rule engine, imported here: `txco serve` (which imports this module) starts without
+def _explain(trace: Mapping[str, Any], as_json: bool, out: TextIO) -> int:
+    """What the run recorded for explain (`steps.explain`), rendered as `txcl test --explain`
+    renders a run; 1 (and why, on stderr) when the trace holds none."""
+    # imported here: `txco serve` (which imports this module) starts without the rule engine
     from txcl.explain import render_explain
-    from txcl.loader import load_target
-    from txcl.replay import TraceRef, replay_trace
-    from txcl.runner import RunPolicy
 
-    tree = load_target(ops)
-    if any(p.severity == "error" for p in tree.problems):
-        for p in tree.problems:
-            print(f"txco trace: {p}", file=sys.stderr)
-        return 2
-    run = replay_trace(TraceRef(state_dir, name), tree, RunPolicy(run_ops=False, explain=True))
-    if run.problem:
-        print(f"txco trace: {name}: {run.problem}", file=sys.stderr)
+    summary = trace.get("summary") or {}
+    rules = (trace.get("steps") or {}).get("explain")
+    if not isinstance(rules, list):
+        print(f"txco trace: {trace['name']}: {_no_explain_reason(summary)}", file=sys.stderr)
         return 1
+    error = (trace.get("result") or {}).get("error") or {}
+    error_text = error.get("text") or error.get("message") if isinstance(error, Mapping) else None
     if as_json:
-        doc = {"rid": run.rid, "stack": run.stack, "explain": list(run.explain), "fidelity": list(run.fidelity)}
+        doc = {
+            "rid": summary.get("rid", trace["name"]),
+            "time": summary.get("time"),
+            "stack": summary.get("stack"),
+            "explain": rules,
+            "error": error_text or None,
+        }
         out.write(inputs.terminal_json(doc) + "\n")
         return 0
-    text = io.StringIO()
-    text.write(f"{run.rid}  {run.stack}  (rules under {ops}, ops answered from the trace)\n")
-    render_explain(list(run.explain), text)
-    for note in run.fidelity:
-        text.write(f"fidelity: {note}\n")
-    out.write(inputs.terminal_text(text.getvalue()))
-    return 0
+
+    def render() -> str:
+        text = io.StringIO()
+        text.write(
+            f"{summary.get('rid', trace['name'])}  {summary.get('time', '')}  "
+            f"stack={summary.get('stack') or '-'}  (as recorded: the rules and values of that run)\n"
+        )
+        if not rules:
+            text.write("no stage ran\n")
+        render_explain(rules, text)
+        if error_text:
+            text.write(f"ERROR    {error_text} (the run stopped there)\n")
+        return text.getvalue()
+
+    return _show(out, render, Path(trace["name"]))
+
+
+def _no_explain_reason(summary: Mapping[str, Any]) -> str:
+    if any(str(part).startswith("steps") for part in summary.get("cut") or ()):
+        return "its steps, and what explain needs with them, were cut to fit --trace-max-bytes"
+    if summary.get("error"):
+        return f"no rules ran to explain ({summary['error']})"
+    return (
+        "the trace holds nothing to explain: it was written before txco recorded explain "
+        "data, or no stack ran for it (an unrouted recipient or a stack it does not serve). "
+        "`txcl replay` runs its envelope on the current rules"
+    )
 
 
 def _show(out: TextIO, render: Callable[[], str], where: Path) -> int:
@@ -365,7 +385,10 @@ def resolve_rid(state_dir: Path, rid: str | None) -> str | None:
     if len(matches) > 1:
         raise LookupError(f"{rid!r} matches {len(matches)} traces: {', '.join(matches[:5])}")
     if not matches:
-        raise FileNotFoundError(f"no trace {rid!r} under {state_dir / 'requests'}")
+        raise FileNotFoundError(
+            f"no trace {rid!r} under {state_dir / 'requests'} (pruned, or never kept: "
+            "--trace=errors keeps only failed runs and tempfails, --trace=off none)"
+        )
     return matches[0]
 
 

@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from txcl.cli import main
-from txcl.explain import explain
+from txcl.explain import _Shown, explain
 from txcl.loader import load_target
+from txcl.records import ScrubHints
 from txcl.runner import TEST_POLICY, RunPolicy
+from txcl.trace import scrubber_for
 
 RULES = {
     "0/10-from.txcl": (
@@ -81,9 +86,10 @@ def test_explain_text_through_the_cli(tmp_path):
 
 def test_recording_is_off_unless_asked(tmp_path):
     stack = load_target(_tree(tmp_path)).stacks["acme/s"]
-    assert stack.run(ENVELOPE, TEST_POLICY).snapshots == ()
+    assert stack.run(ENVELOPE, TEST_POLICY).snapshots is None
     result = stack.run(ENVELOPE, RunPolicy(run_ops=False, explain=True))
-    assert [n for n, _ in result.snapshots] == [0, 1]
+    assert [s.stage for s in result.snapshots] == [0, 1]
+    assert result.snapshots[0].envelope is ENVELOPE  # a reference, not a copy
     assert len(explain(stack, result)) == 3
 
 
@@ -99,3 +105,64 @@ def test_explain_under_test_cases_shows_why_a_case_failed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAIL  acme/s · t.yaml · the boss is urgent" in out
     assert "✗ WHEN @lmtp.msg.subject =~ /urgent/   <- first WHEN that did not hold" in out
+
+
+SCRUBBED_STACK = {
+    "0/10-reads.txcl": (
+        "WHEN $._txc.lmtp.msg.attachments[*].type =~ /pdf/\n"
+        "WHEN lower(@lmtp.msg.headers.authorization.0) =~ /bearer/\n"
+        "WHEN @lmtp.msg.text =~ /nothing like this/\n"
+        "SET flags.x = true\n"
+        'WITH omit = "_txc.lmtp.msg.attachments"\n'
+        'WITH redact = "_txc.lmtp.msg.headers.authorization"\n'
+    ),
+}
+TOKEN = "Bearer sk-live-0123456789abcdef"
+
+
+def test_values_computed_from_scrubbed_paths_are_scrubbed_whole_and_long_ones_cut(tmp_path):
+    for name, text in SCRUBBED_STACK.items():
+        path = tmp_path / "OPS" / "acme" / "s" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    stack = load_target(tmp_path / "OPS").stacks["acme/s"]
+    # the body quotes the token just where the shown text is cut
+    body = "x" * 60 + TOKEN + "y" * 10_000
+    envelope = {
+        "_txc": {
+            "src": "lmtp",
+            "route": {"tenant": "acme", "stack": "acme/s", "to": "acme/s/0"},
+            "lmtp": {
+                "msg": {
+                    "attachments": [{"type": "application/pdf", "name": "secret-plan.pdf"}],
+                    "headers": {"authorization": [TOKEN]},
+                    "text": body,
+                },
+            },
+        }
+    }
+    [rule] = explain(stack, stack.run(envelope, RunPolicy(run_ops=False, explain=True)))
+    values = [w.operands[0].value for w in rule.whens]
+    assert values[0] == '"[OMITTED]"'  # a JSONPath into omitted attachments
+    assert values[1] == '"[REDACTED]"'  # a function of a redacted header
+    assert values[2].startswith('"' + "x" * 60 + "[REDACTED]yyy") and values[2].endswith("…")
+    assert len(values[2]) == 80 and "sk-live" not in values[2]
+    assert [w.held for w in rule.whens] == [True, True, False] and rule.first_false == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.text(max_size=200),
+    after=st.text(max_size=200),
+    secret=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=8, max_size=120),
+)
+def test_a_shown_value_is_short_and_never_holds_a_scrubbed_value(before, after, secret):
+    """Whatever surrounds a redacted value, and wherever the cut falls, it does not show."""
+    hints = ScrubHints(redact=("_txc.lmtp.mail.from",))
+    scrubber = scrubber_for(hints)
+    envelope = {"_txc": {"lmtp": {"mail": {"from": secret}, "msg": {"text": before + secret + after}}}}
+    shown = _Shown(scrubber, scrubber.taint(envelope))
+    text = shown(before + secret + after, ("path", ("_txc", "lmtp", "msg", "text")))
+    assert len(text) <= 80
+    assert secret not in text
+    assert shown(secret, ("path", ("_txc", "lmtp", "mail", "from"))) == '"[REDACTED]"'

@@ -80,7 +80,7 @@ def test_replay_of_live_traces_diffs_verdicts_after_an_edit(
 
     # txco trace --explain: every rule, fired or not, from the recorded envelope and answers
     explained = subprocess.run(
-        [*txco_argv(), "trace", folder.name, "--explain", "--ops", str(ops),
+        [*txco_argv(), "trace", folder.name, "--explain",
          "--state-dir", str(server.state_dir)],
         capture_output=True, text=True, timeout=60,
     )

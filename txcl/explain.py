@@ -1,36 +1,55 @@
-"""Why each rule fired or not: every WHEN of every rule of every stage that ran, its result
-and the values it compared, from the stage-start snapshots of a run made with
-`RunPolicy(explain=True)`.
+"""Why each rule fired or not: every WHEN of every rule of every stage a run reached, its
+result and the values it compared, from the stage starts of a run made with
+`RunPolicy(explain=True)` (the runner keeps a reference to each stage's rules and starting
+envelope, nothing more).
 
-Values are shown shortened and scrubbed by the stack's `WITH omit` / `WITH redact` as the
-trace scrubs them. For a rule that did not fire, `first_false` is the first WHEN that did
-not hold (false, or reading a missing value).
+One home for the data and its text: `txcl test --explain` explains a run it just made;
+the trace writer explains each traced run off the event loop and stores the JSON form in
+the trace (`steps.explain`), which `txco trace RID --explain` renders with the same
+`render_explain`, so a trace shows the rules and values of the run as it happened.
+
+Values are scrubbed as the trace scrubs (the stack's `WITH omit` / `WITH redact` by path,
+a value computed from a scrubbed path as a whole, and copies of scrubbed values wherever
+they appear), then shortened. The runner stops a rule at its first WHEN that does not hold;
+the WHENs after it are shown as not reached, with what they would have given.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+import orjson
 
 from txcl import ast
 from txcl.compiler import MATCH_ROOT, CompiledRule, _RuleCompiler, expr_text
 from txcl.errors import Pos, TxclError
 from txcl.parser import parse_expression
-from txcl.records import StackResult
-from txcl.runner import Stack
-from txcl.trace import REDACTED, Scrubber, scrubber_for
+from txcl.records import ScrubHints, StackResult
+from txcl.trace import REDACTED, Scrubber, Taint, scrubber_for
 from txcl.values import MISSING
+
+if TYPE_CHECKING:
+    from txcl.runner import Stack
 
 SHOWN_CHARS: Final = 80
 OMITTED_TEXT: Final = "[OMITTED]"
+MISSING_TEXT: Final = "missing"
+_OMITTED_JSON: Final = json.dumps(OMITTED_TEXT)
+RESULTS: Final = ("true", "false", "missing")  # a WHEN's result: held, did not, read nothing
 
 
 @dataclass(frozen=True, slots=True)
 class Operand:
     text: str  # the operand in canonical form (`@lmtp.mail.from`, `domain(@lmtp.mail.from)`)
-    value: str  # shown: JSON, shortened and scrubbed; "missing" when there is none
+    value: str  # shown: JSON, scrubbed and shortened; "missing" when there is none
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +58,8 @@ class WhenExplain:
     pos: Pos
     held: bool
     operands: tuple[Operand, ...]
+    result: str = "true"  # one of RESULTS: "missing" when it did not hold and read nothing
+    reached: bool = True  # False after the rule's first WHEN that did not hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,53 +73,175 @@ class RuleExplain:
 
 
 def explain(stack: Stack, result: StackResult) -> list[RuleExplain]:
-    """Every rule of each stage the run reached, in order. Empty when the run was not made
-    with RunPolicy(explain=True)."""
-    scrubber = scrubber_for(stack.hints)
-    by_number = {stage.number: stage for stage in stack.stages}
-    out: list[RuleExplain] = []
-    for number, snapshot in result.snapshots:
-        for rule in by_number[number].rules:
-            out.append(_rule(rule, number, snapshot, scrubber))
+    """Every rule of each stage the run reached, in order, scrubbed by the stack's hints.
+    Empty when the run was not made with RunPolicy(explain=True)."""
+    return explain_run(result, stack.hints)
+
+
+def explain_run(
+    result: StackResult, hints: ScrubHints, taint: Taint | None = None
+) -> list[RuleExplain]:
+    """`explain` from the run alone: the rules are those that ran (kept with each stage
+    start). `taint`: the copies of scrubbed values to scrub too (built here when None)."""
+    starts = result.snapshots or ()
+    shown = _shown_for(result, hints, taint)
+    out = []
+    for start in starts:
+        for rule, plan in zip(start.rules, _plans_of(start.rules), strict=True):
+            doc = _rule_json(plan, start.stage, start.envelope, shown)
+            whens = tuple(
+                WhenExplain(
+                    when.text,
+                    when.pos,
+                    w["held"],
+                    tuple(Operand(text, value) for text, value in w["values"].items()),
+                    w["result"],
+                    w["reached"],
+                )
+                for when, w in zip(rule.whens, doc["whens"], strict=True)
+            )
+            out.append(
+                RuleExplain(start.stage, rule.file, rule.pos, doc["fired"], whens, doc["first_false"])
+            )
     return out
 
 
-def _rule(rule: CompiledRule, stage: int, snapshot: Any, scrubber: Scrubber) -> RuleExplain:
-    captures: dict[str, str] = {}
+def explain_record(
+    result: Any, hints: ScrubHints, taint: Taint | None = None
+) -> list[dict[str, Any]] | None:
+    """What a trace stores of a run (`steps.explain`): the `explain_json` form, scrubbed as
+    the rest of the trace; None when the run kept no stage starts (recording off, no run)."""
+    starts = getattr(result, "snapshots", None)
+    if starts is None:
+        return None
+    shown = _shown_for(result, hints, taint)
+    doc = [
+        _rule_json(plan, start.stage, start.envelope, shown)
+        for start in starts
+        for plan in _plans_of(start.rules)
+    ]
+    return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
+
+
+def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _Shown:
+    scrubber = scrubber_for(hints)
+    if taint is None:
+        envelopes = [s.envelope for s in result.snapshots or ()]
+        taint = scrubber.taint(*envelopes, result.envelope) if scrubber else Taint()
+    return _Shown(scrubber, taint)
+
+
+def _rule_json(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
+    """One rule explained, in the JSON form: each WHEN evaluated in order on the stage's
+    starting envelope, with the captures accumulating as the runner's test of it does."""
+    captures: dict[str, Any] = {}
     whens = []
-    for when in rule.whens:
-        caught: dict[str, str] = {}
-        held = when.evaluate(snapshot, caught) is True
-        captures.update(caught)
-        operands = tuple(
-            Operand(text, _shown(path, evaluate(snapshot, captures), scrubber))
-            for text, path, evaluate in _operands(when.text)
+    first_false: int | None = None
+    for index, (evaluate_when, text, pos, operands) in enumerate(plan.whens):
+        outcome = evaluate_when(snapshot, captures)
+        held = outcome is True
+        missing = outcome is MISSING
+        values: dict[str, str] = {}
+        for operand, evaluate, scrub in operands:
+            value = evaluate(snapshot, captures)
+            if value is MISSING:
+                missing = True
+                values[operand] = MISSING_TEXT
+            else:
+                values[operand] = shown(value, scrub)
+        whens.append(
+            {
+                "text": text,
+                "pos": pos,
+                "held": held,
+                "result": "true" if held else "missing" if missing else "false",
+                "reached": first_false is None,
+                "values": values,
+            }
         )
-        whens.append(WhenExplain(when.text, when.pos, held, operands))
-    first_false = next((i for i, w in enumerate(whens) if not w.held), None)
-    return RuleExplain(stage, rule.file, rule.pos, first_false is None, tuple(whens), first_false)
+        if not held and first_false is None:
+            first_false = index
+    return {
+        "stage": stage,
+        "file": plan.file,
+        "pos": plan.pos,
+        "fired": first_false is None,
+        "first_false": first_false,  # index into whens, None when the rule fired
+        "whens": whens,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What explaining a rule needs that does not depend on the envelope, built once."""
+
+    file: str
+    pos: str
+    whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
+
+
+# id(a stage's rules) -> (those rules, their plans), the least recently explained first;
+# the rules are kept so their id is not reused while cached, and the bound lets the stages
+# of old reloads go.
+_PLANS: OrderedDict[int, tuple[tuple[CompiledRule, ...], tuple[_Plan, ...]]] = OrderedDict()
+_MAX_STAGES: Final = 1024
+_PLANS_LOCK: Final = threading.Lock()  # trace writer threads and the caller's may explain
+
+
+def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
+    with _PLANS_LOCK:
+        cached = _PLANS.get(id(rules))
+        if cached is not None and cached[0] is rules:
+            _PLANS.move_to_end(id(rules))
+            return cached[1]
+    plans = tuple(
+        _Plan(
+            rule.file,
+            str(rule.pos),
+            tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens),
+        )
+        for rule in rules
+    )
+    with _PLANS_LOCK:
+        _PLANS[id(rules)] = (rules, plans)
+        while len(_PLANS) > _MAX_STAGES:
+            _PLANS.popitem(last=False)
+    return plans
+
+
+# --- the operands of a WHEN, compiled once per WHEN text ---------------------------------
+
+# How an operand's value is scrubbed: by its path (a plain path: exactly as the trace
+# scrubs that path), or by the paths it reads (a function, a sum, a JSONPath: the value as
+# a whole when any of them is scrubbed); None for a capture (`match.x`: copies only).
+_Scrub = tuple[str, Any]  # ("path", segments) or ("reads", (plain reads, jsonpath prefixes))
 
 
 @functools.lru_cache(maxsize=4096)
-def _operands(text: str) -> tuple[tuple[str, tuple[Any, ...] | None, Any], ...]:
-    """(text, path segments or None, evaluator) of each value a WHEN compares, compiled once."""
+def _operands(text: str) -> tuple[tuple[str, Any, _Scrub | None], ...]:
+    """(text, evaluator, how to scrub) of each value a WHEN compares."""
     try:
         expr = parse_expression(text)
     except TxclError:
         return ()
-    compiler = _RuleCompiler([])
     found: list[ast.Expr] = []
     _collect(expr, found)
     out = []
     for node in found:
         shown_text = expr_text(node)
-        path = node.segments if isinstance(node, ast.Path) else None
-        if path and "*" in path:  # `@lmtp.rcpt.*`: show the list whose items it binds
-            path = path[: path.index("*")]
-            node = ast.Path(path, node.pos)
-        if path and path[0] == MATCH_ROOT:
-            path = None
-        out.append((shown_text, path, compiler.expr(node)))
+        scrub: _Scrub | None = None
+        if isinstance(node, ast.Path):
+            path = node.segments
+            if "*" in path:  # `@lmtp.rcpt.*`: show the list whose items it binds
+                path = path[: path.index("*")]
+                node = ast.Path(path, node.pos)
+            scrub = None if path[0] == MATCH_ROOT else ("path", path)
+        compiler = _RuleCompiler([])
+        evaluate = compiler.expr(node)
+        if scrub is None and not isinstance(node, ast.Path):
+            prefixes = tuple(_jsonpath_prefix(p) for p in compiler.jsonpaths)
+            scrub = ("reads", (tuple(compiler.reads), prefixes))
+        out.append((shown_text, evaluate, scrub))
     return tuple(out)
 
 
@@ -118,19 +261,112 @@ def _collect(node: ast.Expr, found: list[ast.Expr]) -> None:
         found.append(node)
 
 
-def _shown(path: tuple[Any, ...] | None, value: Any, scrubber: Scrubber) -> str:
-    if value is MISSING:
-        return "missing"
-    if path is not None and scrubber:
-        value = scrubber.at(path, value)
-        if value is not REDACTED and not _is_json(value):
-            return OMITTED_TEXT
-    text = json.dumps(value, ensure_ascii=False, default=repr)
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+_JSONPATH_STEP = re.compile(r"\.([A-Za-z_][\w-]*|\*)|\[(\d+|\*)\]|\[['\"]([^'\"]*)['\"]\]")
+
+
+def _jsonpath_prefix(text: str) -> tuple[str | int, ...]:
+    """The plain steps a JSONPath begins with (`$._txc.lmtp.msg.attachments[*].type` ->
+    _txc, lmtp, msg, attachments, *, type), up to the first it cannot name (`..`, a filter)."""
+    out: list[str | int] = []
+    at = 1 if text.startswith("$") else 0
+    while at < len(text):
+        step = _JSONPATH_STEP.match(text, at)
+        if step is None:
+            break
+        name, index, quoted = step.groups()
+        out.append(int(index) if index and index.isdigit() else (name or index or quoted or ""))
+        at = step.end()
+    return tuple(out)
+
+
+# --- values as shown -----------------------------------------------------------------------
+
+
+class _Shown:
+    """Values as explain shows them: scrubbed as the trace scrubs, then shortened."""
+
+    def __init__(self, scrubber: Scrubber, taint: Taint) -> None:
+        self.scrubber = scrubber
+        self.taint = taint
+        # A string is cut only after this many characters, so that a secret starting within
+        # what is shown is still whole when its copies are scrubbed.
+        longest = max((len(secret) for secret, _ in taint.scan), default=0)
+        self.keep = SHOWN_CHARS + longest
+
+    def __call__(self, value: Any, scrub: _Scrub | None) -> str:
+        """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
+        if scrub is not None and self.scrubber:
+            value = self._scrubbed(value, scrub)
+        if self.taint:
+            value = self.taint.clean(_trimmed(value, self.keep))
+        kind = value.__class__
+        if kind is str:
+            text = _json_text(value[:SHOWN_CHARS])
+        elif kind is bool:
+            return "true" if value else "false"
+        elif kind is int:
+            text = str(value)
+        elif value is None:
+            return "null"
+        elif not _is_json(value):  # the scrubber's mark of a value omitted entirely
+            return _OMITTED_JSON
+        else:
+            text = json.dumps(_trimmed(value, SHOWN_CHARS), ensure_ascii=False, default=repr)
+        return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+    def _scrubbed(self, value: Any, scrub: _Scrub) -> Any:
+        kind, what = scrub
+        if kind == "path":
+            return self.scrubber.at(what, value)
+        reads, prefixes = what
+        action = None
+        for segs, hint_action in self.scrubber.rules:
+            if any(_within(read, segs) for read in reads) or any(
+                _overlaps(prefix, segs) for prefix in prefixes
+            ):
+                action = "omit" if "omit" in (action, hint_action) else "redact"
+        if action is None:
+            return value
+        return OMITTED_TEXT if action == "omit" else REDACTED
+
+
+def _within(read: tuple[Any, ...], hint: tuple[Any, ...]) -> bool:
+    """`read` lies at or below the scrubbed path `hint`."""
+    return len(hint) <= len(read) and all(
+        h == "*" or str(h) == str(r) for h, r in zip(hint, read, strict=False)
+    )
+
+
+def _overlaps(prefix: tuple[Any, ...], hint: tuple[Any, ...]) -> bool:
+    """A JSONPath starting with `prefix` may reach what `hint` scrubs (either lies within
+    the other)."""
+    return all(h == "*" or r == "*" or str(h) == str(r) for h, r in zip(hint, prefix, strict=False))
+
+
+def _trimmed(value: Any, keep: int) -> Any:
+    """`value` with each string cut after `keep` characters and each list or object after
+    `keep` items: enough to show `keep` characters, without encoding a whole message."""
+    if isinstance(value, str):
+        return value[:keep]
+    if isinstance(value, list | tuple):
+        return [_trimmed(item, keep) for item in value[:keep]]
+    if isinstance(value, Mapping):
+        return {key: _trimmed(item, keep) for key, item in itertools.islice(value.items(), keep)}
+    return value
+
+
+def _json_text(text: str) -> str:
+    try:
+        return orjson.dumps(text).decode()
+    except TypeError:  # a lone surrogate: orjson refuses it, json escapes it
+        return json.dumps(text, ensure_ascii=False)
 
 
 def _is_json(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool | list | dict)
+
+
+# --- the JSON form and its text --------------------------------------------------------------
 
 
 def explain_json(rules: list[RuleExplain]) -> list[dict[str, Any]]:
@@ -146,6 +382,8 @@ def explain_json(rules: list[RuleExplain]) -> list[dict[str, Any]]:
                     "text": w.text,
                     "pos": str(w.pos),
                     "held": w.held,
+                    "result": w.result,
+                    "reached": w.reached,
                     "values": {o.text: o.value for o in w.operands},
                 }
                 for w in r.whens
@@ -156,7 +394,8 @@ def explain_json(rules: list[RuleExplain]) -> list[dict[str, Any]]:
 
 
 def render_explain(rules: list[dict[str, Any]], out: TextIO) -> None:
-    """The JSON form (from `explain_json` or a trace) as text, one block per rule."""
+    """The JSON form (from `explain_json`, or as a trace stored it) as text, one block per
+    rule: ✓ a WHEN that held, ✗ one that did not (the first is marked), · one not reached."""
     stage = None
     for r in rules:
         if r["stage"] != stage:
@@ -167,8 +406,14 @@ def render_explain(rules: list[dict[str, Any]], out: TextIO) -> None:
         if not r["whens"]:
             out.write("      (no WHEN: always fires)\n")
         for i, w in enumerate(r["whens"]):
-            tick = "✓" if w["held"] else "✗"
-            first = "   <- first WHEN that did not hold" if i == r["first_false"] else ""
-            out.write(f"      {tick} WHEN {w['text']}{first}\n")
+            result = w.get("result") or ("true" if w["held"] else "false")
+            if not w.get("reached", True):
+                out.write(f"      · WHEN {w['text']}   (not reached; {result} on this envelope)\n")
+            else:
+                tick = "✓" if w["held"] else "✗"
+                first = "   <- first WHEN that did not hold" if i == r["first_false"] else ""
+                if first and result == "missing":
+                    first += " (a value it reads is missing)"
+                out.write(f"      {tick} WHEN {w['text']}{first}\n")
             for text, value in w["values"].items():
                 out.write(f"          {text} = {value}\n")

@@ -70,14 +70,24 @@ Step = SetRecord | ExecRecord
 
 
 @dataclass(frozen=True, slots=True)
+class StageStart:
+    """A stage as it began, kept for txcl.explain: the rules that ran (compiled, with their
+    source positions and WHEN texts) and the envelope their WHENs read."""
+
+    stage: int
+    rules: tuple[Any, ...]  # txcl.compiler.CompiledRule
+    envelope: Any
+
+
+@dataclass(frozen=True, slots=True)
 class StackResult:
     envelope: Any  # the envelope after the run (or where it failed)
     fired: tuple[Fired, ...]
     steps: tuple[Step, ...]
     error: Problem | None = None  # a failed run never yields an accept
     elapsed_s: float = 0.0
-    # (stage, envelope as the stage began) per stage run; only under RunPolicy(explain=True)
-    snapshots: tuple[tuple[int, Any], ...] = ()
+    # Each stage run, as it began; None unless run under RunPolicy(explain=True)
+    snapshots: tuple[StageStart, ...] | None = None
 
     @property
     def ok(self) -> bool:

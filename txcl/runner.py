@@ -46,6 +46,7 @@ from txcl.records import (
     ScrubHints,
     SetRecord,
     StackResult,
+    StageStart,
     Step,
     WhenOutcome,
 )
@@ -88,7 +89,9 @@ class RunPolicy:
     state_dir: Path | None = None  # ops' storage lives under it
     op_timeout_max_s: float | None = None  # caps every op's deadline, WITH timeout too
     op_calls_per_tenant: int | None = None  # op calls a tenant may have running; None: any
-    explain: bool = False  # keep each stage's start snapshot for txcl.explain (record only when asked)
+    # Keep each stage's rules and starting envelope (references) for txcl.explain: asked by
+    # `txcl test --explain`, and by a server whose traces are on (the writer explains).
+    explain: bool = False
 
 
 DEFAULT_POLICY: Final = RunPolicy()
@@ -155,6 +158,7 @@ class Stack:
         init=False, repr=False, compare=False
     )
     _long: bool = field(init=False, repr=False, compare=False)
+    _rules_of: dict[int, tuple[CompiledRule, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         stages = tuple(sorted(self.stages, key=lambda s: s.number))
@@ -176,6 +180,7 @@ class Stack:
         )
         object.__setattr__(self, "_plan", plan)
         object.__setattr__(self, "_long", len(rules) > SLICED_RULES)
+        object.__setattr__(self, "_rules_of", {stage.number: stage.rules for stage in stages})
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
@@ -231,7 +236,7 @@ class Stack:
         started = time.perf_counter()
         fired: list[Fired] = []
         steps: list[Step] = []
-        snapshots: list[tuple[int, Any]] | None = [] if policy.explain else None
+        snapshots: list[StageStart] | None = [] if policy.explain else None
         if not isinstance(envelope, dict):
             kind = type(envelope).__name__
             refused = Problem(RUN_ERROR, f"the envelope must be a JSON object, not {kind}")
@@ -248,7 +253,7 @@ class Stack:
                     continue
                 snapshot = env
                 if snapshots is not None:
-                    snapshots.append((number, snapshot))
+                    snapshots.append(StageStart(number, self._rules_of[number], snapshot))
                 hits = []
                 for plan in plans:
                     if sliced and time.perf_counter() >= turn_ends:

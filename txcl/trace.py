@@ -467,6 +467,9 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
 
     fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
     steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
+    from txcl.explain import explain_record  # it scrubs with this module's Scrubber
+
+    why = explain_record(result, record.hints, taint)  # None: the run kept no stage starts
 
     responses = []
     for rcpt, line in record.replies:
@@ -499,7 +502,7 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
     parts = {
         "summary": summary,
         "envelope": envelope if envelope is not _OMITTED else {},
-        "steps": {"fired": fired, "steps": steps},
+        "steps": {"fired": fired, "steps": steps, **({} if why is None else {"explain": why})},
         "result": {
             "rid": record.rid,
             "stack": record.stack,
