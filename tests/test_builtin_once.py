@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ from typing import Any
 import pytest
 from test_builtin_ops import RAW, HookHandler, ctx, hook_url, make_envelope, stack_dir
 
-from txcl.builtin_ops import BUILTINS
+from txcl.builtin_ops import BUILTINS, once
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.webhook import webhook
 
@@ -57,21 +61,35 @@ def test_a_failed_call_is_not_remembered(ctx, tmp_path):
     assert by_name("EMIT")(make_envelope(), {}, keyed)["emit"]["offset"] == 0
 
 
-def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
-    from txcl.builtin_ops import support
+def keys_db(ctx) -> Path:
+    return stack_dir(ctx) / once.ONCE_FOLDER / once.ONCE_DB
 
+
+def key_rows(ctx) -> list[tuple[str, int, str | None]]:
+    with contextlib.closing(sqlite3.connect(keys_db(ctx))) as db:
+        return db.execute("SELECT key, day, patch FROM once_keys ORDER BY day").fetchall()
+
+
+def unrecord_all(ctx) -> None:
+    """As a kill -9 between acting and recording leaves the keys: reserved, no patch."""
+    with contextlib.closing(sqlite3.connect(keys_db(ctx))) as db, db:
+        db.execute("UPDATE once_keys SET patch = NULL")
+
+
+def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
     keyed = dataclasses.replace(ctx, delivery_key="k1")
-    now = time.time()
     first = by_name("EMIT")(make_envelope(), {}, keyed)
-    later = now + (support.ONCE_WINDOW_DAYS + 2) * 86400
-    monkeypatch.setattr(support.time, "time", lambda: later)
+    other = by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k2"))
+    later = time.time() + (once.ONCE_WINDOW_DAYS + 2) * 86400
+    monkeypatch.setattr(once.time, "time", lambda: later)
     again = by_name("EMIT")(make_envelope(), {}, keyed)
     assert again != first
-    once = stack_dir(ctx) / support.ONCE_FOLDER
     deadline = time.monotonic() + 5
-    while len(list(once.iterdir())) > 1 and time.monotonic() < deadline:
+    while len(key_rows(ctx)) > 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [p.name for p in once.iterdir()] == [str(int(later // 86400))]
+    ((key, day, patch),) = key_rows(ctx)
+    assert day == int(later // 86400) and json.loads(patch) == again
+    assert other != again
 
 
 def test_webhook_sends_an_idempotency_key_the_same_for_a_retry(ctx, hook_url):
@@ -114,18 +132,92 @@ def test_emit_writes_a_header_with_8bit_bytes_kept_as_surrogates(ctx):
 
 
 def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
-    from txcl.builtin_ops import support
-
     keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
     first = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
-    keys = [p for p in (stack_dir(ctx) / support.ONCE_FOLDER).rglob("*") if p.is_file()]
-    assert len(keys) == 1
-    keys[0].write_bytes(b" " * 2048)  # reserved, never recorded: killed after storing
+    assert len(key_rows(ctx)) == 1
+    unrecord_all(ctx)  # killed after storing
     again = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert again == first
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
-    keys[0].write_bytes(b" " * 2048)
+    unrecord_all(ctx)
     Path(first["archive"]["path"]).unlink()  # cut off before it stored anything
     third = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert third["archive"]["path"] != first["archive"]["path"]
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
+    assert json.loads(key_rows(ctx)[0][2]) == third
+
+
+EMIT_IN_ANOTHER_PROCESS = """
+import dataclasses, json, sys
+from pathlib import Path
+from txcl.builtin_ops import BUILTINS, once
+from txcl.ops import OpContext
+from test_builtin_ops import make_envelope
+emit = next(op.fn for op in BUILTINS if op.name == "EMIT")
+ctx = OpContext("acme", "acme/_mail", "01HXTEST", Path(sys.argv[1]), 5.0)
+for key in sys.argv[2:]:
+    print(json.dumps(emit(make_envelope(), {}, dataclasses.replace(ctx, delivery_key=key))))
+"""
+
+
+def emit_in_another_process(ctx, *keys: str) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", EMIT_IN_ANOTHER_PROCESS, str(ctx.state_dir), *keys],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_retry_reaching_another_worker_process_gets_the_first_answer(ctx):
+    keyed = {k: dataclasses.replace(ctx, delivery_key=k) for k in ("k1", "k2")}
+    here = by_name("EMIT")(make_envelope(), {}, keyed["k1"])  # this process holds the db open
+    there = emit_in_another_process(ctx, "k1", "k2", "k2")
+    assert there[0] == here and there[1] == there[2]
+    assert by_name("EMIT")(make_envelope(), {}, keyed["k2"]) == there[1]
+    lines = (stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()
+    assert len(lines) == 2
+
+
+def test_a_key_held_unrecorded_elsewhere_is_not_claimed_twice(ctx):
+    folder = ctx.storage(once.ONCE_FOLDER)
+    first, second = once.KeyStore(folder), once.KeyStore(folder)  # two processes' connections
+    assert first.claim("k") == (None, False, True)
+    assert second.claim("k") == (None, True, False)  # cut off, or running: not free
+    first.record("k", {"done": 1})
+    assert second.claim("k") == ({"done": 1}, False, False)
+    assert second.claim("j")[2] and first.claim("j") == (None, True, False)
+    second.forget("j")  # its call failed: the next call acts
+    assert first.claim("j") == (None, False, True)
+
+
+def test_key_files_of_the_earlier_layout_are_taken_over(ctx):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    key = once.once_key(keyed, "EMIT", {})
+    day = stack_dir(ctx) / once.ONCE_FOLDER / str(once.today() - 1)
+    day.mkdir(parents=True)
+    (day / key).write_text('{"emit":{"offset":42}}')
+    (day / ("f" * 40)).write_bytes(b" " * 2048)
+    assert by_name("EMIT")(make_envelope(), {}, keyed) == {"emit": {"offset": 42}}
+    assert not day.exists()
+    assert not (stack_dir(ctx) / "events.jsonl").exists()
+    assert sorted(patch is None for _, _, patch in key_rows(ctx)) == [False, True]
+
+
+def test_an_unusable_key_database_is_moved_aside_and_mail_flows(ctx, caplog):
+    keys_db(ctx).parent.mkdir(parents=True)
+    keys_db(ctx).write_bytes(b"not a database" * 100)
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    first = by_name("EMIT")(make_envelope(), {}, keyed)
+    assert by_name("EMIT")(make_envelope(), {}, keyed) == first
+    assert len(list(keys_db(ctx).parent.glob("keys.sqlite3.unusable-*"))) == 1
+    assert "not usable" in caplog.text
+
+
+def test_the_key_database_is_private_whatever_the_umask(ctx):
+    old = os.umask(0)
+    try:
+        by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k1"))
+    finally:
+        os.umask(old)
+    for path in keys_db(ctx).parent.glob("keys.sqlite3*"):
+        assert path.stat().st_mode & 0o777 == 0o600, path

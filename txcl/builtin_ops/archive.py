@@ -33,7 +33,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import fsync_dir, not_base64, once, once_key, raw_base64
+from txcl.builtin_ops.once import once, once_key
+from txcl.builtin_ops.support import fsync_dir, not_base64, raw_base64
 from txcl.envelope import SRC_KEY, TXC
 from txcl.ops import OpContext, OpReads, RegisteredOp, StorageError
 
