@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import errno
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from test_builtin_ops import RAW, HookHandler, ctx, hook_url, make_envelope, sta
 from txcl.builtin_ops import BUILTINS, once
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.webhook import webhook
+from txcl.ops import OpFailure
 
 __all__ = ["ctx", "hook_url"]  # fixtures, used by name
 
@@ -61,35 +61,42 @@ def test_a_failed_call_is_not_remembered(ctx, tmp_path):
     assert by_name("EMIT")(make_envelope(), {}, keyed)["emit"]["offset"] == 0
 
 
-def keys_db(ctx) -> Path:
-    return stack_dir(ctx) / once.ONCE_FOLDER / once.ONCE_DB
+def once_folder(ctx) -> Path:
+    return stack_dir(ctx) / once.ONCE_FOLDER
 
 
-def key_rows(ctx) -> list[tuple[str, int, str | None]]:
-    with contextlib.closing(sqlite3.connect(keys_db(ctx))) as db:
-        return db.execute("SELECT key, day, patch FROM once_keys ORDER BY day").fetchall()
+def log_events(ctx) -> list[tuple[str, str]]:
+    """(kind, key) of every line of every process's log, in file order."""
+    events = []
+    for log in sorted(once_folder(ctx).glob("*/*.log")):
+        text = log.read_bytes().split(b"\0", 1)[0].decode()
+        events += [tuple(line.split(" ")[:2]) for line in text.splitlines()]
+    return events
 
 
-def unrecord_all(ctx) -> None:
-    """As a kill -9 between acting and recording leaves the keys: reserved, no patch."""
-    with contextlib.closing(sqlite3.connect(keys_db(ctx))) as db, db:
-        db.execute("UPDATE once_keys SET patch = NULL")
+def as_if_killed_before_recording(ctx) -> None:
+    """As a kill -9 between acting and recording leaves the keys: reserved, no patch (and
+    the next attempt comes to a process that never saw them)."""
+    for store in once._stores.values():
+        store.close()
+    once._stores.clear()
+    for log in once_folder(ctx).glob("*/*.log"):
+        lines = log.read_bytes().split(b"\0", 1)[0].splitlines(keepends=True)
+        log.write_bytes(b"".join(line for line in lines if not line.startswith(b"D ")))
 
 
 def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
     keyed = dataclasses.replace(ctx, delivery_key="k1")
     first = by_name("EMIT")(make_envelope(), {}, keyed)
-    other = by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k2"))
     later = time.time() + (once.ONCE_WINDOW_DAYS + 2) * 86400
     monkeypatch.setattr(once.time, "time", lambda: later)
     again = by_name("EMIT")(make_envelope(), {}, keyed)
     assert again != first
     deadline = time.monotonic() + 5
-    while len(key_rows(ctx)) > 1 and time.monotonic() < deadline:
+    while len(list(once_folder(ctx).iterdir())) > 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    ((key, day, patch),) = key_rows(ctx)
-    assert day == int(later // 86400) and json.loads(patch) == again
-    assert other != again
+    assert [p.name for p in once_folder(ctx).iterdir()] == [str(int(later // 86400))]
+    assert by_name("EMIT")(make_envelope(), {}, keyed) == again
 
 
 def test_webhook_sends_an_idempotency_key_the_same_for_a_retry(ctx, hook_url):
@@ -134,17 +141,17 @@ def test_emit_writes_a_header_with_8bit_bytes_kept_as_surrogates(ctx):
 def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
     keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
     first = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
-    assert len(key_rows(ctx)) == 1
-    unrecord_all(ctx)  # killed after storing
+    assert [kind for kind, _ in log_events(ctx)] == ["R", "D"]
+    as_if_killed_before_recording(ctx)
     again = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert again == first
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
-    unrecord_all(ctx)
+    as_if_killed_before_recording(ctx)
     Path(first["archive"]["path"]).unlink()  # cut off before it stored anything
     third = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert third["archive"]["path"] != first["archive"]["path"]
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
-    assert json.loads(key_rows(ctx)[0][2]) == third
+    assert asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed)) == third
 
 
 EMIT_IN_ANOTHER_PROCESS = """
@@ -178,46 +185,67 @@ def test_a_retry_reaching_another_worker_process_gets_the_first_answer(ctx):
     assert len(lines) == 2
 
 
-def test_a_key_held_unrecorded_elsewhere_is_not_claimed_twice(ctx):
+def test_two_processes_see_each_others_keys_and_a_gone_ones_log_is_read_to_its_end(ctx):
     folder = ctx.storage(once.ONCE_FOLDER)
-    first, second = once.KeyStore(folder), once.KeyStore(folder)  # two processes' connections
-    assert first.claim("k") == (None, False, True)
-    assert second.claim("k") == (None, True, False)  # cut off, or running: not free
+    first, second = once.KeyStore(folder), once.KeyStore(folder)  # two processes' views
+    assert first.claim("k") == (None, False)
+    assert second.claim("k") == (None, True)  # held unrecorded: cut off, or running
     first.record("k", {"done": 1})
-    assert second.claim("k") == ({"done": 1}, False, False)
-    assert second.claim("j")[2] and first.claim("j") == (None, True, False)
-    second.forget("j")  # its call failed: the next call acts
-    assert first.claim("j") == (None, False, True)
+    assert second.claim("k") == ({"done": 1}, False)
+    assert second.claim("j") == (None, False) and first.claim("j") == (None, True)
+    second.forget("j")
+    first.forget("j")  # both calls failed: the next one acts afresh
+    assert second.claim("j") == (None, False)
+    second.record("j", {"done": 2})
+    second.close()  # the process ends: its lock goes
+    for _ in range(once._LIVENESS_EVERY + 2):
+        first.claim("other")
+    assert all(log.final for log in first._logs.values())
+    assert first.claim("j") == ({"done": 2}, False)
+    first.close()
 
 
-def test_key_files_of_the_earlier_layout_are_taken_over(ctx):
+def test_a_full_disk_fails_the_call_before_it_acts_never_after(ctx, monkeypatch):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    real = os.posix_fallocate
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(once.os, "posix_fallocate", full)
+    with pytest.raises(OpFailure, match="No space left"):
+        by_name("EMIT")(make_envelope(), {}, keyed)
+    assert not (stack_dir(ctx) / "events.jsonl").exists()
+    monkeypatch.setattr(once.os, "posix_fallocate", real)
+    other = dataclasses.replace(ctx, delivery_key="k2")
+    store = once.key_store(other)
+    store.claim("warm")  # the log has its first chunk reserved
+    monkeypatch.setattr(once.os, "posix_fallocate", full)
+    first = by_name("EMIT")(make_envelope(), {}, other)  # room was reserved: it fits
+    assert by_name("EMIT")(make_envelope(), {}, other) == first
+    assert len((stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()) == 1
+
+
+def test_key_files_of_the_earlier_layout_are_read_as_they_are(ctx):
     keyed = dataclasses.replace(ctx, delivery_key="k1")
     key = once.once_key(keyed, "EMIT", {})
-    day = stack_dir(ctx) / once.ONCE_FOLDER / str(once.today() - 1)
+    day = once_folder(ctx) / str(once.today() - 1)
     day.mkdir(parents=True)
     (day / key).write_text('{"emit":{"offset":42}}')
-    (day / ("f" * 40)).write_bytes(b" " * 2048)
+    cut = dataclasses.replace(ctx, delivery_key="k2")
+    (day / once.once_key(cut, "EMIT", {})).write_bytes(b" " * 2048)  # reserved, never recorded
     assert by_name("EMIT")(make_envelope(), {}, keyed) == {"emit": {"offset": 42}}
-    assert not day.exists()
     assert not (stack_dir(ctx) / "events.jsonl").exists()
-    assert sorted(patch is None for _, _, patch in key_rows(ctx)) == [False, True]
+    store = once.key_store(keyed)
+    assert store.claim(once.once_key(cut, "EMIT", {})) == (None, True)
 
 
-def test_an_unusable_key_database_is_moved_aside_and_mail_flows(ctx, caplog):
-    keys_db(ctx).parent.mkdir(parents=True)
-    keys_db(ctx).write_bytes(b"not a database" * 100)
-    keyed = dataclasses.replace(ctx, delivery_key="k1")
-    first = by_name("EMIT")(make_envelope(), {}, keyed)
-    assert by_name("EMIT")(make_envelope(), {}, keyed) == first
-    assert len(list(keys_db(ctx).parent.glob("keys.sqlite3.unusable-*"))) == 1
-    assert "not usable" in caplog.text
-
-
-def test_the_key_database_is_private_whatever_the_umask(ctx):
+def test_the_logs_are_private_whatever_the_umask(ctx):
     old = os.umask(0)
     try:
         by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k1"))
     finally:
         os.umask(old)
-    for path in keys_db(ctx).parent.glob("keys.sqlite3*"):
-        assert path.stat().st_mode & 0o777 == 0o600, path
+    (log,) = once_folder(ctx).glob("*/*.log")
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert log.parent.stat().st_mode & 0o777 == 0o700

@@ -1,29 +1,38 @@
 """Acting once per delivery: a retry after a 4xx gets the first call's patch.
 
-A call is known by its key (`once_key`: the delivery, the op and its arguments). The keys
-of a stack live in one SQLite database under its storage, `.txcl-once/keys.sqlite3`, in
-WAL mode: every worker process (`txco serve --workers N`) and every restart sees the same
-keys, a lookup is one indexed statement instead of a file per key, and two calls with the
-same key cannot both reserve it. A key is reserved (no patch yet) before its op acts and
-its patch recorded after; a reserved key that is never recorded belongs to a call cut off
-while it acted (kill -9, a crash), or to one still running. Keys are kept for
-`ONCE_WINDOW_DAYS`; a day's first call in a process removes the older ones in a thread of
-its own. Key files of the earlier layout (`.txcl-once/<day>/<key>`) are taken into the
-database when a process first opens it, so an upgrade forgets nothing.
+A call is known by its key (`once_key`: the delivery, the op and its arguments). Each
+process appends what its calls do to a log of its own under the stack's storage,
+`.txcl-once/<day>/<process>.log`, one line per event: `R <key>` (reserved: the op is about
+to act), `D <key> <patch>` (done) or `F <key>` (failed: forgotten). Every process keeps an
+index of all the logs of the window in memory and, before each lookup, reads what the
+other processes appended since (a read per log that may still grow, a stat of the two
+newest day folders for logs that are new), so a retry that reaches another worker, or a
+process started later, sees the first call. No file is created per call: the index spares
+a lookup's opens, and a log takes one inode per process and day.
+
+A log is grown in chunks reserved on disk ahead (`posix_fallocate`), and a call reserves
+room for its `D` line before it acts: a full disk fails the call then, never between
+acting and remembering. A process holds an exclusive flock on its current log; a log
+whose lock can be taken belongs to a process that is gone and is read once more, then no
+more. A key reserved in some log and never recorded belongs to a call cut off while it
+acted (kill -9, a crash), or to one still running. Keys count for `ONCE_WINDOW_DAYS`; a
+process's first call of a day removes older day folders in a thread of its own. Key files
+of the earlier layout (`<day>/<key>`, the patch or spaces) are read as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
 import inspect
 import json
-import logging
 import os
+import secrets
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,26 +41,18 @@ from typing import Any
 
 from txcl.ops import Op, OpContext, OpFailure
 
-log = logging.getLogger("txcl.ops")
-
 ONCE_FOLDER = ".txcl-once"
-ONCE_DB = "keys.sqlite3"
 ONCE_WINDOW_DAYS = 7  # longer than Postfix's default queue lifetime (5 days)
+LOG_SUFFIX = ".log"
 _DAY_S = 86400
-_BUSY_TIMEOUT_S = 2.0  # another process's write holds the database for microseconds
+# Room kept in the log for the `D` line of each call that reserved its key; a longer patch
+# needs more room when it is recorded, and is not remembered if the disk has none.
+_ROOM = 2048
+_CHUNK = 256 * 1024  # a log is reserved on disk this much at a time
+_PEEK = 4096
+_READ = 256 * 1024  # no line is longer: a patch that would make one is not recorded
+_LIVENESS_EVERY = 64  # reads that found nothing new before a log's owner is checked
 _STORES_MAX = 256
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS once_keys ("
-    " key TEXT PRIMARY KEY, day INTEGER NOT NULL, patch TEXT) WITHOUT ROWID"
-)
-_DAY_INDEX = "CREATE INDEX IF NOT EXISTS once_keys_day ON once_keys (day)"
-# A key not yet held within the window is (re)claimed: inserted, or taken over from a call
-# older than the window; a key held within the window is left alone (rowcount 0).
-_CLAIM = (
-    "INSERT INTO once_keys (key, day, patch) VALUES (?, ?, NULL) "
-    "ON CONFLICT (key) DO UPDATE SET day = excluded.day, patch = NULL WHERE day < ?"
-)
 
 
 def once_key(ctx: OpContext, op: str, args: Mapping[str, Any]) -> str:
@@ -71,69 +72,260 @@ def today() -> int:
     return int(time.time() // _DAY_S)
 
 
+class _Log:
+    """Another process's log (or a key file of the earlier layout), read as it grows."""
+
+    __slots__ = ("path", "day", "fd", "offset", "idle", "final")
+
+    def __init__(self, path: str, day: int) -> None:
+        self.path = path
+        self.day = day
+        self.fd = -1
+        self.offset = 0
+        self.idle = 0
+        self.final = False
+
+
+class _OwnLog:
+    """This process's log of one day: lines written at `offset` into room reserved ahead."""
+
+    def __init__(self, path: str, day: int) -> None:
+        self.path = path
+        self.day = day
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # released by the process's end: the log is final
+        self.offset = 0
+        self.reserved = 0  # bytes reserved on disk
+        self.promised = 0  # room kept for the D lines of calls not recorded yet
+
+    def ensure(self, size: int) -> None:
+        """Room for `size` more bytes beyond those promised; OSError (a full disk) if none."""
+        need = self.offset + self.promised + size
+        while need > self.reserved:
+            try:
+                os.posix_fallocate(self.fd, self.reserved, _CHUNK)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                self.reserved = need  # nothing to reserve with: the write may still fail
+                return
+            self.reserved += _CHUNK
+
+    def append(self, line: bytes) -> None:
+        written = os.pwrite(self.fd, line, self.offset)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes", self.path)
+        self.offset += written
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class KeyStore:
-    """One stack's keys: a connection of this process to its database, used under a lock
-    (async ops call from the event loop, sync ops from their threads)."""
+    """One stack's keys as this process knows them, kept up to date from every log."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.path = folder / ONCE_DB
+        self.folder = os.fspath(folder)
+        self.ident = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._lock = threading.Lock()
-        self._pruned_day = 0
-        self._db = self._open()
+        self._done: dict[str, tuple[int, str]] = {}  # key -> (day, patch JSON)
+        self._reserved: dict[str, dict[str, int]] = {}  # key -> {log path: day}
+        self._logs: dict[str, _Log] = {}  # path -> reader, for every log but our own
+        self._folder_mtimes: dict[int, int] = {}
+        self._own: _OwnLog | None = None
+        self._scanned = False
 
-    def _open(self) -> sqlite3.Connection:
+    # -- reading what every process did --------------------------------------------------
+
+    def _refresh(self, day: int) -> None:
+        if not self._scanned:
+            for entry in _scandir(self.folder):
+                if entry.name.isdigit() and int(entry.name) >= day - ONCE_WINDOW_DAYS:
+                    self._scan_day(int(entry.name))
+            self._scanned = True
+        else:  # new logs appear in the newest folders (yesterday's: a call at midnight)
+            for d in (day - 1, day):
+                self._scan_day(d)
+        for log in list(self._logs.values()):
+            if not log.final:
+                self._read(log)
+
+    def _scan_day(self, day: int) -> None:
+        folder = f"{self.folder}/{day}"
         try:
-            return _connect(self.path)
-        except sqlite3.DatabaseError as err:
-            if isinstance(err, sqlite3.OperationalError):
-                raise
-            # Not a database (a power cut, a stray file): the keys it held are lost, as
-            # unsynced keys may be; mail keeps flowing.
-            aside = self.path.with_name(f"{ONCE_DB}.unusable-{int(time.time())}")
-            log.warning("once-keys: %s is not usable (%s); moved to %s", self.path, err, aside)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-            return _connect(self.path)
+            mtime = os.stat(folder).st_mtime_ns
+        except OSError:
+            return
+        if self._folder_mtimes.get(day) == mtime:
+            return
+        self._folder_mtimes[day] = mtime
+        own = self._own.path if self._own is not None else ""
+        for entry in _scandir(folder):
+            path = entry.path
+            if path not in self._logs and path != own and entry.is_file(follow_symlinks=False):
+                self._logs[path] = log = _Log(path, day)
+                if not entry.name.endswith(LOG_SUFFIX):
+                    self._read_key_file(log, entry.name)
 
-    def claim(self, key: str) -> tuple[dict[str, Any] | None, bool, bool]:
-        """Reserve `key` for a call about to act. Returns (patch, cut_off, claimed): the
-        patch an earlier call recorded; whether an earlier call holds it unrecorded (cut
-        off, or running); whether this call now holds it."""
+    def _read_key_file(self, log: _Log, key: str) -> None:
+        log.final = True
+        with contextlib.suppress(OSError), open(log.path, "rb") as file:
+            text = file.read().decode("utf-8", "replace").strip()
+            if _patch(text) is not None:
+                self._done.setdefault(key, (log.day, text))
+            else:
+                self._reserved.setdefault(key, {})[log.path] = log.day
+
+    def _read(self, log: _Log) -> None:
+        if log.fd < 0:
+            try:
+                log.fd = os.open(log.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                log.final = True
+                return
+        gone = False
+        if log.idle >= _LIVENESS_EVERY:
+            log.idle = 0
+            try:  # its owner holds it exclusively while alive
+                fcntl.flock(log.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                gone = True
+            except OSError:
+                pass
+        got = False
+        size = _PEEK  # most reads find nothing new: the room reserved ahead, zeros
+        while True:
+            try:
+                data = os.pread(log.fd, size, log.offset)
+            except OSError:
+                break
+            used = self._apply(data, log)
+            log.offset += used
+            got = got or used > 0
+            if len(data) < size or used < len(data):
+                break
+            size = _READ
+        log.idle = 0 if got else log.idle + 1
+        if gone:
+            log.final = True
+            os.close(log.fd)
+            log.fd = -1
+
+    def _apply(self, data: bytes, log: _Log) -> int:
+        """Take the whole lines of `data` into the index; the bytes used."""
+        end = data.find(b"\0")
+        end = data.rfind(b"\n", 0, len(data) if end < 0 else end) + 1
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            self._event(line, log.path, log.day)
+        return end
+
+    def _event(self, line: str, path: str, day: int) -> None:
+        kind, _, rest = line.partition(" ")
+        key, _, patch = rest.partition(" ")
+        if kind == "R":
+            self._reserved.setdefault(key, {})[path] = day
+        elif kind in ("D", "F"):
+            holders = self._reserved.get(key)
+            if holders is not None:
+                holders.pop(path, None)
+                if not holders:
+                    del self._reserved[key]
+            if kind == "D" and _patch(patch) is not None:
+                self._done.setdefault(key, (day, patch))
+
+    # -- this process's calls ------------------------------------------------------------
+
+    def claim(self, key: str) -> tuple[dict[str, Any] | None, bool]:
+        """Reserve `key` for a call about to act, unless an earlier call recorded a patch
+        for it: (that patch, False). Else (None, cut_off): whether another call holds the
+        key unrecorded (cut off while it acted, or still running); this one holds it now."""
         day = today()
-        row = None
-        try:
-            with self._lock:
-                claimed = bool(
-                    self._db.execute(_CLAIM, (key, day, day - ONCE_WINDOW_DAYS)).rowcount
-                )
-                if not claimed:
-                    row = self._db.execute(
-                        "SELECT patch FROM once_keys WHERE key = ?", (key,)
-                    ).fetchone()
-        except sqlite3.Error as err:  # a full disk, a lock held too long: before acting
-            raise OpFailure(f"cannot remember the call in {self.path}: {err}") from None
-        if self._pruned_day != day:
-            self._pruned_day = day
-            threading.Thread(target=_prune, args=(self.path, day), daemon=True).start()
-        if claimed:
-            return None, False, True
-        patch = _patch(row[0]) if row is not None else None
-        return patch, patch is None, False
+        oldest = day - ONCE_WINDOW_DAYS
+        with self._lock:
+            self._refresh(day)
+            done = self._done.get(key)
+            if done is not None and done[0] >= oldest:
+                return _patch(done[1]), False
+            holders = self._reserved.get(key, {})
+            cut_off = any(d >= oldest for d in holders.values())
+            try:
+                own = self._own_log(day)
+                line = f"R {key}\n".encode()
+                own.ensure(len(line) + _ROOM)
+                own.append(line)
+            except OSError as err:  # a full disk: before acting
+                raise OpFailure(f"cannot remember the call in {self.folder}: {err}") from None
+            own.promised += _ROOM
+            self._reserved.setdefault(key, {})[own.path] = day
+            return None, cut_off
 
     def record(self, key: str, patch: Any) -> None:
-        """The op's patch for `key`. A failure (a full disk) leaves the key reserved: a
-        retry then finds it cut off (ARCHIVE finds its file; other ops act again)."""
-        with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
-            text = json.dumps(patch, separators=(",", ":"))
-            with self._lock:
-                self._db.execute("UPDATE once_keys SET patch = ? WHERE key = ?", (text, key))
+        """The op's patch for `key`. One that cannot be written (too long for its room, on
+        a full disk) leaves the key reserved: a retry then finds it cut off (ARCHIVE finds
+        its file; the other ops act again)."""
+        with contextlib.suppress(TypeError, ValueError):
+            line = f"D {key} {json.dumps(patch, separators=(',', ':'))}\n".encode()
+            if len(line) <= _READ:
+                self._finish(line)
 
     def forget(self, key: str) -> None:
         """Let go of a key whose call failed: the next call acts."""
-        with contextlib.suppress(sqlite3.Error), self._lock:
-            self._db.execute("DELETE FROM once_keys WHERE key = ? AND patch IS NULL", (key,))
+        self._finish(f"F {key}\n".encode())
+
+    def _finish(self, line: bytes) -> None:
+        with self._lock:
+            own = self._own
+            if own is None:
+                return
+            own.promised = max(0, own.promised - _ROOM)
+            with contextlib.suppress(OSError):
+                if len(line) > _ROOM:
+                    own.ensure(len(line))
+                own.append(line)
+                self._event(line.decode().rstrip("\n"), own.path, own.day)
+
+    def _own_log(self, day: int) -> _OwnLog:
+        own = self._own
+        if own is not None and own.day == day:
+            return own
+        folder = f"{self.folder}/{day}"
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        new = _OwnLog(f"{folder}/{self.ident}{LOG_SUFFIX}", day)
+        if own is not None:
+            new.promised = own.promised  # calls reserved yesterday record today
+            own.close()  # its lock goes: the others read it to its end
+        self._own = new
+        threading.Thread(target=_prune_days, args=(self.folder, day), daemon=True).start()
+        self._forget_days_before(day - ONCE_WINDOW_DAYS)
+        return new
+
+    def _forget_days_before(self, oldest: int) -> None:
+        self._done = {k: v for k, v in self._done.items() if v[0] >= oldest}
+        for path, log in list(self._logs.items()):
+            if log.day < oldest:
+                if log.fd >= 0:
+                    os.close(log.fd)
+                del self._logs[path]
+        self._folder_mtimes = {d: m for d, m in self._folder_mtimes.items() if d >= oldest}
+
+    def close(self) -> None:
+        """Close the logs; a call still running then leaves its key reserved."""
+        with self._lock:
+            if self._own is not None:
+                self._own.close()
+                self._own = None
+            for log in self._logs.values():
+                if log.fd >= 0:
+                    os.close(log.fd)
+                    log.fd = -1
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except OSError:
+        return []
 
 
 def _patch(text: str | None) -> dict[str, Any] | None:
@@ -144,65 +336,19 @@ def _patch(text: str | None) -> dict[str, Any] | None:
     return None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Made 0600 before SQLite opens it: its -wal and -shm files take the same mode.
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    db = sqlite3.connect(
-        path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-    )
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        # Committed keys survive a crash of the process; a power cut may forget the last
-        # ones (as it may any unsynced write), never corrupt the file.
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
-        db.execute(_DAY_INDEX)
-        _adopt_key_files(db, path.parent)
-    except BaseException:
-        db.close()
-        raise
-    return db
+def _prune_days(folder: str, day: int) -> None:
+    for entry in _scandir(folder):
+        if entry.name.isdigit() and int(entry.name) < day - ONCE_WINDOW_DAYS:
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _adopt_key_files(db: sqlite3.Connection, folder: Path) -> None:
-    """Take the key files of the earlier layout (`<day>/<key>`, the patch or spaces) into
-    the database, then remove them."""
-    with contextlib.suppress(OSError):
-        days = [e for e in os.scandir(folder) if e.is_dir() and e.name.isdigit()]
-        for day in days:
-            rows = []
-            with contextlib.suppress(OSError), os.scandir(day.path) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError), open(entry.path, "rb") as file:
-                        text = file.read().decode("utf-8", "replace").strip()
-                        rows.append((entry.name, int(day.name), text or None))
-            db.executemany(
-                "INSERT INTO once_keys (key, day, patch) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                rows,
-            )
-            shutil.rmtree(day.path, ignore_errors=True)
-
-
-def _prune(path: Path, day: int) -> None:
-    with (
-        contextlib.suppress(sqlite3.Error),
-        contextlib.closing(
-            sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        ) as db,
-    ):
-        db.execute("DELETE FROM once_keys WHERE day < ?", (day - ONCE_WINDOW_DAYS,))
-
-
-# (process, stack storage) -> its KeyStore. A forked worker opens its own: a SQLite
-# connection must not cross a fork.
+# (process, stack storage) -> its KeyStore. A forked worker makes its own.
 _stores: dict[tuple[int, Path], KeyStore] = {}
 _stores_lock = threading.Lock()
 
 
 def key_store(ctx: OpContext) -> KeyStore:
-    """The KeyStore of the call's stack, opened on first use in this process."""
+    """The KeyStore of the call's stack, made on first use in this process."""
     folder = ctx.storage(ONCE_FOLDER)
     ident = (os.getpid(), folder)
     store = _stores.get(ident)
@@ -211,7 +357,9 @@ def key_store(ctx: OpContext) -> KeyStore:
             store = _stores.get(ident)
             if store is None:
                 if len(_stores) >= _STORES_MAX:
-                    _stores.clear()  # the dropped stores close as they are let go
+                    for old in _stores.values():
+                        old.close()
+                    _stores.clear()
                 store = _stores[ident] = KeyStore(folder)
     return store
 
@@ -232,8 +380,8 @@ class _OnceCall:
         self._store: KeyStore | None = None
         if self.key:
             store = key_store(ctx)
-            self.remembered, self.cut_off, claimed = store.claim(self.key)
-            if claimed or self.cut_off:
+            self.remembered, self.cut_off = store.claim(self.key)
+            if self.remembered is None:
                 self._store = store
 
     def __enter__(self) -> _OnceCall:
