@@ -157,7 +157,9 @@ class KeyStore:
             mtime = os.stat(folder).st_mtime_ns
         except OSError:
             return
-        if self._folder_mtimes.get(day) == mtime:
+        # A folder changed within the clock's grain of the last look may have changed again
+        # with the same mtime: it is looked at again until its mtime is a second old.
+        if self._folder_mtimes.get(day) == mtime and time.time() * 1e9 - mtime > 1e9:
             return
         self._folder_mtimes[day] = mtime
         own = self._own.path if self._own is not None else ""
