@@ -344,17 +344,17 @@ def _prune_days(folder: str, day: int) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
-# (process, stack storage) -> its KeyStore. A forked worker makes its own.
-_stores: dict[tuple[int, Path], KeyStore] = {}
+# (process, state dir, tenant, stack) -> its KeyStore. A forked worker makes its own.
+_stores: dict[tuple[int, Path | None, str, str], KeyStore] = {}
 _stores_lock = threading.Lock()
 
 
 def key_store(ctx: OpContext) -> KeyStore:
     """The KeyStore of the call's stack, made on first use in this process."""
-    folder = ctx.storage(ONCE_FOLDER)
-    ident = (os.getpid(), folder)
+    ident = (os.getpid(), ctx.state_dir, ctx.tenant, ctx.stack)
     store = _stores.get(ident)
     if store is None:
+        folder = ctx.storage(ONCE_FOLDER)
         with _stores_lock:
             store = _stores.get(ident)
             if store is None:
