@@ -231,6 +231,9 @@ class Deliverer:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
             needs = self._trace_needs if self._traced else NOTHING
+            # A large message's trace file is written while the stacks run (TraceWriter.stage).
+            stage = getattr(self.trace_sink, "stage", None) if self._traced else None
+            traced = (stage(tx.data) if stage else None) or tx.data
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:
@@ -248,17 +251,21 @@ class Deliverer:
                     escape_controls("; ".join(defects[:MAX_LOGGED_DEFECTS])),
                 )
             if len(groups) == 1:  # the common case: no tasks to gather
-                results = [await self._run_group(tx, groups[0], msg, stacks, rejected, digest)]
+                results = [
+                    await self._run_group(tx, groups[0], msg, stacks, rejected, digest, traced)
+                ]
             else:
                 results = await asyncio.gather(
                     *(
-                        self._run_group(tx, group, msg, stacks, rejected, digest)
+                        self._run_group(tx, group, msg, stacks, rejected, digest, traced)
                         for group in groups
                     )
                 )
             for group, group_replies in zip(groups, results, strict=True):
                 for index, reply in zip(group.indices, group_replies, strict=True):
                     replies[index] = reply
+            if written := getattr(traced, "written", None):  # staged: the bytes can go
+                await written()
         return [reply.line for reply in replies]
 
     def _transaction_rcpt(self, tx: Transaction, tenant: str) -> Sequence[str]:
@@ -277,6 +284,7 @@ class Deliverer:
         stacks: Mapping[str, Any],
         rejected: frozenset[str],
         digest: bytes,  # the message's, when a stack uses ops
+        traced: Any = None,  # what the trace sink gets as the message: the bytes or their stage
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -335,12 +343,14 @@ class Deliverer:
                 (time.monotonic() - started) * 1000,
                 f" ({held} more like it held back)" if held else "",
             )
-        self._trace(rid, envelope, result, rcpts, replies, stack or route.stack, failure, tx.data)
+        self._trace(
+            rid, envelope, result, rcpts, replies, stack or route.stack, failure, traced or tx.data
+        )
         return replies
 
     def _trace(
         self, rid: str, envelope: Mapping[str, Any], result: Any, rcpts: Sequence[str],
-        replies: Sequence[Reply], stack: Any, failure: str, data: bytes,
+        replies: Sequence[Reply], stack: Any, failure: str, data: Any,
     ) -> None:
         if self.trace_sink is None:
             return

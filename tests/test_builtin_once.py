@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,9 +16,10 @@ from typing import Any
 import pytest
 from test_builtin_ops import RAW, HookHandler, ctx, hook_url, make_envelope, stack_dir
 
-from txcl.builtin_ops import BUILTINS
+from txcl.builtin_ops import BUILTINS, once
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.webhook import webhook
+from txcl.ops import OpFailure
 
 __all__ = ["ctx", "hook_url"]  # fixtures, used by name
 
@@ -57,21 +61,42 @@ def test_a_failed_call_is_not_remembered(ctx, tmp_path):
     assert by_name("EMIT")(make_envelope(), {}, keyed)["emit"]["offset"] == 0
 
 
-def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
-    from txcl.builtin_ops import support
+def once_folder(ctx) -> Path:
+    return stack_dir(ctx) / once.ONCE_FOLDER
 
+
+def log_events(ctx) -> list[tuple[str, str]]:
+    """(kind, key) of every line of every process's log, in file order."""
+    events = []
+    for log in sorted(once_folder(ctx).glob("*/*.log")):
+        text = log.read_bytes().split(b"\0", 1)[0].decode()
+        events += [tuple(line.split(" ")[:2]) for line in text.splitlines()]
+    return events
+
+
+def as_if_killed_before_recording(ctx) -> None:
+    """As a kill -9 between acting and recording leaves the keys: reserved, no patch (and
+    the next attempt comes to a process that never saw them)."""
+    for store in once._stores.values():
+        store.close()
+    once._stores.clear()
+    for log in once_folder(ctx).glob("*/*.log"):
+        lines = log.read_bytes().split(b"\0", 1)[0].splitlines(keepends=True)
+        log.write_bytes(b"".join(line for line in lines if not line.startswith(b"D ")))
+
+
+def test_keys_older_than_the_window_are_forgotten_and_pruned(ctx, monkeypatch):
     keyed = dataclasses.replace(ctx, delivery_key="k1")
-    now = time.time()
     first = by_name("EMIT")(make_envelope(), {}, keyed)
-    later = now + (support.ONCE_WINDOW_DAYS + 2) * 86400
-    monkeypatch.setattr(support.time, "time", lambda: later)
+    later = time.time() + (once.ONCE_WINDOW_DAYS + 2) * 86400
+    monkeypatch.setattr(once.time, "time", lambda: later)
     again = by_name("EMIT")(make_envelope(), {}, keyed)
     assert again != first
-    once = stack_dir(ctx) / support.ONCE_FOLDER
     deadline = time.monotonic() + 5
-    while len(list(once.iterdir())) > 1 and time.monotonic() < deadline:
+    while len(list(once_folder(ctx).iterdir())) > 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [p.name for p in once.iterdir()] == [str(int(later // 86400))]
+    assert [p.name for p in once_folder(ctx).iterdir()] == [str(int(later // 86400))]
+    assert by_name("EMIT")(make_envelope(), {}, keyed) == again
 
 
 def test_webhook_sends_an_idempotency_key_the_same_for_a_retry(ctx, hook_url):
@@ -114,18 +139,113 @@ def test_emit_writes_a_header_with_8bit_bytes_kept_as_surrogates(ctx):
 
 
 def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
-    from txcl.builtin_ops import support
-
     keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
     first = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
-    keys = [p for p in (stack_dir(ctx) / support.ONCE_FOLDER).rglob("*") if p.is_file()]
-    assert len(keys) == 1
-    keys[0].write_bytes(b" " * 2048)  # reserved, never recorded: killed after storing
+    assert [kind for kind, _ in log_events(ctx)] == ["R", "D"]
+    as_if_killed_before_recording(ctx)
     again = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert again == first
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
-    keys[0].write_bytes(b" " * 2048)
+    as_if_killed_before_recording(ctx)
     Path(first["archive"]["path"]).unlink()  # cut off before it stored anything
     third = asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed))
     assert third["archive"]["path"] != first["archive"]["path"]
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
+    assert asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed)) == third
+
+
+EMIT_IN_ANOTHER_PROCESS = """
+import dataclasses, json, sys
+from pathlib import Path
+from txcl.builtin_ops import BUILTINS, once
+from txcl.ops import OpContext
+from test_builtin_ops import make_envelope
+emit = next(op.fn for op in BUILTINS if op.name == "EMIT")
+ctx = OpContext("acme", "acme/_mail", "01HXTEST", Path(sys.argv[1]), 5.0)
+for key in sys.argv[2:]:
+    print(json.dumps(emit(make_envelope(), {}, dataclasses.replace(ctx, delivery_key=key))))
+"""
+
+
+def emit_in_another_process(ctx, *keys: str) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-c", EMIT_IN_ANOTHER_PROCESS, str(ctx.state_dir), *keys],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_retry_reaching_another_worker_process_gets_the_first_answer(ctx):
+    keyed = {k: dataclasses.replace(ctx, delivery_key=k) for k in ("k1", "k2")}
+    here = by_name("EMIT")(make_envelope(), {}, keyed["k1"])  # this process holds the db open
+    there = emit_in_another_process(ctx, "k1", "k2", "k2")
+    assert there[0] == here and there[1] == there[2]
+    assert by_name("EMIT")(make_envelope(), {}, keyed["k2"]) == there[1]
+    lines = (stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()
+    assert len(lines) == 2
+
+
+def test_two_processes_see_each_others_keys_and_a_gone_ones_log_is_read_to_its_end(ctx):
+    folder = ctx.storage(once.ONCE_FOLDER)
+    first, second = once.KeyStore(folder), once.KeyStore(folder)  # two processes' views
+    assert first.claim("k") == (None, False)
+    assert second.claim("k") == (None, True)  # held unrecorded: cut off, or running
+    first.record("k", {"done": 1})
+    assert second.claim("k") == ({"done": 1}, False)
+    assert second.claim("j") == (None, False) and first.claim("j") == (None, True)
+    second.forget("j")
+    first.forget("j")  # both calls failed: the next one acts afresh
+    assert second.claim("j") == (None, False)
+    second.record("j", {"done": 2})
+    second.close()  # the process ends: its lock goes
+    for _ in range(once._LIVENESS_EVERY + 2):
+        first.claim("other")
+    assert all(log.final for log in first._logs.values())
+    assert first.claim("j") == ({"done": 2}, False)
+    first.close()
+
+
+def test_a_full_disk_fails_the_call_before_it_acts_never_after(ctx, monkeypatch):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    real = os.posix_fallocate
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(once.os, "posix_fallocate", full)
+    with pytest.raises(OpFailure, match="No space left"):
+        by_name("EMIT")(make_envelope(), {}, keyed)
+    assert not (stack_dir(ctx) / "events.jsonl").exists()
+    monkeypatch.setattr(once.os, "posix_fallocate", real)
+    other = dataclasses.replace(ctx, delivery_key="k2")
+    store = once.key_store(other)
+    store.claim("warm")  # the log has its first chunk reserved
+    monkeypatch.setattr(once.os, "posix_fallocate", full)
+    first = by_name("EMIT")(make_envelope(), {}, other)  # room was reserved: it fits
+    assert by_name("EMIT")(make_envelope(), {}, other) == first
+    assert len((stack_dir(ctx) / "events.jsonl").read_bytes().splitlines()) == 1
+
+
+def test_key_files_of_the_earlier_layout_are_read_as_they_are(ctx):
+    keyed = dataclasses.replace(ctx, delivery_key="k1")
+    key = once.once_key(keyed, "EMIT", {})
+    day = once_folder(ctx) / str(once.today() - 1)
+    day.mkdir(parents=True)
+    (day / key).write_text('{"emit":{"offset":42}}')
+    cut = dataclasses.replace(ctx, delivery_key="k2")
+    (day / once.once_key(cut, "EMIT", {})).write_bytes(b" " * 2048)  # reserved, never recorded
+    assert by_name("EMIT")(make_envelope(), {}, keyed) == {"emit": {"offset": 42}}
+    assert not (stack_dir(ctx) / "events.jsonl").exists()
+    store = once.key_store(keyed)
+    assert store.claim(once.once_key(cut, "EMIT", {})) == (None, True)
+
+
+def test_the_logs_are_private_whatever_the_umask(ctx):
+    old = os.umask(0)
+    try:
+        by_name("EMIT")(make_envelope(), {}, dataclasses.replace(ctx, delivery_key="k1"))
+    finally:
+        os.umask(old)
+    (log,) = once_folder(ctx).glob("*/*.log")
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert log.parent.stat().st_mode & 0o777 == 0o700

@@ -423,6 +423,69 @@ def test_a_delivery_cancelled_before_its_commit_leaves_nothing_behind(ctx):
     assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
 
 
+def test_the_loop_serves_others_while_a_commit_waits_for_the_disk(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    real_fsync = os.fsync
+    started = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    async def archive_while_ticking() -> tuple[dict, int, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        first = asyncio.ensure_future(archive(_without_raw(make_envelope()), {}, _handed(ctx)))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        # Added while the first batch is on the disk: it waits for the next batch.
+        second = await archive(_without_raw(make_envelope()), {}, _handed(ctx, b"2\r\n"))
+        ticker.cancel()
+        return await first, second, ticks
+
+    monkeypatch.setattr(archive_module.os, "fsync", slow_fsync)
+    first, second, ticks = asyncio.run(archive_while_ticking())
+    assert ticks >= 10  # the loop ran through the fsyncs' 0.6 s and more
+    assert Path(first["archive"]["path"]).read_bytes() == RAW
+    assert Path(second["archive"]["path"]).read_bytes() == RAW + b"2\r\n"
+
+
+def test_a_delivery_cancelled_while_its_commit_runs_leaves_nothing_behind(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    real_fsync = os.fsync
+    syncing = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        syncing.set()
+        time.sleep(0.2)
+        real_fsync(fd)
+
+    async def cancel_during_commit() -> None:
+        dropped = asyncio.ensure_future(
+            archive(_without_raw(make_envelope()), {}, _handed(ctx, b"dropped\r\n"))
+        )
+        while not syncing.is_set():
+            await asyncio.sleep(0.001)
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        await asyncio.sleep(0.5)  # the commit ends and settles
+
+    monkeypatch.setattr(archive_module.os, "fsync", slow_fsync)
+    asyncio.run(cancel_during_commit())
+    maildir = mailbox.Maildir(stack_dir(ctx) / "Maildir", create=False)
+    assert [maildir.get_bytes(key) for key in maildir.iterkeys()] == [RAW]
+    assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
+
+
 def test_a_large_message_is_written_and_fsynced_off_the_loop(ctx, monkeypatch):
     threads: list[str] = []
     real_fsync = os.fsync

@@ -25,8 +25,8 @@ from txcl.trace import (
     build_artifacts,
     parse_hint_path,
 )
-from txcl.trace_store import read_summaries, read_trace, trace_names
-from txcl.trace_writer import TraceWriter
+from txcl.trace_store import StagedMessage, read_summaries, read_trace, trace_names
+from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
 RAW = "b64:UmVjZWl2ZWQ6IGZyb20gbWFpbC5leGFtcGxlLmNvbQ=="
@@ -652,9 +652,11 @@ def test_the_trace_of_a_25_mib_message_holds_its_bytes_once(tmp_path: Path) -> N
     finally:
         writer.close()
     assert writer.stats().written == 1
-    # In the queue: the delivery's own bytes object, and no base64 or decoded copy beside it.
+    # In the queue: no bytes at all. The message was staged to a file while the stack ran
+    # (the delivery answered once it was written), and the record holds that file.
     (record,) = writer.records
-    assert record.message is data
+    assert isinstance(record.message, StagedMessage) and record.message.data is None
+    assert len(record.message) == len(data) and record.message.path is not None
     msg = record.envelope["_txc"]["lmtp"]["msg"]
     assert "raw" not in msg and "attachments" not in msg
     assert msg["subject"] == "the big log"
@@ -668,6 +670,93 @@ def test_the_trace_of_a_25_mib_message_holds_its_bytes_once(tmp_path: Path) -> N
     trace = read_trace(tmp_path / "var")
     assert trace["envelope"]["_txc"]["lmtp"]["msg"]["raw"] == {
         "file": "message.eml", "size": len(data)}
+    # The staged file was the trace's message.eml (a link), and goes with its last holder.
+    staged_path = record.message.path
+    assert (folder / "message.eml").stat().st_ino == os.stat(staged_path).st_ino
+    del record
+    writer.records.clear()
+    assert not os.path.exists(staged_path)
+    assert (folder / "message.eml").read_bytes() == data
+    assert [p.name for p in (tmp_path / "var" / "requests").iterdir()] == [folder.name]
+
+
+class UnstagedWriter(RecordingWriter):
+    def stage(self, message: bytes) -> None:
+        return None
+
+
+def test_a_staged_message_is_scrubbed_as_the_bytes_would_be(tmp_path: Path) -> None:
+    mail = MAIL + b"the subject: password is hunter2-hunter2\r\n" * (STAGE_FROM_BYTES // 40)
+    rules = NEVER_FIRES_BUT_SCRUBS.replace('"_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"',
+                                           '"_txc.lmtp.msg.headers.x-nothing"') + ACCEPT
+    stored = []
+    for kind in (RecordingWriter, UnstagedWriter):
+        writer = kind(tmp_path / kind.__name__ / "var")
+        try:
+            assert deliver_with(tmp_path / kind.__name__, rules, mail, writer) == [
+                "250 2.0.0 queued"]
+            assert writer.flush(60)
+        finally:
+            writer.close()
+        (record,) = writer.records
+        assert isinstance(record.message, StagedMessage) is (kind is RecordingWriter)
+        path = tmp_path / kind.__name__ / "var" / "requests" / record.rid / "message.eml"
+        assert path.stat().st_nlink == 1  # scrubbed: written, not linked
+        stored.append(path.read_bytes())
+    assert stored[0] == stored[1]
+    assert SECRET_AUTH.encode() not in stored[0] and b"Subject: [REDACTED]\r\n" in stored[0]
+    assert stored[0].count(b"[REDACTED]") > STAGE_FROM_BYTES // 40  # the body copies too
+
+
+def test_messages_are_staged_only_when_large_and_every_run_is_traced(tmp_path: Path) -> None:
+    big = b"x" * STAGE_FROM_BYTES
+    for mode, message, staged in (("all", big, True), ("all", big[:-1], False),
+                                  ("errors", big, False)):
+        writer = TraceWriter(tmp_path / mode, mode=mode)
+        try:
+            assert (writer.stage(message) is not None) is staged
+        finally:
+            writer.close()
+    writer = TraceWriter(tmp_path / "small", max_trace_bytes=STAGE_FROM_BYTES - 1)
+    assert writer.stage(big) is None
+    writer.close()
+
+
+def test_a_message_that_cannot_be_staged_leaves_its_trace_without_it(tmp_path: Path) -> None:
+    import asyncio
+
+    (tmp_path / "var").write_text("not a folder")  # requests/ cannot be made
+    writer = TraceWriter(tmp_path / "var")
+    staged = writer.stage(b"x" * STAGE_FROM_BYTES)
+    assert staged is not None
+    asyncio.run(staged.written(10))
+    assert staged.data is None and staged.path is None and staged.error is not None
+    assert writer.stats() == TraceWriter(tmp_path / "other").stats()  # nothing counted yet
+    (tmp_path / "var").unlink()
+    writer("r1", envelope(), None, [("a@x", "250 ok")], message=staged)
+    assert writer.flush(10)
+    writer.close()
+    summary = read_trace(tmp_path / "var", "r1")["summary"]
+    assert summary["cut"] == [f"message ({STAGE_FROM_BYTES} bytes, not staged: "
+                              f"{staged.error})"]
+    assert not (tmp_path / "var" / "requests" / "r1" / "message.eml").exists()
+
+
+def test_the_traces_of_several_groups_share_one_staged_file(tmp_path: Path) -> None:
+    from txcl.trace_store import write_trace
+
+    root = tmp_path / "requests"
+    root.mkdir()
+    data = b"y" * 4096
+    staged = StagedMessage(data)
+    staged.write(root)
+    assert staged.done.done() and staged.data is None
+    folders = [write_trace(root, rid, [b"{}\n"], staged)[0] for rid in ("r1", "r2")]
+    assert [(f / "message.eml").read_bytes() for f in folders] == [data, data]
+    assert (folders[0] / "message.eml").stat().st_nlink == 3
+    del staged
+    assert (folders[0] / "message.eml").stat().st_nlink == 2
+    assert sorted(p.name for p in root.iterdir()) == ["r1", "r2"]
 
 
 def test_attachment_content_read_by_a_stack_is_not_stored_twice() -> None:

@@ -31,7 +31,7 @@ from txcl.envelope import parse_path, path_text, result_of, source_of
 from txcl.errors import Pos, Problem
 from txcl.records import ExecRecord, ScrubHints, SetRecord, fired_json, step_json
 from txcl.trace_raw import plan_for, scrub_message
-from txcl.trace_store import MESSAGE_FILE, StoredApart
+from txcl.trace_store import MESSAGE_FILE, MessageBytes, StoredApart
 from txcl.values import MISSING
 
 REDACTED: Final = "[REDACTED]"
@@ -352,7 +352,7 @@ class TraceRecord:
     stack: str  # "tenant/stack", "" when none
     hints: ScrubHints
     error: str = ""  # an error outside the run (e.g. the response deadline passed)
-    message: bytes | None = None  # the bytes the envelope was built from, by reference
+    message: MessageBytes | None = None  # the bytes the envelope was built from, by reference
     cut: tuple[str, ...] = ()  # what was left out before queueing (e.g. an oversize message)
 
 
@@ -393,10 +393,10 @@ class Artifacts:
     store beside them (scrubbed), or None when the stack's hints leave the message out."""
 
     parts: dict[str, Any]
-    message: bytes | None
+    message: MessageBytes | None
 
 
-def _message_apart(envelope: Mapping[str, Any], src: str, message: bytes) -> Any:
+def _message_apart(envelope: Mapping[str, Any], src: str, message: MessageBytes) -> Any:
     """`envelope` with the message (`_txc.<src>.msg.raw`) replaced by a reference to the
     stored bytes, and so each attachment's content, which those bytes hold; copies only
     what changes. An envelope without a message object is returned as it is."""

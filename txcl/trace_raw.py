@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from txcl.trace_store import MessageBytes, StagedMessage
+
 # Below this length a value is too common to hunt for in a whole message.
 _MIN_SECRET: Final = 8
 # The envelope fields read from one header, by the header's (lower-case) name.
@@ -97,21 +99,28 @@ def _scrub_header_section(head: bytes, headers: dict[str, str], marker: bytes) -
 
 
 def scrub_message(
-    message: bytes, plan: MessagePlan, secrets: Iterable[str], replacement: str
-) -> bytes:
+    message: MessageBytes, plan: MessagePlan, secrets: Iterable[str], replacement: str
+) -> MessageBytes:
     """`message` with the planned header fields scrubbed and every verbatim copy of a
-    secret replaced by `replacement`. The plan must not say `left_out`."""
+    secret replaced by `replacement`. The plan must not say `left_out`. A staged message
+    comes back as it is unless something in it was scrubbed (read back to look)."""
+    secrets = [secret for secret in secrets if len(secret) >= _MIN_SECRET]
+    if isinstance(message, StagedMessage):
+        if not plan.headers and not secrets:
+            return message
+        data = message.read()
+    else:
+        data = message
+    original = data
     marker = replacement.encode("utf-8")
     if plan.headers:
-        end = _HEADER_SECTION_END.search(message)
-        split = end.start() + 1 if end else len(message)  # keep the first line ending
-        if end and message[end.start()] == 13:  # "\r\n\r\n": the line ending is two bytes
+        end = _HEADER_SECTION_END.search(data)
+        split = end.start() + 1 if end else len(data)  # keep the first line ending
+        if end and data[end.start()] == 13:  # "\r\n\r\n": the line ending is two bytes
             split += 1
-        message = _scrub_header_section(message[:split], plan.headers, marker) + message[split:]
+        data = _scrub_header_section(data[:split], plan.headers, marker) + data[split:]
     for secret in secrets:
-        if len(secret) < _MIN_SECRET:
-            continue
         needle = secret.encode("utf-8", "surrogateescape")
-        if needle in message:
-            message = message.replace(needle, marker)
-    return message
+        if needle in data:
+            data = data.replace(needle, marker)
+    return message if data is original else data

@@ -10,7 +10,9 @@ One folder per run, holding at most two files, both private to the server's user
                    {"result": …}    error, timings, the final `_txc.<src>.res`, what was scrubbed
                    {"response": …}  the exact reply lines sent, one per recipient
     message.eml    the message bytes the envelope was built from, stored once, scrubbed;
-                   the envelope names it where the message sits (`{"file": "message.eml"}`)
+                   the envelope names it where the message sits (`{"file": "message.eml"}`);
+                   a large message's is a hard link to the file written while its stack
+                   ran (`StagedMessage`), shared by the traces of its recipient groups
 
 `--list` reads only the first line of each trace. `jq -s add trace.jsonl` is the whole trace
 as one object. A trace is written in a hidden temporary folder renamed into place, so a
@@ -22,6 +24,8 @@ the standard library, so a trace is never lost to its encoder.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -29,6 +33,7 @@ import os
 import re
 import shutil
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,8 @@ PARTS: Final = ("summary", "envelope", "steps", "result", "response")
 FOLDER_MODE: Final = 0o700
 FILE_MODE: Final = 0o600
 TMP_PREFIX: Final = ".tmp-"
+# How long a delivery waits for its message to be staged before it answers anyway.
+STAGE_WAIT_S: Final = 2.0
 
 _SAFE_RID = re.compile(r"[^A-Za-z0-9._-]")
 _ORJSON_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
@@ -56,6 +63,87 @@ class StoredApart:
 
     file: str
     size: int | None = None
+
+
+class StagedMessage:
+    """A message's bytes on their way to a file of their own under requests/, written by the
+    trace thread as soon as the message arrived (`TraceWriter.stage`), so that the traces of
+    its runs hold the file, not the bytes, once the runs are over. Each trace folder takes
+    the file by a hard link; the staged file goes when the last holder lets this go."""
+
+    __slots__ = ("size", "data", "path", "error", "done", "__weakref__")
+
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+        self.data: bytes | None = data  # until written
+        self.path: str | None = None  # once written
+        self.error: OSError | None = None
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def __len__(self) -> int:
+        return self.size
+
+    async def written(self, timeout: float = STAGE_WAIT_S) -> None:
+        """Wait (at most `timeout` seconds) until the bytes are on file or failed to be."""
+        if not self.done.done():
+            await asyncio.wait({asyncio.wrap_future(self.done)}, timeout=timeout)
+
+    def write(self, root: str | os.PathLike[str]) -> None:
+        """Write the bytes to a private file under `root` and let them go (the trace thread
+        calls this); a failure is kept in `error` and the bytes are let go all the same."""
+        data, self.data = self.data, None
+        try:
+            if data is None:
+                return
+            path = f"{os.fspath(root)}/{TMP_PREFIX}message-{os.getpid()}-{id(self):x}.eml"
+            try:
+                write_private(path, data)
+            except OSError as err:
+                self.error = err
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return
+            self.path = path
+            weakref.finalize(self, _unlink_quietly, path)
+        finally:
+            del data
+            self.done.set_result(None)
+
+    def abandon(self) -> None:
+        """Let the bytes go unwritten (`error` says why)."""
+        self.data = None
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def link(self, path: str) -> int:
+        """Make `path` the staged file (a hard link; a copy where no link can be made);
+        the bytes it holds."""
+        if self.path is None:
+            raise OSError(errno.ENOENT, f"the message was not staged: {self.error}", path)
+        try:
+            os.link(self.path, path)
+        except OSError:
+            shutil.copyfile(self.path, path)
+            os.chmod(path, FILE_MODE)
+        return self.size
+
+    def read(self) -> bytes:
+        """The bytes again (a trace that scrubs them needs them): still held, or read back."""
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise OSError(errno.ENOENT, f"the message was not staged: {self.error}")
+        with open(self.path, "rb") as file:
+            return file.read()
+
+
+MessageBytes = bytes | StagedMessage
+"""A trace's message: the bytes themselves, or their staged file."""
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _default(value: Any) -> Any:
@@ -121,7 +209,9 @@ def remove_trace(folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None) -> tuple[str, int]:
+def write_trace(
+    root: Path, name: str, lines: list[bytes], message: MessageBytes | None
+) -> tuple[str, int]:
     """One trace's files, written into a private temporary folder that is then renamed to
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
     appears whole or not at all. Returns the folder's name and the bytes written."""
@@ -131,7 +221,9 @@ def write_trace(root: Path, name: str, lines: list[bytes], message: bytes | None
     try:
         os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
         size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
-        if message is not None:
+        if isinstance(message, StagedMessage):
+            size += message.link(f"{tmp}/{MESSAGE_FILE}")
+        elif message is not None:
             size += write_private(f"{tmp}/{MESSAGE_FILE}", message)
         return _publish(base, tmp, name), size
     except BaseException:
@@ -146,6 +238,10 @@ def _overwrite_private(path: str, data: bytes) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return write_private(path, data)
+    if os.fstat(fd).st_nlink > 1:  # a staged message another trace links to: not ours alone
+        os.close(fd)
+        os.unlink(path)
+        return write_private(path, data)
     try:
         view = memoryview(data)
         while view:
@@ -156,8 +252,8 @@ def _overwrite_private(path: str, data: bytes) -> int:
     return len(data)
 
 
-def reuse_trace(root: Path, old: str, name: str, lines: list[bytes], message: bytes | None
-                ) -> tuple[str, int]:
+def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
+                message: MessageBytes | None) -> tuple[str, int]:
     """`write_trace`, in the folder of the trace `old` (one this writer wrote, and that
     retention removes now): its files are overwritten in place, so a trace at the retention
     limit neither allocates nor frees an inode, which costs ext4 far more than the writes
@@ -169,7 +265,11 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes], message: by
     os.rename(f"{base}/{old}", tmp)
     try:
         size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
-        if message is not None:
+        if isinstance(message, StagedMessage):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{tmp}/{MESSAGE_FILE}")
+            size += message.link(f"{tmp}/{MESSAGE_FILE}")
+        elif message is not None:
             size += _overwrite_private(f"{tmp}/{MESSAGE_FILE}", message)
         else:
             with contextlib.suppress(FileNotFoundError):

@@ -14,7 +14,9 @@ logged at most once per interval.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -36,6 +38,8 @@ from txcl.trace import (
 )
 from txcl.trace_store import (
     TMP_PREFIX,
+    MessageBytes,
+    StagedMessage,
     encode,
     encode_parts,
     folder_size,
@@ -63,6 +67,10 @@ DEFAULT_BATCH_WAIT_S: Final = 0.02
 HURRY_MESSAGE_BYTES: Final = 1 << 20
 # What a queued record holds alive besides its message: the envelope, result and replies.
 RECORD_OVERHEAD: Final = 16 << 10
+# Messages from this size on are staged (`TraceWriter.stage`) when every run is traced.
+STAGE_FROM_BYTES: Final = 1 << 20
+# How long the trace thread waits for a message still being staged when its trace comes.
+STAGE_FINISH_S: Final = 60.0
 # A temporary folder this old is the leftover of an interrupted write.
 _STALE_WRITE_S: Final = 3600.0
 
@@ -85,15 +93,21 @@ def is_error(result: Any, replies: Sequence[tuple[str, str]], error: str = "") -
     return any((code := reply_code(line)) is not None and 400 <= code < 500 for _, line in replies)
 
 
-def record_weight(message: bytes | None) -> int:
+def record_weight(message: MessageBytes | None) -> int:
     """The bytes a queued record holds alive, as the queue counts them: its message twice
-    (the bytes, and what the run parsed out of them), and a fixed share for the rest."""
+    (the bytes, and what the run parsed out of them), and a fixed share for the rest. A
+    staged message's bytes are counted by the staging until they are written."""
+    if isinstance(message, StagedMessage):
+        return RECORD_OVERHEAD + len(message)
     return RECORD_OVERHEAD + 2 * (len(message) if message is not None else 0)
 
 
 def fit(
-    parts: dict[str, Any], message: bytes | None, limit: int, cut_before: Sequence[str] = ()
-) -> tuple[list[bytes], bytes | None, list[str]]:
+    parts: dict[str, Any],
+    message: MessageBytes | None,
+    limit: int,
+    cut_before: Sequence[str] = (),
+) -> tuple[list[bytes], MessageBytes | None, list[str]]:
     """The lines and message of one trace within `limit` bytes: the message goes first,
     then the envelope, then the steps; the summary, result and replies always stay, and
     the summary's `cut` says what went (after what `cut_before` says went already)."""
@@ -185,9 +199,10 @@ class TraceWriter:
         replies: Sequence[tuple[str, str]],
         stack: Any = None,
         error: str = "",
-        message: bytes | None = None,
+        message: MessageBytes | None = None,
     ) -> bool:
-        """Queue one run for writing. True if queued."""
+        """Queue one run for writing. True if queued. `message`: the bytes, or what `stage`
+        made of them."""
         try:
             if self.mode == "off" or (
                 self.mode == "errors" and not is_error(result, replies, error)
@@ -236,6 +251,28 @@ class TraceWriter:
             self._count("failed")
             log.exception("trace: could not queue %s", rid)
             return False
+
+    def stage(self, message: bytes) -> StagedMessage | None:
+        """Start writing a large message to a file now, in a thread of its own, while its
+        stacks run, when every run is traced: its traces then hold the file, not the
+        bytes, and the delivery awaits `written()` before it answers, so the next message
+        never arrives beside this one. None (the trace takes the bytes, as without
+        staging): mode not `all`, a message below STAGE_FROM_BYTES or above the per-trace
+        limit, or no room in the queue's byte budget."""
+        size = len(message)
+        if self.mode != "all" or not STAGE_FROM_BYTES <= size <= self.max_trace_bytes:
+            return None
+        with self._lock:
+            if self._queued_bytes + size > self.queue_bytes:
+                return None
+            self._queued_bytes += size
+        staged = StagedMessage(message)
+        try:
+            threading.Thread(target=self._stage, args=(staged,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: the trace takes the bytes
+            self._release(size)
+            return None
+        return staged
 
     def stats(self) -> TraceStats:
         with self._lock:
@@ -328,9 +365,29 @@ class TraceWriter:
                 self._hurry.wait(self.batch_wait_s)
                 self._hurry.clear()
 
+    def _stage(self, staged: StagedMessage) -> None:
+        try:
+            private_folder(self.root)
+        except OSError as err:
+            staged.error = err
+            staged.abandon()
+        else:
+            staged.write(self.root)
+        finally:
+            self._release(staged.size)
+        if staged.error is not None:
+            self._log_loss("cannot stage a message under %s: %s", self.root, staged.error)
+
     def write(self, record: TraceRecord) -> str:
         """Scrub, encode and write one record now (the worker calls this; so may tests).
         Returns the name of its folder under `root`."""
+        staged = record.message
+        if isinstance(staged, StagedMessage) and staged.path is None:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                staged.done.result(STAGE_FINISH_S)  # its delivery stopped waiting for it
+        if isinstance(staged, StagedMessage) and staged.path is None:
+            record = dataclasses.replace(record, message=None, cut=(
+                *record.cut, f"message ({staged.size} bytes, not staged: {staged.error})"))
         artifacts = build_artifacts(record)
         lines, message, cut = fit(
             artifacts.parts, artifacts.message, self.max_trace_bytes, record.cut
@@ -403,7 +460,11 @@ class TraceWriter:
         stale = now - _STALE_WRITE_S
         for entry in os.scandir(self.root):
             if entry.name.startswith(TMP_PREFIX) and mtime(entry) < stale:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:  # a staged message left by a process that ended
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
         entries = scan(self.root)
         cutoff = now - self.keep_age_s
         sized = [(e.name, folder_size(self.root / e.name)) for e in entries if e.mtime >= cutoff]

@@ -4,7 +4,8 @@ Each returns a merge patch under one top-level key named after the op in lower c
 (`archive`, `emit`, `webhook`, `forward`), so a rule in a later stage reads, e.g.,
 `archive.path`. Each is generic over the envelope's source: it reads `_txc.<src>.*`
 where `src` is `_txc.src`. Each module declares its op, with what it reads, as `OP`;
-what they share lives in `support` (no op imports another).
+what they share lives in `support`, acting once per delivery in `once` (no op imports
+another).
 """
 
 from txcl.builtin_ops import archive, emit, forward, webhook

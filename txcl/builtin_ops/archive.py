@@ -4,14 +4,13 @@ Standard Maildir delivery (write into tmp/, fsync, rename into new/, fsync new/)
 a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix hears 250,
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
-ARCHIVE is an async op whose disk work runs on the event loop, batched: the deliveries
-that reach it in one turn of the loop are written, then committed together by one call
-(`CommitQueue`): each file fsynced, renamed into new/, and new/ fsynced once for all.
-Handing each fsync to a worker thread cost more CPU than the fsync itself (thread wake-ups,
-interpreter-lock hand-overs), so the loop waits through the batch's fsyncs instead; each
-file's write-back is started as it is written (`start_writeback`), so they go to the disk
-side by side, not one fsync after another. Messages over 256 KiB are written and fsynced
-in a worker thread, so that one large message does not hold the loop.
+ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
+page-cache copy) and its file's write-back started at once (`start_writeback`); the
+commit (each file fsynced, renamed into new/, new/ fsynced once for all) runs in one
+thread per event loop, a batch at a time (`CommitQueue`): the loop serves other sessions
+while the disk works, and what arrives meanwhile joins the next batch, so one thread
+hand-over covers many messages. Messages over 256 KiB are written and fsynced in a worker
+thread, so that one large message does not hold the loop.
 
 The raw message comes with the call or out of the envelope (`support.raw_base64`), so
 nothing here knows which head delivered it.
@@ -21,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import concurrent.futures
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -33,7 +34,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import fsync_dir, not_base64, once, once_key, raw_base64
+from txcl.builtin_ops.once import once, once_key
+from txcl.builtin_ops.support import fsync_dir, not_base64, raw_base64
 from txcl.envelope import SRC_KEY, TXC
 from txcl.ops import OpContext, OpReads, RegisteredOp, StorageError
 
@@ -136,16 +138,20 @@ class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
     A delivery adds its written file (still in tmp/) and awaits the returned future. The
-    first addition of a turn of the loop schedules one commit at the end of that turn; it
-    fsyncs every file (a file whose fsync fails fails only its delivery), renames each into
-    new/, and fsyncs each new/ directory once for all the files renamed into it (a failed
-    directory fsync fails exactly those deliveries). A delivery cancelled before the commit
-    leaves nothing behind: its file is closed and removed from tmp/.
+    commit runs in a thread of the queue's own, one batch at a time, while the loop serves
+    other sessions: it fsyncs every file of the batch (a file whose fsync fails fails only
+    its delivery), renames each into new/, and fsyncs each new/ directory once for all the
+    files renamed into it (a failed directory fsync fails exactly those deliveries). What
+    is added meanwhile waits for the next batch, so the busier the disk, the larger the
+    batches. A delivery cancelled before its commit leaves nothing behind: its file is
+    closed and removed from tmp/ (or from new/, if it was cancelled while committed).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._pending: list[_Pending] = []
+        self._busy = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, "txcl-archive-commit")
 
     def add(
         self, fd: int | None, tmp_path: str, new_dir: str, new_path: str
@@ -154,35 +160,58 @@ class CommitQueue:
         needs its fsync (the commit closes it), None if it had it."""
         done = self.loop.create_future()
         self._pending.append(_Pending(fd, tmp_path, new_dir, new_path, done))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and not self._busy:
             self.loop.call_soon(self._commit)
         return done
 
     def _commit(self) -> None:
+        if self._busy or not self._pending:
+            return
         batch, self._pending = self._pending, []
-        renamed: dict[str, list[asyncio.Future[None]]] = {}
-        for item in batch:
-            try:
-                item.sync_and_close()
-                if item.done.cancelled():
-                    _remove(item.tmp_path)
-                    continue
-                os.rename(item.tmp_path, item.new_path)
-            except OSError as error:
-                _remove(item.tmp_path)
+        self._busy = True
+        job = self.loop.run_in_executor(self._thread, _make_durable, batch)
+        job.add_done_callback(functools.partial(self._settle, batch))
+
+    def _settle(self, batch: list[_Pending], job: asyncio.Future[list[OSError | None]]) -> None:
+        self._busy = False
+        try:
+            outcomes = job.result()
+        except Exception as exc:  # a bug must fail the deliveries, not leave them waiting
+            outcomes = [OSError(errno.EIO, f"commit failed: {exc}")] * len(batch)
+        for item, error in zip(batch, outcomes, strict=True):
+            if error is not None:
                 _fail(item.done, error)
+            elif item.done.cancelled():  # cancelled while the thread committed it
+                _remove(item.new_path)
+            elif not item.done.done():
+                item.done.set_result(None)
+        if self._pending:
+            self._commit()
+
+
+def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
+    """Fsync, rename into new/ and fsync new/ (the commit thread): an error per item."""
+    outcomes: list[OSError | None] = [None] * len(batch)
+    renamed: dict[str, list[int]] = {}
+    for i, item in enumerate(batch):
+        try:
+            item.sync_and_close()
+            if item.done.cancelled():
+                _remove(item.tmp_path)
                 continue
-            renamed.setdefault(item.new_dir, []).append(item.done)
-        for directory, waiting in renamed.items():
-            try:
-                fsync_dir(directory)
-            except OSError as error:
-                for done in waiting:
-                    _fail(done, error)
-                continue
-            for done in waiting:
-                if not done.done():
-                    done.set_result(None)
+            os.rename(item.tmp_path, item.new_path)
+        except OSError as error:
+            _remove(item.tmp_path)
+            outcomes[i] = error
+            continue
+        renamed.setdefault(item.new_dir, []).append(i)
+    for directory, indices in renamed.items():
+        try:
+            fsync_dir(directory)
+        except OSError as error:
+            for i in indices:
+                outcomes[i] = error
+    return outcomes
 
 
 class _Pending:

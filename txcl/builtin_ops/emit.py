@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from txcl.builtin_ops.support import event_json, fsync_dir, once
+from txcl.builtin_ops.once import once
+from txcl.builtin_ops.support import event_json, fsync_dir
 from txcl.ops import ANYTHING, OpContext, RegisteredOp
 
 EVENT_LOG = "events.jsonl"

@@ -13,7 +13,8 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from txcl.builtin_ops.support import once, raw_message, socket_deadline, source_section
+from txcl.builtin_ops.once import once
+from txcl.builtin_ops.support import raw_message, socket_deadline, source_section
 from txcl.envelope import ANY_SOURCE, SRC_KEY, TXC
 from txcl.ops import OpContext, OpFailure, OpReads, RegisteredOp
 

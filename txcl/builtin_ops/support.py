@@ -7,7 +7,6 @@
   bytes and attachment content unless a rule asks for them;
 - boolean WITH arguments;
 - durable directory entries (`fsync_dir`);
-- acting once per delivery (`once`): a retry after a 4xx gets the first call's patch;
 - the deadline of the network ops: a socket timeout bounds each wait, and a watchdog shuts
   the socket down when the whole budget is spent, so a peer that trickles bytes cannot
   stretch a call past its deadline.
@@ -15,17 +14,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
-import errno
-import functools
-import hashlib
-import inspect
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -35,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from txcl.envelope import TXC, section_of, source_of
-from txcl.ops import Op, OpContext, OpFailure
+from txcl.ops import OpContext, OpFailure
 
 B64_PREFIX = "b64:"
 
@@ -146,170 +139,6 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# --- once per delivery ----------------------------------------------------------------------
-
-ONCE_FOLDER = ".txcl-once"
-ONCE_WINDOW_DAYS = 7  # longer than Postfix's default queue lifetime (5 days)
-_DAY_S = 86400
-# (stack storage) -> the last day whose folder exists; a new day prunes the old ones.
-_once_days: dict[Path, int] = {}
-
-
-def once_key(ctx: OpContext, op: str, args: Mapping[str, Any]) -> str:
-    """What makes a call the same call again: the delivery, the op and its arguments; ""
-    when the caller gave no delivery key (then nothing is remembered)."""
-    if not ctx.delivery_key or ctx.state_dir is None:
-        return ""
-    try:
-        text = json.dumps(args, sort_keys=True, separators=(",", ":"), default=repr)
-    except (TypeError, ValueError):
-        text = repr(sorted(args.items(), key=lambda item: str(item[0])))
-    digest = hashlib.sha256(f"{ctx.delivery_key}\0{op}\0{text}".encode("utf-8", "replace"))
-    return digest.hexdigest()[:40]
-
-
-# A key's file is this many spaces while its op acts; the op's patch then overwrites it in
-# place, so recording it after the op acted needs no new disk space (a full disk fails the
-# call before it acts, never between acting and remembering).
-_RESERVED = b" " * 2048
-
-
-def recall(ctx: OpContext, key: str) -> tuple[dict[str, Any] | None, bool]:
-    """The patch a call with this key returned within the window (or None), and whether a
-    call with it was cut off while it acted (a crash, kill -9): its key was reserved but
-    never recorded, so it may or may not have acted."""
-    if not key:
-        return None, False
-    folder = ctx.storage(ONCE_FOLDER)
-    today = int(time.time() // _DAY_S)
-    for day in range(today, today - ONCE_WINDOW_DAYS - 1, -1):
-        try:
-            with open(f"{folder}/{day}/{key}", "rb") as file:
-                text = file.read()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return None, False
-        with contextlib.suppress(ValueError):
-            patch = json.loads(text) if text.strip() else None
-            if isinstance(patch, dict):
-                return patch, False
-        return None, True
-    return None, False
-
-
-def reserve(ctx: OpContext, key: str) -> str:
-    """Make the key's file before the op acts (spaces: not done yet); its path. A day's
-    first key prunes the days past the window, in a thread of its own."""
-    folder = ctx.storage(ONCE_FOLDER)
-    today = int(time.time() // _DAY_S)
-    day_folder = f"{folder}/{today}"
-    if _once_days.get(folder) != today:
-        os.makedirs(day_folder, mode=0o700, exist_ok=True)
-        if len(_once_days) >= 4096:
-            _once_days.clear()
-        _once_days[folder] = today
-        threading.Thread(target=_prune_once, args=(folder, today), daemon=True).start()
-    path = f"{day_folder}/{key}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if os.write(fd, _RESERVED) != len(_RESERVED):
-            raise OSError(errno.ENOSPC, "no room to remember the call", path)
-    except BaseException:
-        os.close(fd)
-        _remove(path)
-        raise
-    os.close(fd)
-    return path
-
-
-def record(path: str, patch: Mapping[str, Any]) -> None:
-    """Write the op's patch over the reserved spaces. Not fsynced, and a patch too large to
-    fit may fail: either way the key reads as not done, and a retry acts again."""
-    with contextlib.suppress(OSError, TypeError, ValueError):
-        data = json.dumps(patch, separators=(",", ":")).encode()
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
-        finally:
-            os.close(fd)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _prune_once(folder: Path, today: int) -> None:
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            if entry.name.isdigit() and int(entry.name) < today - ONCE_WINDOW_DAYS:
-                shutil.rmtree(entry.path, ignore_errors=True)
-
-
-Recover = Callable[[Mapping[str, Any], Mapping[str, Any], OpContext, str], "dict[str, Any] | None"]
-"""`recover(envelope, args, ctx, key)`: for a call cut off while it acted, the patch of
-what it did, if the op can find it (ARCHIVE looks for its file by the key), else None."""
-
-
-class _OnceCall:
-    """One call of an op under `once`: what an earlier call returned (`remembered`), else a
-    reserved key that the `with` block's success records and its failure removes."""
-
-    def __init__(self, ctx: OpContext, name: str, args: Mapping[str, Any]) -> None:
-        self.key = once_key(ctx, name, args)
-        self.remembered, self.cut_off = recall(ctx, self.key)
-        self._path = reserve(ctx, self.key) if self.key and self.remembered is None else ""
-
-    def __enter__(self) -> _OnceCall:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None and self._path:
-            _remove(self._path)
-
-    def done(self, patch: Any) -> Any:
-        if self._path:
-            record(self._path, patch)
-        return patch
-
-
-def once(name: str, op: Op, *, recover: Recover | None = None) -> Op:
-    """`op`, acting once per delivery: a repeated call with the same delivery key, op and
-    arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
-    A call that fails is forgotten; one cut off while it acted is looked for with
-    `recover`, else acts again. Works for sync and async ops alike."""
-    if inspect.iscoroutinefunction(op):
-
-        async def once_async(
-            envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
-        ) -> Any:
-            call = _OnceCall(ctx, name, args)
-            if call.remembered is not None:
-                return call.remembered
-            with call:
-                if call.cut_off and recover is not None:
-                    found = await asyncio.get_running_loop().run_in_executor(
-                        None, recover, envelope, args, ctx, call.key
-                    )
-                    if found is not None:
-                        return call.done(found)
-                return call.done(await op(envelope, args, ctx))
-
-        return functools.update_wrapper(once_async, op)
-
-    def once_sync(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> Any:
-        call = _OnceCall(ctx, name, args)
-        if call.remembered is not None:
-            return call.remembered
-        with call:
-            found = recover(envelope, args, ctx, call.key) if call.cut_off and recover else None
-            return call.done(found if found is not None else op(envelope, args, ctx))
-
-    return functools.update_wrapper(once_sync, op)
 
 
 # --- the network ops' deadline --------------------------------------------------------------

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from txcl.builtin_ops.support import event_json, once, once_key, socket_deadline
+from txcl.builtin_ops.once import once, once_key
+from txcl.builtin_ops.support import event_json, socket_deadline
 from txcl.ops import ANYTHING, OpContext, OpFailure, RegisteredOp
 
 SCHEMES = frozenset({"http", "https"})
