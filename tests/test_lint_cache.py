@@ -158,18 +158,31 @@ def test_a_stage_or_stack_target_is_cached_apart_from_the_tree(
 # --- a pool of processes for many files --------------------------------------------------------
 
 
+@pytest.fixture
+def own_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """threading.active_count() counts this test's threads only: idle op threads that
+    earlier tests in the same run left are not what the pool's rule is about."""
+    import threading
+
+    before = set(threading.enumerate()) - {threading.main_thread()}
+    monkeypatch.setattr("threading.active_count",
+                        lambda: len(set(threading.enumerate()) - before))
+
+
+
 def test_a_pool_is_used_only_for_many_files_on_several_cores(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, own_threads: None,
 ) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr("threading.active_count", lambda: 1)  # earlier tests' threads linger
     assert lint.pool_workers(lint.POOL_MIN_FILES - 1) == 0
     assert lint.pool_workers(lint.POOL_MIN_FILES) == 2
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert lint.pool_workers(100_000) == 0
 
 
-def test_no_pool_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_pool_while_another_thread_runs(
+    monkeypatch: pytest.MonkeyPatch, own_threads: None,
+) -> None:
     import threading
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
@@ -186,7 +199,7 @@ def test_no_pool_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_files_checked_by_a_pool_give_what_one_process_gives(
     tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], own_threads: None,
 ) -> None:
     ops = tmp_path / "OPS"
     write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))

@@ -752,10 +752,10 @@ def test_the_traces_of_several_groups_share_one_staged_file(tmp_path: Path) -> N
     staged.write(root)
     assert staged.done.done() and staged.data is None
     folders = [write_trace(root, rid, [b"{}\n"], staged)[0] for rid in ("r1", "r2")]
-    assert [(f / "message.eml").read_bytes() for f in folders] == [data, data]
-    assert (folders[0] / "message.eml").stat().st_nlink == 3
+    assert [(root / f / "message.eml").read_bytes() for f in folders] == [data, data]
+    assert (root / folders[0] / "message.eml").stat().st_nlink == 3
     del staged
-    assert (folders[0] / "message.eml").stat().st_nlink == 2
+    assert (root / folders[0] / "message.eml").stat().st_nlink == 2
     assert sorted(p.name for p in root.iterdir()) == ["r1", "r2"]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -138,7 +137,7 @@ class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
     A delivery adds its written file (still in tmp/) and awaits the returned future. The
-    commit runs in a thread of the queue's own, one batch at a time, while the loop serves
+    commit runs in a worker thread of the loop, one batch at a time, while the loop serves
     other sessions: it fsyncs every file of the batch (a file whose fsync fails fails only
     its delivery), renames each into new/, and fsyncs each new/ directory once for all the
     files renamed into it (a failed directory fsync fails exactly those deliveries). What
@@ -151,7 +150,6 @@ class CommitQueue:
         self.loop = loop
         self._pending: list[_Pending] = []
         self._busy = False
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, "txcl-archive-commit")
 
     def add(
         self, fd: int | None, tmp_path: str, new_dir: str, new_path: str
@@ -169,7 +167,9 @@ class CommitQueue:
             return
         batch, self._pending = self._pending, []
         self._busy = True
-        job = self.loop.run_in_executor(self._thread, _make_durable, batch)
+        # the loop's default executor: one batch at a time (_busy), and its threads end with
+        # the loop (a thread of the queue's own outlived every loop that made one)
+        job = self.loop.run_in_executor(None, _make_durable, batch)
         job.add_done_callback(functools.partial(self._settle, batch))
 
     def _settle(self, batch: list[_Pending], job: asyncio.Future[list[OSError | None]]) -> None:
