@@ -229,6 +229,7 @@ class FileParser:
 
     def _tokenize(self, text: str) -> list[Scanned] | None:
         match = self._pattern.match
+        scanned = tuple.__new__  # Scanned's fields, without NamedTuple's Python-level __new__
         tokens: list[Scanned] = []
         pos, end, line, line_start, depth = 0, len(text), 1, 0, 0
         while pos < end:
@@ -245,11 +246,11 @@ class FileParser:
             value = found[kind]
             column = stop - len(value) - line_start + 1
             if kind == "_NL":
-                tokens.append(Scanned(kind, value, line, column))
+                tokens.append(scanned(Scanned, (kind, value, line, column)))
                 line += 1
                 line_start = stop
             elif kind == "COMMENT":
-                self._on_comment(Scanned(kind, value, line, column))
+                self._on_comment(scanned(Scanned, (kind, value, line, column)))
             else:
                 if kind in _OPENERS:
                     depth += 1
@@ -257,7 +258,7 @@ class FileParser:
                         return None
                 elif kind in _CLOSERS:
                     depth -= 1
-                tokens.append(Scanned(kind, value, line, column))
+                tokens.append(scanned(Scanned, (kind, value, line, column)))
             pos = stop
         return tokens
 
