@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path as FsPath
@@ -569,3 +570,13 @@ def test_whole_file_parse_agrees_with_the_line_by_line_parse(
     assert found == expected
     if isinstance(expected, ast.File):  # a file without errors takes the one-parse path
         assert _parse_file(_LineScan("f.txcl", 1), "\n".join(source_lines(source))) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(exclude_categories=("Cs",), exclude_characters='\r\n"\\'), max_size=30))
+def test_a_string_without_escapes_decodes_as_json_does(inner: str) -> None:
+    written = f'"{inner}"'
+    rule = parse(f"WHEN @a == {written}\nSET @res.code = 250\n", "s.txcl").rules[0]
+    compare = rule.whens[0].expr
+    assert isinstance(compare, ast.Compare) and isinstance(compare.right, ast.Literal)
+    assert compare.right.value == json.loads(written, strict=False)

@@ -532,10 +532,20 @@ def _exec_op(node: ast.Exec, problems: list[Problem]) -> str | None:
     return name
 
 
-def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> CompiledRule:
-    """Compile one rule, appending its problems to `problems`."""
+def _no_text(_: object) -> str:
+    return ""
+
+
+def compile_rule(
+    rule: ast.Rule, file: str, problems: list[Problem], *, texts: bool = True
+) -> CompiledRule:
+    """Compile one rule, appending its problems to `problems`. Without `texts`, the WHEN and
+    SET texts (what traces and `txcl test` show) are left empty: for a caller that wants
+    the problems only."""
     rc = _RuleCompiler(problems)
-    whens = tuple(CompiledWhen(expr_text(w.expr), w.pos, rc.expr(w.expr)) for w in rule.whens)
+    when_text = expr_text if texts else _no_text
+    target_text = path_text if texts else _no_text
+    whens = tuple(CompiledWhen(when_text(w.expr), w.pos, rc.expr(w.expr)) for w in rule.whens)
     steps: list[Step] = []
     args: list[tuple[str, Eval]] = []
     seen_keys: dict[str, Pos] = {}
@@ -575,7 +585,7 @@ def compile_rule(rule: ast.Rule, file: str, problems: list[Problem]) -> Compiled
                 SetStep(
                     stmt.pos,
                     target.segments,
-                    path_text(target.segments),
+                    target_text(target.segments),
                     value,
                     write,
                     compile_getter(target),
@@ -689,6 +699,19 @@ def compile_file(file: ast.File) -> tuple[CompiledRule, ...]:
     """Compile every rule of a file; raise TxclCompileError listing all problems found."""
     problems: list[Problem] = []
     rules = tuple(compile_rule(rule, file.name, problems) for rule in file.rules)
+    _raise_any(problems)
+    return rules
+
+
+def check_file(file: ast.File) -> None:
+    """Raise what compile_file() raises, without the texts only a run shows: for `txcl lint`,
+    which wants the problems, not the compiled rules."""
+    problems: list[Problem] = []
+    for rule in file.rules:
+        compile_rule(rule, file.name, problems, texts=False)
+    _raise_any(problems)
+
+
+def _raise_any(problems: list[Problem]) -> None:
     if problems:
         raise TxclCompileError(sorted(problems, key=lambda p: p.pos or Pos("", 0, 0)))
-    return rules

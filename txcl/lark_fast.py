@@ -194,21 +194,25 @@ class FileParser:
         tokens: list[Any] = [*scanned, _END]
         # lark's LALR loop (ParserState.feed_token), over the table as _actions() lays it out
         actions, end = self._actions, self._end
-        states: list[Any] = [self._start]
+        state = self._start  # always states[-1]
+        states: list[Any] = [state]
         values: list[Any] = []
+        push_state, push_value = states.append, values.append
         for token in tokens:
+            kind = token.type
             while True:
-                action = actions[states[-1]].get(token.type)
+                action = actions[state].get(kind)
                 if action is None:
-                    expected = {k for k in actions[states[-1]] if k.isupper()}
+                    expected = {k for k in actions[state] if k.isupper()}
                     raise UnexpectedToken(token, expected)
                 if action[0] is _SHIFT:
-                    states.append(action[1])
-                    values.append(token)
+                    state = action[1]
+                    push_state(state)
+                    push_value(token)
                     break
                 _, size, build, origin = action
                 if build is None:  # `?rule` passing its one value up: only the state changes
-                    states[-1] = actions[states[-2]][origin][1]
+                    state = states[-1] = actions[states[-2]][origin][1]
                     continue
                 if size:
                     popped = values[-size:]
@@ -216,14 +220,16 @@ class FileParser:
                     del values[-size:]
                 else:
                     popped = []
-                states.append(actions[states[-1]][origin][1])
-                values.append(build(popped))
-                if token is _END and states[-1] == end:
+                state = actions[states[-1]][origin][1]
+                push_state(state)
+                push_value(build(popped))
+                if token is _END and state == end:
                     return values[-1]
         raise UnexpectedToken(_END, set())  # cannot happen: $END reduces to the end state
 
     def _tokenize(self, text: str) -> list[Scanned] | None:
         match = self._pattern.match
+        scanned = tuple.__new__  # Scanned's fields, without NamedTuple's Python-level __new__
         tokens: list[Scanned] = []
         pos, end, line, line_start, depth = 0, len(text), 1, 0, 0
         while pos < end:
@@ -240,11 +246,11 @@ class FileParser:
             value = found[kind]
             column = stop - len(value) - line_start + 1
             if kind == "_NL":
-                tokens.append(Scanned(kind, value, line, column))
+                tokens.append(scanned(Scanned, (kind, value, line, column)))
                 line += 1
                 line_start = stop
             elif kind == "COMMENT":
-                self._on_comment(Scanned(kind, value, line, column))
+                self._on_comment(scanned(Scanned, (kind, value, line, column)))
             else:
                 if kind in _OPENERS:
                     depth += 1
@@ -252,7 +258,7 @@ class FileParser:
                         return None
                 elif kind in _CLOSERS:
                     depth -= 1
-                tokens.append(Scanned(kind, value, line, column))
+                tokens.append(scanned(Scanned, (kind, value, line, column)))
             pos = stop
         return tokens
 

@@ -193,10 +193,10 @@ def _check_text(
         tree = parse(source, name)
     except TxclSyntaxError as err:
         return None, err.problems, _lint_parsed(source, name, None, err.problems, registry)
-    from txcl.compiler import compile_file  # the compiler pulls in RE2 and the ops' helpers
+    from txcl.compiler import check_file  # the compiler pulls in RE2 and the ops' helpers
 
     try:
-        compile_file(tree)
+        check_file(tree)
     except TxclError as err:
         return tree, err.problems, _lint_parsed(source, name, tree, err.problems, registry)
     return tree, (), _lint_parsed(source, name, tree, (), registry)
@@ -722,7 +722,7 @@ def _constant_holds(expr: ast.Expr) -> bool | None:
 
     problems: list[Problem] = []
     rule = ast.Rule((ast.When(expr, expr.pos),), (), expr.pos)
-    compiled = compile_rule(rule, "<lint>", problems)
+    compiled = compile_rule(rule, "<lint>", problems, texts=False)
     if problems:
         return None
     return compiled.test({}) is not None

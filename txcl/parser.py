@@ -613,6 +613,17 @@ def _unescape_slash(m: re.Match[str]) -> str:
 
 def _string(text: str, column: int | None) -> str:
     """A JSON string literal as written at `column`, decoded."""
+    if len(text) > 1 and text[0] == '"' == text[-1] and "\\" not in text and '"' not in text[1:-1]:
+        value = text[1:-1]  # no escape: what json.loads() would return, without its cost
+    else:
+        value = _json_string(text, column)
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise _Refused("string holds an unpaired surrogate (not valid in UTF-8)", column or 0)
+    return value
+
+
+def _json_string(text: str, column: int | None) -> str:
     try:
         value = json.loads(text, strict=False)
     except json.JSONDecodeError as err:
@@ -620,9 +631,6 @@ def _string(text: str, column: int | None) -> str:
             'invalid escape in string; use JSON escapes such as \\n, \\" or \\u00e9',
             (column or 0) + err.pos,
         ) from None
-    bad = _SURROGATE.search(value)
-    if bad:
-        raise _Refused("string holds an unpaired surrogate (not valid in UTF-8)", column or 0)
     return value
 
 
