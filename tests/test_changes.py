@@ -72,6 +72,20 @@ def put(path: Path, text: str) -> None:
     os.replace(aside, path)
 
 
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders a load lists (the root, tenants, stacks, stages), relative to OPS/."""
+    found: list[str] = []
+    real = txcl.loader._Walker.entries
+
+    def counted(walker: Any, folder: str, problems: Any) -> Any:
+        found.append(os.path.relpath(folder, walker.root))
+        return real(walker, folder, problems)
+
+    monkeypatch.setattr(txcl.loader._Walker, "entries", counted)
+    return found
+
+
 def until(predicate: Any, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -108,12 +122,13 @@ def tenants(settings: Settings) -> list[str]:
 
 
 def test_an_edit_reads_that_stack_only(holder: RuntimeHolder, settings: Settings,
-                                       signatures: list[str]) -> None:
+                                       signatures: list[str], listed: list[str]) -> None:
     first, *others = tenants(settings)
     before = holder.current.tree
     put(stack_folder(settings, first) / "1" / "20-verdict.txcl", EDITED)
     reload_seen(holder)
     assert signatures == [f"{first}/_mail"]
+    assert [f for f in listed if "/" not in f] == [".", first]  # the other tenants: unlisted
     after = holder.current.tree
     assert after.stacks[f"{first}/_mail"] is not before.stacks[f"{first}/_mail"]
     assert all(after.stacks[f"{t}/_mail"] is before.stacks[f"{t}/_mail"] for t in others)
@@ -285,3 +300,24 @@ def test_the_watcher_reloads_from_the_feed_without_polling(
     assert holder.last.trigger == "watch"
     assert polls[0] == 1
     as_a_full_load_sees_it(holder)
+
+
+def test_a_layout_problem_is_found_again_and_its_fix_seen(
+        settings: Settings, listed: list[str]) -> None:
+    ops = Path(settings.ops_dir)
+    (ops / "zz_bad").mkdir()
+    holder = RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True)
+    try:
+        assert any("zz_bad" in str(p) for p in holder.current.tree.problems)
+        first, *_ = tenants(settings)
+        listed.clear()
+        put(stack_folder(settings, first) / "0" / "10-classify.txcl", EDITED)
+        reload_seen(holder)  # refused as a whole: the misnamed folder is still there
+        assert not holder.last.ok
+        assert len([f for f in listed if "/" not in f]) == len(tenants(settings))  # root + all
+        (ops / "zz_bad").rename(ops / "fixed")
+        reload_seen(holder)
+        assert holder.last.ok and not holder.current.tree.problems
+        as_a_full_load_sees_it(holder)
+    finally:
+        holder.close()

@@ -500,9 +500,11 @@ def _load_stack(walker: _Walker, name: str, folder: str, previous: Tree | None,
 _Layout = list[Problem | str]
 
 
-def _stack_folders(walker: _Walker, root: Path, problems: _Layout) -> dict[str, str]:
+def _stack_folders(walker: _Walker, root: Path, problems: _Layout,
+                   known: Mapping[str, list[str]] | None = None) -> dict[str, str]:
     """"tenant/stack" -> its folder, in walk order; what is not a tenant or stack folder is a
-    problem. `problems` gets each problem, and each stack's name, in walk order."""
+    problem. `problems` gets each problem, and each stack's name, in walk order. `known`:
+    the stacks of tenants whose folders did not change, which are not listed again."""
     folders: dict[str, str] = {}
 
     def entries(folder: str) -> list[os.DirEntry[str]]:
@@ -516,6 +518,12 @@ def _stack_folders(walker: _Walker, root: Path, problems: _Layout) -> dict[str, 
             problems.append(
                 _problem(f"{tenant.path}: expected a tenant folder named [a-z][a-z0-9-]*")
             )
+            continue
+        names = None if known is None else known.get(tenant.name)
+        if names is not None:
+            for name in names:
+                folders[name] = os.path.join(tenant.path, name.partition("/")[2])
+                problems.append(name)
             continue
         for stack_entry in entries(tenant.path):
             if not (STACK_NAME.fullmatch(stack_entry.name) and stack_entry.is_dir()):
@@ -567,7 +575,7 @@ def load_tree(
     if not root.is_dir():
         return Tree(root, {}, (_problem(f"{root}: not a folder"),), 0)
     problems: _Layout = []
-    folders = _stack_folders(walker, root, problems)
+    folders = _stack_folders(walker, root, problems, _unchanged_tenants(previous, changed))
     if lazy:
         stacks = LazyStacks(walker, folders, problems)
         found = tuple(p for p in problems if isinstance(p, Problem))
@@ -577,6 +585,25 @@ def load_tree(
                                changed is not None and not _may_have_changed(name, changed))
              for name, folder in folders.items()}
     return _tree_of(walker, root, problems, loads, started_ns)
+
+
+def _unchanged_tenants(previous: Tree | None, changed: AbstractSet[str] | None
+                       ) -> dict[str, list[str]] | None:
+    """tenant -> its stacks as `previous` found them, for each tenant not in `changed`; None
+    if that is not known, or `previous` found problems outside its stacks (a listing finds
+    them again)."""
+    if previous is None or changed is None:
+        return None
+    in_stacks = {p for found in previous.failures.values() for p in found}
+    if any(p not in in_stacks for p in previous.problems):
+        return None
+    touched = {name.partition("/")[0] for name in changed}
+    known: dict[str, list[str]] = {}
+    for name in previous.case_files:
+        tenant = name.partition("/")[0]
+        if tenant not in touched:
+            known.setdefault(tenant, []).append(name)
+    return known
 
 
 def _may_have_changed(name: str, changed: AbstractSet[str]) -> bool:
