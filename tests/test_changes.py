@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from txcl.loader import load_tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scale_tree import generate  # noqa: E402
+
+from tests.conftest import Server  # noqa: E402
+from tests.test_serve_cli import CONFIG, deliver  # noqa: E402
 
 EDITED = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "edited"\n'
 
@@ -321,3 +324,16 @@ def test_a_layout_problem_is_found_again_and_its_fix_seen(
         as_a_full_load_sees_it(holder)
     finally:
         holder.close()
+
+
+def test_txco_serve_puts_an_edit_live_from_the_feed_not_the_interval(
+        serve: Callable[..., Server], tmp_path: Path) -> None:
+    """End to end: with a healthy feed --watch-interval is not used (an hour here)."""
+    good = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v1"\n'
+    server = serve(tmp_path, {"acme/_mail/0/10-accept.txcl": good}, CONFIG,
+                   "--watch-interval", "3600")
+    (tmp_path / "OPS/acme/_mail/0/10-accept.txcl").write_text(good.replace("v1", "v2"))
+    server.wait_for_log(r"reload \(watch\): now serving version 2", timeout=30)
+    with server.lmtp() as client:
+        _, replies = deliver(client, ["a@acme.example"])
+    assert replies[0] == (250, b"2.0.0 v2")
