@@ -46,10 +46,20 @@ def settings(tmp_path: Path) -> Settings:
                     lmtp_hostname="test")
 
 
+def watching(holder: RuntimeHolder) -> RuntimeHolder:
+    """`holder` once its feed watches every folder and is trusted, as the watcher does after
+    its first comparison (nothing changed since the start here)."""
+    assert holder.feed is not None
+    holder.feed.start()
+    holder.feed.ready.wait()
+    assert holder.feed.healthy
+    holder.feed.trust()
+    return holder
+
+
 @pytest.fixture
 def holder(settings: Settings) -> Iterator[RuntimeHolder]:
-    held = RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True)
-    assert held.feed is not None and held.feed.healthy
+    held = watching(RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True))
     yield held
     held.close()
 
@@ -215,7 +225,10 @@ def test_a_feed_that_cannot_watch_falls_back_to_polling(
 
     monkeypatch.setattr(inotify_simple.INotify, "add_watch", no_room)
     holder = RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True)
-    assert holder.feed is not None and not holder.feed.healthy
+    assert holder.feed is not None
+    holder.feed.start()
+    holder.feed.ready.wait()
+    assert not holder.feed.healthy
     first, *_ = tenants(settings)
     signatures.clear()
     put(stack_folder(settings, first) / "0" / "10-classify.txcl", EDITED)
@@ -309,7 +322,7 @@ def test_a_layout_problem_is_found_again_and_its_fix_seen(
         settings: Settings, listed: list[str]) -> None:
     ops = Path(settings.ops_dir)
     (ops / "zz_bad").mkdir()
-    holder = RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True)
+    holder = watching(RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True))
     try:
         assert any("zz_bad" in str(p) for p in holder.current.tree.problems)
         first, *_ = tenants(settings)
@@ -337,3 +350,24 @@ def test_txco_serve_puts_an_edit_live_from_the_feed_not_the_interval(
     with server.lmtp() as client:
         _, replies = deliver(client, ["a@acme.example"])
     assert replies[0] == (250, b"2.0.0 v2")
+
+
+def test_until_the_feed_is_whole_a_reload_walks_everything(
+        settings: Settings, signatures: list[str]) -> None:
+    """A change made before a folder's watch was added is in no event: the first take after
+    the feed watches everything says 'unknown' unless the caller compared everything."""
+    holder = RuntimeHolder.start(settings, [LmtpPersonality(settings)], feed=True)
+    try:
+        assert holder.feed is not None
+        holder.feed.start()
+        holder.feed.ready.wait()
+        signatures.clear()
+        asyncio.run(holder.reload("test"))
+        assert len(signatures) == len(tenants(settings))
+        signatures.clear()
+        first, *_ = tenants(settings)
+        put(stack_folder(settings, first) / "0" / "10-classify.txcl", EDITED)
+        reload_seen(holder)
+        assert signatures == [f"{first}/_mail"]
+    finally:
+        holder.close()

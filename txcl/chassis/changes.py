@@ -9,6 +9,9 @@ last take; events arriving while the caller reloads stay for the next take. It a
 feed cannot follow the tree (no inotify on this system, the watch limit reached, any
 error): the caller then polls the tree's fingerprint as without a feed. A stack with a
 symlink inside it is in every take (inotify does not see into what a link leads to).
+The watches are added by the feed's thread once started; a change made before
+its folder was watched is in no event, so takes say None until the caller has compared
+everything once after `ready` (a take that said None, or `trust()`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class ChangeFeed:
 
     def __init__(self, ops_dir: Path | str, config_file: Path | str | None = None,
                  notify: Callable[[], None] | None = None) -> None:
-        """Start watching; never raises (a feed that cannot watch is not `healthy`).
+        """A feed, not watching until `start()`; never raises (a feed that cannot watch is
+        not `healthy`).
         `notify` is called from the reader thread after each batch of events (or when the
         feed breaks); it must only hand over to its own thread (call_soon_threadsafe)."""
         self.root = os.path.abspath(ops_dir)
@@ -62,20 +66,30 @@ class ChangeFeed:
         self._closed = False
         self._inotify = None
         self._thread: threading.Thread | None = None
+        # Set once every folder is watched (or the feed broke trying), by the reader thread.
+        self.ready = threading.Event()
+        # Whether a take can name what changed: not until a walk of everything has followed
+        # `ready` (a change made before a folder's watch was added is in no event).
+        self._trusted = False
         if inotify_simple is None:
-            self.broken = "inotify is not available on this system"
+            self._break("inotify is not available on this system")
+            self.ready.set()
             return
         try:
             self._inotify = inotify_simple.INotify()
-            if self.config_file is not None:
-                self._watch(os.path.dirname(self.config_file))
-            self._watch_tree(self.root)
         except Exception as err:
             self._break(f"cannot watch {self.root}: {err}")
+            self.ready.set()
             return
-        self._thread = threading.Thread(target=self._read_forever, name="txco-change-feed",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="txco-change-feed", daemon=True)
+
+    def start(self) -> None:
+        """Add the watches, in the feed's thread (`ready` is set when done). Idempotent."""
+        with self._lock:
+            thread = self._thread
+            if thread is None or thread.ident is not None:
+                return
+            thread.start()
 
     @property
     def healthy(self) -> bool:
@@ -85,12 +99,16 @@ class ChangeFeed:
         """The stacks and tenants that may have changed since the last take, or None if
         that is not known (walk everything). Atomic: what arrives after is for the next.
         Every event of a write made before the call is counted (the kernel queues it as
-        the write returns, and this reads the queue first)."""
-        self._drain()
+        the write returns, and this reads the queue first). None until every folder is
+        watched, and once after that, for the walk that makes the feed's account whole."""
+        ready = self.ready.is_set()
+        if ready:
+            self._drain()
         with self._lock:
             paths, self._paths = self._paths, set()
             unknown, self._unknown = self._unknown, False
-            if unknown or self.broken is not None:
+            trusted, self._trusted = self._trusted, ready
+            if unknown or not trusted or self.broken is not None:
                 return None
             links = set(self._links)
         names: set[str] = set()
@@ -104,14 +122,25 @@ class ChangeFeed:
 
     def pending(self) -> bool:
         """Whether a take now would have something (or say 'unknown')."""
+        if not self.ready.is_set():
+            return False
         self._drain()
         with self._lock:
             return bool(self._paths) or self._unknown or self.broken is not None
 
+    def trust(self) -> None:
+        """The caller compared everything since `ready` (and found it served): takes can
+        name what changed from now on."""
+        if self.ready.is_set():
+            with self._lock:
+                self._trusted = True
+
     def close(self) -> None:
         self._closed = True
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread.ident is not None and (
+                thread is not threading.current_thread()):
+            thread.join()
         with self._reading:
             if self._inotify is not None:
                 self._inotify.close()
@@ -169,6 +198,17 @@ class ChangeFeed:
         with self._lock:
             self._links = {link for link in self._links
                            if link != top and not link.startswith(prefix)}
+
+    def _run(self) -> None:
+        try:
+            if self.config_file is not None:
+                self._watch(os.path.dirname(self.config_file))
+            self._watch_tree(self.root)
+        except Exception as err:
+            self._break(f"cannot watch {self.root}: {err}")
+        finally:
+            self.ready.set()
+        self._read_forever()
 
     def _read_forever(self) -> None:
         assert self._inotify is not None

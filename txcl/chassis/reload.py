@@ -213,7 +213,8 @@ class RuntimeHolder:
         compiled when a delivery first needs it, and complete_start() compiles the rest
         (then reports problems); until it is done, reloads and the watcher wait.
         Each reload builds over the serving runtime's tree, compiling only what changed.
-        `feed` watches the tree for changes from now on (a ChangeFeed; `close()` ends it).
+        `feed` makes a ChangeFeed, which the watcher (or else the first reload) starts once
+        the start is complete; `close()` ends it.
         """
         paths = watched_paths(settings)
         changes = ChangeFeed(settings.ops_dir, settings.config_file) if feed else None
@@ -336,6 +337,8 @@ class RuntimeHolder:
     def _take_changes(self) -> frozenset[str] | None:
         """The stacks and tenants that may have changed since the serving version was built,
         or None if that is not known (no feed, or it lost track): everything is compared."""
+        if self.feed is not None:
+            self.feed.start()  # with --no-watch, at the first SIGHUP (which walks everything)
         taken = None if self.feed is None else self.feed.take()
         unapplied, self._unapplied = self._unapplied, None
         if taken is None or unapplied is None:
@@ -436,8 +439,11 @@ class RuntimeHolder:
         if feed is not None:
             loop = asyncio.get_running_loop()
             feed.notify = lambda: _call_soon(loop, wake.set)
-            if feed.healthy:  # what changed before the feed watched (a preloaded tree)
+            feed.start()
+            await asyncio.to_thread(feed.ready.wait)
+            if feed.healthy:  # what changed before the feed watched everything: one walk
                 await self._reload_if_changed(debounce_s)
+                feed.trust()
         while True:
             try:
                 if feed is not None and feed.healthy:
