@@ -459,12 +459,25 @@ class _StackLoad:
     held: bool = False  # has problems, yet serves `previous`'s version (its old signature)
 
 
+def _unchanged(previous: Tree | None, name: str) -> Stack | None:
+    """The previous load's Stack `name`, served without problems, for a caller that knows its
+    folder did not change (a change feed): taken over under its old signature, unread."""
+    if previous is None or name in previous.held or name not in previous.signatures:
+        return None
+    return previous.stacks.get(name)
+
+
 def _load_stack(walker: _Walker, name: str, folder: str, previous: Tree | None,
-                scan: Scan | None = None) -> _StackLoad:
-    """One stack: taken over from `previous` if its folder did not change, else compiled."""
+                scan: Scan | None = None, unchanged: bool = False) -> _StackLoad:
+    """One stack: taken over from `previous` if its folder did not change, else compiled.
+    `unchanged`: the caller knows the folder did not change, so its signature is not read."""
     problems: list[Problem] = []
-    signature = () if walker.check_only else stack_signature(folder, scan)
-    kept = _reusable(previous, name, signature) if previous is not None else None
+    kept = _unchanged(previous, name) if unchanged else None
+    if kept is not None and previous is not None:
+        signature = previous.signatures[name]
+    else:
+        signature = () if walker.check_only else stack_signature(folder, scan)
+        kept = _reusable(previous, name, signature) if previous is not None else None
     if kept is not None and previous is not None:
         stack, cases = kept, previous.case_files.get(name, ())
         walker.files += sum(len(stage.files) for stage in stack.stages)
@@ -487,9 +500,11 @@ def _load_stack(walker: _Walker, name: str, folder: str, previous: Tree | None,
 _Layout = list[Problem | str]
 
 
-def _stack_folders(walker: _Walker, root: Path, problems: _Layout) -> dict[str, str]:
+def _stack_folders(walker: _Walker, root: Path, problems: _Layout,
+                   known: Mapping[str, list[str]] | None = None) -> dict[str, str]:
     """"tenant/stack" -> its folder, in walk order; what is not a tenant or stack folder is a
-    problem. `problems` gets each problem, and each stack's name, in walk order."""
+    problem. `problems` gets each problem, and each stack's name, in walk order. `known`:
+    the stacks of tenants whose folders did not change, which are not listed again."""
     folders: dict[str, str] = {}
 
     def entries(folder: str) -> list[os.DirEntry[str]]:
@@ -503,6 +518,12 @@ def _stack_folders(walker: _Walker, root: Path, problems: _Layout) -> dict[str, 
             problems.append(
                 _problem(f"{tenant.path}: expected a tenant folder named [a-z][a-z0-9-]*")
             )
+            continue
+        names = None if known is None else known.get(tenant.name)
+        if names is not None:
+            for name in names:
+                folders[name] = os.path.join(tenant.path, name.partition("/")[2])
+                problems.append(name)
             continue
         for stack_entry in entries(tenant.path):
             if not (STACK_NAME.fullmatch(stack_entry.name) and stack_entry.is_dir()):
@@ -527,6 +548,7 @@ def load_tree(
     check_only: bool = False,
     lazy: bool = False,
     scan: Scan | None = None,
+    changed: AbstractSet[str] | None = None,
 ) -> Tree:
     """Load `OPS/`: every tenant, stack, stage and file. Never raises for bad content.
 
@@ -541,7 +563,9 @@ def load_tree(
     the findings it adds. `lazy` only finds the stack folders: each stack is compiled when
     first asked for (`LazyStacks`), and `complete()` compiles the rest. `scan` is a walk of
     the root taken just before (`scan_tree`): its entries are used instead of reading the
-    folders again.
+    folders again. `changed` (from a change feed; None: anything may have) names the stacks
+    ("tenant/stack") and tenants ("tenant") whose folders may have changed since `previous`:
+    every other stack `previous` served is taken over without reading its signature.
     """
     started_ns = time.time_ns() if scan is None else scan.started_ns
     root = Path(root)
@@ -551,15 +575,39 @@ def load_tree(
     if not root.is_dir():
         return Tree(root, {}, (_problem(f"{root}: not a folder"),), 0)
     problems: _Layout = []
-    folders = _stack_folders(walker, root, problems)
+    folders = _stack_folders(walker, root, problems, _unchanged_tenants(previous, changed))
     if lazy:
         stacks = LazyStacks(walker, folders, problems)
         found = tuple(p for p in problems if isinstance(p, Problem))
         return Tree(root, stacks, found, 0, rejected=_LazyRejected(stacks),
                     op_names=walker.op_names, started_ns=started_ns)
-    loads = {name: _load_stack(walker, name, folder, previous, scan)
+    loads = {name: _load_stack(walker, name, folder, previous, scan,
+                               changed is not None and not _may_have_changed(name, changed))
              for name, folder in folders.items()}
     return _tree_of(walker, root, problems, loads, started_ns)
+
+
+def _unchanged_tenants(previous: Tree | None, changed: AbstractSet[str] | None
+                       ) -> dict[str, list[str]] | None:
+    """tenant -> its stacks as `previous` found them, for each tenant not in `changed`; None
+    if that is not known, or `previous` found problems outside its stacks (a listing finds
+    them again)."""
+    if previous is None or changed is None:
+        return None
+    in_stacks = {p for found in previous.failures.values() for p in found}
+    if any(p not in in_stacks for p in previous.problems):
+        return None
+    touched = {name.partition("/")[0] for name in changed}
+    known: dict[str, list[str]] = {}
+    for name in previous.case_files:
+        tenant = name.partition("/")[0]
+        if tenant not in touched:
+            known.setdefault(tenant, []).append(name)
+    return known
+
+
+def _may_have_changed(name: str, changed: AbstractSet[str]) -> bool:
+    return name in changed or name.partition("/")[0] in changed
 
 
 def _tree_of(walker: _Walker, root: Path, layout: _Layout, loads: Mapping[str, _StackLoad],

@@ -9,14 +9,18 @@ A stack whose change has errors keeps its last good version serving while the ot
 stacks' changes go live (a stack new in the change is not served until it is fixed); a
 configuration error keeps the whole last good version. Either way the reload is reported
 as failed, every problem goes to the log (`file:line:col: code: message`) and to
-`<state-dir>/status.json`, which `txco status` prints. Reloads come from SIGHUP and from a watcher that polls the OPS tree's
-and the config file's mtimes and sizes (portable, and cheap for thousands of files), with a
-debounce so an editor saving several files at once causes one reload.
+`<state-dir>/status.json`, which `txco status` prints. Reloads come from SIGHUP and from a
+watcher, with a debounce so an editor saving several files at once causes one reload. With
+a change feed (txcl.chassis.changes, Linux inotify) the watcher waits on it and a reload
+re-reads only the stacks under changed paths; without one, or once it cannot tell what
+changed, the watcher polls the OPS tree's and the config file's mtimes and sizes every
+interval and a reload compares every stack's signature.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -24,10 +28,12 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from txcl.chassis.changes import ChangeFeed
 from txcl.chassis.head import Head
 from txcl.chassis.runtime import (
     Fingerprint,
@@ -154,14 +160,20 @@ class RuntimeHolder:
     def __init__(
         self,
         initial: Runtime,
-        rebuild: Callable[[int, Fingerprint, Runtime, Scan | None], Runtime],
+        rebuild: Callable[[int, Fingerprint, Runtime, Scan | None, AbstractSet[str] | None],
+                          Runtime],
         paths: tuple[Path, ...] = (),
         status_file: Path | None = None,
+        feed: ChangeFeed | None = None,
     ) -> None:
         self.current: Runtime = initial
         self._rebuild = rebuild
         self.paths = paths
         self.status_file = status_file
+        self.feed = feed
+        # What the feed reported that no version serves yet (a reload that did not go live):
+        # names for the next reload, or None when it must walk everything.
+        self._unapplied: frozenset[str] | None = frozenset()
         self.last = ReloadOutcome(
             ok=True,
             trigger="start",
@@ -190,6 +202,7 @@ class RuntimeHolder:
         compile_cache: bool = True,
         preloaded: Preloaded | None = None,
         lazy: bool = False,
+        feed: bool = False,
     ) -> RuntimeHolder:
         """Build the first runtime now and a holder around it.
 
@@ -200,16 +213,20 @@ class RuntimeHolder:
         compiled when a delivery first needs it, and complete_start() compiles the rest
         (then reports problems); until it is done, reloads and the watcher wait.
         Each reload builds over the serving runtime's tree, compiling only what changed.
+        `feed` makes a ChangeFeed, which the watcher (or else the first reload) starts once
+        the start is complete; `close()` ends it.
         """
         paths = watched_paths(settings)
+        changes = ChangeFeed(settings.ops_dir, settings.config_file) if feed else None
         status_file = Path(settings.state_dir) / STATUS_FILE
         lazy = lazy and preloaded is None
 
-        def rebuild(version: int, seen: Fingerprint, serving: Runtime, scan: Scan | None
-                    ) -> Runtime:
+        def rebuild(version: int, seen: Fingerprint, serving: Runtime, scan: Scan | None,
+                    changed: AbstractSet[str] | None) -> Runtime:
             return build_runtime(
                 settings, version, heads, trace_sink=trace_sink, fingerprint=seen,
                 previous=serving.tree, compile_cache=compile_cache, scan=scan, serving=serving,
+                changed=changed,
             )
 
         started = time.monotonic()
@@ -237,7 +254,7 @@ class RuntimeHolder:
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
             log.error("not served: %s", str(problem).replace("\n", "\n  "))
-        holder = cls(initial, rebuild, paths, status_file)
+        holder = cls(initial, rebuild, paths, status_file, changes)
         if lazy:
             holder._complete_with = lambda runtime: over_tree(
                 runtime, complete(runtime.tree, _let_others_run), heads, trace_sink)
@@ -308,19 +325,41 @@ class RuntimeHolder:
         """Build the next runtime aside and swap it in if it compiled. Never raises."""
         await self._started()
         async with self._lock:
-            seen, scan = await asyncio.to_thread(survey, self.paths)
-            outcome = await asyncio.to_thread(self._reload_now, trigger, seen, scan)
+            changed = self._take_changes()
+            if changed is None:
+                seen, scan = await asyncio.to_thread(survey, self.paths)
+            else:  # the feed knows what changed: no walk
+                seen, scan = self._seen, None
+            outcome = await asyncio.to_thread(self._reload_now, trigger, seen, scan, changed)
             await asyncio.to_thread(self.write_status)
             return outcome
 
-    def _reload_now(self, trigger: str, seen: Fingerprint, scan: Scan | None = None
-                    ) -> ReloadOutcome:
+    def _take_changes(self) -> frozenset[str] | None:
+        """The stacks and tenants that may have changed since the serving version was built,
+        or None if that is not known (no feed, or it lost track): everything is compared."""
+        if self.feed is not None:
+            self.feed.start()  # with --no-watch, at the first SIGHUP (which walks everything)
+        taken = None if self.feed is None else self.feed.take()
+        unapplied, self._unapplied = self._unapplied, None
+        if taken is None or unapplied is None:
+            return None
+        return taken | unapplied
+
+    def close(self) -> None:
+        """Stop the change feed, if any (the holder goes on serving; reloads walk the tree)."""
+        if self.feed is not None:
+            self.feed.close()
+
+    def _reload_now(self, trigger: str, seen: Fingerprint, scan: Scan | None = None,
+                    changed: frozenset[str] | None = None) -> ReloadOutcome:
         started = time.monotonic()
         serving = self.current.version
         self._seen = seen
+        self._unapplied = changed  # until a version built over them serves
         try:
             with no_cyclic_gc():
-                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current, scan)
+                runtime: Runtime | None = self._rebuild(serving + 1, seen, self.current, scan,
+                                                        changed)
             problems = runtime.problems if runtime else ()
         except ReloadFailed as failed:
             runtime = None
@@ -340,6 +379,7 @@ class RuntimeHolder:
         held_back = runtime.failed_stacks if runtime is not None else ()
         if runtime is not None:
             self.current = runtime
+            self._unapplied = frozenset()
         outcome = ReloadOutcome(
             ok=runtime is not None and not held_back,
             trigger=trigger,
@@ -389,15 +429,44 @@ class RuntimeHolder:
         interval_s: float = DEFAULT_WATCH_INTERVAL_S,
         debounce_s: float = DEFAULT_DEBOUNCE_S,
     ) -> None:
-        """Poll the watched files forever; reload once they changed and then held still for
-        `debounce_s` (or after MAX_DEBOUNCE_WAIT_S of continuous writing)."""
+        """Reload, forever, once the watched files changed and then held still for
+        `debounce_s` (or after MAX_DEBOUNCE_WAIT_S of continuous writing). With a healthy
+        change feed the watcher waits on it, and `interval_s` is not used; without one (or
+        from when it breaks) it compares the files' fingerprint every `interval_s`."""
         await self._started()
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
+        feed = self.feed
+        wake = asyncio.Event()
+        if feed is not None:
+            loop = asyncio.get_running_loop()
+            feed.notify = lambda: _call_soon(loop, wake.set)
+            feed.start()
+            await asyncio.to_thread(feed.ready.wait)
+            if feed.healthy:  # what changed before the feed watched everything: one walk
                 await self._reload_if_changed(debounce_s)
+                feed.trust()
+        while True:
+            try:
+                if feed is not None and feed.healthy:
+                    await self._reload_on_feed(wake, debounce_s)
+                else:
+                    await asyncio.sleep(interval_s)
+                    await self._reload_if_changed(debounce_s)
             except Exception:  # the watcher must outlive any one bad poll
                 log.exception("reload watcher: poll failed; watching on")
+
+    async def _reload_on_feed(self, wake: asyncio.Event, debounce_s: float) -> None:
+        await wake.wait()
+        wake.clear()
+        waited = 0.0
+        while waited < MAX_DEBOUNCE_WAIT_S:
+            await asyncio.sleep(debounce_s)
+            waited += debounce_s
+            if not wake.is_set():
+                break
+            wake.clear()
+        assert self.feed is not None
+        if self.feed.pending():  # else a reload since took them (a SIGHUP)
+            await self._reload_for("watch")
 
     async def _reload_if_changed(self, debounce_s: float) -> None:
         now = await asyncio.to_thread(fingerprint, self.paths)
@@ -412,9 +481,13 @@ class RuntimeHolder:
                 break
             now = settled
         if now != self._seen:
-            self.request_reload("watch")
-            if self._drainer is not None:
-                await asyncio.shield(self._drainer)
+            self._unapplied = None  # the feed missed it, or there is none: walk everything
+            await self._reload_for("watch")
+
+    async def _reload_for(self, trigger: str) -> None:
+        self.request_reload(trigger)
+        if self._drainer is not None:
+            await asyncio.shield(self._drainer)
 
     # -- status -----------------------------------------------------------------------------
 
@@ -454,6 +527,12 @@ class RuntimeHolder:
             write_json_atomically(self.status_file, self.status())
         except OSError as err:
             log.warning("cannot write %s: %s", self.status_file, err)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """callback on `loop`, from another thread; nothing once the loop is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 def _let_others_run() -> None:

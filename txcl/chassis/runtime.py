@@ -15,6 +15,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -107,12 +108,14 @@ def load_ops_tree(
     compile_cache: bool = True,
     lazy: bool = False,
     scan: Scan | None = None,
+    changed: AbstractSet[str] | None = None,
 ) -> Tree:
     """The `--ops` tree through the compile cache under the state dir (unless turned off).
-    `lazy` and `scan` are as for load_tree (a lazy tree writes its cache when completed)."""
+    `lazy`, `scan` and `changed` are as for load_tree (a lazy tree writes its cache when
+    completed)."""
     cache = CompileCache(Path(settings.state_dir) / CACHE_DIR) if compile_cache else None
     tree = load_tree(settings.ops_dir, registry, cache=cache, previous=previous, lazy=lazy,
-                     scan=scan)
+                     scan=scan, changed=changed)
     if cache is not None and not lazy:
         cache.flush()
     return tree
@@ -146,6 +149,7 @@ def build_runtime(
     lazy: bool = False,
     scan: Scan | None = None,
     serving: Runtime | None = None,
+    changed: AbstractSet[str] | None = None,
 ) -> Runtime:
     """Read the config and the OPS tree and compile everything; ReloadFailed lists all problems.
 
@@ -166,6 +170,7 @@ def build_runtime(
     `lazy` compiles each stack when first needed (txcl.loader.LazyStacks; `over_tree` swaps
     in the completed tree); `scan` is a walk of `--ops` taken just before. The config of
     `serving` (the runtime this one replaces) is taken over if its file did not change.
+    `changed` names the stacks and tenants that may have changed (load_tree's `changed`).
     """
     problems: list[Problem] = []
     key = config_key(settings.config_file)
@@ -189,7 +194,8 @@ def build_runtime(
             tree = with_registry(preloaded, registry)
         else:
             tree = load_ops_tree(settings, registry, previous=previous,
-                                 compile_cache=compile_cache, lazy=lazy, scan=scan)
+                                 compile_cache=compile_cache, lazy=lazy, scan=scan,
+                                 changed=changed)
     except TxclError as err:
         problems.extend(err.problems)
         tree = None

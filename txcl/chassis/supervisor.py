@@ -157,7 +157,8 @@ def _runtime_holder(options: ServeOptions, trace_sink: Callable[..., Any] | None
     try:
         return RuntimeHolder.start(settings, options.heads, trace_sink=trace_sink,
                                    compile_cache=options.compile_cache,
-                                   preloaded=options.preloaded, lazy=options.lazy)
+                                   preloaded=options.preloaded, lazy=options.lazy,
+                                   feed=True)
     except ReloadFailed as err:
         raise CannotStart(f"cannot load {settings.ops_dir} and {settings.config_file}:\n{err}"
                           ) from None
