@@ -345,6 +345,7 @@ def test_txco_serve_puts_an_edit_live_from_the_feed_not_the_interval(
     good = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "v1"\n'
     server = serve(tmp_path, {"acme/_mail/0/10-accept.txcl": good}, CONFIG,
                    "--watch-interval", "3600")
+    server.wait_for_log(r"change feed ready: a reload reads only what changed", timeout=30)
     (tmp_path / "OPS/acme/_mail/0/10-accept.txcl").write_text(good.replace("v1", "v2"))
     server.wait_for_log(r"reload \(watch\): now serving version 2", timeout=30)
     with server.lmtp() as client:

@@ -444,6 +444,7 @@ class RuntimeHolder:
             if feed.healthy:  # what changed before the feed watched everything: one walk
                 await self._reload_if_changed(debounce_s)
                 feed.trust()
+                log.info("change feed ready: a reload reads only what changed")
         while True:
             try:
                 if feed is not None and feed.healthy:
