@@ -16,9 +16,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from txcl import cases, coverage, explain, fmt, inputs, junit, lint, replay, sarif, suppress
+from txcl import fmt, inputs, lint, sarif, suppress
 from txcl.compile_cache import CompileCache, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
@@ -28,6 +28,9 @@ from txcl.records import SetRecord, run_json
 from txcl.runner import TEST_POLICY, RunPolicy, Stack, StackResult
 from txcl.sources import source_for
 from txcl.values import MISSING
+
+if TYPE_CHECKING:  # the test runner, coverage and replay load only for their commands
+    from txcl import cases, coverage, replay
 
 OK, FAILED, USAGE = 0, 1, 2
 CONFIG_NAME = "txco.yaml"
@@ -143,6 +146,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _test_once(args: argparse.Namespace) -> int:
+    from txcl import cases, explain
+
     only: Path | None = None
     target = args.target
     if target.suffix in (".yaml", ".yml") and target.is_file():
@@ -211,6 +216,8 @@ def _pick_stack(tree: Tree, args: argparse.Namespace, envelope: Any) -> Stack | 
 
 
 def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
+    from txcl import cases
+
     path = Path(args.envelope)
     if not args.rcpt:
         raise TxclError(Problem("txcl_test_error", f"{path}: a message needs at least one --rcpt"))
@@ -222,6 +229,8 @@ def _message_envelope(args: argparse.Namespace, stack: Stack) -> dict[str, Any]:
 
 
 def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -> int:
+    from txcl import cases, coverage, explain, junit
+
     measure = bool(args.coverage or args.fail_under is not None)
     policy = dataclasses.replace(TEST_POLICY, explain=measure or args.explain)
     results: list[cases.CaseResult] = []
@@ -287,6 +296,8 @@ def _run_cases(tree: Tree, args: argparse.Namespace, only: Path | None = None) -
 
 
 def _coverage_status(args: argparse.Namespace, covered: list[coverage.StackCoverage]) -> int:
+    from txcl import coverage
+
     render = {"json": None, "lcov": coverage.render_lcov, "table": coverage.render_table}
     kind = args.coverage or "table"
     out = io.StringIO()
@@ -391,6 +402,8 @@ def render_result(stack: Stack, result: StackResult, out: TextIO) -> None:
 
 
 def _render_explain(why: list[dict[str, Any]], out: TextIO) -> None:
+    from txcl import explain
+
     out.write("explain:\n")
     explain.render_explain(why, out)
 
@@ -457,6 +470,8 @@ def _indent(text: str, prefix: str) -> str:
 
 
 def case_json(r: cases.CaseResult) -> dict[str, Any]:
+    from txcl import cases
+
     return {
         "file": r.file,
         "name": r.name,
@@ -472,6 +487,8 @@ def case_json(r: cases.CaseResult) -> dict[str, Any]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from txcl import replay
+
     cache = _compile_cache(args)
     tree = load_target(args.ops, cache=cache)
     if cache is not None:
@@ -494,6 +511,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def render_replay(report: replay.Report, out: TextIO) -> None:
+    from txcl import replay
+
     for r in report.replays:
         out.write(f"{r.rid}  {r.stack or '-'}  {'CHANGED' if r.changed else 'same'}\n")
         if r.problem:
