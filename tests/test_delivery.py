@@ -460,3 +460,15 @@ def test_op_needs_come_from_what_each_op_declares_it_reads():
         OpReads.only([("_txc", ANY_SOURCE, "msg", "subject"), ("ticket", "id")]),
     )
     assert op_needs(registry)["SUBJ"] == MessageNeeds(frozenset({"subject"}), frozenset())
+
+
+def test_logged_defects_say_where_and_what_kind_never_the_parsers_text() -> None:
+    from lmtp.delivery import defect_kinds
+
+    defects = ["headers: ValueError: invalid address 'ceo@secret.example'",
+               "message: unparseable (HeaderParseError)", "headers: truncated, more than 9 lines",
+               "body: LookupError: unknown encoding: x-\x1b[31m"]
+    shown = defect_kinds(defects)
+    assert shown == ("headers: ValueError; message: unparseable (HeaderParseError); "
+                     "headers: truncated, more than 9 lines; body: LookupError")
+    assert "secret" not in shown
