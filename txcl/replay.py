@@ -20,10 +20,9 @@ from typing import Any
 
 from txcl import trace_store
 from txcl.envelope import SRC_KEY, TXC, path_text, without_rid
-from txcl.explain import explain, explain_json
 from txcl.loader import Tree
 from txcl.records import ExecRecord
-from txcl.runner import TEST_POLICY, RunPolicy, Stack
+from txcl.runner import RunPolicy, Stack
 from txcl.sources import source_for
 from txcl.trace import REDACTED, parse_hint_path
 from txcl.values import MISSING
@@ -49,7 +48,6 @@ class Replay:
     fidelity: tuple[str, ...] = ()  # why this replay may differ from what the server saw
     problem: str = ""  # the trace could not be replayed at all
     error: str = ""  # the replayed run failed
-    explain: tuple[dict[str, Any], ...] = ()  # txcl.explain's JSON, under RunPolicy(explain=True)
 
     @property
     def changed(self) -> bool:
@@ -90,7 +88,7 @@ def trace_refs(path: Path) -> list[TraceRef]:
     return [TraceRef(state_dir, name) for name in trace_store.trace_names(state_dir)]
 
 
-def replay_trace(ref: TraceRef, tree: Tree, policy: RunPolicy = TEST_POLICY) -> Replay:
+def replay_trace(ref: TraceRef, tree: Tree) -> Replay:
     try:
         trace = trace_store.read_trace(ref.state_dir, ref.name)
     except FileNotFoundError as err:
@@ -110,7 +108,7 @@ def replay_trace(ref: TraceRef, tree: Tree, policy: RunPolicy = TEST_POLICY) -> 
     stubs, repeated = _recorded_answers(trace.get("steps") or {})
     fidelity.extend(f"op {op} answered differently on its calls; each call gets the first" for op in repeated)
     fidelity.extend(_scrubbed_reads(stack, trace.get("result") or {}, envelope))
-    run = stack.run(envelope, RunPolicy(run_ops=False, op_stubs=stubs, explain=policy.explain))
+    run = stack.run(envelope, RunPolicy(run_ops=False, op_stubs=stubs))
     unanswered = sorted(
         {s.op for s in run.steps if isinstance(s, ExecRecord) and s.note == "not executed"}
     )
@@ -133,7 +131,6 @@ def replay_trace(ref: TraceRef, tree: Tree, policy: RunPolicy = TEST_POLICY) -> 
         tuple(unanswered),
         tuple(fidelity),
         error=run.error.message if run.error else "",
-        explain=tuple(explain_json(explain(stack, run))) if policy.explain else (),
     )
 
 
