@@ -36,10 +36,13 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from txcl import ast
 from txcl.errors import Problem
+
+if TYPE_CHECKING:
+    from txcl.loader import StackSignature
 
 log = logging.getLogger("txcl.cache")
 
@@ -47,6 +50,7 @@ _Entry = TypeVar("_Entry", "CachedFile", "CachedFindings")
 
 MAGIC: Final = b"TXCLC1\n"
 SHARD_SUFFIX: Final = ".shard"
+INDEX_SUFFIX: Final = ".index"
 _DIGEST_BYTES: Final = 16
 _KEY_BYTES: Final = 32
 _ENGINE_PACKAGE: Final = "txcl"
@@ -201,6 +205,7 @@ class CompileCache:
         self._shards: dict[int, dict[bytes, bytes]] = {}  # first key byte -> key -> entry
         self._dirty: set[int] = set()
         self._deferred: list[str] | None = None
+        self._indexes: list[StatIndex] = []
 
     def _prepare(self) -> bool:
         try:
@@ -285,9 +290,16 @@ class CompileCache:
         failure is logged once and turns writing off for this cache."""
         dirty, self._dirty = sorted(self._dirty), set()
         for number in dirty:
-            if not self._writable:
-                return
             self._write_shard(number)
+        for index in self._indexes:
+            index.flush()
+
+    def stat_index(self, scope: str, salt: str) -> StatIndex:
+        """The stat index of `scope` (one file of this cache; a tree's lint, say), its
+        entries valid for `salt` only; flush() writes it."""
+        index = StatIndex(self, scope, salt)
+        self._indexes.append(index)
+        return index
 
     # -- shards ---------------------------------------------------------------------------
 
@@ -301,35 +313,40 @@ class CompileCache:
         return shard
 
     def _read_shard(self, number: int) -> dict[bytes, bytes]:
-        where = self._shard_path(number)
+        shard = self._read_sealed(self._shard_path(number))
+        return {} if shard is None else shard
+
+    def _read_sealed(self, where: str) -> dict[Any, Any] | None:
+        """The dict a shard or an index file holds: None if there is none, or it is not
+        sound (of another engine, torn, corrupt; logged)."""
         try:
             with open(where, "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
-            return {}
+            return None
         except OSError as err:
             self._say("unreadable", "compile cache %s cannot be read: %s", where, err)
-            return {}
+            return None
         head = len(MAGIC) + _KEY_BYTES + _DIGEST_BYTES
         if len(data) < head or not data.startswith(MAGIC):
             self._say("corrupt", "compile cache %s is corrupt (no header)", where)
-            return {}
+            return None
         digest, payload = data[head - _DIGEST_BYTES:head], data[head:]
         if data[len(MAGIC):len(MAGIC) + _KEY_BYTES] != engine_key():
             self._say("stale", "compile cache %s is of another engine version", where)
-            return {}
+            return None
         if hashlib.blake2b(payload, digest_size=_DIGEST_BYTES).digest() != digest:
             self._say("corrupt", "compile cache %s is corrupt (digest mismatch)", where)
-            return {}
+            return None
         try:
-            shard = pickle.loads(payload)
+            found = pickle.loads(payload)
         except Exception as err:  # a sound digest over a bad pickle: a bug, still not trusted
             self._say("corrupt", "compile cache %s cannot be loaded: %s", where, err)
-            return {}
-        if not isinstance(shard, dict):
-            self._say("corrupt", "compile cache %s holds a %s", where, type(shard).__name__)
-            return {}
-        return shard
+            return None
+        if not isinstance(found, dict):
+            self._say("corrupt", "compile cache %s holds a %s", where, type(found).__name__)
+            return None
+        return found
 
     def _decode(self, encoded: bytes, key: bytes, kind: type[_Entry]) -> _Entry | None:
         try:
@@ -344,9 +361,15 @@ class CompileCache:
         return found
 
     def _write_shard(self, number: int) -> None:
-        payload = pickle.dumps(self._shards[number], protocol=pickle.HIGHEST_PROTOCOL)
+        self._write_sealed(self._shard_path(number), self._shards[number])
+
+    def _write_sealed(self, where: str, content: dict[Any, Any]) -> None:
+        """Write a shard or an index file: header, digest, payload; a temporary file, then a
+        rename. A failure is logged once and turns writing off for this cache."""
+        if not self._writable:
+            return
+        payload = pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL)
         digest = hashlib.blake2b(payload, digest_size=_DIGEST_BYTES).digest()
-        where = self._shard_path(number)
         temporary = f"{where}.{os.getpid()}.tmp"
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -361,6 +384,71 @@ class CompileCache:
                       "any more", self.folder, err.strerror or err)
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+class StatIndex:
+    """A front for the cache keyed by what stat() says of a folder, as git's index is for
+    its objects: what was found of a folder (a stack's lint findings) is taken again,
+    without reading its files, while the folder's signature (the loader's stack_signature:
+    name, inode, size, mtime and ctime of each entry) is the same. A flush keeps the entries
+    asked for or put since the file was read, so a folder gone from the tree leaves it.
+
+    Never trusted wrongly: an entry is kept only if every mtime of its signature is older
+    than the moment the signature was taken by RACY_MARGIN_NS (git's racy-clean rule: a
+    file written in the same clock tick as that stat can change again, size and mtime
+    alike, and its next stat says the same), and its digest covers `salt` (what else the
+    value depends on). A file of another engine, torn or corrupt is ignored with a log line,
+    as a shard is. `hits`, `misses` and `racy` count lookups and entries not kept."""
+
+    def __init__(self, cache: CompileCache, scope: str, salt: str) -> None:
+        name = hashlib.blake2b(scope.encode("utf-8", "surrogatepass"), digest_size=16)
+        self._cache = cache
+        self._where = os.path.join(cache._root, name.hexdigest() + INDEX_SUFFIX)
+        self._salt = salt
+        self._stored: dict[str, tuple[bytes, object]] | None = None
+        self._kept: dict[str, tuple[bytes, object]] = {}
+        self._changed = False
+        self.hits = self.misses = self.racy = 0
+
+    def get(self, key: str, signature: StackSignature) -> object | None:
+        """The value put under `key` with this signature, if there is a sound one."""
+        found = self._read().get(key)
+        if isinstance(found, tuple) and len(found) == 2 and found[0] == self._digest(signature):
+            self._kept[key] = found
+            self.hits += 1
+            return found[1]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, signature: StackSignature, value: object, taken_ns: int) -> None:
+        """Keep `value` under `key` for the folder's signature, taken at `taken_ns` (the wall
+        clock just before the stat calls) before the files it depends on were read."""
+        from txcl.loader import RACY_MARGIN_NS  # one home for the margin the loader trusts too
+
+        self._changed = True
+        if any(entry[3] >= taken_ns - RACY_MARGIN_NS for entry in signature):
+            self.racy += 1
+            self._kept.pop(key, None)
+            return
+        self._kept[key] = (self._digest(signature), value)
+
+    def flush(self) -> None:
+        if self._changed or (self._stored is not None and self._stored.keys() != self._kept.keys()):
+            self._cache._write_sealed(self._where, {"entries": self._kept})
+            self._stored, self._changed = dict(self._kept), False
+
+    def _read(self) -> dict[str, tuple[bytes, object]]:
+        if self._stored is None:
+            found = self._cache._read_sealed(self._where) if self._cache._readable else None
+            entries = None if found is None else found.get("entries")
+            if found is not None and not isinstance(entries, dict):
+                self._cache._say("corrupt", "compile cache %s holds no entries", self._where)
+            self._stored = entries if isinstance(entries, dict) else {}
+        return self._stored
+
+    def _digest(self, signature: StackSignature) -> bytes:
+        text = f"{self._salt}\0{signature!r}".encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(text, digest_size=_DIGEST_BYTES).digest()
 
 
 def _key(path: str, text: str) -> bytes:

@@ -39,6 +39,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,7 +58,7 @@ from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
     from txcl.compile_cache import CachedFile, CompileCache
-    from txcl.loader import ReadFile, Tree
+    from txcl.loader import ReadFile, StackSignature, Tree
     from txcl.ops import OpRegistry
     from txcl.schema import Lookup
 
@@ -793,13 +794,55 @@ def lint_tree(
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
+        if cache is not None:
+            return _sorted(_lint_tree_indexed(root, registry, cache, salt))
         layout, read, deferred = _load(
-            lambda: load_tree(root, keep_files=True, cache=cache, check_only=True), cache
+            lambda: load_tree(root, keep_files=True, check_only=True), None
         )
         stacks = _stacks_read(read)
-        problems = [*layout, *_lint_stacks(stacks, registry, read, deferred, cache, salt)]
+        found = _lint_stacks(stacks, registry, read, deferred, None, salt)
+        problems = [*layout, *(p for stack in found for p in stack)]
         del read  # freed before the collector is back, so it has nothing to scan
     return _sorted(problems)
+
+
+def _lint_tree_indexed(
+    root: Path, registry: OpRegistry | None, cache: CompileCache, salt: str
+) -> list[Problem]:
+    """lint_tree() with a cache. A stack whose folder has the signature the cache's stat
+    index knows (nothing in it changed) gets the findings kept there, its files unread; the
+    others are loaded one by one, their findings found as _lint_stacks() finds them, and
+    kept in the index under the signature taken before their files were read."""
+    from txcl.loader import LazyStacks, load_tree, stack_signature
+
+    index = cache.stat_index(f"lint\0{os.path.abspath(root)}\0{root}", salt)
+    problems: list[Problem] = []
+    # (name, folder, signature, when it was taken, the stack's layout problems)
+    loaded: list[tuple[str, str, StackSignature, int, list[Problem]]] = []
+    with cache.deferring() as deferred:
+        tree = load_tree(root, keep_files=True, cache=cache, check_only=True, lazy=True)
+        problems.extend(_layout(tree.problems))
+        stacks, read = tree.stacks, tree.read  # read: filled as each stack loads
+        assert isinstance(stacks, LazyStacks), "a lazy load"
+        for name in list(stacks):
+            folder = os.path.join(root, name)
+            taken_ns = time.time_ns()
+            signature = stack_signature(folder)
+            kept = index.get(name, signature)
+            if isinstance(kept, tuple):
+                problems.extend(kept)
+                continue
+            loaded.append((name, folder, signature, taken_ns, _layout(stacks.load(name).problems)))
+    files_of: dict[str, list[str]] = {}
+    for path in read:
+        files_of.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
+    found = _lint_stacks([files_of.get(folder, []) for _, folder, *_ in loaded],
+                         registry, read, frozenset(deferred), cache, salt)
+    for (name, _, signature, taken_ns, layout), stack_found in zip(loaded, found, strict=True):
+        index.put(name, signature, (*layout, *stack_found), taken_ns)
+        problems.extend(layout)
+        problems.extend(stack_found)
+    return problems
 
 
 def lint_target(
@@ -826,7 +869,8 @@ def lint_target(
         layout, read, deferred = _load(
             lambda: load_target(path, keep_files=True, cache=cache, check_only=True), cache
         )
-        problems = [*layout, *_lint_stacks([files], registry, read, deferred, cache, salt)]
+        (found,) = _lint_stacks([files], registry, read, deferred, cache, salt)
+        problems = [*layout, *found]
         del read
     return _sorted(problems)
 
@@ -842,8 +886,13 @@ def _load(
     else:
         with cache.deferring() as deferred:
             loaded = load()
-    layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
-    return layout, loaded.read, frozenset(deferred)
+    return _layout(loaded.problems), loaded.read, frozenset(deferred)
+
+
+def _layout(problems: Iterable[Problem]) -> list[Problem]:
+    """The load problems among a load's (its parse and compile problems are found again
+    with each file's findings), as lint findings."""
+    return [_as_lint(p) for p in problems if p.code == "txcl_load_error"]
 
 
 def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
@@ -867,15 +916,15 @@ def _lint_stacks(
     deferred: frozenset[str],
     cache: CompileCache | None,
     salt: str,
-) -> list[Problem]:
-    """The findings of each stack (its rule files, by path). A file the loader has read
-    (`read`) is not read again; a stack whose findings are in the cache is not looked at
+) -> list[tuple[Problem, ...]]:
+    """The findings of each stack (its rule files, by path), stack by stack. A file the
+    loader has read (`read`) is not read again; a stack whose findings are in the cache is not looked at
     again, nor is a file whose own findings are; the files not in the cache (`deferred`)
     are parsed, compiled and linted, by a pool of processes when there are many. What is
     found is kept in the cache."""
     from txcl.compile_cache import stack_key
 
-    problems: list[Problem] = []
+    found_of: list[tuple[Problem, ...] | None] = []  # None: a job finds them
     jobs: list[tuple[bytes | None, list[_FileJob]]] = []
     for files in stacks:
         known = [read.get(file) for file in files]
@@ -884,14 +933,16 @@ def _lint_stacks(
             key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
             cached = cache.get_findings(key)
             if cached is not None:
-                problems.extend(cached)
+                found_of.append(tuple(cached))
                 continue
+        found_of.append(None)
         jobs.append((key, [
             (file, None, None) if k is None else
             (file, k.source, None if file in deferred else k.checked)
             for file, k in zip(files, known, strict=True)
         ]))
     done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred))
+    found_by_job: list[tuple[Problem, ...]] = []
     for (key, job), (entries, found) in zip(jobs, done, strict=True):
         if cache is not None:
             for (path, text, _), entry in zip(job, entries, strict=True):
@@ -901,8 +952,9 @@ def _lint_stacks(
                     cache.put(path, text or "", entry)
             if key is not None:
                 cache.put_findings(key, found)
-        problems.extend(found)
-    return problems
+        found_by_job.append(found)
+    by_job = iter(found_by_job)
+    return [next(by_job) if found is None else found for found in found_of]
 
 
 def _check_stack(

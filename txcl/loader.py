@@ -580,6 +580,7 @@ def load_tree(
         stacks = LazyStacks(walker, folders, problems)
         found = tuple(p for p in problems if isinstance(p, Problem))
         return Tree(root, stacks, found, 0, rejected=_LazyRejected(stacks),
+                    read={} if walker.read is None else walker.read,  # filled as stacks load
                     op_names=walker.op_names, started_ns=started_ns)
     loads = {name: _load_stack(walker, name, folder, previous, scan,
                                changed is not None and not _may_have_changed(name, changed))
