@@ -1,0 +1,247 @@
+"""`txcl lint` and the compile cache's stat index: a stack whose folder's signature (what
+stat() says of its entries) is unchanged gets its findings without a file read; an edit, a
+write in the same clock tick as the stat (git's racy-clean rule), another engine or a
+corrupt index makes lint read the files again, and it says what a cold lint says."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from txcl import compile_cache
+from txcl.cli import main
+from txcl.compile_cache import INDEX_SUFFIX, CompileCache
+from txcl.loader import RACY_MARGIN_NS, stack_signature
+
+READER = "WHEN tag.seen == 1\nSET @lmtp.res.code = 250\n"
+WRITER = "SET tag.seen = 1\n"
+HOUR_NS = 3600 * 10**9
+
+
+def write_tree(ops: Path, tenants: tuple[str, ...] = ("acme", "beta")) -> None:
+    for tenant in tenants:
+        for name, text in (("0/10-writer.txcl", WRITER), ("1/10-reader.txcl", READER)):
+            path = ops / tenant / "_mail" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def date_back(ops: Path) -> None:
+    """Every entry of the tree written an hour ago: nothing in it is racy any more."""
+    then = time.time_ns() - HOUR_NS
+    for path in ops.rglob("*"):
+        os.utime(path, ns=(then, then))
+
+
+def lint_out(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["lint", *args])
+    return code, capsys.readouterr().out
+
+
+class Reads:
+    """Counts the rule files the loader reads, while it still reads them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import txcl.loader
+
+        self.paths: list[str] = []
+        real = txcl.loader.read_rule_source
+
+        def counted(path: str) -> str:
+            self.paths.append(path)
+            return real(path)
+
+        monkeypatch.setattr(txcl.loader, "read_rule_source", counted)
+
+
+@pytest.fixture
+def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "txcl"
+
+
+def findings_tree(ops: Path) -> None:
+    """A tree with findings of every origin: the walk, a stack's layout, a file's syntax and
+    lint checks, a stack-wide check."""
+    write_tree(ops, ("acme", "beta", "gamma"))
+    (ops / "beta/_mail/1/10-reader.txcl").write_text(
+        'WHEN tag.sen == 1\nEXEC "op://NOPE"\nWITH timout = 1\n'
+    )
+    (ops / "acme/_mail/0/10-writer.txcl").write_text("SET tag.other = 1\n")
+    (ops / "gamma/_mail/0/20-broken.txcl").write_text("WHEN tag.seen ==\nSET x = 1\n")
+    (ops / "gamma/_mail/notes.md").write_text("a stray file\n")
+    (ops / "Bad-Tenant").mkdir()
+
+
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_an_unchanged_tree_is_linted_without_reading_a_file_and_says_the_same(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], form: str,
+) -> None:
+    ops = tmp_path / "OPS"
+    findings_tree(ops)
+    date_back(ops)
+    cold = lint_out(capsys, str(ops), "--format", form, "--no-cache")
+    for check in ("layout", "syntax", "unknown-op", "unwritten-path", "unknown-with-key"):
+        assert check in cold[1]
+    assert lint_out(capsys, str(ops), "--format", form) == cold  # fills the cache and index
+    assert list(xdg.glob(f"*{INDEX_SUFFIX}"))
+    index_before = {p: p.stat().st_mtime_ns for p in xdg.glob(f"*{INDEX_SUFFIX}")}
+    reads = Reads(monkeypatch)
+    assert lint_out(capsys, str(ops), "--format", form) == cold
+    assert reads.paths == []
+    # nothing new was found: the index is not written again
+    assert {p: p.stat().st_mtime_ns for p in xdg.glob(f"*{INDEX_SUFFIX}")} == index_before
+
+
+def test_an_edit_of_the_same_size_with_its_mtime_put_back_is_seen(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    date_back(ops)
+    assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")
+    writer = ops / "acme/_mail/0/10-writer.txcl"
+    before = writer.stat()
+    writer.write_text(WRITER.replace("seen", "sean"))  # same size
+    os.utime(writer, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert writer.stat().st_size == before.st_size
+    assert writer.stat().st_mtime_ns == before.st_mtime_ns
+    reads = Reads(monkeypatch)
+    code, out = lint_out(capsys, str(ops))
+    assert sorted(reads.paths) == sorted(str(p) for p in (ops / "acme").rglob("*.txcl"))
+    assert (code, out) == lint_out(capsys, str(ops), "--no-cache")
+    assert "tag.seen is read, but no rule" in out and "beta" not in out
+
+
+def test_a_write_in_the_tick_of_the_stat_is_not_trusted(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On a file system whose stat shows nothing else of a rewrite (the same inode, no ctime),
+    a file rewritten with the same size in the clock tick of the stat that indexed it looks
+    unchanged: only the racy-clean rule keeps the index from answering for it."""
+    import txcl.loader
+
+    real = txcl.loader.stack_signature
+
+    def coarse(folder: str, scan: object = None) -> object:
+        return tuple((name, 0, size, mtime, 0) for name, _, size, mtime, _ in real(folder))
+
+    monkeypatch.setattr(txcl.loader, "stack_signature", coarse)
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    writer = ops / "acme/_mail/0/10-writer.txcl"
+    assert lint_out(capsys, str(ops)) == (0, "0 error(s), 0 warning(s)\n")  # just written
+    signature = coarse(str(ops / "acme/_mail"))
+    before = writer.stat()
+    writer.write_text(WRITER.replace("seen", "sean"))
+    os.utime(writer, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert coarse(str(ops / "acme/_mail")) == signature  # stat sees no change
+    code, out = lint_out(capsys, str(ops))
+    assert code == 0 and "tag.seen is read, but no rule" in out
+
+
+@pytest.mark.parametrize("when", ["racy", "old"])
+def test_an_index_entry_is_kept_only_if_its_mtimes_are_older_than_the_margin(
+    tmp_path: Path, when: str
+) -> None:
+    now = time.time_ns()
+    age = RACY_MARGIN_NS // 2 if when == "racy" else RACY_MARGIN_NS + 1
+    signature = (("0", 1, 0, now - 3 * RACY_MARGIN_NS, now), ("0/a.txcl", 2, 10, now - age, now))
+    cache = CompileCache(tmp_path)
+    index = cache.stat_index("scope", "salt")
+    index.put("acme/_mail", signature, ("found",), now)
+    cache.flush()
+    again = CompileCache(tmp_path)
+    kept = again.stat_index("scope", "salt").get("acme/_mail", signature)
+    assert kept == (None if when == "racy" else ("found",))
+    assert again.stat_index("scope", "other salt").get("acme/_mail", signature) is None
+    assert again.stat_index("other scope", "salt").get("acme/_mail", signature) is None
+    changed = (signature[0], ("0/a.txcl", 2, 11, now - age, now))
+    assert again.stat_index("scope", "salt").get("acme/_mail", changed) is None
+
+
+def test_a_stack_signature_sees_a_new_file_and_a_rename(tmp_path: Path) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    stack = str(ops / "acme/_mail")
+    first = stack_signature(stack)
+    (ops / "acme/_mail/0/10-writer.txcl").rename(ops / "acme/_mail/0/20-writer.txcl")
+    second = stack_signature(stack)
+    (ops / "acme/_mail/1/20-more.txcl").write_text(WRITER)
+    assert len({first, second, stack_signature(stack)}) == 3
+
+
+def test_an_index_of_another_engine_is_ignored_with_a_log_line(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    ops = tmp_path / "OPS"
+    findings_tree(ops)
+    date_back(ops)
+    cold = lint_out(capsys, str(ops), "--no-cache")
+    assert lint_out(capsys, str(ops)) == cold
+    monkeypatch.setattr(compile_cache, "engine_key", lambda: b"another engine".ljust(32, b"."))
+    reads = Reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, "txcl.cache"):
+        assert lint_out(capsys, str(ops)) == cold
+    assert "of another engine version" in caplog.text
+    assert len(reads.paths) == len(list(ops.rglob("*.txcl")))
+    reads.paths.clear()
+    assert lint_out(capsys, str(ops)) == cold  # the index of this engine, written just now
+    assert reads.paths == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flipped byte", "truncated", "not a folder"])
+def test_a_corrupt_index_is_ignored_with_a_log_line_and_replaced(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, damage: str,
+) -> None:
+    ops = tmp_path / "OPS"
+    findings_tree(ops)
+    date_back(ops)
+    cold = lint_out(capsys, str(ops), "--no-cache")
+    assert lint_out(capsys, str(ops)) == cold
+    (index,) = xdg.glob(f"*{INDEX_SUFFIX}")
+    data = index.read_bytes()
+    if damage == "garbage":
+        data = b"not an index"
+    elif damage == "flipped byte":
+        data = data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    index.write_bytes(data)
+    if damage == "not a folder":  # unreadable as a file, and cannot be replaced
+        index.unlink()
+        index.mkdir()
+    reads = Reads(monkeypatch)
+    with caplog.at_level(logging.WARNING, "txcl.cache"):
+        assert lint_out(capsys, str(ops)) == cold
+    assert len(reads.paths) == len(list(ops.rglob("*.txcl")))
+    expected = "cannot be written" if damage == "not a folder" else "is corrupt"
+    assert expected in caplog.text
+    reads.paths.clear()
+    assert lint_out(capsys, str(ops)) == cold
+    assert (reads.paths == []) is (damage != "not a folder")
+
+
+def test_a_removed_stack_leaves_the_index(
+    tmp_path: Path, xdg: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    ops = tmp_path / "OPS"
+    write_tree(ops)
+    date_back(ops)
+    assert lint_out(capsys, str(ops))[0] == 0
+    for path in sorted((ops / "beta").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (ops / "beta").rmdir()
+    assert lint_out(capsys, str(ops))[0] == 0
+    (index,) = xdg.glob(f"*{INDEX_SUFFIX}")
+    stored = CompileCache(xdg)._read_sealed(str(index))
+    assert stored is not None and sorted(stored["entries"]) == ["acme/_mail"]
