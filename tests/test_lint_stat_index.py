@@ -245,3 +245,29 @@ def test_a_removed_stack_leaves_the_index(
     (index,) = xdg.glob(f"*{INDEX_SUFFIX}")
     stored = CompileCache(xdg)._read_sealed(str(index))
     assert stored is not None and sorted(stored["entries"]) == ["acme/_mail"]
+
+
+def test_an_unchanged_config_is_not_parsed_again_and_an_edit_is_seen(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from txcl import inputs
+
+    ops, config = tmp_path / "OPS", tmp_path / "txco.yaml"
+    write_tree(ops, ("acme",))
+    (ops / "acme/_mail/0/10-writer.txcl").write_text('SET tag.seen = 1\nEXEC "op://NOPE"\n')
+    config.write_text('ops:\n  NOPE: {python: "json:loads"}\n')
+    date_back(tmp_path)
+    clean = (0, "0 error(s), 0 warning(s)\n")
+    assert lint_out(capsys, str(ops), "--config", str(config)) == clean
+    parses: list[object] = []
+    real = inputs.load_yaml
+    monkeypatch.setattr(inputs, "load_yaml", lambda *a: parses.append(a) or real(*a))
+    assert lint_out(capsys, str(ops), "--config", str(config)) == clean
+    assert parses == []
+    before = config.stat()
+    config.write_text('ops:\n  NOPX: {python: "json:loads"}\n')  # same size, mtime put back
+    os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
+    code, out = lint_out(capsys, str(ops), "--config", str(config))
+    assert code == 1 and "unknown op 'NOPE'" in out
+    assert len(parses) == 1

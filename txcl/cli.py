@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from txcl import fmt, inputs, lint, sarif, suppress
-from txcl.compile_cache import CompileCache, user_cache_dir
+from txcl.compile_cache import CompileCache, file_signature, user_cache_dir
 from txcl.envelope import path_text, result_of, route_of, source_of
 from txcl.errors import Problem, TxclError, source_lines, with_context
 from txcl.loader import Tree, load_target, read_rule_source
@@ -537,11 +537,11 @@ def render_replay(report: replay.Report, out: TextIO) -> None:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    configured = _registry(args.config, args.targets[0])
+    cache = _compile_cache(args)
+    configured = _registry(args.config, args.targets[0], cache)
     # Without a config, ops are still checked: against the built-ins and installed plug-ins.
     registry = configured or OpRegistry.default()
     problems: list[Problem] = []
-    cache = _compile_cache(args)
     stdin_text: str | None = None
     for target in args.targets:
         if str(target) == "-":  # an editor's buffer
@@ -702,17 +702,33 @@ def _txcl_files(paths: Sequence[Path]) -> Iterator[Path]:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _registry(config: Path | None, target: Path) -> OpRegistry | None:
-    """The ops a config names (with built-ins), or None when there is no config to read."""
+def _registry(
+    config: Path | None, target: Path, cache: CompileCache | None = None
+) -> OpRegistry | None:
+    """The ops a config names (with built-ins), or None when there is no config to read.
+    With a cache, the `ops:` of a config file unchanged since it was read (its stat
+    signature) are taken from the cache's stat index: a config routing thousands of
+    tenants is not parsed again for its few ops."""
     path = config or _find_config(target)
     if path is None:
         return None
+    index = signature = None
+    if cache is not None:
+        index = cache.stat_index(f"config\0{os.path.abspath(path)}", "")
+        taken_ns = time.time_ns()
+        signature = file_signature(path)
+        kept = None if signature is None else index.get("ops", signature)
+        if isinstance(kept, tuple) and len(kept) == 1:
+            return OpRegistry.from_config(kept[0], path.parent)
     try:
         doc = inputs.load_yaml(path)
     except inputs.InputError as err:
         raise TxclError(err.problem("txcl_load_error")) from None
     ops = doc.get("ops") if isinstance(doc, dict) else None
-    return OpRegistry.from_config(ops, path.parent)
+    registry = OpRegistry.from_config(ops, path.parent)
+    if index is not None and signature is not None:
+        index.put("ops", signature, (ops,), taken_ns)
+    return registry
 
 
 def _find_config(target: Path) -> Path | None:

@@ -451,6 +451,16 @@ class StatIndex:
         return hashlib.blake2b(text, digest_size=_DIGEST_BYTES).digest()
 
 
+def file_signature(path: str | os.PathLike[str]) -> StackSignature | None:
+    """A file's signature for a StatIndex, as stack_signature gives it for a folder's
+    entries (the link followed); None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return ((os.fspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),)
+
+
 def _key(path: str, text: str) -> bytes:
     return hashlib.sha256(f"{path}\0{text}".encode("utf-8", "surrogatepass")).digest()
 

@@ -1109,9 +1109,9 @@ def _holds_stages(folder: Path) -> bool:
     from txcl.loader import STAGE_NAME, TESTS_DIR
 
     try:
-        return any(
-            e.is_dir() and (e.name == TESTS_DIR or STAGE_NAME.fullmatch(e.name))
-            for e in folder.iterdir()
-        )
+        with os.scandir(folder) as it:  # an entry knows if it is a folder: no stat per entry
+            return any(
+                (e.name == TESTS_DIR or STAGE_NAME.fullmatch(e.name)) and e.is_dir() for e in it
+            )
     except OSError:
         return False
