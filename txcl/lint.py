@@ -823,7 +823,8 @@ def _lint_tree_indexed(
         tree = load_tree(root, keep_files=True, cache=cache, check_only=True, lazy=True)
         problems.extend(_layout(tree.problems))
         stacks, read = tree.stacks, tree.read  # read: filled as each stack loads
-        assert isinstance(stacks, LazyStacks), "a lazy load"
+        if not isinstance(stacks, LazyStacks):  # the root is no folder
+            return problems
         for name in list(stacks):
             folder = os.path.join(root, name)
             taken_ns = time.time_ns()
