@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txcl import compile_cache
 from txcl.cli import main
 from txcl.compile_cache import INDEX_SUFFIX, CompileCache
-from txcl.loader import RACY_MARGIN_NS, stack_signature
+from txcl.loader import RACY_MARGIN_NS, StackSignature, stack_signature
 
 READER = "WHEN tag.seen == 1\nSET @lmtp.res.code = 250\n"
 WRITER = "SET tag.seen = 1\n"
@@ -271,3 +273,27 @@ def test_an_unchanged_config_is_not_parsed_again_and_an_edit_is_seen(
     code, out = lint_out(capsys, str(ops), "--config", str(config))
     assert code == 1 and "unknown op 'NOPE'" in out
     assert len(parses) == 1
+
+
+_ENTRY = st.tuples(st.text(min_size=1, max_size=12), *[st.integers(0, 2**40)] * 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(signature=st.lists(_ENTRY, min_size=1, max_size=8).map(tuple), data=st.data())
+def test_an_index_answers_only_for_the_signature_it_was_given(
+    tmp_path_factory: pytest.TempPathFactory, signature: StackSignature, data: st.DataObject,
+) -> None:
+    taken_ns = max(entry[3] for entry in signature) + RACY_MARGIN_NS + 1
+    folder = tmp_path_factory.mktemp("index")
+    cache = CompileCache(folder)
+    cache.stat_index("scope", "salt").put("stack", signature, ("found",), taken_ns)
+    cache.flush()
+    index = CompileCache(folder).stat_index("scope", "salt")
+    assert index.get("stack", signature) == ("found",)
+    where = data.draw(st.integers(0, len(signature) - 1))
+    field = data.draw(st.integers(0, 4))
+    entry = list(signature[where])
+    entry[field] = entry[field] + "x" if field == 0 else entry[field] + 1
+    changed = (*signature[:where], tuple(entry), *signature[where + 1:])
+    assert index.get("stack", changed) is None
+    assert index.get("stack", signature[:-1]) is None
