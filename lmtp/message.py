@@ -345,14 +345,23 @@ def _decoded_header(name: str, raw_value: str) -> str:
             return _scrub(_unfold(raw_value))
 
 
-# The parser keeps each 8-bit byte of a header as a lone surrogate (U+DC80..U+DCFF).
-_SURROGATE = re.compile("[\ud800-\udfff]")
+def _has_surrogates(text: str) -> bool:
+    """Whether `text` holds a surrogate code point (U+D800..U+DFFF): the parser keeps each
+    8-bit byte of a header as a lone one (U+DC80..U+DCFF). Strict UTF-8 encoding fails on
+    exactly those, and is a C pass where a regex is a per-character walk."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _eight_bit(value: str) -> str:
     """A raw header value with its 8-bit bytes decoded: as UTF-8 (RFC 6532) when they are
     that, else as Latin-1 — one choice for the whole value."""
-    if not _SURROGATE.search(value):
+    if not _has_surrogates(value):
         return value
     data = value.encode("utf-8", "surrogateescape")
     try:
@@ -364,7 +373,7 @@ def _eight_bit(value: str) -> str:
 def _scrub(text: str) -> str:
     """`text` without lone surrogates (what an encoded word in an unknown charset, or a
     body codec, can leave), so the envelope is always valid UTF-8 JSON."""
-    if not _SURROGATE.search(text):
+    if not _has_surrogates(text):
         return text
     try:
         return _eight_bit(text)
@@ -437,7 +446,7 @@ def _text_content(tree: MimeTree, part: Message | None) -> str:
 
 def _lf(text: str) -> str:
     """Bodies use "\n" line ends, as rule authors write them in regexes; `raw` keeps CRLF."""
-    return text.replace("\r\n", "\n")
+    return text.replace("\r\n", "\n") if "\r" in text else text
 
 
 def _attachments(tree: MimeTree, bodies: set[int], keep: bool,
