@@ -238,6 +238,13 @@ def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None
     return cut, runs, truncated
 
 
+def exceeds_parts(data: bytes, max_parts: int) -> bool:
+    """Whether parse_tree stops short at `max_parts` lines starting "--" (whatever the
+    structure). Each such line holds a "--" of its own, so a count of them bounds it."""
+    return (data.count(b"--") > max_parts
+            and len(_dash_lines(data, max_parts + 1)) > max_parts)
+
+
 def _dash_lines(data: bytes, most: int) -> list[int]:
     """Where the first `most` lines starting "--" start (every boundary line is one): two
     C scans, each hit a line start, so the work is bounded by `most`."""
@@ -422,7 +429,7 @@ def _base64_stats(segments: Sequence[Segment], part: Message, keep: bool
             defects.append(errors.InvalidBase64PaddingDefect())
         decoded = binascii.a2b_base64(carry, strict_mode=True)
     except binascii.Error:
-        content, defects = _decode_b(b"".join(_stripped_chunks(segments)))
+        content, defects = decode_b(b"".join(_stripped_chunks(segments)))
         part.defects.extend(defects)
         return len(content), hashlib.sha256(content).hexdigest(), content if keep else None
     digest.update(decoded)
@@ -434,9 +441,10 @@ def _base64_stats(segments: Sequence[Segment], part: Message, keep: bool
     return size, digest.hexdigest(), b"".join(kept)
 
 
-def _decode_b(encoded: bytes) -> tuple[bytes, list[errors.MessageDefect]]:
-    """The email package's lenient base64 steps (`email._encoded_words.decode_b`), with
-    the public base64 API."""
+def decode_b(encoded: bytes) -> tuple[bytes, list[errors.MessageDefect]]:
+    """The email package's lenient base64 steps (`email._encoded_words.decode_b`, what
+    `get_payload(decode=True)` does to a base64 payload without its line ends), with the
+    public base64 API."""
     pad_err = len(encoded) % 4
     missing = b"==="[:4 - pad_err] if pad_err else b""
     try:
