@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import io
 import quopri
 import re
 import threading
@@ -530,7 +531,16 @@ def _text_content(tree: MimeTree, part: Message | None) -> str:
 
 def _lf(text: str) -> str:
     """Bodies use "\n" line ends, as rule authors write them in regexes; `raw` keeps CRLF."""
-    return text.replace("\r\n", "\n") if "\r" in text else text
+    if "\r" not in text:
+        return text
+    # Universal newlines turn CRLF and a lone CR into LF in one C pass (str.replace finds each
+    # CRLF with a search of its own); a text with a lone CR keeps it, so it is replaced instead.
+    decoder = io.IncrementalNewlineDecoder(None, translate=True)
+    lf = decoder.decode(text, final=True)
+    seen = decoder.newlines
+    if "\r" in (seen if isinstance(seen, tuple) else (seen,)):
+        return text.replace("\r\n", "\n")
+    return lf
 
 
 def _attachments(tree: MimeTree, bodies: set[int], keep: bool,

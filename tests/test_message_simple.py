@@ -214,3 +214,12 @@ def test_the_samples_include_simple_ones():
     crlf = [p.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for p in SAMPLES]
     assert len(SAMPLES) >= 5
     assert any(_parse_simple(data, EVERYTHING, DEFAULT_LIMITS) is not None for data in crlf)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(["\r", "\n", "\r\n", "a", "é", "\u2028", "\x85", "\udcff"]),
+                max_size=20).map("".join))
+def test_bodies_get_lf_line_ends_exactly_where_they_had_crlf(text):
+    from lmtp.message import _lf
+
+    assert _lf(text) == text.replace("\r\n", "\n")
