@@ -240,8 +240,9 @@ def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None
 
 def exceeds_parts(data: bytes, max_parts: int) -> bool:
     """Whether parse_tree stops short at `max_parts` lines starting "--" (whatever the
-    structure). Each such line holds a "--" of its own, so a count of them bounds it."""
-    return (data.count(b"--") > max_parts
+    structure). Each such line holds two "-" of its own, and a count of one byte is the
+    quickest C pass: only a message with that many is looked at closer."""
+    return (data.count(b"-") >= 2 * (max_parts + 1)
             and len(_dash_lines(data, max_parts + 1)) > max_parts)
 
 

@@ -341,3 +341,14 @@ def test_a_cancel_between_attachments_is_not_taken_for_a_broken_field():
             break
         checks += 1
         assert checks < 20, frames
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"--\r\n", b"--x\n", b"-\r\n", b"a-b-c\r\n", b"\r--", b"x\r\n",
+                                 b"Subject: s\r\n", b"\r\n", b"---"]), max_size=14).map(b"".join),
+       st.integers(0, 4))
+def test_exceeds_parts_says_when_a_single_part_parse_stops_at_the_parts_bound(data, max_parts):
+    from lmtp.mime import exceeds_parts
+
+    truncated = parse_tree(data, MimeLimits(max_parts=max_parts)).truncated
+    assert exceeds_parts(data, max_parts) == ("parts" in truncated)
