@@ -343,8 +343,7 @@ def _parse_simple(data: bytes, needs: MessageNeeds, limits: MimeLimits
                   ) -> tuple[dict[str, Any], list[str]] | None:
     """`_parse_all`'s result for a plain single-part text/plain message; None for any other."""
     end = header_section_end(data)
-    if (limits.max_depth < 0 or header_lines_cut(data, end, limits.max_header_lines) is not None
-            or exceeds_parts(data, limits.max_parts)):
+    if header_lines_cut(data, end, limits.max_header_lines) is not None:
         return None  # the full parse says where it stopped
     items = split_header_section(data[:end])
     if items is None:
@@ -367,6 +366,8 @@ def _parse_simple(data: bytes, needs: MessageNeeds, limits: MimeLimits
     disposition = mime.get("content-disposition")
     if cte not in _SIMPLE_CTE or (disposition is not None and disposition.lower() != "inline"):
         return None
+    if limits.max_depth < 0 or exceeds_parts(data, limits.max_parts):
+        return None  # the full parse says where it stopped (a pass over the whole message)
     defects: list[str] = []
     msg: dict[str, Any] = {
         "id": "", "date": "", "from": [], "to": [], "cc": [], "subject": "", "text": "",
