@@ -12,6 +12,10 @@ those. A field it builds has the same value the full parse gives; without the bo
 (text, html, attachments, truncated) only the header section is parsed at all, and an
 attachment's content is decoded only for a stack that can read it (`ATTACHMENT_CONTENT`;
 its name, type, size and sha256 come from C passes over the message, `lmtp.mime`).
+
+The common message, a single text/plain part with a plain header section, is read without
+the email parser (`_parse_simple`): the same fields and defects, from C passes over the
+bytes; anything else it declines, and the full parse (`_parse_all`) reads it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
+import io
+import quopri
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email import policy
+from email.errors import MessageDefect
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -37,6 +44,8 @@ from lmtp.mime import (
     MimeLimits,
     MimeTree,
     ParseCancelled,
+    decode_b,
+    exceeds_parts,
     header_lines_cut,
     header_section_end,
     leaves,
@@ -138,7 +147,8 @@ def parse_message(
     `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled."""
     if not needs.complete and not (needs.fields & BODY_FIELDS):
         return _parse_head(data, needs, limits)
-    msg, defects = _parse_all(data, needs, limits, cancel)
+    simple = _parse_simple(data, needs, limits)
+    msg, defects = simple if simple is not None else _parse_all(data, needs, limits, cancel)
     if not needs.complete:
         msg = {name: value for name, value in msg.items() if name in needs.fields}
         if needs.header_names is not None and "headers" in msg:
@@ -284,15 +294,7 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
         except Exception as exc:
             defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
-    items = list(parsed.raw_items())
-    wanted = _wanted_headers(needs)  # decoding a header is costly: only the ones read
-    field("headers", lambda: _headers_from(items, wanted))
-    headers: dict[str, list[str]] = msg["headers"]
-    field("id", lambda: _first(headers, "message-id").strip())
-    field("date", lambda: _iso_date(_first(headers, "date")))
-    field("subject", lambda: _first(headers, "subject"))
-    for name in ("from", "to", "cc"):
-        field(name, partial(_addresses, items, headers, name))
+    _header_fields(msg, defects, list(parsed.raw_items()), needs)
     text_part = html_part = None
     try:
         text_part = parsed.get_body(preferencelist=("plain",))
@@ -305,6 +307,90 @@ def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
     keep = ATTACHMENT_CONTENT in needs.fields
     field("attachments", lambda: _attachments(tree, bodies, keep, cancel))
     defects.extend(_defects(parsed))
+    return msg, defects
+
+
+def _header_fields(msg: dict[str, Any], defects: list[str], items: list[tuple[str, str]],
+                   needs: MessageNeeds) -> None:
+    """The fields read from the header section (`headers` always: the others read it)."""
+    wanted = _wanted_headers(needs)  # decoding a header is costly: only the ones read
+    _build_field(msg, defects, "headers", lambda: _headers_from(items, wanted))
+    headers: dict[str, list[str]] = msg["headers"]
+    fields = needs.fields
+    if "id" in fields:
+        _build_field(msg, defects, "id", lambda: _first(headers, "message-id").strip())
+    if "date" in fields:
+        _build_field(msg, defects, "date", lambda: _iso_date(_first(headers, "date")))
+    if "subject" in fields:
+        _build_field(msg, defects, "subject", lambda: _first(headers, "subject"))
+    for name in ("from", "to", "cc"):
+        if name in fields:
+            _build_field(msg, defects, name, partial(_addresses, items, headers, name))
+
+
+# The common message, one text/plain part (or no Content-Type at all), is read without the
+# email parser when its header section is plain (split_header_section) and its MIME headers
+# have the plain forms below; _parse_all reads every other message. Both give the same
+# fields and defects (tests/test_message_simple.py holds them to it).
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+"
+_PARAM = re.compile(rf'[ \t]*;[ \t]*([A-Za-z0-9_.-]+)=({_TOKEN}|"[ !#-\[\]-~]*")')
+_TEXT_PLAIN = re.compile(rf"(?i:text/plain)(?:{_PARAM.pattern})*")
+_SIMPLE_CTE = frozenset({"", "7bit", "8bit", "binary", "quoted-printable", "base64"})
+_MIME_HEADERS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+def _parse_simple(data: bytes, needs: MessageNeeds, limits: MimeLimits
+                  ) -> tuple[dict[str, Any], list[str]] | None:
+    """`_parse_all`'s result for a plain single-part text/plain message; None for any other."""
+    end = header_section_end(data)
+    if header_lines_cut(data, end, limits.max_header_lines) is not None:
+        return None  # the full parse says where it stopped
+    items = split_header_section(data[:end])
+    if items is None:
+        return None
+    mime: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        if key in _MIME_HEADERS:
+            if key in mime:
+                return None
+            mime[key] = value
+    content_type = mime.get("content-type")
+    charset = "ASCII"  # what get_content assumes without a charset parameter
+    if content_type is not None:
+        if not _TEXT_PLAIN.fullmatch(content_type):
+            return None
+        charset = next((value.strip('"') for name, value in _PARAM.findall(content_type)
+                        if name.lower() == "charset"), charset)
+    cte = mime.get("content-transfer-encoding", "").lower()
+    disposition = mime.get("content-disposition")
+    if cte not in _SIMPLE_CTE or (disposition is not None and disposition.lower() != "inline"):
+        return None
+    if limits.max_depth < 0 or exceeds_parts(data, limits.max_parts):
+        return None  # the full parse says where it stopped (a pass over the whole message)
+    defects: list[str] = []
+    msg: dict[str, Any] = {
+        "id": "", "date": "", "from": [], "to": [], "cc": [], "subject": "", "text": "",
+        "html": "", "headers": {}, "attachments": [], "truncated": False,
+        "raw": b64(data) if "raw" in needs.fields else "",
+    }
+    if "text" in needs.fields:
+        if end < len(data):  # past the empty line, whichever line ending it has
+            end += 2 if data.startswith(b"\r\n", end) else 1
+        body = data[end:]
+        decode_defects: list[MessageDefect] = []
+        if cte == "quoted-printable":
+            body = quopri.decodestring(body)
+        elif cte == "base64":
+            body, decode_defects = decode_b(b"".join(body.splitlines()))
+        try:
+            text = body.decode(charset, errors="replace")
+        except (LookupError, UnicodeError, ValueError, AssertionError):
+            return None  # the full parse has its own way with a charset it cannot use
+        msg["text"] = _scrub(_lf(text))
+    _header_fields(msg, defects, items, needs)
+    if "text" in needs.fields:
+        defects.extend(f"message: {type(d).__name__}" for d in decode_defects)
     return msg, defects
 
 
@@ -345,14 +431,23 @@ def _decoded_header(name: str, raw_value: str) -> str:
             return _scrub(_unfold(raw_value))
 
 
-# The parser keeps each 8-bit byte of a header as a lone surrogate (U+DC80..U+DCFF).
-_SURROGATE = re.compile("[\ud800-\udfff]")
+def _has_surrogates(text: str) -> bool:
+    """Whether `text` holds a surrogate code point (U+D800..U+DFFF): the parser keeps each
+    8-bit byte of a header as a lone one (U+DC80..U+DCFF). Strict UTF-8 encoding fails on
+    exactly those, and is a C pass where a regex is a per-character walk."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _eight_bit(value: str) -> str:
     """A raw header value with its 8-bit bytes decoded: as UTF-8 (RFC 6532) when they are
     that, else as Latin-1 — one choice for the whole value."""
-    if not _SURROGATE.search(value):
+    if not _has_surrogates(value):
         return value
     data = value.encode("utf-8", "surrogateescape")
     try:
@@ -364,7 +459,7 @@ def _eight_bit(value: str) -> str:
 def _scrub(text: str) -> str:
     """`text` without lone surrogates (what an encoded word in an unknown charset, or a
     body codec, can leave), so the envelope is always valid UTF-8 JSON."""
-    if not _SURROGATE.search(text):
+    if not _has_surrogates(text):
         return text
     try:
         return _eight_bit(text)
@@ -437,7 +532,16 @@ def _text_content(tree: MimeTree, part: Message | None) -> str:
 
 def _lf(text: str) -> str:
     """Bodies use "\n" line ends, as rule authors write them in regexes; `raw` keeps CRLF."""
-    return text.replace("\r\n", "\n")
+    if "\r" not in text:
+        return text
+    # Universal newlines turn CRLF and a lone CR into LF in one C pass (str.replace finds each
+    # CRLF with a search of its own); a text with a lone CR keeps it, so it is replaced instead.
+    decoder = io.IncrementalNewlineDecoder(None, translate=True)
+    lf = decoder.decode(text, final=True)
+    seen = decoder.newlines
+    if "\r" in (seen if isinstance(seen, tuple) else (seen,)):
+        return text.replace("\r\n", "\n")
+    return lf
 
 
 def _attachments(tree: MimeTree, bodies: set[int], keep: bool,

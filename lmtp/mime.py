@@ -64,6 +64,7 @@ _STREAM_BYTES = 256 * 1024
 _PART_HEAD_BYTES = 64 * 1024  # how far a part's header section is looked for
 _BASE64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+_DASH_MISSES = 64  # dashes starting no "--" line before _dash_lines searches for lines instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,12 +239,39 @@ def _layout(data: bytes, limits: MimeLimits, cancel: threading.Event | None
     return cut, runs, truncated
 
 
-def _dash_lines(data: bytes, most: int) -> list[int]:
-    """Where the first `most` lines starting "--" start (every boundary line is one): two
-    C scans, each hit a line start, so the work is bounded by `most`."""
-    found = [0] if data.startswith(b"--") else []
+def exceeds_parts(data: bytes, max_parts: int) -> bool:
+    """Whether parse_tree stops short at `max_parts` lines starting "--" (whatever the
+    structure). Each such line holds two "-" of its own, and a count of one byte is the
+    quickest C pass: only a message with that many is looked at closer."""
+    return (data.count(b"-") >= 2 * (max_parts + 1)
+            and len(_dash_lines(data, max_parts + 1)) > max_parts)
+
+
+def _dash_lines(data: bytes, most: int, max_misses: int = _DASH_MISSES) -> list[int]:
+    """Where the first `most` lines starting "--" start (every boundary line is one). A
+    one-byte search (memchr) jumps from "-" to "-", past a base64 attachment at once; once
+    `max_misses` dashes start no such line, the rest is searched for line starts instead."""
+    found: list[int] = []
+    pos = data.find(b"-")
+    misses = 0
+    while pos >= 0 and len(found) < most:
+        if data.startswith(b"--", pos) and (pos == 0 or data[pos - 1] in b"\r\n"):
+            found.append(pos)
+            pos = data.find(b"-", pos + 2)
+        elif misses < max_misses:
+            misses += 1
+            pos = data.find(b"-", pos + 1)
+        else:  # dashes all over a text: per dash, Python costs more than a search
+            return found + _line_starts_with_dashes(data, pos, most - len(found))
+    return found
+
+
+def _line_starts_with_dashes(data: bytes, start: int, most: int) -> list[int]:
+    """The first `most` lines starting "--" at or after `start` (not itself one): two C
+    scans, each hit a line start, so the work is bounded by `most`."""
+    found: list[int] = []
     for ending in (b"\n--", b"\r--"):
-        pos = data.find(ending)
+        pos = data.find(ending, max(start - 1, 0))
         hits = 0
         while pos >= 0 and hits < most:
             found.append(pos + 1)
@@ -422,7 +450,7 @@ def _base64_stats(segments: Sequence[Segment], part: Message, keep: bool
             defects.append(errors.InvalidBase64PaddingDefect())
         decoded = binascii.a2b_base64(carry, strict_mode=True)
     except binascii.Error:
-        content, defects = _decode_b(b"".join(_stripped_chunks(segments)))
+        content, defects = decode_b(b"".join(_stripped_chunks(segments)))
         part.defects.extend(defects)
         return len(content), hashlib.sha256(content).hexdigest(), content if keep else None
     digest.update(decoded)
@@ -434,9 +462,10 @@ def _base64_stats(segments: Sequence[Segment], part: Message, keep: bool
     return size, digest.hexdigest(), b"".join(kept)
 
 
-def _decode_b(encoded: bytes) -> tuple[bytes, list[errors.MessageDefect]]:
-    """The email package's lenient base64 steps (`email._encoded_words.decode_b`), with
-    the public base64 API."""
+def decode_b(encoded: bytes) -> tuple[bytes, list[errors.MessageDefect]]:
+    """The email package's lenient base64 steps (`email._encoded_words.decode_b`, what
+    `get_payload(decode=True)` does to a base64 payload without its line ends), with the
+    public base64 API."""
     pad_err = len(encoded) % 4
     missing = b"==="[:4 - pad_err] if pad_err else b""
     try:

@@ -341,3 +341,25 @@ def test_a_cancel_between_attachments_is_not_taken_for_a_broken_field():
             break
         checks += 1
         assert checks < 20, frames
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"--\r\n", b"--x\n", b"-\r\n", b"a-b-c\r\n", b"\r--", b"x\r\n",
+                                 b"Subject: s\r\n", b"\r\n", b"---"]), max_size=14).map(b"".join),
+       st.integers(0, 4))
+def test_exceeds_parts_says_when_a_single_part_parse_stops_at_the_parts_bound(data, max_parts):
+    from lmtp.mime import exceeds_parts
+
+    truncated = parse_tree(data, MimeLimits(max_parts=max_parts)).truncated
+    assert exceeds_parts(data, max_parts) == ("parts" in truncated)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from([b"--", b"-", b"\r", b"\n", b"\r\n", b"x", b"-x-", b"---\n"]),
+                max_size=60).map(b"".join), st.integers(0, 6), st.sampled_from([0, 1, 3, 64]))
+def test_dash_lines_are_the_first_line_starts_with_two_dashes(data, most, misses):
+    from lmtp.mime import _dash_lines
+
+    starts = [p for p in range(len(data))
+              if data.startswith(b"--", p) and (p == 0 or data[p - 1:p] in (b"\r", b"\n"))]
+    assert _dash_lines(data, most, misses) == starts[:most]  # both ways of finding them
