@@ -151,20 +151,30 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
 
 @dataclass(frozen=True)
 class _Verdict:
-    """A SET of `_txc.<src>.res.recipients.<index>.code`, for the stack-wide gap check."""
+    """A SET of `_txc.<src>.res.recipients.<index>.code`, for the stack-wide gap check; its
+    source line gives the finding's context, made only if there is a finding."""
 
     index: int
     pos: Pos
-    context: str
+    line: str
+
+    @property
+    def context(self) -> str:
+        return caret_context(self.line, self.pos.column)
 
 
 @dataclass(frozen=True)
 class _LocalRead:
-    """A read of a stack path (not under `_txc`, not a regex group), for the stack-wide check."""
+    """A read of a stack path (not under `_txc`, not a regex group), for the stack-wide
+    check; its source line as for _Verdict."""
 
     segments: tuple[ast.Segment, ...]
     pos: Pos
-    context: str
+    line: str
+
+    @property
+    def context(self) -> str:
+        return caret_context(self.line, self.pos.column)
 
 
 @dataclass(frozen=True)
@@ -267,7 +277,7 @@ class _RuleChecks:
 
     def __init__(self, lines: list[str], registry: OpRegistry | None) -> None:
         self.lines = lines
-        self.op_names = registry.names() if registry is not None else None
+        self.registry = registry
         self.problems: list[Problem] = []
         self.verdicts: list[_Verdict] = []
         self.local_reads: list[_LocalRead] = []
@@ -315,30 +325,27 @@ class _RuleChecks:
             return
         if isinstance(slot, int):
             pos = stmt.target.pos
-            context = caret_context(self.lines[pos.line - 1], pos.column)
-            self.verdicts.append(_Verdict(slot, pos, context))
+            self.verdicts.append(_Verdict(slot, pos, self.lines[pos.line - 1]))
 
     # -- what a SET under res can never be ---------------------------------------------------
 
     def verdict_value(self, segments: tuple[ast.Segment, ...], part: str, value: ast.Expr) -> None:
         """A SET of a verdict's part (`_verdict_part`) whose value is of a kind the verdict
         rules (txcl.envelope.verdict_problem, the inlet's resolution) can never accept."""
-        target = _dotted(segments)
-        shown = _expr_text(value)
         if part == "code" and isinstance(value, ast.Literal):
             if not valid_code(value.value):
                 self.report(
                     "verdict-code",
-                    f"SET {target} = {shown}: a verdict code is an integer in 200-299 or "
-                    "400-599; anything else fails the run (451)",
+                    f"SET {_dotted(segments)} = {_expr_text(value)}: a verdict code is an "
+                    "integer in 200-299 or 400-599; anything else fails the run (451)",
                     value.pos,
                 )
             return
         kinds, items = self.set_value_kinds(value)
         if not kinds:
             return
-        what = f"{shown} is {_kinds_text(kinds)}"
         if part == "code" and kinds.isdisjoint(_NUMBERS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             hint = (f"; to answer each recipient, SET {_dotted(segments[:3])}.recipients.N.code"
                     if "array" in kinds else "")
             self.report(
@@ -348,12 +355,14 @@ class _RuleChecks:
                 value.pos,
             )
         elif part == "msg" and "string" not in kinds and kinds != {"null"}:
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-msg",
                 f"SET {target} = {shown}: {what}, not a string: the reply shows it as text",
                 value.pos,
             )
         elif part == "res" and kinds.isdisjoint(_SLOT_KINDS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-form",
                 f"SET {target} = {shown}: {what}, but {target} is an object (code and msg, or "
@@ -361,8 +370,9 @@ class _RuleChecks:
                 value.pos,
             )
         elif part == "recipients":
-            self.verdict_slots(target, shown, what, kinds, items, value)
+            self.verdict_slots(segments, kinds, items, value)
         elif part == "slot" and kinds.isdisjoint(_SLOT_KINDS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-form",
                 f"SET {target} = {shown}: {what}, but a recipient slot is an object "
@@ -370,9 +380,10 @@ class _RuleChecks:
                 value.pos,
             )
 
-    def verdict_slots(self, target: str, shown: str, what: str, kinds: frozenset[str],
+    def verdict_slots(self, segments: tuple[ast.Segment, ...], kinds: frozenset[str],
                       items: frozenset[str], value: ast.Expr) -> None:
         """`res.recipients` is a list of slots, each an object {code, msg} or null."""
+        target, shown, what = _verdict_texts(segments, value, kinds)
         if kinds.isdisjoint({"array", "null"}):
             hint = (f"; to answer every recipient alike, SET {target.removesuffix('.recipients')}"
                     ".code" if kinds & _NUMBERS else "")
@@ -431,9 +442,12 @@ class _RuleChecks:
                 self.path(current)
             elif isinstance(current, ast.Compare):
                 self.compare(current)
+                stack += current.left, current.right
             elif isinstance(current, ast.Match):
                 self.match(current)
-            stack.extend(_children(current))
+                stack.append(current.left)
+            elif not isinstance(current, ast.Literal):
+                stack.extend(_children(current))
 
     def lookup(self, path: ast.Path) -> Lookup | None:
         from txcl.schema import SchemaError
@@ -450,9 +464,7 @@ class _RuleChecks:
         segments = path.segments
         if segments and segments[0] != TXC and segments[0] != _MATCH_ROOT:
             line = self.lines[path.pos.line - 1] if 0 < path.pos.line <= len(self.lines) else ""
-            self.local_reads.append(
-                _LocalRead(segments, path.pos, caret_context(line, path.pos.column))
-            )
+            self.local_reads.append(_LocalRead(segments, path.pos, line))
             return
         found = self.lookup(path)
         if found is None or found.unknown is None:
@@ -539,14 +551,15 @@ class _RuleChecks:
         return kinds
 
     def exec(self, stmt: ast.Exec) -> None:
-        if self.op_names is None or not stmt.uri.startswith(_OP_SCHEME):
+        if self.registry is None or not stmt.uri.startswith(_OP_SCHEME):
             return  # without a registry nothing is known; a bad URI is a compile problem
         name = stmt.uri[len(_OP_SCHEME) :]
-        if name in self.op_names:
+        if name in self.registry:
             return
-        close = difflib.get_close_matches(name, sorted(self.op_names), n=1)
+        op_names = sorted(self.registry.names())
+        close = difflib.get_close_matches(name, op_names, n=1)
         hint = f'; did you mean "op://{close[0]}"?' if close else ""
-        known = ", ".join(sorted(self.op_names)) or "none"
+        known = ", ".join(op_names) or "none"
         self.report("unknown-op", f"unknown op {name!r} (known: {known}){hint}", stmt.pos)
 
     def with_(self, stmt: ast.With, rule_execs: bool) -> None:
@@ -624,6 +637,15 @@ def _verdict_part(segments: tuple[ast.Segment, ...]) -> str | None:
     return rest[0] if len(rest) == 1 and rest[0] in ("code", "msg") else None
 
 
+def _verdict_texts(
+    segments: tuple[ast.Segment, ...], value: ast.Expr, kinds: frozenset[str]
+) -> tuple[str, str, str]:
+    """How a finding about a verdict SET names its target, its value and the value's kinds
+    (made only for a finding: formatting the value is the costly part)."""
+    shown = _expr_text(value)
+    return _dotted(segments), shown, f"{shown} is {_kinds_text(kinds)}"
+
+
 def _expr_text(node: ast.Expr) -> str:
     from txcl.fmt import format_expr
 
@@ -673,18 +695,18 @@ def _dotted(segments: tuple[ast.Segment, ...]) -> str:
     return path_text(segments, at=True)
 
 
-def _children(node: ast.Expr) -> Iterator[ast.Expr]:
+def _children(node: ast.Expr) -> tuple[ast.Expr, ...]:
     if isinstance(node, ast.And | ast.Or | ast.Compare | ast.Add):
-        yield node.left
-        yield node.right
-    elif isinstance(node, ast.Match):
-        yield node.left
-    elif isinstance(node, ast.Not):
-        yield node.operand
-    elif isinstance(node, ast.ListLit):
-        yield from node.items
-    elif isinstance(node, ast.Call):
-        yield from node.args
+        return node.left, node.right
+    if isinstance(node, ast.Match):
+        return (node.left,)
+    if isinstance(node, ast.Not):
+        return (node.operand,)
+    if isinstance(node, ast.ListLit):
+        return node.items
+    if isinstance(node, ast.Call):
+        return node.args
+    return ()
 
 
 def _reads_envelope(node: ast.Expr) -> bool:
