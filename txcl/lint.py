@@ -42,7 +42,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from txcl import ast, inputs
 from txcl.envelope import (
@@ -816,7 +816,7 @@ def lint_tree(
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
         layout, read, deferred = _load(
-            lambda: load_tree(root, keep_files=True, cache=cache, check_only=True), cache
+            lambda c: load_tree(root, keep_files=True, cache=c, check_only=True), cache
         )
         stacks = _stacks_read(read)
         problems = [*layout, *_lint_stacks(stacks, registry, read, deferred, cache, salt)]
@@ -846,7 +846,7 @@ def lint_target(
     salt = _findings_salt(registry)
     with no_cyclic_gc():
         layout, read, deferred = _load(
-            lambda: load_target(path, keep_files=True, cache=cache, check_only=True), cache
+            lambda c: load_target(path, keep_files=True, cache=c, check_only=True), cache
         )
         problems = [*layout, *_lint_stacks([files], registry, read, deferred, cache, salt)]
         del read
@@ -854,18 +854,34 @@ def lint_target(
 
 
 def _load(
-    load: Callable[[], Tree], cache: CompileCache | None
+    load: Callable[[CompileCache | None], Tree], cache: CompileCache | None
 ) -> tuple[list[Problem], Mapping[str, ReadFile], frozenset[str]]:
     """The layout problems of a check_only load, the rule files it read, and which of them
-    are not in the cache: with a cache the load's walk parses nothing, and their entries
-    are empty (_lint_stacks checks them)."""
+    are not in the cache: the load's walk parses nothing, and their entries are empty
+    (_lint_stacks checks them). Without a cache, that is every file."""
     if cache is None:
-        loaded, deferred = load(), []
+        nothing = _NothingCached()
+        loaded, deferred = load(cast("CompileCache", nothing)), nothing.deferred
     else:
         with cache.deferring() as deferred:
-            loaded = load()
+            loaded = load(cache)
     layout = [_as_lint(p) for p in loaded.problems if p.code == "txcl_load_error"]
     return layout, loaded.read, frozenset(deferred)
+
+
+class _NothingCached:
+    """The compile cache of a lint without one (--no-cache), for its walk, which calls
+    only get(): it holds nothing, so the walk parses no file, and lint checks them all
+    (by a pool when there are many) as it checks what a cache misses."""
+
+    def __init__(self) -> None:
+        self.deferred: list[str] = []
+
+    def get(self, path: str, text: str) -> CachedFile:
+        from txcl.compile_cache import CachedFile
+
+        self.deferred.append(path)
+        return CachedFile(None, ())
 
 
 def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
@@ -913,7 +929,7 @@ def _lint_stacks(
             (file, k.source, None if file in deferred else k.checked)
             for file, k in zip(files, known, strict=True)
         ]))
-    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred))
+    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred), cache is not None)
     for (key, job), (entries, found) in zip(jobs, done, strict=True):
         if cache is not None:
             for (path, text, _), entry in zip(job, entries, strict=True):
@@ -928,10 +944,11 @@ def _lint_stacks(
 
 
 def _check_stack(
-    files: list[_FileJob], registry: OpRegistry | None, salt: str
+    files: list[_FileJob], registry: OpRegistry | None, salt: str, keep: bool = True
 ) -> tuple[list[CachedFile | None], tuple[Problem, ...]]:
-    """A stack's findings, and each file's new cache entry (None: as it was), kept without
-    its syntax tree: what lint needs again is the findings."""
+    """A stack's findings, and each file's new cache entry (None: as it was, or not `keep`:
+    there is no cache), kept without its syntax tree: what lint needs again is the
+    findings."""
     from txcl.compile_cache import CachedFile
 
     problems: list[Problem] = []
@@ -943,14 +960,16 @@ def _check_stack(
             found = _lint_path(Path(path), registry)
         elif checked is None:
             tree, parse_problems, found = _check_text(text, path, registry)
-            entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
+            if keep:
+                entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
         elif (cached := checked.findings) and cached[0] == salt and isinstance(
             cached[1], _FileLint
         ):
             found = cached[1]
         else:
             found = _lint_parsed(text, path, checked.file, checked.problems, registry)
-            entry = checked.with_findings(salt, found).without_tree()
+            if keep:
+                entry = checked.with_findings(salt, found).without_tree()
         problems.extend(p for p in found.problems if p.check != "layout")
         linted.append(found)
         entries.append(entry)
@@ -963,33 +982,38 @@ def _check_stack(
 # Fewer files to parse than this are parsed in this process: a pool costs its start.
 POOL_MIN_FILES: Final = 200
 _POOL_MAX_WORKERS: Final = 8
-_pool_job: tuple[OpRegistry | None, str] = (None, "")  # what the workers check against
+# what the workers check against, and whether they send entries back for a cache
+_pool_job: tuple[OpRegistry | None, str, bool] = (None, "", False)
 
 _Done = tuple[list["CachedFile | bytes | None"], tuple[Problem, ...]]
 
 
 def _run_jobs(
-    jobs: list[list[_FileJob]], registry: OpRegistry | None, salt: str, to_parse: int
+    jobs: list[list[_FileJob]],
+    registry: OpRegistry | None,
+    salt: str,
+    to_parse: int,
+    keep: bool = True,
 ) -> Iterator[_Done]:
     """_check_stack() of each job, in order: in this process, or by a pool of forked
     processes (pool_workers) that send each new entry back encoded."""
     workers = pool_workers(to_parse)
     if not workers:
         for files in jobs:
-            entries, found = _check_stack(files, registry, salt)
+            entries, found = _check_stack(files, registry, salt, keep)
             yield list(entries), found
         return
     global _pool_job
     import multiprocessing
 
-    _pool_job = (registry, salt)  # the workers are forked: they inherit it
+    _pool_job = (registry, salt, keep)  # the workers are forked: they inherit it
     for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
         stream.flush()
     try:
         with multiprocessing.get_context("fork").Pool(workers, _quiet_worker) as pool:
             yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
     finally:
-        _pool_job = (None, "")
+        _pool_job = (None, "", False)
 
 
 def _quiet_worker() -> None:
@@ -1001,8 +1025,7 @@ def _pooled_stack(files: list[_FileJob]) -> _Done:
     """In a pool worker: _check_stack(), its new entries encoded for the trip back."""
     from txcl.compile_cache import encode_entry
 
-    registry, salt = _pool_job
-    entries, found = _check_stack(files, registry, salt)
+    entries, found = _check_stack(files, *_pool_job)
     return [None if e is None else encode_entry(e) for e in entries], found
 
 
