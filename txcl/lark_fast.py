@@ -300,8 +300,9 @@ class FileParser:
                     return None  # a character no terminal takes
                 pos = stop  # blanks at the end of the text
                 continue
-            value = found[kind]
-            column = stop - len(value) - line_start + 1
+            start = found.end(1)  # behind the blanks
+            value = text[start:stop]
+            column = start - line_start + 1
             if kind == "_NL":
                 tokens.append(scanned(Scanned, (kind, value, line, column)))
                 line += 1
@@ -327,8 +328,11 @@ _CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
 def _token_pattern(grammar: Lark) -> re.Pattern[str]:
     """The grammar's terminals as one regex, in the order lark's basic lexer tries them
     (priority, then longest possible match, then longest pattern, then name), behind the
-    blanks lark ignores: one match per token. An ignored terminal other than the blanks
-    (a comment) keeps its group; with no terminal after the blanks the match is blanks only."""
+    blanks lark ignores (group 1): one match per token. An ignored terminal other than the
+    blanks (a comment) keeps its group; with no terminal after the blanks the match is blanks
+    only. Each terminal's group is an empty one closing its alternative (lastgroup names
+    it): a group in front would hide the alternative's first character or set from the
+    regex engine, which skips an alternative that cannot start there without entering it."""
     terminals = sorted(
         grammar.terminals,
         key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
@@ -338,5 +342,5 @@ def _token_pattern(grammar: Lark) -> re.Pattern[str]:
         for t in terminals
         if t.name in grammar.ignore_tokens and t.name != "COMMENT"
     )
-    alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
-    return re.compile(f"(?:{blanks})*+(?:{alternatives})?")
+    alternatives = "|".join(f"(?:{t.pattern.to_regexp()})(?P<{t.name}>)" for t in terminals)
+    return re.compile(f"((?:{blanks})*+)(?:{alternatives})?")
