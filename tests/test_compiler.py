@@ -13,6 +13,7 @@ from txcl.compiler import (
     CompiledRule,
     ExecStep,
     SetStep,
+    check_file,
     compile_file,
     expr_text,
     parse_path_list,
@@ -168,8 +169,12 @@ def test_with_arguments_drop_missing_values_and_turn_multis_into_lists() -> None
 
 
 def compile_errors(source: str) -> list[str]:
+    """The problems compile_file raises, which check_file (lint's path) raises alike."""
     with pytest.raises(TxclCompileError) as err:
         compile_file(parse(source, "r.txcl"))
+    with pytest.raises(TxclCompileError) as checked:
+        check_file(parse(source, "r.txcl"))
+    assert checked.value.problems == err.value.problems
     assert all(p.code == "txcl_compile_error" for p in err.value.problems)
     return [f"{p.pos}: {p.message}" for p in err.value.problems]
 
@@ -321,3 +326,27 @@ def test_a_jsonpath_repeated_across_files_is_judged_alike_with_each_position() -
     assert first[0].jsonpaths == second[0].jsonpaths == frozenset({good})
     assert first[0].test({"a": [{"b": 1}]}) is not None
     assert second[0].test({"a": [{"b": 2}]}) is None
+
+
+@pytest.mark.parametrize("source", [
+    "SET @lmtp.res.recipients.*.code = 250\n",
+    "WHEN @lmtp.rcpt.* =~ /^b@/\nSET @lmtp.res.recipients.*.code = 250\n",
+    "WHEN @lmtp.rcpt.*.*.x == 1\nSET tag.x = 1\n",
+    "SET tag.10000 = 1\nSET tag.x = nosuch(1)\n",
+    'SET tag.x = 1\nWITH timeout = "5s"\nWITH timeout = 2\nWITH omit = "@a.b"\nEXEC "op://A"\n',
+    'WHEN @a =~ /(?P<n>x)/\nSET tag.y = match.n\nEXEC "op://A.b-c"\nEXEC "op://"\n',
+    "SET tag.x = 1\n",
+])
+def test_check_file_finds_what_compile_file_finds(source: str) -> None:
+    tree = parse(source, "r.txcl")
+    try:
+        compile_file(tree)
+        expected: tuple[object, ...] = ()
+    except TxclCompileError as err:
+        expected = err.problems
+    try:
+        check_file(tree)
+        found: tuple[object, ...] = ()
+    except TxclCompileError as err:
+        found = err.problems
+    assert found == expected

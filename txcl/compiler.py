@@ -544,115 +544,148 @@ def compile_rule(
     the problems only."""
     rc = _RuleCompiler(problems)
     when_text = expr_text if texts else _no_text
-    target_text = path_text if texts else _no_text
     whens = tuple(CompiledWhen(when_text(w.expr), w.pos, rc.expr(w.expr)) for w in rule.whens)
-    steps: list[Step] = []
-    args: list[tuple[str, Eval]] = []
-    seen_keys: dict[str, Pos] = {}
-    omit: tuple[str, ...] = ()
-    redact: tuple[str, ...] = ()
-    timeout_s: float | None = None
-    ops: list[str] = []
-    writes: set[tuple[ast.Segment, ...]] = set()
-
-    for stmt in rule.body:
-        if isinstance(stmt, ast.Set):
-            target = stmt.target
-            if not isinstance(target, ast.Path):
-                rc.problem("SET needs a plain path (a JSONPath may name several places)", stmt.pos)
-                continue
-            if not target.segments or target.segments[0] == MATCH_ROOT:
-                rc.problem(
-                    f"SET {segments_text(target.segments)}: match.* holds the WHENs' regex "
-                    "groups and is read-only",
-                    target.pos,
-                )
-                continue
-            value = rc.expr(stmt.value)
-            if WILDCARD in target.segments:
-                steps_or_problem = _wildcard_step(stmt, target, value, rc)
-                if steps_or_problem is not None:
-                    writes.add(target.segments)
-                    steps.append(steps_or_problem)
-                continue
-            try:
-                write = compile_setter(target)
-            except TxclCompileError as err:
-                problems.extend(err.problems)
-                continue
-            writes.add(target.segments)
-            steps.append(
-                SetStep(
-                    stmt.pos,
-                    target.segments,
-                    target_text(target.segments),
-                    value,
-                    write,
-                    compile_getter(target),
-                    _scalar_literal(stmt.value),
-                )
-            )
-        elif isinstance(stmt, ast.Exec):
-            name = _exec_op(stmt, problems)
-            if name is not None:
-                steps.append(ExecStep(stmt.pos, stmt.uri, name))
-                if name not in ops:
-                    ops.append(name)
-        elif isinstance(stmt, ast.With):
-            key = stmt.key
-            if key in seen_keys:
-                rc.problem(
-                    f"WITH {key} is given twice in this rule (first at {seen_keys[key]})", stmt.pos
-                )
-                continue
-            seen_keys[key] = stmt.pos
-            if key == "timeout":
-                literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
-                timeout_s = parse_timeout(literal)
-                if timeout_s is None:
-                    rc.problem(
-                        f'WITH timeout = {expr_text(stmt.value)}: give a duration such as "5s", '
-                        f'"500ms" or a number of seconds, above 0 and at most {MAX_TIMEOUT_S:g}s',
-                        stmt.pos,
-                    )
-            elif key in ("omit", "redact"):
-                literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
-                paths = parse_path_list(literal) if isinstance(literal, str) else None
-                if paths is None:
-                    rc.problem(
-                        f"WITH {key} = {expr_text(stmt.value)}: give a string with a comma "
-                        'list of full paths, such as "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"',
-                        stmt.pos,
-                    )
-                elif key == "omit":
-                    omit = paths
-                else:
-                    redact = paths
-            else:
-                args.append((key, rc.expr(stmt.value)))
-        else:
-            rc.problem(f"not a body statement: {type(stmt).__name__}", _pos_of(stmt))
-
+    body = _Body(rc, path_text if texts else _no_text)
+    body.compile(rule)
     captures = tuple(sorted(rc.captures))
-    if any(isinstance(step, SetStep) and step.wildcard for step in steps) and not rc.binds:
-        rc.problem("a SET target with `*` needs a WHEN that binds it (`WHEN @lmtp.rcpt.* ...`)",
-                   rule.pos)
     return CompiledRule(
         file=file,
         pos=rule.pos,
         whens=whens,
-        steps=tuple(steps),
-        args=tuple(args),
-        omit=frozenset(omit),
-        redact=frozenset(redact),
-        timeout_s=timeout_s,
-        ops=tuple(ops),
+        steps=tuple(body.steps),
+        args=tuple(body.args),
+        omit=frozenset(body.omit),
+        redact=frozenset(body.redact),
+        timeout_s=body.timeout_s,
+        ops=tuple(body.ops),
         reads=frozenset(rc.reads),
         jsonpaths=frozenset(rc.jsonpaths),
-        writes=frozenset(writes),
+        writes=frozenset(body.writes),
         captures=captures,
         test=_rule_test(whens, bool(captures) or rc.binds),
     )
+
+
+def _check_rule(rule: ast.Rule, problems: list[Problem]) -> None:
+    """compile_rule's problems, without building what only a run uses (the steps, the rule)."""
+    rc = _RuleCompiler(problems)
+    for when in rule.whens:
+        rc.expr(when.expr)
+    _Body(rc, None).compile(rule)
+
+
+class _Body:
+    """Compiles the SET, EXEC and WITH lines of one rule, collecting problems (through the
+    rule's _RuleCompiler, whose WHENs are compiled first: a `*` SET needs a WHEN binding
+    it). With no `target_text`, only the problems are wanted: no step is built."""
+
+    def __init__(self, rc: _RuleCompiler, target_text: Callable[[Any], str] | None) -> None:
+        self.rc = rc
+        self.target_text = target_text
+        self.steps: list[Step] = []
+        self.args: list[tuple[str, Eval]] = []
+        self.seen_keys: dict[str, Pos] = {}
+        self.omit: tuple[str, ...] = ()
+        self.redact: tuple[str, ...] = ()
+        self.timeout_s: float | None = None
+        self.ops: list[str] = []
+        self.writes: set[tuple[ast.Segment, ...]] = set()
+        self.wildcard_set = False  # a SET target with `*`
+
+    def compile(self, rule: ast.Rule) -> None:
+        rc = self.rc
+        for stmt in rule.body:
+            if isinstance(stmt, ast.Set):
+                self.set(stmt)
+            elif isinstance(stmt, ast.Exec):
+                name = _exec_op(stmt, rc.problems)
+                if name is not None:
+                    self.steps.append(ExecStep(stmt.pos, stmt.uri, name))
+                    if name not in self.ops:
+                        self.ops.append(name)
+            elif isinstance(stmt, ast.With):
+                self.with_(stmt)
+            else:
+                rc.problem(f"not a body statement: {type(stmt).__name__}", _pos_of(stmt))
+        if self.wildcard_set and not rc.binds:
+            rc.problem("a SET target with `*` needs a WHEN that binds it (`WHEN @lmtp.rcpt.* ...`)",
+                       rule.pos)
+
+    def set(self, stmt: ast.Set) -> None:
+        rc = self.rc
+        target = stmt.target
+        if not isinstance(target, ast.Path):
+            rc.problem("SET needs a plain path (a JSONPath may name several places)", stmt.pos)
+            return
+        if not target.segments or target.segments[0] == MATCH_ROOT:
+            rc.problem(
+                f"SET {segments_text(target.segments)}: match.* holds the WHENs' regex "
+                "groups and is read-only",
+                target.pos,
+            )
+            return
+        value = rc.expr(stmt.value)
+        if WILDCARD in target.segments:
+            step = _wildcard_step(stmt, target, value, rc)
+            if step is not None:
+                self.wildcard_set = True
+                self.writes.add(target.segments)
+                self.steps.append(step)
+            return
+        try:
+            write = compile_setter(target)
+        except TxclCompileError as err:
+            rc.problems.extend(err.problems)
+            return
+        self.writes.add(target.segments)
+        if self.target_text is None:
+            return
+        self.steps.append(
+            SetStep(
+                stmt.pos,
+                target.segments,
+                self.target_text(target.segments),
+                value,
+                write,
+                compile_getter(target),
+                _scalar_literal(stmt.value),
+            )
+        )
+
+    def with_(self, stmt: ast.With) -> None:
+        rc = self.rc
+        key = stmt.key
+        if key in self.seen_keys:
+            rc.problem(
+                f"WITH {key} is given twice in this rule (first at {self.seen_keys[key]})",
+                stmt.pos,
+            )
+            return
+        self.seen_keys[key] = stmt.pos
+        if key == "timeout":
+            literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
+            self.timeout_s = parse_timeout(literal)
+            if self.timeout_s is None:
+                rc.problem(
+                    f'WITH timeout = {expr_text(stmt.value)}: give a duration such as "5s", '
+                    f'"500ms" or a number of seconds, above 0 and at most {MAX_TIMEOUT_S:g}s',
+                    stmt.pos,
+                )
+        elif key in ("omit", "redact"):
+            literal = stmt.value.value if isinstance(stmt.value, ast.Literal) else None
+            paths = parse_path_list(literal) if isinstance(literal, str) else None
+            if paths is None:
+                rc.problem(
+                    f"WITH {key} = {expr_text(stmt.value)}: give a string with a comma "
+                    'list of full paths, such as "_txc.lmtp.msg.raw, _txc.lmtp.msg.attachments"',
+                    stmt.pos,
+                )
+            elif key == "omit":
+                self.omit = paths
+            else:
+                self.redact = paths
+        else:
+            self.args.append((key, rc.expr(stmt.value)))
 
 
 def _wildcard_step(
@@ -704,11 +737,11 @@ def compile_file(file: ast.File) -> tuple[CompiledRule, ...]:
 
 
 def check_file(file: ast.File) -> None:
-    """Raise what compile_file() raises, without the texts only a run shows: for `txcl lint`,
-    which wants the problems, not the compiled rules."""
+    """Raise what compile_file() raises, without building the rules only a run uses: for
+    `txcl lint`, which wants the problems, not the compiled rules."""
     problems: list[Problem] = []
     for rule in file.rules:
-        compile_rule(rule, file.name, problems, texts=False)
+        _check_rule(rule, problems)
     _raise_any(problems)
 
 

@@ -10,7 +10,8 @@ instance that parser.py builds anyway and takes from it:
   (`lark.parsers.lalr_parser_state.ParserState`), laid out again with each reduction's length,
   origin and callback, and driven by lark's own LALR loop rewritten over that layout (one
   dict lookup per action), with a reduce callback per rule that calls parser.py's builders
-  directly.
+  directly. A run of reductions that only pass a value up (`?expr: or_expr`, ...) is looked
+  up as one step: only the state changes, and where it ends depends on the state below.
 
 Anything surprising at setup (an import that fails, a lark outside VERIFIED_LARK, a table of
 another shape, a rule without a builder) raises Unavailable, and parser.py parses with the
@@ -66,8 +67,11 @@ def _lark_version() -> tuple[int, int]:
 _PASS_ONE: Final = operator.itemgetter(0)
 _SHIFT: Final = "shift"
 _REDUCE: Final = "reduce"
-# A table entry: (_SHIFT, next state) or (_REDUCE, values popped, builder, rule's origin); the
-# builder is None for a rule of one symbol that passes its value up as it is.
+_PASS: Final = "pass"
+# A table entry: (_SHIFT, next state), (_REDUCE, values popped, builder, rule's origin), or
+# (_PASS, {state below: (state, entry or None)}) for a run of reductions of one symbol that
+# pass their value up as it is: the state they end in, under the state below the current
+# one, and the entry that state has for the same token (None: a syntax error there).
 _Action = tuple[Any, ...]
 
 
@@ -77,7 +81,54 @@ def _actions(
     shift: Any,
     reduce: Any,
 ) -> dict[Any, dict[str, _Action]]:
-    """lark's table with each reduction's length, builder and origin looked up once."""
+    """lark's table with each reduction's length, builder and origin looked up once, and
+    each run of pass-up reductions folded into one entry (_folded)."""
+    return _folded(_laid_out(states, builders, shift, reduce))
+
+
+def _folded(table: dict[Any, dict[str, _Action]]) -> dict[Any, dict[str, _Action]]:
+    """The table with each pass-up reduction (`(_REDUCE, 1, None, origin)`) replaced by the
+    _PASS entry of the run of them it starts, for every state that can lie below it (one
+    with a goto on the origin). The run ends in a state whose entry for the token is not a
+    pass-up reduction; runs cannot loop (each reduction moves up the grammar)."""
+
+    def run(below: Any, state: Any, kind: str) -> tuple[Any, _Action | None] | None:
+        """Where the run from `state` ends over `below`; None if `below` has no goto on the
+        way (it is never below `state` in a parse)."""
+        action: _Action | None = table[state].get(kind)
+        while action is not None and action[0] is _REDUCE and action[2] is None:
+            goto = table[below].get(action[3])
+            if goto is None:
+                return None
+            state = goto[1]
+            action = table[state].get(kind)
+        return state, action
+
+    def folded(state: Any, kind: str, origin: str) -> _Action:
+        ends = {below: run(below, state, kind) for below in below_of.get(origin, ())}
+        return (_PASS, {below: end for below, end in ends.items() if end is not None})
+
+    below_of: dict[str, list[Any]] = {}  # a rule's origin -> the states with a goto on it
+    for state, row in table.items():
+        for symbol, action in row.items():
+            if action[0] is _SHIFT and not symbol.isupper():
+                below_of.setdefault(symbol, []).append(state)
+    return {
+        state: {
+            kind: folded(state, kind, action[3])
+            if action[0] is _REDUCE and action[2] is None else action
+            for kind, action in row.items()
+        }
+        for state, row in table.items()
+    }
+
+
+def _laid_out(
+    states: Mapping[Any, Mapping[str, tuple[Any, Any]]],
+    builders: Mapping[str, Builder],
+    shift: Any,
+    reduce: Any,
+) -> dict[Any, dict[str, _Action]]:
     built: dict[int, _Action] = {}
 
     def reduction(rule: Any) -> _Action:
@@ -138,6 +189,9 @@ def _reduce_callback(rule: Any, builders: Mapping[str, Builder]) -> Callable[[li
         return lambda values: [values[i] for i in kept]
     if len(kept) == len(rule.expansion):
         return build
+    if len(kept) > 1:
+        pick = operator.itemgetter(*kept)  # a tuple of the kept values
+        return lambda values: build(pick(values))
     return lambda values: build([values[i] for i in kept])
 
 
@@ -200,20 +254,22 @@ class FileParser:
         push_state, push_value = states.append, values.append
         for token in tokens:
             kind = token.type
+            action = actions[state].get(kind)
             while True:
-                action = actions[state].get(kind)
                 if action is None:
                     expected = {k for k in actions[state] if k.isupper()}
                     raise UnexpectedToken(token, expected)
-                if action[0] is _SHIFT:
+                tag = action[0]
+                if tag is _SHIFT:
                     state = action[1]
                     push_state(state)
                     push_value(token)
                     break
-                _, size, build, origin = action
-                if build is None:  # `?rule` passing its one value up: only the state changes
-                    state = states[-1] = actions[states[-2]][origin][1]
+                if tag is _PASS:  # `?rule`s passing their one value up: only the state changes
+                    state, action = action[1][states[-2]]
+                    states[-1] = state
                     continue
+                _, size, build, origin = action
                 if size:
                     popped = values[-size:]
                     del states[-size:]
@@ -225,6 +281,7 @@ class FileParser:
                 push_value(build(popped))
                 if token is _END and state == end:
                     return values[-1]
+                action = actions[state].get(kind)
         raise UnexpectedToken(_END, set())  # cannot happen: $END reduces to the end state
 
     def _tokenize(self, text: str) -> list[Scanned] | None:
@@ -243,8 +300,9 @@ class FileParser:
                     return None  # a character no terminal takes
                 pos = stop  # blanks at the end of the text
                 continue
-            value = found[kind]
-            column = stop - len(value) - line_start + 1
+            start = found.end(1)  # behind the blanks
+            value = text[start:stop]
+            column = start - line_start + 1
             if kind == "_NL":
                 tokens.append(scanned(Scanned, (kind, value, line, column)))
                 line += 1
@@ -270,8 +328,11 @@ _CLOSERS: Final = frozenset({"_RPAR", "_RSQB"})
 def _token_pattern(grammar: Lark) -> re.Pattern[str]:
     """The grammar's terminals as one regex, in the order lark's basic lexer tries them
     (priority, then longest possible match, then longest pattern, then name), behind the
-    blanks lark ignores: one match per token. An ignored terminal other than the blanks
-    (a comment) keeps its group; with no terminal after the blanks the match is blanks only."""
+    blanks lark ignores (group 1): one match per token. An ignored terminal other than the
+    blanks (a comment) keeps its group; with no terminal after the blanks the match is blanks
+    only. Each terminal's group is an empty one closing its alternative (lastgroup names
+    it): a group in front would hide the alternative's first character or set from the
+    regex engine, which skips an alternative that cannot start there without entering it."""
     terminals = sorted(
         grammar.terminals,
         key=lambda t: (-t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name),
@@ -281,5 +342,5 @@ def _token_pattern(grammar: Lark) -> re.Pattern[str]:
         for t in terminals
         if t.name in grammar.ignore_tokens and t.name != "COMMENT"
     )
-    alternatives = "|".join(f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals)
-    return re.compile(f"(?:{blanks})*+(?:{alternatives})?")
+    alternatives = "|".join(f"(?:{t.pattern.to_regexp()})(?P<{t.name}>)" for t in terminals)
+    return re.compile(f"((?:{blanks})*+)(?:{alternatives})?")

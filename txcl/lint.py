@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from txcl import ast, inputs
 from txcl.envelope import (
@@ -152,20 +152,30 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
 
 @dataclass(frozen=True)
 class _Verdict:
-    """A SET of `_txc.<src>.res.recipients.<index>.code`, for the stack-wide gap check."""
+    """A SET of `_txc.<src>.res.recipients.<index>.code`, for the stack-wide gap check; its
+    source line gives the finding's context, made only if there is a finding."""
 
     index: int
     pos: Pos
-    context: str
+    line: str
+
+    @property
+    def context(self) -> str:
+        return caret_context(self.line, self.pos.column)
 
 
 @dataclass(frozen=True)
 class _LocalRead:
-    """A read of a stack path (not under `_txc`, not a regex group), for the stack-wide check."""
+    """A read of a stack path (not under `_txc`, not a regex group), for the stack-wide
+    check; its source line as for _Verdict."""
 
     segments: tuple[ast.Segment, ...]
     pos: Pos
-    context: str
+    line: str
+
+    @property
+    def context(self) -> str:
+        return caret_context(self.line, self.pos.column)
 
 
 @dataclass(frozen=True)
@@ -268,7 +278,7 @@ class _RuleChecks:
 
     def __init__(self, lines: list[str], registry: OpRegistry | None) -> None:
         self.lines = lines
-        self.op_names = registry.names() if registry is not None else None
+        self.registry = registry
         self.problems: list[Problem] = []
         self.verdicts: list[_Verdict] = []
         self.local_reads: list[_LocalRead] = []
@@ -316,30 +326,27 @@ class _RuleChecks:
             return
         if isinstance(slot, int):
             pos = stmt.target.pos
-            context = caret_context(self.lines[pos.line - 1], pos.column)
-            self.verdicts.append(_Verdict(slot, pos, context))
+            self.verdicts.append(_Verdict(slot, pos, self.lines[pos.line - 1]))
 
     # -- what a SET under res can never be ---------------------------------------------------
 
     def verdict_value(self, segments: tuple[ast.Segment, ...], part: str, value: ast.Expr) -> None:
         """A SET of a verdict's part (`_verdict_part`) whose value is of a kind the verdict
         rules (txcl.envelope.verdict_problem, the inlet's resolution) can never accept."""
-        target = _dotted(segments)
-        shown = _expr_text(value)
         if part == "code" and isinstance(value, ast.Literal):
             if not valid_code(value.value):
                 self.report(
                     "verdict-code",
-                    f"SET {target} = {shown}: a verdict code is an integer in 200-299 or "
-                    "400-599; anything else fails the run (451)",
+                    f"SET {_dotted(segments)} = {_expr_text(value)}: a verdict code is an "
+                    "integer in 200-299 or 400-599; anything else fails the run (451)",
                     value.pos,
                 )
             return
         kinds, items = self.set_value_kinds(value)
         if not kinds:
             return
-        what = f"{shown} is {_kinds_text(kinds)}"
         if part == "code" and kinds.isdisjoint(_NUMBERS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             hint = (f"; to answer each recipient, SET {_dotted(segments[:3])}.recipients.N.code"
                     if "array" in kinds else "")
             self.report(
@@ -349,12 +356,14 @@ class _RuleChecks:
                 value.pos,
             )
         elif part == "msg" and "string" not in kinds and kinds != {"null"}:
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-msg",
                 f"SET {target} = {shown}: {what}, not a string: the reply shows it as text",
                 value.pos,
             )
         elif part == "res" and kinds.isdisjoint(_SLOT_KINDS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-form",
                 f"SET {target} = {shown}: {what}, but {target} is an object (code and msg, or "
@@ -362,8 +371,9 @@ class _RuleChecks:
                 value.pos,
             )
         elif part == "recipients":
-            self.verdict_slots(target, shown, what, kinds, items, value)
+            self.verdict_slots(segments, kinds, items, value)
         elif part == "slot" and kinds.isdisjoint(_SLOT_KINDS):
+            target, shown, what = _verdict_texts(segments, value, kinds)
             self.report(
                 "verdict-form",
                 f"SET {target} = {shown}: {what}, but a recipient slot is an object "
@@ -371,9 +381,10 @@ class _RuleChecks:
                 value.pos,
             )
 
-    def verdict_slots(self, target: str, shown: str, what: str, kinds: frozenset[str],
+    def verdict_slots(self, segments: tuple[ast.Segment, ...], kinds: frozenset[str],
                       items: frozenset[str], value: ast.Expr) -> None:
         """`res.recipients` is a list of slots, each an object {code, msg} or null."""
+        target, shown, what = _verdict_texts(segments, value, kinds)
         if kinds.isdisjoint({"array", "null"}):
             hint = (f"; to answer every recipient alike, SET {target.removesuffix('.recipients')}"
                     ".code" if kinds & _NUMBERS else "")
@@ -432,9 +443,12 @@ class _RuleChecks:
                 self.path(current)
             elif isinstance(current, ast.Compare):
                 self.compare(current)
+                stack += current.left, current.right
             elif isinstance(current, ast.Match):
                 self.match(current)
-            stack.extend(_children(current))
+                stack.append(current.left)
+            elif not isinstance(current, ast.Literal):
+                stack.extend(_children(current))
 
     def lookup(self, path: ast.Path) -> Lookup | None:
         from txcl.schema import SchemaError
@@ -451,9 +465,7 @@ class _RuleChecks:
         segments = path.segments
         if segments and segments[0] != TXC and segments[0] != _MATCH_ROOT:
             line = self.lines[path.pos.line - 1] if 0 < path.pos.line <= len(self.lines) else ""
-            self.local_reads.append(
-                _LocalRead(segments, path.pos, caret_context(line, path.pos.column))
-            )
+            self.local_reads.append(_LocalRead(segments, path.pos, line))
             return
         found = self.lookup(path)
         if found is None or found.unknown is None:
@@ -540,14 +552,15 @@ class _RuleChecks:
         return kinds
 
     def exec(self, stmt: ast.Exec) -> None:
-        if self.op_names is None or not stmt.uri.startswith(_OP_SCHEME):
+        if self.registry is None or not stmt.uri.startswith(_OP_SCHEME):
             return  # without a registry nothing is known; a bad URI is a compile problem
         name = stmt.uri[len(_OP_SCHEME) :]
-        if name in self.op_names:
+        if name in self.registry:
             return
-        close = difflib.get_close_matches(name, sorted(self.op_names), n=1)
+        op_names = sorted(self.registry.names())
+        close = difflib.get_close_matches(name, op_names, n=1)
         hint = f'; did you mean "op://{close[0]}"?' if close else ""
-        known = ", ".join(sorted(self.op_names)) or "none"
+        known = ", ".join(op_names) or "none"
         self.report("unknown-op", f"unknown op {name!r} (known: {known}){hint}", stmt.pos)
 
     def with_(self, stmt: ast.With, rule_execs: bool) -> None:
@@ -625,6 +638,15 @@ def _verdict_part(segments: tuple[ast.Segment, ...]) -> str | None:
     return rest[0] if len(rest) == 1 and rest[0] in ("code", "msg") else None
 
 
+def _verdict_texts(
+    segments: tuple[ast.Segment, ...], value: ast.Expr, kinds: frozenset[str]
+) -> tuple[str, str, str]:
+    """How a finding about a verdict SET names its target, its value and the value's kinds
+    (made only for a finding: formatting the value is the costly part)."""
+    shown = _expr_text(value)
+    return _dotted(segments), shown, f"{shown} is {_kinds_text(kinds)}"
+
+
 def _expr_text(node: ast.Expr) -> str:
     from txcl.fmt import format_expr
 
@@ -674,18 +696,18 @@ def _dotted(segments: tuple[ast.Segment, ...]) -> str:
     return path_text(segments, at=True)
 
 
-def _children(node: ast.Expr) -> Iterator[ast.Expr]:
+def _children(node: ast.Expr) -> tuple[ast.Expr, ...]:
     if isinstance(node, ast.And | ast.Or | ast.Compare | ast.Add):
-        yield node.left
-        yield node.right
-    elif isinstance(node, ast.Match):
-        yield node.left
-    elif isinstance(node, ast.Not):
-        yield node.operand
-    elif isinstance(node, ast.ListLit):
-        yield from node.items
-    elif isinstance(node, ast.Call):
-        yield from node.args
+        return node.left, node.right
+    if isinstance(node, ast.Match):
+        return (node.left,)
+    if isinstance(node, ast.Not):
+        return (node.operand,)
+    if isinstance(node, ast.ListLit):
+        return node.items
+    if isinstance(node, ast.Call):
+        return node.args
+    return ()
 
 
 def _reads_envelope(node: ast.Expr) -> bool:
@@ -797,7 +819,7 @@ def lint_tree(
         if cache is not None:
             return _sorted(_lint_tree_indexed(root, registry, cache, salt))
         layout, read, deferred = _load(
-            lambda: load_tree(root, keep_files=True, check_only=True), None
+            lambda c: load_tree(root, keep_files=True, cache=c, check_only=True), None
         )
         stacks = _stacks_read(read)
         found = _lint_stacks(stacks, registry, read, deferred, None, salt)
@@ -868,7 +890,7 @@ def lint_target(
     salt = _findings_salt(registry)
     with no_cyclic_gc():
         layout, read, deferred = _load(
-            lambda: load_target(path, keep_files=True, cache=cache, check_only=True), cache
+            lambda c: load_target(path, keep_files=True, cache=c, check_only=True), cache
         )
         (found,) = _lint_stacks([files], registry, read, deferred, cache, salt)
         problems = [*layout, *found]
@@ -877,16 +899,17 @@ def lint_target(
 
 
 def _load(
-    load: Callable[[], Tree], cache: CompileCache | None
+    load: Callable[[CompileCache | None], Tree], cache: CompileCache | None
 ) -> tuple[list[Problem], Mapping[str, ReadFile], frozenset[str]]:
     """The layout problems of a check_only load, the rule files it read, and which of them
-    are not in the cache: with a cache the load's walk parses nothing, and their entries
-    are empty (_lint_stacks checks them)."""
+    are not in the cache: the load's walk parses nothing, and their entries are empty
+    (_lint_stacks checks them). Without a cache, that is every file."""
     if cache is None:
-        loaded, deferred = load(), []
+        nothing = _NothingCached()
+        loaded, deferred = load(cast("CompileCache", nothing)), nothing.deferred
     else:
         with cache.deferring() as deferred:
-            loaded = load()
+            loaded = load(cache)
     return _layout(loaded.problems), loaded.read, frozenset(deferred)
 
 
@@ -894,6 +917,21 @@ def _layout(problems: Iterable[Problem]) -> list[Problem]:
     """The load problems among a load's (its parse and compile problems are found again
     with each file's findings), as lint findings."""
     return [_as_lint(p) for p in problems if p.code == "txcl_load_error"]
+
+
+class _NothingCached:
+    """The compile cache of a lint without one (--no-cache), for its walk, which calls
+    only get(): it holds nothing, so the walk parses no file, and lint checks them all
+    (by a pool when there are many) as it checks what a cache misses."""
+
+    def __init__(self) -> None:
+        self.deferred: list[str] = []
+
+    def get(self, path: str, text: str) -> CachedFile:
+        from txcl.compile_cache import CachedFile
+
+        self.deferred.append(path)
+        return CachedFile(None, ())
 
 
 def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
@@ -942,7 +980,7 @@ def _lint_stacks(
             (file, k.source, None if file in deferred else k.checked)
             for file, k in zip(files, known, strict=True)
         ]))
-    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred))
+    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred), cache is not None)
     found_by_job: list[tuple[Problem, ...]] = []
     for (key, job), (entries, found) in zip(jobs, done, strict=True):
         if cache is not None:
@@ -959,10 +997,11 @@ def _lint_stacks(
 
 
 def _check_stack(
-    files: list[_FileJob], registry: OpRegistry | None, salt: str
+    files: list[_FileJob], registry: OpRegistry | None, salt: str, keep: bool = True
 ) -> tuple[list[CachedFile | None], tuple[Problem, ...]]:
-    """A stack's findings, and each file's new cache entry (None: as it was), kept without
-    its syntax tree: what lint needs again is the findings."""
+    """A stack's findings, and each file's new cache entry (None: as it was, or not `keep`:
+    there is no cache), kept without its syntax tree: what lint needs again is the
+    findings."""
     from txcl.compile_cache import CachedFile
 
     problems: list[Problem] = []
@@ -974,14 +1013,16 @@ def _check_stack(
             found = _lint_path(Path(path), registry)
         elif checked is None:
             tree, parse_problems, found = _check_text(text, path, registry)
-            entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
+            if keep:
+                entry = CachedFile(tree, parse_problems).with_findings(salt, found).without_tree()
         elif (cached := checked.findings) and cached[0] == salt and isinstance(
             cached[1], _FileLint
         ):
             found = cached[1]
         else:
             found = _lint_parsed(text, path, checked.file, checked.problems, registry)
-            entry = checked.with_findings(salt, found).without_tree()
+            if keep:
+                entry = checked.with_findings(salt, found).without_tree()
         problems.extend(p for p in found.problems if p.check != "layout")
         linted.append(found)
         entries.append(entry)
@@ -994,33 +1035,38 @@ def _check_stack(
 # Fewer files to parse than this are parsed in this process: a pool costs its start.
 POOL_MIN_FILES: Final = 200
 _POOL_MAX_WORKERS: Final = 8
-_pool_job: tuple[OpRegistry | None, str] = (None, "")  # what the workers check against
+# what the workers check against, and whether they send entries back for a cache
+_pool_job: tuple[OpRegistry | None, str, bool] = (None, "", False)
 
 _Done = tuple[list["CachedFile | bytes | None"], tuple[Problem, ...]]
 
 
 def _run_jobs(
-    jobs: list[list[_FileJob]], registry: OpRegistry | None, salt: str, to_parse: int
+    jobs: list[list[_FileJob]],
+    registry: OpRegistry | None,
+    salt: str,
+    to_parse: int,
+    keep: bool = True,
 ) -> Iterator[_Done]:
     """_check_stack() of each job, in order: in this process, or by a pool of forked
     processes (pool_workers) that send each new entry back encoded."""
     workers = pool_workers(to_parse)
     if not workers:
         for files in jobs:
-            entries, found = _check_stack(files, registry, salt)
+            entries, found = _check_stack(files, registry, salt, keep)
             yield list(entries), found
         return
     global _pool_job
     import multiprocessing
 
-    _pool_job = (registry, salt)  # the workers are forked: they inherit it
+    _pool_job = (registry, salt, keep)  # the workers are forked: they inherit it
     for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
         stream.flush()
     try:
         with multiprocessing.get_context("fork").Pool(workers, _quiet_worker) as pool:
             yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
     finally:
-        _pool_job = (None, "")
+        _pool_job = (None, "", False)
 
 
 def _quiet_worker() -> None:
@@ -1032,8 +1078,7 @@ def _pooled_stack(files: list[_FileJob]) -> _Done:
     """In a pool worker: _check_stack(), its new entries encoded for the trip back."""
     from txcl.compile_cache import encode_entry
 
-    registry, salt = _pool_job
-    entries, found = _check_stack(files, registry, salt)
+    entries, found = _check_stack(files, *_pool_job)
     return [None if e is None else encode_entry(e) for e in entries], found
 
 

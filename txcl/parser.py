@@ -413,7 +413,12 @@ def _pos(token: Token | Scanned) -> Pos:
 def _nested(node: _N, *children: object) -> _N:
     """Record how deeply `node` nests; refuse it beyond MAX_NESTING."""
     scan = _SCAN.get()
-    depth = 1 + max((scan.depths.get(id(c), 0) for c in children), default=0)
+    depths = scan.depths
+    depth = 1
+    for child in children:
+        below = depths.get(id(child), 0)
+        if below >= depth:
+            depth = below + 1
     if depth > MAX_NESTING:
         raise _Refused(_TOO_DEEP, node.pos.column - scan.column_shift)
     scan.depths[id(node)] = depth
