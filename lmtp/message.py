@@ -377,14 +377,14 @@ def _parse_simple(data: bytes, needs: MessageNeeds, limits: MimeLimits
     if "text" in needs.fields:
         if end < len(data):  # past the empty line, whichever line ending it has
             end += 2 if data.startswith(b"\r\n", end) else 1
-        body = data[end:]
+        body: bytes | memoryview = memoryview(data)[end:]  # not a copy of a big body
         decode_defects: list[MessageDefect] = []
         if cte == "quoted-printable":
             body = quopri.decodestring(body)
         elif cte == "base64":
-            body, decode_defects = decode_b(b"".join(body.splitlines()))
+            body, decode_defects = decode_b(b"".join(data[end:].splitlines()))
         try:
-            text = body.decode(charset, errors="replace")
+            text = str(body, charset, "replace")  # bytes.decode, for a view as well
         except (LookupError, UnicodeError, ValueError, AssertionError):
             return None  # the full parse has its own way with a charset it cannot use
         msg["text"] = _scrub(_lf(text))
