@@ -255,23 +255,17 @@ def _build_field(msg: dict[str, Any], defects: list[str], name: str,
         defects.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
 
 
+def _empty_msg(data: bytes, needs: MessageNeeds) -> dict[str, Any]:
+    """Every field with its value for a message that has none of it (`raw` if needed)."""
+    return {"id": "", "date": "", "from": [], "to": [], "cc": [], "subject": "", "text": "",
+            "html": "", "headers": {}, "attachments": [], "truncated": False,
+            "raw": b64(data) if "raw" in needs.fields else ""}
+
+
 def _parse_all(data: bytes, needs: MessageNeeds, limits: MimeLimits,
                cancel: threading.Event | None) -> tuple[dict[str, Any], list[str]]:
     defects: list[str] = []
-    msg: dict[str, Any] = {
-        "id": "",
-        "date": "",
-        "from": [],
-        "to": [],
-        "cc": [],
-        "subject": "",
-        "text": "",
-        "html": "",
-        "headers": {},
-        "attachments": [],
-        "truncated": False,
-        "raw": b64(data) if "raw" in needs.fields else "",
-    }
+    msg = _empty_msg(data, needs)
     try:
         tree = parse_tree(data, limits, cancel)
     except ParseCancelled:
@@ -369,28 +363,23 @@ def _parse_simple(data: bytes, needs: MessageNeeds, limits: MimeLimits
     if limits.max_depth < 0 or exceeds_parts(data, limits.max_parts):
         return None  # the full parse says where it stopped (a pass over the whole message)
     defects: list[str] = []
-    msg: dict[str, Any] = {
-        "id": "", "date": "", "from": [], "to": [], "cc": [], "subject": "", "text": "",
-        "html": "", "headers": {}, "attachments": [], "truncated": False,
-        "raw": b64(data) if "raw" in needs.fields else "",
-    }
+    msg = _empty_msg(data, needs)
+    decode_defects: list[MessageDefect] = []
     if "text" in needs.fields:
         if end < len(data):  # past the empty line, whichever line ending it has
             end += 2 if data.startswith(b"\r\n", end) else 1
-        body = data[end:]
-        decode_defects: list[MessageDefect] = []
+        body: bytes | memoryview = memoryview(data)[end:]  # not a copy of a big body
         if cte == "quoted-printable":
             body = quopri.decodestring(body)
         elif cte == "base64":
-            body, decode_defects = decode_b(b"".join(body.splitlines()))
+            body, decode_defects = decode_b(b"".join(data[end:].splitlines()))
         try:
-            text = body.decode(charset, errors="replace")
+            text = str(body, charset, "replace")  # bytes.decode, for a view as well
         except (LookupError, UnicodeError, ValueError, AssertionError):
             return None  # the full parse has its own way with a charset it cannot use
         msg["text"] = _scrub(_lf(text))
     _header_fields(msg, defects, items, needs)
-    if "text" in needs.fields:
-        defects.extend(f"message: {type(d).__name__}" for d in decode_defects)
+    defects.extend(f"message: {type(d).__name__}" for d in decode_defects)  # as _defects has them
     return msg, defects
 
 
