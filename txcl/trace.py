@@ -467,9 +467,9 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
 
     fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
     steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
-    from txcl.explain import explain_record  # it scrubs with this module's Scrubber
+    from txcl.explain import explain_encoded  # it scrubs with this module's Scrubber
 
-    why = explain_record(result, record.hints, taint)  # None: the run kept no stage starts
+    why = explain_encoded(result, record.hints, taint)  # None: the run kept no stage starts
 
     responses = []
     for rcpt, line in record.replies:
