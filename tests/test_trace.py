@@ -1076,3 +1076,36 @@ def test_the_writer_waits_for_more_records_but_not_with_a_big_message(tmp_path: 
         assert time.monotonic() - started < 20 and trace_names(tmp_path) == ["small", "big"]
     finally:
         writer.close()
+
+
+def test_records_shared_between_runs_are_rendered_as_each_run_alone_would_be(
+    tmp_path: Path,
+) -> None:
+    """The JSON of a firing without captures and of a constant SET (records the runner builds
+    once per rule and every run shares) is built once and reused: each trace still shows
+    what step_json and fired_json give for its own run, however many came before."""
+    from txcl.loader import load_target
+    from txcl.records import fired_json, step_json
+    from txcl.runner import RunPolicy
+    from txcl.trace import _SHARED_JSON, hints_of
+    from txcl.trace_store import encode_parts
+
+    stage = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    stage.mkdir(parents=True)
+    (stage / "10.txcl").write_text(
+        'WHEN @lmtp.msg.subject =~ /wifi/\nSET flags.wifi = true\nSET flags.note = "seen"\n')
+    (stage / "20.txcl").write_text(
+        "WHEN @lmtp.msg.subject =~ /(?P<what>[a-z]+) keeps/\nSET flags.what = match.what\n")
+    stack = load_target(tmp_path / "OPS").stacks["acme/_mail"]
+    lines = []
+    for subject in ("wifi keeps dropping", "wifi keeps dropping", "vpn keeps dropping"):
+        env = envelope()
+        env["_txc"]["lmtp"]["msg"]["subject"] = subject
+        result = stack.run(env, RunPolicy(run_ops=False, explain=True))
+        record = TraceRecord("r", 0.0, env, result, (), stack.name, hints_of(stack.hints))
+        steps = build_artifacts(record).parts["steps"]
+        assert steps["fired"] == [fired_json(f) for f in result.fired]
+        assert steps["steps"] == [step_json(s) for s in result.steps]
+        lines.append(encode_parts(build_artifacts(record).parts)[2])  # the steps
+    assert lines[0] == lines[1] != lines[2]
+    assert any(record in result.steps for record, _ in _SHARED_JSON.values())

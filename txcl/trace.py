@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import NoneType
 from typing import Any, Final, Literal
 
 from txcl.envelope import parse_path, path_text, result_of, source_of
@@ -317,6 +318,8 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
         if segs is not None:
             doc[name] = dotted(segs)
             break
+    if is_record and not scrubber and not taint:
+        return doc  # step_json writes only the fields the kind uses
     unused = _UNUSED_BY_KIND.get(str(doc.get("kind")), ())
     if not scrubber and not taint:  # nothing to scrub: only the fields the kind uses
         return {key: value for key, value in doc.items()
@@ -335,6 +338,40 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
         if value is not _OMITTED:
             out[key] = value
     return out
+
+
+# The JSON of the records that a stack's runs share (a rule's firing without captures, a
+# constant SET to an empty place: built once per compiled rule by the runner), by identity;
+# each record is kept with its JSON so that its id is not reused while cached. Shared with
+# every trace that holds it: never changed.
+_SHARED_JSON: dict[int, tuple[Any, Any]] = {}
+_MAX_SHARED_JSON: Final = 4096
+
+
+def _shared_json(record: Any, render: Any) -> Any:
+    hit = _SHARED_JSON.get(id(record))
+    if hit is not None and hit[0] is record:
+        return hit[1]
+    doc = render(record)
+    if len(_SHARED_JSON) >= _MAX_SHARED_JSON:  # the records of stacks long reloaded
+        _SHARED_JSON.clear()
+    _SHARED_JSON[id(record)] = (record, doc)
+    return doc
+
+
+def _fired_doc(fired: Any, taint: Taint) -> Any:
+    if fired.captures:  # groups this run captured: its own
+        return taint.clean(fired_json(fired))
+    doc = _shared_json(fired, fired_json)
+    return taint.clean(doc) if taint else doc
+
+
+def _step_doc(step: Any, scrubber: Scrubber, taint: Taint) -> Any:
+    if step.__class__ is SetRecord and not scrubber and not taint and step.before is MISSING:
+        after = step.after.__class__
+        if after is str or after is int or after is bool or after is float or after is NoneType:
+            return _shared_json(step, step_json)  # maybe a constant: written once, if shared
+    return scrub_step(step, scrubber, taint)
 
 
 # --- one trace record --------------------------------------------------------------------
@@ -465,8 +502,8 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
     error_doc = taint.clean(error_doc)
 
-    fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
-    steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
+    fired = [_fired_doc(f, taint) for f in getattr(result, "fired", ()) or ()]
+    steps = [_step_doc(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
     from txcl.explain import explain_encoded  # it scrubs with this module's Scrubber
 
     why = explain_encoded(result, record.hints, taint)  # None: the run kept no stage starts
