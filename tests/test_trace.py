@@ -25,7 +25,13 @@ from txcl.trace import (
     build_artifacts,
     parse_hint_path,
 )
-from txcl.trace_store import StagedMessage, read_summaries, read_trace, trace_names
+from txcl.trace_store import (
+    StagedMessage,
+    read_summaries,
+    read_trace,
+    trace_names,
+    umask_keeps_owner_bits,
+)
 from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
@@ -859,15 +865,19 @@ def test_a_tiny_per_trace_limit_cuts_the_envelope_and_steps_too(tmp_path: Path) 
     assert trace["response"]["replies"][0]["code"] == 250
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000, 0o277, 0o477])
 def test_traces_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     old = os.umask(umask)
+    umask_keeps_owner_bits.cache_clear()  # read once per process: here, under this umask
     try:
-        writer = TraceWriter(tmp_path)
-        write_messages(writer, ["p1"], b"secret body")
+        assert umask_keeps_owner_bits() == (umask & 0o700 == 0)
+        writer = TraceWriter(tmp_path, keep_count=1)
+        write_messages(writer, ["p0"], b"first body")
+        write_messages(writer, ["p1"], b"secret body")  # in p0's folder, reused
         writer.close()
     finally:
         os.umask(old)
+        umask_keeps_owner_bits.cache_clear()
     root = tmp_path / "requests"
     assert root.stat().st_mode & 0o777 == 0o700
     assert (root / "p1").stat().st_mode & 0o777 == 0o700
