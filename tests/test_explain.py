@@ -14,12 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txcl.cli import main
-from txcl.explain import _Shown, explain, explain_encoded, explain_record
+from txcl.explain import _Shown, explain, explain_record
 from txcl.loader import load_target
 from txcl.records import ScrubHints
 from txcl.runner import TEST_POLICY, RunPolicy
 from txcl.trace import scrubber_for
-from txcl.trace_store import EncodedJSON, encode
 
 RULES = {
     "0/10-from.txcl": (
@@ -258,23 +257,3 @@ def test_explain_from_what_the_run_noted_equals_evaluating_again(
     cut = dataclasses.replace(result, snapshots=tuple(
         dataclasses.replace(s, first_false=s.first_false[:2]) for s in result.snapshots))
     assert explain_record(cut, hints) == explain_record(unnoted, hints)
-    # what a trace stores: the same JSON, byte for byte, put together from encoded pieces
-    expected = encode({"explain": explain_record(unnoted, hints)})
-    for run in (result, unnoted, cut):
-        encoded = explain_encoded(run, hints)
-        assert isinstance(encoded, EncodedJSON)
-        assert encode({"explain": encoded}) == expected
-
-
-def test_explain_encoded_is_data_where_copies_of_secrets_are_looked_for(noted_stack):
-    """A stack that redacts a value present in the run: the trace scrubs copies of it in
-    the explained values, so explain comes as data for that pass; the JSON is the same."""
-    envelope = {"_txc": {"src": "lmtp", "lmtp": {
-        "rcpt": ["a@acme.example"], "mail": {"from": "boss@acme.example"},
-        "msg": {"subject": "urgent [#7] from boss@acme.example", "text": "", "headers": {}}}}}
-    result = noted_stack.run(envelope, RunPolicy(run_ops=False, explain=True))
-    hints = ScrubHints(redact=("_txc.lmtp.mail.from",))
-    encoded = explain_encoded(result, hints)
-    assert encoded == explain_record(result, hints)
-    assert "boss@acme.example" not in json.dumps(encoded)
-    assert explain_encoded(dataclasses.replace(result, snapshots=None), hints) is None

@@ -37,7 +37,6 @@ from txcl.errors import Pos, TxclError
 from txcl.parser import parse_expression
 from txcl.records import ScrubHints, StackResult, StageStart
 from txcl.trace import REDACTED, Scrubber, Taint, scrubber_for
-from txcl.trace_store import EncodedJSON
 from txcl.values import MISSING
 
 if TYPE_CHECKING:
@@ -125,90 +124,6 @@ def explain_record(
         for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True)
     ]
     return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
-
-
-def explain_encoded(
-    result: Any, hints: ScrubHints, taint: Taint | None = None
-) -> list[dict[str, Any]] | EncodedJSON | None:
-    """`explain_record`, already encoded as the trace encodes it when no copy of a scrubbed
-    value needs finding in it (the stack scrubs nothing, or nothing here held a scrubbed
-    value): the JSON is put together from each rule's pieces encoded once, not built as
-    data and encoded whole on every trace."""
-    starts = getattr(result, "snapshots", None)
-    if starts is None:
-        return None
-    shown = _shown_for(result, hints, taint)
-    if shown.taint:
-        return explain_record(result, hints, shown.taint)
-    out = [b"["]
-    try:
-        for start in starts:
-            stage = b'{"stage":%d' % start.stage
-            for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True):
-                if noted == _UNNOTED or plan.replays or not plan.head:
-                    doc = _rule_json(plan, start.stage, start.envelope, shown, noted)
-                    out.append(orjson.dumps(doc))
-                else:
-                    _rule_bytes(out, stage, plan, start.envelope, shown, noted)
-                out.append(b",")
-    except TypeError:  # a value orjson refuses: the data, for the trace's encoder to handle
-        return explain_record(result, hints, shown.taint)
-    if len(out) > 1:
-        out.pop()
-    out.append(b"]")
-    return EncodedJSON(b"".join(out))
-
-
-_HELD: Final = b'true,"result":"true","reached":true,"values":{'
-_FIRST_FALSE: Final = b',"reached":true,"values":{'
-_NOT_REACHED: Final = b',"reached":false,"values":{'
-_MISSING_JSON: Final = orjson.dumps(MISSING_TEXT)
-
-
-def _rule_bytes(
-    out: list[bytes], stage: bytes, plan: _Plan, snapshot: Any, shown: _Shown, noted: int | None
-) -> None:
-    """`_rule_json` (of a rule the run noted) as JSON, appended to `out` in pieces."""
-    out.append(stage)
-    out.append(plan.head)
-    if noted is None:
-        out.append(b'true,"first_false":null,"whens":[')
-    else:
-        out.append(b'false,"first_false":%d,"whens":[' % noted)
-    captures: dict[str, Any] = {}  # read by none of these WHENs, so never filled
-    for index, ((evaluate_when, _, _, _), (head, operands)) in enumerate(
-        zip(plan.whens, plan.encoded, strict=True)
-    ):
-        if index:
-            out.append(b",")
-        out.append(head)
-        values = []
-        missing = False
-        for evaluate, scrub, key in operands:
-            value = evaluate(snapshot, captures)
-            values.append(key)
-            if value is MISSING:
-                missing = True
-                values.append(_MISSING_JSON)
-            else:
-                values.append(orjson.dumps(shown(value, scrub)))
-            values.append(b",")
-        if values:
-            values.pop()
-        if noted is None or index < noted:
-            out.append(_HELD)
-        else:
-            if index == noted:
-                held, tail = False, _FIRST_FALSE
-            else:
-                outcome = evaluate_when(snapshot, captures)
-                held, tail = outcome is True, _NOT_REACHED
-                missing = missing or outcome is MISSING
-            result = "true" if held else "missing" if missing else "false"
-            out.append(b'%s,"result":"%s"%s' % (b"true" if held else b"false", result.encode(), tail))
-        out.extend(values)
-        out.append(b"}}")
-    out.append(b"]}")
 
 
 def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _Shown:
@@ -326,10 +241,6 @@ class _Plan:
     pos: str
     whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
     replays: bool  # its WHENs are evaluated again, all in order (see _rule_json)
-    # The same in JSON, for _rule_bytes: `,"file":…,"pos":…,"fired":`, and per WHEN
-    # `{"text":…,"pos":…,"held":` with its operands (each once), each with `"text":`.
-    head: bytes
-    encoded: tuple[tuple[bytes, tuple[tuple[Any, Any, bytes], ...]], ...]
 
 
 # id(a stage's rules) -> (those rules, their plans), the least recently explained first;
@@ -346,46 +257,20 @@ def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
         if cached is not None and cached[0] is rules:
             _PLANS.move_to_end(id(rules))
             return cached[1]
-    plans = tuple(map(_plan_of, rules))
+    plans = tuple(
+        _Plan(
+            rule.file,
+            str(rule.pos),
+            tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens),
+            any(_depends_on_captures(w.text) for w in rule.whens),
+        )
+        for rule in rules
+    )
     with _PLANS_LOCK:
         _PLANS[id(rules)] = (rules, plans)
         while len(_PLANS) > _MAX_STAGES:
             _PLANS.popitem(last=False)
     return plans
-
-
-def _plan_of(rule: CompiledRule) -> _Plan:
-    whens = tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens)
-    try:
-        head, encoded = _encoded(rule, whens)
-    except TypeError:  # text orjson refuses (a lone surrogate): explained as data only
-        head, encoded = b"", ()
-    return _Plan(
-        rule.file,
-        str(rule.pos),
-        whens,
-        any(_depends_on_captures(w.text) for w in rule.whens),
-        head,
-        encoded,
-    )
-
-
-def _encoded(
-    rule: CompiledRule, whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
-) -> tuple[bytes, tuple[tuple[bytes, tuple[tuple[Any, Any, bytes], ...]], ...]]:
-    encoded = []
-    for _, text, pos, operands in whens:
-        # An operand written twice is one key: its first place, its (same) value.
-        unique = {operand: (evaluate, scrub) for operand, evaluate, scrub in reversed(operands)}
-        encoded.append((
-            b'{"text":' + orjson.dumps(text) + b',"pos":' + orjson.dumps(pos) + b',"held":',
-            tuple(
-                (evaluate, scrub, orjson.dumps(operand) + b":")
-                for operand, (evaluate, scrub) in reversed(unique.items())
-            ),
-        ))
-    file_pos = b',"file":' + orjson.dumps(rule.file) + b',"pos":' + orjson.dumps(str(rule.pos))
-    return file_pos + b',"fired":', tuple(encoded)
 
 
 # --- the operands of a WHEN, compiled once per WHEN text ---------------------------------

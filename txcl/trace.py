@@ -504,9 +504,9 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
 
     fired = [_fired_doc(f, taint) for f in getattr(result, "fired", ()) or ()]
     steps = [_step_doc(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
-    from txcl.explain import explain_encoded  # it scrubs with this module's Scrubber
+    from txcl.explain import explain_record  # it scrubs with this module's Scrubber
 
-    why = explain_encoded(result, record.hints, taint)  # None: the run kept no stage starts
+    why = explain_record(result, record.hints, taint)  # None: the run kept no stage starts
 
     responses = []
     for rcpt, line in record.replies:

@@ -66,21 +66,6 @@ class StoredApart:
     size: int | None = None
 
 
-class EncodedJSON:
-    """A value already encoded as `encode` would encode it, put into a document as it is
-    (not a dataclass: orjson would encode its fields)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, EncodedJSON) and other.data == self.data
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 class StagedMessage:
     """A message's bytes on their way to a file of their own under requests/, written by the
     trace thread as soon as the message arrived (`TraceWriter.stage`), so that the traces of
@@ -163,14 +148,6 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _default(value: Any) -> Any:
-    if isinstance(value, EncodedJSON):
-        return orjson.Fragment(value.data)
-    return _default_data(value)
-
-
-def _default_data(value: Any) -> Any:
-    if isinstance(value, EncodedJSON):
-        return orjson.loads(value.data)
     if isinstance(value, StoredApart):
         return {"file": value.file} if value.size is None else {
             "file": value.file, "size": value.size}
@@ -185,7 +162,7 @@ def encode(doc: Any) -> bytes:
         return orjson.dumps(doc, default=_default, option=_ORJSON_OPTIONS)
     except TypeError:  # beyond what orjson encodes (e.g. a huge integer): the slow way
         return json.dumps(
-            doc, default=_default_data, ensure_ascii=False, separators=(",", ":")
+            doc, default=_default, ensure_ascii=False, separators=(",", ":")
         ).encode("utf-8")
 
 
