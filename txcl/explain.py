@@ -372,6 +372,8 @@ class _Shown:
     def __init__(self, scrubber: Scrubber, taint: Taint) -> None:
         self.scrubber = scrubber
         self.taint = taint
+        self.scrubs = bool(scrubber)  # asked once, not for every value
+        self.tainted = bool(taint)
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
         longest = max((len(secret) for secret, _ in taint.scan), default=0)
@@ -379,9 +381,9 @@ class _Shown:
 
     def __call__(self, value: Any, scrub: _Scrub | None) -> str:
         """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
-        if scrub is not None and self.scrubber:
+        if scrub is not None and self.scrubs:
             value = self._scrubbed(value, scrub)
-        if self.taint:
+        if self.tainted:
             value = self.taint.clean(_trimmed(value, self.keep))
         kind = value.__class__
         if kind is str:

@@ -202,7 +202,7 @@ class Taint:
 
     def clean(self, value: Any) -> Any:
         """`value` with every copy of a scrubbed value scrubbed; `_OMITTED` if it goes."""
-        if not self:
+        if not (self.exact or self.containers):
             return value
         return self._clean(value)
 
