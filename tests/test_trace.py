@@ -1119,3 +1119,39 @@ def test_records_shared_between_runs_are_rendered_as_each_run_alone_would_be(
         lines.append(encode_parts(build_artifacts(record).parts)[2])  # the steps
     assert lines[0] == lines[1] != lines[2]
     assert any(record in result.steps for record, _ in _SHARED_JSON.values())
+
+
+def _clean_as_specified(taint: Any, value: str) -> Any:
+    """Taint's rule for one string, written plainly: an exact copy goes whole, so does a
+    piece (8+ characters) of a secret; a secret (8+) inside it is replaced."""
+    action = taint.exact.get(value)
+    if action:
+        return REDACTED if action == "redact" else "omitted"
+    if len(value) >= 8:
+        for secret, secret_action in taint.scan:
+            if value in secret:
+                return REDACTED if secret_action == "redact" else "omitted"
+    for secret, _ in taint.scan:
+        if len(secret) >= 8 and secret in value:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(st.tuples(st.text("abcxyz", min_size=1, max_size=20),
+                               st.sampled_from(["redact", "omit"])), max_size=4),
+    values=st.lists(st.text("abcxyz[]", max_size=30), max_size=8),
+)
+def test_a_string_is_cleaned_by_the_rule_however_often_it_comes(
+    secrets: list[tuple[str, str]], values: list[str]
+) -> None:
+    from txcl.trace import _OMITTED, Taint
+
+    taint = Taint()
+    for secret, action in secrets:
+        taint.add(secret, action)  # type: ignore[arg-type]
+    expected = [_clean_as_specified(taint, v) for v in values]
+    for _ in range(2):  # the second time from what the taint remembers
+        got = [taint.clean(v) for v in values]
+        assert ["omitted" if g is _OMITTED else g for g in got] == expected

@@ -178,6 +178,9 @@ class Scrubber:
         return taint
 
 
+_PROBE: Final = object()  # no value: what a lookup gives when it finds nothing
+
+
 class Taint:
     """Values that were scrubbed, so copies of them are scrubbed too."""
 
@@ -185,13 +188,19 @@ class Taint:
         self.exact: dict[str, Action] = {}
         self.containers: list[tuple[Any, Action]] = []
         self.scan: list[tuple[str, Action]] = []
+        self.inside: list[str] = []  # the secrets of `scan` long enough to look for in a string
+        # Each string as cleaned, once per taint: a trace repeats many (rule files, values).
+        self._strings: dict[str, Any] = {}
 
     def add(self, value: Any, action: Action) -> None:
         if isinstance(value, str):
             if value and self.exact.get(value) != "omit":
                 self.exact[value] = action
+                self._strings.clear()
                 if len(value) <= _MAX_TAINT_SCAN:
                     self.scan.append((value, action))
+                    if len(value) >= _MIN_TAINT_SUBSTRING:
+                        self.inside.append(value)
         elif isinstance(value, dict | list):
             self.containers.append((value, action))
             for leaf in value.values() if isinstance(value, dict) else value:
@@ -199,6 +208,20 @@ class Taint:
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.containers)
+
+    def _clean_string(self, value: str) -> Any:
+        action = self.exact.get(value)
+        if action:
+            return _act(value, action)
+        if len(value) < _MIN_TAINT_SUBSTRING:  # no secret it may hold is looked for
+            return value
+        for secret, secret_action in self.scan:
+            if value in secret:
+                return _act(value, secret_action)
+        for secret in self.inside:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
 
     def clean(self, value: Any) -> Any:
         """`value` with every copy of a scrubbed value scrubbed; `_OMITTED` if it goes."""
@@ -208,17 +231,10 @@ class Taint:
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            action = self.exact.get(value)
-            if action:
-                return _act(value, action)
-            if len(value) >= _MIN_TAINT_SUBSTRING:
-                for secret, secret_action in self.scan:
-                    if value in secret:
-                        return _act(value, secret_action)
-            for secret, _ in self.scan:
-                if len(secret) >= _MIN_TAINT_SUBSTRING and secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            done = self._strings.get(value, _PROBE)
+            if done is _PROBE:
+                done = self._strings[value] = self._clean_string(value)
+            return done
         if isinstance(value, dict | list):
             for container, action in self.containers:
                 if type(container) is type(value) and container == value:
@@ -421,7 +437,6 @@ def _get(doc: Any, *segs: str) -> Any:
     return doc
 
 
-_PROBE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
