@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txcl.cli import main
-from txcl.explain import _Shown, explain
+from txcl.explain import _Shown, explain, explain_record
 from txcl.loader import load_target
 from txcl.records import ScrubHints
 from txcl.runner import TEST_POLICY, RunPolicy
@@ -166,3 +169,91 @@ def test_a_shown_value_is_short_and_never_holds_a_scrubbed_value(before, after, 
     assert len(text) <= 80
     assert secret not in text
     assert shown(secret, ("path", ("_txc", "lmtp", "mail", "from"))) == '"[REDACTED]"'
+
+
+# Rules of every shape explain meets: several WHENs, captures read by later WHENs, `*`
+# bindings, missing values, functions, NOT and OR, a regex over the body.
+NOTED_STACK = {
+    "0/10-multi.txcl": (
+        "WHEN @lmtp.mail.from =~ /@acme\\.example$/\n"
+        "WHEN @lmtp.msg.subject =~ /urgent/\n"
+        "WHEN @lmtp.msg.text =~ /invoice/i\n"
+        "SET flags.urgent = true\n"
+    ),
+    "0/20-capture.txcl": (
+        "WHEN @lmtp.msg.subject =~ /\\[#(?P<num>[0-9]+)\\]/\n"
+        'WHEN match.num != "0"\n'
+        "SET flags.ticket = match.num\n"
+    ),
+    "0/30-capture-only.txcl": (
+        "WHEN @lmtp.msg.subject =~ /(?P<word>[a-z]+)/\n"
+        "WHEN @lmtp.mail.from != \"x\"\n"
+        "SET flags.word = match.word\n"
+    ),
+    "0/40-bound.txcl": (
+        "WHEN @lmtp.rcpt.* =~ /^a/\n"
+        "WHEN @lmtp.rcpt.* =~ /acme/\n"
+        "SET flags.bound = true\n"
+    ),
+    "0/50-missing.txcl": "WHEN @lmtp.msg.headers.x-flag.0 == \"YES\"\nWHEN flags.none\nSET flags.y = 1\n",
+    "0/60-logic.txcl": (
+        "WHEN NOT domain(@lmtp.mail.from) IN [\"acme.example\"] OR len(@lmtp.rcpt) > 1\n"
+        "WHEN exists(@lmtp.msg.subject)\n"
+        "SET flags.z = true\n"
+    ),
+    "0/70-bare.txcl": "WHEN @lmtp.msg.headers.x-flag\nWHEN @lmtp.msg.subject == \"x\"\nSET flags.b = 1\n",
+    "0/80-always.txcl": "SET flags.always = true\n",
+    "1/10-late.txcl": "WHEN flags.urgent == true\nWHEN flags.ticket == \"7\"\nSET flags.paged = true\n",
+}
+
+
+@pytest.fixture(scope="module")
+def noted_stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("noted")
+    for name, text in NOTED_STACK.items():
+        path = root / "OPS" / "acme" / "s" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    tree = load_target(root / "OPS")
+    assert not tree.problems, tree.problems
+    return tree.stacks["acme/s"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sender=st.sampled_from(["boss@acme.example", "a@other.example", "x", ""]),
+    subject=st.one_of(st.none(), st.sampled_from(["urgent [#7]", "[#0] hi", "x", "URGENT", ""])),
+    text=st.sampled_from(["", "the Invoice", "nothing"]),
+    rcpt=st.lists(st.sampled_from(["a@acme.example", "b@acme.example", "ab@x"]), max_size=3),
+    flag=st.one_of(st.none(), st.sampled_from(["YES", "no"])),
+)
+def test_explain_from_what_the_run_noted_equals_evaluating_again(
+    noted_stack, sender, subject, text, rcpt, flag
+):
+    """What the run notes of each rule (StageStart.first_false) spares explain evaluating
+    the WHENs again, and changes nothing it shows; nor does the noting change the run."""
+    msg: dict[str, Any] = {"text": text, "headers": {}}
+    if subject is not None:
+        msg["subject"] = subject
+    if flag is not None:
+        msg["headers"]["x-flag"] = [flag]
+    envelope = {"_txc": {
+        "src": "lmtp",
+        "route": {"tenant": "acme", "stack": "acme/s", "to": "acme/s/0"},
+        "lmtp": {"rcpt": rcpt, "mail": {"from": sender}, "msg": msg},
+    }}
+    on = RunPolicy(run_ops=False, explain=True)
+    result = noted_stack.run(envelope, on)
+    plain = noted_stack.run(envelope, TEST_POLICY)
+    assert (result.envelope, result.fired, result.steps) == (
+        plain.envelope, plain.fired, plain.steps)
+    assert all(len(s.first_false) == len(s.rules) for s in result.snapshots)
+    unnoted = dataclasses.replace(result, snapshots=tuple(
+        dataclasses.replace(s, first_false=None) for s in result.snapshots))
+    hints = noted_stack.hints
+    assert explain_record(result, hints) == explain_record(unnoted, hints)
+    assert explain(noted_stack, result) == explain(noted_stack, unnoted)
+    # a run that stopped within a stage noted fewer rules: the rest are evaluated
+    cut = dataclasses.replace(result, snapshots=tuple(
+        dataclasses.replace(s, first_false=s.first_false[:2]) for s in result.snapshots))
+    assert explain_record(cut, hints) == explain_record(unnoted, hints)

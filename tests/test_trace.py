@@ -25,7 +25,13 @@ from txcl.trace import (
     build_artifacts,
     parse_hint_path,
 )
-from txcl.trace_store import StagedMessage, read_summaries, read_trace, trace_names
+from txcl.trace_store import (
+    StagedMessage,
+    read_summaries,
+    read_trace,
+    trace_names,
+    umask_keeps_owner_bits,
+)
 from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
 SECRET_AUTH = "Bearer sk-live-0123456789"
@@ -859,15 +865,19 @@ def test_a_tiny_per_trace_limit_cuts_the_envelope_and_steps_too(tmp_path: Path) 
     assert trace["response"]["replies"][0]["code"] == 250
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000, 0o277, 0o477])
 def test_traces_are_private_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     old = os.umask(umask)
+    umask_keeps_owner_bits.cache_clear()  # read once per process: here, under this umask
     try:
-        writer = TraceWriter(tmp_path)
-        write_messages(writer, ["p1"], b"secret body")
+        assert umask_keeps_owner_bits() == (umask & 0o700 == 0)
+        writer = TraceWriter(tmp_path, keep_count=1)
+        write_messages(writer, ["p0"], b"first body")
+        write_messages(writer, ["p1"], b"secret body")  # in p0's folder, reused
         writer.close()
     finally:
         os.umask(old)
+        umask_keeps_owner_bits.cache_clear()
     root = tmp_path / "requests"
     assert root.stat().st_mode & 0o777 == 0o700
     assert (root / "p1").stat().st_mode & 0o777 == 0o700
@@ -1076,3 +1086,72 @@ def test_the_writer_waits_for_more_records_but_not_with_a_big_message(tmp_path: 
         assert time.monotonic() - started < 20 and trace_names(tmp_path) == ["small", "big"]
     finally:
         writer.close()
+
+
+def test_records_shared_between_runs_are_rendered_as_each_run_alone_would_be(
+    tmp_path: Path,
+) -> None:
+    """The JSON of a firing without captures and of a constant SET (records the runner builds
+    once per rule and every run shares) is built once and reused: each trace still shows
+    what step_json and fired_json give for its own run, however many came before."""
+    from txcl.loader import load_target
+    from txcl.records import fired_json, step_json
+    from txcl.runner import RunPolicy
+    from txcl.trace import _SHARED_JSON, hints_of
+    from txcl.trace_store import encode_parts
+
+    stage = tmp_path / "OPS" / "acme" / "_mail" / "0"
+    stage.mkdir(parents=True)
+    (stage / "10.txcl").write_text(
+        'WHEN @lmtp.msg.subject =~ /wifi/\nSET flags.wifi = true\nSET flags.note = "seen"\n')
+    (stage / "20.txcl").write_text(
+        "WHEN @lmtp.msg.subject =~ /(?P<what>[a-z]+) keeps/\nSET flags.what = match.what\n")
+    stack = load_target(tmp_path / "OPS").stacks["acme/_mail"]
+    lines = []
+    for subject in ("wifi keeps dropping", "wifi keeps dropping", "vpn keeps dropping"):
+        env = envelope()
+        env["_txc"]["lmtp"]["msg"]["subject"] = subject
+        result = stack.run(env, RunPolicy(run_ops=False, explain=True))
+        record = TraceRecord("r", 0.0, env, result, (), stack.name, hints_of(stack.hints))
+        steps = build_artifacts(record).parts["steps"]
+        assert steps["fired"] == [fired_json(f) for f in result.fired]
+        assert steps["steps"] == [step_json(s) for s in result.steps]
+        lines.append(encode_parts(build_artifacts(record).parts)[2])  # the steps
+    assert lines[0] == lines[1] != lines[2]
+    assert any(record in result.steps for record, _ in _SHARED_JSON.values())
+
+
+def _clean_as_specified(taint: Any, value: str) -> Any:
+    """Taint's rule for one string, written plainly: an exact copy goes whole, so does a
+    piece (8+ characters) of a secret; a secret (8+) inside it is replaced."""
+    action = taint.exact.get(value)
+    if action:
+        return REDACTED if action == "redact" else "omitted"
+    if len(value) >= 8:
+        for secret, secret_action in taint.scan:
+            if value in secret:
+                return REDACTED if secret_action == "redact" else "omitted"
+    for secret, _ in taint.scan:
+        if len(secret) >= 8 and secret in value:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(st.tuples(st.text("abcxyz", min_size=1, max_size=20),
+                               st.sampled_from(["redact", "omit"])), max_size=4),
+    values=st.lists(st.text("abcxyz[]", max_size=30), max_size=8),
+)
+def test_a_string_is_cleaned_by_the_rule_however_often_it_comes(
+    secrets: list[tuple[str, str]], values: list[str]
+) -> None:
+    from txcl.trace import _OMITTED, Taint
+
+    taint = Taint()
+    for secret, action in secrets:
+        taint.add(secret, action)  # type: ignore[arg-type]
+    expected = [_clean_as_specified(taint, v) for v in values]
+    for _ in range(2):  # the second time from what the taint remembers
+        got = [taint.clean(v) for v in values]
+        assert ["omitted" if g is _OMITTED else g for g in got] == expected

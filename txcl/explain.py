@@ -1,7 +1,9 @@
 """Why each rule fired or not: every WHEN of every rule of every stage a run reached, its
 result and the values it compared, from the stage starts of a run made with
 `RunPolicy(explain=True)` (the runner keeps a reference to each stage's rules and starting
-envelope, nothing more).
+envelope, and notes where each rule's test stopped). A WHEN's result comes from that note
+where it says (no regex runs twice); only the WHENs the run did not reach, and those of a
+rule whose WHENs read captures, are evaluated here.
 
 One home for the data and its text: `txcl test --explain` explains a run it just made;
 the trace writer explains each traced run off the event loop and stores the JSON form in
@@ -16,6 +18,7 @@ the WHENs after it are shown as not reached, with what they would have given.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -29,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import orjson
 
 from txcl import ast
-from txcl.compiler import MATCH_ROOT, CompiledRule, _RuleCompiler, expr_text
+from txcl.compiler import MATCH_ROOT, WILDCARD, CompiledRule, _RuleCompiler, expr_text
 from txcl.errors import Pos, TxclError
 from txcl.parser import parse_expression
-from txcl.records import ScrubHints, StackResult
+from txcl.records import ScrubHints, StackResult, StageStart
 from txcl.trace import REDACTED, Scrubber, Taint, scrubber_for
 from txcl.values import MISSING
 
@@ -87,8 +90,8 @@ def explain_run(
     shown = _shown_for(result, hints, taint)
     out = []
     for start in starts:
-        for rule, plan in zip(start.rules, _plans_of(start.rules), strict=True):
-            doc = _rule_json(plan, start.stage, start.envelope, shown)
+        for rule, plan, noted in zip(start.rules, _plans_of(start.rules), _noted(start), strict=True):
+            doc = _rule_json(plan, start.stage, start.envelope, shown, noted)
             whens = tuple(
                 WhenExplain(
                     when.text,
@@ -116,9 +119,9 @@ def explain_record(
         return None
     shown = _shown_for(result, hints, taint)
     doc = [
-        _rule_json(plan, start.stage, start.envelope, shown)
+        _rule_json(plan, start.stage, start.envelope, shown, noted)
         for start in starts
-        for plan in _plans_of(start.rules)
+        for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True)
     ]
     return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
 
@@ -131,9 +134,68 @@ def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _
     return _Shown(scrubber, taint)
 
 
-def _rule_json(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
-    """One rule explained, in the JSON form: each WHEN evaluated in order on the stage's
-    starting envelope, with the captures accumulating as the runner's test of it does."""
+# What a stage start says of a rule the run did not get to (or a start kept without notes).
+_UNNOTED: Final = -1
+
+
+def _noted(start: StageStart) -> list[int | None]:
+    """How the run fared with each rule of `start` (StageStart.first_false), _UNNOTED where
+    it does not say."""
+    noted = start.first_false or []
+    return [*noted[: len(start.rules)], *[_UNNOTED] * (len(start.rules) - len(noted))]
+
+
+def _rule_json(
+    plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None = _UNNOTED
+) -> dict[str, Any]:
+    """One rule explained, in the JSON form: each WHEN's result on the stage's starting
+    envelope, as the run noted it (`noted`: StageStart.first_false of the rule), and its
+    operands' values. What the run did not note is evaluated here in order, with the
+    captures accumulating as the runner's test does: the WHENs it did not reach, and every
+    WHEN of a rule whose WHENs read captures or bind `*` (each depends on those before it)."""
+    if noted == _UNNOTED or plan.replays:
+        return _rule_json_evaluated(plan, stage, snapshot, shown)
+    captures: dict[str, Any] = {}  # read by none of these WHENs, so never filled
+    whens = []
+    for index, (evaluate_when, text, pos, operands) in enumerate(plan.whens):
+        reached = noted is None or index <= noted
+        if reached:
+            held = index != noted
+            missing = False  # an outcome is only missing where an operand is (_operands)
+        else:
+            outcome = evaluate_when(snapshot, captures)
+            held = outcome is True
+            missing = outcome is MISSING
+        values: dict[str, str] = {}
+        for operand, evaluate, scrub in operands:
+            value = evaluate(snapshot, captures)
+            if value is MISSING:
+                missing = True
+                values[operand] = MISSING_TEXT
+            else:
+                values[operand] = shown(value, scrub)
+        whens.append(
+            {
+                "text": text,
+                "pos": pos,
+                "held": held,
+                "result": "true" if held else "missing" if missing else "false",
+                "reached": reached,
+                "values": values,
+            }
+        )
+    return {
+        "stage": stage,
+        "file": plan.file,
+        "pos": plan.pos,
+        "fired": noted is None,
+        "first_false": noted,  # index into whens, None when the rule fired
+        "whens": whens,
+    }
+
+
+def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
+    """`_rule_json` with every WHEN evaluated in order."""
     captures: dict[str, Any] = {}
     whens = []
     first_false: int | None = None
@@ -178,6 +240,7 @@ class _Plan:
     file: str
     pos: str
     whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
+    replays: bool  # its WHENs are evaluated again, all in order (see _rule_json)
 
 
 # id(a stage's rules) -> (those rules, their plans), the least recently explained first;
@@ -199,6 +262,7 @@ def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
             rule.file,
             str(rule.pos),
             tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens),
+            any(_depends_on_captures(w.text) for w in rule.whens),
         )
         for rule in rules
     )
@@ -245,6 +309,26 @@ def _operands(text: str) -> tuple[tuple[str, Any, _Scrub | None], ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def _depends_on_captures(text: str) -> bool:
+    """A WHEN whose result or operands depend on the WHENs before it: it reads `match.*`
+    or binds `*` (or its text does not parse back, so its operands are unknown)."""
+    try:
+        return _reads_captures(parse_expression(text))
+    except TxclError:
+        return True
+
+
+def _reads_captures(node: Any) -> bool:
+    if isinstance(node, ast.Path):
+        return node.segments[:1] == (MATCH_ROOT,) or WILDCARD in node.segments
+    if isinstance(node, tuple):
+        return any(map(_reads_captures, node))
+    if dataclasses.is_dataclass(node):
+        return any(_reads_captures(getattr(node, f.name)) for f in dataclasses.fields(node))
+    return False
+
+
 def _collect(node: ast.Expr, found: list[ast.Expr]) -> None:
     if isinstance(node, ast.And | ast.Or):
         _collect(node.left, found)
@@ -288,6 +372,8 @@ class _Shown:
     def __init__(self, scrubber: Scrubber, taint: Taint) -> None:
         self.scrubber = scrubber
         self.taint = taint
+        self.scrubs = bool(scrubber)  # asked once, not for every value
+        self.tainted = bool(taint)
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
         longest = max((len(secret) for secret, _ in taint.scan), default=0)
@@ -295,9 +381,9 @@ class _Shown:
 
     def __call__(self, value: Any, scrub: _Scrub | None) -> str:
         """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
-        if scrub is not None and self.scrubber:
+        if scrub is not None and self.scrubs:
             value = self._scrubbed(value, scrub)
-        if self.taint:
+        if self.tainted:
             value = self.taint.clean(_trimmed(value, self.keep))
         kind = value.__class__
         if kind is str:

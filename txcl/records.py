@@ -72,11 +72,15 @@ Step = SetRecord | ExecRecord
 @dataclass(frozen=True, slots=True)
 class StageStart:
     """A stage as it began, kept for txcl.explain: the rules that ran (compiled, with their
-    source positions and WHEN texts) and the envelope their WHENs read."""
+    source positions and WHEN texts), the envelope their WHENs read, and how each fared."""
 
     stage: int
     rules: tuple[Any, ...]  # txcl.compiler.CompiledRule
     envelope: Any
+    # Per rule, as the run tested it, filled while the stage runs (shorter when the run
+    # stopped within it): None when all its WHENs held, else the index of the first that
+    # did not. explain evaluates again only what this does not say.
+    first_false: list[int | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

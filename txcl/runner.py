@@ -21,7 +21,7 @@ import asyncio
 import concurrent.futures
 import functools
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -89,8 +89,9 @@ class RunPolicy:
     state_dir: Path | None = None  # ops' storage lives under it
     op_timeout_max_s: float | None = None  # caps every op's deadline, WITH timeout too
     op_calls_per_tenant: int | None = None  # op calls a tenant may have running; None: any
-    # Keep each stage's rules and starting envelope (references) for txcl.explain: asked by
-    # `txcl test --explain`, and by a server whose traces are on (the writer explains).
+    # Keep each stage's rules and starting envelope (references), and where each rule's test
+    # stopped, for txcl.explain: asked by `txcl test --explain`, and by a server whose traces
+    # are on (the writer explains).
     explain: bool = False
 
 
@@ -128,6 +129,10 @@ class _RulePlan:
     rule: CompiledRule
     fired: Fired  # with NO_CAPTURES
     steps: tuple[tuple[SetStep | ExecStep, SetRecord | None], ...]
+    # How a run under RunPolicy(explain=True) tests a rule of several WHENs: rule.test that
+    # also appends the index of the first WHEN that did not hold (None when all held) to a
+    # list. None for one WHEN or none: rule.test's outcome says where it stopped.
+    test_noting: Callable[[Any, list[int | None]], Captures | None] | None
 
     @classmethod
     def of(cls, rule: CompiledRule, stage: int) -> _RulePlan:
@@ -141,7 +146,27 @@ class _RulePlan:
             )
             for step in rule.steps
         )
-        return cls(rule, Fired(stage, rule.pos, rule.file, outcomes, NO_CAPTURES), steps)
+        fired = Fired(stage, rule.pos, rule.file, outcomes, NO_CAPTURES)
+        return cls(rule, fired, steps, _noting_test(rule))
+
+
+def _noting_test(rule: CompiledRule) -> Callable[[Any, list[int | None]], Captures | None] | None:
+    """_RulePlan.test_noting: the WHENs tested one by one, each with the captures of those
+    before it, as `rule.test` does."""
+    if len(rule.whens) <= 1:
+        return None
+    evals = tuple(enumerate(w.evaluate for w in rule.whens))
+
+    def test_each(envelope: Any, noted: list[int | None]) -> Captures | None:
+        found: dict[str, Any] = {}
+        for index, evaluate in evals:
+            if evaluate(envelope, found) is not True:
+                noted.append(index)
+                return None
+        noted.append(None)
+        return found or NO_CAPTURES
+
+    return test_each
 
 
 
@@ -252,14 +277,22 @@ class Stack:
                 if number < entry:
                     continue
                 snapshot = env
+                noted: list[int | None] | None = None
                 if snapshots is not None:
-                    snapshots.append(StageStart(number, self._rules_of[number], snapshot))
+                    noted = []
+                    snapshots.append(StageStart(number, self._rules_of[number], snapshot, noted))
                 hits = []
                 for plan in plans:
                     if sliced and time.perf_counter() >= turn_ends:
                         await asyncio.sleep(0)
                         turn_ends = time.perf_counter() + SLICE_S
-                    captures = plan.rule.test(snapshot)
+                    if noted is None:
+                        captures = plan.rule.test(snapshot)
+                    elif plan.test_noting is None:
+                        captures = plan.rule.test(snapshot)
+                        noted.append(None if captures is not None else 0)
+                    else:
+                        captures = plan.test_noting(snapshot, noted)
                     if captures is not None:
                         hits.append((plan, captures))
                         if captures is NO_CAPTURES:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import NoneType
 from typing import Any, Final, Literal
 
 from txcl.envelope import parse_path, path_text, result_of, source_of
@@ -177,6 +178,9 @@ class Scrubber:
         return taint
 
 
+_PROBE: Final = object()  # no value: what a lookup gives when it finds nothing
+
+
 class Taint:
     """Values that were scrubbed, so copies of them are scrubbed too."""
 
@@ -184,13 +188,19 @@ class Taint:
         self.exact: dict[str, Action] = {}
         self.containers: list[tuple[Any, Action]] = []
         self.scan: list[tuple[str, Action]] = []
+        self.inside: list[str] = []  # the secrets of `scan` long enough to look for in a string
+        # Each string as cleaned, once per taint: a trace repeats many (rule files, values).
+        self._strings: dict[str, Any] = {}
 
     def add(self, value: Any, action: Action) -> None:
         if isinstance(value, str):
             if value and self.exact.get(value) != "omit":
                 self.exact[value] = action
+                self._strings.clear()
                 if len(value) <= _MAX_TAINT_SCAN:
                     self.scan.append((value, action))
+                    if len(value) >= _MIN_TAINT_SUBSTRING:
+                        self.inside.append(value)
         elif isinstance(value, dict | list):
             self.containers.append((value, action))
             for leaf in value.values() if isinstance(value, dict) else value:
@@ -199,25 +209,32 @@ class Taint:
     def __bool__(self) -> bool:
         return bool(self.exact or self.containers)
 
+    def _clean_string(self, value: str) -> Any:
+        action = self.exact.get(value)
+        if action:
+            return _act(value, action)
+        if len(value) < _MIN_TAINT_SUBSTRING:  # no secret it may hold is looked for
+            return value
+        for secret, secret_action in self.scan:
+            if value in secret:
+                return _act(value, secret_action)
+        for secret in self.inside:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+
     def clean(self, value: Any) -> Any:
         """`value` with every copy of a scrubbed value scrubbed; `_OMITTED` if it goes."""
-        if not self:
+        if not (self.exact or self.containers):
             return value
         return self._clean(value)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            action = self.exact.get(value)
-            if action:
-                return _act(value, action)
-            if len(value) >= _MIN_TAINT_SUBSTRING:
-                for secret, secret_action in self.scan:
-                    if value in secret:
-                        return _act(value, secret_action)
-            for secret, _ in self.scan:
-                if len(secret) >= _MIN_TAINT_SUBSTRING and secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            done = self._strings.get(value, _PROBE)
+            if done is _PROBE:
+                done = self._strings[value] = self._clean_string(value)
+            return done
         if isinstance(value, dict | list):
             for container, action in self.containers:
                 if type(container) is type(value) and container == value:
@@ -317,6 +334,8 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
         if segs is not None:
             doc[name] = dotted(segs)
             break
+    if is_record and not scrubber and not taint:
+        return doc  # step_json writes only the fields the kind uses
     unused = _UNUSED_BY_KIND.get(str(doc.get("kind")), ())
     if not scrubber and not taint:  # nothing to scrub: only the fields the kind uses
         return {key: value for key, value in doc.items()
@@ -335,6 +354,40 @@ def scrub_step(step: Any, scrubber: Scrubber, taint: Taint) -> dict[str, Any]:
         if value is not _OMITTED:
             out[key] = value
     return out
+
+
+# The JSON of the records that a stack's runs share (a rule's firing without captures, a
+# constant SET to an empty place: built once per compiled rule by the runner), by identity;
+# each record is kept with its JSON so that its id is not reused while cached. Shared with
+# every trace that holds it: never changed.
+_SHARED_JSON: dict[int, tuple[Any, Any]] = {}
+_MAX_SHARED_JSON: Final = 4096
+
+
+def _shared_json(record: Any, render: Any) -> Any:
+    hit = _SHARED_JSON.get(id(record))
+    if hit is not None and hit[0] is record:
+        return hit[1]
+    doc = render(record)
+    if len(_SHARED_JSON) >= _MAX_SHARED_JSON:  # the records of stacks long reloaded
+        _SHARED_JSON.clear()
+    _SHARED_JSON[id(record)] = (record, doc)
+    return doc
+
+
+def _fired_doc(fired: Any, taint: Taint) -> Any:
+    if fired.captures:  # groups this run captured: its own
+        return taint.clean(fired_json(fired))
+    doc = _shared_json(fired, fired_json)
+    return taint.clean(doc) if taint else doc
+
+
+def _step_doc(step: Any, scrubber: Scrubber, taint: Taint) -> Any:
+    if step.__class__ is SetRecord and not scrubber and not taint and step.before is MISSING:
+        after = step.after.__class__
+        if after is str or after is int or after is bool or after is float or after is NoneType:
+            return _shared_json(step, step_json)  # maybe a constant: written once, if shared
+    return scrub_step(step, scrubber, taint)
 
 
 # --- one trace record --------------------------------------------------------------------
@@ -384,7 +437,6 @@ def _get(doc: Any, *segs: str) -> Any:
     return doc
 
 
-_PROBE: Final = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,8 +517,8 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
     error_doc = taint.clean(error_doc)
 
-    fired = [taint.clean(fired_json(f)) for f in getattr(result, "fired", ()) or ()]
-    steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
+    fired = [_fired_doc(f, taint) for f in getattr(result, "fired", ()) or ()]
+    steps = [_step_doc(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
     from txcl.explain import explain_record  # it scrubs with this module's Scrubber
 
     why = explain_record(result, record.hints, taint)  # None: the run kept no stage starts

@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -183,11 +184,37 @@ def private_folder(path: Path) -> None:
         os.chmod(path, FOLDER_MODE)
 
 
+@functools.cache
+def _pid() -> int:
+    """os.getpid(), a system call each time, once per process (forgotten in a fork's child)."""
+    return os.getpid()
+
+
+os.register_at_fork(after_in_child=_pid.cache_clear)
+
+
+@functools.cache
+def umask_keeps_owner_bits() -> bool:
+    """The process umask leaves FOLDER_MODE and FILE_MODE as they are (it clears no bit of
+    the owner's), so what is created with them needs no chmod; read once, from
+    /proc/self/status (reading it with os.umask would change it for a moment, for every
+    thread). False where that cannot be read: then every mode is set explicitly."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8) & 0o700 == 0
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def write_private(path: str, data: bytes) -> int:
     """Write a new file readable by its owner only; returns the bytes written."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
-        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+        if not umask_keeps_owner_bits():
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -216,10 +243,11 @@ def write_trace(
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
     appears whole or not at all. Returns the folder's name and the bytes written."""
     base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
+    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
     os.mkdir(tmp, FOLDER_MODE)
     try:
-        os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
+        if not umask_keeps_owner_bits():
+            os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
         size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
         if isinstance(message, StagedMessage):
             size += message.link(f"{tmp}/{MESSAGE_FILE}")
@@ -231,14 +259,14 @@ def write_trace(
         raise
 
 
-def _overwrite_private(path: str, data: bytes) -> int:
+def _overwrite_private(path: str, data: bytes, linked: bool = True) -> int:
     """Write `data` over an existing file (a new private one if missing), cutting what is
-    left of the old content."""
+    left of the old content. `linked`: the file may be a staged message's hard link."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return write_private(path, data)
-    if os.fstat(fd).st_nlink > 1:  # a staged message another trace links to: not ours alone
+    if linked and os.fstat(fd).st_nlink > 1:  # a staged message another trace links to
         os.close(fd)
         os.unlink(path)
         return write_private(path, data)
@@ -260,11 +288,11 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
     once many have been freed recently. `old` leaves its name before it changes, so no
     reader sees a mixture; FileNotFoundError if `old` is gone."""
     base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{os.getpid()}-{threading.get_ident()}"
+    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
     os.utime(f"{base}/{old}")  # a fresh mtime: not a stale leftover, and ordered as new
     os.rename(f"{base}/{old}", tmp)
     try:
-        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
+        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines), linked=False)
         if isinstance(message, StagedMessage):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{tmp}/{MESSAGE_FILE}")
