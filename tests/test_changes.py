@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -372,3 +373,40 @@ def test_until_the_feed_is_whole_a_reload_walks_everything(
         assert signatures == [f"{first}/_mail"]
     finally:
         holder.close()
+
+
+def test_a_log_written_beside_the_config_wakes_nothing(tmp_path: Path) -> None:
+    """The config file's folder may hold a busy log: its appends are no events; the config
+    rewritten in place is one, once its writer closes it."""
+    ops, config, _ = generate(tmp_path / "tree", 4)
+    log_file = Path(config).parent / "server.log"
+    log_file.write_text("")  # before the watch: its appends are what is looked at
+    seen: list[str] = []
+    batches = threading.Event()
+    feed = ChangeFeed(ops, config)
+    handle = feed._handle
+
+    def recording(events: list[inotify_simple.Event]) -> None:
+        seen.extend(event.name for event in events)
+        handle(events)
+        batches.set()
+
+    feed._handle = recording  # type: ignore[method-assign]
+    feed.start()
+    try:
+        assert feed.ready.wait(10) and feed.healthy
+        feed.trust()
+        with open(log_file, "a", buffering=1) as log:
+            for n in range(50):
+                log.write(f"line {n}\n")  # flushed each line, not closed
+            with open(config, "a") as edit:
+                edit.write("\n")
+            deadline = time.monotonic() + 10
+            while Path(config).name not in seen:
+                assert time.monotonic() < deadline, "the config edit was not seen"
+                batches.wait(0.1)
+                batches.clear()
+            assert log_file.name not in seen  # events come in order: the log's would be first
+        assert feed.pending() and feed.take() == frozenset()  # the config: no stack named
+    finally:
+        feed.close()

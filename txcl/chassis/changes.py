@@ -1,7 +1,8 @@
 """A change feed for the OPS tree: which stacks may have changed since last asked, from Linux
 inotify, so that a reload costs what changed and not the tree's size.
 
-Every folder of the tree is watched (and the config file's folder, for that one file); a
+Every folder of the tree is watched (and the config file's folder, for that one file, where
+a write is seen when its writer closes the file, so a log beside it wakes nothing); a
 folder created or moved in is watched as it appears. `ChangeFeed.take()` hands over, at
 once, the stacks ("tenant/stack") and tenants ("tenant") under the paths changed since the
 last take; events arriving while the caller reloads stay for the next take. It answers None
@@ -37,6 +38,8 @@ if inotify_simple is not None:
     _MASK = (_flags.MODIFY | _flags.ATTRIB | _flags.CLOSE_WRITE | _flags.CREATE
              | _flags.DELETE | _flags.MOVED_FROM | _flags.MOVED_TO | _flags.DELETE_SELF
              | _flags.MOVE_SELF | _flags.ONLYDIR | _flags.DONT_FOLLOW)
+    # The config file's folder may hold busy files (a log): their writes must not wake us.
+    _CONFIG_MASK = _MASK & ~_flags.MODIFY
     _NEW = _flags.CREATE | _flags.MOVED_TO | _flags.ATTRIB
     _GONE = _flags.DELETE | _flags.MOVED_FROM
 
@@ -159,10 +162,10 @@ class ChangeFeed:
         parts = relative.split(os.sep)
         return "/".join(parts[:2])
 
-    def _watch(self, folder: str) -> None:
+    def _watch(self, folder: str, mask: int | None = None) -> None:
         assert self._inotify is not None
         try:
-            wd = self._inotify.add_watch(folder, _MASK)
+            wd = self._inotify.add_watch(folder, _MASK if mask is None else mask)
         except OSError as err:
             if err.errno == errno.ENOSPC:  # the watch limit (fs.inotify.max_user_watches)
                 raise
@@ -202,7 +205,7 @@ class ChangeFeed:
     def _run(self) -> None:
         try:
             if self.config_file is not None:
-                self._watch(os.path.dirname(self.config_file))
+                self._watch(os.path.dirname(self.config_file), _CONFIG_MASK)
             self._watch_tree(self.root)
         except Exception as err:
             self._break(f"cannot watch {self.root}: {err}")
