@@ -209,13 +209,18 @@ class TenantDeliverer:
     def __init__(self) -> None:
         self.transactions: list[Transaction] = []
         self.delay = 0.0
+        self.stubborn = False  # a cancelled delay is ignored: the lines come anyway
         self.fail = False
         self.short = False
 
     async def deliver(self, tx: Transaction) -> list[str]:
         self.transactions.append(tx)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                if not self.stubborn:
+                    raise
         if self.fail:
             raise RuntimeError("the rules engine fell over")
         lines = ["250 2.0.0 queued" if route.tenant == "acme" else "550 5.7.1 refused by rule"
@@ -575,6 +580,38 @@ def test_a_failing_deliverer_tempfails_every_rcpt(start_head: Callable[..., Runn
         assert send_transaction(client, ["a@acme.example", "b@beta.example"], b"x\r\n") == [
             reply] * 2
         assert client.noop() == (250, b"2.0.0 OK")
+
+
+def test_a_deliverer_that_swallows_the_timeout_s_cancellation_is_answered_as_it_says(
+        start_head: Callable[..., RunningHead]) -> None:
+    """As under asyncio.timeout: the deadline cancels the delivery; lines that still come
+    are the replies, and the session goes on."""
+    server = start_head(lmtp_resp_timeout=0.3)
+    server.deliverer.delay, server.deliverer.stubborn = 2.0, True
+    with server.client() as client:
+        client.ehlo("c")
+        started = time.monotonic()
+        assert send_transaction(client, ["a@acme.example", "b@beta.example"], b"x\r\n") == [
+            QUEUED, REFUSED]
+        assert time.monotonic() - started < 1.5
+        assert client.noop() == (250, b"2.0.0 OK")
+
+
+def test_after_a_late_verdict_an_idle_session_gets_the_read_timeout(
+        start_head: Callable[..., RunningHead]) -> None:
+    """The session's one timer serves the response deadline, then the read timeout again."""
+    server = start_head(lmtp_resp_timeout=0.3, lmtp_read_timeout=0.6)
+    server.deliverer.delay = 2.0
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<a@acme.example>\r\n"
+                     b"DATA\r\n")
+        read_replies(sock, 4)
+        sock.sendall(b"x\r\n.\r\n")
+        assert read_replies(sock, 1) == [b"451 4.3.0 no verdict within 0.3s, try again later"]
+        started = time.monotonic()
+        assert read_replies(sock, 1) == [
+            f"421 4.4.2 {HOSTNAME} no command within 0.6s, closing".encode()]
+        assert 0.4 < time.monotonic() - started < 3
 
 
 def test_read_timeout_closes_with_421(start_head: Callable[..., RunningHead]) -> None:
