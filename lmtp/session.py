@@ -275,12 +275,13 @@ class LMTPSession(asyncio.Protocol):
             if used < 0:
                 return
             self._sink = None
-            data = data[used:]
-        elif len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
-            # Commands pile up while a delivery runs: stop reading until we catch up.
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._inbuf += data
+            self._inbuf += memoryview(data)[used:]  # the next commands (and messages)
+        else:
+            if len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
+                # Commands pile up while a delivery runs: stop reading until we catch up.
+                self.transport.pause_reading()
+                self._reading_paused = True
+            self._inbuf += data
         self._wake_reader()
 
     def eof_received(self) -> bool:
@@ -607,11 +608,9 @@ class LMTPSession(asyncio.Protocol):
         self._timeout_reply = self._data_timeout_reply
         self._start_timeout(self.settings.lmtp_data_timeout)
         if self._inbuf and not sink.done:
-            chunk = bytes(self._inbuf)
-            self._inbuf.clear()
-            used = sink.feed(chunk)
-            if used >= 0:
-                self._inbuf += memoryview(chunk)[used:]
+            with memoryview(self._inbuf) as arrived:  # released before the buffer is cut
+                used = sink.feed(arrived)
+            del self._inbuf[:len(self._inbuf) if used < 0 else used]
         self._sink = sink
         try:
             while not sink.done and not self._eof:

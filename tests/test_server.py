@@ -60,13 +60,18 @@ def decode_data(stream: bytes) -> tuple[bytes, bytes] | None:
 
 def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30,
                    size_hint: int | None = None) -> tuple[DataDecoder, bytes]:
+    """Fed as a session may feed it: views of a buffer overwritten after each feed (the
+    decoder must keep none of it)."""
     decoder = DataDecoder(max_bytes, size_hint)
+    received = bytearray(max(len(stream), 1))
     pos = 0
     for size in [*sizes, len(stream)]:
         chunk = stream[pos:pos + max(size, 1)]
         if not chunk:
             break
-        used = decoder.feed(chunk)
+        received[:len(chunk)] = chunk
+        used = decoder.feed(memoryview(received)[:len(chunk)])
+        received[:len(chunk)] = b"#" * len(chunk)
         if used >= 0:
             return decoder, chunk[used:] + stream[pos + len(chunk):]
         pos += len(chunk)
@@ -445,6 +450,20 @@ def test_pipelined_commands_in_one_write_get_their_replies_in_order(server: Runn
         assert read_replies(sock, 2) == [b"250 2.0.0 queued", f"221 2.0.0 {HOSTNAME} closing".encode()]
         assert sock.recv(10) == b""
     assert [tx.mail_from for tx in server.deliverer.transactions] == ["a@example.com", ""]
+
+
+def test_messages_sent_with_their_commands_in_one_write_are_read_whole(
+        server: RunningHead) -> None:
+    """Message bytes that arrive with DATA (before the 354) are read from the command
+    buffer; what follows each message there stays for the next commands."""
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<x@acme.example>\r\n"
+                     b"DATA\r\none\r\n..dot\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@acme.example>\r\n"
+                     b"DATA\r\ntwo\r\n.\r\nQUIT\r\n")
+        replies = read_replies(sock, 10)
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354", b"250",
+                                            b"250", b"250", b"354", b"250", b"221"]
+    assert [tx.data for tx in server.deliverer.transactions] == [b"one\r\n.dot\r\n", b"two\r\n"]
 
 
 def test_replies_owed_before_the_client_closes_its_side_are_still_sent(server: RunningHead) -> None:
