@@ -658,15 +658,18 @@ class LMTPSession(asyncio.Protocol):
             if not (self._verdict_late and task.uncancel() <= cancelling):
                 raise
             lines = None
-        except TimeoutError:
+        except Exception as exc:
+            if self._verdict_late:  # the deliverer swallowed our cancellation
+                task.uncancel()
+            if not isinstance(exc, TimeoutError):
+                log.exception("lmtp: delivery failed")
+                return [R_DELIVERY_FAILED] * count
             lines = None
-        except Exception:
-            log.exception("lmtp: delivery failed")
-            return [R_DELIVERY_FAILED] * count
+        else:
+            if self._verdict_late:  # the deliverer swallowed our cancellation and answered
+                task.uncancel()
         finally:
             self._stop_timeout()
-        if self._verdict_late and lines is not None:
-            task.uncancel()  # the deliverer swallowed our cancellation and answered
         if lines is None:
             log.warning("lmtp: no verdict within %s for %d recipient(s)", seconds(timeout), count)
             return [f"451 4.3.0 no verdict within {seconds(timeout)}, try again later"] * count

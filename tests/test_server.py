@@ -588,6 +588,9 @@ def test_oversized_message_gets_552_per_rcpt_and_the_session_goes_on(
                  id="too few lines"),
     pytest.param({"delay": 2.0}, (451, b"4.3.0 no verdict within 0.3s, try again later"),
                  id="resp timeout"),
+    pytest.param({"delay": 2.0, "stubborn": True, "fail": True},
+                 (451, b"4.3.0 delivery failed, try again later"),
+                 id="resp timeout swallowed, then raises"),
 ])
 def test_a_failing_deliverer_tempfails_every_rcpt(start_head: Callable[..., RunningHead],
                                                  misbehave: dict, reply: tuple[int, bytes]) -> None:
