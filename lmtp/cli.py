@@ -35,6 +35,7 @@ from lmtp.tracecmd import (
     run_trace,
     trace_writer_from_args,
 )
+from txcl.chassis import serverlog
 from txcl.chassis.config import default_config_file
 from txcl.chassis.status import add_status_arguments, run_status
 from txcl.chassis.supervisor import FAILURE, OK, USAGE, CannotStart, ServeOptions, serve
@@ -188,14 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.ops_dir.is_dir():
         raise UsageError(f"--ops {settings.ops_dir}: no such directory")
     workers = parse_positive_int(args.workers, "--workers")
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s txco %(levelname)s %(message)s")
-    # Two lines per delivery: skip the record fields the format never shows (the logging
-    # docs' "Optimization" section): caller frame lookup, thread, process names.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
+    serverlog.configure(sys.stderr)
     from lmtp.personality import LmtpPersonality
 
     return serve(ServeOptions(

@@ -131,6 +131,9 @@ class Group:
 
 def group_recipients(routes: Sequence[Route | None]) -> tuple[list[Group], list[int]]:
     """Groups in order of first appearance, and the indices of unrouted recipients."""
+    if len(routes) == 1:  # the common case
+        route = routes[0]
+        return ([Group(route, (0,))], []) if route is not None else ([], [0])
     by_key: dict[tuple[str, str], tuple[Route, list[int]]] = {}
     unrouted: list[int] = []
     for index, route in enumerate(routes):
@@ -236,9 +239,9 @@ class Deliverer:
             traced = (stage(tx.data) if stage else None) or tx.data
             for group in groups:
                 stack = stacks.get(group.route.stack)
-                if stack is not None:
-                    needs = self.needs_of(stack) if needs is self._trace_needs else (
-                        needs | self.needs_of(stack))
+                if stack is not None:  # needs_of(stack) holds the trace's needs already
+                    needs = self.needs_of(stack) if needs is self._trace_needs or (
+                        needs is NOTHING) else needs | self.needs_of(stack)
             # after the lookups: a lazily compiled stack is known to be rejected once looked up
             rejected = frozenset(getattr(tree, "rejected", None) or ())
             msg, defects = await _parse(tx.data, needs, self._mime_limits)

@@ -153,6 +153,15 @@ class Router:
             domain_key(k): v for k, v in config.verified_domains.items()
         }
         self._listeners = dict(config.listeners)
+        # The routes of the tables' entries, made once: a RCPT that matches one is a lookup.
+        self._recipient_routes = {
+            key: _route(*_target(entry), f"recipient:{key}")
+            for key, entry in self._recipients.items()
+        }
+        self._listener_routes = {
+            name: _route(*_target(entry), f"listener:{name}", name)
+            for name, entry in self._listeners.items()
+        }
         self._default_hosts = frozenset(domain_key(h) for h in settings.lmtp_default_hosts if h)
         self._strict = settings.require_hostname_verification
         self._hostnames = hostnames
@@ -210,30 +219,23 @@ class Router:
 
     @staticmethod
     def _from_table(
-        step: str, table: Mapping[str, Target], key: str, ingress: str, note: Note | None,
-        listener: str = "",
+        step: str, routes: Mapping[str, Route], key: str, note: Note | None
     ) -> Route | None:
-        entry = table.get(key)
+        found = routes.get(key)
         if note:
-            note(step, f"{key!r} matched" if entry is not None else f"no entry {key!r}")
-        if entry is None:
-            return None
-        tenant, stack = _target(entry)
-        return _route(tenant, stack, ingress, listener)
+            note(step, f"{key!r} matched" if found is not None else f"no entry {key!r}")
+        return found
 
     def _recipient(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
-        return self._from_table(
-            "1 recipients[address]", self._recipients, key, f"recipient:{key}", note
-        )
+        return self._from_table("1 recipients[address]", self._recipient_routes, key, note)
 
     def _recipient_domain(
         self, local: str, domain: str, key: str, note: Note | None
     ) -> Route | None:
         if not domain:
             return None
-        wildcard = f"@{domain}"
         return self._from_table(
-            "2 recipients[@domain]", self._recipients, wildcard, f"recipient:{wildcard}", note
+            "2 recipients[@domain]", self._recipient_routes, f"@{domain}", note
         )
 
     def _strategy_a(self, local: str, domain: str, key: str, note: Note | None) -> Route | None:
@@ -278,6 +280,4 @@ class Router:
 
     def _listener(self, listener: str, note: Note | None) -> Route | None:
         name = listener if listener in self._listeners else DEFAULT_LISTENER
-        return self._from_table(
-            "5 listeners", self._listeners, name, f"listener:{name}", note, name
-        )
+        return self._from_table("5 listeners", self._listener_routes, name, note)

@@ -239,7 +239,13 @@ class LMTPSession(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time when the current timeout runs out
         self._timer: asyncio.TimerHandle | None = None
-        self._timeout_reply = self._read_timeout_reply()
+        self._read_timeout_reply = (f"421 4.4.2 {self.hostname} no command within "
+                                    f"{seconds(settings.lmtp_read_timeout)}, closing")
+        self._data_timeout_reply = (f"421 4.4.2 {self.hostname} message not received within "
+                                    f"{seconds(settings.lmtp_data_timeout)}, closing")
+        self._timeout_reply = self._read_timeout_reply
+        self._expire: Callable[[], None] = self._say_timeout_and_close  # at the deadline
+        self._verdict_late = False  # the deliverer missed --lmtp-resp-timeout
 
     # --- connection plumbing ---------------------------------------------------------
 
@@ -269,12 +275,13 @@ class LMTPSession(asyncio.Protocol):
             if used < 0:
                 return
             self._sink = None
-            data = data[used:]
-        elif len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
-            # Commands pile up while a delivery runs: stop reading until we catch up.
-            self.transport.pause_reading()
-            self._reading_paused = True
-        self._inbuf += data
+            self._inbuf += memoryview(data)[used:]  # the next commands (and messages)
+        else:
+            if len(self._inbuf) > INPUT_BUFFER_LIMIT and self.transport is not None:
+                # Commands pile up while a delivery runs: stop reading until we catch up.
+                self.transport.pause_reading()
+                self._reading_paused = True
+            self._inbuf += data
         self._wake_reader()
 
     def eof_received(self) -> bool:
@@ -315,11 +322,14 @@ class LMTPSession(asyncio.Protocol):
         finally:
             self._input_waiter = None
 
-    def _start_timeout(self, duration: float) -> None:
+    def _start_timeout(self, duration: float, expire: Callable[[], None] | None = None) -> None:
+        """Call `expire` (by default: say `_timeout_reply` and close) when `duration` has
+        passed, unless a new timeout starts or `_stop_timeout` comes first."""
         # One timer per connection, moved lazily: a new deadline only moves a number; a
         # timer that fires before the deadline re-arms itself for it.
         deadline = self.loop.time() + duration
         self._deadline = deadline
+        self._expire = self._say_timeout_and_close if expire is None else expire
         timer = self._timer
         if timer is not None and not timer.cancelled() and timer.when() <= deadline:
             return
@@ -338,13 +348,13 @@ class LMTPSession(asyncio.Protocol):
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             return
         self._timer = None
+        self._deadline = math.inf
+        self._expire()
+
+    def _say_timeout_and_close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(self._timeout_reply.encode() + b"\r\n")
             self.transport.close()
-
-    def _read_timeout_reply(self) -> str:
-        return (f"421 4.4.2 {self.hostname} no command within "
-                f"{seconds(self.settings.lmtp_read_timeout)}, closing")
 
     def close_for_shutdown(self) -> None:
         """Say 421 and close now if waiting for a command; else after the current one."""
@@ -595,15 +605,12 @@ class LMTPSession(asyncio.Protocol):
     async def _read_into(self, sink: Sink) -> bool:
         """Feed the message bytes to `sink` until it is done (True), within
         --lmtp-data-timeout; False when the client goes first."""
-        self._timeout_reply = (f"421 4.4.2 {self.hostname} message not received within "
-                               f"{seconds(self.settings.lmtp_data_timeout)}, closing")
+        self._timeout_reply = self._data_timeout_reply
         self._start_timeout(self.settings.lmtp_data_timeout)
         if self._inbuf and not sink.done:
-            chunk = bytes(self._inbuf)
-            self._inbuf.clear()
-            used = sink.feed(chunk)
-            if used >= 0:
-                self._inbuf += memoryview(chunk)[used:]
+            with memoryview(self._inbuf) as arrived:  # released before the buffer is cut
+                used = sink.feed(arrived)
+            del self._inbuf[:len(self._inbuf) if used < 0 else used]
         self._sink = sink
         try:
             while not sink.done and not self._eof:
@@ -613,7 +620,7 @@ class LMTPSession(asyncio.Protocol):
         if not sink.done:
             return False
         self._stop_timeout()
-        self._timeout_reply = self._read_timeout_reply()
+        self._timeout_reply = self._read_timeout_reply
         return True
 
     async def _finish(self, too_large: bool, content: bytes, size: int, started: float) -> None:
@@ -637,21 +644,46 @@ class LMTPSession(asyncio.Protocol):
 
     async def _deliver(self, count: int) -> list[str]:
         timeout = self.settings.lmtp_resp_timeout
+        # The deadline is the session's timer (asyncio.timeout would add a timer per
+        # delivery): at --lmtp-resp-timeout it cancels this task, as asyncio.timeout does,
+        # and a cancellation that is ours alone becomes the timeout.
+        task = self._task  # the session's task runs every command
+        assert task is not None
+        cancelling = task.cancelling()
+        self._verdict_late = False
+        self._start_timeout(timeout, self._cancel_late_delivery)
         try:
-            async with asyncio.timeout(timeout):  # unlike wait_for, no task per delivery
-                lines = await self.handler.handle_DATA(self, self.session, self.envelope)
-        except TimeoutError:
+            lines = await self.handler.handle_DATA(self, self.session, self.envelope)
+        except asyncio.CancelledError:
+            if not (self._verdict_late and task.uncancel() <= cancelling):
+                raise
+            lines = None
+        except Exception as exc:
+            if self._verdict_late:  # the deliverer swallowed our cancellation
+                task.uncancel()
+            if not isinstance(exc, TimeoutError):
+                log.exception("lmtp: delivery failed")
+                return [R_DELIVERY_FAILED] * count
+            lines = None
+        else:
+            if self._verdict_late:  # the deliverer swallowed our cancellation and answered
+                task.uncancel()
+        finally:
+            self._stop_timeout()
+        if lines is None:
             log.warning("lmtp: no verdict within %s for %d recipient(s)", seconds(timeout), count)
             return [f"451 4.3.0 no verdict within {seconds(timeout)}, try again later"] * count
-        except Exception:
-            log.exception("lmtp: delivery failed")
-            return [R_DELIVERY_FAILED] * count
         if (not isinstance(lines, Sequence) or len(lines) != count
                 or not all(isinstance(x, str) and _REPLY_LINE.match(x) for x in lines)):
             log.error("lmtp: deliverer returned %s for %d recipient(s)",
                       printable(repr(lines), 512), count)
             return [R_DELIVERY_FAILED] * count
         return list(lines)
+
+    def _cancel_late_delivery(self) -> None:
+        self._verdict_late = True
+        if self._task is not None:
+            self._task.cancel()
 
     async def rset(self, arg: str) -> None:
         self.envelope = Envelope()

@@ -17,6 +17,10 @@ import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
+# Message bytes as a sink is fed them: bytes from the socket, or a view of the session's
+# command buffer (what arrived with the command that started the message).
+Buffer = bytes | memoryview
+
 # RFC 5321 4.5.3.1.4: 512 octets per command line; SIZE= and BODY= may lengthen MAIL.
 MAX_COMMAND_LINE = 512
 MAX_MAIL_LINE = 512 + 26 + 15
@@ -133,9 +137,10 @@ class DataDecoder:
         self._ended_with = _CRLF
         self._held = b""  # "." or ".\r" that started a line, undecided
 
-    def feed(self, chunk: bytes) -> int:
-        """Take the next bytes. -1: the message goes on; else how many bytes of `chunk`
-        belonged to the message (what follows is the client's next command)."""
+    def feed(self, chunk: Buffer) -> int:
+        """Take the next bytes (`chunk` is not kept: it may be a view of a buffer that
+        changes next). -1: the message goes on; else how many bytes of `chunk` belonged to
+        the message (what follows is the client's next command)."""
         held = self._held
         piece = held + chunk if held else chunk  # held: at most two bytes
         self._held = b""
@@ -146,15 +151,15 @@ class DataDecoder:
                 return used - len(held) if used >= 0 else -1
             start = dot + 1
         self._emit(piece, start, len(piece))
-        if piece.endswith(b"\r\n") or (piece == b"\n" and ended_with is _CR):
+        if piece[-2:] == b"\r\n" or (piece == b"\n" and ended_with is _CR):
             self._ended_with = _CRLF
-        elif piece.endswith(b"\r"):
+        elif piece[-1:] == b"\r":
             self._ended_with = _CR
         elif piece:
             self._ended_with = _OTHER
         return -1
 
-    def _line_start_dots(self, piece: bytes) -> Iterator[int]:
+    def _line_start_dots(self, piece: Buffer) -> Iterator[int]:
         """Where a dot starts a line in `piece`: at its border (the bytes before ended with
         CRLF, or a held dot is back in front; or after an LF that completes a CR), then
         after each CRLF within it (a regex search: faster than bytes.find here)."""
@@ -167,7 +172,7 @@ class DataDecoder:
         for found in _STUFFED_DOT.finditer(piece, after):
             yield found.end() - 1
 
-    def _dot_line(self, piece: bytes, start: int, dot: int) -> int:
+    def _dot_line(self, piece: Buffer, start: int, dot: int) -> int:
         """A line of `piece` starts with a dot at `dot`; emit what precedes it. The end of
         the message (the index in `piece` after the terminator); _HOLD (the dot is held
         for the next chunk); or _GO_ON (a stuffed dot, dropped)."""
@@ -177,12 +182,12 @@ class DataDecoder:
             self.done = True
             return dot + 3
         if tail in (b"", b"\r"):  # maybe a terminator the next chunk completes
-            self._held = piece[dot:]
+            self._held = bytes(piece[dot:])
             self._ended_with = _CRLF
             return _HOLD
         return _GO_ON
 
-    def _emit(self, piece: bytes, start: int, stop: int) -> None:
+    def _emit(self, piece: Buffer, start: int, stop: int) -> None:
         if stop <= start:
             return
         self.size += stop - start
@@ -209,9 +214,10 @@ class Sink(Protocol):
 
     done: bool
 
-    def feed(self, chunk: bytes) -> int:
+    def feed(self, chunk: Buffer) -> int:
         """-1: more is wanted; else how many bytes of `chunk` were taken (the rest is the
-        client's next command)."""
+        client's next command). `chunk` is not kept: it may be a view of a buffer that
+        changes next."""
         ...
 
 
@@ -251,7 +257,7 @@ class ChunkReader:
         self.message = message
         self.done = size == 0
 
-    def feed(self, chunk: bytes) -> int:
+    def feed(self, chunk: Buffer) -> int:
         take = min(len(chunk), self.remaining)
         self.message.write(memoryview(chunk)[:take])
         self.remaining -= take

@@ -60,13 +60,18 @@ def decode_data(stream: bytes) -> tuple[bytes, bytes] | None:
 
 def feed_in_chunks(stream: bytes, sizes: list[int], max_bytes: int = 1 << 30,
                    size_hint: int | None = None) -> tuple[DataDecoder, bytes]:
+    """Fed as a session may feed it: views of a buffer overwritten after each feed (the
+    decoder must keep none of it)."""
     decoder = DataDecoder(max_bytes, size_hint)
+    received = bytearray(max(len(stream), 1))
     pos = 0
     for size in [*sizes, len(stream)]:
         chunk = stream[pos:pos + max(size, 1)]
         if not chunk:
             break
-        used = decoder.feed(chunk)
+        received[:len(chunk)] = chunk
+        used = decoder.feed(memoryview(received)[:len(chunk)])
+        received[:len(chunk)] = b"#" * len(chunk)
         if used >= 0:
             return decoder, chunk[used:] + stream[pos + len(chunk):]
         pos += len(chunk)
@@ -209,13 +214,18 @@ class TenantDeliverer:
     def __init__(self) -> None:
         self.transactions: list[Transaction] = []
         self.delay = 0.0
+        self.stubborn = False  # a cancelled delay is ignored: the lines come anyway
         self.fail = False
         self.short = False
 
     async def deliver(self, tx: Transaction) -> list[str]:
         self.transactions.append(tx)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                if not self.stubborn:
+                    raise
         if self.fail:
             raise RuntimeError("the rules engine fell over")
         lines = ["250 2.0.0 queued" if route.tenant == "acme" else "550 5.7.1 refused by rule"
@@ -442,6 +452,20 @@ def test_pipelined_commands_in_one_write_get_their_replies_in_order(server: Runn
     assert [tx.mail_from for tx in server.deliverer.transactions] == ["a@example.com", ""]
 
 
+def test_messages_sent_with_their_commands_in_one_write_are_read_whole(
+        server: RunningHead) -> None:
+    """Message bytes that arrive with DATA (before the 354) are read from the command
+    buffer; what follows each message there stays for the next commands."""
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<x@acme.example>\r\n"
+                     b"DATA\r\none\r\n..dot\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@acme.example>\r\n"
+                     b"DATA\r\ntwo\r\n.\r\nQUIT\r\n")
+        replies = read_replies(sock, 10)
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354", b"250",
+                                            b"250", b"250", b"354", b"250", b"221"]
+    assert [tx.data for tx in server.deliverer.transactions] == [b"one\r\n.dot\r\n", b"two\r\n"]
+
+
 def test_replies_owed_before_the_client_closes_its_side_are_still_sent(server: RunningHead) -> None:
     with server.raw() as sock:
         sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<x@acme.example>\r\nDATA\r\n")
@@ -564,6 +588,9 @@ def test_oversized_message_gets_552_per_rcpt_and_the_session_goes_on(
                  id="too few lines"),
     pytest.param({"delay": 2.0}, (451, b"4.3.0 no verdict within 0.3s, try again later"),
                  id="resp timeout"),
+    pytest.param({"delay": 2.0, "stubborn": True, "fail": True},
+                 (451, b"4.3.0 delivery failed, try again later"),
+                 id="resp timeout swallowed, then raises"),
 ])
 def test_a_failing_deliverer_tempfails_every_rcpt(start_head: Callable[..., RunningHead],
                                                  misbehave: dict, reply: tuple[int, bytes]) -> None:
@@ -575,6 +602,38 @@ def test_a_failing_deliverer_tempfails_every_rcpt(start_head: Callable[..., Runn
         assert send_transaction(client, ["a@acme.example", "b@beta.example"], b"x\r\n") == [
             reply] * 2
         assert client.noop() == (250, b"2.0.0 OK")
+
+
+def test_a_deliverer_that_swallows_the_timeout_s_cancellation_is_answered_as_it_says(
+        start_head: Callable[..., RunningHead]) -> None:
+    """As under asyncio.timeout: the deadline cancels the delivery; lines that still come
+    are the replies, and the session goes on."""
+    server = start_head(lmtp_resp_timeout=0.3)
+    server.deliverer.delay, server.deliverer.stubborn = 2.0, True
+    with server.client() as client:
+        client.ehlo("c")
+        started = time.monotonic()
+        assert send_transaction(client, ["a@acme.example", "b@beta.example"], b"x\r\n") == [
+            QUEUED, REFUSED]
+        assert time.monotonic() - started < 1.5
+        assert client.noop() == (250, b"2.0.0 OK")
+
+
+def test_after_a_late_verdict_an_idle_session_gets_the_read_timeout(
+        start_head: Callable[..., RunningHead]) -> None:
+    """The session's one timer serves the response deadline, then the read timeout again."""
+    server = start_head(lmtp_resp_timeout=0.3, lmtp_read_timeout=0.6)
+    server.deliverer.delay = 2.0
+    with server.raw() as sock:
+        sock.sendall(b"LHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<a@acme.example>\r\n"
+                     b"DATA\r\n")
+        read_replies(sock, 4)
+        sock.sendall(b"x\r\n.\r\n")
+        assert read_replies(sock, 1) == [b"451 4.3.0 no verdict within 0.3s, try again later"]
+        started = time.monotonic()
+        assert read_replies(sock, 1) == [
+            f"421 4.4.2 {HOSTNAME} no command within 0.6s, closing".encode()]
+        assert 0.4 < time.monotonic() - started < 3
 
 
 def test_read_timeout_closes_with_421(start_head: Callable[..., RunningHead]) -> None:
