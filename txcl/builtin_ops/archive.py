@@ -5,12 +5,14 @@ a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix h
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
 ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
-page-cache copy) and its file's write-back started at once (`start_writeback`); the
-commit (each file fsynced, renamed into new/, new/ fsynced once for all) runs in one
-thread per event loop, a batch at a time (`CommitQueue`): the loop serves other sessions
-while the disk works, and what arrives meanwhile joins the next batch, so one thread
-hand-over covers many messages. Messages over 256 KiB are written and fsynced in a worker
-thread, so that one large message does not hold the loop.
+page-cache copy) and its fsync handed at once to a pool of threads (`_fsyncs`), so the
+fsyncs of concurrent deliveries run side by side and share the file system's journal
+commits instead of waiting for one another. The commit (each file's fsync awaited,
+renamed into new/, new/ fsynced once for all) runs in a thread of the loop, a batch at a
+time (`CommitQueue`): the loop serves other sessions while the disk works, and what
+arrives meanwhile joins the next batch, so one hand-over to and from the loop covers many
+messages. Messages over 256 KiB are written and fsynced in a worker thread, so that one
+large message does not hold the loop.
 
 The raw message comes with the call or out of the envelope (`support.raw_base64`), so
 nothing here knows which head delivered it.
@@ -30,6 +32,7 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,9 @@ INLINE_WRITE_BYTES = 256 * 1024
 # Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
+# Threads of a process that fsync waiting files side by side (more than the deliveries in
+# flight at once is never needed: each delivery has one file to fsync).
+FSYNC_THREADS = 16
 
 # (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
 # once a delivery there succeeded: the next ones skip the storage checks and folder setup.
@@ -137,13 +143,15 @@ class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
     A delivery adds its written file (still in tmp/) and awaits the returned future. The
+    file's fsync starts at once in the process's fsync threads, beside the others'. The
     commit runs in a worker thread of the loop, one batch at a time, while the loop serves
-    other sessions: it fsyncs every file of the batch (a file whose fsync fails fails only
-    its delivery), renames each into new/, and fsyncs each new/ directory once for all the
-    files renamed into it (a failed directory fsync fails exactly those deliveries). What
-    is added meanwhile waits for the next batch, so the busier the disk, the larger the
-    batches. A delivery cancelled before its commit leaves nothing behind: its file is
-    closed and removed from tmp/ (or from new/, if it was cancelled while committed).
+    other sessions: it waits for every file of the batch to be fsynced (a file whose fsync
+    fails fails only its delivery), renames each into new/, and fsyncs each new/ directory
+    once for all the files renamed into it (a failed directory fsync fails exactly those
+    deliveries). What is added meanwhile waits for the next batch, so the busier the disk,
+    the larger the batches. A delivery cancelled before its commit leaves nothing behind:
+    its file is closed and removed from tmp/ (or from new/, if it was cancelled while
+    committed).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,7 +165,10 @@ class CommitQueue:
         """Commit the file at `tmp_path` to `new_path` in `new_dir`; `fd` open if it still
         needs its fsync (the commit closes it), None if it had it."""
         done = self.loop.create_future()
-        self._pending.append(_Pending(fd, tmp_path, new_dir, new_path, done))
+        item = _Pending(fd, tmp_path, new_dir, new_path, done)
+        if fd is not None:
+            item.synced = _fsync_soon(item)
+        self._pending.append(item)
         if len(self._pending) == 1 and not self._busy:
             self.loop.call_soon(self._commit)
         return done
@@ -195,7 +206,9 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
     renamed: dict[str, list[int]] = {}
     for i, item in enumerate(batch):
         try:
-            item.sync_and_close()
+            if item.synced is not None:
+                item.synced.result()
+            item.sync_and_close()  # an fsync the threads could not take, if any
             if item.done.cancelled():
                 _remove(item.tmp_path)
                 continue
@@ -215,7 +228,7 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "synced")
 
     def __init__(
         self,
@@ -230,8 +243,10 @@ class _Pending:
         self.new_dir = new_dir
         self.new_path = new_path
         self.done = done
+        self.synced: Future[None] | None = None
 
     def sync_and_close(self) -> None:
+        """Fsync (unless the delivery was cancelled) and close the file; then a no-op."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
@@ -240,6 +255,22 @@ class _Pending:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_fsync_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its process, the pool)
+
+
+def _fsync_soon(item: _Pending) -> Future[None] | None:
+    """Start the item's fsync in the process's fsync threads; None if they take no more
+    work (the interpreter is exiting): the commit then fsyncs it itself."""
+    global _fsync_pool
+    pid = os.getpid()
+    if _fsync_pool is None or _fsync_pool[0] != pid:  # a forked worker makes its own
+        _fsync_pool = (pid, ThreadPoolExecutor(FSYNC_THREADS, "txcl-archive-fsync"))
+    try:
+        return _fsync_pool[1].submit(item.sync_and_close)
+    except RuntimeError:
+        return None
 
 
 def _remove(path: str) -> None:
@@ -290,9 +321,10 @@ async def deliver(
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
-    Up to INLINE_WRITE_BYTES of bytes are written here and committed with the other
-    deliveries of this turn of the loop (`CommitQueue`); anything else is written and
-    fsynced in a worker thread, which owns the file descriptor from then on.
+    Up to INLINE_WRITE_BYTES of bytes are written here, fsynced in the fsync threads and
+    committed with the other deliveries of this turn of the loop (`CommitQueue`); anything
+    else is written and fsynced in a worker thread, which owns the file descriptor from
+    then on.
     """
     # Plain strings, not Path joins: this runs once per message.
     name = unique_name(tag)
@@ -307,8 +339,7 @@ async def deliver(
             os.close(fd)
             _remove(tmp_path)
             raise
-        start_writeback(fd)
-        # The commit fsyncs and closes it.
+        # The fsync threads and the commit fsync and close it.
         await commit_queue().add(fd, tmp_path, new_dir, new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
@@ -319,21 +350,6 @@ async def deliver(
         raise
     await commit_queue().add(None, tmp_path, new_dir, new_path)
     return new_path, size
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the file's data now (a hint; errors are ignored).
-
-    On Linux, POSIX_FADV_DONTNEED starts write-back of the dirty pages (and drops the clean
-    ones, which an archive does not read back). The file's data is then on its way to the
-    disk while the loop serves other sessions, and the commit's fsync waits for less.
-    """
-    if _fadvise is not None:
-        with contextlib.suppress(OSError):
-            _fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-_fadvise = getattr(os, "posix_fadvise", None)
 
 
 def _write_sync_close(fd: int, content: bytes | Callable[[int], int]) -> int:
