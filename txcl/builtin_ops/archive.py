@@ -5,7 +5,7 @@ a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix h
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
 ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
-page-cache copy) and its fsync handed at once to a pool of threads (`_fsyncs`), so the
+page-cache copy) and its fsync handed at once to the process's fsync threads, so the
 fsyncs of concurrent deliveries run side by side and share the file system's journal
 commits instead of waiting for one another. The commit (each file's fsync awaited,
 renamed into new/, new/ fsynced once for all) runs in a thread of the loop, a batch at a
@@ -26,13 +26,14 @@ import contextlib
 import errno
 import functools
 import os
+import queue
 import re
 import secrets
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ class CommitQueue:
         done = self.loop.create_future()
         item = _Pending(fd, tmp_path, new_dir, new_path, done)
         if fd is not None:
-            item.synced = _fsync_soon(item)
+            _fsync_threads().hand(item)
         self._pending.append(item)
         if len(self._pending) == 1 and not self._busy:
             self.loop.call_soon(self._commit)
@@ -206,9 +207,7 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
     renamed: dict[str, list[int]] = {}
     for i, item in enumerate(batch):
         try:
-            if item.synced is not None:
-                item.synced.result()
-            item.sync_and_close()  # an fsync the threads could not take, if any
+            item.wait_synced()
             if item.done.cancelled():
                 _remove(item.tmp_path)
                 continue
@@ -228,7 +227,7 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "synced")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "synced", "error")
 
     def __init__(
         self,
@@ -243,7 +242,8 @@ class _Pending:
         self.new_dir = new_dir
         self.new_path = new_path
         self.done = done
-        self.synced: Future[None] | None = None
+        self.synced: threading.Lock | None = None  # held while an fsync thread has the file
+        self.error: BaseException | None = None  # what that thread's fsync raised
 
     def sync_and_close(self) -> None:
         """Fsync (unless the delivery was cancelled) and close the file; then a no-op."""
@@ -256,21 +256,68 @@ class _Pending:
         finally:
             os.close(fd)
 
+    def sync_in_thread(self) -> None:
+        """An fsync thread's part: sync_and_close, then let wait_synced go on."""
+        try:
+            self.sync_and_close()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            assert self.synced is not None
+            self.synced.release()
 
-_fsync_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its process, the pool)
+    def wait_synced(self) -> None:
+        """The commit's part: the file fsynced and closed, by its fsync thread if it has
+        one (raising what its fsync raised), else here."""
+        if self.synced is not None:
+            self.synced.acquire()
+            if self.error is not None:
+                raise self.error
+        self.sync_and_close()
 
 
-def _fsync_soon(item: _Pending) -> Future[None] | None:
-    """Start the item's fsync in the process's fsync threads; None if they take no more
-    work (the interpreter is exiting): the commit then fsyncs it itself."""
-    global _fsync_pool
-    pid = os.getpid()
-    if _fsync_pool is None or _fsync_pool[0] != pid:  # a forked worker makes its own
-        _fsync_pool = (pid, ThreadPoolExecutor(FSYNC_THREADS, "txcl-archive-fsync"))
-    try:
-        return _fsync_pool[1].submit(item.sync_and_close)
-    except RuntimeError:
-        return None
+class _FsyncThreads:
+    """Threads of one process that fsync the files handed to them, side by side: up to
+    FSYNC_THREADS, started when a file finds none idle, kept for the next ones."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._files: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads done with their file and not yet claimed by another
+
+    def hand(self, item: _Pending) -> None:
+        item.synced = threading.Lock()
+        item.synced.acquire()
+        self._files.put(item)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._threads >= FSYNC_THREADS:
+                return  # the next thread done takes it
+            self._threads += 1
+        name = f"txcl-archive-fsync-{self._threads}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._files.get().sync_in_thread()
+            with self._lock:
+                self._idle += 1
+
+
+_fsync_threads_of_process: _FsyncThreads | None = None
+
+
+def _fsync_threads() -> _FsyncThreads:
+    """This process's fsync threads (a forked worker makes its own)."""
+    global _fsync_threads_of_process
+    threads = _fsync_threads_of_process
+    if threads is None or threads.pid != os.getpid():
+        threads = _fsync_threads_of_process = _FsyncThreads()
+    return threads
 
 
 def _remove(path: str) -> None:
