@@ -5,12 +5,12 @@ a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix h
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
 ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
-page-cache copy) and its fsync handed at once to the process's fsync threads, so the
-fsyncs of concurrent deliveries run side by side and share the file system's journal
-commits instead of waiting for one another. The commit (each file's fsync awaited,
-renamed into new/, new/ fsynced once for all) runs in a thread of the loop, a batch at a
-time (`CommitQueue`): the loop serves other sessions while the disk works, and what
-arrives meanwhile joins the next batch, so one hand-over to and from the loop covers many
+page-cache copy) and handed at once to the process's fsync threads, which fsync it and
+rename it into new/: the fsyncs of concurrent deliveries run side by side and share the
+file system's journal commits instead of waiting for one another. The commit (the files
+awaited, new/ fsynced once for all) runs in a thread of the loop, a batch at a time
+(`CommitQueue`): the loop serves other sessions while the disk works, and what arrives
+meanwhile joins the next batch, so one hand-over to and from the loop covers many
 messages. Messages over 256 KiB are written and fsynced in a worker thread, so that one
 large message does not hold the loop.
 
@@ -143,13 +143,12 @@ def unique_name(tag: str = "") -> str:
 class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
-    A delivery adds its written file (still in tmp/) and awaits the returned future. The
-    file's fsync starts at once in the process's fsync threads, beside the others'. The
-    commit runs in a worker thread of the loop, one batch at a time, while the loop serves
-    other sessions: it waits for every file of the batch to be fsynced (a file whose fsync
-    fails fails only its delivery), renames each into new/, and fsyncs each new/ directory
-    once for all the files renamed into it (a failed directory fsync fails exactly those
-    deliveries). What is added meanwhile waits for the next batch, so the busier the disk,
+    A delivery adds its written file (still in tmp/) and awaits the returned future. An
+    fsync thread takes the file at once, beside the others': fsyncs it and renames it into
+    new/ (a file whose fsync or rename fails fails only its delivery). The commit runs in a
+    worker thread of the loop, one batch at a time, while the loop serves other sessions:
+    it waits for every file of the batch, and fsyncs each new/ directory once for all the
+    files renamed into it (a failed directory fsync fails exactly those deliveries). What is added meanwhile waits for the next batch, so the busier the disk,
     the larger the batches. A delivery cancelled before its commit leaves nothing behind:
     its file is closed and removed from tmp/ (or from new/, if it was cancelled while
     committed).
@@ -202,21 +201,18 @@ class CommitQueue:
 
 
 def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
-    """Fsync, rename into new/ and fsync new/ (the commit thread): an error per item."""
+    """Every file fsynced and renamed into new/, then new/ fsynced (the commit thread): an
+    error per item."""
     outcomes: list[OSError | None] = [None] * len(batch)
     renamed: dict[str, list[int]] = {}
     for i, item in enumerate(batch):
         try:
-            item.wait_synced()
-            if item.done.cancelled():
-                _remove(item.tmp_path)
-                continue
-            os.rename(item.tmp_path, item.new_path)
+            item.wait_moved()
         except OSError as error:
-            _remove(item.tmp_path)
             outcomes[i] = error
             continue
-        renamed.setdefault(item.new_dir, []).append(i)
+        if item.moved:
+            renamed.setdefault(item.new_dir, []).append(i)
     for directory, indices in renamed.items():
         try:
             fsync_dir(directory)
@@ -227,7 +223,7 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "synced", "error")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "moved", "busy", "error")
 
     def __init__(
         self,
@@ -242,8 +238,9 @@ class _Pending:
         self.new_dir = new_dir
         self.new_path = new_path
         self.done = done
-        self.synced: threading.Lock | None = None  # held while an fsync thread has the file
-        self.error: BaseException | None = None  # what that thread's fsync raised
+        self.moved = False  # renamed into new/
+        self.busy: threading.Lock | None = None  # held while an fsync thread has the file
+        self.error: BaseException | None = None  # what that thread's move raised
 
     def sync_and_close(self) -> None:
         """Fsync (unless the delivery was cancelled) and close the file; then a no-op."""
@@ -256,29 +253,42 @@ class _Pending:
         finally:
             os.close(fd)
 
-    def sync_in_thread(self) -> None:
-        """An fsync thread's part: sync_and_close, then let wait_synced go on."""
+    def move(self) -> None:
+        """Fsync and close the file and rename it into new/, unless its delivery was
+        cancelled meanwhile; a file not moved is removed from tmp/."""
         try:
             self.sync_and_close()
+            if not self.done.cancelled():
+                os.rename(self.tmp_path, self.new_path)
+                self.moved = True
+        finally:
+            if not self.moved:
+                _remove(self.tmp_path)
+
+    def move_in_thread(self) -> None:
+        """An fsync thread's part: `move`, then let `wait_moved` go on."""
+        try:
+            self.move()
         except BaseException as exc:
             self.error = exc
         finally:
-            assert self.synced is not None
-            self.synced.release()
+            assert self.busy is not None
+            self.busy.release()
 
-    def wait_synced(self) -> None:
-        """The commit's part: the file fsynced and closed, by its fsync thread if it has
-        one (raising what its fsync raised), else here."""
-        if self.synced is not None:
-            self.synced.acquire()
-            if self.error is not None:
-                raise self.error
-        self.sync_and_close()
+    def wait_moved(self) -> None:
+        """The commit's part: the file moved by its fsync thread, if it has one (raising
+        what the move raised), else here."""
+        if self.busy is None:
+            self.move()
+            return
+        self.busy.acquire()
+        if self.error is not None:
+            raise self.error
 
 
 class _FsyncThreads:
-    """Threads of one process that fsync the files handed to them, side by side: up to
-    FSYNC_THREADS, started when a file finds none idle, kept for the next ones."""
+    """Threads of one process that move the files handed to them into new/ (fsync, rename),
+    side by side: up to FSYNC_THREADS, started when a file finds none idle, then kept."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -288,8 +298,8 @@ class _FsyncThreads:
         self._idle = 0  # threads done with their file and not yet claimed by another
 
     def hand(self, item: _Pending) -> None:
-        item.synced = threading.Lock()
-        item.synced.acquire()
+        item.busy = threading.Lock()
+        item.busy.acquire()
         self._files.put(item)
         with self._lock:
             if self._idle:
@@ -303,7 +313,7 @@ class _FsyncThreads:
 
     def _work(self) -> None:
         while True:
-            self._files.get().sync_in_thread()
+            self._files.get().move_in_thread()
             with self._lock:
                 self._idle += 1
 
@@ -368,10 +378,10 @@ async def deliver(
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
-    Up to INLINE_WRITE_BYTES of bytes are written here, fsynced in the fsync threads and
-    committed with the other deliveries of this turn of the loop (`CommitQueue`); anything
-    else is written and fsynced in a worker thread, which owns the file descriptor from
-    then on.
+    Up to INLINE_WRITE_BYTES of bytes are written here, then fsynced and renamed by an
+    fsync thread and committed with the other deliveries of this turn of the loop
+    (`CommitQueue`); anything else is written and fsynced in a worker thread, which owns
+    the file descriptor from then on.
     """
     # Plain strings, not Path joins: this runs once per message.
     name = unique_name(tag)
@@ -386,7 +396,7 @@ async def deliver(
             os.close(fd)
             _remove(tmp_path)
             raise
-        # The fsync threads and the commit fsync and close it.
+        # An fsync thread (or the commit) fsyncs and closes it.
         await commit_queue().add(fd, tmp_path, new_dir, new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
