@@ -359,7 +359,15 @@ def test_a_failed_fsync_of_new_fails_every_delivery_it_was_to_cover(ctx, monkeyp
 
 def test_a_failed_fsync_of_one_file_fails_only_its_delivery(ctx, monkeypatch):
     _archive_together(ctx, 0)
-    _counting(monkeypatch, "fsync", fail_on={2})
+    real_fsync = os.fsync
+
+    def failing_for_the_second(fd: int) -> None:
+        written = Path(f"/proc/self/fd/{fd}")
+        if written.is_file() and written.read_bytes() == RAW + b"1\r\n":  # in any order
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(archive_module.os, "fsync", failing_for_the_second)
     outcomes = _archive_together(ctx, 3, first=False)
     assert isinstance(outcomes[1], OSError) and outcomes[1].errno == 5
     landed = [o for o in outcomes if isinstance(o, dict)]
@@ -372,34 +380,22 @@ def test_a_failed_fsync_of_one_file_fails_only_its_delivery(ctx, monkeypatch):
     assert len(list((maildir / "new").iterdir())) == 1 + 2
 
 
-def test_each_file_starts_its_writeback_before_the_commit_fsyncs_it(ctx, monkeypatch):
+def test_the_files_of_concurrent_deliveries_are_fsynced_side_by_side(ctx, monkeypatch):
     _archive_together(ctx, 0)
-    events: list[tuple[str, int]] = []
+    all_in = threading.Barrier(3, timeout=10)  # broken unless three fsyncs wait at once
     real_fsync = os.fsync
 
-    def hint(fd: int, offset: int, length: int, advice: int) -> None:
-        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_DONTNEED)
-        events.append(("hint", fd))
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", fd))
+    def meeting(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not new/'s fsync
+            all_in.wait()
         real_fsync(fd)
 
-    monkeypatch.setattr(archive_module, "_fadvise", hint)
-    monkeypatch.setattr(archive_module.os, "fsync", fsync)
-    _archive_together(ctx, 3, first=False)
-    hinted = [fd for what, fd in events[:3] if what == "hint"]
-    assert len(hinted) == 3  # all three, as each is written: before the first fsync
-    assert [fd for what, fd in events[3:6]] == hinted  # then each file's fsync
-
-
-def test_a_writeback_hint_that_fails_does_not_fail_the_delivery(ctx, monkeypatch):
-    def refusing(*args: Any) -> None:
-        raise OSError(22, "Invalid argument")
-
-    monkeypatch.setattr(archive_module, "_fadvise", refusing)
-    (patch,) = _archive_together(ctx, 1)
-    assert Path(patch["archive"]["path"]).read_bytes() == RAW + b"0\r\n"
+    monkeypatch.setattr(archive_module.os, "fsync", meeting)
+    patches = _archive_together(ctx, 3, first=False)
+    assert [Path(p["archive"]["path"]).read_bytes() for p in patches] == [
+        RAW + b"%d\r\n" % i for i in range(3)
+    ]
+    assert not all_in.broken
 
 
 def test_a_delivery_cancelled_before_its_commit_leaves_nothing_behind(ctx):

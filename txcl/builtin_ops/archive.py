@@ -5,12 +5,14 @@ a rule which sets 250 and EXECs ARCHIVE has the message on disk before Postfix h
 and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folder.
 
 ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
-page-cache copy) and its file's write-back started at once (`start_writeback`); the
-commit (each file fsynced, renamed into new/, new/ fsynced once for all) runs in one
-thread per event loop, a batch at a time (`CommitQueue`): the loop serves other sessions
-while the disk works, and what arrives meanwhile joins the next batch, so one thread
-hand-over covers many messages. Messages over 256 KiB are written and fsynced in a worker
-thread, so that one large message does not hold the loop.
+page-cache copy) and handed at once to the process's fsync threads, which fsync it and
+rename it into new/: the fsyncs of concurrent deliveries run side by side and share the
+file system's journal commits instead of waiting for one another. The commit (the files
+awaited, new/ fsynced once for all) runs in a thread of the loop, a batch at a time
+(`CommitQueue`): the loop serves other sessions while the disk works, and what arrives
+meanwhile joins the next batch, so one hand-over to and from the loop covers many
+messages. Messages over 256 KiB are written and fsynced in a worker thread, so that one
+large message does not hold the loop.
 
 The raw message comes with the call or out of the envelope (`support.raw_base64`), so
 nothing here knows which head delivered it.
@@ -24,9 +26,11 @@ import contextlib
 import errno
 import functools
 import os
+import queue
 import re
 import secrets
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -51,6 +55,9 @@ INLINE_WRITE_BYTES = 256 * 1024
 # Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
+# Threads of a process that fsync waiting files side by side (more than the deliveries in
+# flight at once is never needed: each delivery has one file to fsync).
+FSYNC_THREADS = 16
 
 # (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
 # once a delivery there succeeded: the next ones skip the storage checks and folder setup.
@@ -136,14 +143,15 @@ def unique_name(tag: str = "") -> str:
 class CommitQueue:
     """The files of one event loop's deliveries waiting to be made durable in new/.
 
-    A delivery adds its written file (still in tmp/) and awaits the returned future. The
-    commit runs in a worker thread of the loop, one batch at a time, while the loop serves
-    other sessions: it fsyncs every file of the batch (a file whose fsync fails fails only
-    its delivery), renames each into new/, and fsyncs each new/ directory once for all the
-    files renamed into it (a failed directory fsync fails exactly those deliveries). What
-    is added meanwhile waits for the next batch, so the busier the disk, the larger the
-    batches. A delivery cancelled before its commit leaves nothing behind: its file is
-    closed and removed from tmp/ (or from new/, if it was cancelled while committed).
+    A delivery adds its written file (still in tmp/) and awaits the returned future. An
+    fsync thread takes the file at once, beside the others': fsyncs it and renames it into
+    new/ (a file whose fsync or rename fails fails only its delivery). The commit runs in a
+    worker thread of the loop, one batch at a time, while the loop serves other sessions:
+    it waits for every file of the batch, and fsyncs each new/ directory once for all the
+    files renamed into it (a failed directory fsync fails exactly those deliveries). What is added meanwhile waits for the next batch, so the busier the disk,
+    the larger the batches. A delivery cancelled before its commit leaves nothing behind:
+    its file is closed and removed from tmp/ (or from new/, if it was cancelled while
+    committed).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,7 +165,10 @@ class CommitQueue:
         """Commit the file at `tmp_path` to `new_path` in `new_dir`; `fd` open if it still
         needs its fsync (the commit closes it), None if it had it."""
         done = self.loop.create_future()
-        self._pending.append(_Pending(fd, tmp_path, new_dir, new_path, done))
+        item = _Pending(fd, tmp_path, new_dir, new_path, done)
+        if fd is not None:
+            _fsync_threads().hand(item)
+        self._pending.append(item)
         if len(self._pending) == 1 and not self._busy:
             self.loop.call_soon(self._commit)
         return done
@@ -190,21 +201,18 @@ class CommitQueue:
 
 
 def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
-    """Fsync, rename into new/ and fsync new/ (the commit thread): an error per item."""
+    """Every file fsynced and renamed into new/, then new/ fsynced (the commit thread): an
+    error per item."""
     outcomes: list[OSError | None] = [None] * len(batch)
     renamed: dict[str, list[int]] = {}
     for i, item in enumerate(batch):
         try:
-            item.sync_and_close()
-            if item.done.cancelled():
-                _remove(item.tmp_path)
-                continue
-            os.rename(item.tmp_path, item.new_path)
+            item.wait_moved()
         except OSError as error:
-            _remove(item.tmp_path)
             outcomes[i] = error
             continue
-        renamed.setdefault(item.new_dir, []).append(i)
+        if item.moved:
+            renamed.setdefault(item.new_dir, []).append(i)
     for directory, indices in renamed.items():
         try:
             fsync_dir(directory)
@@ -215,7 +223,7 @@ def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "moved", "busy", "error")
 
     def __init__(
         self,
@@ -230,8 +238,12 @@ class _Pending:
         self.new_dir = new_dir
         self.new_path = new_path
         self.done = done
+        self.moved = False  # renamed into new/
+        self.busy: threading.Lock | None = None  # held while an fsync thread has the file
+        self.error: BaseException | None = None  # what that thread's move raised
 
     def sync_and_close(self) -> None:
+        """Fsync (unless the delivery was cancelled) and close the file; then a no-op."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
@@ -240,6 +252,82 @@ class _Pending:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+    def move(self) -> None:
+        """Fsync and close the file and rename it into new/, unless its delivery was
+        cancelled meanwhile; a file not moved is removed from tmp/."""
+        try:
+            self.sync_and_close()
+            if not self.done.cancelled():
+                os.rename(self.tmp_path, self.new_path)
+                self.moved = True
+        finally:
+            if not self.moved:
+                _remove(self.tmp_path)
+
+    def move_in_thread(self) -> None:
+        """An fsync thread's part: `move`, then let `wait_moved` go on."""
+        try:
+            self.move()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            assert self.busy is not None
+            self.busy.release()
+
+    def wait_moved(self) -> None:
+        """The commit's part: the file moved by its fsync thread, if it has one (raising
+        what the move raised), else here."""
+        if self.busy is None:
+            self.move()
+            return
+        self.busy.acquire()
+        if self.error is not None:
+            raise self.error
+
+
+class _FsyncThreads:
+    """Threads of one process that move the files handed to them into new/ (fsync, rename),
+    side by side: up to FSYNC_THREADS, started when a file finds none idle, then kept."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._files: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads done with their file and not yet claimed by another
+
+    def hand(self, item: _Pending) -> None:
+        item.busy = threading.Lock()
+        item.busy.acquire()
+        self._files.put(item)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._threads >= FSYNC_THREADS:
+                return  # the next thread done takes it
+            self._threads += 1
+        name = f"txcl-archive-fsync-{self._threads}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._files.get().move_in_thread()
+            with self._lock:
+                self._idle += 1
+
+
+_fsync_threads_of_process: _FsyncThreads | None = None
+
+
+def _fsync_threads() -> _FsyncThreads:
+    """This process's fsync threads (a forked worker makes its own)."""
+    global _fsync_threads_of_process
+    threads = _fsync_threads_of_process
+    if threads is None or threads.pid != os.getpid():
+        threads = _fsync_threads_of_process = _FsyncThreads()
+    return threads
 
 
 def _remove(path: str) -> None:
@@ -290,9 +378,10 @@ async def deliver(
     """Durably deliver `content` (the bytes, or what `content(fd)` writes) into
     `maildir/new/`: its path and size. Anything that fails removes the file from tmp/.
 
-    Up to INLINE_WRITE_BYTES of bytes are written here and committed with the other
-    deliveries of this turn of the loop (`CommitQueue`); anything else is written and
-    fsynced in a worker thread, which owns the file descriptor from then on.
+    Up to INLINE_WRITE_BYTES of bytes are written here, then fsynced and renamed by an
+    fsync thread and committed with the other deliveries of this turn of the loop
+    (`CommitQueue`); anything else is written and fsynced in a worker thread, which owns
+    the file descriptor from then on.
     """
     # Plain strings, not Path joins: this runs once per message.
     name = unique_name(tag)
@@ -307,8 +396,7 @@ async def deliver(
             os.close(fd)
             _remove(tmp_path)
             raise
-        start_writeback(fd)
-        # The commit fsyncs and closes it.
+        # An fsync thread (or the commit) fsyncs and closes it.
         await commit_queue().add(fd, tmp_path, new_dir, new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
@@ -319,21 +407,6 @@ async def deliver(
         raise
     await commit_queue().add(None, tmp_path, new_dir, new_path)
     return new_path, size
-
-
-def start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the file's data now (a hint; errors are ignored).
-
-    On Linux, POSIX_FADV_DONTNEED starts write-back of the dirty pages (and drops the clean
-    ones, which an archive does not read back). The file's data is then on its way to the
-    disk while the loop serves other sessions, and the commit's fsync waits for less.
-    """
-    if _fadvise is not None:
-        with contextlib.suppress(OSError):
-            _fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-_fadvise = getattr(os, "posix_fadvise", None)
 
 
 def _write_sync_close(fd: int, content: bytes | Callable[[int], int]) -> int:
