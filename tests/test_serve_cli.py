@@ -460,7 +460,10 @@ def test_recipients_refused_at_rcpt_are_logged_and_counted_by_reason_in_status(
     for _, code, reason in refusals:  # a line for each, with why and the reply's code
         pattern = re.compile(rf"lmtp rcpt refused at RCPT: <.*> \S+: {REFUSALS[reason]} "
                              rf"\({code} \d\.\d\.\d\)$")
-        lines = [line for line in server.log if pattern.search(line)]
+        deadline = time.monotonic() + 10  # the stderr reader may be behind the replies
+        while len(lines := [line for line in server.log if pattern.search(line)]) < 2:
+            assert time.monotonic() < deadline, (reason, server.stderr())
+            time.sleep(0.05)
         assert len(lines) == 2, (reason, server.stderr())
     expected = {reason: 2 for _, _, reason in refusals} | {"routing_failed": 0}
     status = tmp_path / "var" / "status.json"
