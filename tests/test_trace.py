@@ -1155,3 +1155,10 @@ def test_a_string_is_cleaned_by_the_rule_however_often_it_comes(
     for _ in range(2):  # the second time from what the taint remembers
         got = [taint.clean(v) for v in values]
         assert ["omitted" if g is _OMITTED else g for g in got] == expected
+
+
+def test_the_encoder_takes_keys_that_are_no_strings_and_integers_beyond_64_bits() -> None:
+    from txcl.trace_store import encode
+
+    assert json.loads(encode({1: "a", "b": [2, 10**30], None: "é"})) == {
+        "1": "a", "b": [2, 10**30], "null": "é"}

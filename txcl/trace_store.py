@@ -159,6 +159,10 @@ def _default(value: Any) -> Any:
 def encode(doc: Any) -> bytes:
     """One compact JSON document (no trailing newline)."""
     try:
+        return orjson.dumps(doc, default=_default)
+    except TypeError:
+        pass
+    try:  # a key that is no string (its check costs orjson every key, so only when needed)
         return orjson.dumps(doc, default=_default, option=_ORJSON_OPTIONS)
     except TypeError:  # beyond what orjson encodes (e.g. a huge integer): the slow way
         return json.dumps(
