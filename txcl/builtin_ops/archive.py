@@ -298,18 +298,27 @@ class _FsyncThreads:
         self._idle = 0  # threads done with their file and not yet claimed by another
 
     def hand(self, item: _Pending) -> None:
+        """Give the item to a thread; if no thread can be had, leave it to the commit."""
+        with self._lock:
+            idle = self._idle > 0
+            self._idle -= idle
+            spawn = not idle and self._threads < FSYNC_THREADS  # else the next one done
+            self._threads += spawn
+        if spawn and not self._start() and self._threads == 0:
+            return
         item.busy = threading.Lock()
         item.busy.acquire()
         self._files.put(item)
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                return
-            if self._threads >= FSYNC_THREADS:
-                return  # the next thread done takes it
-            self._threads += 1
+
+    def _start(self) -> bool:
         name = f"txcl-archive-fsync-{self._threads}"
-        threading.Thread(target=self._work, name=name, daemon=True).start()
+        try:
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+        except RuntimeError:  # the system gives no more threads
+            with self._lock:
+                self._threads -= 1
+            return False
+        return True
 
     def _work(self) -> None:
         while True:
