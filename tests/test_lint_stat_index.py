@@ -14,22 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.test_lint_cache import WRITER, write_tree
 from txcl import compile_cache
 from txcl.cli import main
 from txcl.compile_cache import INDEX_SUFFIX, CompileCache
 from txcl.loader import RACY_MARGIN_NS, StackSignature, stack_signature
 
-READER = "WHEN tag.seen == 1\nSET @lmtp.res.code = 250\n"
-WRITER = "SET tag.seen = 1\n"
 HOUR_NS = 3600 * 10**9
-
-
-def write_tree(ops: Path, tenants: tuple[str, ...] = ("acme", "beta")) -> None:
-    for tenant in tenants:
-        for name, text in (("0/10-writer.txcl", WRITER), ("1/10-reader.txcl", READER)):
-            path = ops / tenant / "_mail" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
 
 
 def date_back(ops: Path) -> None:

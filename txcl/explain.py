@@ -166,32 +166,9 @@ def _rule_json(
             outcome = evaluate_when(snapshot, captures)
             held = outcome is True
             missing = outcome is MISSING
-        values: dict[str, str] = {}
-        for operand, evaluate, scrub in operands:
-            value = evaluate(snapshot, captures)
-            if value is MISSING:
-                missing = True
-                values[operand] = MISSING_TEXT
-            else:
-                values[operand] = shown(value, scrub)
-        whens.append(
-            {
-                "text": text,
-                "pos": pos,
-                "held": held,
-                "result": "true" if held else "missing" if missing else "false",
-                "reached": reached,
-                "values": values,
-            }
-        )
-    return {
-        "stage": stage,
-        "file": plan.file,
-        "pos": plan.pos,
-        "fired": noted is None,
-        "first_false": noted,  # index into whens, None when the rule fired
-        "whens": whens,
-    }
+        whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
+                                held, missing, reached))
+    return _rule_doc(plan, stage, noted, whens)
 
 
 def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
@@ -203,26 +180,40 @@ def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) 
         outcome = evaluate_when(snapshot, captures)
         held = outcome is True
         missing = outcome is MISSING
-        values: dict[str, str] = {}
-        for operand, evaluate, scrub in operands:
-            value = evaluate(snapshot, captures)
-            if value is MISSING:
-                missing = True
-                values[operand] = MISSING_TEXT
-            else:
-                values[operand] = shown(value, scrub)
-        whens.append(
-            {
-                "text": text,
-                "pos": pos,
-                "held": held,
-                "result": "true" if held else "missing" if missing else "false",
-                "reached": first_false is None,
-                "values": values,
-            }
-        )
+        whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
+                                held, missing, first_false is None))
         if not held and first_false is None:
             first_false = index
+    return _rule_doc(plan, stage, first_false, whens)
+
+
+def _when_json(
+    text: str, pos: str, operands: Any, snapshot: Any, captures: dict[str, Any],
+    shown: _Shown, held: bool, missing: bool, reached: bool,
+) -> dict[str, Any]:
+    """One WHEN of `_rule_json`: its result and its operands' values on `snapshot` (an
+    operand that is missing makes a result that did not hold "missing")."""
+    values: dict[str, str] = {}
+    for operand, evaluate, scrub in operands:
+        value = evaluate(snapshot, captures)
+        if value is MISSING:
+            missing = True
+            values[operand] = MISSING_TEXT
+        else:
+            values[operand] = shown(value, scrub)
+    return {
+        "text": text,
+        "pos": pos,
+        "held": held,
+        "result": "true" if held else "missing" if missing else "false",
+        "reached": reached,
+        "values": values,
+    }
+
+
+def _rule_doc(
+    plan: _Plan, stage: int, first_false: int | None, whens: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "stage": stage,
         "file": plan.file,
