@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scale_tree import generate  # noqa: E402
 
 from tests.conftest import Server  # noqa: E402
+from tests.test_reload import count_polls  # noqa: E402
 from tests.test_serve_cli import CONFIG, deliver  # noqa: E402
 
 EDITED = 'SET @lmtp.res.code = 250\nSET @lmtp.res.msg = "edited"\n'
@@ -291,14 +292,7 @@ def test_the_watcher_reloads_from_the_feed_without_polling(
         holder: RuntimeHolder, settings: Settings) -> None:
     """With a healthy feed the interval is not used: an hour, and the edit still goes live;
     the fingerprint is compared once, when the watcher starts."""
-    polls = [0]
-    poll = holder._reload_if_changed
-
-    async def counted(debounce_s: float) -> None:
-        await poll(debounce_s)
-        polls[0] += 1
-
-    holder._reload_if_changed = counted  # type: ignore[method-assign]
+    polls = count_polls(holder)
     first, *_ = tenants(settings)
 
     async def scenario() -> None:

@@ -14,9 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_lint_cache import WRITER, write_tree
+from tests.test_lint_cache import WRITER, lint_out, write_tree
 from txcl import compile_cache
-from txcl.cli import main
 from txcl.compile_cache import INDEX_SUFFIX, CompileCache
 from txcl.loader import RACY_MARGIN_NS, StackSignature, stack_signature
 
@@ -28,11 +27,6 @@ def date_back(ops: Path) -> None:
     then = time.time_ns() - HOUR_NS
     for path in ops.rglob("*"):
         os.utime(path, ns=(then, then))
-
-
-def lint_out(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = main(["lint", *args])
-    return code, capsys.readouterr().out
 
 
 class Reads:
@@ -171,15 +165,22 @@ def test_a_stack_signature_sees_a_new_file_and_a_rename(tmp_path: Path) -> None:
     assert len({first, second, stack_signature(stack)}) == 3
 
 
+def indexed_findings_tree(ops: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`findings_tree(ops)`, dated back and linted once, so the index holds it: what a lint
+    without a cache says of it."""
+    findings_tree(ops)
+    date_back(ops)
+    cold = lint_out(capsys, str(ops), "--no-cache")
+    assert lint_out(capsys, str(ops)) == cold
+    return cold
+
+
 def test_an_index_of_another_engine_is_ignored_with_a_log_line(
     tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
 ) -> None:
     ops = tmp_path / "OPS"
-    findings_tree(ops)
-    date_back(ops)
-    cold = lint_out(capsys, str(ops), "--no-cache")
-    assert lint_out(capsys, str(ops)) == cold
+    cold = indexed_findings_tree(ops, capsys)
     monkeypatch.setattr(compile_cache, "engine_key", lambda: b"another engine".ljust(32, b"."))
     reads = Reads(monkeypatch)
     with caplog.at_level(logging.WARNING, "txcl.cache"):
@@ -197,10 +198,7 @@ def test_a_corrupt_index_is_ignored_with_a_log_line_and_replaced(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, damage: str,
 ) -> None:
     ops = tmp_path / "OPS"
-    findings_tree(ops)
-    date_back(ops)
-    cold = lint_out(capsys, str(ops), "--no-cache")
-    assert lint_out(capsys, str(ops)) == cold
+    cold = indexed_findings_tree(ops, capsys)
     (index,) = xdg.glob(f"*{INDEX_SUFFIX}")
     data = index.read_bytes()
     if damage == "garbage":

@@ -468,15 +468,22 @@ def test_without_the_cache_every_start_parses_and_nothing_is_written(tmp_path: P
     assert start(settings).current.tree.parsed == 0
 
 
+def beta_in_flight(tmp_path: Path) -> tuple[RuntimeHolder, ReloadingHandler, SimpleNamespace]:
+    """A holder of the multi-tenant tree, its RCPT handler, and a transaction that has
+    taken its runtime with a first RCPT (to beta)."""
+    holder = start(multi_tenant(tmp_path))
+    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
+    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
+    asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@beta.example", []))
+    return holder, handler, in_flight
+
+
 def test_a_transaction_in_flight_keeps_its_runtime_through_an_incremental_reload(
     tmp_path: Path,
 ) -> None:
     from lmtp.delivery import Transaction
 
-    holder = start(multi_tenant(tmp_path))
-    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
-    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
-    asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@beta.example", []))
+    holder, handler, in_flight = beta_in_flight(tmp_path)
     first = holder.current
     edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
     assert reload_now(holder).ok
@@ -586,10 +593,7 @@ def test_an_error_outside_any_stack_still_fails_the_whole_reload(tmp_path: Path)
 def test_a_transaction_keeps_its_runtime_through_a_reload_that_holds_a_stack(
     tmp_path: Path,
 ) -> None:
-    holder = start(multi_tenant(tmp_path))
-    handler = ReloadingHandler(holder, make_transaction=lambda **kw: kw)
-    in_flight = SimpleNamespace(rcpt_tos=[], routes=[])
-    asyncio.run(handler.handle_RCPT(None, None, in_flight, "a@beta.example", []))
+    holder, handler, in_flight = beta_in_flight(tmp_path)
     first = holder.current
     edit(tmp_path / "OPS/acme/_mail/1/10-accept.txcl", BROKEN)
     edit(tmp_path / "OPS/beta/_mail/1/10-accept.txcl", ACCEPT_V2)
