@@ -289,7 +289,7 @@ class Deliverer:
         stacks: Mapping[str, Any],
         rejected: frozenset[str],
         digest: bytes,  # the message's, when a stack uses ops
-        traced: Any = None,  # what the trace sink gets as the message: the bytes or their stage
+        traced: Any,  # what the trace sink gets as the message: the bytes or their stage
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -349,7 +349,7 @@ class Deliverer:
                 f" ({held} more like it held back)" if held else "",
             )
         self._trace(
-            rid, envelope, result, rcpts, replies, stack or route.stack, failure, traced or tx.data
+            rid, envelope, result, rcpts, replies, stack or route.stack, failure, traced
         )
         return replies
 
