@@ -233,15 +233,17 @@ class Deliverer:
         if groups:
             tree = self.tree
             stacks = getattr(tree, "stacks", None) or {}
-            needs = self._trace_needs if self._traced else NOTHING
             # A large message's trace file is written while the stacks run (TraceWriter.stage).
             stage = getattr(self.trace_sink, "stage", None) if self._traced else None
             traced = (stage(tx.data) if stage else None) or tx.data
+            needs: MessageNeeds | None = None
             for group in groups:
                 stack = stacks.get(group.route.stack)
                 if stack is not None:  # needs_of(stack) holds the trace's needs already
-                    needs = self.needs_of(stack) if needs is self._trace_needs or (
-                        needs is NOTHING) else needs | self.needs_of(stack)
+                    stack_needs = self.needs_of(stack)
+                    needs = stack_needs if needs is None else needs | stack_needs
+            if needs is None:  # no group's stack is served
+                needs = self._trace_needs if self._traced else NOTHING
             # after the lookups: a lazily compiled stack is known to be rejected once looked up
             rejected = frozenset(getattr(tree, "rejected", None) or ())
             msg, defects = await _parse(tx.data, needs, self._mime_limits)
@@ -287,7 +289,7 @@ class Deliverer:
         stacks: Mapping[str, Any],
         rejected: frozenset[str],
         digest: bytes,  # the message's, when a stack uses ops
-        traced: Any = None,  # what the trace sink gets as the message: the bytes or their stage
+        traced: Any,  # what the trace sink gets as the message: the bytes or their stage
     ) -> list[Reply]:
         started = time.monotonic()
         route = group.route
@@ -347,7 +349,7 @@ class Deliverer:
                 f" ({held} more like it held back)" if held else "",
             )
         self._trace(
-            rid, envelope, result, rcpts, replies, stack or route.stack, failure, traced or tx.data
+            rid, envelope, result, rcpts, replies, stack or route.stack, failure, traced
         )
         return replies
 

@@ -84,6 +84,8 @@ _UTF8_PATH = _path_grammar(r"|[^\x00-\x9f\s\u2028\u2029\ud800-\udfff]")
 class Router(Protocol):
     def route(self, address: str, listener: str = LISTENER_NAME) -> Route | None: ...
 
+    def refusal(self, address: str) -> str: ...
+
 
 class Deliverer(Protocol):
     def deliver(self, tx: Any) -> Awaitable[list[str]]: ...
@@ -147,8 +149,7 @@ def accept_recipient(router: Router, listener: str, envelope: Envelope, address:
     """Route `address`; a routed one joins the envelope. The RCPT reply."""
     route = router.route(address, listener)
     if route is None:
-        refusal = getattr(router, "refusal", None)
-        reason = refusal(address) if refusal is not None else "no_route"
+        reason = router.refusal(address)
         return refuse_recipient(address, f"listener={listener}", reason, R_NO_RULE)
     envelope.rcpt_tos.append(address)
     envelope.routes.append(route)

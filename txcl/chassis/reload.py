@@ -141,6 +141,11 @@ def survey(paths: Iterable[Path]) -> tuple[Fingerprint, Scan | None]:
     return tuple(out), first
 
 
+def _indented(problem: Problem) -> str:
+    """A problem as a log line shows it: its further lines (source, caret) indented."""
+    return str(problem).replace("\n", "\n  ")
+
+
 def _serving_words(failure: StackFailure) -> str:
     if failure.serving:
         return "still serving its last good version"
@@ -253,7 +258,7 @@ class RuntimeHolder:
                      time.monotonic() - started)
         errors = tuple(p for p in initial.problems if p.severity == "error")
         for problem in errors:
-            log.error("not served: %s", str(problem).replace("\n", "\n  "))
+            log.error("not served: %s", _indented(problem))
         holder = cls(initial, rebuild, paths, status_file, changes)
         if lazy:
             holder._complete_with = lambda runtime: over_tree(
@@ -293,7 +298,7 @@ class RuntimeHolder:
             await asyncio.to_thread(self.write_status)
             for problem in self.last.problems:
                 if problem.severity == "error" and problem not in logged:
-                    log.error("not served: %s", str(problem).replace("\n", "\n  "))
+                    log.error("not served: %s", _indented(problem))
 
     def _complete_now(self) -> None:
         assert self._complete_with is not None
@@ -371,7 +376,7 @@ class RuntimeHolder:
                 len(problems),
             )
             for problem in problems:
-                log.error("  %s", str(problem).replace("\n", "\n  "))
+                log.error("  %s", _indented(problem))
         except Exception as err:  # a bug in a builder must not take the chassis down
             runtime = None
             problems = (Problem("txco_reload_error", f"{type(err).__name__}: {err}"),)
@@ -404,7 +409,7 @@ class RuntimeHolder:
             log.error("reload (%s): stack %s FAILED; %s. %d problem(s):", trigger, stack.stack,
                       _serving_words(stack), len(stack.problems))
             for problem in stack.problems:
-                log.error("  %s", str(problem).replace("\n", "\n  "))
+                log.error("  %s", _indented(problem))
         self.last = outcome
         return outcome
 
