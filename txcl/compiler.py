@@ -509,6 +509,28 @@ def _rule_test(whens: tuple[CompiledWhen, ...], captures: bool) -> Callable[[Any
     return test
 
 
+def noting_test(
+    whens: tuple[CompiledWhen, ...],
+) -> Callable[[Any, list[int | None]], Captures | None] | None:
+    """A rule's test (as `_rule_test` makes it) that also appends to a list where it stopped:
+    the index of the first WHEN that did not hold, None when all held (for txcl.explain).
+    None for one WHEN or none: the test's outcome says where it stopped."""
+    if len(whens) <= 1:
+        return None
+    evals = tuple(enumerate(w.evaluate for w in whens))
+
+    def test_each(envelope: Any, noted: list[int | None]) -> Captures | None:
+        found: dict[str, Any] = {}
+        for index, evaluate in evals:
+            if evaluate(envelope, found) is not True:
+                noted.append(index)
+                return None
+        noted.append(None)
+        return found or NO_CAPTURES
+
+    return test_each
+
+
 def _exec_op(node: ast.Exec, problems: list[Problem]) -> str | None:
     if not node.uri.startswith(OP_SCHEME):
         problems.append(

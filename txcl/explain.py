@@ -146,7 +146,7 @@ def _noted(start: StageStart) -> list[int | None]:
 
 
 def _rule_json(
-    plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None = _UNNOTED
+    plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None
 ) -> dict[str, Any]:
     """One rule explained, in the JSON form: each WHEN's result on the stage's starting
     envelope, as the run noted it (`noted`: StageStart.first_false of the rule), and its

@@ -75,17 +75,6 @@ _PASS: Final = "pass"
 _Action = tuple[Any, ...]
 
 
-def _actions(
-    states: Mapping[Any, Mapping[str, tuple[Any, Any]]],
-    builders: Mapping[str, Builder],
-    shift: Any,
-    reduce: Any,
-) -> dict[Any, dict[str, _Action]]:
-    """lark's table with each reduction's length, builder and origin looked up once, and
-    each run of pass-up reductions folded into one entry (_folded)."""
-    return _folded(_laid_out(states, builders, shift, reduce))
-
-
 def _folded(table: dict[Any, dict[str, _Action]]) -> dict[Any, dict[str, _Action]]:
     """The table with each pass-up reduction (`(_REDUCE, 1, None, origin)`) replaced by the
     _PASS entry of the run of them it starts, for every state that can lie below it (one
@@ -129,6 +118,8 @@ def _laid_out(
     shift: Any,
     reduce: Any,
 ) -> dict[Any, dict[str, _Action]]:
+    """lark's table with each reduction's length, builder and origin looked up once (then
+    `_folded` folds each run of pass-up reductions into one entry)."""
     built: dict[int, _Action] = {}
 
     def reduction(rule: Any) -> _Action:
@@ -228,7 +219,7 @@ class FileParser:
             table = state.parse_conf.parse_table
             self._start = table.start_states[start]
             self._end = table.end_states[start]
-            self._actions = _actions(table.states, builders, Shift, Reduce)
+            self._actions = _folded(_laid_out(table.states, builders, Shift, Reduce))
         except (AttributeError, TypeError, ValueError, KeyError) as err:
             raise Unavailable(f"lark's table is not what this module expects: {err!r}") from None
         terminals = {kind for actions in self._actions.values() for kind in actions if kind.isupper()}
@@ -246,7 +237,7 @@ class FileParser:
         if scanned is None:
             return None
         tokens: list[Any] = [*scanned, _END]
-        # lark's LALR loop (ParserState.feed_token), over the table as _actions() lays it out
+        # lark's LALR loop (ParserState.feed_token), over the table as _laid_out/_folded lay it out
         actions, end = self._actions, self._end
         state = self._start  # always states[-1]
         states: list[Any] = [state]

@@ -362,22 +362,16 @@ class _RuleChecks:
                 f"SET {target} = {shown}: {what}, not a string: the reply shows it as text",
                 value.pos,
             )
-        elif part == "res" and kinds.isdisjoint(_SLOT_KINDS):
-            target, shown, what = _verdict_texts(segments, value, kinds)
-            self.report(
-                "verdict-form",
-                f"SET {target} = {shown}: {what}, but {target} is an object (code and msg, or "
-                f"recipients): the run fails (451); write SET {target}.code = ...",
-                value.pos,
-            )
         elif part == "recipients":
             self.verdict_slots(segments, kinds, items, value)
-        elif part == "slot" and kinds.isdisjoint(_SLOT_KINDS):
+        elif part in ("res", "slot") and kinds.isdisjoint(_SLOT_KINDS):
             target, shown, what = _verdict_texts(segments, value, kinds)
+            rule = (f"{target} is an object (code and msg, or recipients): the run fails (451)"
+                    if part == "res" else
+                    "a recipient slot is an object {code, msg} or null: every recipient gets 451")
             self.report(
                 "verdict-form",
-                f"SET {target} = {shown}: {what}, but a recipient slot is an object "
-                f"{{code, msg}} or null: every recipient gets 451; write SET {target}.code = ...",
+                f"SET {target} = {shown}: {what}, but {rule}; write SET {target}.code = ...",
                 value.pos,
             )
 

@@ -27,7 +27,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from txcl.compiler import BOUND, NO_CAPTURES, Captures, CompiledRule, ExecStep, SetStep
+from txcl.compiler import (
+    BOUND,
+    NO_CAPTURES,
+    Captures,
+    CompiledRule,
+    ExecStep,
+    SetStep,
+    noting_test,
+)
 from txcl.envelope import (
     TXC,
     patch_read_only_reason,
@@ -147,27 +155,7 @@ class _RulePlan:
             for step in rule.steps
         )
         fired = Fired(stage, rule.pos, rule.file, outcomes, NO_CAPTURES)
-        return cls(rule, fired, steps, _noting_test(rule))
-
-
-def _noting_test(rule: CompiledRule) -> Callable[[Any, list[int | None]], Captures | None] | None:
-    """_RulePlan.test_noting: the WHENs tested one by one, each with the captures of those
-    before it, as `rule.test` does."""
-    if len(rule.whens) <= 1:
-        return None
-    evals = tuple(enumerate(w.evaluate for w in rule.whens))
-
-    def test_each(envelope: Any, noted: list[int | None]) -> Captures | None:
-        found: dict[str, Any] = {}
-        for index, evaluate in evals:
-            if evaluate(envelope, found) is not True:
-                noted.append(index)
-                return None
-        noted.append(None)
-        return found or NO_CAPTURES
-
-    return test_each
-
+        return cls(rule, fired, steps, noting_test(rule.whens))
 
 
 @dataclass(frozen=True)

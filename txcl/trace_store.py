@@ -219,12 +219,16 @@ def write_private(path: str, data: bytes) -> int:
     try:
         if not umask_keeps_owner_bits():
             os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
     finally:
         os.close(fd)
     return len(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def remove_trace(folder: str) -> None:
@@ -275,9 +279,7 @@ def _overwrite_private(path: str, data: bytes, linked: bool = True) -> int:
         os.unlink(path)
         return write_private(path, data)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.ftruncate(fd, len(data))
     finally:
         os.close(fd)

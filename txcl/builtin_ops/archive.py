@@ -445,8 +445,11 @@ def _make_maildirs(root: Path, target: Path, state_dir: Path) -> None:
         ensure_maildir(target, subfolder=True, durable_up_to=root)
 
 
-async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
-    """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir."""
+async def archive(
+    envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext, key: str | None = None
+) -> dict:
+    """op://ARCHIVE [WITH folder = "Support"]: the raw message into the stack's Maildir;
+    `key` the call's `once_key` when `once` has it already."""
     folder = folder_argument(args)
     content: bytes | Callable[[int], int]
     if ctx.message is not None:
@@ -460,22 +463,24 @@ async def archive(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpC
             except binascii.Error as exc:
                 raise not_base64(envelope, "ARCHIVE", exc) from None
 
-    key = (ctx.state_dir, ctx.tenant, ctx.stack, folder)
-    tag = once_key(ctx, "ARCHIVE", args)[:TAG_LEN]
-    known = place = _places.get(key)
+    if key is None:
+        key = once_key(ctx, "ARCHIVE", args)
+    tag = key[:TAG_LEN]
+    where = (ctx.state_dir, ctx.tenant, ctx.stack, folder)
+    known = place = _places.get(where)
     try:
         if place is None:
             place = await _prepare(ctx, folder)
         path, size = await deliver(place[1], content, tag)
     except FileNotFoundError:
         # A Maildir this process knew was deleted under it: recreate it, once.
-        _places.pop(key, None)
+        _places.pop(where, None)
         place = await _prepare(ctx, folder)
         path, size = await deliver(place[1], content, tag)
     if place is not known:
         if len(_places) >= _PLACES_MAX:
             _places.clear()
-        _places[key] = place
+        _places[where] = place
     return _result(place[0], folder, path, size)
 
 
@@ -511,6 +516,6 @@ def find_archived(
 # The raw message, and `_txc.src` to find it in the envelope when it does not come with the call.
 OP = RegisteredOp.builtin(
     "ARCHIVE",
-    once("ARCHIVE", archive, recover=find_archived),
+    once("ARCHIVE", archive, recover=find_archived, keyed=True),
     OpReads.only([(TXC, SRC_KEY)], message=True),
 )

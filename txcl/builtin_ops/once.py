@@ -399,11 +399,19 @@ class _OnceCall:
         return patch
 
 
-def once(name: str, op: Op, *, recover: Recover | None = None) -> Op:
+def once(
+    name: str, op: Callable[..., Any], *, recover: Recover | None = None, keyed: bool = False
+) -> Op:
     """`op`, acting once per delivery: a repeated call with the same delivery key, op and
     arguments (a retry after a 4xx) returns the first call's patch instead of acting again.
     A call that fails is forgotten; one cut off while it acted is looked for with
-    `recover`, else acts again. Works for sync and async ops alike."""
+    `recover`, else acts again. Works for sync and async ops alike. A `keyed` op is also
+    given the call's key (`key=`, its `once_key`), so that it need not compute it again."""
+
+    def act(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext,
+            call: _OnceCall) -> Any:
+        return op(envelope, args, ctx, key=call.key) if keyed else op(envelope, args, ctx)
+
     if inspect.iscoroutinefunction(op):
 
         async def once_async(
@@ -419,7 +427,7 @@ def once(name: str, op: Op, *, recover: Recover | None = None) -> Op:
                     )
                     if found is not None:
                         return call.done(found)
-                return call.done(await op(envelope, args, ctx))
+                return call.done(await act(envelope, args, ctx, call))
 
         return functools.update_wrapper(once_async, op)
 
@@ -429,6 +437,6 @@ def once(name: str, op: Op, *, recover: Recover | None = None) -> Op:
             return call.remembered
         with call:
             found = recover(envelope, args, ctx, call.key) if call.cut_off and recover else None
-            return call.done(found if found is not None else op(envelope, args, ctx))
+            return call.done(found if found is not None else act(envelope, args, ctx, call))
 
     return functools.update_wrapper(once_sync, op)

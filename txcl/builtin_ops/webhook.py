@@ -83,8 +83,11 @@ def post(
             conn.close()
 
 
-def webhook(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext) -> dict:
-    """op://WEBHOOK WITH url = "https://..." [WITH include_raw / include_attachments = true]."""
+def webhook(
+    envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext, key: str | None = None
+) -> dict:
+    """op://WEBHOOK WITH url = "https://..." [WITH include_raw / include_attachments = true];
+    `key` the call's `once_key` when `once` has it already."""
     target = url_argument(args)
     seconds = ctx.deadline_s
     body = event_json(envelope, args, "WEBHOOK")
@@ -94,7 +97,8 @@ def webhook(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
         "X-Txcl-Rid": ctx.rid,
         "X-Txcl-Stack": ctx.stack,
     }
-    key = once_key(ctx, "WEBHOOK", args)
+    if key is None:
+        key = once_key(ctx, "WEBHOOK", args)
     if key:  # the same for every retry of this delivery: the receiver can drop repeats
         headers["Idempotency-Key"] = key
     status, reason = post(target, body, headers, seconds)
@@ -103,4 +107,4 @@ def webhook(envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext
     return {"webhook": {"status": status}}
 
 
-OP = RegisteredOp.builtin("WEBHOOK", once("WEBHOOK", webhook), ANYTHING)  # the whole envelope
+OP = RegisteredOp.builtin("WEBHOOK", once("WEBHOOK", webhook, keyed=True), ANYTHING)  # the whole envelope
