@@ -825,7 +825,7 @@ def _lint_stacks_of(
     whose folder has the signature the cache's stat index knows (nothing in it changed)
     gets the findings kept there, its files unread; the others' findings are kept in the
     index under the signature taken before their files were read."""
-    from txcl.loader import LazyStacks, load_tree, stack_signature
+    from txcl.loader import LazyStacks, Scan, load_tree, scan_tree, stack_signature
 
     index = None if cache is None else cache.stat_index(
         f"lint\0{os.path.abspath(root)}\0{root}", salt)
@@ -833,9 +833,11 @@ def _lint_stacks_of(
     problems: list[Problem] = []
     # (name, signature, when it was taken, the stack's layout problems)
     loaded: list[tuple[str, StackSignature, int, list[Problem]]] = []
+    # the folders of the stack being loaded, as its signature read them (the load's scan)
+    scanned: dict[str, list[os.DirEntry[str]]] = {}
     with entries.deferring() as deferred:
         tree = load_tree(root, keep_files=True, cache=cast("CompileCache", entries),
-                         check_only=True, lazy=True)
+                         check_only=True, lazy=True, scan=Scan(scanned, time.time_ns()))
         problems.extend(_layout(tree.problems))
         stacks, read = tree.stacks, tree.read  # read: filled as each stack loads
         if not isinstance(stacks, LazyStacks):  # the root is no folder
@@ -845,15 +847,18 @@ def _lint_stacks_of(
             for name in names:
                 folder = os.path.join(root, name)
                 taken_ns, signature = time.time_ns(), cast("StackSignature", ())
-                if index is not None:
-                    signature = stack_signature(folder)
+                if index is not None:  # its folders read once, for the signature and the load
+                    scan = scan_tree(folder)
+                    signature = stack_signature(folder, scan)
                     kept = index.get(name, signature)
                     if isinstance(kept, tuple):
                         problems.extend(kept)
                         continue
+                    scanned.update(scan.entries)
                 before, missed = len(read), len(deferred)
                 layout = _layout(stacks.load(name).problems)
                 loaded.append((name, signature, taken_ns, layout))
+                scanned.clear()
                 checks.add(_added(read, before), read, frozenset(deferred[missed:]))
             found = checks.findings()
     for (name, signature, taken_ns, layout), stack_found in zip(loaded, found, strict=True):
