@@ -258,3 +258,46 @@ def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
     envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}}}
     runs = [t.stacks["acme/_mail"].run(envelope, TEST_POLICY).envelope for t in (cached, fresh)]
     assert runs[0] == runs[1] and runs[0]["_txc"]["lmtp"]["res"]["code"] == 250
+
+
+def test_the_pool_starts_while_the_walk_goes_on_and_fills_the_cache_a_warm_lint_uses(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], own_threads: None,
+) -> None:
+    import multiprocessing.pool
+
+    from txcl.loader import LazyStacks
+
+    ops = tmp_path / "OPS"
+    write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))
+    (ops / "t05/_mail/1/10-reader.txcl").write_text('WHEN tag.sen =~ /(/\nEXEC "op://NOPE"\n')
+    expected = lint_out(capsys, str(ops), "--no-cache")
+    monkeypatch.setattr(lint, "POOL_MIN_FILES", 4)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    events: list[str] = []
+    real_load, real_pool = LazyStacks.load, multiprocessing.pool.Pool.__init__
+
+    def load(self: LazyStacks, name: str) -> object:
+        events.append("load")
+        return real_load(self, name)
+
+    def pool(self: multiprocessing.pool.Pool, *args: object, **kwargs: object) -> None:
+        events.append("pool")
+        real_pool(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LazyStacks, "load", load)
+        patch.setattr(multiprocessing.pool.Pool, "__init__", pool)
+        assert lint_out(capsys, str(ops)) == expected  # cold: the pool, filling the cache
+    # 2 files a stack: the pool starts once 2 stacks wait, 10 are loaded after it started
+    assert events == ["load", "load", "pool", *["load"] * 10]
+
+    def not_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a stack was looked at again")
+
+    monkeypatch.setattr(lint, "_check_stack", not_again)
+    assert lint_out(capsys, str(ops)) == expected  # warm: the stat index
+    for path in (xdg).glob("*.index"):
+        path.unlink()
+    assert lint_out(capsys, str(ops)) == expected  # warm: the shards the pool's entries went to
+    assert "[unknown-op]" in expected[1] and "[compile]" in expected[1]
