@@ -197,19 +197,29 @@ def test_no_pool_while_another_thread_runs(
         other.join()
 
 
+def twelve_tenants(ops: Path) -> None:
+    """write_tree's stacks for 12 tenants, t07's with a bad regex and an unknown op."""
+    write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))
+    (ops / "t07/_mail/1/10-reader.txcl").write_text('WHEN tag.sen =~ /(/\nEXEC "op://NOPE"\n')
+
+
+def two_workers_from(monkeypatch: pytest.MonkeyPatch, files: int) -> None:
+    """Lint's pool starts for `files` files to parse, with 2 workers."""
+    monkeypatch.setattr(lint, "POOL_MIN_FILES", files)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+
+
 def test_files_checked_by_a_pool_give_what_one_process_gives(
     tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], own_threads: None,
 ) -> None:
     ops = tmp_path / "OPS"
-    write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))
+    twelve_tenants(ops)
     (ops / "t03/_mail/1/10-reader.txcl").write_text("WHEN tag.seen ==\nSET @lmtp.res.code = 99\n")
-    (ops / "t07/_mail/1/10-reader.txcl").write_text('WHEN tag.sen =~ /(/\nEXEC "op://NOPE"\n')
     (ops / "t09/_mail/0/20-empty.txcl").write_text("# nothing\n")
     expected = {form: lint_out(capsys, str(ops), "--format", form, "--no-cache")
                 for form in ("text", "json")}
-    monkeypatch.setattr(lint, "POOL_MIN_FILES", 2)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    two_workers_from(monkeypatch, 2)
     assert lint.pool_workers(25) == 2
     pools = Calls(monkeypatch, "pool_workers")
     assert lint_out(capsys, str(ops), "--format", "text") == expected["text"]  # the pool
@@ -258,46 +268,3 @@ def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
     envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}}}
     runs = [t.stacks["acme/_mail"].run(envelope, TEST_POLICY).envelope for t in (cached, fresh)]
     assert runs[0] == runs[1] and runs[0]["_txc"]["lmtp"]["res"]["code"] == 250
-
-
-def test_the_pool_starts_while_the_walk_goes_on_and_fills_the_cache_a_warm_lint_uses(
-    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], own_threads: None,
-) -> None:
-    import multiprocessing.pool
-
-    from txcl.loader import LazyStacks
-
-    ops = tmp_path / "OPS"
-    write_tree(ops, tuple(f"t{i:02d}" for i in range(12)))
-    (ops / "t05/_mail/1/10-reader.txcl").write_text('WHEN tag.sen =~ /(/\nEXEC "op://NOPE"\n')
-    expected = lint_out(capsys, str(ops), "--no-cache")
-    monkeypatch.setattr(lint, "POOL_MIN_FILES", 4)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    events: list[str] = []
-    real_load, real_pool = LazyStacks.load, multiprocessing.pool.Pool.__init__
-
-    def load(self: LazyStacks, name: str) -> object:
-        events.append("load")
-        return real_load(self, name)
-
-    def pool(self: multiprocessing.pool.Pool, *args: object, **kwargs: object) -> None:
-        events.append("pool")
-        real_pool(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    with monkeypatch.context() as patch:
-        patch.setattr(LazyStacks, "load", load)
-        patch.setattr(multiprocessing.pool.Pool, "__init__", pool)
-        assert lint_out(capsys, str(ops)) == expected  # cold: the pool, filling the cache
-    # 2 files a stack: the pool starts once 2 stacks wait, 10 are loaded after it started
-    assert events == ["load", "load", "pool", *["load"] * 10]
-
-    def not_again(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a stack was looked at again")
-
-    monkeypatch.setattr(lint, "_check_stack", not_again)
-    assert lint_out(capsys, str(ops)) == expected  # warm: the stat index
-    for path in (xdg).glob("*.index"):
-        path.unlink()
-    assert lint_out(capsys, str(ops)) == expected  # warm: the shards the pool's entries went to
-    assert "[unknown-op]" in expected[1] and "[compile]" in expected[1]
