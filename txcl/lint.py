@@ -825,7 +825,7 @@ def _lint_stacks_of(
     whose folder has the signature the cache's stat index knows (nothing in it changed)
     gets the findings kept there, its files unread; the others' findings are kept in the
     index under the signature taken before their files were read."""
-    from txcl.loader import LazyStacks, Scan, load_tree, scan_tree, stack_signature
+    from txcl.loader import LazyStacks, Scan, load_tree, stack_signature
 
     index = None if cache is None else cache.stat_index(
         f"lint\0{os.path.abspath(root)}\0{root}", salt)
@@ -848,17 +848,15 @@ def _lint_stacks_of(
                 folder = os.path.join(root, name)
                 taken_ns, signature = time.time_ns(), cast("StackSignature", ())
                 if index is not None:  # its folders read once, for the signature and the load
-                    scan = scan_tree(folder)
-                    signature = stack_signature(folder, scan)
+                    scanned.clear()
+                    signature = stack_signature(folder, into=scanned)
                     kept = index.get(name, signature)
                     if isinstance(kept, tuple):
                         problems.extend(kept)
                         continue
-                    scanned.update(scan.entries)
                 before, missed = len(read), len(deferred)
                 layout = _layout(stacks.load(name).problems)
                 loaded.append((name, signature, taken_ns, layout))
-                scanned.clear()
                 checks.add(_added(read, before), read, frozenset(deferred[missed:]))
             found = checks.findings()
     for (name, signature, taken_ns, layout), stack_found in zip(loaded, found, strict=True):
