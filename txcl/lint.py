@@ -1026,8 +1026,6 @@ class _StackChecks:
 
     def findings(self) -> list[tuple[Problem, ...]]:
         """Each added stack's findings, in order; the new entries are put into the cache."""
-        if self._workers is None:
-            self._workers = pool_workers(self._to_parse)  # fewer than POOL_MIN_FILES: none
         if self._pool is not None:
             self._send()
             done: Iterator[_Done] = (d for sent in self._sent for d in sent.get())
