@@ -222,3 +222,24 @@ def test_txcl_lint_keeps_its_findings_and_no_cache_leaves_it_alone(
     config = tmp_path / "txco.yaml"
     config.write_text('ops:\n  NOPE: {python: "json:loads"}\n')
     assert main(["lint", str(ops), "--config", str(config)]) == 0
+
+
+def test_the_encoding_reduces_what_is_not_an_engine_dataclass_as_pickle_does() -> None:
+    import datetime
+    import fractions
+    import http
+    import pickle
+    import re
+
+    value = (
+        compile_cache.CachedFindings(()),  # its own __reduce__
+        re.compile("a+"),  # copyreg's
+        fractions.Fraction(1, 3),
+        datetime.date(2026, 12, 2),
+        http.HTTPStatus.OK,  # an enum member
+        int,  # a class: by name
+        [{"k": frozenset({1})}],
+    )
+    expected = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    for _ in range(2):  # the second time, each class's reducer is known
+        assert compile_cache._dumps(value) == expected

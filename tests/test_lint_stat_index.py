@@ -14,8 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_lint_cache import WRITER, lint_out, write_tree
-from txcl import compile_cache
+from tests.test_lint_cache import (
+    WRITER,
+    lint_out,
+    own_threads,
+    twelve_tenants,
+    two_workers_from,
+    write_tree,
+)
+from txcl import compile_cache, lint
 from txcl.compile_cache import INDEX_SUFFIX, CompileCache
 from txcl.loader import RACY_MARGIN_NS, StackSignature, stack_signature
 
@@ -117,8 +124,9 @@ def test_a_write_in_the_tick_of_the_stat_is_not_trusted(
 
     real = txcl.loader.stack_signature
 
-    def coarse(folder: str, scan: object = None) -> object:
-        return tuple((name, 0, size, mtime, 0) for name, _, size, mtime, _ in real(folder))
+    def coarse(folder: str, scan: object = None, into: object = None) -> object:
+        return tuple((name, 0, size, mtime, 0)
+                     for name, _, size, mtime, _ in real(folder, into=into))  # type: ignore[arg-type]
 
     monkeypatch.setattr(txcl.loader, "stack_signature", coarse)
     ops = tmp_path / "OPS"
@@ -286,3 +294,49 @@ def test_an_index_answers_only_for_the_signature_it_was_given(
     changed = (*signature[:where], tuple(entry), *signature[where + 1:])
     assert index.get("stack", changed) is None
     assert index.get("stack", signature[:-1]) is None
+
+
+@pytest.mark.usefixtures(own_threads.__name__)
+def test_the_pool_starts_while_the_walk_goes_on_and_fills_the_cache_a_warm_lint_uses(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import multiprocessing.pool
+
+    from txcl.loader import LazyStacks
+
+    ops = tmp_path / "OPS"
+    twelve_tenants(ops)
+    date_back(ops)  # not racy: the stat index keeps each stack
+    expected = lint_out(capsys, str(ops), "--no-cache")
+    two_workers_from(monkeypatch, 4)
+    events: list[str] = []
+    real_load, real_pool = LazyStacks.load, multiprocessing.pool.Pool.__init__
+
+    def load(self: LazyStacks, name: str) -> object:
+        events.append("load")
+        return real_load(self, name)
+
+    def pool(self: multiprocessing.pool.Pool, *args: object, **kwargs: object) -> None:
+        events.append("pool")
+        real_pool(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LazyStacks, "load", load)
+        patch.setattr(multiprocessing.pool.Pool, "__init__", pool)
+        assert lint_out(capsys, str(ops)) == expected  # cold: the pool, filling the cache
+    # 2 files a stack: the pool starts once 2 stacks wait, 10 are loaded after it started
+    assert events == ["load", "load", "pool", *["load"] * 10]
+
+    def not_again(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a stack was looked at again")
+
+    monkeypatch.setattr(lint, "_check_stack", not_again)
+    reads = Reads(monkeypatch)
+    assert lint_out(capsys, str(ops)) == expected  # warm: the stat index, no file read
+    assert reads.paths == []
+    for path in xdg.glob(f"*{INDEX_SUFFIX}"):
+        path.unlink()
+    assert lint_out(capsys, str(ops)) == expected  # warm: the shards the pool's entries went to
+    assert len(reads.paths) == 24
+    assert "[unknown-op]" in expected[1] and "[compile]" in expected[1]

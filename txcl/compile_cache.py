@@ -478,21 +478,34 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 class _Reducers(dict[type, Callable[[Any], Any]]):
     """How pickle reduces each class it meets (a Pickler's dispatch_table): an engine
-    dataclass to (class, field values), found once per class; other classes as copyreg says.
-    Unlike a reducer_override, it is not called for the tuples, lists and dicts between."""
+    dataclass to (class, field values), other classes as copyreg or pickle's default says;
+    found once per class (a miss raised a KeyError per object, a quarter of an entry's
+    encoding). Unlike a reducer_override, it is not called for the tuples, lists and dicts
+    between."""
 
     def __missing__(self, cls: type) -> Callable[[Any], Any]:
-        if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + ".")):
-            return copyreg.dispatch_table[cls]  # a KeyError: pickle's default reduction
-        names = _field_names(cls)
-        if len(names) == 1:
-            (name,) = names
-            reduce = functools.partial(_reduce_one, cls, name)
+        if dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + "."):
+            reduce = _field_reducer(cls)
+        elif issubclass(cls, type):
+            raise KeyError(cls)  # a class itself: pickle saves it by name
         else:
-            fields = operator.attrgetter(*names) if names else lambda obj: ()
-            reduce = functools.partial(_reduce_many, cls, fields)
+            reduce = copyreg.dispatch_table.get(cls, _DEFAULT_REDUCE)
         self[cls] = reduce
         return reduce
+
+
+# what pickle calls for an object no dispatch table knows
+_DEFAULT_REDUCE: Final = operator.methodcaller("__reduce_ex__", pickle.HIGHEST_PROTOCOL)
+
+
+def _field_reducer(cls: type) -> Callable[[Any], Any]:
+    """An engine dataclass reduced to (class, field values)."""
+    names = _field_names(cls)
+    if len(names) == 1:
+        (name,) = names
+        return functools.partial(_reduce_one, cls, name)
+    fields = operator.attrgetter(*names) if names else lambda obj: ()
+    return functools.partial(_reduce_many, cls, fields)
 
 
 def _reduce_one(cls: type, name: str, obj: Any) -> tuple[type, tuple[Any]]:

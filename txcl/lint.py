@@ -34,13 +34,15 @@ Rendering (text, JSON, GitHub annotations) belongs to the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import itertools
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
@@ -57,6 +59,8 @@ from txcl.errors import Pos, Problem, TxclError, TxclLoadError, TxclSyntaxError
 from txcl.parser import caret_context, parse
 
 if TYPE_CHECKING:
+    import multiprocessing.pool
+
     from txcl.compile_cache import CachedFile, CompileCache
     from txcl.loader import ReadFile, StackSignature, Tree
     from txcl.ops import OpRegistry
@@ -803,63 +807,71 @@ def lint_tree(
 ) -> list[Problem]:
     """Lint a whole OPS tree: the loader's layout problems, then every rule file, with the
     recipient-slot check taken over each stack."""
-    from txcl.loader import load_tree, no_cyclic_gc
+    from txcl.loader import no_cyclic_gc
 
     root = Path(root)
     salt = _findings_salt(registry)
     # Like the load, the checks keep what they build, and the load's trees stay alive until
     # the end: a collection would only scan them again and again.
     with no_cyclic_gc():
-        if cache is not None:
-            return _sorted(_lint_tree_indexed(root, registry, cache, salt))
-        layout, read, deferred = _load(
-            lambda c: load_tree(root, keep_files=True, cache=c, check_only=True), None
-        )
-        stacks = _stacks_read(read)
-        found = _lint_stacks(stacks, registry, read, deferred, None, salt)
-        problems = [*layout, *(p for stack in found for p in stack)]
-        del read  # freed before the collector is back, so it has nothing to scan
-    return _sorted(problems)
+        return _sorted(_lint_stacks_of(root, registry, cache, salt))
 
 
-def _lint_tree_indexed(
-    root: Path, registry: OpRegistry | None, cache: CompileCache, salt: str
+def _lint_stacks_of(
+    root: Path, registry: OpRegistry | None, cache: CompileCache | None, salt: str
 ) -> list[Problem]:
-    """lint_tree() with a cache. A stack whose folder has the signature the cache's stat
-    index knows (nothing in it changed) gets the findings kept there, its files unread; the
-    others are loaded one by one, their findings found as _lint_stacks() finds them, and
-    kept in the index under the signature taken before their files were read."""
-    from txcl.loader import LazyStacks, load_tree, stack_signature
+    """lint_tree()'s findings. The stacks are loaded one by one and handed to _StackChecks
+    as they are, so that its pool parses while the walk goes on. With a cache, a stack
+    whose folder has the signature the cache's stat index knows (nothing in it changed)
+    gets the findings kept there, its files unread; the others' findings are kept in the
+    index under the signature taken before their files were read."""
+    from txcl.loader import LazyStacks, Scan, load_tree, stack_signature
 
-    index = cache.stat_index(f"lint\0{os.path.abspath(root)}\0{root}", salt)
+    index = None if cache is None else cache.stat_index(
+        f"lint\0{os.path.abspath(root)}\0{root}", salt)
+    entries = _NothingCached() if cache is None else cache
     problems: list[Problem] = []
-    # (name, folder, signature, when it was taken, the stack's layout problems)
-    loaded: list[tuple[str, str, StackSignature, int, list[Problem]]] = []
-    with cache.deferring() as deferred:
-        tree = load_tree(root, keep_files=True, cache=cache, check_only=True, lazy=True)
+    # (name, signature, when it was taken, the stack's layout problems)
+    loaded: list[tuple[str, StackSignature, int, list[Problem]]] = []
+    # the folders of the stack being loaded, as its signature read them (the load's scan)
+    scanned: dict[str, list[os.DirEntry[str]]] = {}
+    with entries.deferring() as deferred:
+        tree = load_tree(root, keep_files=True, cache=cast("CompileCache", entries),
+                         check_only=True, lazy=True, scan=Scan(scanned, time.time_ns()))
         problems.extend(_layout(tree.problems))
         stacks, read = tree.stacks, tree.read  # read: filled as each stack loads
         if not isinstance(stacks, LazyStacks):  # the root is no folder
             return problems
-        for name in list(stacks):
-            folder = os.path.join(root, name)
-            taken_ns = time.time_ns()
-            signature = stack_signature(folder)
-            kept = index.get(name, signature)
-            if isinstance(kept, tuple):
-                problems.extend(kept)
-                continue
-            loaded.append((name, folder, signature, taken_ns, _layout(stacks.load(name).problems)))
-    files_of: dict[str, list[str]] = {}
-    for path in read:
-        files_of.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
-    found = _lint_stacks([files_of.get(folder, []) for _, folder, *_ in loaded],
-                         registry, read, frozenset(deferred), cache, salt)
-    for (name, _, signature, taken_ns, layout), stack_found in zip(loaded, found, strict=True):
-        index.put(name, signature, (*layout, *stack_found), taken_ns)
+        names = list(stacks)
+        with _StackChecks(registry, cache, salt, len(names)) as checks:
+            for name in names:
+                folder = os.path.join(root, name)
+                taken_ns, signature = time.time_ns(), cast("StackSignature", ())
+                if index is not None:  # its folders read once, for the signature and the load
+                    scanned.clear()
+                    signature = stack_signature(folder, into=scanned)
+                    kept = index.get(name, signature)
+                    if isinstance(kept, tuple):
+                        problems.extend(kept)
+                        continue
+                before, missed = len(read), len(deferred)
+                layout = _layout(stacks.load(name).problems)
+                loaded.append((name, signature, taken_ns, layout))
+                checks.add(_added(read, before), read, frozenset(deferred[missed:]))
+            found = checks.findings()
+    for (name, signature, taken_ns, layout), stack_found in zip(loaded, found, strict=True):
+        if index is not None:
+            index.put(name, signature, (*layout, *stack_found), taken_ns)
         problems.extend(layout)
         problems.extend(stack_found)
     return problems
+
+
+def _added(read: Mapping[str, ReadFile], before: int) -> list[str]:
+    """The paths the loader put into `read` (a dict: in order) since it held `before`: the
+    rule files of the stack it loaded since."""
+    assert isinstance(read, dict)
+    return list(itertools.islice(reversed(read), len(read) - before))[::-1]
 
 
 def lint_target(
@@ -898,12 +910,9 @@ def _load(
     """The layout problems of a check_only load, the rule files it read, and which of them
     are not in the cache: the load's walk parses nothing, and their entries are empty
     (_lint_stacks checks them). Without a cache, that is every file."""
-    if cache is None:
-        nothing = _NothingCached()
-        loaded, deferred = load(cast("CompileCache", nothing)), nothing.deferred
-    else:
-        with cache.deferring() as deferred:
-            loaded = load(cache)
+    entries = _NothingCached() if cache is None else cache
+    with entries.deferring() as deferred:
+        loaded = load(cast("CompileCache", entries))
     return _layout(loaded.problems), loaded.read, frozenset(deferred)
 
 
@@ -915,31 +924,21 @@ def _layout(problems: Iterable[Problem]) -> list[Problem]:
 
 class _NothingCached:
     """The compile cache of a lint without one (--no-cache), for its walk, which calls
-    only get(): it holds nothing, so the walk parses no file, and lint checks them all
-    (by a pool when there are many) as it checks what a cache misses."""
+    only deferring() and get(): it holds nothing, so the walk parses no file, and lint
+    checks them all (by a pool when there are many) as it checks what a cache misses."""
 
     def __init__(self) -> None:
         self.deferred: list[str] = []
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[list[str]]:
+        yield self.deferred
 
     def get(self, path: str, text: str) -> CachedFile:
         from txcl.compile_cache import CachedFile
 
         self.deferred.append(path)
         return CachedFile(None, ())
-
-
-def _stacks_read(read: Mapping[str, ReadFile]) -> list[list[str]]:
-    """The rule files a load of an OPS tree read (`OPS/<tenant>/<stack>/<stage>/<name>`),
-    one list per stack: the loader reads every rule file of every well-named stack."""
-    stacks: dict[str, list[str]] = {}
-    for path in read:
-        stacks.setdefault(os.path.dirname(os.path.dirname(path)), []).append(path)
-    return list(stacks.values())
-
-
-# (path, text, entry) of a file of a stack to check: text None if the loader could not read
-# it (lint reports nothing more of it), entry None if it is not in the cache.
-_FileJob = tuple[str, "str | None", "CachedFile | None"]
 
 
 def _lint_stacks(
@@ -950,44 +949,124 @@ def _lint_stacks(
     cache: CompileCache | None,
     salt: str,
 ) -> list[tuple[Problem, ...]]:
-    """The findings of each stack (its rule files, by path), stack by stack. A file the
-    loader has read (`read`) is not read again; a stack whose findings are in the cache is not looked at
-    again, nor is a file whose own findings are; the files not in the cache (`deferred`)
-    are parsed, compiled and linted, by a pool of processes when there are many. What is
-    found is kept in the cache."""
-    from txcl.compile_cache import stack_key
+    """The findings of each stack (its rule files, by path), stack by stack (_StackChecks)."""
+    with _StackChecks(registry, cache, salt, len(stacks)) as checks:
+        for files in stacks:
+            checks.add(files, read, deferred)
+        return checks.findings()
 
-    found_of: list[tuple[Problem, ...] | None] = []  # None: a job finds them
-    jobs: list[tuple[bytes | None, list[_FileJob]]] = []
-    for files in stacks:
+
+# (path, text, entry) of a file of a stack to check: text None if the loader could not read
+# it (lint reports nothing more of it), entry None if it is not in the cache.
+_FileJob = tuple[str, "str | None", "CachedFile | None"]
+
+
+class _StackChecks:
+    """The findings of stacks added one by one, in order. A file the loader has read (`read`)
+    is not read again; a stack whose findings are in the cache is not looked at again, nor
+    is a file whose own findings are; the files not in the cache (`deferred`) are parsed,
+    compiled and linted: here while they are few, else by a pool of forked processes,
+    started once POOL_MIN_FILES are waiting, so that it parses while the caller walks on.
+    findings() waits for them; what is found is kept in the cache."""
+
+    def __init__(
+        self, registry: OpRegistry | None, cache: CompileCache | None, salt: str, stacks: int
+    ) -> None:
+        self._registry, self._cache, self._salt = registry, cache, salt
+        self._stacks = stacks  # how many will be added, about: the pool's chunks are sized by it
+        self._found_of: list[tuple[Problem, ...] | None] = []  # None: a job finds them
+        self._keys: list[bytes | None] = []  # of each job: its stack's key in the cache
+        self._jobs: list[list[_FileJob]] = []  # each job's files
+        self._waiting: list[list[_FileJob]] = []  # jobs not given to the pool yet
+        self._to_parse = 0
+        self._pool: multiprocessing.pool.Pool | None = None
+        self._workers: int | None = None  # None: not decided yet; 0: no pool
+        self._chunk = 1
+        self._sent: list[multiprocessing.pool.AsyncResult[list[_Done]]] = []
+
+    def __enter__(self) -> _StackChecks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _pool_job
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+            _pool_job = (None, "", False)
+
+    def add(self, files: list[str], read: Mapping[str, ReadFile], deferred: Container[str]) -> None:
+        from txcl.compile_cache import stack_key
+
+        cache = self._cache
         known = [read.get(file) for file in files]
         key = None
         if cache is not None and all(k is not None for k in known):
-            key = stack_key(((k.path, k.source) for k in known if k is not None), salt)
+            key = stack_key(((k.path, k.source) for k in known if k is not None), self._salt)
             cached = cache.get_findings(key)
             if cached is not None:
-                found_of.append(tuple(cached))
-                continue
-        found_of.append(None)
-        jobs.append((key, [
-            (file, None, None) if k is None else
-            (file, k.source, None if file in deferred else k.checked)
-            for file, k in zip(files, known, strict=True)
-        ]))
-    done = _run_jobs([job for _, job in jobs], registry, salt, len(deferred), cache is not None)
-    found_by_job: list[tuple[Problem, ...]] = []
-    for (key, job), (entries, found) in zip(jobs, done, strict=True):
-        if cache is not None:
-            for (path, text, _), entry in zip(job, entries, strict=True):
-                if isinstance(entry, bytes):
-                    cache.put_encoded(path, text or "", entry)
-                elif entry is not None:
-                    cache.put(path, text or "", entry)
-            if key is not None:
-                cache.put_findings(key, found)
-        found_by_job.append(found)
-    by_job = iter(found_by_job)
-    return [next(by_job) if found is None else found for found in found_of]
+                self._found_of.append(tuple(cached))
+                return
+        self._found_of.append(None)
+        job: list[_FileJob] = []
+        for file, k in zip(files, known, strict=True):
+            if k is None:
+                job.append((file, None, None))
+            elif file in deferred:
+                job.append((file, k.source, None))
+                self._to_parse += 1
+            else:
+                job.append((file, k.source, k.checked))
+        self._keys.append(key)
+        self._jobs.append(job)
+        self._waiting.append(job)
+        if self._workers is None and self._to_parse >= POOL_MIN_FILES:
+            self._start_pool()
+        if self._pool is not None and len(self._waiting) >= self._chunk:
+            self._send()
+
+    def findings(self) -> list[tuple[Problem, ...]]:
+        """Each added stack's findings, in order; the new entries are put into the cache."""
+        if self._pool is not None:
+            self._send()
+            done: Iterator[_Done] = (d for sent in self._sent for d in sent.get())
+        else:
+            keep = self._cache is not None
+            done = ((list(entries), found) for entries, found in (
+                _check_stack(job, self._registry, self._salt, keep) for job in self._waiting))
+        found_by_job: list[tuple[Problem, ...]] = []
+        cache = self._cache
+        for key, job, (entries, found) in zip(self._keys, self._jobs, done, strict=True):
+            if cache is not None:
+                for (path, text, _), entry in zip(job, entries, strict=True):
+                    if isinstance(entry, bytes):
+                        cache.put_encoded(path, text or "", entry)
+                    elif entry is not None:
+                        cache.put(path, text or "", entry)
+                if key is not None:
+                    cache.put_findings(key, found)
+            found_by_job.append(found)
+        by_job = iter(found_by_job)
+        return [next(by_job) if found is None else found for found in self._found_of]
+
+    def _start_pool(self) -> None:
+        global _pool_job
+        import multiprocessing
+
+        self._workers = workers = pool_workers(self._to_parse)
+        if not workers:
+            return
+        _pool_job = (self._registry, self._salt, self._cache is not None)  # inherited
+        for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
+            stream.flush()
+        self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+        self._chunk = max(1, self._stacks // (workers * 16))
+
+    def _send(self) -> None:
+        assert self._pool is not None
+        waiting, chunk = self._waiting, self._chunk
+        for start in range(0, len(waiting), chunk):
+            self._sent.append(self._pool.apply_async(_pooled_stacks, (waiting[start:start + chunk],)))
+        self._waiting = []
 
 
 def _check_stack(
@@ -1035,45 +1114,21 @@ _pool_job: tuple[OpRegistry | None, str, bool] = (None, "", False)
 _Done = tuple[list["CachedFile | bytes | None"], tuple[Problem, ...]]
 
 
-def _run_jobs(
-    jobs: list[list[_FileJob]],
-    registry: OpRegistry | None,
-    salt: str,
-    to_parse: int,
-    keep: bool = True,
-) -> Iterator[_Done]:
-    """_check_stack() of each job, in order: in this process, or by a pool of forked
-    processes (pool_workers) that send each new entry back encoded."""
-    workers = pool_workers(to_parse)
-    if not workers:
-        for files in jobs:
-            entries, found = _check_stack(files, registry, salt, keep)
-            yield list(entries), found
-        return
-    global _pool_job
-    import multiprocessing
-
-    _pool_job = (registry, salt, keep)  # the workers are forked: they inherit it
-    for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
-        stream.flush()
-    try:
-        with multiprocessing.get_context("fork").Pool(workers, _quiet_worker) as pool:
-            yield from pool.imap(_pooled_stack, jobs, max(1, len(jobs) // (workers * 16)))
-    finally:
-        _pool_job = (None, "", False)
-
-
 def _quiet_worker() -> None:
     """A worker leaves Ctrl-C to the parent, which stops the pool."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pooled_stack(files: list[_FileJob]) -> _Done:
-    """In a pool worker: _check_stack(), its new entries encoded for the trip back."""
+def _pooled_stacks(jobs: list[list[_FileJob]]) -> list[_Done]:
+    """In a pool worker: _check_stack() of each job, its new entries encoded for the trip
+    back."""
     from txcl.compile_cache import encode_entry
 
-    entries, found = _check_stack(files, *_pool_job)
-    return [None if e is None else encode_entry(e) for e in entries], found
+    done: list[_Done] = []
+    for files in jobs:
+        entries, found = _check_stack(files, *_pool_job)
+        done.append(([None if e is None else encode_entry(e) for e in entries], found))
+    return done
 
 
 def pool_workers(files: int) -> int:

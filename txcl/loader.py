@@ -397,11 +397,14 @@ def scan_tree(root: str) -> Scan:
     return Scan(entries, started_ns)
 
 
-def stack_signature(folder: str, scan: Scan | None = None) -> StackSignature:
+def stack_signature(
+    folder: str, scan: Scan | None = None, into: dict[str, list[os.DirEntry[str]]] | None = None
+) -> StackSignature:
     """What identifies a stack folder's content without reading it: (name, inode, size,
     mtime_ns, ctime_ns) of each entry of the folder and of its subfolders, sorted. A
     symlink counts as what it leads to (itself, if it leads nowhere). Entries found in
-    `scan` are not read again."""
+    `scan` are not read again; the folders read are put `into` it (a Scan's entries, for a
+    load of the stack that follows)."""
     out: list[tuple[str, int, int, int, int]] = []
     pending = [("", folder)]
     while pending:
@@ -411,6 +414,8 @@ def stack_signature(folder: str, scan: Scan | None = None) -> StackSignature:
             if found is None:
                 with os.scandir(path) as it:
                     found = list(it)
+                if into is not None:
+                    into[path] = found
         except OSError:
             out.append((prefix, -1, -1, -1, -1))
             continue
