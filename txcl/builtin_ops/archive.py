@@ -56,9 +56,10 @@ INLINE_WRITE_BYTES = 256 * 1024
 # Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
-# Threads of a process that fsync waiting files side by side (more than the deliveries in
-# flight at once is never needed: each delivery has one file to fsync).
-FSYNC_THREADS = 16
+# Threads of a process that fsync waiting files side by side. Few: the fsyncs share the
+# journal's commits anyway, and a busy thread takes the next file without going to sleep
+# and being woken (each wake-up is a fight for the GIL with the loop).
+FSYNC_THREADS = 4
 
 # (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
 # once a delivery there succeeded: the next ones skip the storage checks and folder setup.
