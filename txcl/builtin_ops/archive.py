@@ -28,8 +28,8 @@ import errno
 import functools
 import os
 import queue
+import random
 import re
-import secrets
 import socket
 import threading
 import time
@@ -139,7 +139,10 @@ def unique_name(tag: str = "") -> str:
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
     keyed = f"K{tag}" if tag else ""
-    return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}{keyed}.{_host_part()}"
+    # random's generator, seeded from the system's and again in a forked child: no
+    # getrandom() call (a release of the GIL) per message, as secrets would make
+    rand = f"{random.getrandbits(64):016x}"
+    return f"{seconds}.M{micros}P{os.getpid()}R{rand}{keyed}.{_host_part()}"
 
 
 class CommitQueue:
