@@ -463,6 +463,24 @@ def test_without_a_thread_to_be_had_the_loops_executor_moves_the_files(ctx, monk
     assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
 
 
+def test_without_any_thread_to_be_had_the_loop_moves_the_files(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            if self.name.startswith(("txcl-archive-fsync", "asyncio_")):  # the executor's too
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(archive_module, "_fsync_threads_of_process", None)
+    monkeypatch.setattr(archive_module.threading, "Thread", NoThread)
+    patches = _archive_together(ctx, 3, first=False)
+    assert [Path(p["archive"]["path"]).read_bytes() for p in patches] == [
+        RAW + b"%d\r\n" % i for i in range(3)
+    ]
+    assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
+
+
 def test_a_delivery_cancelled_before_its_commit_leaves_nothing_behind(ctx):
     async def cancel_before_commit() -> dict:
         await archive(_without_raw(make_envelope()), {}, _handed(ctx))

@@ -314,14 +314,18 @@ class _FsyncThreads:
         self._unsynced: dict[str, list[tuple[asyncio.AbstractEventLoop, list[_Pending]]]] = {}
 
     def hand(self, job: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
-        """Give a job to a thread; if no thread can be had, to `loop`'s executor."""
+        """Give a job to a thread; if no thread can be had, to `loop`'s executor, and
+        without that either, run it here (every delivery of a batch waits for each job)."""
         with self._lock:
             idle = self._idle > 0
             self._idle -= idle
             spawn = not idle and self._threads < FSYNC_THREADS  # else the next one done
             self._threads += spawn
         if spawn and not self._start() and self._threads == 0:
-            loop.run_in_executor(None, job)
+            try:
+                loop.run_in_executor(None, job)
+            except RuntimeError:  # the executor is shut down or gives no thread either
+                job()
             return
         self._jobs.put(job)
 
