@@ -445,30 +445,17 @@ def test_the_files_of_concurrent_deliveries_are_fsynced_side_by_side(ctx, monkey
     assert not all_in.broken
 
 
-def test_without_a_thread_to_be_had_the_loops_executor_moves_the_files(ctx, monkeypatch):
+@pytest.mark.parametrize(
+    "refused",
+    [("txcl-archive-fsync",), ("txcl-archive-fsync", "asyncio_")],
+    ids=["the-loops-executor-moves-them", "the-loop-moves-them"],
+)
+def test_without_a_thread_to_be_had_the_files_are_moved_all_the_same(ctx, monkeypatch, refused):
     _archive_together(ctx, 0)
 
     class NoThread(threading.Thread):
         def start(self) -> None:
-            if self.name.startswith("txcl-archive-fsync"):  # the loop's executor still works
-                raise RuntimeError("can't start new thread")
-            super().start()
-
-    monkeypatch.setattr(archive_module, "_fsync_threads_of_process", None)
-    monkeypatch.setattr(archive_module.threading, "Thread", NoThread)
-    patches = _archive_together(ctx, 3, first=False)
-    assert [Path(p["archive"]["path"]).read_bytes() for p in patches] == [
-        RAW + b"%d\r\n" % i for i in range(3)
-    ]
-    assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
-
-
-def test_without_any_thread_to_be_had_the_loop_moves_the_files(ctx, monkeypatch):
-    _archive_together(ctx, 0)
-
-    class NoThread(threading.Thread):
-        def start(self) -> None:
-            if self.name.startswith(("txcl-archive-fsync", "asyncio_")):  # the executor's too
+            if self.name.startswith(refused):  # "asyncio_": the loop's executor's threads
                 raise RuntimeError("can't start new thread")
             super().start()
 
