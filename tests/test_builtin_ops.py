@@ -380,6 +380,53 @@ def test_a_failed_fsync_of_one_file_fails_only_its_delivery(ctx, monkeypatch):
     assert len(list((maildir / "new").iterdir())) == 1 + 2
 
 
+def test_batches_that_arrive_while_new_is_fsynced_share_its_next_fsync(ctx, monkeypatch):
+    _archive_together(ctx, 0)
+    new = str(stack_dir(ctx) / "Maildir" / "new")
+    first_in = threading.Event()
+    release = threading.Event()
+    dir_syncs: list[str] = []
+    real_fsync_dir = archive_module.fsync_dir
+
+    def held_first(path: str) -> None:
+        dir_syncs.append(str(path))
+        if len(dir_syncs) == 1:
+            first_in.set()
+            assert release.wait(10)
+        real_fsync_dir(path)
+
+    def waiting_batches() -> int:
+        return len(archive_module._fsync_threads()._unsynced.get(new, []))
+
+    async def three_turns() -> list[dict]:
+        first = asyncio.ensure_future(archive(_without_raw(make_envelope()), {}, _handed(ctx)))
+        while not first_in.is_set():
+            await asyncio.sleep(0.001)
+        later = []
+        for i in (2, 3):  # each in a turn of its own: a batch of its own
+            later.append(
+                asyncio.ensure_future(
+                    archive(_without_raw(make_envelope()), {}, _handed(ctx, b"%d\r\n" % i))
+                )
+            )
+            await asyncio.sleep(0)
+        for _ in range(10_000):  # up to ~10 s; without the wait for the next fsync, never
+            if waiting_batches() == 2:
+                break
+            await asyncio.sleep(0.001)
+        release.set()
+        return [await first, *[await call for call in later]]
+
+    monkeypatch.setattr(archive_module, "fsync_dir", held_first)
+    patches = asyncio.run(three_turns())
+    assert dir_syncs == [new, new]  # the first batch's, then one for the two that waited
+    assert [Path(p["archive"]["path"]).read_bytes() for p in patches] == [
+        RAW,
+        RAW + b"2\r\n",
+        RAW + b"3\r\n",
+    ]
+
+
 def test_the_files_of_concurrent_deliveries_are_fsynced_side_by_side(ctx, monkeypatch):
     _archive_together(ctx, 0)
     all_in = threading.Barrier(3, timeout=10)  # broken unless three fsyncs wait at once
@@ -398,12 +445,17 @@ def test_the_files_of_concurrent_deliveries_are_fsynced_side_by_side(ctx, monkey
     assert not all_in.broken
 
 
-def test_without_a_thread_to_be_had_the_commit_moves_the_files_itself(ctx, monkeypatch):
+@pytest.mark.parametrize(
+    "refused",
+    [("txcl-archive-fsync",), ("txcl-archive-fsync", "asyncio_")],
+    ids=["the-loops-executor-moves-them", "the-loop-moves-them"],
+)
+def test_without_a_thread_to_be_had_the_files_are_moved_all_the_same(ctx, monkeypatch, refused):
     _archive_together(ctx, 0)
 
     class NoThread(threading.Thread):
         def start(self) -> None:
-            if self.name.startswith("txcl-archive-fsync"):  # the loop's executor still works
+            if self.name.startswith(refused):  # "asyncio_": the loop's executor's threads
                 raise RuntimeError("can't start new thread")
             super().start()
 

@@ -257,3 +257,24 @@ def test_a_delivery_key_ignores_recipient_order_and_tells_deliveries_apart() -> 
         make_delivery_key(digest, "a@x", ["b@y", "c@y"], "acme/other"),
     }
     assert key not in others and len(others) == 4
+
+
+def test_async_calls_past_the_budget_run_in_turn_as_places_free(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    async def step(env: Any, args: Any, ctx: Any) -> dict[str, Any]:
+        order.append(f"start {args['n']}")
+        await asyncio.sleep(0.01)
+        order.append(f"end {args['n']}")
+        return {"n": args["n"]}
+
+    registry = OpRegistry({"STEP": step})
+    ctx = context(tmp_path, tenant="budget-async")
+
+    async def three() -> list[Any]:
+        calls = [registry.call("STEP", {}, {"n": n}, ctx, budget=1) for n in range(3)]
+        return await asyncio.gather(*calls)
+
+    assert asyncio.run(three()) == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert order == ["start 0", "end 0", "start 1", "end 1", "start 2", "end 2"]
+    assert ops_module.TENANT_CALLS.running("budget-async") == 0

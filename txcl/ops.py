@@ -340,8 +340,12 @@ class TenantCalls:
                 else:
                     self._running.pop(tenant, None)
                 return
+        loop = future.get_loop()
+        if _running_loop() is loop:  # an async op's end: no need to wake the loop's self-pipe
+            loop.call_soon(self._hand, tenant, future)
+            return
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
-            future.get_loop().call_soon_threadsafe(self._hand, tenant, future)
+            loop.call_soon_threadsafe(self._hand, tenant, future)
 
     def _hand(self, tenant: str, future: asyncio.Future[None]) -> None:
         if future.done():  # its deadline came first: the place goes to the next one
@@ -354,6 +358,13 @@ class TenantCalls:
 
     def waiting(self, tenant: str) -> int:
         return len(self._waiting.get(tenant, ()))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a loop
+        return None
 
 
 class OpThreads:

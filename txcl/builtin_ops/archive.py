@@ -7,12 +7,13 @@ and any mail client (Dovecot, mutt, Python's mailbox.Maildir) can read the folde
 ARCHIVE is an async op. A message up to 256 KiB is written from the event loop (a
 page-cache copy) and handed at once to the process's fsync threads, which fsync it and
 rename it into new/: the fsyncs of concurrent deliveries run side by side and share the
-file system's journal commits instead of waiting for one another. The commit (the files
-awaited, new/ fsynced once for all) runs in a thread of the loop, a batch at a time
-(`CommitQueue`): the loop serves other sessions while the disk works, and what arrives
-meanwhile joins the next batch, so one hand-over to and from the loop covers many
-messages. Messages over 256 KiB are written and fsynced in a worker thread, so that one
-large message does not hold the loop.
+file system's journal commits instead of waiting for one another. The thread that moves
+the last file of a turn's batch fsyncs new/ once for the batch, or leaves it to the
+fsync of new/ that follows the one running (`CommitQueue`): the loop serves other
+sessions while the disk works, one hand-over to a thread per file and one back to the
+loop per batch, and what arrives while new/ is fsynced shares the next fsync. Messages
+over 256 KiB are written and fsynced in a worker thread, so that one large message does
+not hold the loop.
 
 The raw message comes with the call or out of the envelope (`support.raw_base64`), so
 nothing here knows which head delivered it.
@@ -27,8 +28,8 @@ import errno
 import functools
 import os
 import queue
+import random
 import re
-import secrets
 import socket
 import threading
 import time
@@ -55,9 +56,10 @@ INLINE_WRITE_BYTES = 256 * 1024
 # Characters of base64 decoded per slice (a multiple of 4, so every slice is whole quads):
 # a 25 MiB message is written from 768 KiB pieces instead of three full-size copies.
 DECODE_CHUNK = 4 * 2**18
-# Threads of a process that fsync waiting files side by side (more than the deliveries in
-# flight at once is never needed: each delivery has one file to fsync).
-FSYNC_THREADS = 16
+# Threads of a process that fsync waiting files side by side. Few: the fsyncs share the
+# journal's commits anyway, and a busy thread takes the next file without going to sleep
+# and being woken (each wake-up is a fight for the GIL with the loop).
+FSYNC_THREADS = 4
 
 # (state dir, tenant, stack, folder) -> (its stack's Maildir, the Maildir delivered into),
 # once a delivery there succeeded: the next ones skip the storage checks and folder setup.
@@ -137,7 +139,10 @@ def unique_name(tag: str = "") -> str:
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
     keyed = f"K{tag}" if tag else ""
-    return f"{seconds}.M{micros}P{os.getpid()}R{secrets.token_hex(8)}{keyed}.{_host_part()}"
+    # random's generator, seeded from the system's and again in a forked child: no
+    # getrandom() call (a release of the GIL) per message, as secrets would make
+    rand = f"{random.getrandbits(64):016x}"
+    return f"{seconds}.M{micros}P{os.getpid()}R{rand}{keyed}.{_host_part()}"
 
 
 class CommitQueue:
@@ -145,85 +150,46 @@ class CommitQueue:
 
     A delivery adds its written file (still in tmp/) and awaits the returned future. An
     fsync thread takes the file at once, beside the others': fsyncs it and renames it into
-    new/ (a file whose fsync or rename fails fails only its delivery). The commit runs in a
-    worker thread of the loop, one batch at a time, while the loop serves other sessions:
-    it waits for every file of the batch, and fsyncs each new/ directory once for all the
-    files renamed into it (a failed directory fsync fails exactly those deliveries). What is added meanwhile waits for the next batch, so the busier the disk,
-    the larger the batches. A delivery cancelled before its commit leaves nothing behind:
-    its file is closed and removed from tmp/ (or from new/, if it was cancelled while
-    committed).
+    new/ (a file whose fsync or rename fails fails only its delivery). The files added in
+    one turn of the loop are a batch: the thread that moves the batch's last file commits
+    it, fsyncing each new/ directory once for all the batch's files renamed into it (a
+    failed directory fsync fails exactly those deliveries), and hands the outcomes to the
+    loop in one call. A batch whose new/ another thread is fsyncing waits for that fsync
+    to end and joins the next one with every batch that arrived meanwhile: the busier the
+    disk, the more deliveries one fsync of new/ covers. One hand-over to a thread and one
+    back per batch, no thread of the commit's own. A delivery cancelled before its commit
+    leaves nothing behind: its file is closed and removed from tmp/ (or from new/, if it
+    was cancelled while committed).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._pending: list[_Pending] = []
-        self._busy = False
+        self._open: _Batch | None = None  # the batch of this turn of the loop
 
     def add(
         self, fd: int | None, tmp_path: str, new_dir: str, new_path: str
     ) -> asyncio.Future[None]:
         """Commit the file at `tmp_path` to `new_path` in `new_dir`; `fd` open if it still
-        needs its fsync (the commit closes it), None if it had it."""
+        needs its fsync (the move closes it), None if it had it."""
         done = self.loop.create_future()
         item = _Pending(fd, tmp_path, new_dir, new_path, done)
-        if fd is not None:
-            _fsync_threads().hand(item)
-        self._pending.append(item)
-        if len(self._pending) == 1 and not self._busy:
-            self.loop.call_soon(self._commit)
+        batch = self._open
+        if batch is None:
+            batch = self._open = _Batch(self.loop, _fsync_threads())
+            self.loop.call_soon(self._seal)
+        batch.add(item)
+        batch.threads.hand(functools.partial(batch.move, item), self.loop)
         return done
 
-    def _commit(self) -> None:
-        if self._busy or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._busy = True
-        # the loop's default executor: one batch at a time (_busy), and its threads end with
-        # the loop (a thread of the queue's own outlived every loop that made one)
-        job = self.loop.run_in_executor(None, _make_durable, batch)
-        job.add_done_callback(functools.partial(self._settle, batch))
-
-    def _settle(self, batch: list[_Pending], job: asyncio.Future[list[OSError | None]]) -> None:
-        self._busy = False
-        try:
-            outcomes = job.result()
-        except Exception as exc:  # a bug must fail the deliveries, not leave them waiting
-            outcomes = [OSError(errno.EIO, f"commit failed: {exc}")] * len(batch)
-        for item, error in zip(batch, outcomes, strict=True):
-            if error is not None:
-                _fail(item.done, error)
-            elif item.done.cancelled():  # cancelled while the thread committed it
-                _remove(item.new_path)
-            elif not item.done.done():
-                item.done.set_result(None)
-        if self._pending:
-            self._commit()
-
-
-def _make_durable(batch: list[_Pending]) -> list[OSError | None]:
-    """Every file fsynced and renamed into new/, then new/ fsynced (the commit thread): an
-    error per item."""
-    outcomes: list[OSError | None] = [None] * len(batch)
-    renamed: dict[str, list[int]] = {}
-    for i, item in enumerate(batch):
-        try:
-            item.wait_moved()
-        except OSError as error:
-            outcomes[i] = error
-            continue
-        if item.moved:
-            renamed.setdefault(item.new_dir, []).append(i)
-    for directory, indices in renamed.items():
-        try:
-            fsync_dir(directory)
-        except OSError as error:
-            for i in indices:
-                outcomes[i] = error
-    return outcomes
+    def _seal(self) -> None:
+        """The turn is over: the batch takes no more files (and commits, if all moved)."""
+        batch, self._open = self._open, None
+        if batch is not None and batch.count_down():
+            batch.threads.hand(batch.commit, self.loop)
 
 
 class _Pending:
-    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "moved", "busy", "error")
+    __slots__ = ("fd", "tmp_path", "new_dir", "new_path", "done", "moved", "error")
 
     def __init__(
         self,
@@ -239,8 +205,7 @@ class _Pending:
         self.new_path = new_path
         self.done = done
         self.moved = False  # renamed into new/
-        self.busy: threading.Lock | None = None  # held while an fsync thread has the file
-        self.error: BaseException | None = None  # what that thread's move raised
+        self.error: OSError | None = None  # what fails the delivery
 
     def sync_and_close(self) -> None:
         """Fsync (unless the delivery was cancelled) and close the file; then a no-op."""
@@ -255,60 +220,114 @@ class _Pending:
 
     def move(self) -> None:
         """Fsync and close the file and rename it into new/, unless its delivery was
-        cancelled meanwhile; a file not moved is removed from tmp/."""
+        cancelled meanwhile; a file not moved is removed from tmp/. Errors go to `error`."""
         try:
             self.sync_and_close()
             if not self.done.cancelled():
                 os.rename(self.tmp_path, self.new_path)
                 self.moved = True
+        except OSError as error:
+            self.error = error
+        except BaseException as exc:  # a bug must fail the delivery, not leave it waiting
+            self.error = OSError(errno.EIO, f"commit failed: {exc!r}")
         finally:
             if not self.moved:
                 _remove(self.tmp_path)
 
-    def move_in_thread(self) -> None:
-        """An fsync thread's part: `move`, then let `wait_moved` go on."""
-        try:
-            self.move()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            assert self.busy is not None
-            self.busy.release()
 
-    def wait_moved(self) -> None:
-        """The commit's part: the file moved by its fsync thread, if it has one (raising
-        what the move raised), else here."""
-        if self.busy is None:
-            self.move()
-            return
-        self.busy.acquire()
-        if self.error is not None:
-            raise self.error
+class _Batch:
+    """The files added to a CommitQueue in one turn of its loop, committed together."""
+
+    __slots__ = ("loop", "threads", "items", "_lock", "_left")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, threads: _FsyncThreads) -> None:
+        self.loop = loop
+        self.threads = threads
+        self.items: list[_Pending] = []
+        self._lock = threading.Lock()
+        self._left = 1  # files not moved yet, and the seal at the end of the turn
+
+    def add(self, item: _Pending) -> None:
+        self.items.append(item)
+        with self._lock:
+            self._left += 1
+
+    def count_down(self) -> bool:
+        """One file moved (or the batch sealed): whether that was the last."""
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
+
+    def move(self, item: _Pending) -> None:
+        """An fsync thread's part: move the file; the last one moved commits the batch."""
+        item.move()
+        if self.count_down():
+            self.commit()
+
+    def commit(self) -> None:
+        """Every file is moved or failed: fsync the new/ directories of those moved, then
+        settle the deliveries in the loop."""
+        renamed: dict[str, list[_Pending]] = {}
+        unmoved: list[_Pending] = []
+        for item in self.items:
+            if item.moved:
+                renamed.setdefault(item.new_dir, []).append(item)
+            else:
+                unmoved.append(item)
+        if unmoved:
+            _settle_in(self.loop, unmoved)
+        for directory, items in renamed.items():
+            self.threads.sync_directory(directory, self.loop, items)
+
+
+def _settle_in(loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[_Pending]) -> None:
+    """In the loop: each delivery's outcome; a file committed after its delivery was
+    cancelled is removed from new/."""
+    for item in items:
+        if item.error is not None:
+            _fail(item.done, item.error)
+        elif item.done.cancelled():
+            if item.moved:
+                _remove(item.new_path)
+        elif not item.done.done():
+            item.done.set_result(None)
 
 
 class _FsyncThreads:
     """Threads of one process that move the files handed to them into new/ (fsync, rename),
-    side by side: up to FSYNC_THREADS, started when a file finds none idle, then kept."""
+    side by side: up to FSYNC_THREADS, started when a file finds none idle, then kept. They
+    also fsync the new/ directories, one fsync of a directory at a time (`sync_directory`).
+    """
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self._files: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0  # threads done with their file and not yet claimed by another
+        self._idle = 0  # threads done with their job and not yet claimed by another
+        # new/ directory -> the deliveries waiting for its next fsync, while one runs
+        self._unsynced: dict[str, list[tuple[asyncio.AbstractEventLoop, list[_Pending]]]] = {}
 
-    def hand(self, item: _Pending) -> None:
-        """Give the item to a thread; if no thread can be had, leave it to the commit."""
+    def hand(self, job: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        """Give a job to a thread; if no thread can be had, to `loop`'s executor, and
+        without that either, run it here (every delivery of a batch waits for each job)."""
         with self._lock:
             idle = self._idle > 0
             self._idle -= idle
             spawn = not idle and self._threads < FSYNC_THREADS  # else the next one done
             self._threads += spawn
         if spawn and not self._start() and self._threads == 0:
+            try:
+                loop.run_in_executor(None, job)
+            except RuntimeError:  # the executor is shut down or gives no thread either
+                job()
             return
-        item.busy = threading.Lock()
-        item.busy.acquire()
-        self._files.put(item)
+        self._jobs.put(job)
 
     def _start(self) -> bool:
         name = f"txcl-archive-fsync-{self._threads}"
@@ -322,9 +341,46 @@ class _FsyncThreads:
 
     def _work(self) -> None:
         while True:
-            self._files.get().move_in_thread()
+            self._jobs.get()()
             with self._lock:
                 self._idle += 1
+
+    def sync_directory(
+        self, directory: str, loop: asyncio.AbstractEventLoop, items: list[_Pending]
+    ) -> None:
+        """Fsync `directory` for `items` (renamed into it) and settle them in `loop`. If a
+        fsync of it is running, they wait for the next, which the thread running that one
+        does for all the items that came meanwhile."""
+        with self._lock:
+            running = directory in self._unsynced
+            self._unsynced.setdefault(directory, []).append((loop, items))
+            if running:
+                return
+        while True:
+            with self._lock:
+                waiting = self._unsynced[directory]
+                if not waiting:
+                    del self._unsynced[directory]
+                    return
+                self._unsynced[directory] = []
+            error = _fsync_dir_error(directory)
+            if error is not None:
+                for _, items in waiting:
+                    for item in items:
+                        item.error = error
+            for loop, items in waiting:
+                _settle_in(loop, items)
+
+
+def _fsync_dir_error(directory: str) -> OSError | None:
+    """Fsync `directory`: what fails the deliveries it was to cover, if anything."""
+    try:
+        fsync_dir(directory)
+    except OSError as error:
+        return error
+    except Exception as exc:  # a bug must fail the deliveries, not leave them waiting
+        return OSError(errno.EIO, f"commit failed: {exc!r}")
+    return None
 
 
 _fsync_threads_of_process: _FsyncThreads | None = None

@@ -227,13 +227,19 @@ class KeyStore:
         if kind == "R":
             self._reserved.setdefault(key, {})[path] = day
         elif kind in ("D", "F"):
-            holders = self._reserved.get(key)
-            if holders is not None:
-                holders.pop(path, None)
-                if not holders:
-                    del self._reserved[key]
-            if kind == "D" and _patch(patch) is not None:
-                self._done.setdefault(key, (day, patch))
+            done = kind == "D" and _patch(patch) is not None
+            self._index_end(key, patch if done else None, path, day)
+
+    def _index_end(self, key: str, patch: str | None, path: str, day: int) -> None:
+        """A call of `key` recorded in the log at `path` ended: with `patch` (JSON of an
+        object), or failed (None)."""
+        holders = self._reserved.get(key)
+        if holders is not None:
+            holders.pop(path, None)
+            if not holders:
+                del self._reserved[key]
+        if patch is not None:
+            self._done.setdefault(key, (day, patch))
 
     # -- this process's calls ------------------------------------------------------------
 
@@ -266,15 +272,16 @@ class KeyStore:
         a full disk) leaves the key reserved: a retry then finds it cut off (ARCHIVE finds
         its file; the other ops act again)."""
         with contextlib.suppress(TypeError, ValueError):
-            line = f"D {key} {json.dumps(patch, separators=(',', ':'))}\n".encode()
+            text = json.dumps(patch, separators=(",", ":"))
+            line = f"D {key} {text}\n".encode()
             if len(line) <= _READ:
-                self._finish(line)
+                self._finish(line, key, text if isinstance(patch, dict) else None)
 
     def forget(self, key: str) -> None:
         """Let go of a key whose call failed: the next call acts."""
-        self._finish(f"F {key}\n".encode())
+        self._finish(f"F {key}\n".encode(), key, None)
 
-    def _finish(self, line: bytes) -> None:
+    def _finish(self, line: bytes, key: str, patch: str | None) -> None:
         with self._lock:
             own = self._own
             if own is None:
@@ -284,7 +291,8 @@ class KeyStore:
                 if len(line) > _ROOM:
                     own.ensure(len(line))
                 own.append(line)
-                self._event(line.decode().rstrip("\n"), own.path, own.day)
+                # what the other processes will read from the line, without parsing it back
+                self._index_end(key, patch, own.path, own.day)
 
     def _own_log(self, day: int) -> _OwnLog:
         own = self._own
