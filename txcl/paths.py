@@ -224,7 +224,7 @@ def compile_setter(path: ast.Path) -> Setter:
             new.extend([None] * (index + 1 - len(new)))
         return new
 
-    if all(seg.__class__ is str for seg in segments):
+    if segments and all(seg.__class__ is str for seg in segments):
         keys = cast(tuple[str, ...], segments)
         inner, leaf = tuple(enumerate(keys[:-1], 1)), keys[-1]
 
