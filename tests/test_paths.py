@@ -189,3 +189,55 @@ def test_what_is_set_is_what_is_read(first: str, rest: list[str | int]) -> None:
     target = path(first, *rest)
     out = compile_setter(target)({}, "v")
     assert compile_getter(target)(out) == "v"
+
+
+def _walk(doc: object, segments: tuple[str | int, ...]) -> object:
+    """What a getter reads, one step at a time, as the module docstring says."""
+    for seg in segments:
+        if isinstance(seg, int):
+            if not isinstance(doc, list) or not -len(doc) <= seg < len(doc):
+                return MISSING
+        elif not isinstance(doc, dict) or seg not in doc:
+            return MISSING
+        doc = doc[seg]
+    return doc
+
+
+PATHS = st.lists(st.one_of(st.sampled_from("ab"), st.integers(0, 2)), min_size=1, max_size=7)
+
+
+@given(JSON, PATHS)
+def test_getters_read_what_a_step_by_step_walk_reads(doc: object, segments: list[str | int]
+                                                     ) -> None:
+    # Paths of every length: the short all-key ones are read by subscripts written out.
+    got = compile_getter(path(*segments))(doc)
+    expected = _walk(doc, tuple(segments))
+    assert got is expected if expected is MISSING else got == expected
+
+
+def _blocked(doc: object, segments: tuple[str | int, ...]) -> bool:
+    """Whether a container on the way is of the wrong kind for its next segment; from a
+    missing or null one on, the setter makes what it needs."""
+    for i, seg in enumerate(segments):
+        node = _walk(doc, segments[:i])
+        if node is MISSING or node is None:
+            return False
+        if not isinstance(node, list if isinstance(seg, int) else dict):
+            return True
+    return False
+
+
+@given(st.dictionaries(KEYS, JSON, max_size=3), PATHS)
+def test_setters_write_the_path_or_refuse_a_container_of_the_wrong_kind(
+    doc: dict[str, object], segments: list[str | int]
+) -> None:
+    before = copy.deepcopy(doc)
+    target = path(*segments)
+    try:
+        out = compile_setter(target)(doc, "v")
+    except PathWriteError:
+        assert _blocked(doc, tuple(segments))
+    else:
+        assert not _blocked(doc, tuple(segments))
+        assert compile_getter(target)(out) == "v"
+    assert doc == before  # never mutated

@@ -46,6 +46,12 @@ class PathWriteError(Exception):
     """A SET or a merge patch cannot write where it was told to (e.g. a key into a string)."""
 
 
+# What a getter steps into where a key is absent: an empty object that is never written to.
+# A dict's own `get` then carries the walk on, since a raised KeyError costs a missing value
+# several times what finding it does, and rules often read what is not there.
+_NO_OBJECT: Final[dict[str, Any]] = {}
+
+
 def compile_getter(path: ast.Path) -> Getter:
     """A closure reading `path` from a document: the value, or MISSING.
 
@@ -53,32 +59,68 @@ def compile_getter(path: ast.Path) -> Getter:
     directly as an expression `(envelope, match) -> value`.
     """
     segments = path.segments
-    if all(seg.__class__ is str for seg in segments):
-        # JSON objects have only str keys; a str index into a list or a string raises
-        # TypeError, so no kind checks are needed on the way.
-        def get_keys(doc: Any, _match: Any = None) -> Any:
-            try:
-                for seg in segments:
-                    doc = doc[seg]
-            except (KeyError, TypeError):
-                return MISSING
-            return doc
-
-        return get_keys
+    if all(seg.__class__ is str for seg in segments) and 1 <= len(segments) <= 5:
+        return _key_getter(segments)
 
     def get(doc: Any, _match: Any = None) -> Any:
         try:
             for seg in segments:
-                # An int indexes only a list (a string would give a character); a str index
-                # into anything but an object raises TypeError.
-                if seg.__class__ is int and not isinstance(doc, list):
-                    return MISSING
-                doc = doc[seg]
-        except (KeyError, IndexError, TypeError):
+                if seg.__class__ is int:
+                    # An int indexes only a list (a string would give a character).
+                    if not isinstance(doc, list):
+                        return MISSING
+                    doc = doc[seg]
+                else:
+                    # Only an object has `get`: anything else has no keys (AttributeError).
+                    doc = doc.get(seg, _NO_OBJECT)
+        except (AttributeError, IndexError):
             return MISSING
-        return doc
+        return MISSING if doc is _NO_OBJECT else doc
 
     return get
+
+
+def _key_getter(keys: tuple[ast.Segment, ...]) -> Getter:
+    """`compile_getter` of a path of one to five keys, each step written out: most paths
+    rules read are this short, and a loop costs them about half again as much. Only an
+    object has `get`: anything else on the way has no keys (AttributeError)."""
+    a, b, c, d, e = keys + (None,) * (5 - len(keys))
+    no = _NO_OBJECT
+    if len(keys) == 1:
+        def get1(doc: Any, _match: Any = None) -> Any:
+            try:
+                return doc.get(a, MISSING)
+            except AttributeError:
+                return MISSING
+        return get1
+    if len(keys) == 2:
+        def get2(doc: Any, _match: Any = None) -> Any:
+            try:
+                return doc.get(a, no).get(b, MISSING)
+            except AttributeError:
+                return MISSING
+        return get2
+    if len(keys) == 3:
+        def get3(doc: Any, _match: Any = None) -> Any:
+            try:
+                return doc.get(a, no).get(b, no).get(c, MISSING)
+            except AttributeError:
+                return MISSING
+        return get3
+    if len(keys) == 4:
+        def get4(doc: Any, _match: Any = None) -> Any:
+            try:
+                return doc.get(a, no).get(b, no).get(c, no).get(d, MISSING)
+            except AttributeError:
+                return MISSING
+        return get4
+
+    def get5(doc: Any, _match: Any = None) -> Any:
+        try:
+            return doc.get(a, no).get(b, no).get(c, no).get(d, no).get(e, MISSING)
+        except AttributeError:
+            return MISSING
+    return get5
 
 
 @functools.cache
@@ -181,6 +223,22 @@ def compile_setter(path: ast.Path) -> Setter:
         if len(new) <= index:
             new.extend([None] * (index + 1 - len(new)))
         return new
+
+    if segments and all(seg.__class__ is str for seg in segments):
+        keys = cast(tuple[str, ...], segments)
+        inner, leaf = tuple(enumerate(keys[:-1], 1)), keys[-1]
+
+        def set_keys(root: dict[str, Any], value: Any) -> dict[str, Any]:
+            # Objects all the way (the common case) are copied here, anything else by copy_for.
+            new_root: dict[str, Any]
+            new_root = node = root.copy() if root.__class__ is dict else copy_for(root, 0)
+            for i, seg in inner:
+                child = node.get(seg, MISSING)
+                node[seg] = node = child.copy() if child.__class__ is dict else copy_for(child, i)
+            node[leaf] = value
+            return new_root
+
+        return set_keys
 
     def set_value(root: dict[str, Any], value: Any) -> dict[str, Any]:
         new_root = node = copy_for(root, 0)
