@@ -173,24 +173,8 @@ def _rule_json(
             outcome = evaluate_when(snapshot, captures)
             held = outcome is True
             missing = outcome is MISSING
-        values: dict[str, str] = {}
-        for operand, evaluate, scrub in operands:
-            value = seen.get(operand)
-            if value is None:
-                found = evaluate(snapshot, captures)
-                value = MISSING_TEXT if found is MISSING else shown(found, scrub)
-                seen[operand] = value
-            if value is MISSING_TEXT:
-                missing = True
-            values[operand] = value
-        whens.append({
-            "text": text,
-            "pos": pos,
-            "held": held,
-            "result": "true" if held else "missing" if missing else "false",
-            "reached": reached,
-            "values": values,
-        })
+        whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
+                                held, missing, reached, seen))
     return _rule_doc(plan, stage, noted, whens)
 
 
@@ -212,18 +196,22 @@ def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) 
 
 def _when_json(
     text: str, pos: str, operands: Any, snapshot: Any, captures: dict[str, Any],
-    shown: _Shown, held: bool, missing: bool, reached: bool,
+    shown: _Shown, held: bool, missing: bool, reached: bool, seen: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One WHEN of `_rule_json`: its result and its operands' values on `snapshot` (an
-    operand that is missing makes a result that did not hold "missing")."""
+    operand that is missing makes a result that did not hold "missing"), taken from `seen`
+    and kept there when it is given."""
     values: dict[str, str] = {}
     for operand, evaluate, scrub in operands:
-        value = evaluate(snapshot, captures)
-        if value is MISSING:
+        value = None if seen is None else seen.get(operand)
+        if value is None:
+            found = evaluate(snapshot, captures)
+            value = MISSING_TEXT if found is MISSING else shown(found, scrub)
+            if seen is not None:
+                seen[operand] = value
+        if value is MISSING_TEXT:
             missing = True
-            values[operand] = MISSING_TEXT
-        else:
-            values[operand] = shown(value, scrub)
+        values[operand] = value
     return {
         "text": text,
         "pos": pos,
