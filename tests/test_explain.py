@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from txcl.cli import main
-from txcl.explain import _Shown, explain, explain_record
+from txcl.explain import _Shown, _spaced_json, explain, explain_record
 from txcl.loader import load_target
 from txcl.records import ScrubHints
 from txcl.runner import TEST_POLICY, RunPolicy
@@ -174,6 +174,7 @@ def test_a_shown_value_is_short_and_never_holds_a_scrubbed_value(before, after, 
 # Rules of every shape explain meets: several WHENs, captures read by later WHENs, `*`
 # bindings, missing values, functions, NOT and OR, a regex over the body.
 NOTED_STACK = {
+    "0/05-early.txcl": "WHEN flags.urgent\nSET flags.early = 1\n",  # set by a later rule
     "0/10-multi.txcl": (
         "WHEN @lmtp.mail.from =~ /@acme\\.example$/\n"
         "WHEN @lmtp.msg.subject =~ /urgent/\n"
@@ -204,6 +205,13 @@ NOTED_STACK = {
     "0/70-bare.txcl": "WHEN @lmtp.msg.headers.x-flag\nWHEN @lmtp.msg.subject == \"x\"\nSET flags.b = 1\n",
     "0/80-always.txcl": "SET flags.always = true\n",
     "1/10-late.txcl": "WHEN flags.urgent == true\nWHEN flags.ticket == \"7\"\nSET flags.paged = true\n",
+    # the fields of rules before, compared again (explain shows each once per stage start)
+    "1/20-again.txcl": (
+        "WHEN flags.urgent == true\n"
+        "WHEN @lmtp.msg.subject =~ /urgent/\n"
+        "SET flags.after = 1\n"
+    ),
+    "1/30-again.txcl": "WHEN flags.b == 1 OR flags.urgent\nWHEN flags.ticket\nSET flags.c = 1\n",
 }
 
 
@@ -257,3 +265,20 @@ def test_explain_from_what_the_run_noted_equals_evaluating_again(
     cut = dataclasses.replace(result, snapshots=tuple(
         dataclasses.replace(s, first_false=s.first_false[:2]) for s in result.snapshots))
     assert explain_record(cut, hints) == explain_record(unnoted, hints)
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),  # text: surrogates too
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text() | st.integers() | st.booleans(), inner, max_size=4)
+    | st.tuples(inner, inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_JSONISH)
+def test_values_shown_as_json_with_spaces_as_the_standard_library_writes_them(value):
+    """A list or object a WHEN compares is shown as `json.dumps` writes it (", " and ": "),
+    built from orjson's strings; the standard library's only for what those do not cover."""
+    assert _spaced_json(value) == json.dumps(value, ensure_ascii=False, default=repr)

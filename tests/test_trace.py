@@ -338,6 +338,20 @@ def test_retention_by_count_reuses_the_pruned_folder_for_the_new_trace(tmp_path:
     assert reused == written
 
 
+def test_a_reused_folder_holds_exactly_the_new_message_longer_or_shorter(tmp_path: Path) -> None:
+    """A reused folder's message is overwritten in place: nothing of a longer old one stays."""
+    writer = TraceWriter(tmp_path, keep_count=1)
+    env = envelope()
+    stack = FakeStack("acme/_mail", None)
+    for i, size in enumerate((300, 40, 40, 2000, 1)):
+        message = bytes([65 + i]) * size
+        writer(f"r{i}", env, result_for(env), [], stack, message=message)
+        writer.flush()
+        assert (tmp_path / "requests" / f"r{i}" / "message.eml").read_bytes() == message
+    writer.close()
+    assert writer.stats().pruned == 4
+
+
 def test_retention_by_count_counts_traces_already_on_disk(tmp_path: Path) -> None:
     for i in range(3):
         writer = TraceWriter(tmp_path, keep_count=4)

@@ -90,8 +90,9 @@ def explain_run(
     shown = _shown_for(result, hints, taint)
     out = []
     for start in starts:
+        seen: dict[str, str] = {}
         for rule, plan, noted in zip(start.rules, _plans_of(start.rules), _noted(start), strict=True):
-            doc = _rule_json(plan, start.stage, start.envelope, shown, noted)
+            doc = _rule_json(plan, start.stage, start.envelope, shown, noted, seen)
             whens = tuple(
                 WhenExplain(
                     when.text,
@@ -118,11 +119,13 @@ def explain_record(
     if starts is None:
         return None
     shown = _shown_for(result, hints, taint)
-    doc = [
-        _rule_json(plan, start.stage, start.envelope, shown, noted)
-        for start in starts
-        for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True)
-    ]
+    doc = []
+    for start in starts:
+        seen: dict[str, str] = {}
+        doc += [
+            _rule_json(plan, start.stage, start.envelope, shown, noted, seen)
+            for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True)
+        ]
     return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
 
 
@@ -146,13 +149,17 @@ def _noted(start: StageStart) -> list[int | None]:
 
 
 def _rule_json(
-    plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None
+    plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None,
+    seen: dict[str, str],
 ) -> dict[str, Any]:
     """One rule explained, in the JSON form: each WHEN's result on the stage's starting
     envelope, as the run noted it (`noted`: StageStart.first_false of the rule), and its
     operands' values. What the run did not note is evaluated here in order, with the
     captures accumulating as the runner's test does: the WHENs it did not reach, and every
-    WHEN of a rule whose WHENs read captures or bind `*` (each depends on those before it)."""
+    WHEN of a rule whose WHENs read captures or bind `*` (each depends on those before it).
+    `seen`: each operand's value as shown on `snapshot`, by its text, filled as they come
+    (rules of a stage compare the same fields; an operand that reads no capture has one
+    value per snapshot)."""
     if noted == _UNNOTED or plan.replays:
         return _rule_json_evaluated(plan, stage, snapshot, shown)
     captures: dict[str, Any] = {}  # read by none of these WHENs, so never filled
@@ -167,7 +174,7 @@ def _rule_json(
             held = outcome is True
             missing = outcome is MISSING
         whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
-                                held, missing, reached))
+                                held, missing, reached, seen))
     return _rule_doc(plan, stage, noted, whens)
 
 
@@ -189,18 +196,22 @@ def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) 
 
 def _when_json(
     text: str, pos: str, operands: Any, snapshot: Any, captures: dict[str, Any],
-    shown: _Shown, held: bool, missing: bool, reached: bool,
+    shown: _Shown, held: bool, missing: bool, reached: bool, seen: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One WHEN of `_rule_json`: its result and its operands' values on `snapshot` (an
-    operand that is missing makes a result that did not hold "missing")."""
+    operand that is missing makes a result that did not hold "missing"), taken from `seen`
+    and kept there when it is given."""
     values: dict[str, str] = {}
     for operand, evaluate, scrub in operands:
-        value = evaluate(snapshot, captures)
-        if value is MISSING:
+        value = None if seen is None else seen.get(operand)
+        if value is None:
+            found = evaluate(snapshot, captures)
+            value = MISSING_TEXT if found is MISSING else shown(found, scrub)
+            if seen is not None:
+                seen[operand] = value
+        if value is MISSING_TEXT:
             missing = True
-            values[operand] = MISSING_TEXT
-        else:
-            values[operand] = shown(value, scrub)
+        values[operand] = value
     return {
         "text": text,
         "pos": pos,
@@ -388,7 +399,7 @@ class _Shown:
         elif not _is_json(value):  # the scrubber's mark of a value omitted entirely
             return _OMITTED_JSON
         else:
-            text = json.dumps(_trimmed(value, SHOWN_CHARS), ensure_ascii=False, default=repr)
+            text = _spaced_json(_trimmed(value, SHOWN_CHARS))
         return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
     def _scrubbed(self, value: Any, scrub: _Scrub) -> Any:
@@ -437,6 +448,39 @@ def _json_text(text: str) -> str:
         return orjson.dumps(text).decode()
     except TypeError:  # a lone surrogate: orjson refuses it, json escapes it
         return json.dumps(text, ensure_ascii=False)
+
+
+def _spaced_json(value: Any) -> str:
+    """`json.dumps(value, ensure_ascii=False, default=repr)`, as it has always been shown
+    (", " and ": " between items), from orjson's text of each string: the standard
+    library's encoder only for what that does not cover (floats, keys that are no string,
+    lone surrogates, other types)."""
+    try:
+        return _spaced(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, default=repr)
+
+
+def _spaced(value: Any) -> str:
+    kind = value.__class__
+    if kind is str:
+        return orjson.dumps(value).decode()  # TypeError for a lone surrogate
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    if kind is list:
+        return "[" + ", ".join(map(_spaced, value)) + "]"
+    if kind is dict:
+        items = []
+        for key, item in value.items():
+            if key.__class__ is not str:
+                raise TypeError("a key that is no string")
+            items.append(f"{_spaced(key)}: {_spaced(item)}")
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"not encoded here: {kind.__name__}")
 
 
 def _is_json(value: Any) -> bool:

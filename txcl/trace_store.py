@@ -274,13 +274,18 @@ def _overwrite_private(path: str, data: bytes, linked: bool = True) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return write_private(path, data)
-    if linked and os.fstat(fd).st_nlink > 1:  # a staged message another trace links to
-        os.close(fd)
-        os.unlink(path)
-        return write_private(path, data)
+    old_size = None  # unknown: cut after writing, whatever the old content's length
+    if linked:
+        info = os.fstat(fd)
+        if info.st_nlink > 1:  # a staged message another trace links to
+            os.close(fd)
+            os.unlink(path)
+            return write_private(path, data)
+        old_size = info.st_size
     try:
         _write_all(fd, data)
-        os.ftruncate(fd, len(data))
+        if old_size is None or old_size > len(data):  # no old byte may stay after the new
+            os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
     return len(data)
