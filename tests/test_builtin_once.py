@@ -205,6 +205,27 @@ def test_two_processes_see_each_others_keys_and_a_gone_ones_log_is_read_to_its_e
     first.close()
 
 
+def test_a_process_started_late_reads_a_long_log_to_its_end_at_its_first_call(ctx):
+    # bench/soak: a worker started after a kill -9 read 4 KiB of each log per call, so a
+    # retry of a message another worker had stored (its D line further on) stored it again.
+    folder = ctx.storage(once.ONCE_FOLDER)
+    first = once.KeyStore(folder)
+    patch = {"archive": {"path": "/var/Maildir/new/" + "x" * 150}}
+    for n in range(200):  # lines of some 200 bytes: a log many peeks long
+        first.claim(f"k{n}")
+        first.record(f"k{n}", patch)
+    long_patch = {"emit": "y" * (2 * once._PEEK)}  # a line longer than a peek
+    first.claim("long")
+    first.record("long", long_patch)
+    first.claim("running")
+    late = once.KeyStore(folder)
+    assert late.claim("k199") == (patch, False)
+    assert late.claim("long") == (long_patch, False)
+    assert late.claim("running") == (None, True)
+    first.close()
+    late.close()
+
+
 def test_a_full_disk_fails_the_call_before_it_acts_never_after(ctx, monkeypatch):
     keyed = dataclasses.replace(ctx, delivery_key="k1")
     real = os.posix_fallocate
