@@ -17,6 +17,7 @@ import pytest
 from test_builtin_ops import RAW, HookHandler, ctx, hook_url, make_envelope, stack_dir
 
 from txcl.builtin_ops import BUILTINS, once
+from txcl.builtin_ops import archive as archive_module
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.webhook import webhook
 from txcl.ops import OpFailure
@@ -152,6 +153,30 @@ def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
     assert third["archive"]["path"] != first["archive"]["path"]
     assert len(list((stack_dir(ctx) / "Maildir" / ".Support" / "new").iterdir())) == 1
     assert asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed)) == third
+
+
+def test_an_archive_cancelled_just_as_its_file_is_committed_leaves_one_file_after_the_retry(
+    ctx, monkeypatch
+):
+    keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
+    real_settle = archive_module._settle
+    calls: list[asyncio.Future[Any]] = []
+
+    def settle_then_cancel(items: Any) -> None:
+        real_settle(items)  # the file is in new/: its delivery's future has its result
+        calls[0].cancel()  # a deadline in the same turn, before the call resumes
+
+    async def cancelled_then_retried() -> dict:
+        monkeypatch.setattr(archive_module, "_settle", settle_then_cancel)
+        calls.append(asyncio.ensure_future(by_name("ARCHIVE")(make_envelope(), {}, keyed)))
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        monkeypatch.setattr(archive_module, "_settle", real_settle)
+        return await by_name("ARCHIVE")(make_envelope(), {}, keyed)
+
+    retry = asyncio.run(cancelled_then_retried())
+    stored = list((stack_dir(ctx) / "Maildir" / "new").iterdir())
+    assert [path.name for path in stored] == [retry["archive"]["key"]]
 
 
 EMIT_IN_ANOTHER_PROCESS = """
