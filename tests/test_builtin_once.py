@@ -17,6 +17,7 @@ import pytest
 from test_builtin_ops import RAW, HookHandler, ctx, hook_url, make_envelope, stack_dir
 
 from txcl.builtin_ops import BUILTINS, once
+from txcl.builtin_ops import archive as archive_module
 from txcl.builtin_ops.emit import emit
 from txcl.builtin_ops.webhook import webhook
 from txcl.ops import OpFailure
@@ -154,6 +155,30 @@ def test_a_retry_of_an_archive_cut_off_after_storing_finds_the_stored_file(ctx):
     assert asyncio.run(by_name("ARCHIVE")(make_envelope(), {"folder": "Support"}, keyed)) == third
 
 
+def test_an_archive_cancelled_just_as_its_file_is_committed_leaves_one_file_after_the_retry(
+    ctx, monkeypatch
+):
+    keyed = dataclasses.replace(ctx, delivery_key="k1", message=RAW)
+    real_settle = archive_module._settle
+    calls: list[asyncio.Future[Any]] = []
+
+    def settle_then_cancel(items: Any) -> None:
+        real_settle(items)  # the file is in new/: its delivery's future has its result
+        calls[0].cancel()  # a deadline in the same turn, before the call resumes
+
+    async def cancelled_then_retried() -> dict:
+        monkeypatch.setattr(archive_module, "_settle", settle_then_cancel)
+        calls.append(asyncio.ensure_future(by_name("ARCHIVE")(make_envelope(), {}, keyed)))
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        monkeypatch.setattr(archive_module, "_settle", real_settle)
+        return await by_name("ARCHIVE")(make_envelope(), {}, keyed)
+
+    retry = asyncio.run(cancelled_then_retried())
+    stored = list((stack_dir(ctx) / "Maildir" / "new").iterdir())
+    assert [path.name for path in stored] == [retry["archive"]["key"]]
+
+
 EMIT_IN_ANOTHER_PROCESS = """
 import dataclasses, json, sys
 from pathlib import Path
@@ -203,6 +228,27 @@ def test_two_processes_see_each_others_keys_and_a_gone_ones_log_is_read_to_its_e
     assert all(log.final for log in first._logs.values())
     assert first.claim("j") == ({"done": 2}, False)
     first.close()
+
+
+def test_a_process_started_late_reads_a_long_log_to_its_end_at_its_first_call(ctx):
+    # bench/soak: a worker started after a kill -9 read 4 KiB of each log per call, so a
+    # retry of a message another worker had stored (its D line further on) stored it again.
+    folder = ctx.storage(once.ONCE_FOLDER)
+    first = once.KeyStore(folder)
+    patch = {"archive": {"path": "/var/Maildir/new/" + "x" * 150}}
+    for n in range(200):  # lines of some 200 bytes: a log many peeks long
+        first.claim(f"k{n}")
+        first.record(f"k{n}", patch)
+    long_patch = {"emit": "y" * (2 * once._PEEK)}  # a line longer than a peek
+    first.claim("long")
+    first.record("long", long_patch)
+    first.claim("running")
+    late = once.KeyStore(folder)
+    assert late.claim("k199") == (patch, False)
+    assert late.claim("long") == (long_patch, False)
+    assert late.claim("running") == (None, True)
+    first.close()
+    late.close()
 
 
 def test_a_full_disk_fails_the_call_before_it_acts_never_after(ctx, monkeypatch):

@@ -462,7 +462,7 @@ async def deliver(
             _remove(tmp_path)
             raise
         # An fsync thread (or the commit) fsyncs and closes it.
-        await commit_queue().add(fd, tmp_path, new_dir, new_path)
+        await _committed(commit_queue().add(fd, tmp_path, new_dir, new_path), new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
     try:  # the thread closes the file, even if this delivery is cancelled meanwhile
@@ -470,8 +470,20 @@ async def deliver(
     except BaseException:
         _remove(tmp_path)
         raise
-    await commit_queue().add(None, tmp_path, new_dir, new_path)
+    await _committed(commit_queue().add(None, tmp_path, new_dir, new_path), new_path)
     return new_path, size
+
+
+async def _committed(done: asyncio.Future[None], new_path: str) -> None:
+    """Wait for the commit of the file at `new_path`. A delivery cancelled after its
+    commit settled, before it resumed, removes the file as one cancelled before does:
+    its call is forgotten, and a retry would store the message a second time."""
+    try:
+        await done
+    except asyncio.CancelledError:
+        if done.done() and not done.cancelled() and done.exception() is None:
+            _remove(new_path)
+        raise
 
 
 def _write_sync_close(fd: int, content: bytes | Callable[[int], int]) -> int:

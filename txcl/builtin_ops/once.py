@@ -204,7 +204,10 @@ class KeyStore:
             used = self._apply(data, log)
             log.offset += used
             got = got or used > 0
-            if len(data) < size or used < len(data):
+            # on until the written end (the file's, or the zeros reserved ahead): a peek
+            # full of lines, or one that ends within a line, is not the end of the log
+            written_end = len(data) < size or data.find(b"\0", used) >= 0
+            if written_end or (used == 0 and size == _READ):  # no line is longer
                 break
             size = _READ
         log.idle = 0 if got else log.idle + 1
