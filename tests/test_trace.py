@@ -352,6 +352,27 @@ def test_a_reused_folder_holds_exactly_the_new_message_longer_or_shorter(tmp_pat
     assert writer.stats().pruned == 4
 
 
+def test_a_reused_folder_holds_exactly_the_new_trace_longer_or_shorter(tmp_path: Path) -> None:
+    """trace.jsonl is overwritten in place and cut only when the old one was longer: every
+    line parses, and a link to the old file elsewhere keeps the old bytes."""
+    writer = TraceWriter(tmp_path, keep_count=1)
+    env = envelope()
+    root = tmp_path / "requests"
+    for i, error in enumerate(("x" * 300, "", "", "y" * 3000, "z")):
+        if i == 4:  # a hard link to the folder's file: written beside, not through
+            os.link(root / "r3" / "trace.jsonl", tmp_path / "kept.jsonl")
+        writer(f"r{i}", env, result_for(env), [], None, error=error)
+        writer.flush()
+        lines = (root / f"r{i}" / "trace.jsonl").read_bytes().splitlines()
+        assert [next(iter(json.loads(line))) for line in lines] == [
+            "summary", "envelope", "steps", "result", "response"]
+        assert read_trace(tmp_path, f"r{i}")["summary"]["error"] == (error or None)
+    writer.close()
+    assert writer.stats().pruned == 4
+    kept = (tmp_path / "kept.jsonl").read_bytes().splitlines()
+    assert json.loads(kept[0])["summary"]["rid"] == "r3"
+
+
 def test_retention_by_count_counts_traces_already_on_disk(tmp_path: Path) -> None:
     for i in range(3):
         writer = TraceWriter(tmp_path, keep_count=4)

@@ -267,28 +267,26 @@ def write_trace(
         raise
 
 
-def _overwrite_private(path: str, data: bytes, linked: bool = True) -> int:
+def _overwrite_private(path: str, data: bytes) -> int:
     """Write `data` over an existing file (a new private one if missing), cutting what is
-    left of the old content. `linked`: the file may be a staged message's hard link."""
+    left of the old content. A file with other links (a staged message another trace links
+    to) is replaced, not written through."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return write_private(path, data)
-    old_size = None  # unknown: cut after writing, whatever the old content's length
-    if linked:
-        info = os.fstat(fd)
-        if info.st_nlink > 1:  # a staged message another trace links to
-            os.close(fd)
-            os.unlink(path)
-            return write_private(path, data)
-        old_size = info.st_size
     try:
-        _write_all(fd, data)
-        if old_size is None or old_size > len(data):  # no old byte may stay after the new
-            os.ftruncate(fd, len(data))
+        info = os.fstat(fd)
+        if info.st_nlink <= 1:
+            _write_all(fd, data)
+            # Cut only a longer old file: a same-size ftruncate costs ext4 more than the fstat.
+            if info.st_size > len(data):
+                os.ftruncate(fd, len(data))
+            return len(data)
     finally:
         os.close(fd)
-    return len(data)
+    os.unlink(path)
+    return write_private(path, data)
 
 
 def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
@@ -303,7 +301,7 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
     os.utime(f"{base}/{old}")  # a fresh mtime: not a stale leftover, and ordered as new
     os.rename(f"{base}/{old}", tmp)
     try:
-        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines), linked=False)
+        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
         if isinstance(message, StagedMessage):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{tmp}/{MESSAGE_FILE}")
