@@ -286,14 +286,15 @@ def _settle_in(loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
 
 
 def _settle(items: list[_Pending]) -> None:
-    """In the loop: each delivery's outcome; a file committed after its delivery was
-    cancelled is removed from new/."""
+    """In the loop: each delivery's outcome. A file renamed into new/ for a delivery that
+    was cancelled, or whose fsync of new/ failed, is removed: that delivery is not
+    remembered, and its retry stores the message again."""
     for item in items:
-        if item.error is not None:
-            _fail(item.done, item.error)
-        elif item.done.cancelled():
+        if item.error is not None or item.done.cancelled():
             if item.moved:
                 _remove(item.new_path)
+            if item.error is not None:
+                _fail(item.done, item.error)
         elif not item.done.done():
             item.done.set_result(None)
 
