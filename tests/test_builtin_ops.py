@@ -352,6 +352,8 @@ def test_a_failed_fsync_of_new_fails_every_delivery_it_was_to_cover(ctx, monkeyp
     outcomes = _archive_together(ctx, 3, first=False)
     assert [(type(e), getattr(e, "errno", None)) for e in outcomes] == [(OSError, 5)] * 3
     assert list((stack_dir(ctx) / "Maildir" / "tmp").iterdir()) == []
+    # only the first call's message: the failed ones are removed, as their retries store them
+    assert len(list((stack_dir(ctx) / "Maildir" / "new").iterdir())) == 1
     # The next delivery is not stuck behind the failure.
     (patch,) = _archive_together(ctx, 1, first=False)
     assert Path(patch["archive"]["path"]).read_bytes() == RAW + b"0\r\n"

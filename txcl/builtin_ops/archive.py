@@ -154,12 +154,12 @@ class CommitQueue:
     one turn of the loop are a batch: the thread that moves the batch's last file commits
     it, fsyncing each new/ directory once for all the batch's files renamed into it (a
     failed directory fsync fails exactly those deliveries), and hands the outcomes to the
-    loop in one call. A batch whose new/ another thread is fsyncing waits for that fsync
-    to end and joins the next one with every batch that arrived meanwhile: the busier the
-    disk, the more deliveries one fsync of new/ covers. One hand-over to a thread and one
-    back per batch, no thread of the commit's own. A delivery cancelled before its commit
+    loop, one call per new/ directory. A batch whose new/ another thread is fsyncing waits
+    for that fsync to end and joins the next one with every batch that arrived meanwhile:
+    the busier the disk, the more deliveries one fsync of new/ covers. One hand-over to a
+    thread per file, no thread of the commit's own. A delivery that fails or is cancelled
     leaves nothing behind: its file is closed and removed from tmp/ (or from new/, if it
-    was cancelled while committed).
+    was renamed there already).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -286,14 +286,15 @@ def _settle_in(loop: asyncio.AbstractEventLoop, items: list[_Pending]) -> None:
 
 
 def _settle(items: list[_Pending]) -> None:
-    """In the loop: each delivery's outcome; a file committed after its delivery was
-    cancelled is removed from new/."""
+    """In the loop: each delivery's outcome. A file renamed into new/ for a delivery that
+    was cancelled, or whose fsync of new/ failed, is removed: that delivery is not
+    remembered, and its retry stores the message again."""
     for item in items:
-        if item.error is not None:
-            _fail(item.done, item.error)
-        elif item.done.cancelled():
+        if item.error is not None or item.done.cancelled():
             if item.moved:
                 _remove(item.new_path)
+            if item.error is not None:
+                _fail(item.done, item.error)
         elif not item.done.done():
             item.done.set_result(None)
 
@@ -461,7 +462,7 @@ async def deliver(
             os.close(fd)
             _remove(tmp_path)
             raise
-        # An fsync thread (or the commit) fsyncs and closes it.
+        # An fsync thread (or, with none to be had, the loop's executor) fsyncs and closes it.
         await _committed(commit_queue().add(fd, tmp_path, new_dir, new_path), new_path)
         return new_path, size
     loop = asyncio.get_running_loop()
