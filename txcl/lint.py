@@ -1060,7 +1060,11 @@ class _StackChecks:
         _pool_job = (self._registry, self._salt, self._cache is not None)  # inherited
         for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
             stream.flush()
-        self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+        try:
+            self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+        except OSError:  # no fork now (EAGAIN, ENOMEM): this process checks them all
+            self._workers, _pool_job = 0, (None, "", False)
+            return
         self._chunk = max(1, self._stacks // (workers * 16))
 
     def _send(self, spread: bool = False) -> None:
