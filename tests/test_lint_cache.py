@@ -236,6 +236,32 @@ def test_files_checked_by_a_pool_give_what_one_process_gives(
         assert entry is not None and entry.findings is not None
 
 
+def test_a_pool_for_a_few_changed_stacks_gives_each_to_a_worker(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], own_threads: None,
+) -> None:
+    """The pool's tasks are sized by the stacks it is given, not by the tree's: with the stat
+    index keeping 70 stacks, the two that changed are two tasks, not one for one worker."""
+    import multiprocessing.pool
+
+    ops = tmp_path / "OPS"
+    write_tree(ops, tuple(f"t{i:02d}" for i in range(72)))
+    assert lint_out(capsys, str(ops))[0] == 0
+    for tenant in ("t10", "t60"):
+        (ops / tenant / "_mail/0/10-writer.txcl").write_text("SET tag.seen = 2\n")
+    two_workers_from(monkeypatch, 2)
+    tasks: list[int] = []
+    real = multiprocessing.pool.Pool.apply_async
+
+    def counted(pool: multiprocessing.pool.Pool, func: object, args: tuple[list[object]]) -> object:
+        tasks.append(len(args[0]))
+        return real(pool, func, args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "apply_async", counted)
+    assert lint_out(capsys, str(ops))[0] == 0
+    assert tasks == [1, 1]
+
+
 def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
     tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

@@ -973,7 +973,7 @@ class _StackChecks:
         self, registry: OpRegistry | None, cache: CompileCache | None, salt: str, stacks: int
     ) -> None:
         self._registry, self._cache, self._salt = registry, cache, salt
-        self._stacks = stacks  # how many will be added, about: the pool's chunks are sized by it
+        self._stacks = stacks  # how many may be added, at most: the pool's chunks are sized by it
         self._found_of: list[tuple[Problem, ...] | None] = []  # None: a job finds them
         self._keys: list[bytes | None] = []  # of each job: its stack's key in the cache
         self._jobs: list[list[_FileJob]] = []  # each job's files
@@ -1021,13 +1021,15 @@ class _StackChecks:
         self._waiting.append(job)
         if self._workers is None and self._to_parse >= POOL_MIN_FILES:
             self._start_pool()
-        if self._pool is not None and len(self._waiting) >= self._chunk:
+            if self._pool is not None:
+                self._send(spread=True)
+        elif self._pool is not None and len(self._waiting) >= self._chunk:
             self._send()
 
     def findings(self) -> list[tuple[Problem, ...]]:
         """Each added stack's findings, in order; the new entries are put into the cache."""
         if self._pool is not None:
-            self._send()
+            self._send(spread=True)
             done: Iterator[_Done] = (d for sent in self._sent for d in sent.get())
         else:
             keep = self._cache is not None
@@ -1058,12 +1060,21 @@ class _StackChecks:
         _pool_job = (self._registry, self._salt, self._cache is not None)  # inherited
         for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
             stream.flush()
-        self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+        try:
+            self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+        except OSError:  # no fork now (EAGAIN, ENOMEM): this process checks them all
+            self._workers, _pool_job = 0, (None, "", False)
+            return
         self._chunk = max(1, self._stacks // (workers * 16))
 
-    def _send(self) -> None:
-        assert self._pool is not None
+    def _send(self, spread: bool = False) -> None:
+        """The waiting jobs to the pool, `_chunk` stacks a task. `spread`: those waiting when
+        the pool starts, or the last: in smaller tasks if need be, so that every worker gets
+        some (`_chunk` counts the stacks the stat index keeps too, which never come)."""
+        assert self._pool is not None and self._workers
         waiting, chunk = self._waiting, self._chunk
+        if spread:
+            chunk = max(1, min(chunk, len(waiting) // (self._workers * 16)))
         for start in range(0, len(waiting), chunk):
             self._sent.append(self._pool.apply_async(_pooled_stacks, (waiting[start:start + chunk],)))
         self._waiting = []
