@@ -294,3 +294,41 @@ def test_lint_keeps_no_tree_and_a_load_after_it_parses_the_file_again(
     envelope = {"_txc": {"src": "lmtp", "route": {"to": "acme/_mail/0"}}}
     runs = [t.stacks["acme/_mail"].run(envelope, TEST_POLICY).envelope for t in (cached, fresh)]
     assert runs[0] == runs[1] and runs[0]["_txc"]["lmtp"]["res"]["code"] == 250
+
+
+def test_a_pool_worker_that_dies_leaves_its_stacks_to_this_process(
+    tmp_path: Path, xdg: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], own_threads: None,
+) -> None:
+    import os
+    import signal
+
+    ops = tmp_path / "OPS"
+    twelve_tenants(ops)
+    expected = lint_out(capsys, str(ops), "--no-cache")
+    two_workers_from(monkeypatch, 2)
+    check_stack, lint_process = lint._check_stack, os.getpid()
+    killed: list[str] = []
+
+    def killed_at_t05(files: list[lint._FileJob], *args: object) -> object:
+        if os.getpid() != lint_process and any("/t05/" in path for path, *_ in files):
+            os.kill(os.getpid(), signal.SIGKILL)  # a pool worker, as the OOM killer would
+        if any("/t05/" in path for path, *_ in files):
+            killed.append(files[0][0])  # t05 was checked here, after its worker died
+        return check_stack(files, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lint, "_check_stack", killed_at_t05)  # forked workers inherit it
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("lint still waiting for a dead worker")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert lint_out(capsys, str(ops), "--no-cache") == expected
+        assert lint_out(capsys, str(ops)) == expected  # cold cache: the pool again
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(killed) == 2  # once a run: the worker's t05 was checked again here
+    assert lint_out(capsys, str(ops)) == expected  # warm: what the process checked was kept

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import logging
 import os
 import re
 import signal
@@ -126,6 +127,8 @@ _CHECK_OF_CODE: Final = {
 
 _OP_SCHEME: Final = "op://"
 _NOWHERE: Final = Pos("", 0, 0)
+
+log = logging.getLogger("txcl.lint")
 
 
 def code_of(check: str) -> str:
@@ -982,7 +985,10 @@ class _StackChecks:
         self._pool: multiprocessing.pool.Pool | None = None
         self._workers: int | None = None  # None: not decided yet; 0: no pool
         self._chunk = 1
-        self._sent: list[multiprocessing.pool.AsyncResult[list[_Done]]] = []
+        # each task sent, with its jobs: checked here instead if a worker dies
+        self._sent: list[tuple[multiprocessing.pool.AsyncResult[list[_Done]],
+                               list[list[_FileJob]]]] = []
+        self._worker_pids: set[int | None] = set()
 
     def __enter__(self) -> _StackChecks:
         return self
@@ -1030,11 +1036,9 @@ class _StackChecks:
         """Each added stack's findings, in order; the new entries are put into the cache."""
         if self._pool is not None:
             self._send(spread=True)
-            done: Iterator[_Done] = (d for sent in self._sent for d in sent.get())
+            done: Iterator[_Done] = self._pooled_done()
         else:
-            keep = self._cache is not None
-            done = ((list(entries), found) for entries, found in (
-                _check_stack(job, self._registry, self._salt, keep) for job in self._waiting))
+            done = self._checked_here(self._waiting)
         found_by_job: list[tuple[Problem, ...]] = []
         cache = self._cache
         for key, job, (entries, found) in zip(self._keys, self._jobs, done, strict=True):
@@ -1061,7 +1065,9 @@ class _StackChecks:
         for stream in (sys.stdout, sys.stderr):  # a child flushes its copy of what is pending
             stream.flush()
         try:
+            before = {child.pid for child in multiprocessing.active_children()}
             self._pool = multiprocessing.get_context("fork").Pool(workers, _quiet_worker)
+            self._worker_pids = {c.pid for c in multiprocessing.active_children()} - before
         except OSError:  # no fork now (EAGAIN, ENOMEM): this process checks them all
             self._workers, _pool_job = 0, (None, "", False)
             return
@@ -1076,8 +1082,36 @@ class _StackChecks:
         if spread:
             chunk = max(1, min(chunk, len(waiting) // (self._workers * 16)))
         for start in range(0, len(waiting), chunk):
-            self._sent.append(self._pool.apply_async(_pooled_stacks, (waiting[start:start + chunk],)))
+            jobs = waiting[start:start + chunk]
+            self._sent.append((self._pool.apply_async(_pooled_stacks, (jobs,)), jobs))
         self._waiting = []
+
+    def _pooled_done(self) -> Iterator[_Done]:
+        """What the pool found, task by task. A worker that died (the OOM killer, a
+        signal) took its task with it and the pool would wait for it for ever: from then
+        on, what the pool has not answered is checked here."""
+        import multiprocessing
+
+        lost = False
+        for result, jobs in self._sent:
+            while not lost and not result.ready():
+                result.wait(_WORKER_CHECK_S)
+                alive = {child.pid for child in multiprocessing.active_children()}
+                lost = not self._worker_pids <= alive
+                if lost:
+                    log.warning("txcl lint: a worker process ended early; "
+                                "the stacks it had not answered are checked here")
+            if result.ready() and result.successful():
+                yield from result.get()
+            else:
+                yield from self._checked_here(jobs)
+
+    def _checked_here(self, jobs: list[list[_FileJob]]) -> Iterator[_Done]:
+        keep = self._cache is not None
+        for job in jobs:
+            entries, found = _check_stack(job, self._registry, self._salt, keep)
+            new: list[CachedFile | bytes | None] = list(entries)
+            yield new, found
 
 
 def _check_stack(
@@ -1118,6 +1152,8 @@ def _check_stack(
 
 # Fewer files to parse than this are parsed in this process: a pool costs its start.
 POOL_MIN_FILES: Final = 200
+# How often a wait for the pool looks whether its workers are all still there.
+_WORKER_CHECK_S: Final = 0.5
 _POOL_MAX_WORKERS: Final = 8
 # what the workers check against, and whether they send entries back for a cache
 _pool_job: tuple[OpRegistry | None, str, bool] = (None, "", False)
