@@ -832,15 +832,15 @@ def _lint_stacks_of(
 
     index = None if cache is None else cache.stat_index(
         f"lint\0{os.path.abspath(root)}\0{root}", salt)
-    entries = _NothingCached() if cache is None else cache
+    entries = _walk_cache(cache)
     problems: list[Problem] = []
     # (name, signature, when it was taken, the stack's layout problems)
     loaded: list[tuple[str, StackSignature, int, list[Problem]]] = []
     # the folders of the stack being loaded, as its signature read them (the load's scan)
     scanned: dict[str, list[os.DirEntry[str]]] = {}
     with entries.deferring() as deferred:
-        tree = load_tree(root, keep_files=True, cache=cast("CompileCache", entries),
-                         check_only=True, lazy=True, scan=Scan(scanned, time.time_ns()))
+        tree = load_tree(root, keep_files=True, cache=entries, check_only=True, lazy=True,
+                         scan=Scan(scanned, time.time_ns()))
         problems.extend(_layout(tree.problems))
         stacks, read = tree.stacks, tree.read  # read: filled as each stack loads
         if not isinstance(stacks, LazyStacks):  # the root is no folder
@@ -913,10 +913,16 @@ def _load(
     """The layout problems of a check_only load, the rule files it read, and which of them
     are not in the cache: the load's walk parses nothing, and their entries are empty
     (_lint_stacks checks them). Without a cache, that is every file."""
-    entries = _NothingCached() if cache is None else cache
+    entries = _walk_cache(cache)
     with entries.deferring() as deferred:
-        loaded = load(cast("CompileCache", entries))
+        loaded = load(entries)
     return _layout(loaded.problems), loaded.read, frozenset(deferred)
+
+
+def _walk_cache(cache: CompileCache | None) -> CompileCache:
+    """What a lint's load walks with: the cache, or without one a stand-in that holds
+    nothing (every file is then deferred to the checks)."""
+    return cast("CompileCache", _NothingCached()) if cache is None else cache
 
 
 def _layout(problems: Iterable[Problem]) -> list[Problem]:
@@ -926,8 +932,8 @@ def _layout(problems: Iterable[Problem]) -> list[Problem]:
 
 
 class _NothingCached:
-    """The compile cache of a lint without one (--no-cache), for its walk, which calls
-    only deferring() and get(): it holds nothing, so the walk parses no file, and lint
+    """The compile cache of a lint without one (--no-cache): lint calls deferring() and its
+    walk calls get(), nothing else. It holds nothing, so the walk parses no file, and lint
     checks them all (by a pool when there are many) as it checks what a cache misses."""
 
     def __init__(self) -> None:
