@@ -479,9 +479,8 @@ def _field_names(cls: type) -> tuple[str, ...]:
 class _Reducers(dict[type, Callable[[Any], Any]]):
     """How pickle reduces each class it meets (a Pickler's dispatch_table): an engine
     dataclass to (class, field values), other classes as copyreg or pickle's default says;
-    found once per class (a miss raised a KeyError per object, a quarter of an entry's
-    encoding). Unlike a reducer_override, it is not called for the tuples, lists and dicts
-    between."""
+    found once per class, so that no object of a known class raises a KeyError. Unlike a
+    reducer_override, it is not called for the tuples, lists and dicts between."""
 
     def __missing__(self, cls: type) -> Callable[[Any], Any]:
         if dataclasses.is_dataclass(cls) and cls.__module__.startswith(_ENGINE_PACKAGE + "."):

@@ -47,8 +47,8 @@ class PathWriteError(Exception):
 
 
 # What a getter steps into where a key is absent: an empty object that is never written to.
-# A dict's own `get` then carries the walk on, since a raised KeyError costs a missing value
-# several times what finding it does, and rules often read what is not there.
+# A dict's own `get` then carries the walk on: rules often read what is not there, and a
+# raised KeyError makes a missing value dear.
 _NO_OBJECT: Final[dict[str, Any]] = {}
 
 
@@ -81,9 +81,9 @@ def compile_getter(path: ast.Path) -> Getter:
 
 
 def _key_getter(keys: tuple[ast.Segment, ...]) -> Getter:
-    """`compile_getter` of a path of one to five keys, each step written out: most paths
-    rules read are this short, and a loop costs them about half again as much. Only an
-    object has `get`: anything else on the way has no keys (AttributeError)."""
+    """`compile_getter` of a path of one to five keys, each step written out, without the
+    loop's overhead: most paths rules read are this short. Only an object has `get`:
+    anything else on the way has no keys (AttributeError)."""
     a, b, c, d, e = keys + (None,) * (5 - len(keys))
     no = _NO_OBJECT
     if len(keys) == 1:
