@@ -295,3 +295,32 @@ def test_the_logs_are_private_whatever_the_umask(ctx):
     (log,) = once_folder(ctx).glob("*/*.log")
     assert log.stat().st_mode & 0o777 == 0o600
     assert log.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_log_with_no_line_end_in_a_whole_read_is_passed_over_not_spun_on(ctx):
+    # A torn or corrupt log (a disk error, a file put there by hand) must not hang the
+    # lookups of every call of the stack, nor hide the other logs' keys.
+    import signal
+
+    folder = ctx.storage(once.ONCE_FOLDER)
+    writer = once.KeyStore(folder)
+    writer.claim("k1")
+    writer.record("k1", {"emit": 1})
+    day_folder = next(p for p in Path(folder).iterdir() if p.is_dir())
+    (day_folder / "999999-garbage.log").write_bytes(b"x" * (once._READ + 4096) + b"\nD k2 {}\n")
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("a lookup spun on the corrupt log")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        reader = once.KeyStore(folder)
+        assert reader.claim("k1") == ({"emit": 1}, False)
+        assert reader.claim("k3") == (None, False)
+        assert reader.claim("k1") == ({"emit": 1}, False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    writer.close()
+    reader.close()
