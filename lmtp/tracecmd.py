@@ -128,6 +128,7 @@ def trace_writer_from_args(args: argparse.Namespace, state_dir: str | Path) -> T
         keep_age_s=args.trace_max_age,
         keep_bytes=args.trace_keep_bytes,
         max_trace_bytes=args.trace_max_bytes,
+        file_process=True,
     )
 
 

@@ -25,12 +25,12 @@ from txcl.trace import (
     build_artifacts,
     parse_hint_path,
 )
+from txcl.trace_files import umask_keeps_owner_bits
 from txcl.trace_store import (
     StagedMessage,
     read_summaries,
     read_trace,
     trace_names,
-    umask_keeps_owner_bits,
 )
 from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
@@ -784,7 +784,7 @@ def test_a_message_that_cannot_be_staged_leaves_its_trace_without_it(tmp_path: P
 
 
 def test_the_traces_of_several_groups_share_one_staged_file(tmp_path: Path) -> None:
-    from txcl.trace_store import write_trace
+    from txcl.trace_files import write_trace
 
     root = tmp_path / "requests"
     root.mkdir()

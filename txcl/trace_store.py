@@ -16,7 +16,7 @@ One folder per run, holding at most two files, both private to the server's user
 
 `--list` reads only the first line of each trace. `jq -s add trace.jsonl` is the whole trace
 as one object. A trace is written in a hidden temporary folder renamed into place, so a
-folder under its rid is always whole.
+folder under its rid is always whole (`txcl.trace_files` writes the folders).
 
 JSON goes through orjson (C); a document it refuses (an integer beyond 64 bits) falls back to
 the standard library, so a trace is never lost to its encoder.
@@ -28,12 +28,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
-import shutil
-import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,13 +40,16 @@ from typing import Any, Final
 import orjson
 
 from txcl import inputs
+from txcl.trace_files import (
+    MESSAGE_FILE,
+    TMP_PREFIX,
+    TRACE_FILE,
+    link_or_copy,
+    scan,
+    write_private,
+)
 
-TRACE_FILE: Final = "trace.jsonl"
-MESSAGE_FILE: Final = "message.eml"
 PARTS: Final = ("summary", "envelope", "steps", "result", "response")
-FOLDER_MODE: Final = 0o700
-FILE_MODE: Final = 0o600
-TMP_PREFIX: Final = ".tmp-"
 # How long a delivery waits for its message to be staged before it answers anyway.
 STAGE_WAIT_S: Final = 2.0
 
@@ -121,11 +121,7 @@ class StagedMessage:
         the bytes it holds."""
         if self.path is None:
             raise OSError(errno.ENOENT, f"the message was not staged: {self.error}", path)
-        try:
-            os.link(self.path, path)
-        except OSError:
-            shutil.copyfile(self.path, path)
-            os.chmod(path, FILE_MODE)
+        link_or_copy(self.path, path)
         return self.size
 
     def read(self) -> bytes:
@@ -181,193 +177,7 @@ def safe_rid(rid: str) -> str:
     return name or "_"
 
 
-def private_folder(path: Path) -> None:
-    """`path` exists as a folder only its owner can enter (created or tightened)."""
-    path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != FOLDER_MODE:
-        os.chmod(path, FOLDER_MODE)
-
-
-@functools.cache
-def _pid() -> int:
-    """os.getpid(), a system call each time, once per process (forgotten in a fork's child)."""
-    return os.getpid()
-
-
-os.register_at_fork(after_in_child=_pid.cache_clear)
-
-
-@functools.cache
-def umask_keeps_owner_bits() -> bool:
-    """The process umask leaves FOLDER_MODE and FILE_MODE as they are (it clears no bit of
-    the owner's), so what is created with them needs no chmod; read once, from
-    /proc/self/status (reading it with os.umask would change it for a moment, for every
-    thread). False where that cannot be read: then every mode is set explicitly."""
-    try:
-        with open("/proc/self/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8) & 0o700 == 0
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-def write_private(path: str, data: bytes) -> int:
-    """Write a new file readable by its owner only; returns the bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        if not umask_keeps_owner_bits():
-            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
-    return len(data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def remove_trace(folder: str) -> None:
-    """Remove one trace folder (its files, then itself); anything unexpected in it too."""
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                os.unlink(entry.path)
-        os.rmdir(folder)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def write_trace(
-    root: Path, name: str, lines: list[bytes], message: MessageBytes | None
-) -> tuple[str, int]:
-    """One trace's files, written into a private temporary folder that is then renamed to
-    `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
-    appears whole or not at all. Returns the folder's name and the bytes written."""
-    base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
-    os.mkdir(tmp, FOLDER_MODE)
-    try:
-        if not umask_keeps_owner_bits():
-            os.chmod(tmp, FOLDER_MODE)  # the umask may have taken bits away
-        size = write_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
-        if isinstance(message, StagedMessage):
-            size += message.link(f"{tmp}/{MESSAGE_FILE}")
-        elif message is not None:
-            size += write_private(f"{tmp}/{MESSAGE_FILE}", message)
-        return _publish(base, tmp, name), size
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _overwrite_private(path: str, data: bytes) -> int:
-    """Write `data` over an existing file (a new private one if missing), cutting what is
-    left of the old content. A file with other links (a staged message another trace links
-    to) is replaced, not written through."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return write_private(path, data)
-    try:
-        info = os.fstat(fd)
-        if info.st_nlink <= 1:
-            _write_all(fd, data)
-            # Cut only a longer old file: a same-size ftruncate costs ext4 more than the fstat.
-            if info.st_size > len(data):
-                os.ftruncate(fd, len(data))
-            return len(data)
-    finally:
-        os.close(fd)
-    os.unlink(path)
-    return write_private(path, data)
-
-
-def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
-                message: MessageBytes | None) -> tuple[str, int]:
-    """`write_trace`, in the folder of the trace `old` (one this writer wrote, and that
-    retention removes now): its files are overwritten in place, so a trace at the retention
-    limit neither allocates nor frees an inode, which costs ext4 far more than the writes
-    once many have been freed recently. `old` leaves its name before it changes, so no
-    reader sees a mixture; FileNotFoundError if `old` is gone."""
-    base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
-    os.utime(f"{base}/{old}")  # a fresh mtime: not a stale leftover, and ordered as new
-    os.rename(f"{base}/{old}", tmp)
-    try:
-        size = _overwrite_private(f"{tmp}/{TRACE_FILE}", b"".join(lines))
-        if isinstance(message, StagedMessage):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{tmp}/{MESSAGE_FILE}")
-            size += message.link(f"{tmp}/{MESSAGE_FILE}")
-        elif message is not None:
-            size += _overwrite_private(f"{tmp}/{MESSAGE_FILE}", message)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{tmp}/{MESSAGE_FILE}")
-        return _publish(base, tmp, name), size
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish(base: str, tmp: str, name: str) -> str:
-    """Rename the finished folder `tmp` to `base/<name>` (or `<name>.1`, `<name>.2`…);
-    returns the name it got."""
-    n = 0
-    while True:
-        final = name if n == 0 else f"{name}.{n}"
-        try:
-            os.rename(tmp, f"{base}/{final}")  # fails on an existing trace: it is never empty
-            return final
-        except OSError as err:
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            n += 1
-
-
 # --- reading traces back -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TraceEntry:
-    name: str
-    mtime: float
-
-
-def mtime(entry: os.DirEntry[str]) -> float:
-    try:
-        return entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return 0.0
-
-
-def scan(root: Path) -> list[TraceEntry]:
-    """Trace folders, oldest first (by mtime, then by name: rids sort by time)."""
-    try:
-        entries = [
-            TraceEntry(e.name, mtime(e))
-            for e in os.scandir(root)
-            if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
-        ]
-    except FileNotFoundError:
-        return []
-    return sorted(entries, key=lambda e: (e.mtime, e.name))
-
-
-def folder_size(path: str | Path) -> int:
-    """The bytes of the files directly in a trace folder."""
-    try:
-        with os.scandir(path) as entries:
-            return sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file())
-    except OSError:
-        return 0
 
 
 def requests_root(state_dir: str | os.PathLike[str]) -> Path:

@@ -6,24 +6,26 @@ serialised on the caller's side). The queue is bounded in records and in bytes (
 message sizes it holds alive): a message over the per-trace limit, or one the byte budget
 has no room for, is let go at once and the trace queued without it (its summary says so);
 when the queue is full even so, the trace is dropped and counted. The worker
-thread scrubs, encodes and writes (`txcl.trace_store`), and keeps the stored traces within
-their count, age and total bytes. One trace over the per-trace limit keeps its summary,
+thread scrubs and encodes, and writes (`txcl.trace_files.StoredTraces`: the folders, kept
+within their count, age and total bytes); with `file_process` (the server's choice) it
+hands each batch's bytes to a process of its own that does the writing
+(`txcl.trace_process`), so the file system's calls do not contend with the event loop for
+the interpreter lock. One trace over the per-trace limit keeps its summary,
 result and replies and says what was cut. An I/O error loses that trace, is counted, and is
 logged at most once per interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,21 +38,15 @@ from txcl.trace import (
     hints_of,
     reply_code,
 )
+from txcl.trace_files import StoredTraces, private_folder
+from txcl.trace_process import TraceProcess
 from txcl.trace_store import (
-    TMP_PREFIX,
     MessageBytes,
     StagedMessage,
     encode,
     encode_parts,
-    folder_size,
-    mtime,
-    private_folder,
-    remove_trace,
     requests_root,
-    reuse_trace,
     safe_rid,
-    scan,
-    write_trace,
 )
 
 log = logging.getLogger("txcl.trace")
@@ -71,8 +67,11 @@ RECORD_OVERHEAD: Final = 16 << 10
 STAGE_FROM_BYTES: Final = 1 << 20
 # How long the trace thread waits for a message still being staged when its trace comes.
 STAGE_FINISH_S: Final = 60.0
-# A temporary folder this old is the leftover of an interrupted write.
-_STALE_WRITE_S: Final = 3600.0
+# How long the trace thread waits for the file process to confirm a flush.
+SYNC_WAIT_S: Final = 30.0
+# Traces built on the event loop are handed to the thread once they hold this many bytes
+# (or once the batch wait has passed).
+HAND_OVER_BYTES: Final = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,32 +158,43 @@ class TraceWriter:
         prune_interval_s: float = 60.0,
         log_interval_s: float = 60.0,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        file_process: bool = False,
     ) -> None:
         if mode not in TRACE_MODES:
             raise ValueError(f"trace mode must be one of {', '.join(TRACE_MODES)}, not {mode!r}")
         self.root = requests_root(state_dir)
         self.mode: TraceMode = mode
-        self.keep_count = max(1, int(keep_count))
-        self.keep_age_s = float(keep_age_s)
-        self.keep_bytes = max(1, int(keep_bytes))
         self.max_trace_bytes = max(1, int(max_trace_bytes))
         self.queue_bytes = max(1, int(queue_bytes))
         self.prune_interval_s = prune_interval_s
         self.log_interval_s = log_interval_s
         self.batch_wait_s = batch_wait_s
         self._hurry = threading.Event()  # ends the writer's wait for more records early
-        self._queue: queue.Queue[TraceRecord | threading.Event | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[TraceRecord | list[Any] | threading.Event | None] = (
+            queue.Queue(queue_size))
         self._queued_bytes = 0
-        self._counts = dict.fromkeys(("written", "dropped", "skipped", "failed", "pruned", "cut"), 0)
+        self._counts = dict.fromkeys(("dropped", "skipped", "failed", "cut"), 0)
         self._lock = threading.Lock()
-        # Stored traces, oldest first, as (folder name, bytes); loaded lazily.
-        self._known: deque[tuple[str, int]] | None = None
-        self._known_bytes = 0
-        self._mine: set[str] = set()  # the known traces this writer wrote (reusable folders)
-        self._root_ready = False
+        self._stored = StoredTraces(self.root, keep_count, keep_age_s, keep_bytes)
+        self._process: TraceProcess | None = None
         self._last_prune = 0.0
         self._last_log = -1e18
         self._thread: threading.Thread | None = None
+        # With a file process, a run traced on an event loop is built there, a turn later,
+        # and the thread only hands the bytes over (`_gather`): a thread that builds
+        # contends with the loop for the interpreter lock at every system call either makes.
+        self._builds_on_loop = file_process
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gathered: list[tuple[TraceRecord, int]] = []  # (record, weight): to build
+        self._built: list[tuple[str, list[bytes], MessageBytes | None, int]] = []  # to hand over
+        self._built_bytes = 0
+        self._hand_timer: asyncio.TimerHandle | None = None
+        if mode != "off" and file_process:
+            try:
+                self._process = TraceProcess.start(
+                    self.root, keep_count, keep_age_s, keep_bytes, prune_interval_s)
+            except OSError as err:  # no process to be had: this one's thread writes the files
+                log.warning("trace: cannot start the file process (%s); writing traces here", err)
         if mode != "off":
             self._thread = threading.Thread(target=self._work, name="txcl-trace", daemon=True)
             self._thread.start()
@@ -235,6 +245,15 @@ class TraceWriter:
                 message=message,
                 cut=cut,
             )
+            if self._builds_on_loop and (message is None or (
+                    message.__class__ is bytes and len(message) <= HURRY_MESSAGE_BYTES)):
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    pass
+                else:
+                    self._gather(loop, record, weight)
+                    return True
             try:
                 self._queue.put_nowait(record)
                 if message is not None and len(message) > HURRY_MESSAGE_BYTES:
@@ -274,14 +293,22 @@ class TraceWriter:
             return None
         return staged
 
+
     def stats(self) -> TraceStats:
         with self._lock:
-            return TraceStats(**self._counts)
+            counts = dict(self._counts)
+        process, stored = self._process, self._stored
+        written, pruned = stored.written, stored.pruned
+        if process is not None:
+            written, pruned = written + process.written, pruned + process.pruned
+            counts["failed"] += process.failed
+        return TraceStats(written=written, pruned=pruned, **counts)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written. True if it was in time."""
         if self._thread is None:
             return True
+        self._hand_gathered(timeout)
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout)
@@ -291,10 +318,12 @@ class TraceWriter:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the thread; log the counts if any trace lost parts
-        or was lost."""
+        """Write what is queued, then stop the thread (and the file process); log the counts
+        if any trace lost parts or was lost. Called from the event loop's thread, or once
+        the loop has stopped, when runs were traced on one."""
         if self._thread is None:
             return
+        self._hand_gathered(timeout)
         try:
             self._queue.put(None, timeout=timeout)
             self._hurry.set()
@@ -308,6 +337,75 @@ class TraceWriter:
                 "trace: %d written (%d cut to fit), %d dropped, %d failed, %d pruned",
                 stats.written, stats.cut, stats.dropped, stats.failed, stats.pruned,
             )
+
+    # -- the event loop's side, with a file process: build, then hand over ----------------
+
+    def _gather(self, loop: asyncio.AbstractEventLoop, record: TraceRecord, weight: int) -> None:
+        self._loop = loop
+        self._gathered.append((record, weight))
+        if len(self._gathered) == 1:
+            loop.call_soon(self._build_gathered)
+
+    def _build_gathered(self) -> None:
+        """Build the gathered records (after the replies of their turn went out); hand them
+        to the thread when they are many bytes, else after the batch wait."""
+        gathered, self._gathered = self._gathered, []
+        for record, weight in gathered:
+            try:
+                name, lines, message = self._build(record)
+            except Exception:
+                self._release(weight)
+                self._count("failed")
+                log.exception("trace: cannot build the trace of %s", record.rid)
+                continue
+            self._built.append((name, lines, message, weight))
+            self._built_bytes += sum(map(len, lines)) + (len(message) if message else 0)
+        del gathered
+        if self._built_bytes >= HAND_OVER_BYTES:
+            self._hand_built()
+        elif self._built and self._hand_timer is None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: close() hands them
+                self._hand_timer = self._loop.call_later(self.batch_wait_s, self._hand_built)
+
+    def _hand_built(self) -> None:
+        if self._hand_timer is not None:
+            self._hand_timer.cancel()
+            self._hand_timer = None
+        built, self._built, self._built_bytes = self._built, [], 0
+        if not built:
+            return
+        try:
+            self._queue.put_nowait(built)
+        except queue.Full:
+            for *_, weight in built:
+                self._release(weight)
+            self._count("dropped", len(built))
+            self._log_loss("trace queue full; dropping traces")
+
+    def _hand_gathered(self, timeout: float) -> None:
+        """Build and hand over what the event loop gathered, now: in the loop's thread, or
+        through the loop while it runs in another."""
+        loop = self._loop
+        if loop is None or not (self._gathered or self._built):
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or not loop.is_running():
+            self._build_gathered()
+            self._hand_built()
+            return
+        handed = threading.Event()
+
+        def hand() -> None:
+            self._build_gathered()
+            self._hand_built()
+            handed.set()
+
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(hand)
+            handed.wait(timeout)
 
     # -- the worker's side ----------------------------------------------------------------
 
@@ -325,12 +423,12 @@ class TraceWriter:
             if now - self._last_log < self.log_interval_s:
                 return
             self._last_log = now
-            counts = dict(self._counts)
+        stats = self.stats()
         log.warning(
             "trace: " + message + " (so far: %d dropped, %d failed)",
             *args,
-            counts["dropped"],
-            counts["failed"],
+            stats.dropped,
+            stats.failed,
         )
 
     def _work(self) -> None:
@@ -341,29 +439,69 @@ class TraceWriter:
                 self._prune_safely()
                 continue
             if item is None:
+                self._end_process()
                 return
             if isinstance(item, threading.Event):
+                self._hand_over(SYNC_WAIT_S)
                 item.set()
                 continue
-            try:
-                self.write(item)
-            except OSError as err:
-                self._root_ready = False
-                self._count("failed")
-                self._log_loss("cannot write %s under %s: %s", item.rid, self.root, err)
-            except Exception:
-                self._count("failed")
-                log.exception("trace: cannot build the trace of %s", item.rid)
-            finally:
-                self._release(record_weight(item.message))
+            if isinstance(item, list):  # built on the event loop
+                for name, lines, message, weight in item:
+                    try:
+                        self._store(name, lines, message)
+                    except OSError as err:
+                        self._count("failed")
+                        self._log_loss("cannot write %s under %s: %s", name, self.root, err)
+                    finally:
+                        self._release(weight)
+            else:
+                try:
+                    self.write(item)
+                except OSError as err:
+                    self._count("failed")
+                    self._log_loss("cannot write %s under %s: %s", item.rid, self.root, err)
+                except Exception:
+                    self._count("failed")
+                    log.exception("trace: cannot build the trace of %s", item.rid)
+                finally:
+                    self._release(record_weight(item.message))
             del item  # let the message go before waiting for the next record
             if time.monotonic() - self._last_prune >= self.prune_interval_s:
                 self._prune_safely()
             if self._queue.empty():
+                self._hand_over()
                 # Let the next records gather: a thread waiting on the queue is woken for
                 # every record, and the waking preempts the event loop while it holds the GIL.
                 self._hurry.wait(self.batch_wait_s)
                 self._hurry.clear()
+
+    def _hand_over(self, sync_wait: float | None = None) -> None:
+        """Send the file process what this batch gathered (and, with `sync_wait`, wait until
+        it has written everything); hear of its failures. A process that is gone leaves the
+        files to this thread from then on."""
+        process = self._process
+        if process is None:
+            return
+        failed, error = process.failed, process.error
+        try:
+            process.send()
+            if sync_wait is not None:
+                process.sync(sync_wait)
+        except OSError as err:
+            self._process = None
+            with self._lock:  # what it counted stays counted
+                self._counts["failed"] += process.failed + process.abandon()
+            self._stored.written += process.written
+            self._stored.pruned += process.pruned
+            self._log_loss("the trace file process ended (%s); writing traces here", err)
+            return
+        if process.failed > failed or process.error != error:
+            self._log_loss("%s", process.error)
+
+    def _end_process(self) -> None:
+        process = self._process
+        if process is not None and not process.close(SYNC_WAIT_S):
+            self._log_loss("the trace file process did not finish writing under %s", self.root)
 
     def _stage(self, staged: StagedMessage) -> None:
         try:
@@ -380,7 +518,12 @@ class TraceWriter:
 
     def write(self, record: TraceRecord) -> str:
         """Scrub, encode and write one record now (the worker calls this; so may tests).
-        Returns the name of its folder under `root`."""
+        Returns the name of its folder under `root`; "" when the file process writes it
+        (it is handed over with the thread's batch)."""
+        return self._store(*self._build(record))
+
+    def _build(self, record: TraceRecord) -> tuple[str, list[bytes], MessageBytes | None]:
+        """A record's folder name, its trace's lines and the message to store beside them."""
         staged = record.message
         if isinstance(staged, StagedMessage) and staged.path is None:
             with contextlib.suppress(concurrent.futures.TimeoutError):
@@ -392,92 +535,41 @@ class TraceWriter:
         lines, message, cut = fit(
             artifacts.parts, artifacts.message, self.max_trace_bytes, record.cut
         )
-        if not self._root_ready:
-            private_folder(self.root)
-            self._root_ready = True
-        known = self._known_traces()  # before the folder exists: a first scan does not count it
-        spare = self._spare(known)
-        folder: str | None = None
-        size = 0
-        if spare is not None:
-            with contextlib.suppress(FileNotFoundError):  # gone: write a new folder instead
-                folder, size = reuse_trace(self.root, spare, safe_rid(record.rid), lines, message)
-        if folder is None:
-            folder, size = write_trace(self.root, safe_rid(record.rid), lines, message)
-        self._count("written")
         if cut:
             self._count("cut")
-        self._remember(folder, size)
-        return folder
+        return safe_rid(record.rid), lines, message
 
-    def _spare(self, known: deque[tuple[str, int]]) -> str | None:
-        """The oldest trace, when the count limit removes it on this write and this writer
-        wrote it (so it holds only the files a trace has): its folder is reused."""
-        if len(known) < self.keep_count or known[0][0] not in self._mine:
-            return None
-        name, size = known.popleft()
-        self._known_bytes -= size
-        self._mine.discard(name)
-        self._count("pruned")
-        return name
-
-    def _remember(self, name: str, size: int) -> None:
-        known = self._known_traces()
-        known.append((name, size))
-        self._mine.add(name)
-        self._known_bytes += size
-        while len(known) > self.keep_count or (
-            self._known_bytes > self.keep_bytes and len(known) > 1
-        ):
-            old, old_size = known.popleft()
-            self._known_bytes -= old_size
-            self._mine.discard(old)
-            self._remove(old)
-
-    def _known_traces(self) -> deque[tuple[str, int]]:
-        if self._known is None:
-            self._known = deque((e.name, folder_size(self.root / e.name)) for e in scan(self.root))
-            self._known_bytes = sum(size for _, size in self._known)
-        return self._known
-
-    def _remove(self, name: str) -> None:
-        remove_trace(f"{self.root}/{name}")
-        self._count("pruned")
+    def _store(self, name: str, lines: list[bytes], message: MessageBytes | None) -> str:
+        """Write one trace here, or give it to the file process ("")."""
+        process = self._process
+        if process is None:
+            return self._stored.store(name, lines, message)
+        if isinstance(message, StagedMessage):
+            process.store(name, lines, None, staged=message)
+        elif message is not None and len(message) > HURRY_MESSAGE_BYTES:
+            # Not staged (a trace mode other than "all"): put in a file here, not in the pipe.
+            staged_here = StagedMessage(message)
+            private_folder(self.root)
+            staged_here.write(self.root)
+            if staged_here.error is not None:
+                raise staged_here.error
+            process.store(name, lines, None, staged=staged_here)
+        else:
+            process.store(name, lines, message)
+        return ""
 
     def _prune_safely(self) -> None:
+        self._last_prune = time.monotonic()
+        if self._process is not None:
+            return  # the file process prunes what it writes
         try:
-            self.prune()
+            self._stored.prune()
         except OSError as err:
             self._log_loss("cannot prune %s: %s", self.root, err)
 
     def prune(self, now: float | None = None) -> int:
-        """Remove traces beyond `keep_count`, beyond `keep_bytes` in total, older than
-        `keep_age_s`, and leftovers of interrupted writes. Returns how many went."""
+        """Remove traces beyond the count, the total bytes and the age they are kept for, and
+        leftovers of interrupted writes, now (in this thread, not the file process's).
+        Returns how many went."""
         self._last_prune = time.monotonic()
-        now = time.time() if now is None else now
-        if not self.root.is_dir():
-            return 0
-        stale = now - _STALE_WRITE_S
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(TMP_PREFIX) and mtime(entry) < stale:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:  # a staged message left by a process that ended
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-        entries = scan(self.root)
-        cutoff = now - self.keep_age_s
-        sized = [(e.name, folder_size(self.root / e.name)) for e in entries if e.mtime >= cutoff]
-        keep: deque[tuple[str, int]] = deque()
-        total = 0
-        for name, size in reversed(sized[-self.keep_count :]):
-            if keep and total + size > self.keep_bytes:
-                break
-            keep.appendleft((name, size))
-            total += size
-        gone = {e.name for e in entries} - {name for name, _ in keep}
-        for name in gone:
-            self._remove(name)
-        self._known, self._known_bytes = keep, total
-        self._mine.intersection_update(name for name, _ in keep)
-        return len(gone)
+        return self._stored.prune(now)

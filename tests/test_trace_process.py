@@ -1,0 +1,223 @@
+"""The trace writer's file process: the same traces as the thread writes, retention, and what
+happens when the process fails or its parent dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_trace import HINTS, FakeStack, envelope, result_for
+from txcl.trace_files import StoredTraces
+from txcl.trace_process import HEADER, TRACE, frame, serve
+from txcl.trace_store import read_message, read_trace, trace_names
+from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
+
+RCPT = [("support@acme.example", "250 2.0.0 queued")]
+
+
+def send(writer: TraceWriter, rid: str, hints: Any = (), message: bytes | None = None) -> None:
+    env = envelope()
+    staged = writer.stage(message) if message is not None else None
+    assert writer(rid, env, result_for(env), RCPT, FakeStack("acme/_mail", hints),
+                  message=staged if staged is not None else message)
+
+
+def folder_bytes(root: Path, name: str) -> dict[str, bytes]:
+    folder = root / "requests" / name
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def without_times(files: dict[str, bytes]) -> dict[str, Any]:
+    """The files of a trace with the wall-clock fields (time, elapsed) taken out."""
+    import json
+
+    out: dict[str, Any] = dict(files)
+    lines = [json.loads(line) for line in files["trace.jsonl"].splitlines()]
+    for line in lines:
+        line.get("summary", {}).pop("time", None)
+    out["trace.jsonl"] = lines
+    return out
+
+
+def test_the_file_process_writes_what_the_thread_writes(tmp_path: Path) -> None:
+    big = b"Subject: big\r\n\r\n" + b"x" * STAGE_FROM_BYTES
+    small = b"Subject: small\r\n\r\nhello\r\n"
+    written: dict[bool, dict[str, Any]] = {}
+    for own in (False, True):
+        root = tmp_path / str(own)
+        writer = TraceWriter(root, file_process=own)
+        try:
+            assert (writer._process is not None) is own
+            send(writer, "plain", message=small)
+            send(writer, "scrubbed", hints=HINTS, message=small)
+            send(writer, "staged", message=big)  # a staged message: linked, not piped
+            assert writer.flush()
+            stats = writer.stats()
+        finally:
+            writer.close()
+        assert stats.written == 3 and stats.failed == 0
+        written[own] = {name: without_times(folder_bytes(root, name)) for name in trace_names(root)}
+    assert written[True] == written[False]
+    assert set(written[True]) == {"plain", "scrubbed", "staged"}
+    assert read_message(tmp_path / "True", "staged") == big
+
+
+def test_a_large_message_in_errors_mode_goes_by_file_not_through_the_pipe(tmp_path: Path) -> None:
+    big = b"Subject: big\r\n\r\n" + b"y" * (2 << 20)
+    writer = TraceWriter(tmp_path, mode="errors", file_process=True)
+    try:
+        env = envelope()
+        assert writer("err", env, result_for(env), [("a@acme.example", "451 4.3.0 later")],
+                      FakeStack("acme/_mail", ()), message=big)
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert read_message(tmp_path, "err") == big
+    leftovers = [p.name for p in (tmp_path / "requests").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the staging file went once the process had linked it
+
+
+def test_retention_runs_in_the_file_process(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, keep_count=2, file_process=True)
+    try:
+        for n in range(5):
+            send(writer, f"r{n}")
+            assert writer.flush()
+        stats = writer.stats()
+    finally:
+        writer.close()
+    assert trace_names(tmp_path) == ["r3", "r4"]
+    assert (stats.written, stats.pruned) == (5, 3)
+
+
+def test_close_waits_for_the_file_process_and_ends_it(tmp_path: Path) -> None:
+    writer = TraceWriter(tmp_path, file_process=True)
+    process = writer._process
+    assert process is not None
+    for n in range(20):
+        send(writer, f"r{n:02d}")
+    writer.close()  # no flush first: close writes what is queued
+    assert len(trace_names(tmp_path)) == 20
+    assert process._proc.poll() == 0
+
+
+def test_a_killed_file_process_leaves_the_writing_to_the_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = TraceWriter(tmp_path, file_process=True, log_interval_s=0)
+    try:
+        send(writer, "before")
+        assert writer.flush()
+        process = writer._process
+        assert process is not None
+        process._proc.kill()
+        process._proc.wait()
+        with caplog.at_level(logging.WARNING, logger="txcl.trace"):
+            for n in range(3):
+                send(writer, f"after{n}")
+                assert writer.flush()
+        assert writer._process is None
+        stats = writer.stats()
+    finally:
+        writer.close()
+    names = trace_names(tmp_path)
+    assert "before" in names and {"after1", "after2"} <= set(names)
+    assert stats.written + stats.failed == 4
+    assert "file process ended" in caplog.text
+
+
+def test_a_failure_in_the_file_process_is_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "requests").write_text("a file where the folder goes")
+    writer = TraceWriter(tmp_path, file_process=True, log_interval_s=0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="txcl.trace"):
+            send(writer, "lost")
+            assert writer.flush()
+        stats = writer.stats()
+    finally:
+        writer.close()
+    assert (stats.written, stats.failed) == (0, 1)
+    assert "cannot write lost" in caplog.text
+
+
+def test_the_file_process_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A worker killed with SIGKILL leaves no file process behind: it writes what reached
+    it and ends when the pipe closes."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from txcl.trace_writer import TraceWriter
+        writer = TraceWriter({str(tmp_path)!r}, file_process=True)
+        print(writer._process._proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 10
+    while not _ignores(child, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.02)  # until it has started
+    os.kill(child, signal.SIGTERM)  # ignored: its parent's signal, not its own
+    time.sleep(0.2)
+    assert _alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _ignores(pid: int, number: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (number - 1) & 1)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_writes_frames_split_across_reads_and_answers_each_read(tmp_path: Path) -> None:
+    """The process side on its own: frames arrive in arbitrary pieces; each read that
+    completes frames is answered with the last one done and the counts."""
+    stored = StoredTraces(tmp_path / "requests", keep_count=10, keep_age_s=3600, keep_bytes=1 << 20)
+    data = b"".join(
+        b"".join(frame(TRACE, seq, f"r{seq}", [b'{"summary":{}}\n'], b"msg %d" % seq))
+        for seq in (1, 2, 3)
+    )
+    to_read, to_write = os.pipe()
+    answers_read, answers_write = os.pipe()
+    pieces = [data[:HEADER.size - 3], data[HEADER.size - 3 : len(data) // 2], data[len(data) // 2 :]]
+    server = threading.Thread(target=serve, args=(stored, 3600, to_read, answers_write))
+    server.start()
+    for piece in pieces:
+        os.write(to_write, piece)
+        time.sleep(0.05)  # each piece a read of its own
+    os.close(to_write)
+    server.join(10)
+    assert not server.is_alive()
+    os.close(answers_write)
+    answers = os.read(answers_read, 4096).decode().splitlines()
+    assert [a.split(" ")[:4] for a in answers] == [["1", "1", "0", "0"], ["3", "3", "0", "0"]]
+    assert sorted(trace_names(tmp_path)) == ["r1", "r2", "r3"]
+    assert read_message(tmp_path, "r2") == b"msg 2"
+    assert read_trace(tmp_path, "r3")["summary"] == {}

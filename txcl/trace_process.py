@@ -1,0 +1,273 @@
+"""The trace writer's file process: trace folders written by a process of their own.
+
+A serving process's trace thread builds each trace (scrub, explain, encode: interpreter
+work) and hands the bytes to this process through a pipe, a batch at a time, with one
+write; this process makes the folders (`txcl.trace_files.StoredTraces`: write, reuse,
+prune). The dozen file-system calls of a trace then never hand the serving process's
+interpreter lock back and forth with its event loop. `TraceProcess.start` runs it as
+`python -m txcl.trace_process`; it ends when its pipe closes, once it has written what it
+was given, and ignores SIGINT, SIGTERM and SIGHUP, which are its parent's to handle.
+
+The pipe carries frames: a header (`HEADER`), then the folder name, the trace's lines,
+and the message (its bytes, or the path of a staged message's file). After each read that
+completes frames, the process answers one line: the sequence number of the last frame it
+finished, its counts (written, failed, pruned) and its last error.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol
+
+from txcl.trace_files import StagedFile, StoredMessage, StoredTraces
+
+if TYPE_CHECKING:
+    import subprocess
+
+# kind, sequence number, and the lengths of the name, the lines and the message part;
+# for a staged message the message part is its file's path, and `size` its bytes.
+HEADER: Final = struct.Struct("<cQIIQQ")
+TRACE: Final = b"T"  # the message part is the bytes (or empty: no message)
+LINKED: Final = b"L"  # the message part is the path of a staged message's file
+SYNC: Final = b"S"  # nothing to write: answer once everything before it is done
+READ_BYTES: Final = 1 << 20
+PIPE_BYTES: Final = 1 << 20  # asked of the kernel for the pipe to the process
+START_TIMEOUT_S: Final = 10.0
+
+
+def frame(kind: bytes, seq: int, name: str = "", lines: Sequence[bytes] = (),
+          message: bytes = b"", size: int = 0) -> list[bytes]:
+    """The buffers of one frame, ready for `os.writev`."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    body = sum(map(len, lines))
+    return [HEADER.pack(kind, seq, len(encoded), body, len(message), size), encoded,
+            *lines, message]
+
+
+# --- the process ---------------------------------------------------------------------------
+
+
+def serve(stored: StoredTraces, prune_interval_s: float, source: int = 0, answers: int = 1) -> None:
+    """Write the traces framed on `source` until it closes, answering on `answers`; prune
+    every `prune_interval_s` seconds."""
+    written_before = stored.written
+    failed, error, done = 0, "", 0
+    buffer = bytearray()
+    next_prune = time.monotonic() + prune_interval_s
+    while True:
+        start, finished = 0, False
+        while len(buffer) - start >= HEADER.size:
+            kind, seq, name_len, lines_len, message_len, size = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + name_len + lines_len + message_len
+            if len(buffer) < end:
+                break
+            at = start + HEADER.size
+            name = buffer[at : at + name_len].decode("utf-8", "surrogateescape")
+            at += name_len
+            lines = bytes(buffer[at : at + lines_len])
+            at += lines_len
+            part = bytes(buffer[at:end])
+            message: StoredMessage | None = (
+                StagedFile(os.fsdecode(part), size) if kind == LINKED else part or None
+            )
+            if kind != SYNC:
+                try:
+                    stored.store(name, [lines], message)
+                except Exception as err:  # OSError, mostly: that trace is lost, not the rest
+                    failed, error = failed + 1, f"cannot write {name}: {err}"
+            start, done, finished = end, seq, True
+        del buffer[:start]
+        if finished:
+            written = stored.written - written_before
+            line = f"{done} {written} {failed} {stored.pruned} {error}".replace("\n", " ")
+            os.write(answers, line.encode("utf-8", "replace") + b"\n")
+        wait = max(0.0, next_prune - time.monotonic())
+        if not select.select([source], [], [], wait)[0]:
+            next_prune = time.monotonic() + prune_interval_s
+            try:
+                stored.prune()
+            except OSError as err:
+                error = f"cannot prune {stored.root}: {err}"
+            continue
+        chunk = os.read(source, READ_BYTES)
+        if not chunk:
+            return
+        buffer += chunk
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m txcl.trace_process ROOT KEEP_COUNT KEEP_AGE_S KEEP_BYTES PRUNE_INTERVAL_S`"""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+    root, keep_count, keep_age_s, keep_bytes, prune_interval_s = argv
+    stored = StoredTraces(Path(root), int(keep_count), float(keep_age_s), int(keep_bytes))
+    serve(stored, float(prune_interval_s))
+    return 0
+
+
+# --- the serving process's end ---------------------------------------------------------------
+
+
+class Staged(Protocol):
+    """A message in a file of its own (`txcl.trace_store.StagedMessage`, once written)."""
+
+    path: str | None
+    size: int
+
+
+class TraceProcess:
+    """The serving process's end of the file process: frames gathered per batch and sent
+    with one write (`send`), its answers read as they come. Used from one thread (the trace
+    writer's); OSError from `send` or `sync` means the process is gone (`abandon`)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], to_process: int, from_process: int) -> None:
+        self._proc = proc
+        self._to = to_process
+        self._from = from_process
+        self._pending: list[bytes] = []
+        self._pending_traces = 0
+        self._seq = 0  # the last frame's number
+        self.done = 0  # the last frame the process finished
+        self.written = self.failed = self.pruned = 0
+        self.error = ""
+        self._partial = b""
+        self._held: collections.deque[tuple[int, Staged]] = collections.deque()
+        self._unconfirmed: collections.deque[tuple[int, int]] = collections.deque()
+
+    @classmethod
+    def start(cls, root: Path, keep_count: int, keep_age_s: float, keep_bytes: int,
+              prune_interval_s: float) -> TraceProcess:
+        """Start the process for the traces under `root`. OSError if it cannot be started."""
+        import subprocess  # only the serving process's end needs it
+
+        argv = [sys.executable, "-m", "txcl.trace_process", os.fspath(root), str(keep_count),
+                repr(float(keep_age_s)), str(keep_bytes), repr(float(prune_interval_s))]
+        # A session of its own: a terminal's ^C reaches the server, which closes the pipe.
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                close_fds=True, start_new_session=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        to_process, from_process = proc.stdin.fileno(), proc.stdout.fileno()
+        with contextlib.suppress(OSError, AttributeError):  # fewer wake-ups per batch
+            import fcntl
+
+            fcntl.fcntl(to_process, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        os.set_blocking(from_process, False)
+        return cls(proc, to_process, from_process)
+
+    def store(self, name: str, lines: Sequence[bytes], message: bytes | None,
+              staged: Staged | None = None) -> None:
+        """Queue one trace for the next `send`. `staged`: a written staged message, linked by
+        the process (its file stays while held here, until the process is done with it)."""
+        self._seq += 1
+        if staged is not None and staged.path is not None:
+            path = os.fsencode(staged.path)
+            self._pending += frame(LINKED, self._seq, name, lines, path, staged.size)
+            self._held.append((self._seq, staged))
+        else:
+            self._pending += frame(TRACE, self._seq, name, lines, message or b"")
+        self._pending_traces += 1
+
+    def send(self) -> None:
+        """Write what `store` gathered (one write, unless the pipe is full), then read the
+        answers that came meanwhile."""
+        if self._pending:
+            buffers, self._pending = self._pending, []
+            self._unconfirmed.append((self._seq, self._pending_traces))
+            self._pending_traces = 0
+            _write_all(self._to, buffers)
+        self._read_answers()
+
+    def sync(self, timeout: float) -> bool:
+        """Send what is gathered and wait until the process has done it all. True if in time."""
+        self._seq += 1
+        self._pending += frame(SYNC, self._seq)
+        self.send()
+        deadline = time.monotonic() + timeout
+        while self.done < self._seq:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._from], [], [], left)
+            self._read_answers()
+        return True
+
+    def close(self, timeout: float) -> bool:
+        """Send what is gathered, close the pipe and wait for the process to write it all and
+        end. True if it did in time (else it is killed)."""
+        try:
+            ended = self.sync(timeout)
+        except OSError:
+            ended = False
+        with contextlib.suppress(OSError):
+            os.close(self._to)
+        wait = self._proc.wait
+        try:
+            wait(timeout if ended else 0.1)
+        except Exception:  # subprocess.TimeoutExpired: it is stuck on the disk
+            self.abandon()
+            return False
+        with contextlib.suppress(OSError):
+            self._read_answers()
+        with contextlib.suppress(OSError):
+            os.close(self._from)
+        return ended
+
+    def abandon(self) -> int:
+        """Kill the process (gone, or stuck); the traces it did not confirm, now lost."""
+        with contextlib.suppress(OSError):
+            self._proc.kill()
+        with contextlib.suppress(Exception):
+            self._proc.wait(5)
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        lost = self._pending_traces + sum(count for seq, count in self._unconfirmed if seq > self.done)
+        self._pending, self._pending_traces = [], 0
+        self._unconfirmed.clear()
+        self._held.clear()
+        return lost
+
+    def _read_answers(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._from, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._partial += chunk
+        *lines, self._partial = self._partial.split(b"\n")
+        for line in lines:
+            done, written, failed, pruned, error = line.decode("utf-8", "replace").split(" ", 4)
+            self.done, self.written, self.failed = int(done), int(written), int(failed)
+            self.pruned, self.error = int(pruned), error
+        while self._held and self._held[0][0] <= self.done:
+            self._held.popleft()
+        while self._unconfirmed and self._unconfirmed[0][0] <= self.done:
+            self._unconfirmed.popleft()
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    views = [memoryview(b) for b in buffers if b]
+    first = 0
+    while first < len(views):
+        sent = os.writev(fd, views[first : first + 1024])  # IOV_MAX
+        while sent:
+            if sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            else:
+                views[first], sent = views[first][sent:], 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
