@@ -201,3 +201,38 @@ def test_with_redact_also_scrubs_what_the_server_logs(serve: Callable[..., Serve
     logged = "\n".join(server.log)
     assert "[REDACTED]" in logged
     assert "sk-live-log" not in logged
+
+
+READS_THE_BODY = 'WHEN @lmtp.msg.text =~ /refund/\nSET @lmtp.res.code = 250\nSET @lmtp.res.msg = "refund"\n'
+
+
+def test_a_long_body_is_stored_once_and_replays_from_the_message(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    """A text body over INLINE_BODY_CHARS is not repeated in trace.jsonl: the envelope names
+    message.eml for it, as for attachments, and a replay decodes it from there."""
+    ops = tmp_path / "OPS"
+    (ops / STACK / "0").mkdir(parents=True)
+    (ops / STACK / "0" / "10-refund.txcl").write_text(READS_THE_BODY)
+    server = serve(tmp_path, ops, (EXAMPLE / "txco.yaml").read_text().split("\nops:")[0])
+    long_body = "Hello,\n" + "the printer jams again. " * 800 + "\nI want a refund.\n"
+    short_body = "Hello,\nI want a refund.\n"
+    for body in (long_body, short_body):
+        message = f"From: a@client.example\nSubject: jam\n\n{body}".replace("\n", "\r\n").encode()
+        assert _deliver(server, ("support@acme.example",), message)[0].startswith("250 2.0.0 refund")
+    long_trace, short_trace = _wait_for_traces(server.state_dir / "requests", 2)
+    server.stop()
+
+    def text_of(folder: Path) -> object:
+        lines = [json.loads(line) for line in (folder / "trace.jsonl").read_bytes().splitlines()]
+        return next(p for p in lines if "envelope" in p)["envelope"]["_txc"]["lmtp"]["msg"]["text"]
+
+    assert text_of(long_trace) == {"file": "message.eml", "size": None}  # as attachments' content
+    assert (long_trace / "trace.jsonl").stat().st_size < len(long_body)
+    assert long_body.replace("\n", "\r\n").encode() in (long_trace / "message.eml").read_bytes()
+    assert str(text_of(short_trace)).strip() == short_body.strip()  # short: kept inline
+    replayed = _replay(ops, server.state_dir / "requests")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    doc = json.loads(replayed.stdout)
+    assert (doc["traces"], doc["verdicts"], doc["changed"]) == (2, 2, 0)
+    assert all(r["fidelity"] == [] for r in doc["replays"])

@@ -392,6 +392,11 @@ def _step_doc(step: Any, scrubber: Scrubber, taint: Taint) -> Any:
 
 # --- one trace record --------------------------------------------------------------------
 
+# A text or HTML body longer than this is not repeated in the trace: the stored message
+# holds it (`txco trace --message`; a replay decodes it again).
+INLINE_BODY_CHARS: Final = 4096
+_BODIES: Final = ("text", "html")
+
 
 @dataclass(frozen=True, slots=True)
 class TraceRecord:
@@ -450,14 +455,19 @@ class Artifacts:
 
 def _message_apart(envelope: Mapping[str, Any], src: str, message: MessageBytes) -> Any:
     """`envelope` with the message (`_txc.<src>.msg.raw`) replaced by a reference to the
-    stored bytes, and so each attachment's content, which those bytes hold; copies only
-    what changes. An envelope without a message object is returned as it is."""
+    stored bytes, and so each attachment's content and a long text or HTML body, which
+    those bytes hold; copies only what changes. An envelope without a message object is
+    returned as it is."""
     txc = envelope.get("_txc")
     section = txc.get(src) if isinstance(txc, Mapping) else None
     msg = section.get("msg") if isinstance(section, Mapping) else None
     if not isinstance(msg, Mapping):
         return envelope
     new_msg = {**msg, "raw": StoredApart(MESSAGE_FILE, len(message))}
+    for body in _BODIES:
+        text = msg.get(body)
+        if isinstance(text, str) and len(text) > INLINE_BODY_CHARS:
+            new_msg[body] = StoredApart(MESSAGE_FILE)
     attachments = msg.get("attachments")
     if isinstance(attachments, list):
         new_msg["attachments"] = [
@@ -505,6 +515,9 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         else:  # the envelope says something was here, and the result says why it is not
             envelope = _apply(envelope, raw_path, "redact")
             envelope = _apply(envelope, (*raw_path[:-1], "attachments", "*", "content"), "redact")
+            for body in _BODIES:
+                if isinstance(_get(envelope, *raw_path[:-1], body), StoredApart):
+                    envelope = _apply(envelope, (*raw_path[:-1], body), "redact")
 
     res_path: tuple[str, ...] = ("_txc", src, "res")
     res = result_of(final, src) if final is not None and src else MISSING
