@@ -221,3 +221,42 @@ def test_serve_writes_frames_split_across_reads_and_answers_each_read(tmp_path: 
     assert sorted(trace_names(tmp_path)) == ["r1", "r2", "r3"]
     assert read_message(tmp_path, "r2") == b"msg 2"
     assert read_trace(tmp_path, "r3")["summary"] == {}
+
+
+def test_a_stalled_file_process_never_holds_up_deliveries(tmp_path: Path) -> None:
+    """A trace disk that hangs (here: the file process stopped) costs traces, counted, never
+    a delivery's time: every run is handed over at once on the event loop, the queue's byte
+    budget runs out and further traces are dropped; once the process goes on, what was
+    queued is written."""
+    import asyncio
+
+    writer = TraceWriter(tmp_path, file_process=True, queue_bytes=4 << 20, log_interval_s=3600)
+    process = writer._process
+    assert process is not None
+    message = b"Subject: x\r\n\r\n" + b"y" * 1000 + b"\r\n"
+    total = 1500
+
+    async def deliveries() -> None:
+        for n in range(total):
+            env = envelope()
+            writer(f"r{n:05d}", env, result_for(env), RCPT, FakeStack("acme/_mail", ()),
+                   message=message)
+            if n % 20 == 0:
+                await asyncio.sleep(0.001)  # let the loop's turns, and the hand-overs, run
+
+    os.kill(process._proc.pid, signal.SIGSTOP)
+    try:
+        signal.alarm(120)  # a hang fails the test instead of the suite
+        asyncio.run(deliveries())
+        dropped = writer.stats().dropped
+    finally:
+        os.kill(process._proc.pid, signal.SIGCONT)
+        signal.alarm(0)
+    try:
+        assert writer.flush(60)
+        stats = writer.stats()
+    finally:
+        writer.close()
+    assert dropped > 0
+    assert stats.written + stats.dropped == total and stats.failed == 0
+    assert len(trace_names(tmp_path)) == min(stats.written, 1000)  # --trace-keep
