@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 
 from tests.test_trace import HINTS, FakeStack, envelope, result_for
+from txcl.records import ScrubHints
 from txcl.trace_files import StoredTraces
 from txcl.trace_process import HEADER, TRACE, frame, serve
 from txcl.trace_store import read_message, read_trace, trace_names
 from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
 RCPT = [("support@acme.example", "250 2.0.0 queued")]
+HINTS_REDACT_AUTH = ScrubHints(redact=("_txc.lmtp.msg.headers.authorization",))
 
 
 def send(writer: TraceWriter, rid: str, hints: Any = (), message: bytes | None = None) -> None:
@@ -260,3 +262,68 @@ def test_a_stalled_file_process_never_holds_up_deliveries(tmp_path: Path) -> Non
     assert dropped > 0
     assert stats.written + stats.dropped == total and stats.failed == 0
     assert len(trace_names(tmp_path)) == min(stats.written, 1000)  # --trace-keep
+
+
+def archived_run(env: dict[str, Any], path: Path, size: int) -> Any:
+    """A run whose ARCHIVE stored the message at `path`."""
+    import dataclasses
+
+    from txcl.records import ExecRecord
+
+    result = result_for(env)
+    archive = ExecRecord(0, result.steps[0].pos, op="ARCHIVE", executed=True,
+                         patch={"archive": {"path": str(path), "size": size}})
+    return dataclasses.replace(result, steps=(*result.steps, archive))
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["thread", "file-process"])
+def test_a_large_archived_message_is_linked_from_its_maildir_copy(tmp_path: Path, own: bool) -> None:
+    message = b"Subject: big\r\n\r\n" + b"z" * (100 << 10)
+    maildir = tmp_path / "Maildir"
+    for sub in ("new", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    delivered = {}
+    for name in ("stays", "read", "deleted"):
+        delivered[name] = maildir / "new" / f"1700000000.{name}.host"
+        delivered[name].write_bytes(message)
+    delivered["read"].rename(maildir / "cur" / f"{delivered['read'].name}:2,S")  # a client read it
+    delivered["deleted"].unlink()  # and this one was deleted at once
+    writer = TraceWriter(tmp_path / "var", file_process=own, log_interval_s=0)
+    try:
+        for name, path in delivered.items():
+            env = envelope()
+            assert writer(name, env, archived_run(env, path, len(message)), RCPT,
+                          FakeStack("acme/_mail", ()), message=message)
+        assert writer.flush()
+        stats = writer.stats()
+    finally:
+        writer.close()
+    requests = tmp_path / "var" / "requests"
+    assert os.path.samefile(requests / "stays" / "message.eml", delivered["stays"])
+    assert os.path.samefile(requests / "read" / "message.eml",
+                            maildir / "cur" / f"{delivered['read'].name}:2,S")
+    assert (stats.written, stats.failed) == (2, 1)  # deleted before the trace was written
+    assert read_message(tmp_path / "var", "stays") == message
+
+
+def test_a_scrubbed_or_small_message_is_written_not_linked(tmp_path: Path) -> None:
+    big = b"Subject: big\r\nAuthorization: Bearer sk-live-0123456789\r\n\r\n" + b"z" * (100 << 10)
+    small = b"Subject: small\r\n\r\nhi\r\n"
+    maildir = tmp_path / "Maildir" / "new"
+    maildir.mkdir(parents=True)
+    writer = TraceWriter(tmp_path / "var")
+    try:
+        for rid, message, hints in (("scrubbed", big, HINTS_REDACT_AUTH), ("small", small, ())):
+            copy = maildir / rid
+            copy.write_bytes(message)
+            env = envelope()
+            writer(rid, env, archived_run(env, copy, len(message)), RCPT,
+                   FakeStack("acme/_mail", hints), message=message)
+        assert writer.flush()
+    finally:
+        writer.close()
+    requests = tmp_path / "var" / "requests"
+    for rid in ("scrubbed", "small"):
+        assert not os.path.samefile(requests / rid / "message.eml", maildir / rid)
+    assert b"sk-live" not in (requests / "scrubbed" / "message.eml").read_bytes()
+    assert (requests / "small" / "message.eml").read_bytes() == small

@@ -55,14 +55,34 @@ def link_or_copy(source: str, path: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StagedFile:
-    """A staged message's file, by its path and size (what the file process is handed)."""
+    """A file that holds a trace's message, by its path and size: a staged message's, or
+    (`maildir`) the copy ARCHIVE delivered into a Maildir's new/, which a mail client may
+    have moved to cur/ (adding its flags to the name) by the time the trace links it."""
 
     path: str
     size: int
+    maildir: bool = False
 
     def link(self, path: str) -> int:
-        link_or_copy(self.path, path)
+        try:
+            link_or_copy(self.path, path)
+        except FileNotFoundError:
+            moved = _moved_to_cur(self.path) if self.maildir else None
+            if moved is None:
+                raise
+            link_or_copy(moved, path)
         return self.size
+
+
+def _moved_to_cur(path: str) -> str | None:
+    """Where a Maildir message delivered to `.../new/<name>` sits once read: `.../cur/<name>:2,…`."""
+    new, name = os.path.split(path)
+    cur = os.path.join(os.path.dirname(new), "cur")
+    with contextlib.suppress(OSError), os.scandir(cur) as entries:
+        for entry in entries:
+            if entry.name == name or entry.name.startswith(name + ":"):
+                return entry.path
+    return None
 
 
 def private_folder(path: Path) -> None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 HEADER: Final = struct.Struct("<cQIIQQ")
 TRACE: Final = b"T"  # the message part is the bytes (or empty: no message)
 LINKED: Final = b"L"  # the message part is the path of a staged message's file
+MAILDIR: Final = b"M"  # the message part is the path of ARCHIVE's copy, in a Maildir's new/
 SYNC: Final = b"S"  # nothing to write: answer once everything before it is done
 READ_BYTES: Final = 1 << 20
 PIPE_BYTES: Final = 1 << 20  # asked of the kernel for the pipe to the process
@@ -77,7 +78,8 @@ def serve(stored: StoredTraces, prune_interval_s: float, source: int = 0, answer
             at += lines_len
             part = bytes(buffer[at:end])
             message: StoredMessage | None = (
-                StagedFile(os.fsdecode(part), size) if kind == LINKED else part or None
+                StagedFile(os.fsdecode(part), size, maildir=kind == MAILDIR)
+                if kind in (LINKED, MAILDIR) else part or None
             )
             if kind != SYNC:
                 try:
@@ -164,11 +166,15 @@ class TraceProcess:
         return cls(proc, to_process, from_process)
 
     def store(self, name: str, lines: Sequence[bytes], message: bytes | None,
-              staged: Staged | None = None) -> None:
+              staged: Staged | StagedFile | None = None) -> None:
         """Queue one trace for the next `send`. `staged`: a written staged message, linked by
         the process (its file stays while held here, until the process is done with it)."""
         self._seq += 1
-        if staged is not None and staged.path is not None:
+        if isinstance(staged, StagedFile):  # a file of its own, not held here
+            kind = MAILDIR if staged.maildir else LINKED
+            self._pending += frame(kind, self._seq, name, lines, os.fsencode(staged.path),
+                                   staged.size)
+        elif staged is not None and staged.path is not None:
             path = os.fsencode(staged.path)
             self._pending += frame(LINKED, self._seq, name, lines, path, staged.size)
             self._held.append((self._seq, staged))

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from txcl.records import ExecRecord
 from txcl.trace import (
     TRACE_MODES,
     TraceMode,
@@ -38,7 +39,7 @@ from txcl.trace import (
     hints_of,
     reply_code,
 )
-from txcl.trace_files import StoredTraces, private_folder
+from txcl.trace_files import StagedFile, StoredTraces, private_folder
 from txcl.trace_process import TraceProcess
 from txcl.trace_store import (
     MessageBytes,
@@ -72,6 +73,25 @@ SYNC_WAIT_S: Final = 30.0
 # Traces built on the event loop are handed to the thread once they hold this many bytes
 # (or once the batch wait has passed).
 HAND_OVER_BYTES: Final = 256 << 10
+
+
+Stored = MessageBytes | StagedFile
+"""What a trace stores as its message: the bytes, the staged file, or ARCHIVE's copy."""
+# From this size on, a message ARCHIVE stored unchanged is linked from its Maildir copy
+# into the trace, not written a second time.
+LINK_ARCHIVED_FROM: Final = 64 << 10
+
+
+def archived_copy(result: Any, size: int) -> StagedFile | None:
+    """The file in which this run's ARCHIVE stored the message (`size` bytes), if it did."""
+    for step in getattr(result, "steps", None) or ():
+        if step.__class__ is ExecRecord and step.executed and step.op == "ARCHIVE":
+            patch = step.patch
+            archived = patch.get("archive") if isinstance(patch, Mapping) else None
+            if (isinstance(archived, Mapping) and archived.get("size") == size
+                    and isinstance(archived.get("path"), str)):
+                return StagedFile(archived["path"], size, maildir=True)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +206,7 @@ class TraceWriter:
         self._builds_on_loop = file_process
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gathered: list[tuple[TraceRecord, int]] = []  # (record, weight): to build
-        self._built: list[tuple[str, list[bytes], MessageBytes | None, int]] = []  # to hand over
+        self._built: list[tuple[str, list[bytes], Stored | None, int]] = []  # to hand over
         self._built_bytes = 0
         self._hand_timer: asyncio.TimerHandle | None = None
         if mode != "off" and file_process:
@@ -359,7 +379,8 @@ class TraceWriter:
                 log.exception("trace: cannot build the trace of %s", record.rid)
                 continue
             self._built.append((name, lines, message, weight))
-            self._built_bytes += sum(map(len, lines)) + (len(message) if message else 0)
+            self._built_bytes += sum(map(len, lines)) + (
+                len(message) if isinstance(message, bytes) else 0)
         del gathered
         if self._built_bytes >= HAND_OVER_BYTES:
             self._hand_built()
@@ -522,7 +543,7 @@ class TraceWriter:
         (it is handed over with the thread's batch)."""
         return self._store(*self._build(record))
 
-    def _build(self, record: TraceRecord) -> tuple[str, list[bytes], MessageBytes | None]:
+    def _build(self, record: TraceRecord) -> tuple[str, list[bytes], Stored | None]:
         """A record's folder name, its trace's lines and the message to store beside them."""
         staged = record.message
         if isinstance(staged, StagedMessage) and staged.path is None:
@@ -537,14 +558,19 @@ class TraceWriter:
         )
         if cut:
             self._count("cut")
+        if message is record.message and message.__class__ is bytes and (
+                len(message) >= LINK_ARCHIVED_FROM):
+            archived = archived_copy(record.result, len(message))
+            if archived is not None:
+                return safe_rid(record.rid), lines, archived
         return safe_rid(record.rid), lines, message
 
-    def _store(self, name: str, lines: list[bytes], message: MessageBytes | None) -> str:
+    def _store(self, name: str, lines: list[bytes], message: Stored | None) -> str:
         """Write one trace here, or give it to the file process ("")."""
         process = self._process
         if process is None:
             return self._stored.store(name, lines, message)
-        if isinstance(message, StagedMessage):
+        if isinstance(message, StagedMessage | StagedFile):
             process.store(name, lines, None, staged=message)
         elif message is not None and len(message) > HURRY_MESSAGE_BYTES:
             # Not staged (a trace mode other than "all"): put in a file here, not in the pipe.
