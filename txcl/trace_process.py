@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import IO, TYPE_CHECKING, Final, Protocol
 
 from txcl.trace_files import StagedFile, StoredMessage, StoredTraces
 
@@ -206,26 +206,20 @@ class TraceProcess:
             self._read_answers()
         return True
 
-    def close(self, timeout: float) -> bool:
+    def close(self, timeout: float) -> int:
         """Send what is gathered, close the pipe and wait for the process to write it all and
-        end. True if it did in time (else it is killed)."""
+        end (killed when it does not in time). The traces it did not confirm: lost."""
         try:
-            ended = self.sync(timeout)
+            finished = self.sync(timeout)
         except OSError:
-            ended = False
+            finished = False
         with contextlib.suppress(OSError):
-            os.close(self._to)
-        wait = self._proc.wait
-        try:
-            wait(timeout if ended else 0.1)
-        except Exception:  # subprocess.TimeoutExpired: it is stuck on the disk
-            self.abandon()
-            return False
+            self._close(self._proc.stdin)
+        with contextlib.suppress(Exception):  # subprocess.TimeoutExpired: stuck on the disk
+            self._proc.wait(timeout if finished else 0.1)
         with contextlib.suppress(OSError):
             self._read_answers()
-        with contextlib.suppress(OSError):
-            os.close(self._from)
-        return ended
+        return self.abandon()
 
     def abandon(self) -> int:
         """Kill the process (gone, or stuck); the traces it did not confirm, now lost."""
@@ -233,22 +227,32 @@ class TraceProcess:
             self._proc.kill()
         with contextlib.suppress(Exception):
             self._proc.wait(5)
-        for fd in (self._to, self._from):
+        for pipe in (self._proc.stdin, self._proc.stdout):
             with contextlib.suppress(OSError):
-                os.close(fd)
+                self._close(pipe)
         lost = self._pending_traces + sum(count for seq, count in self._unconfirmed if seq > self.done)
         self._pending, self._pending_traces = [], 0
         self._unconfirmed.clear()
         self._held.clear()
         return lost
 
+    @staticmethod
+    def _close(pipe: IO[bytes] | None) -> None:
+        """Close one end of the pipes through its file object, which owns the descriptor."""
+        if pipe is not None:
+            pipe.close()
+
     def _read_answers(self) -> None:
+        """Read the answers that came; BrokenPipeError once the process has ended (what it
+        answered before is read first)."""
+        ended = False
         while True:
             try:
                 chunk = os.read(self._from, 65536)
             except BlockingIOError:
                 break
             if not chunk:
+                ended = True
                 break
             self._partial += chunk
         *lines, self._partial = self._partial.split(b"\n")
@@ -260,6 +264,8 @@ class TraceProcess:
             self._held.popleft()
         while self._unconfirmed and self._unconfirmed[0][0] <= self.done:
             self._unconfirmed.popleft()
+        if ended:
+            raise BrokenPipeError("the trace file process ended")
 
 
 def _write_all(fd: int, buffers: list[bytes]) -> None:

@@ -521,8 +521,11 @@ class TraceWriter:
 
     def _end_process(self) -> None:
         process = self._process
-        if process is not None and not process.close(SYNC_WAIT_S):
-            self._log_loss("the trace file process did not finish writing under %s", self.root)
+        lost = process.close(SYNC_WAIT_S) if process is not None else 0
+        if lost:
+            self._count("failed", lost)
+            self._log_loss("the trace file process did not write %d traces under %s", lost,
+                           self.root)
 
     def _stage(self, staged: StagedMessage) -> None:
         try:
