@@ -5,23 +5,36 @@
 `StoredTraces` is the retention of one writer: it knows the stored traces, reuses the folder
 of the one the count limit removes, and keeps them within their count, age and total bytes.
 
-Only the standard library is imported here: the trace writer's file process
+Only the standard library is imported here, and no more of it than needed (no dataclasses:
+its import costs each process a megabyte and a half): the trace writer's file process
 (`txcl.trace_process`) runs this module and little else.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import functools
 import os
-import shutil
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Final, Protocol
+
+    class LinkedMessage(Protocol):
+        """A message already in a file of its own (a staged one): a trace links it, not
+        writes it."""
+
+        def link(self, path: str) -> int:
+            """Make `path` the file (a hard link, or a copy); the bytes it holds."""
+            ...
+
+    StoredMessage = bytes | LinkedMessage
+    """What a trace stores beside its JSON: the message bytes, or a file that holds them."""
 
 TRACE_FILE: Final = "trace.jsonl"
 MESSAGE_FILE: Final = "message.eml"
@@ -32,36 +45,29 @@ TMP_PREFIX: Final = ".tmp-"
 STALE_WRITE_S: Final = 3600.0
 
 
-class LinkedMessage(Protocol):
-    """A message already in a file of its own (a staged one): a trace links it, not writes it."""
-
-    def link(self, path: str) -> int:
-        """Make `path` the file (a hard link, or a copy); the bytes it holds."""
-        ...
-
-
-StoredMessage = bytes | LinkedMessage
-"""What a trace stores beside its JSON: the message bytes, or a file that holds them."""
-
 
 def link_or_copy(source: str, path: str) -> None:
     """`path` becomes `source` (a hard link; a private copy where no link can be made)."""
     try:
         os.link(source, path)
     except OSError:
+        import shutil  # rarely needed: not imported by the file process until then
+
         shutil.copyfile(source, path)
         os.chmod(path, FILE_MODE)
 
 
-@dataclass(frozen=True, slots=True)
 class StagedFile:
     """A file that holds a trace's message, by its path and size: a staged message's, or
     (`maildir`) the copy ARCHIVE delivered into a Maildir's new/, which a mail client may
     have moved to cur/ (adding its flags to the name) by the time the trace links it."""
 
-    path: str
-    size: int
-    maildir: bool = False
+    __slots__ = ("path", "size", "maildir")
+
+    def __init__(self, path: str, size: int, maildir: bool = False) -> None:
+        self.path = path
+        self.size = size
+        self.maildir = maildir
 
     def link(self, path: str) -> int:
         try:
@@ -145,7 +151,7 @@ def remove_trace(folder: str) -> None:
     except FileNotFoundError:
         pass
     except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
+        _rmtree(folder, ignore_errors=True)
 
 
 def write_trace(
@@ -155,7 +161,7 @@ def write_trace(
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
     appears whole or not at all. Returns the folder's name and the bytes written."""
     base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
+    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{_thread.get_ident()}"
     os.mkdir(tmp, FOLDER_MODE)
     try:
         if not umask_keeps_owner_bits():
@@ -167,7 +173,7 @@ def write_trace(
             size += message.link(f"{tmp}/{MESSAGE_FILE}")
         return _publish(base, tmp, name), size
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -201,7 +207,7 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
     once many have been freed recently. `old` leaves its name before it changes, so no
     reader sees a mixture; FileNotFoundError if `old` is gone."""
     base = os.fspath(root)
-    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{threading.get_ident()}"
+    tmp = f"{base}/{TMP_PREFIX}{name}-{_pid()}-{_thread.get_ident()}"
     os.utime(f"{base}/{old}")  # a fresh mtime: not a stale leftover, and ordered as new
     os.rename(f"{base}/{old}", tmp)
     try:
@@ -217,7 +223,7 @@ def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
                 os.unlink(f"{tmp}/{MESSAGE_FILE}")
         return _publish(base, tmp, name), size
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -236,10 +242,14 @@ def _publish(base: str, tmp: str, name: str) -> str:
             n += 1
 
 
-@dataclass(frozen=True, slots=True)
 class TraceEntry:
-    name: str
-    mtime: float
+    """A stored trace's folder name and when it was last written."""
+
+    __slots__ = ("name", "mtime")
+
+    def __init__(self, name: str, mtime: float) -> None:
+        self.name = name
+        self.mtime = mtime
 
 
 def mtime(entry: os.DirEntry[str]) -> float:
@@ -357,7 +367,7 @@ class StoredTraces:
         for entry in os.scandir(self.root):
             if entry.name.startswith(TMP_PREFIX) and mtime(entry) < stale:
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                    _rmtree(entry.path, ignore_errors=True)
                 else:  # a staged message left by a process that ended
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
@@ -377,3 +387,9 @@ class StoredTraces:
         self._known, self._known_bytes = keep, total
         self._mine.intersection_update(name for name, _ in keep)
         return len(gone)
+
+
+def _rmtree(path: str, ignore_errors: bool = True) -> None:
+    import shutil  # rarely needed: not imported by the file process until then
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)

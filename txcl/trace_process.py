@@ -28,10 +28,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final, Protocol
 
-from txcl.trace_files import StagedFile, StoredMessage, StoredTraces
+from txcl.trace_files import StagedFile, StoredTraces
 
 if TYPE_CHECKING:
     import subprocess
+
+    from txcl.trace_files import StoredMessage
 
 # kind, sequence number, and the lengths of the name, the lines and the message part;
 # for a staged message the message part is its file's path, and `size` its bytes.
