@@ -7,9 +7,10 @@ the subject and one header costs a header parse, not a MIME walk and a base64 co
 trace stores the message bytes themselves (handed over by reference, never base64) and
 shows every header, so with traces on the headers are built too (`TRACED_FIELDS`), and
 the address lists and body fields only when a stack reads them. Small
-messages and header-only parses run on the event loop (a thread hop costs more than they
-do); a big message's MIME walk runs in a worker thread, so the loop keeps answering. Groups run concurrently; each
-resolves its own verdicts, and the replies are stitched back into RCPT TO order.
+messages, header-only parses and the C passes that read a plain text message run on the
+event loop (a thread hop costs more than they do); a big message's MIME walk runs in a
+worker thread, so the loop keeps answering. Groups run concurrently; each resolves its own
+verdicts, and the replies are stitched back into RCPT TO order.
 
 `deliver` never raises: whatever goes wrong in a group becomes 451 4.3.0 for that group's
 recipients, and is logged. The response deadline is the caller's (`lmtp.server` wraps
@@ -23,7 +24,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +38,8 @@ from lmtp.message import (
     needs_of_path,
     needs_of_rules,
     parse_message,
+    parse_mime,
+    parse_plain_text,
 )
 from lmtp.mime import DEFAULT_LIMITS, MimeLimits, header_section_end
 from lmtp.routing import Route
@@ -57,10 +60,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("lmtp.delivery")
 
 MAX_LOGGED_DEFECTS = 5
-# Parses of messages up to this size (or of the header section alone, up to this size)
-# run on the event loop: cheaper than the thread hop, and short enough not to stall it.
+# MIME walks of messages up to this size (or parses of the header section alone, up to
+# this size) run on the event loop: cheaper than the thread hop, and short enough not to
+# stall it.
 INLINE_PARSE_BYTES = 64 * 1024
 INLINE_PARSE_PARTS = 32  # lines starting "--" (MIME boundaries) in a message parsed inline
+# Messages up to this size get their C passes on the event loop: the plain text parse
+# (`parse_plain_text`) and the digest. They take a fraction of a millisecond, less than
+# the hop to a thread and back, and the parse's passes hold the GIL: in a thread they
+# would keep the loop waiting just the same.
+INLINE_PASSES_BYTES = 256 * 1024
 
 class TraceSink(Protocol):
     """`sink(rid, envelope_in, result, replies, stack, error=..., message=...)`: result is a
@@ -246,10 +255,9 @@ class Deliverer:
                 needs = self._trace_needs if self._traced else NOTHING
             # after the lookups: a lazily compiled stack is known to be rejected once looked up
             rejected = frozenset(getattr(tree, "rejected", None) or ())
-            msg, defects = await _parse(tx.data, needs, self._mime_limits)
             # Ops key their side effects on the delivery, so a retry does not repeat them.
             uses_ops = any(getattr(stacks.get(g.route.stack), "ops_used", ()) for g in groups)
-            digest = await _digest(tx.data) if uses_ops else b""
+            msg, defects, digest = await _parse(tx.data, needs, self._mime_limits, uses_ops)
             if defects:
                 log.info(
                     "lmtp message defects (%d): %s", len(defects),
@@ -378,29 +386,46 @@ class Deliverer:
             log.error(message + "%s", *map(escape_controls, args), suffix)
 
 
-async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits
-                 ) -> tuple[dict[str, Any], list[str]]:
-    # Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
-    # the loop keeps answering meanwhile. base64 for `raw` is one C call that holds the GIL
-    # throughout, so a thread would add a hop and block the loop just the same.
+async def _parse(data: bytes, needs: MessageNeeds, limits: MimeLimits, digest: bool = False
+                 ) -> tuple[dict[str, Any], list[str], bytes]:
+    """The message object and its defects, and with `digest` the message's digest (else b"").
+
+    Only a MIME walk (pure Python) gains from a thread: the GIL switches every few ms, so
+    the loop keeps answering meanwhile. A C pass holds the GIL throughout (base64 for `raw`,
+    the plain text parse's decoding), so a thread would add a hop and block the loop just
+    the same; what does go to a thread (a big walk, or anything about a big message) takes
+    the digest along, one hop for both.
+    """
+    small = len(data) <= INLINE_PASSES_BYTES
+    parse: Callable[..., tuple[dict[str, Any], list[str]]] = parse_message
     if not (needs.complete or needs.fields & BODY_FIELDS):
-        inline = header_section_end(data) <= INLINE_PARSE_BYTES
-    else:  # a short message of many tiny parts is a long walk: not on the loop
+        inline = header_section_end(data) <= INLINE_PARSE_BYTES and (small or not digest)
+    elif small:
+        plain = parse_plain_text(data, needs, limits)
+        if plain is not None:
+            return (*plain, message_digest(data) if digest else b"")
+        parse = parse_mime
+        # a short message of many tiny parts is a long walk: not on the loop
         inline = len(data) <= INLINE_PARSE_BYTES and data.count(b"\n--") <= INLINE_PARSE_PARTS
+    else:
+        inline = False
     if inline:
-        return parse_message(data, needs, limits=limits)
+        return (*parse(data, needs, limits=limits), message_digest(data) if digest else b"")
     cancel = threading.Event()
     try:
-        return await asyncio.to_thread(parse_message, data, needs, limits=limits, cancel=cancel)
+        return await asyncio.to_thread(_parse_and_digest, parse, data, needs, limits, digest,
+                                       cancel)
     except asyncio.CancelledError:
         cancel.set()  # the delivery was answered (or the server stops): free the thread
         raise
 
 
-async def _digest(data: bytes) -> bytes:
-    if len(data) <= INLINE_PARSE_BYTES:
-        return message_digest(data)
-    return await asyncio.to_thread(message_digest, data)
+def _parse_and_digest(
+    parse: Callable[..., tuple[dict[str, Any], list[str]]], data: bytes, needs: MessageNeeds,
+    limits: MimeLimits, digest: bool, cancel: threading.Event,
+) -> tuple[dict[str, Any], list[str], bytes]:
+    msg, defects = parse(data, needs, limits=limits, cancel=cancel)
+    return msg, defects, message_digest(data) if digest else b""
 
 
 def op_needs(registry: OpRegistry | None) -> dict[str, MessageNeeds]:

@@ -144,11 +144,35 @@ def parse_message(
     """Parse RFC 5322 bytes into the `_txc.lmtp.msg` object; also return parse defects.
 
     With `needs`, only those fields are in the object (each with its full-parse value).
-    `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled."""
+    `limits` bounds the MIME walk; once `cancel` is set it raises ParseCancelled.
+    The same as `parse_plain_text`, where that answers, else `parse_mime`."""
     if not needs.complete and not (needs.fields & BODY_FIELDS):
         return _parse_head(data, needs, limits)
+    plain = parse_plain_text(data, needs, limits)
+    return plain if plain is not None else parse_mime(data, needs, limits, cancel)
+
+
+def parse_plain_text(
+    data: bytes, needs: MessageNeeds = EVERYTHING, limits: MimeLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, Any], list[str]] | None:
+    """`parse_message`'s result for a plain single-part text/plain message, read with C
+    passes over the bytes only (no email parser); None for any other message."""
     simple = _parse_simple(data, needs, limits)
-    msg, defects = simple if simple is not None else _parse_all(data, needs, limits, cancel)
+    return None if simple is None else _narrowed(simple, needs)
+
+
+def parse_mime(
+    data: bytes, needs: MessageNeeds = EVERYTHING, limits: MimeLimits = DEFAULT_LIMITS,
+    cancel: threading.Event | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """`parse_message`'s result from the email parser's MIME walk, for any message."""
+    return _narrowed(_parse_all(data, needs, limits, cancel), needs)
+
+
+def _narrowed(parsed: tuple[dict[str, Any], list[str]], needs: MessageNeeds
+              ) -> tuple[dict[str, Any], list[str]]:
+    """The parse's fields that `needs` names (and only the headers it names)."""
+    msg, defects = parsed
     if not needs.complete:
         msg = {name: value for name, value in msg.items() if name in needs.fields}
         if needs.header_names is not None and "headers" in msg:

@@ -307,6 +307,55 @@ def test_a_short_but_long_to_parse_message_is_parsed_off_the_event_loop(data, ne
     assert asyncio.run(_parse(SAMPLES[0].read_bytes(), BODY_READER, MimeLimits()))  # inline
 
 
+def plain_text(size: int) -> bytes:
+    return b"Subject: plain\r\nFrom: a@example.com\r\n\r\n" + b"0123456789" * (size // 10)
+
+
+@pytest.mark.parametrize(("data", "needs"), [
+    pytest.param(plain_text(200 * 1024), BODY_READER, id="200 KiB of plain text"),
+    pytest.param(plain_text(100 * 1024), MessageNeeds(frozenset({"subject"}), frozenset()),
+                 id="100 KiB, header fields only"),
+    pytest.param(with_attachments(), BODY_READER, id="a small multipart"),
+])
+def test_a_plain_text_message_or_a_short_one_is_parsed_and_digested_on_the_loop(
+        data, needs, monkeypatch):
+    from txcl.ops import message_digest
+
+    def no_thread(*args, **kwargs):
+        raise AssertionError("a thread hop for a message the loop parses in C passes")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    msg, defects, digest = asyncio.run(_parse(data, needs, MimeLimits(), True))
+    assert (msg, defects) == parse_message(data, needs)
+    assert digest == message_digest(data)
+
+
+@pytest.mark.parametrize(("data", "needs"), [
+    pytest.param(plain_text(300 * 1024), BODY_READER, id="300 KiB of plain text"),
+    pytest.param(with_attachments(count=3, size=100_000), BODY_READER, id="a big multipart"),
+    pytest.param(many_parts(1500), BODY_READER, id="64 KiB of tiny parts"),
+    pytest.param(plain_text(300 * 1024), MessageNeeds(frozenset({"subject"}), frozenset()),
+                 id="300 KiB, header fields only"),
+])
+def test_what_goes_to_a_thread_takes_the_digest_along(data, needs, monkeypatch):
+    from txcl.ops import message_digest
+
+    hops = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn, *args, **kwargs):
+        hops.append(fn)
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    msg, defects, digest = asyncio.run(_parse(data, needs, MimeLimits(), True))
+    assert len(hops) == 1  # one hop for the parse and the digest
+    assert (msg, defects) == parse_message(data, needs)
+    assert digest == message_digest(data)
+    hops.clear()
+    assert asyncio.run(_parse(data, needs, MimeLimits()))[2] == b""  # no digest asked for
+
+
 def test_a_message_with_a_placeholders_text_of_its_own_is_parsed_as_it_is():
     data = (b"Subject: tricky\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
             b"--b\r\nContent-Type: text/plain\r\nX-Note: \x00txcl-elided-0\x00\r\n\r\n"
