@@ -12,9 +12,13 @@ Names are imported on first use, so `import txcl` stays cheap for the LMTP head.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+# typing.TYPE_CHECKING without importing typing: the trace file process loads this package
+# for two small modules, and typing would be most of its memory (mypy reads this name alike).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from txcl.fmt import format_source
     from txcl.loader import Tree, load_target, load_tree
     from txcl.parser import parse

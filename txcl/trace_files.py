@@ -5,9 +5,10 @@
 `StoredTraces` is the retention of one writer: it knows the stored traces, reuses the folder
 of the one the count limit removes, and keeps them within their count, age and total bytes.
 
-Only the standard library is imported here, and no more of it than needed (no dataclasses:
-its import costs each process a megabyte and a half): the trace writer's file process
-(`txcl.trace_process`) runs this module and little else.
+Only the standard library is imported here, and no more of it than the work needs (not
+dataclasses, typing or pathlib: each costs the file process up to a megabyte and a half of
+its own memory): the trace writer's file process (`txcl.trace_process`) runs this module
+and little else.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import functools
 import os
 import time
 from collections import deque
-from pathlib import Path
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (see the docstring)
 if TYPE_CHECKING:
     from typing import Final, Protocol
 
@@ -91,10 +91,10 @@ def _moved_to_cur(path: str) -> str | None:
     return None
 
 
-def private_folder(path: Path) -> None:
+def private_folder(path: str | os.PathLike[str]) -> None:
     """`path` exists as a folder only its owner can enter (created or tightened)."""
-    path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o777 != FOLDER_MODE:
+    os.makedirs(path, mode=FOLDER_MODE, exist_ok=True)
+    if os.stat(path).st_mode & 0o777 != FOLDER_MODE:
         os.chmod(path, FOLDER_MODE)
 
 
@@ -155,7 +155,7 @@ def remove_trace(folder: str) -> None:
 
 
 def write_trace(
-    root: Path, name: str, lines: list[bytes], message: StoredMessage | None
+    root: str | os.PathLike[str], name: str, lines: list[bytes], message: StoredMessage | None
 ) -> tuple[str, int]:
     """One trace's files, written into a private temporary folder that is then renamed to
     `root/<name>` (or `<name>.1`, `<name>.2`… when one rid has several runs), so a trace
@@ -199,7 +199,7 @@ def _overwrite_private(path: str, data: bytes) -> int:
     return write_private(path, data)
 
 
-def reuse_trace(root: Path, old: str, name: str, lines: list[bytes],
+def reuse_trace(root: str | os.PathLike[str], old: str, name: str, lines: list[bytes],
                 message: StoredMessage | None) -> tuple[str, int]:
     """`write_trace`, in the folder of the trace `old` (one this writer wrote, and that
     retention removes now): its files are overwritten in place, so a trace at the retention
@@ -259,7 +259,7 @@ def mtime(entry: os.DirEntry[str]) -> float:
         return 0.0
 
 
-def scan(root: Path) -> list[TraceEntry]:
+def scan(root: str | os.PathLike[str]) -> list[TraceEntry]:
     """Trace folders, oldest first (by mtime, then by name: rids sort by time)."""
     try:
         entries = [
@@ -272,7 +272,7 @@ def scan(root: Path) -> list[TraceEntry]:
     return sorted(entries, key=lambda e: (e.mtime, e.name))
 
 
-def folder_size(path: str | Path) -> int:
+def folder_size(path: str | os.PathLike[str]) -> int:
     """The bytes of the files directly in a trace folder."""
     try:
         with os.scandir(path) as entries:
@@ -287,8 +287,9 @@ class StoredTraces:
     count limit the oldest trace's folder, when this writer wrote it, is reused for the new
     one. Not thread-safe: one thread (or process) stores and prunes."""
 
-    def __init__(self, root: Path, keep_count: int, keep_age_s: float, keep_bytes: int) -> None:
-        self.root = root
+    def __init__(self, root: str | os.PathLike[str], keep_count: int, keep_age_s: float,
+                 keep_bytes: int) -> None:
+        self.root = os.fspath(root)
         self.keep_count = max(1, int(keep_count))
         self.keep_age_s = float(keep_age_s)
         self.keep_bytes = max(1, int(keep_bytes))
@@ -349,7 +350,7 @@ class StoredTraces:
 
     def _known_traces(self) -> deque[tuple[str, int]]:
         if self._known is None:
-            self._known = deque((e.name, folder_size(self.root / e.name)) for e in scan(self.root))
+            self._known = deque((e.name, folder_size(f"{self.root}/{e.name}")) for e in scan(self.root))
             self._known_bytes = sum(size for _, size in self._known)
         return self._known
 
@@ -361,7 +362,7 @@ class StoredTraces:
         """Remove traces beyond `keep_count`, beyond `keep_bytes` in total, older than
         `keep_age_s`, and leftovers of interrupted writes. Returns how many went."""
         now = time.time() if now is None else now
-        if not self.root.is_dir():
+        if not os.path.isdir(self.root):
             return 0
         stale = now - STALE_WRITE_S
         for entry in os.scandir(self.root):
@@ -373,7 +374,7 @@ class StoredTraces:
                         os.unlink(entry.path)
         entries = scan(self.root)
         cutoff = now - self.keep_age_s
-        sized = [(e.name, folder_size(self.root / e.name)) for e in entries if e.mtime >= cutoff]
+        sized = [(e.name, folder_size(f"{self.root}/{e.name}")) for e in entries if e.mtime >= cutoff]
         keep: deque[tuple[str, int]] = deque()
         total = 0
         for name, size in reversed(sized[-self.keep_count :]):

@@ -4,9 +4,11 @@ A serving process's trace thread builds each trace (scrub, explain, encode: inte
 work) and hands the bytes to this process through a pipe, a batch at a time, with one
 write; this process makes the folders (`txcl.trace_files.StoredTraces`: write, reuse,
 prune). The dozen file-system calls of a trace then never hand the serving process's
-interpreter lock back and forth with its event loop. `TraceProcess.start` runs it as
-`python -m txcl.trace_process`; it ends when its pipe closes, once it has written what it
-was given, and ignores SIGINT, SIGTERM and SIGHUP, which are its parent's to handle.
+interpreter lock back and forth with its event loop. `TraceProcess.start` runs its `main`
+in an interpreter of its own (`python -I -S`: no site-packages scan, and only what this
+module and `txcl.trace_files` import: a few MB); it ends when its pipe closes, once it has
+written what it was given, and ignores SIGINT, SIGTERM and SIGHUP, which are its parent's
+to handle.
 
 The pipe carries frames: a header (`HEADER`), then the folder name, the trace's lines,
 and the message (its bytes, or the path of a staged message's file). After each read that
@@ -24,16 +26,23 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final, Protocol
 
 from txcl.trace_files import StagedFile, StoredTraces
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (txcl.trace_files)
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Sequence
+    from pathlib import Path
+    from typing import IO, Final, Protocol
 
     from txcl.trace_files import StoredMessage
+
+    class Staged(Protocol):
+        """A message in a file of its own (`txcl.trace_store.StagedMessage`, once written)."""
+
+        path: str | None
+        size: int
 
 # kind, sequence number, and the lengths of the name, the lines and the message part;
 # for a staged message the message part is its file's path, and `size` its bytes.
@@ -43,6 +52,11 @@ LINKED: Final = b"L"  # the message part is the path of a staged message's file
 MAILDIR: Final = b"M"  # the message part is the path of ARCHIVE's copy, in a Maildir's new/
 SYNC: Final = b"S"  # nothing to write: answer once everything before it is done
 READ_BYTES: Final = 1 << 20
+# How `TraceProcess.start` runs `main`: argv[1] is the folder that holds the txcl package.
+_MAIN: Final = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from txcl.trace_process import main; sys.exit(main(sys.argv[1:]))"
+)
 PIPE_BYTES: Final = 1 << 20  # asked of the kernel for the pipe to the process
 START_TIMEOUT_S: Final = 10.0
 
@@ -109,23 +123,17 @@ def serve(stored: StoredTraces, prune_interval_s: float, source: int = 0, answer
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m txcl.trace_process ROOT KEEP_COUNT KEEP_AGE_S KEEP_BYTES PRUNE_INTERVAL_S`"""
+    """The file process: `ROOT KEEP_COUNT KEEP_AGE_S KEEP_BYTES PRUNE_INTERVAL_S` (also runs as
+    `python -m txcl.trace_process ...`)."""
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, signal.SIG_IGN)
     root, keep_count, keep_age_s, keep_bytes, prune_interval_s = argv
-    stored = StoredTraces(Path(root), int(keep_count), float(keep_age_s), int(keep_bytes))
+    stored = StoredTraces(root, int(keep_count), float(keep_age_s), int(keep_bytes))
     serve(stored, float(prune_interval_s))
     return 0
 
 
 # --- the serving process's end ---------------------------------------------------------------
-
-
-class Staged(Protocol):
-    """A message in a file of its own (`txcl.trace_store.StagedMessage`, once written)."""
-
-    path: str | None
-    size: int
 
 
 class TraceProcess:
@@ -153,7 +161,10 @@ class TraceProcess:
         """Start the process for the traces under `root`. OSError if it cannot be started."""
         import subprocess  # only the serving process's end needs it
 
-        argv = [sys.executable, "-m", "txcl.trace_process", os.fspath(root), str(keep_count),
+        # -I -S: no site-packages scan, no environment; the package is found where this one
+        # was loaded from, so the process runs the same code.
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        argv = [sys.executable, "-I", "-S", "-c", _MAIN, home, os.fspath(root), str(keep_count),
                 repr(float(keep_age_s)), str(keep_bytes), repr(float(prune_interval_s))]
         # A session of its own: a terminal's ^C reaches the server, which closes the pipe.
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
