@@ -113,14 +113,23 @@ def explain_record(
 ) -> list[dict[str, Any]] | None:
     """What a trace stores of a run (`steps.explain`): the `explain_json` form, scrubbed as
     the rest of the trace; None when the run kept no stage starts (recording off, no run)."""
+    if getattr(result, "snapshots", None) is None:
+        return None
+    shown = _shown_for(result, hints, taint)
+    return explain_scrubbed(result, shown.scrubber, shown.taint)
+
+
+def explain_scrubbed(result: Any, scrubber: Scrubber, taint: Taint) -> list[dict[str, Any]] | None:
+    """`explain_record` with the trace's Scrubber (of the stack's hints) and Taint (of the
+    run's envelopes) already made, as the trace writer has them."""
     starts = getattr(result, "snapshots", None)
     if starts is None:
         return None
-    shown = _shown_for(result, hints, taint)
+    shown = _Shown(scrubber, taint)
     doc = []
     for start in starts:
         doc += _stage_json(start, shown)
-    return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
+    return taint.clean(doc) if shown.tainted else doc  # a WHEN may quote a scrubbed value
 
 
 def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _Shown:
@@ -424,8 +433,7 @@ class _Shown:
         self.tainted = bool(taint)
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
-        longest = max((len(secret) for secret, _ in taint.scan), default=0)
-        self.keep = SHOWN_CHARS + longest
+        self.keep = SHOWN_CHARS + max([len(secret) for secret, _ in taint.scan], default=0)
 
     def show(self, value: Any, scrub: _Scrub | None) -> str:
         """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
