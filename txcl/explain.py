@@ -172,24 +172,48 @@ def _rule_json(
     """One rule explained from what the run noted of it (`noted`: StageStart.first_false of
     the rule): the WHENs before `noted` held, the one at `noted` did not, and those after it
     were not reached, so only they are evaluated here (in order; their captures are read by
-    none of these WHENs, the rule does not replay). Operand values come from `seen`."""
+    none of these WHENs, the rule does not replay). Operand values come from `seen`.
+
+    The JSON is then fixed by the stage, `noted`, each operand's value as shown and each
+    WHEN's outcome: when those are what the rule's last explain found (a rule comparing
+    fields that rarely change), its JSON is that explain's, shared (never changed)."""
     captures: dict[str, Any] = {}
-    whens = []
-    for index, (evaluate_when, operands, docs) in enumerate(plan.whens):
+    found: list[Any] = [stage, noted]  # then per WHEN: its operands' values, its outcome
+    for index, (evaluate_when, operands, _) in enumerate(plan.whens):
         if noted is None or index < noted:
             state = _HELD
         elif index == noted:
             state = _DID_NOT_HOLD
         else:
-            outcome = evaluate_when(snapshot, captures)
-            state = _NOT_REACHED + _outcome_state(outcome)
-        values, missing = _values(operands, snapshot, captures, shown, seen)
-        if missing and state % _NOT_REACHED == _DID_NOT_HOLD:
-            state += _MISSING - _DID_NOT_HOLD
-        doc = docs[state].copy()
+            state = _NOT_REACHED + _outcome_state(evaluate_when(snapshot, captures))
+        for operand, evaluate, scrub in operands:
+            value = seen.get(operand)
+            if value is None:
+                value = evaluate(snapshot, captures)
+                value = MISSING_TEXT if value is MISSING else shown.show(value, scrub)
+                seen[operand] = value
+            if value is MISSING_TEXT and state % _NOT_REACHED == _DID_NOT_HOLD:
+                state += _MISSING - _DID_NOT_HOLD  # a value it reads is missing
+            found.append(value)
+        found.append(state)
+    key = tuple(found)
+    last = plan.last[0]
+    if last is not None and last[0] == key:
+        return last[1]
+    whens = []
+    at = 2
+    for _, operands, docs in plan.whens:
+        values = {}
+        for operand, _, _ in operands:
+            values[operand] = key[at]
+            at += 1
+        doc = docs[key[at]].copy()
+        at += 1
         doc["values"] = values
         whens.append(doc)
-    return _rule_doc(plan, stage, noted, whens)
+    rule = _rule_doc(plan, stage, noted, whens)
+    plan.last[0] = (key, rule)
+    return rule
 
 
 def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
@@ -294,6 +318,8 @@ class _Plan:
     # The rule's JSON without its WHENs, by (stage, first_false), made on first use
     # (_rule_doc); never changed once made (each run changes a copy).
     docs: dict[tuple[int, int | None], dict[str, Any]]
+    # What _rule_json last found of the rule, and the JSON it made of that (shared).
+    last: list[tuple[tuple[Any, ...], dict[str, Any]] | None]
 
 
 # id(a stage's rules) -> (those rules, their plans), the least recently explained first;
@@ -320,6 +346,7 @@ def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
             ),
             any(_depends_on_captures(w.text) for w in rule.whens),
             {},
+            [None],
         )
         for rule in rules
     )
@@ -426,11 +453,13 @@ def _jsonpath_prefix(text: str) -> tuple[str | int, ...]:
 class _Shown:
     """Values as explain shows them: scrubbed as the trace scrubs, then shortened."""
 
+    __slots__ = ("scrubber", "taint", "scrubs", "tainted", "keep")
+
     def __init__(self, scrubber: Scrubber, taint: Taint) -> None:
         self.scrubber = scrubber
         self.taint = taint
-        self.scrubs = bool(scrubber)  # asked once, not for every value
-        self.tainted = bool(taint)
+        self.scrubs = bool(scrubber.rules)  # asked once, not for every value
+        self.tainted = bool(taint.exact or taint.containers)  # bool(taint), without a call
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
         self.keep = SHOWN_CHARS + max([len(secret) for secret, _ in taint.scan], default=0)
