@@ -593,7 +593,7 @@ def _unscrubbed_artifacts(record: TraceRecord) -> Artifacts:
 
     final = getattr(result, "envelope", None)
     res = result_of(final, src) if final is not None and src else MISSING
-    res_doc = None if res is MISSING or res is None else plain(res)
+    res_doc = None if res is MISSING or res is None else _plain_object(res)
 
     run_error = getattr(result, "error", None)
     error_doc = plain(run_error) if run_error is not None else None
@@ -620,6 +620,17 @@ def _unscrubbed_artifacts(record: TraceRecord) -> Artifacts:
     parts = _parts(record, src, envelope, fired, steps, why, error_doc, res_doc, responses,
                    heads, None)
     return Artifacts(parts, message)
+
+
+def _plain_object(value: Any) -> Any:
+    """plain(value), without copying an object that is plain already: string keys, and
+    values that are strings, numbers, booleans or null (a result such as code and msg)."""
+    if value.__class__ is dict:
+        for key, item in value.items():
+            if key.__class__ is not str or item.__class__ not in _SCALAR_TYPES:
+                return plain(value)
+        return value
+    return plain(value)
 
 
 def _parts(
@@ -654,21 +665,23 @@ def _parts(
         "steps": len(steps),
         "recipients": [{"rcpt": r["rcpt"], "code": r["code"]} for r in responses],
     }
+    steps_doc = {"fired": fired, "steps": steps}
+    if why is not None:
+        steps_doc["explain"] = why
+    scrubbed: dict[str, Any] = {"omit": list(record.hints.omit), "redact": list(record.hints.redact)}
+    if left_out:
+        scrubbed["message_left_out"] = left_out
     return {
         "summary": summary,
         "envelope": envelope,
-        "steps": {"fired": fired, "steps": steps, **({} if why is None else {"explain": why})},
+        "steps": steps_doc,
         "result": {
             "rid": record.rid,
             "stack": record.stack,
             "error": error_doc,
             "elapsed_s": elapsed,
             "res": res,
-            "scrubbed": {
-                "omit": list(record.hints.omit),
-                "redact": list(record.hints.redact),
-                **({"message_left_out": left_out} if left_out else {}),
-            },
+            "scrubbed": scrubbed,
         },
         "response": {"replies": responses},
     }
