@@ -58,7 +58,10 @@ def _cached_hints(hints: object) -> ScrubHints:
 
 
 def hints_of(hints: object) -> ScrubHints:
-    """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery."""
+    """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery,
+    on the event loop, mostly with a stack's ScrubHints (which it gives back as they are)."""
+    if hints.__class__ is ScrubHints:
+        return hints
     try:
         return _cached_hints(hints)
     except TypeError:  # unhashable, e.g. a plain dict
