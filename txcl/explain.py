@@ -179,7 +179,7 @@ def _rule_json(
     fields that rarely change), its JSON is that explain's, shared (never changed)."""
     captures: dict[str, Any] = {}
     found: list[Any] = [stage, noted]  # then per WHEN: its operands' values, its outcome
-    for index, (evaluate_when, operands, _) in enumerate(plan.whens):
+    for index, evaluate_when, operands, _ in plan.whens:
         if noted is None or index < noted:
             state = _HELD
         elif index == noted:
@@ -202,7 +202,7 @@ def _rule_json(
         return last[1]
     whens = []
     at = 2
-    for _, operands, docs in plan.whens:
+    for _, _, operands, docs in plan.whens:
         values = {}
         for operand, _, _ in operands:
             values[operand] = key[at]
@@ -223,7 +223,7 @@ def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) 
     captures: dict[str, Any] = {}
     whens = []
     first_false: int | None = None
-    for index, (evaluate_when, operands, docs) in enumerate(plan.whens):
+    for index, evaluate_when, operands, docs in plan.whens:
         state = _outcome_state(evaluate_when(snapshot, captures))
         values, missing = _values(operands, snapshot, captures, shown, None)
         if missing and state == _DID_NOT_HOLD:
@@ -311,9 +311,12 @@ class _Plan:
 
     file: str
     pos: str
-    # Per WHEN: its evaluator, its operands (text, evaluator, how to scrub) and its JSON
-    # templates (_when_docs).
-    whens: tuple[tuple[Any, tuple[tuple[str, Any, Any], ...], tuple[dict[str, Any], ...]], ...]
+    # Per WHEN: its index (counted once here, not by an enumerate per rule and run), its
+    # evaluator, its operands (text, evaluator, how to scrub) and its JSON templates
+    # (_when_docs).
+    whens: tuple[
+        tuple[int, Any, tuple[tuple[str, Any, Any], ...], tuple[dict[str, Any], ...]], ...
+    ]
     replays: bool  # its WHENs are evaluated again, all in order (see _rule_json)
     # The rule's JSON without its WHENs, by (stage, first_false), made on first use
     # (_rule_doc); never changed once made (each run changes a copy).
@@ -341,8 +344,8 @@ def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
             rule.file,
             str(rule.pos),
             tuple(
-                (w.evaluate, _operands(w.text), _when_docs(w.text, str(w.pos)))
-                for w in rule.whens
+                (index, w.evaluate, _operands(w.text), _when_docs(w.text, str(w.pos)))
+                for index, w in enumerate(rule.whens)
             ),
             any(_depends_on_captures(w.text) for w in rule.whens),
             {},
@@ -462,7 +465,7 @@ class _Shown:
         self.tainted = bool(taint.exact or taint.containers)  # bool(taint), without a call
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
-        self.keep = SHOWN_CHARS + max([len(secret) for secret, _ in taint.scan], default=0)
+        self.keep = SHOWN_CHARS + (max([len(s) for s, _ in taint.scan]) if taint.scan else 0)
 
     def show(self, value: Any, scrub: _Scrub | None) -> str:
         """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
