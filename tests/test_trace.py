@@ -1197,3 +1197,67 @@ def test_the_encoder_takes_keys_that_are_no_strings_and_integers_beyond_64_bits(
 
     assert json.loads(encode({1: "a", "b": [2, 10**30], None: "é"})) == {
         "1": "a", "b": [2, 10**30], "null": "é"}
+
+
+NO_HINTS_STACK = {
+    "0/10-thread.txcl": (
+        "WHEN @lmtp.msg.subject =~ /\\[#(?P<num>[0-9]+)\\]/\nSET flags.thread = match.num\n"),
+    "0/20-wifi.txcl": 'WHEN @lmtp.msg.subject =~ /wifi/\nSET flags.topic = "wifi"\n',
+    "0/30-two.txcl": (
+        "WHEN @lmtp.rcpt.* =~ /@acme/\nWHEN exists(@lmtp.msg.headers.x-flag.0)\n"
+        "WHEN len(@lmtp.rcpt) > 1\nSET flags.two = true\n"),
+    "1/10-reply.txcl": (
+        "WHEN flags.topic == \"wifi\"\nSET @lmtp.res.code = 250\n"
+        "SET @lmtp.res.msg = \"queued \" + flags.thread\n"),
+    "1/20-bad.txcl": "WHEN flags.two == true\nSET @lmtp.res.code = len(@lmtp.rcpt) + 998\n",
+}
+
+
+def test_a_stack_without_hints_is_traced_as_scrubbing_with_no_hints_would_trace_it(
+    tmp_path: Path,
+) -> None:
+    """Without hints, build_artifacts takes a path that scrubs nothing: each part, the
+    message beside them and their encoded bytes are those of the scrubbing path given no
+    hints, for real runs (fired or not, captures, a failed run, unnoted stage starts) and
+    for the records the other tests build (EXEC steps, a SET over a value, no result)."""
+    import dataclasses
+
+    from txcl.loader import load_target
+    from txcl.runner import RunPolicy
+    from txcl.trace import _scrubbed_artifacts
+    from txcl.trace_store import encode_parts
+
+    for name, text in NO_HINTS_STACK.items():
+        (tmp_path / "OPS" / "acme" / "_mail" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "OPS" / "acme" / "_mail" / name).write_text(text)
+    stack = load_target(tmp_path / "OPS").stacks["acme/_mail"]
+    records = []
+    replies = (("support@acme.example", "250 2.0.0 queued"), ("b@acme.example", "550 no"))
+    for subject, rcpt, flag in (("wifi [#7] drops", ["support@acme.example"], None),
+                                ("wifi", ["a@acme.example", "b@x.example"], "YES"),
+                                ("hello", [], "no")):
+        env = envelope()
+        env["_txc"]["lmtp"]["msg"]["subject"] = subject
+        env["_txc"]["lmtp"]["rcpt"] = rcpt
+        if flag is not None:
+            env["_txc"]["lmtp"]["msg"]["headers"]["x-flag"] = [flag]
+        result = stack.run(env, RunPolicy(run_ops=False, explain=True))
+        unnoted = dataclasses.replace(result, snapshots=tuple(
+            dataclasses.replace(s, first_false=None) for s in result.snapshots or ()))
+        for run in (result, unnoted, stack.run(env, RunPolicy(run_ops=False))):
+            records.append(TraceRecord("r1", 1.5, env, run, replies, stack.name, ScrubHints(),
+                                       message=b"Subject: " + subject.encode() + b"\r\n\r\nhi"))
+    assert any(r.result.error is not None for r in records)
+    env = envelope()
+    for error in (None, Problem("boom", "it failed", Pos("f", 1, 2))):
+        records.append(TraceRecord("r2", 2.0, env, result_for(env, error), replies[:1],
+                                   "acme/_mail", ScrubHints(), message=b"raw"))
+    records.append(TraceRecord("r3", 3.0, env, None, (), "", ScrubHints(), error="deadline"))
+    no_msg = {"_txc": {"src": "lmtp", "lmtp": {"rcpt": ["a@b"], "msg": "not an object"}}}
+    records.append(TraceRecord("r4", 4.0, no_msg, None, replies, "s", ScrubHints(), message=b"x"))
+    for record in records:
+        for _ in range(2):  # the second time with what the first left cached
+            fast = build_artifacts(record)
+            reference = _scrubbed_artifacts(record, Scrubber(ScrubHints()))
+            assert encode_parts(fast.parts) == encode_parts(reference.parts)
+            assert fast.parts == reference.parts and fast.message is reference.message

@@ -214,3 +214,36 @@ def test_a_failed_run_is_explained_up_to_where_it_stopped(tmp_path: Path) -> Non
     assert "stage 1\n" in text and "✓ WHEN flags.marked == true" in text
     assert "flags.marked = true" in text  # the value as stage 1 began, after stage 0's SET
     assert "stage 2" not in text and "(the run stopped there)" in text
+
+
+def test_the_stored_explain_is_the_json_form_of_explain_run(tmp_path: Path) -> None:
+    """What a trace stores (put together from JSON templates made once per rule) encodes
+    to the bytes of the JSON form built field by field from `explain_run` (cleaned of the
+    copies of scrubbed values, as a trace is), for a run as it noted each rule, one that
+    noted none, and one whose notes stop within a stage; with the stack's hints and none."""
+    import dataclasses
+
+    from txcl.explain import explain_json, explain_record, explain_run
+    from txcl.records import ScrubHints
+    from txcl.trace import scrubber_for
+    from txcl.trace_store import encode
+
+    stack = _stack(tmp_path)
+    for subject, sender in (("wifi urgent", "ceo@bigcustomer.example"), ("x", "alice@example.com")):
+        envelope = json.loads(json.dumps(ENVELOPE))
+        envelope["_txc"]["lmtp"]["msg"]["subject"] = subject
+        envelope["_txc"]["lmtp"]["mail"]["from"] = sender
+        envelope["_txc"]["lmtp"]["msg"]["headers"]["x-ticket"] = ["7"]
+        result = stack.run(envelope, RunPolicy(run_ops=False, explain=True))
+        assert result.snapshots
+        runs = [result]
+        for keep in (0, 1):
+            runs.append(dataclasses.replace(result, snapshots=tuple(
+                dataclasses.replace(s, first_false=(s.first_false or [])[:keep])
+                for s in result.snapshots)))
+        for hints in (hints_of(stack.hints), ScrubHints()):
+            for run in runs:
+                envelopes = [s.envelope for s in run.snapshots or ()]
+                taint = scrubber_for(hints).taint(*envelopes, run.envelope)
+                reference = taint.clean(explain_json(explain_run(run, hints, taint)))
+                assert encode(explain_record(run, hints)) == encode(reference)

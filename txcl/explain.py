@@ -90,9 +90,7 @@ def explain_run(
     shown = _shown_for(result, hints, taint)
     out = []
     for start in starts:
-        seen: dict[str, str] = {}
-        for rule, plan, noted in zip(start.rules, _plans_of(start.rules), _noted(start), strict=True):
-            doc = _rule_json(plan, start.stage, start.envelope, shown, noted, seen)
+        for rule, doc in zip(start.rules, _stage_json(start, shown), strict=True):
             whens = tuple(
                 WhenExplain(
                     when.text,
@@ -115,18 +113,23 @@ def explain_record(
 ) -> list[dict[str, Any]] | None:
     """What a trace stores of a run (`steps.explain`): the `explain_json` form, scrubbed as
     the rest of the trace; None when the run kept no stage starts (recording off, no run)."""
+    if getattr(result, "snapshots", None) is None:
+        return None
+    shown = _shown_for(result, hints, taint)
+    return explain_scrubbed(result, shown.scrubber, shown.taint)
+
+
+def explain_scrubbed(result: Any, scrubber: Scrubber, taint: Taint) -> list[dict[str, Any]] | None:
+    """`explain_record` with the trace's Scrubber (of the stack's hints) and Taint (of the
+    run's envelopes) already made, as the trace writer has them."""
     starts = getattr(result, "snapshots", None)
     if starts is None:
         return None
-    shown = _shown_for(result, hints, taint)
+    shown = _Shown(scrubber, taint)
     doc = []
     for start in starts:
-        seen: dict[str, str] = {}
-        doc += [
-            _rule_json(plan, start.stage, start.envelope, shown, noted, seen)
-            for plan, noted in zip(_plans_of(start.rules), _noted(start), strict=True)
-        ]
-    return shown.taint.clean(doc) if shown.taint else doc  # a WHEN may quote a scrubbed value
+        doc += _stage_json(start, shown)
+    return taint.clean(doc) if shown.tainted else doc  # a WHEN may quote a scrubbed value
 
 
 def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _Shown:
@@ -141,98 +144,165 @@ def _shown_for(result: StackResult, hints: ScrubHints, taint: Taint | None) -> _
 _UNNOTED: Final = -1
 
 
-def _noted(start: StageStart) -> list[int | None]:
-    """How the run fared with each rule of `start` (StageStart.first_false), _UNNOTED where
-    it does not say."""
-    noted = start.first_false or []
-    return [*noted[: len(start.rules)], *[_UNNOTED] * (len(start.rules) - len(noted))]
+def _stage_json(start: StageStart, shown: _Shown) -> list[dict[str, Any]]:
+    """Each rule of a stage start in the JSON form: each WHEN's result on the stage's
+    starting envelope and its operands' values. A rule the run noted (StageStart.first_false:
+    None when all its WHENs held, else the index of the first that did not) is explained
+    from that note (`_rule_json`); the others are evaluated again (`_rule_json_evaluated`)."""
+    stage, snapshot = start.stage, start.envelope
+    noted = start.first_false or ()
+    # Each operand's value as shown on the snapshot, by its text, filled as they come: rules
+    # of a stage compare the same fields, and an operand that reads no capture has one value
+    # per snapshot.
+    seen: dict[str, str] = {}
+    out = []
+    for index, plan in enumerate(_plans_of(start.rules)):
+        first_false = noted[index] if index < len(noted) else _UNNOTED
+        if first_false == _UNNOTED or plan.replays:
+            out.append(_rule_json_evaluated(plan, stage, snapshot, shown))
+        else:
+            out.append(_rule_json(plan, stage, snapshot, shown, first_false, seen))
+    return out
 
 
 def _rule_json(
     plan: _Plan, stage: int, snapshot: Any, shown: _Shown, noted: int | None,
     seen: dict[str, str],
 ) -> dict[str, Any]:
-    """One rule explained, in the JSON form: each WHEN's result on the stage's starting
-    envelope, as the run noted it (`noted`: StageStart.first_false of the rule), and its
-    operands' values. What the run did not note is evaluated here in order, with the
-    captures accumulating as the runner's test does: the WHENs it did not reach, and every
-    WHEN of a rule whose WHENs read captures or bind `*` (each depends on those before it).
-    `seen`: each operand's value as shown on `snapshot`, by its text, filled as they come
-    (rules of a stage compare the same fields; an operand that reads no capture has one
-    value per snapshot)."""
-    if noted == _UNNOTED or plan.replays:
-        return _rule_json_evaluated(plan, stage, snapshot, shown)
-    captures: dict[str, Any] = {}  # read by none of these WHENs, so never filled
-    whens = []
-    for index, (evaluate_when, text, pos, operands) in enumerate(plan.whens):
-        reached = noted is None or index <= noted
-        if reached:
-            held = index != noted
-            missing = False  # an outcome is only missing where an operand is (_operands)
+    """One rule explained from what the run noted of it (`noted`: StageStart.first_false of
+    the rule): the WHENs before `noted` held, the one at `noted` did not, and those after it
+    were not reached, so only they are evaluated here (in order; their captures are read by
+    none of these WHENs, the rule does not replay). Operand values come from `seen`.
+
+    The JSON is then fixed by the stage, `noted`, each operand's value as shown and each
+    WHEN's outcome: when those are what the rule's last explain found (a rule comparing
+    fields that rarely change), its JSON is that explain's, shared (never changed)."""
+    captures: dict[str, Any] = {}
+    found: list[Any] = [stage, noted]  # then per WHEN: its operands' values, its outcome
+    for index, evaluate_when, operands, _ in plan.whens:
+        if noted is None or index < noted:
+            state = _HELD
+        elif index == noted:
+            state = _DID_NOT_HOLD
         else:
-            outcome = evaluate_when(snapshot, captures)
-            held = outcome is True
-            missing = outcome is MISSING
-        whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
-                                held, missing, reached, seen))
-    return _rule_doc(plan, stage, noted, whens)
+            state = _NOT_REACHED + _outcome_state(evaluate_when(snapshot, captures))
+        for operand, evaluate, scrub in operands:
+            value = seen.get(operand)
+            if value is None:
+                value = evaluate(snapshot, captures)
+                value = MISSING_TEXT if value is MISSING else shown.show(value, scrub)
+                seen[operand] = value
+            if value is MISSING_TEXT and state % _NOT_REACHED == _DID_NOT_HOLD:
+                state += _MISSING - _DID_NOT_HOLD  # a value it reads is missing
+            found.append(value)
+        found.append(state)
+    key = tuple(found)
+    last = plan.last[0]
+    if last is not None and last[0] == key:
+        return last[1]
+    whens = []
+    at = 2
+    for _, _, operands, docs in plan.whens:
+        values = {}
+        for operand, _, _ in operands:
+            values[operand] = key[at]
+            at += 1
+        doc = docs[key[at]].copy()
+        at += 1
+        doc["values"] = values
+        whens.append(doc)
+    rule = _rule_doc(plan, stage, noted, whens)
+    plan.last[0] = (key, rule)
+    return rule
 
 
 def _rule_json_evaluated(plan: _Plan, stage: int, snapshot: Any, shown: _Shown) -> dict[str, Any]:
-    """`_rule_json` with every WHEN evaluated in order."""
+    """One rule explained with every WHEN evaluated in order, the captures accumulating as
+    the runner's test does: a rule the run did not note, or one whose WHENs read captures
+    or bind `*` (each depends on those before it)."""
     captures: dict[str, Any] = {}
     whens = []
     first_false: int | None = None
-    for index, (evaluate_when, text, pos, operands) in enumerate(plan.whens):
-        outcome = evaluate_when(snapshot, captures)
-        held = outcome is True
-        missing = outcome is MISSING
-        whens.append(_when_json(text, pos, operands, snapshot, captures, shown,
-                                held, missing, first_false is None))
-        if not held and first_false is None:
+    for index, evaluate_when, operands, docs in plan.whens:
+        state = _outcome_state(evaluate_when(snapshot, captures))
+        values, missing = _values(operands, snapshot, captures, shown, None)
+        if missing and state == _DID_NOT_HOLD:
+            state = _MISSING
+        if first_false is not None:
+            state += _NOT_REACHED
+        elif state != _HELD:
             first_false = index
+        doc = docs[state].copy()
+        doc["values"] = values
+        whens.append(doc)
     return _rule_doc(plan, stage, first_false, whens)
 
 
-def _when_json(
-    text: str, pos: str, operands: Any, snapshot: Any, captures: dict[str, Any],
-    shown: _Shown, held: bool, missing: bool, reached: bool, seen: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """One WHEN of `_rule_json`: its result and its operands' values on `snapshot` (an
-    operand that is missing makes a result that did not hold "missing"), taken from `seen`
-    and kept there when it is given."""
+# How a WHEN came out, as an index into its JSON templates (_when_docs): its result (held,
+# did not, did not and read something missing), plus _NOT_REACHED after the rule's first
+# WHEN that did not hold.
+_HELD: Final = 0
+_DID_NOT_HOLD: Final = 1
+_MISSING: Final = 2
+_NOT_REACHED: Final = 3
+
+
+def _outcome_state(outcome: Any) -> int:
+    return _HELD if outcome is True else _MISSING if outcome is MISSING else _DID_NOT_HOLD
+
+
+def _when_docs(text: str, pos: str) -> tuple[dict[str, Any], ...]:
+    """A WHEN's JSON for each way it can come out (indexed as _HELD etc. say), with its
+    values to fill in: each run copies one (a copy costs less than building the object)."""
+    return tuple(
+        {"text": text, "pos": pos, "held": result == "true", "result": result,
+         "reached": reached, "values": None}
+        for reached in (True, False)
+        for result in RESULTS
+    )
+
+
+def _values(
+    operands: tuple[tuple[str, Any, Any], ...], snapshot: Any, captures: dict[str, Any],
+    shown: _Shown, seen: dict[str, str] | None,
+) -> tuple[dict[str, str], bool]:
+    """A WHEN's operands' values on `snapshot` as shown, by their texts, and whether any is
+    missing (which makes a result that did not hold "missing"); taken from `seen` and kept
+    there when it is given."""
     values: dict[str, str] = {}
+    missing = False
     for operand, evaluate, scrub in operands:
         value = None if seen is None else seen.get(operand)
         if value is None:
             found = evaluate(snapshot, captures)
-            value = MISSING_TEXT if found is MISSING else shown(found, scrub)
+            value = MISSING_TEXT if found is MISSING else shown.show(found, scrub)
             if seen is not None:
                 seen[operand] = value
         if value is MISSING_TEXT:
             missing = True
         values[operand] = value
-    return {
-        "text": text,
-        "pos": pos,
-        "held": held,
-        "result": "true" if held else "missing" if missing else "false",
-        "reached": reached,
-        "values": values,
-    }
+    return values, missing
 
 
 def _rule_doc(
     plan: _Plan, stage: int, first_false: int | None, whens: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "file": plan.file,
-        "pos": plan.pos,
-        "fired": first_false is None,
-        "first_false": first_false,  # index into whens, None when the rule fired
-        "whens": whens,
-    }
+    """The rule's JSON: its template for this stage and outcome (made on first use), copied,
+    with `whens`."""
+    key = (stage, first_false)
+    template = plan.docs.get(key)
+    if template is None:
+        template = plan.docs[key] = {
+            "stage": stage,
+            "file": plan.file,
+            "pos": plan.pos,
+            "fired": first_false is None,
+            "first_false": first_false,  # index into whens, None when the rule fired
+            "whens": None,
+        }
+    doc = template.copy()
+    doc["whens"] = whens
+    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +311,18 @@ class _Plan:
 
     file: str
     pos: str
-    whens: tuple[tuple[Any, str, str, tuple[tuple[str, Any, Any], ...]], ...]
+    # Per WHEN: its index (counted once here, not by an enumerate per rule and run), its
+    # evaluator, its operands (text, evaluator, how to scrub) and its JSON templates
+    # (_when_docs).
+    whens: tuple[
+        tuple[int, Any, tuple[tuple[str, Any, Any], ...], tuple[dict[str, Any], ...]], ...
+    ]
     replays: bool  # its WHENs are evaluated again, all in order (see _rule_json)
+    # The rule's JSON without its WHENs, by (stage, first_false), made on first use
+    # (_rule_doc); never changed once made (each run changes a copy).
+    docs: dict[tuple[int, int | None], dict[str, Any]]
+    # What _rule_json last found of the rule, and the JSON it made of that (shared).
+    last: list[tuple[tuple[Any, ...], dict[str, Any]] | None]
 
 
 # id(a stage's rules) -> (those rules, their plans), the least recently explained first;
@@ -263,8 +343,13 @@ def _plans_of(rules: tuple[CompiledRule, ...]) -> tuple[_Plan, ...]:
         _Plan(
             rule.file,
             str(rule.pos),
-            tuple((w.evaluate, w.text, str(w.pos), _operands(w.text)) for w in rule.whens),
+            tuple(
+                (index, w.evaluate, _operands(w.text), _when_docs(w.text, str(w.pos)))
+                for index, w in enumerate(rule.whens)
+            ),
             any(_depends_on_captures(w.text) for w in rule.whens),
+            {},
+            [None],
         )
         for rule in rules
     )
@@ -371,36 +456,42 @@ def _jsonpath_prefix(text: str) -> tuple[str | int, ...]:
 class _Shown:
     """Values as explain shows them: scrubbed as the trace scrubs, then shortened."""
 
+    __slots__ = ("scrubber", "taint", "scrubs", "tainted", "keep")
+
     def __init__(self, scrubber: Scrubber, taint: Taint) -> None:
         self.scrubber = scrubber
         self.taint = taint
-        self.scrubs = bool(scrubber)  # asked once, not for every value
-        self.tainted = bool(taint)
+        self.scrubs = bool(scrubber.rules)  # asked once, not for every value
+        self.tainted = bool(taint.exact or taint.containers)  # bool(taint), without a call
         # A string is cut only after this many characters, so that a secret starting within
         # what is shown is still whole when its copies are scrubbed.
-        longest = max((len(secret) for secret, _ in taint.scan), default=0)
-        self.keep = SHOWN_CHARS + longest
+        self.keep = SHOWN_CHARS + (max([len(s) for s, _ in taint.scan]) if taint.scan else 0)
 
-    def __call__(self, value: Any, scrub: _Scrub | None) -> str:
+    def show(self, value: Any, scrub: _Scrub | None) -> str:
         """`value` (not MISSING) as shown: JSON text of at most SHOWN_CHARS characters."""
-        if scrub is not None and self.scrubs:
+        if self.scrubs and scrub is not None:
             value = self._scrubbed(value, scrub)
         if self.tainted:
             value = self.taint.clean(_trimmed(value, self.keep))
         kind = value.__class__
         if kind is str:
-            text = _json_text(value[:SHOWN_CHARS])
+            try:
+                text = orjson.dumps(value[:SHOWN_CHARS]).decode()
+            except TypeError:  # a lone surrogate: orjson refuses it, json escapes it
+                text = json.dumps(value[:SHOWN_CHARS], ensure_ascii=False)
         elif kind is bool:
             return "true" if value else "false"
         elif kind is int:
             text = str(value)
         elif value is None:
             return "null"
-        elif not _is_json(value):  # the scrubber's mark of a value omitted entirely
+        elif not isinstance(value, _JSON_TYPES):  # the scrubber's mark of a value omitted
             return _OMITTED_JSON
         else:
             text = _spaced_json(_trimmed(value, SHOWN_CHARS))
         return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+    __call__ = show  # a method call costs less than calling the object: explain calls show
 
     def _scrubbed(self, value: Any, scrub: _Scrub) -> Any:
         kind, what = scrub
@@ -431,23 +522,23 @@ def _overlaps(prefix: tuple[Any, ...], hint: tuple[Any, ...]) -> bool:
     return all(h == "*" or r == "*" or str(h) == str(r) for h, r in zip(hint, prefix, strict=False))
 
 
+_JSON_TYPES: Final = (str, int, float, bool, list, dict)
+_SEQUENCES: Final = (list, tuple)
+
+
 def _trimmed(value: Any, keep: int) -> Any:
     """`value` with each string cut after `keep` characters and each list or object after
     `keep` items: enough to show `keep` characters, without encoding a whole message."""
     if isinstance(value, str):
         return value[:keep]
-    if isinstance(value, list | tuple):
-        return [_trimmed(item, keep) for item in value[:keep]]
+    if isinstance(value, _SEQUENCES):
+        return [
+            item[:keep] if item.__class__ is str else _trimmed(item, keep)
+            for item in value[:keep]
+        ]
     if isinstance(value, Mapping):
         return {key: _trimmed(item, keep) for key, item in itertools.islice(value.items(), keep)}
     return value
-
-
-def _json_text(text: str) -> str:
-    try:
-        return orjson.dumps(text).decode()
-    except TypeError:  # a lone surrogate: orjson refuses it, json escapes it
-        return json.dumps(text, ensure_ascii=False)
 
 
 def _spaced_json(value: Any) -> str:
@@ -481,10 +572,6 @@ def _spaced(value: Any) -> str:
             items.append(f"{_spaced(key)}: {_spaced(item)}")
         return "{" + ", ".join(items) + "}"
     raise TypeError(f"not encoded here: {kind.__name__}")
-
-
-def _is_json(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool | list | dict)
 
 
 # --- the JSON form and its text --------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -58,7 +58,10 @@ def _cached_hints(hints: object) -> ScrubHints:
 
 
 def hints_of(hints: object) -> ScrubHints:
-    """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery."""
+    """ScrubHints.of, once per distinct (hashable) hints object: called on every delivery,
+    on the event loop, mostly with a stack's ScrubHints (which it gives back as they are)."""
+    if hints.__class__ is ScrubHints:
+        return hints
     try:
         return _cached_hints(hints)
     except TypeError:  # unhashable, e.g. a plain dict
@@ -256,6 +259,28 @@ def scrubber_for(hints: ScrubHints) -> Scrubber:
     return Scrubber(hints)
 
 
+# The hints of the last record and their Scrubber: a stack's records share one hints object
+# (hints_of), so most records find theirs by identity, without hashing the hints.
+_last_scrubber: tuple[ScrubHints, Scrubber] = (ScrubHints(), scrubber_for(ScrubHints()))
+
+
+def _scrubber_of(hints: ScrubHints) -> Scrubber:
+    global _last_scrubber
+    last = _last_scrubber
+    if last[0] is hints:
+        return last[1]
+    scrubber = scrubber_for(hints)
+    _last_scrubber = (hints, scrubber)
+    return scrubber
+
+
+# What scrubs nothing, shared by the records of stacks without hints: never changed (only
+# Scrubber.taint fills a Taint, and its cache of cleaned strings is filled only when it
+# holds something).
+_NO_SCRUBBER: Final = scrubber_for(ScrubHints())
+_NO_TAINT: Final = Taint()
+
+
 # --- turning results into plain JSON -----------------------------------------------------
 
 
@@ -375,19 +400,24 @@ def _shared_json(record: Any, render: Any) -> Any:
     return doc
 
 
-def _fired_doc(fired: Any, taint: Taint) -> Any:
+def _fired_doc(fired: Any, taint: Taint, tainted: bool) -> Any:
     if fired.captures:  # groups this run captured: its own
         return taint.clean(fired_json(fired))
     doc = _shared_json(fired, fired_json)
-    return taint.clean(doc) if taint else doc
+    return taint.clean(doc) if tainted else doc
 
 
-def _step_doc(step: Any, scrubber: Scrubber, taint: Taint) -> Any:
-    if step.__class__ is SetRecord and not scrubber and not taint and step.before is MISSING:
-        after = step.after.__class__
-        if after is str or after is int or after is bool or after is float or after is NoneType:
-            return _shared_json(step, step_json)  # maybe a constant: written once, if shared
-    return scrub_step(step, scrubber, taint)
+_SCALAR_TYPES: Final = (str, int, bool, float, NoneType)
+
+
+def _unscrubbed_step(step: Any) -> Any:
+    """A step's JSON when nothing is scrubbed (what scrub_step gives then)."""
+    kind = step.__class__
+    if kind is SetRecord and step.before is MISSING and step.after.__class__ in _SCALAR_TYPES:
+        return _shared_json(step, step_json)  # maybe a constant: written once, if shared
+    if kind is ExecRecord or (kind is SetRecord and step.path.__class__ is tuple):
+        return step_json(step)  # its fields, its path as text: all scrub_step would do
+    return scrub_step(step, _NO_SCRUBBER, _NO_TAINT)
 
 
 # --- one trace record --------------------------------------------------------------------
@@ -484,18 +514,25 @@ def _summary_field(
     envelope: Mapping[str, Any], path: PathSegs, scrubber: Scrubber, taint: Taint
 ) -> Any:
     """A value of the envelope for the summary, scrubbed as it is everywhere else."""
-    if not scrubber and not taint:
-        return _get(envelope, *map(str, path))
     value = scrubber.at(path, _get(envelope, *map(str, path)))
     return None if value is _OMITTED else taint.clean(value)
 
 
 def build_artifacts(record: TraceRecord) -> Artifacts:
     """The parts of a record, scrubbed. Pure: the record is not changed."""
-    scrubber = scrubber_for(record.hints)
+    scrubber = _scrubber_of(record.hints)
+    if not scrubber.rules:
+        return _unscrubbed_artifacts(record)
+    return _scrubbed_artifacts(record, scrubber)
+
+
+def _scrubbed_artifacts(record: TraceRecord, scrubber: Scrubber) -> Artifacts:
+    """`build_artifacts` under the stack's hints (with none, the same as
+    `_unscrubbed_artifacts`, at more cost)."""
     result = record.result
     final = getattr(result, "envelope", None)
-    taint = scrubber.taint(record.envelope, final) if scrubber else Taint()
+    taint = scrubber.taint(record.envelope, final)
+    tainted = bool(taint)
     src = source_of(record.envelope) or ""
 
     envelope: Any = record.envelope
@@ -530,11 +567,9 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
     error_doc = taint.clean(error_doc)
 
-    fired = [_fired_doc(f, taint) for f in getattr(result, "fired", ()) or ()]
-    steps = [_step_doc(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
-    from txcl.explain import explain_record  # it scrubs with this module's Scrubber
-
-    why = explain_record(result, record.hints, taint)  # None: the run kept no stage starts
+    fired = [_fired_doc(f, taint, tainted) for f in getattr(result, "fired", ()) or ()]
+    steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
+    why = _explain(result, scrubber, taint)
 
     responses = []
     for rcpt, line in record.replies:
@@ -546,40 +581,137 @@ def build_artifacts(record: TraceRecord) -> Artifacts:
         if r["line"] is _OMITTED:
             r["line"] = REDACTED
 
-    elapsed = getattr(result, "elapsed_s", None)
+    inbound = record.envelope
+    heads = (
+        _summary_field(inbound, ("_txc", "route"), scrubber, taint),
+        _summary_field(inbound, ("_txc", src, "msg", "id"), scrubber, taint),
+        _summary_field(inbound, ("_txc", src, "mail", "from"), scrubber, taint),
+        _summary_field(inbound, ("_txc", src, "msg", "subject"), scrubber, taint),
+    )
+    res_doc = None if res_clean is _OMITTED else res_clean
+    parts = _parts(record, src, envelope if envelope is not _OMITTED else {}, fired, steps, why,
+                   error_doc, res_doc, responses, heads, left_out)
+    return Artifacts(parts, message)
+
+
+def _unscrubbed_artifacts(record: TraceRecord) -> Artifacts:
+    """`build_artifacts` for a stack that scrubs nothing (no hints, so nothing tainted
+    either): every part as the run left it, the message beside the envelope as it came."""
+    result = record.result
+    inbound = record.envelope
+    src = source_of(inbound) or ""
+    envelope: Any = inbound
+    message = record.message
+    if message is not None:
+        envelope = _message_apart(inbound, src, message)
+        if envelope is inbound:  # it has no message object to point at the stored bytes
+            message = None
+
+    final = getattr(result, "envelope", None)
+    res = result_of(final, src) if final is not None and src else MISSING
+    res_doc = None if res is MISSING or res is None else _plain_object(res)
+
+    run_error = getattr(result, "error", None)
+    error_doc = plain(run_error) if run_error is not None else None
+    if error_doc is None and record.error:
+        error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
+
+    fired = [
+        fired_json(f) if f.captures else _shared_json(f, fired_json)
+        for f in getattr(result, "fired", ()) or ()
+    ]
+    steps = [_unscrubbed_step(s) for s in getattr(result, "steps", ()) or ()]
+    why = _explain(result, _NO_SCRUBBER, _NO_TAINT)
+    responses = [
+        {"rcpt": rcpt, "code": reply_code(line), "line": line} for rcpt, line in record.replies
+    ]
+    section = _get(inbound, "_txc", src)
+    msg = _get(section, "msg")
+    heads = (
+        _get(inbound, "_txc", "route"),
+        _get(msg, "id"),
+        _get(section, "mail", "from"),
+        _get(msg, "subject"),
+    )
+    parts = _parts(record, src, envelope, fired, steps, why, error_doc, res_doc, responses,
+                   heads, None)
+    return Artifacts(parts, message)
+
+
+def _plain_object(value: Any) -> Any:
+    """plain(value), without copying an object that is plain already: string keys, and
+    values that are strings, numbers, booleans or null (a result such as code and msg)."""
+    if value.__class__ is dict:
+        for key, item in value.items():
+            if key.__class__ is not str or item.__class__ not in _SCALAR_TYPES:
+                return plain(value)
+        return value
+    return plain(value)
+
+
+def _parts(
+    record: TraceRecord,
+    src: str,
+    envelope: Any,
+    fired: list[Any],
+    steps: list[Any],
+    why: list[dict[str, Any]] | None,
+    error_doc: Any,
+    res: Any,
+    responses: list[dict[str, Any]],
+    heads: tuple[Any, Any, Any, Any],
+    left_out: str | None,
+) -> dict[str, Any]:
+    """The five parts of `trace.jsonl`, from what build_artifacts made of a record (each
+    scrubbed); `heads`: the summary's route, message id, sender and subject."""
+    elapsed = getattr(record.result, "elapsed_s", None)
+    route, message_id, sender, subject = heads
     summary = {
         "rid": record.rid,
         "time": _iso(record.time),
         "src": src,
         "stack": record.stack,
-        "route": _summary_field(record.envelope, ("_txc", "route"), scrubber, taint),
-        "message_id": _summary_field(record.envelope, ("_txc", src, "msg", "id"), scrubber, taint),
-        "sender": _summary_field(record.envelope, ("_txc", src, "mail", "from"), scrubber, taint),
-        "subject": _summary_field(
-            record.envelope, ("_txc", src, "msg", "subject"), scrubber, taint
-        ),
+        "route": route,
+        "message_id": message_id,
+        "sender": sender,
+        "subject": subject,
         "error": error_doc.get("message") if isinstance(error_doc, dict) else None,
         "elapsed_s": elapsed,
         "fired": len(fired),
         "steps": len(steps),
         "recipients": [{"rcpt": r["rcpt"], "code": r["code"]} for r in responses],
     }
-    parts = {
+    steps_doc = {"fired": fired, "steps": steps}
+    if why is not None:
+        steps_doc["explain"] = why
+    scrubbed: dict[str, Any] = {"omit": list(record.hints.omit), "redact": list(record.hints.redact)}
+    if left_out:
+        scrubbed["message_left_out"] = left_out
+    return {
         "summary": summary,
-        "envelope": envelope if envelope is not _OMITTED else {},
-        "steps": {"fired": fired, "steps": steps, **({} if why is None else {"explain": why})},
+        "envelope": envelope,
+        "steps": steps_doc,
         "result": {
             "rid": record.rid,
             "stack": record.stack,
             "error": error_doc,
             "elapsed_s": elapsed,
-            "res": None if res_clean is _OMITTED else res_clean,
-            "scrubbed": {
-                "omit": list(record.hints.omit),
-                "redact": list(record.hints.redact),
-                **({"message_left_out": left_out} if left_out else {}),
-            },
+            "res": res,
+            "scrubbed": scrubbed,
         },
         "response": {"replies": responses},
     }
-    return Artifacts(parts, message)
+
+
+def _explain(result: Any, scrubber: Scrubber, taint: Taint) -> list[dict[str, Any]] | None:
+    """`steps.explain` of a record (txcl.explain, which imports this module); None when the
+    run kept no stage starts."""
+    global _explain_scrubbed
+    if _explain_scrubbed is None:
+        from txcl.explain import explain_scrubbed
+
+        _explain_scrubbed = explain_scrubbed
+    return _explain_scrubbed(result, scrubber, taint)
+
+
+_explain_scrubbed: Callable[[Any, Scrubber, Taint], list[dict[str, Any]] | None] | None = None
