@@ -1261,3 +1261,20 @@ def test_a_stack_without_hints_is_traced_as_scrubbing_with_no_hints_would_trace_
             reference = _scrubbed_artifacts(record, Scrubber(ScrubHints()))
             assert encode_parts(fast.parts) == encode_parts(reference.parts)
             assert fast.parts == reference.parts and fast.message is reference.message
+
+
+def test_a_summary_field_that_copies_an_omitted_value_is_left_empty(tmp_path: Path) -> None:
+    """The subject repeated whole in an omitted body is omitted from the summary too: an
+    empty field, not the marker object's text."""
+    env = envelope()
+    env["_txc"]["lmtp"]["msg"]["text"] = "wifi keeps dropping"
+    writer = TraceWriter(tmp_path)
+    try:
+        writer("01OMIT", env, result_for(env), [("support@acme.example", "250 2.0.0 queued")],
+               FakeStack("acme/_mail", ScrubHints(omit=("_txc.lmtp.msg.text",))))
+        assert writer.flush()
+    finally:
+        writer.close()
+    trace = read_trace(tmp_path, "01OMIT")
+    assert trace["summary"]["subject"] is None
+    assert "wifi keeps dropping" not in json.dumps(trace) and "object at 0x" not in json.dumps(trace)

@@ -515,7 +515,9 @@ def _summary_field(
 ) -> Any:
     """A value of the envelope for the summary, scrubbed as it is everywhere else."""
     value = scrubber.at(path, _get(envelope, *map(str, path)))
-    return None if value is _OMITTED else taint.clean(value)
+    if value is not _OMITTED:
+        value = taint.clean(value)  # a copy of an omitted value goes too
+    return None if value is _OMITTED else value
 
 
 def build_artifacts(record: TraceRecord) -> Artifacts:
