@@ -279,7 +279,7 @@ def archived_run(env: dict[str, Any], path: Path, size: int) -> Any:
 @pytest.mark.parametrize("own", [False, True], ids=["thread", "file-process"])
 def test_a_large_archived_message_is_linked_from_its_maildir_copy(tmp_path: Path, own: bool) -> None:
     message = b"Subject: big\r\n\r\n" + b"z" * (100 << 10)
-    maildir = tmp_path / "Maildir"
+    maildir = tmp_path / "var" / "tenants" / "acme" / "_mail" / "Maildir"  # where ARCHIVE puts it
     for sub in ("new", "cur"):
         (maildir / sub).mkdir(parents=True)
     delivered = {}
@@ -309,7 +309,7 @@ def test_a_large_archived_message_is_linked_from_its_maildir_copy(tmp_path: Path
 def test_a_scrubbed_or_small_message_is_written_not_linked(tmp_path: Path) -> None:
     big = b"Subject: big\r\nAuthorization: Bearer sk-live-0123456789\r\n\r\n" + b"z" * (100 << 10)
     small = b"Subject: small\r\n\r\nhi\r\n"
-    maildir = tmp_path / "Maildir" / "new"
+    maildir = tmp_path / "var" / "tenants" / "acme" / "_mail" / "Maildir" / "new"
     maildir.mkdir(parents=True)
     writer = TraceWriter(tmp_path / "var")
     try:
@@ -327,3 +327,22 @@ def test_a_scrubbed_or_small_message_is_written_not_linked(tmp_path: Path) -> No
         assert not os.path.samefile(requests / rid / "message.eml", maildir / rid)
     assert b"sk-live" not in (requests / "scrubbed" / "message.eml").read_bytes()
     assert (requests / "small" / "message.eml").read_bytes() == small
+
+
+def test_an_archive_result_naming_a_file_outside_the_state_dir_is_not_linked(tmp_path: Path) -> None:
+    """Only a file under the server's state dir is linked into a trace: an op's result that
+    names another (here: a stand-in for a system file) leaves the message written as bytes."""
+    message = b"Subject: big\r\n\r\n" + b"z" * (100 << 10)
+    elsewhere = tmp_path / "elsewhere" / "new" / "1700000000.x.host"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(message)
+    writer = TraceWriter(tmp_path / "var")
+    try:
+        env = envelope()
+        writer("outside", env, archived_run(env, elsewhere, len(message)), RCPT,
+               FakeStack("acme/_mail", ()), message=message)
+        assert writer.flush()
+    finally:
+        writer.close()
+    stored = tmp_path / "var" / "requests" / "outside" / "message.eml"
+    assert stored.read_bytes() == message and not os.path.samefile(stored, elsewhere)

@@ -82,15 +82,18 @@ Stored = MessageBytes | StagedFile
 LINK_ARCHIVED_FROM: Final = 64 << 10
 
 
-def archived_copy(result: Any, size: int) -> StagedFile | None:
-    """The file in which this run's ARCHIVE stored the message (`size` bytes), if it did."""
+def archived_copy(result: Any, size: int, state_dir: str) -> StagedFile | None:
+    """The file in which this run's ARCHIVE stored the message (`size` bytes), if it did,
+    under `state_dir` (a path an op's result names elsewhere is never linked into a trace)."""
     for step in getattr(result, "steps", None) or ():
-        if step.__class__ is ExecRecord and step.executed and step.op == "ARCHIVE":
-            patch = step.patch
-            archived = patch.get("archive") if isinstance(patch, Mapping) else None
-            if (isinstance(archived, Mapping) and archived.get("size") == size
-                    and isinstance(archived.get("path"), str)):
-                return StagedFile(archived["path"], size, maildir=True)
+        if step.__class__ is not ExecRecord or not step.executed or step.op != "ARCHIVE":
+            continue
+        archived = step.patch.get("archive") if isinstance(step.patch, Mapping) else None
+        if not isinstance(archived, Mapping) or archived.get("size") != size:
+            continue
+        path = archived.get("path")
+        if isinstance(path, str) and os.path.abspath(path).startswith(state_dir + os.sep):
+            return StagedFile(path, size, maildir=True)
     return None
 
 
@@ -183,6 +186,7 @@ class TraceWriter:
         if mode not in TRACE_MODES:
             raise ValueError(f"trace mode must be one of {', '.join(TRACE_MODES)}, not {mode!r}")
         self.root = requests_root(state_dir)
+        self._state_dir = os.path.normpath(os.path.abspath(state_dir))
         self.mode: TraceMode = mode
         self.max_trace_bytes = max(1, int(max_trace_bytes))
         self.queue_bytes = max(1, int(queue_bytes))
@@ -563,7 +567,7 @@ class TraceWriter:
             self._count("cut")
         if message is record.message and message.__class__ is bytes and (
                 len(message) >= LINK_ARCHIVED_FROM):
-            archived = archived_copy(record.result, len(message))
+            archived = archived_copy(record.result, len(message), self._state_dir)
             if archived is not None:
                 return safe_rid(record.rid), lines, archived
         return safe_rid(record.rid), lines, message
