@@ -19,7 +19,7 @@ import pytest
 from tests.test_trace import HINTS, FakeStack, envelope, result_for
 from txcl.records import ScrubHints
 from txcl.trace_files import StoredTraces
-from txcl.trace_process import HEADER, TRACE, frame, serve
+from txcl.trace_process import HEADER, TRACE, TraceProcess, frame, serve
 from txcl.trace_store import read_message, read_trace, trace_names
 from txcl.trace_writer import STAGE_FROM_BYTES, TraceWriter
 
@@ -302,8 +302,11 @@ def test_a_large_archived_message_is_linked_from_its_maildir_copy(tmp_path: Path
     assert os.path.samefile(requests / "stays" / "message.eml", delivered["stays"])
     assert os.path.samefile(requests / "read" / "message.eml",
                             maildir / "cur" / f"{delivered['read'].name}:2,S")
-    assert (stats.written, stats.failed) == (2, 1)  # deleted before the trace was written
+    assert (stats.written, stats.failed) == (3, 0)
     assert read_message(tmp_path / "var", "stays") == message
+    # deleted before the trace was written: the trace is kept, without its message
+    assert not (requests / "deleted" / "message.eml").exists()
+    assert read_trace(tmp_path / "var", "deleted")["summary"]["rid"] == "deleted"
 
 
 def test_a_scrubbed_or_small_message_is_written_not_linked(tmp_path: Path) -> None:
@@ -346,3 +349,40 @@ def test_an_archive_result_naming_a_file_outside_the_state_dir_is_not_linked(tmp
         writer.close()
     stored = tmp_path / "var" / "requests" / "outside" / "message.eml"
     assert stored.read_bytes() == message and not os.path.samefile(stored, elsewhere)
+
+
+def test_the_file_process_writes_what_reached_it_when_its_answers_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    """Its parent gone (the answer pipe has no reader), the process still writes every frame
+    that reached it, across reads, instead of dying at its first answer."""
+    stored = StoredTraces(tmp_path / "requests", keep_count=10, keep_age_s=3600, keep_bytes=1 << 20)
+    to_read, to_write = os.pipe()
+    answers_read, answers_write = os.pipe()
+    os.close(answers_read)
+    server = threading.Thread(target=serve, args=(stored, 3600, to_read, answers_write))
+    server.start()
+    for seq in (1, 2, 3, 4):
+        os.write(to_write, b"".join(frame(TRACE, seq, f"r{seq}", [b'{"summary":{}}\n'], b"m")))
+        time.sleep(0.05)  # each frame a read of its own
+    os.close(to_write)
+    server.join(10)
+    assert not server.is_alive()
+    os.close(answers_write)
+    assert sorted(trace_names(tmp_path)) == ["r1", "r2", "r3", "r4"]
+
+
+def test_a_stuck_file_process_fails_a_send_instead_of_hanging_it(tmp_path: Path) -> None:
+    """A process that takes nothing (stopped, or stuck on a dead disk) makes a send fail
+    after its timeout; the traces it never confirmed are counted lost, each once."""
+    process = TraceProcess.start(tmp_path / "requests", 100, 3600.0, 1 << 30, 3600.0)
+    os.kill(process._proc.pid, signal.SIGSTOP)
+    try:
+        for n in range(3):  # more than the pipe holds
+            process.store(f"r{n}", [b'{"summary":{}}\n'], b"x" * (700 << 10))
+        with pytest.raises(TimeoutError):
+            process.send(timeout=1.0)
+    finally:
+        os.kill(process._proc.pid, signal.SIGCONT)
+    assert process.abandon() == 3
+    assert process._proc.poll() is not None  # killed, not left stopped

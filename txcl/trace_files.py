@@ -70,13 +70,20 @@ class StagedFile:
         self.maildir = maildir
 
     def link(self, path: str) -> int:
+        """Make `path` the file; the bytes it holds. A Maildir copy deleted meanwhile (or
+        filed elsewhere) leaves no file, and the trace is stored without its message."""
         try:
             link_or_copy(self.path, path)
         except FileNotFoundError:
-            moved = _moved_to_cur(self.path) if self.maildir else None
-            if moved is None:
+            if not self.maildir:
                 raise
-            link_or_copy(moved, path)
+            moved = _moved_to_cur(self.path)
+            try:
+                if moved is None:
+                    return 0
+                link_or_copy(moved, path)
+            except FileNotFoundError:  # and deleted from cur/ meanwhile
+                return 0
         return self.size
 
 

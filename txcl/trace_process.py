@@ -58,7 +58,9 @@ _MAIN: Final = (
     "from txcl.trace_process import main; sys.exit(main(sys.argv[1:]))"
 )
 PIPE_BYTES: Final = 1 << 20  # asked of the kernel for the pipe to the process
-START_TIMEOUT_S: Final = 10.0
+# A send fails (the process is taken for stuck, killed, and the serving process writes its
+# traces itself) when the pipe takes nothing for this long.
+SEND_TIMEOUT_S: Final = 60.0
 
 
 def frame(kind: bytes, seq: int, name: str = "", lines: Sequence[bytes] = (),
@@ -104,10 +106,13 @@ def serve(stored: StoredTraces, prune_interval_s: float, source: int = 0, answer
                     failed, error = failed + 1, f"cannot write {name}: {err}"
             start, done, finished = end, seq, True
         del buffer[:start]
-        if finished:
+        if finished and answers >= 0:
             written = stored.written - written_before
             line = f"{done} {written} {failed} {stored.pruned} {error}".replace("\n", " ")
-            os.write(answers, line.encode("utf-8", "replace") + b"\n")
+            try:
+                os.write(answers, line.encode("utf-8", "replace") + b"\n")
+            except OSError:  # the parent is gone: write what reached the pipe all the same
+                answers = -1
         wait = max(0.0, next_prune - time.monotonic())
         if not select.select([source], [], [], wait)[0]:
             next_prune = time.monotonic() + prune_interval_s
@@ -146,14 +151,15 @@ class TraceProcess:
         self._to = to_process
         self._from = from_process
         self._pending: list[bytes] = []
-        self._pending_traces = 0
+        self.pending_bytes = 0
+        self._pending_traces: list[int] = []  # the numbers of the traces gathered
         self._seq = 0  # the last frame's number
         self.done = 0  # the last frame the process finished
         self.written = self.failed = self.pruned = 0
         self.error = ""
         self._partial = b""
         self._held: collections.deque[tuple[int, Staged]] = collections.deque()
-        self._unconfirmed: collections.deque[tuple[int, int]] = collections.deque()
+        self._unconfirmed: collections.deque[int] = collections.deque()  # traces sent, not done
 
     @classmethod
     def start(cls, root: Path, keep_count: int, keep_age_s: float, keep_bytes: int,
@@ -176,6 +182,7 @@ class TraceProcess:
 
             fcntl.fcntl(to_process, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(from_process, False)
+        os.set_blocking(to_process, False)  # a stuck process never holds a send for ever
         return cls(proc, to_process, from_process)
 
     def store(self, name: str, lines: Sequence[bytes], message: bytes | None,
@@ -193,23 +200,25 @@ class TraceProcess:
             self._held.append((self._seq, staged))
         else:
             self._pending += frame(TRACE, self._seq, name, lines, message or b"")
-        self._pending_traces += 1
+        self._pending_traces.append(self._seq)
+        self.pending_bytes += HEADER.size + len(name) + sum(map(len, lines)) + len(message or b"")
 
-    def send(self) -> None:
-        """Write what `store` gathered (one write, unless the pipe is full), then read the
-        answers that came meanwhile."""
+    def send(self, timeout: float = SEND_TIMEOUT_S) -> None:
+        """Write what `store` gathered (one write, unless the pipe is full: then the answers
+        are read while it drains), then read the answers that came meanwhile. TimeoutError
+        (an OSError) when the process takes nothing for `timeout` seconds: it is stuck."""
         if self._pending:
-            buffers, self._pending = self._pending, []
-            self._unconfirmed.append((self._seq, self._pending_traces))
-            self._pending_traces = 0
-            _write_all(self._to, buffers)
+            buffers, self._pending, self.pending_bytes = self._pending, [], 0
+            self._unconfirmed.extend(self._pending_traces)
+            self._pending_traces = []
+            self._write_all(buffers, timeout)
         self._read_answers()
 
     def sync(self, timeout: float) -> bool:
         """Send what is gathered and wait until the process has done it all. True if in time."""
         self._seq += 1
         self._pending += frame(SYNC, self._seq)
-        self.send()
+        self.send(timeout)
         deadline = time.monotonic() + timeout
         while self.done < self._seq:
             left = deadline - time.monotonic()
@@ -243,11 +252,36 @@ class TraceProcess:
         for pipe in (self._proc.stdin, self._proc.stdout):
             with contextlib.suppress(OSError):
                 self._close(pipe)
-        lost = self._pending_traces + sum(count for seq, count in self._unconfirmed if seq > self.done)
-        self._pending, self._pending_traces = [], 0
+        lost = len(self._pending_traces) + sum(seq > self.done for seq in self._unconfirmed)
+        self._pending, self._pending_traces, self.pending_bytes = [], [], 0
         self._unconfirmed.clear()
         self._held.clear()
         return lost
+
+    def _write_all(self, buffers: list[bytes], timeout: float) -> None:
+        """All of `buffers` into the pipe, reading the answers whenever it is full (the
+        process may be waiting to answer before it reads on)."""
+        views = [memoryview(b) for b in buffers if b]
+        first = 0
+        deadline = time.monotonic() + timeout
+        while first < len(views):
+            try:
+                sent = os.writev(self._to, views[first : first + 1024])  # IOV_MAX
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the trace file process takes nothing") from None
+                readable, _, _ = select.select([self._from], [self._to], [], left)
+                if readable:
+                    self._read_answers()
+                continue
+            deadline = time.monotonic() + timeout
+            while sent:
+                if sent >= len(views[first]):
+                    sent -= len(views[first])
+                    first += 1
+                else:
+                    views[first], sent = views[first][sent:], 0
 
     @staticmethod
     def _close(pipe: IO[bytes] | None) -> None:
@@ -275,23 +309,10 @@ class TraceProcess:
             self.pruned, self.error = int(pruned), error
         while self._held and self._held[0][0] <= self.done:
             self._held.popleft()
-        while self._unconfirmed and self._unconfirmed[0][0] <= self.done:
+        while self._unconfirmed and self._unconfirmed[0] <= self.done:
             self._unconfirmed.popleft()
         if ended:
             raise BrokenPipeError("the trace file process ended")
-
-
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    views = [memoryview(b) for b in buffers if b]
-    first = 0
-    while first < len(views):
-        sent = os.writev(fd, views[first : first + 1024])  # IOV_MAX
-        while sent:
-            if sent >= len(views[first]):
-                sent -= len(views[first])
-                first += 1
-            else:
-                views[first], sent = views[first][sent:], 0
 
 
 if __name__ == "__main__":

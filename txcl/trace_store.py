@@ -105,7 +105,9 @@ class StagedMessage:
                     os.unlink(path)
                 return
             self.path = path
-            weakref.finalize(self, _unlink_quietly, path)
+            # Not at interpreter exit: the file process may still be linking it (a leftover
+            # goes with the stale temporary files, after an hour).
+            weakref.finalize(self, _unlink_quietly, path).atexit = False
         finally:
             del data
             self.done.set_result(None)

@@ -365,7 +365,8 @@ class TraceWriter:
     # -- the event loop's side, with a file process: build, then hand over ----------------
 
     def _gather(self, loop: asyncio.AbstractEventLoop, record: TraceRecord, weight: int) -> None:
-        self._loop = loop
+        if loop is not self._loop:  # a new loop: a timer of the old one will never run
+            self._loop, self._hand_timer = loop, None
         self._gathered.append((record, weight))
         if len(self._gathered) == 1:
             loop.call_soon(self._build_gathered)
@@ -477,8 +478,14 @@ class TraceWriter:
                     except OSError as err:
                         self._count("failed")
                         self._log_loss("cannot write %s under %s: %s", name, self.root, err)
+                    except Exception:
+                        self._count("failed")
+                        log.exception("trace: cannot write the trace %s", name)
                     finally:
                         self._release(weight)
+                    if self._process is not None and (
+                            self._process.pending_bytes >= HAND_OVER_BYTES):
+                        self._hand_over()  # what the budget let go leaves the process now
             else:
                 try:
                     self.write(item)
