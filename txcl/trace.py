@@ -563,11 +563,7 @@ def _scrubbed_artifacts(record: TraceRecord, scrubber: Scrubber) -> Artifacts:
     res = None if res is MISSING else res
     res_clean = taint.clean(scrubber.at(res_path, plain(res))) if res is not None else None
 
-    run_error = getattr(result, "error", None)
-    error_doc = plain(run_error) if run_error is not None else None
-    if error_doc is None and record.error:
-        error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
-    error_doc = taint.clean(error_doc)
+    error_doc = taint.clean(_error_doc(record))
 
     fired = [_fired_doc(f, taint, tainted) for f in getattr(result, "fired", ()) or ()]
     steps = [scrub_step(s, scrubber, taint) for s in getattr(result, "steps", ()) or ()]
@@ -613,10 +609,7 @@ def _unscrubbed_artifacts(record: TraceRecord) -> Artifacts:
     res = result_of(final, src) if final is not None and src else MISSING
     res_doc = None if res is MISSING or res is None else _plain_object(res)
 
-    run_error = getattr(result, "error", None)
-    error_doc = plain(run_error) if run_error is not None else None
-    if error_doc is None and record.error:
-        error_doc = {"code": "trace_error", "message": record.error, "text": record.error}
+    error_doc = _error_doc(record)
 
     fired = [
         fired_json(f) if f.captures else _shared_json(f, fired_json)
@@ -638,6 +631,16 @@ def _unscrubbed_artifacts(record: TraceRecord) -> Artifacts:
     parts = _parts(record, src, envelope, fired, steps, why, error_doc, res_doc, responses,
                    heads, None)
     return Artifacts(parts, message)
+
+
+def _error_doc(record: TraceRecord) -> Any:
+    """The run's error, or the error outside it (the response deadline passed), or None."""
+    run_error = getattr(record.result, "error", None)
+    if run_error is not None:
+        return plain(run_error)
+    if record.error:
+        return {"code": "trace_error", "message": record.error, "text": record.error}
+    return None
 
 
 def _plain_object(value: Any) -> Any:

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from txcl.builtin_ops.archive import OP as ARCHIVE
+from txcl.builtin_ops.archive import archived_file
 from txcl.records import ExecRecord
 from txcl.trace import (
     TRACE_MODES,
@@ -86,14 +88,12 @@ def archived_copy(result: Any, size: int, state_dir: str) -> StagedFile | None:
     """The file in which this run's ARCHIVE stored the message (`size` bytes), if it did,
     under `state_dir` (a path an op's result names elsewhere is never linked into a trace)."""
     for step in getattr(result, "steps", None) or ():
-        if step.__class__ is not ExecRecord or not step.executed or step.op != "ARCHIVE":
+        if step.__class__ is not ExecRecord or not step.executed or step.op != ARCHIVE.name:
             continue
-        archived = step.patch.get("archive") if isinstance(step.patch, Mapping) else None
-        if not isinstance(archived, Mapping) or archived.get("size") != size:
-            continue
-        path = archived.get("path")
-        if isinstance(path, str) and os.path.abspath(path).startswith(state_dir + os.sep):
-            return StagedFile(path, size, maildir=True)
+        stored = archived_file(step.patch)
+        if stored is not None and stored[1] == size and (
+                os.path.abspath(stored[0]).startswith(state_dir + os.sep)):
+            return StagedFile(stored[0], size, maildir=True)
     return None
 
 

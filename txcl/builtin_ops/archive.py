@@ -565,6 +565,15 @@ def _result(root: Path, folder: str, path: str, size: int) -> dict[str, Any]:
     }
 
 
+def archived_file(patch: Any) -> tuple[str, int] | None:
+    """The stored file and its size that an ARCHIVE call's result (`_result`) names."""
+    archived = patch.get("archive") if isinstance(patch, Mapping) else None
+    if not isinstance(archived, Mapping):
+        return None
+    path, size = archived.get("path"), archived.get("size")
+    return (path, size) if isinstance(path, str) and isinstance(size, int) else None
+
+
 def find_archived(
     envelope: Mapping[str, Any], args: Mapping[str, Any], ctx: OpContext, key: str
 ) -> dict[str, Any] | None:
