@@ -45,6 +45,7 @@ from txcl.trace_files import (
     TMP_PREFIX,
     TRACE_FILE,
     link_or_copy,
+    private_folder,
     scan,
     write_private,
 )
@@ -90,14 +91,16 @@ class StagedMessage:
             await asyncio.wait({asyncio.wrap_future(self.done)}, timeout=timeout)
 
     def write(self, root: str | os.PathLike[str]) -> None:
-        """Write the bytes to a private file under `root` and let them go (the trace thread
-        calls this); a failure is kept in `error` and the bytes are let go all the same."""
+        """Write the bytes to a private file under `root` (made private if need be) and let
+        them go (the trace thread calls this); a failure is kept in `error` and the bytes
+        are let go all the same."""
         data, self.data = self.data, None
         try:
             if data is None:
                 return
             path = f"{os.fspath(root)}/{TMP_PREFIX}message-{os.getpid()}-{id(self):x}.eml"
             try:
+                private_folder(root)
                 write_private(path, data)
             except OSError as err:
                 self.error = err

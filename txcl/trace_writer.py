@@ -41,7 +41,7 @@ from txcl.trace import (
     hints_of,
     reply_code,
 )
-from txcl.trace_files import StagedFile, StoredTraces, private_folder
+from txcl.trace_files import StagedFile, StoredTraces
 from txcl.trace_process import TraceProcess
 from txcl.trace_store import (
     MessageBytes,
@@ -540,11 +540,6 @@ class TraceWriter:
 
     def _stage(self, staged: StagedMessage) -> None:
         try:
-            private_folder(self.root)
-        except OSError as err:
-            staged.error = err
-            staged.abandon()
-        else:
             staged.write(self.root)
         finally:
             self._release(staged.size)
@@ -589,7 +584,6 @@ class TraceWriter:
         elif message is not None and len(message) > HURRY_MESSAGE_BYTES:
             # Not staged (a trace mode other than "all"): put in a file here, not in the pipe.
             staged_here = StagedMessage(message)
-            private_folder(self.root)
             staged_here.write(self.root)
             if staged_here.error is not None:
                 raise staged_here.error
